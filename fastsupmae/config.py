@@ -1,0 +1,447 @@
+"""Configuration: nested dataclasses are the schema, YAML files are overlays, ``a.b=c`` strings override.
+
+Every field carries a docstring-like ``help`` in its metadata. Loading validates keys, types and the
+relations between fields (mask ratio vs. patch count, batch divisibility, ...) before any work starts and
+raises :class:`ConfigError` with one message naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error: the message names the key and the fix."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - mirrors argparse's name
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+# (embed_dim, depth, num_heads) of the standard ViT sizes (timm naming).
+MODEL_SIZES: dict[str, tuple[int, int, int]] = {
+    "micro": (64, 2, 4),  # test / demo size, not a published model
+    "tiny": (192, 12, 3),
+    "small": (384, 12, 6),
+    "base": (768, 12, 12),
+    "large": (1024, 24, 16),
+    "huge": (1280, 32, 16),
+}
+
+OBJECTIVES = ("supmae", "mae", "supervised", "mim_supervised")
+
+
+@dataclass
+class ModelConfig:
+    objective: str = _f("supmae", "supmae | mae | supervised | mim_supervised")
+    size: str = _f("base", f"ViT size preset: {' | '.join(MODEL_SIZES)}; embed_dim/depth/num_heads override it")
+    embed_dim: int | None = _f(None, "encoder width D (default: from size)")
+    depth: int | None = _f(None, "encoder blocks (default: from size)")
+    num_heads: int | None = _f(None, "encoder attention heads (default: from size)")
+    mlp_ratio: float = _f(4.0, "MLP hidden width / D")
+    img_size: list[int] = _f([224, 224], "image [H, W]; both divisible by patch_size")
+    patch_size: int = _f(16, "patch side p")
+    in_chans: int = _f(3, "input channels: 1 or 3")
+    num_classes: int = _f(1000, "classes of the classification branch")
+    decoder_embed_dim: int = _f(512, "decoder width Dd")
+    decoder_depth: int = _f(1, "decoder blocks (SupMAE: 1, MAE: 8)")
+    decoder_num_heads: int = _f(16, "decoder attention heads")
+    cls_hidden_dim: int = _f(3072, "hidden width of SupMAE's 2-layer MLP + BatchNorm classification head")
+    global_pool: bool = _f(True, "classify from the mean of visible tokens (True) or the cls token (False)")
+    norm_pix_loss: bool = _f(True, "normalise each target patch by its mean and (unbiased) variance")
+    mask_ratio: float = _f(0.75, "fraction of patches masked; keeps K = int(N * (1 - ratio)), 1 <= K <= N-1")
+    cls_loss_ratio: float = _f(0.01, "weight of the classification loss (supmae)")
+    cls_temperature: float = _f(10.0, "logits are divided by this in the classification loss (supmae)")
+    sync_batchnorm: bool = _f(False, "SyncBatchNorm in the supmae head (statistics over all ranks)")
+    drop_path: float = _f(0.0, "stochastic depth rate (linearly increasing over blocks)")
+    grad_checkpointing: bool = _f(False, "recompute encoder blocks in backward to save activation memory")
+    attn_backend: str = _f("auto", "auto | sdpa | math | xformers")
+    kernels: str = _f("auto", "auto | triton | torch: fused patch gather / unshuffle / masked loss")
+    # mim_supervised (arXiv 2312.00950) options; the paper leaves these open, see docs/objectives.md
+    mim_encoder_input: str = _f("visible", "mim_supervised: encoder sees 'visible' tokens or 'full' with mask tokens")
+    mim_cls_view: str = _f("masked", "mim_supervised: classifier sees the 'masked' view or an 'unmasked' second pass")
+    mim_target: str = _f("pixels", "mim_supervised: pixels | hog | tokens")
+    mim_tokenizer: str = _f("", "mim_supervised, target=tokens: 'module:callable' mapping imgs -> [B, N] ids")
+    mim_vocab_size: int = _f(8192, "mim_supervised, target=tokens: vocabulary size of the tokenizer")
+    mim_loss_weight: float = _f(1.0, "mim_supervised: weight of the reconstruction loss")
+    label_smoothing: float = _f(0.0, "supervised / mim_supervised: label smoothing of the cross-entropy")
+
+    def resolved_dims(self) -> tuple[int, int, int]:
+        d, depth, h = MODEL_SIZES[self.size]
+        return (self.embed_dim or d, self.depth or depth, self.num_heads or h)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (self.img_size[0] // self.patch_size, self.img_size[1] // self.patch_size)
+
+    @property
+    def num_patches(self) -> int:
+        gh, gw = self.grid
+        return gh * gw
+
+    @property
+    def num_keep(self) -> int:
+        return int(self.num_patches * (1 - self.mask_ratio))
+
+    @property
+    def uses_masking(self) -> bool:
+        return self.objective != "supervised"
+
+
+@dataclass
+class DataConfig:
+    dataset: str = _f("fashion_mnist", "fashion_mnist | imagefolder | filelist | webdataset | synthetic")
+    root: str = _f("/usr/share/datasets/fashion-mnist", "dataset location (folder, list file or shard pattern)")
+    val_root: str = _f("", "evaluation split location (default: derived from root where the source knows how)")
+    pipeline: str = _f("auto", "auto | dali | cpu | memory (auto: DALI on GPU, else the CPU pipeline)")
+    num_workers: int = _f(2, "CPU decode workers / DALI threads")
+    bad_files: str = _f("skip", "skip (count and log once) | strict (stop naming the file)")
+    scale: list[float] = _f([0.2, 1.0], "RandomResizedCrop area range")
+    hflip: bool = _f(True, "random horizontal flip")
+    mean: list[float] = _f([0.485, 0.456, 0.406], "normalisation mean (per channel)")
+    std: list[float] = _f([0.229, 0.224, 0.225], "normalisation std (per channel)")
+    synthetic_size: int = _f(1024, "synthetic dataset: number of samples")
+    limit: int = _f(0, "use only the first N training samples (0: all)")
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = _f(400.0, "training epochs (fractional allowed)")
+    max_steps: int = _f(0, "stop after this many optimizer steps (0: from epochs)")
+    time_limit_min: float = _f(0.0, "stop cleanly (with a checkpoint) after this many minutes (0: none)")
+    global_batch: int = _f(4096, "images per optimizer step over all ranks")
+    micro_batch: int = _f(64, "images per forward on one rank; accumulation = global / (micro * world)")
+    blr: float = _f(1.5e-4, "base lr; lr = blr * global_batch / 256 unless lr is set")
+    lr: float | None = _f(None, "absolute peak lr (overrides blr)")
+    min_lr: float = _f(0.0, "lr at the end of the cosine")
+    warmup_epochs: float = _f(20.0, "linear warmup (per step) before the half-cycle cosine")
+    weight_decay: float = _f(0.05, "AdamW weight decay; 1-D params and biases are excluded")
+    betas: list[float] = _f([0.9, 0.95], "AdamW betas")
+    clip_grad: float = _f(1.0, "max global grad norm (0: off)")
+    precision: str = _f("auto", "auto | bf16 | fp16 | fp32 (auto: bf16 where the device supports it)")
+    zero_stage: int = _f(1, "DeepSpeed ZeRO stage 0-3")
+    optimizer: str = _f("auto", "auto | adamw (torch) | fused_adam (DeepSpeed, GPU) | cpu_adam (offload)")
+    offload_optimizer: bool = _f(False, "ZeRO offload of optimizer state to CPU (uses DeepSpeed CPU Adam)")
+    compile: bool = _f(False, "torch.compile the model")
+    seed: int = _f(0, "global seed; every rank derives its own stream from it")
+    log_every: int = _f(20, "optimizer steps between metric lines (the only host syncs)")
+    ckpt_every: int = _f(500, "optimizer steps between checkpoints (0: only at the end)")
+    keep_last: int = _f(2, "checkpoints kept besides the permanent ones")
+    keep_every: int = _f(0, "additionally keep every n-th step's checkpoint forever (0: none)")
+    max_bad_steps: int = _f(20, "consecutive NaN/Inf steps before the run stops")
+    output_dir: str = _f("runs/default", "run directory: config, metrics, checkpoints")
+    resume: str = _f("", "'auto' (latest in output_dir), a checkpoint dir, or '' (fresh)")
+    progress: bool = _f(True, "progress bar on rank 0")
+    tensorboard: bool = _f(False, "also write TensorBoard events")
+    profile: bool = _f(False, "write torch.profiler traces for a few steps per rank")
+
+
+@dataclass
+class EvalConfig:
+    after_train: str = _f("knn", "probe run after pretraining: knn | linprobe | none")
+    knn_k: int = _f(20, "k of the k-NN classifier")
+    knn_temperature: float = _f(0.07, "vote weights exp(sim / T)")
+    feature: str = _f("avg", "avg (mean of patch tokens after the final norm) | cls")
+    batch: int = _f(256, "evaluation batch")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """Hash of what determines the model and its training (not paths or logging)."""
+        d = self.to_dict()
+        for k in ("output_dir", "resume", "progress", "tensorboard", "profile", "log_every", "time_limit_min"):
+            d["train"].pop(k, None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check / convert ``value`` to annotation ``tp``; raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list of {_type_name(inner)}, got {value!r}; write e.g. {key}=[1,2]")
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, str):
+            try:
+                value = int(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return str(value)
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            import difflib
+
+            close = difflib.get_close_matches(k, sorted(names), n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(names))}"
+            raise ConfigError(f"unknown config key '{key}'{hint}")
+        cur = getattr(obj, k)
+        if dataclasses.is_dataclass(cur):
+            _apply(cur, v, prefix=f"{key}.")
+        else:
+            setattr(obj, k, _coerce(v, hints[k], key))
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``['train.epochs=3', 'model.size=small']`` -> nested dict (values parsed as YAML scalars)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key.sub=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def _read_yaml(path: str | Path, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Read a YAML overlay; ``base: other.yaml`` (relative to the file) is applied first."""
+    p = Path(path)
+    if not p.exists():
+        alt = CONFIG_DIR / path
+        if alt.exists():
+            p = alt
+        else:
+            raise ConfigError(f"config file '{path}' not found (also looked in {CONFIG_DIR})")
+    if str(p.resolve()) in seen:
+        raise ConfigError(f"config file '{p}' includes itself through 'base'")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file '{p}' is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{p}' must hold a mapping at the top level")
+    bases = data.pop("base", None)
+    merged: dict[str, Any] = {}
+    for b in [bases] if isinstance(bases, str) else (bases or []):
+        merged = _merge(merged, _read_yaml(p.parent / b if not Path(b).is_absolute() else b, seen + (str(p.resolve()),)))
+    return _merge(merged, data)
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def load_config(
+    paths: list[str] | str | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    world_size: int | None = None,
+    validate: bool = True,
+) -> Config:
+    """Build a :class:`Config` from YAML overlays (applied in order) and overrides, then validate it."""
+    cfg = Config()
+    for p in [paths] if isinstance(paths, str) else (paths or []):
+        _apply(cfg, _read_yaml(p))
+    if overrides:
+        _apply(cfg, parse_overrides(overrides) if isinstance(overrides, list) else overrides)
+    if validate:
+        validate_config(cfg, world_size=world_size)
+    return cfg
+
+
+def config_from_dict(d: dict[str, Any], validate: bool = True) -> Config:
+    cfg = Config()
+    _apply(cfg, d)
+    if validate:
+        validate_config(cfg)
+    return cfg
+
+
+def _choice(key: str, value: str, options: tuple[str, ...] | list[str]) -> None:
+    if value not in options:
+        raise ConfigError(f"{key}: '{value}' is not one of {', '.join(options)}")
+
+
+def validate_config(cfg: Config, world_size: int | None = None) -> None:
+    m, d, t, e = cfg.model, cfg.data, cfg.train, cfg.eval
+    _choice("model.objective", m.objective, OBJECTIVES)
+    _choice("model.size", m.size, tuple(MODEL_SIZES))
+    _choice("model.attn_backend", m.attn_backend, ("auto", "sdpa", "math", "xformers"))
+    _choice("model.kernels", m.kernels, ("auto", "triton", "torch"))
+    _choice("model.mim_encoder_input", m.mim_encoder_input, ("visible", "full"))
+    _choice("model.mim_cls_view", m.mim_cls_view, ("masked", "unmasked"))
+    _choice("model.mim_target", m.mim_target, ("pixels", "hog", "tokens"))
+    _choice("data.pipeline", d.pipeline, ("auto", "dali", "cpu", "memory"))
+    _choice("data.dataset", d.dataset, ("fashion_mnist", "imagefolder", "filelist", "webdataset", "synthetic"))
+    _choice("data.bad_files", d.bad_files, ("skip", "strict"))
+    _choice("train.precision", t.precision, ("auto", "bf16", "fp16", "fp32"))
+    _choice("train.optimizer", t.optimizer, ("auto", "adamw", "fused_adam", "cpu_adam"))
+    _choice("eval.after_train", e.after_train, ("knn", "linprobe", "none"))
+    _choice("eval.feature", e.feature, ("avg", "cls"))
+    dim, depth, heads = m.resolved_dims()
+    if len(m.img_size) == 1:
+        m.img_size = [m.img_size[0], m.img_size[0]]
+    if len(m.img_size) != 2 or min(m.img_size) <= 0:
+        raise ConfigError(f"model.img_size: expected [H, W] with positive sides, got {m.img_size}")
+    if m.patch_size <= 0 or any(s % m.patch_size for s in m.img_size):
+        raise ConfigError(
+            f"model.img_size {m.img_size} is not divisible by model.patch_size {m.patch_size}; "
+            f"choose sides that are multiples of the patch (e.g. {[s // m.patch_size * m.patch_size or m.patch_size for s in m.img_size]})"
+        )
+    if m.in_chans not in (1, 3):
+        raise ConfigError(f"model.in_chans: {m.in_chans} is not supported; use 1 or 3")
+    if dim % heads:
+        raise ConfigError(f"model.embed_dim {dim} is not divisible by model.num_heads {heads}")
+    if m.decoder_embed_dim % m.decoder_num_heads:
+        raise ConfigError(
+            f"model.decoder_embed_dim {m.decoder_embed_dim} is not divisible by model.decoder_num_heads {m.decoder_num_heads}"
+        )
+    if m.num_classes < 1 and m.objective != "mae":
+        raise ConfigError(f"model.num_classes must be >= 1 for objective '{m.objective}'")
+    if not 0.0 <= m.drop_path < 1.0:
+        raise ConfigError(f"model.drop_path: {m.drop_path} must be in [0, 1)")
+    if m.uses_masking:
+        n, k = m.num_patches, m.num_keep
+        if not (1 <= k <= n - 1):
+            lo, hi = 1.0 / n, 1.0 - 1.0 / n
+            raise ConfigError(
+                f"model.mask_ratio {m.mask_ratio} keeps {k} of {n} patches; 1 <= K <= N-1 is required "
+                f"(choose a ratio between {1 - (n - 1) / n:.4f} and {1 - 1 / n:.4f}, e.g. 0.75)"
+                if n > 1
+                else f"model.img_size/patch_size give {n} patch; masking needs at least 2 (lo={lo}, hi={hi})"
+            )
+    if m.objective == "mim_supervised" and m.mim_target == "tokens" and ":" not in m.mim_tokenizer:
+        raise ConfigError("model.mim_tokenizer: target 'tokens' needs 'module:callable' (imgs -> [B, N] ids)")
+    if m.objective == "mim_supervised" and m.mim_target == "hog" and m.in_chans not in (1, 3):
+        raise ConfigError("model.mim_target hog needs 1 or 3 channels")
+    if len(d.mean) != m.in_chans or len(d.std) != m.in_chans:
+        if len(d.mean) == 3 and m.in_chans == 1 and d.dataset == "fashion_mnist":
+            d.mean, d.std = [0.2860], [0.3530]  # Fashion-MNIST statistics
+        else:
+            raise ConfigError(
+                f"data.mean / data.std have {len(d.mean)} / {len(d.std)} entries but model.in_chans is {m.in_chans}"
+            )
+    if len(d.scale) != 2 or not 0 < d.scale[0] <= d.scale[1] <= 1:
+        raise ConfigError(f"data.scale: expected [lo, hi] with 0 < lo <= hi <= 1, got {d.scale}")
+    if t.micro_batch < 1 or t.global_batch < 1:
+        raise ConfigError("train.micro_batch and train.global_batch must be >= 1")
+    ws = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    if t.global_batch % (t.micro_batch * ws):
+        raise ConfigError(
+            f"train.global_batch {t.global_batch} is not divisible by train.micro_batch {t.micro_batch} x world size {ws}; "
+            f"set train.global_batch to a multiple of {t.micro_batch * ws}"
+        )
+    if not 0 <= t.zero_stage <= 3:
+        raise ConfigError(f"train.zero_stage: {t.zero_stage} is not 0, 1, 2 or 3")
+    if t.epochs <= 0 and t.max_steps <= 0:
+        raise ConfigError("train.epochs or train.max_steps must be positive")
+    if t.warmup_epochs < 0 or t.min_lr < 0 or (t.lr is not None and t.lr <= 0) or t.blr <= 0:
+        raise ConfigError("train.blr / lr must be positive; warmup_epochs and min_lr non-negative")
+    if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
+        raise ConfigError(f"train.betas: expected two numbers in [0, 1), got {t.betas}")
+    if t.log_every < 1:
+        raise ConfigError("train.log_every must be >= 1")
+    if e.knn_k < 1:
+        raise ConfigError("eval.knn_k must be >= 1")
+    if not math.isfinite(m.cls_temperature) or m.cls_temperature <= 0:
+        raise ConfigError("model.cls_temperature must be a positive number")
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[str]:
+    """Lines 'key (type, default): help' for every field: the CLI's `config --help` listing."""
+    lines = []
+    obj = cls()
+    for f in dataclasses.fields(cls):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            lines += describe(type(v), f"{prefix}{f.name}.")
+        else:
+            lines.append(f"{prefix}{f.name} = {v!r}: {f.metadata.get('help', '')}")
+    return lines
