@@ -1,0 +1,67 @@
+"""Batched augmentation of same-sized uint8 image tensors in torch (in-memory datasets, on any device).
+
+One ``grid_sample`` per batch does crop + resize + flip for all samples at once, which is what makes the
+in-memory path cheap: no per-sample Python work.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .crop_params import DEFAULT_RATIO, sample_crop_boxes
+
+
+def _to_uint8(x: torch.Tensor) -> torch.Tensor:
+    return x.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def resized_crop_batch(images: torch.Tensor, boxes: torch.Tensor, out_hw: tuple[int, int],
+                       flip: torch.Tensor | None = None) -> torch.Tensor:
+    """Crop every image to its box, resize bilinearly to ``out_hw`` and optionally mirror it.
+
+    Pixel centres are mapped as in ``resize(align_corners=False)``; no antialiasing (crops of the in-memory
+    datasets are small, i.e. mostly upsampled).
+
+    Args:
+        images: uint8 ``[B, C, H, W]``.
+        boxes: int ``[B, 4]`` (top, left, h, w).
+        out_hw: output (H', W').
+        flip: bool ``[B]`` horizontal mirror per sample, or None.
+
+    Returns:
+        uint8 ``[B, C, H', W']``.
+    """
+    b, _, h, w = images.shape
+    boxes = boxes.to(device=images.device, dtype=torch.float32)
+    top, left, bh, bw = boxes.unbind(1)
+    # affine map from output [-1, 1] to input [-1, 1]: scale by box/size, shift to the box centre
+    sx, sy = bw / w, bh / h
+    cx = (left + bw / 2) / w * 2 - 1
+    cy = (top + bh / 2) / h * 2 - 1
+    if flip is not None:
+        sx = torch.where(flip.to(images.device), -sx, sx)
+    theta = torch.zeros(b, 2, 3, device=images.device)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx, cx, sy, cy
+    grid = F.affine_grid(theta, [b, images.shape[1], *out_hw], align_corners=False)
+    out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return _to_uint8(out)
+
+
+def random_resized_crop_batch(images: torch.Tensor, out_hw: tuple[int, int], scale: tuple[float, float],
+                              hflip: bool, generator: torch.Generator,
+                              ratio: tuple[float, float] = DEFAULT_RATIO) -> torch.Tensor:
+    """RandomResizedCrop(out_hw, scale, ratio) + RandomHorizontalFlip(0.5) on a uint8 batch ``[B, C, H, W]``."""
+    b, _, h, w = images.shape
+    boxes = sample_crop_boxes(h, w, b, scale, ratio, generator=generator)
+    flip = torch.rand(b, generator=generator) < 0.5 if hflip else None
+    return resized_crop_batch(images, boxes, out_hw, flip)
+
+
+def resize_batch(images: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of a uint8 batch (antialiased when shrinking); identity when the size already matches."""
+    if tuple(images.shape[-2:]) == tuple(out_hw):
+        return images
+    shrink = out_hw[0] < images.shape[-2] or out_hw[1] < images.shape[-1]
+    out = F.interpolate(images.float(), size=out_hw, mode="bilinear", align_corners=False, antialias=shrink)
+    return _to_uint8(out)

@@ -1,0 +1,75 @@
+"""RandomResizedCrop box sampling: torchvision's algorithm, vectorised over a batch.
+
+Every pipeline (in-memory torch, CPU fallback workers, and the test that compares them with DALI) draws
+boxes from here, so "same semantics" is one function rather than three re-implementations.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+DEFAULT_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+
+
+def sample_crop_boxes(height: torch.Tensor | int, width: torch.Tensor | int, n: int, scale: tuple[float, float],
+                      ratio: tuple[float, float] = DEFAULT_RATIO, generator: torch.Generator | None = None,
+                      tries: int = 10) -> torch.Tensor:
+    """Sample ``n`` RandomResizedCrop boxes.
+
+    Like torchvision: up to ``tries`` draws of area fraction U(scale) and log-uniform aspect ratio; the first
+    draw that fits inside the image wins; if none fits, a centre crop with the ratio clamped to ``ratio``.
+
+    Args:
+        height, width: image sizes, scalars or int ``[n]`` tensors (one per sample).
+        n: number of boxes.
+        scale: area fraction range, e.g. (0.2, 1.0).
+        ratio: aspect (w/h) range.
+        generator: torch RNG (CPU) for reproducibility.
+
+    Returns:
+        int64 ``[n, 4]`` boxes ``(top, left, h, w)`` in pixels.
+    """
+    H = torch.as_tensor(height, dtype=torch.float64).expand(n)
+    W = torch.as_tensor(width, dtype=torch.float64).expand(n)
+    area = (H * W)[:, None]
+    u = torch.rand(n, tries, 4, generator=generator, dtype=torch.float64)
+    target = area * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
+    lr0, lr1 = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(lr0 + (lr1 - lr0) * u[..., 1])
+    w = torch.round(torch.sqrt(target * aspect))
+    h = torch.round(torch.sqrt(target / aspect))
+    ok = (w > 0) & (h > 0) & (w <= W[:, None]) & (h <= H[:, None])
+    # first fitting try per sample (argmax returns the first True); rows without any fall back below
+    first = ok.to(torch.int8).argmax(dim=1)
+    idx = torch.arange(n)
+    any_ok = ok.any(dim=1)
+    hh, ww = h[idx, first], w[idx, first]
+    top = torch.floor(u[idx, first, 2] * (H - hh + 1))
+    left = torch.floor(u[idx, first, 3] * (W - ww + 1))
+    # fallback: whole image when its aspect is inside the range, else the largest centred crop at the clamped ratio
+    in_ratio = W / H
+    fw = torch.where(in_ratio < ratio[0], W, torch.where(in_ratio > ratio[1], torch.round(H * ratio[1]), W))
+    fh = torch.where(in_ratio < ratio[0], torch.round(W / ratio[0]), H)
+    ftop = torch.div(H - fh, 2, rounding_mode="floor")
+    fleft = torch.div(W - fw, 2, rounding_mode="floor")
+    boxes = torch.stack([
+        torch.where(any_ok, top, ftop), torch.where(any_ok, left, fleft),
+        torch.where(any_ok, hh, fh), torch.where(any_ok, ww, fw),
+    ], dim=1)
+    return boxes.to(torch.int64)
+
+
+def center_crop_box(height: int, width: int, crop_ratio: float, out_h: int, out_w: int) -> tuple[int, int, int, int]:
+    """Eval crop in input pixels: "resize the shorter side to ``min(out) / crop_ratio``, centre-crop ``out``".
+
+    Expressed on the original image so that one resize does both steps (e.g. 256 -> 224 is ``crop_ratio=0.875``).
+
+    Returns:
+        ``(top, left, h, w)`` clipped to the image.
+    """
+    f = (min(out_h, out_w) / crop_ratio) / min(height, width)  # resize factor of the shorter-side resize
+    ch = min(height, max(1, int(round(out_h / f))))
+    cw = min(width, max(1, int(round(out_w / f))))
+    return ((height - ch) // 2, (width - cw) // 2, ch, cw)
