@@ -1,0 +1,59 @@
+"""Triton kernel: norm-pix reconstruction targets of the masked patches only, read straight from the image.
+
+MAE patchifies the whole batch and normalises every patch, then uses 75% of it. Here each program reads one
+masked patch from the image, computes its mean and unbiased variance in registers and writes the normalised
+target (fp32) plus ``rstd = 1 / sqrt(var + eps)`` (kept for the backward). The full patchified image never exists.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .triton_patch import patch_pixel_offsets
+
+
+@triton.jit
+def norm_pix_kernel(
+    img_ptr,  # [B, C, H, W] any strides, uint8 / fp32 / bf16
+    ids_ptr,  # [B, M] int: the masked patches
+    scale_ptr,  # [C] fp32 uint8 normalisation (x * scale + shift); unused for float input
+    shift_ptr,
+    out_ptr,  # [B, M, PSZ] fp32
+    rstd_ptr,  # [B, M] fp32 (1.0 when NORM_PIX is off)
+    M,
+    GW,
+    s_b,
+    s_c,
+    s_h,
+    s_w,
+    eps,
+    C: tl.constexpr,
+    P: tl.constexpr,
+    PSZ: tl.constexpr,
+    BLOCK: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    NORM_PIX: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    b = row // M
+    n = tl.load(ids_ptr + row).to(tl.int64)
+    e = tl.arange(0, BLOCK)
+    valid = e < PSZ
+    x = tl.load(img_ptr + patch_pixel_offsets(b, n, e, GW, C, P, s_b, s_c, s_h, s_w), mask=valid, other=0)
+    x = x.to(tl.float32)
+    if NORMALIZE:
+        ch = e % C
+        x = x * tl.load(scale_ptr + ch, mask=valid, other=0.0) + tl.load(shift_ptr + ch, mask=valid, other=0.0)
+    if NORM_PIX:
+        # Two-pass statistics on the registers (the patch is read once): mean, then the centred sum of squares,
+        # which avoids the cancellation of E[x^2] - E[x]^2 on bright, low-contrast patches.
+        mean = tl.sum(tl.where(valid, x, 0.0), axis=0) / PSZ
+        d = tl.where(valid, x - mean, 0.0)
+        var = tl.sum(d * d, axis=0) / (PSZ - 1)
+        rstd = 1.0 / tl.sqrt_rn(var + eps)
+        x = d * rstd
+    else:
+        rstd = 1.0
+    tl.store(out_ptr + row * PSZ + e, x, mask=valid)
+    tl.store(rstd_ptr + row, rstd)
