@@ -1,0 +1,135 @@
+"""The supervised ViT baseline, and supervised training + masked image modeling (arXiv 2312.00950).
+
+Both classify with timm's head layout: with ``global_pool`` the mean of the patch tokens goes through
+``fc_norm`` and ``head`` (the encoder has no final ``norm``, as timm's avg-pool ViT); otherwise the cls token
+after ``norm``. The MIM decoder is training-only; the encoder and head export unchanged to timm.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastsupmae.kernels import dispatch as K
+
+from .decoder import build_decoder, decoder_blocks_forward, predict
+from .masking import random_masking
+from .targets import hog_dim, hog_targets, load_tokenizer
+from .vit import ViTBackbone
+
+
+class SupervisedViT(ViTBackbone):
+    """Plain ViT classifier on the full image (no masking, no decoder)."""
+
+    def __init__(self, *, num_classes: int, global_pool: bool = True, label_smoothing: float = 0.0, **enc) -> None:
+        super().__init__(final_norm=not global_pool, **enc)
+        self.global_pool = global_pool
+        self.label_smoothing = label_smoothing
+        self.fc_norm = nn.LayerNorm(self.embed_dim, eps=1e-6) if global_pool else nn.Identity()
+        self.head = nn.Linear(self.embed_dim, num_classes)
+        self.init_weights()
+
+    def forward_features(self, imgs: torch.Tensor, pool: str | None = None) -> torch.Tensor:
+        """Full image -> pooled (and fc_norm-ed) features [B, D]."""
+        return self.pool_head_input(self.forward_tokens(self.embed_all(imgs)), pool)
+
+    def pool_head_input(self, lat: torch.Tensor, pool: str | None = None) -> torch.Tensor:
+        use_avg = self.global_pool if pool is None else pool == "avg"
+        return self.fc_norm(lat[:, 1:].mean(1)) if use_avg else lat[:, 0]
+
+    def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.head(feats)
+
+    def classification_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if labels.ndim == 2:  # soft targets (mixup / cutmix)
+            return torch.sum(-labels * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        return F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+
+    def forward(self, imgs: torch.Tensor, labels: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+                return_pred: bool = False) -> dict[str, torch.Tensor]:
+        """imgs [B, C, H, W] -> dict(logits [B, C], loss = CE when labels are given)."""
+        logits = self.head(self.forward_features(imgs))
+        out = {"logits": logits}
+        if labels is not None:
+            out["cls_loss"] = out["loss"] = self.classification_loss(logits, labels)
+        return out
+
+
+class MIMSupervisedViT(SupervisedViT):
+    """Supervised ViT + a shallow decoder reconstructing masked patches (the paper leaves the details open).
+
+    Options (see docs/objectives.md for what each costs):
+        encoder_input: 'visible' (encoder sees the K visible tokens, MAE-style) or 'full' (all N tokens, masked
+            ones replaced by a learned ``enc_mask_token``, SimMIM-style).
+        cls_view: 'masked' (classify from the masked pass: no extra cost) or 'unmasked' (a second encoder pass on
+            the full image feeds the classifier: one more full forward + backward).
+        target: 'pixels' (normalised pixels), 'hog' (HOG histograms), 'tokens' (ids from a user tokenizer; CE).
+        loss = CE(logits, labels) + mim_loss_weight * reconstruction.
+    """
+
+    def __init__(self, *, mask_ratio: float, decoder_embed_dim: int, decoder_depth: int, decoder_num_heads: int,
+                 encoder_input: str = "visible", cls_view: str = "masked", target: str = "pixels",
+                 tokenizer: str = "", vocab_size: int = 8192, mim_loss_weight: float = 1.0,
+                 norm_pix_loss: bool = True, **kw) -> None:
+        super().__init__(**kw)
+        self.mask_ratio = mask_ratio
+        self.num_keep = int(self.num_patches * (1 - mask_ratio))
+        self.encoder_input, self.cls_view, self.target = encoder_input, cls_view, target
+        self.mim_loss_weight = mim_loss_weight
+        self.norm_pix_loss = norm_pix_loss
+        p, c = self.patch_size, self.in_chans
+        out_dim = {"pixels": p * p * c, "hog": hog_dim(p), "tokens": vocab_size}[target]
+        self.tokenizer = load_tokenizer(tokenizer) if target == "tokens" else None
+        if encoder_input == "full":
+            self.enc_mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
+        # the encoder has no final norm under global_pool (timm layout): normalise the decoder's input itself
+        self.decoder_input_norm = nn.LayerNorm(self.embed_dim, eps=1e-6) if self.global_pool else nn.Identity()
+        build_decoder(self, self.embed_dim, decoder_embed_dim, decoder_depth, decoder_num_heads,
+                      kw.get("mlp_ratio", 4.0), self.grid, out_dim, kw.get("attn_backend", "sdpa"),
+                      mask_token=encoder_input == "visible")
+        self.init_weights()
+
+    def _rec_loss(self, imgs: torch.Tensor, pred: torch.Tensor, ids_masked: torch.Tensor) -> torch.Tensor:
+        if self.target == "pixels":
+            t = K.norm_pix_targets(imgs, ids_masked, self.patch_size, self.norm_pix_loss, self.pixel_mean,
+                                   self.pixel_std, backend=self.kernels)
+            return K.masked_mse(pred, t, backend=self.kernels)
+        if self.target == "hog":
+            t = hog_targets(imgs, self.patch_size, ids_masked, self.pixel_mean, self.pixel_std)
+            return K.masked_mse(pred, t, backend=self.kernels)
+        with torch.no_grad():
+            ids = self.tokenizer(imgs).long()  # [B, N]
+        t = torch.gather(ids, 1, ids_masked)
+        return F.cross_entropy(pred.float().reshape(-1, pred.shape[-1]), t.reshape(-1))
+
+    def forward(self, imgs: torch.Tensor, labels: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+                return_pred: bool = False) -> dict[str, torch.Tensor]:
+        b = imgs.shape[0]
+        m = random_masking(b, self.num_patches, self.num_keep, imgs.device, noise)
+        if self.encoder_input == "visible":
+            lat = self.forward_tokens(self.embed_visible(imgs, m.ids_keep))  # [B, 1+K, D]
+            y = self.decoder_embed(self.decoder_input_norm(lat))
+            y = K.unshuffle_tokens(y, self.mask_token, m.ids_restore, self.decoder_pos_embed, backend=self.kernels)
+        else:
+            x = self.embed_all(imgs, with_pos=False)
+            w = m.mask.unsqueeze(-1).to(x.dtype)
+            x = x * (1 - w) + self.enc_mask_token.to(x.dtype) * w + self.pos_embed[:, 1:].to(x.dtype)
+            lat = self.forward_tokens(x)  # [B, 1+N, D]
+            y = self.decoder_embed(self.decoder_input_norm(lat)) + self.decoder_pos_embed.to(x.dtype)
+        y = decoder_blocks_forward(self, y)
+        rec = self._rec_loss(imgs, predict(self, y, m.ids_masked), m.ids_masked)
+        if self.cls_view == "masked":
+            feats = self.pool_head_input(lat)
+        else:
+            feats = self.forward_features(imgs)
+        logits = self.head(feats)
+        out = {"mask": m.mask, "logits": logits, "rec_loss": rec}
+        loss = self.mim_loss_weight * rec
+        if labels is not None:
+            out["cls_loss"] = self.classification_loss(logits, labels)
+            loss = loss + out["cls_loss"]
+        out["loss"] = loss
+        if return_pred:
+            out["pred"] = predict(self, y)
+        return out
