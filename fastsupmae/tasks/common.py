@@ -1,0 +1,157 @@
+"""What the evaluation tasks share: config + checkpoint arguments, loading weights from any checkpoint form.
+
+A checkpoint is one of: a .pth / .pt / .safetensors file (ours, the official MAE / SupMAE ones, timm's), or a
+DeepSpeed checkpoint directory of any ZeRO stage (the fp32 master weights are reassembled with DeepSpeed's
+``zero_to_fp32``). A run directory (holding ``latest`` and step folders) works too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from fastsupmae.config import Config, load_config
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAMES = ("config.yaml", "config.yml", "resolved_config.yaml")
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """--config (YAML overlays), key=value overrides, --checkpoint, --device."""
+    parser.add_argument("--config", action="append", default=[],
+                        help="YAML config (repeatable; later files override earlier ones). Default: the config "
+                             "saved next to --checkpoint, if any")
+    parser.add_argument("--checkpoint", default="", help="weights: .pth/.safetensors file or DeepSpeed checkpoint dir")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("overrides", nargs="*", default=[], help="config overrides key.sub=value")
+    return parser
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return dev
+
+
+def find_run_config(checkpoint: str) -> str | None:
+    """A config file saved by the trainer in the checkpoint's folder or one of its two parents."""
+    if not checkpoint:
+        return None
+    p = Path(checkpoint).resolve()
+    for d in [p if p.is_dir() else p.parent, *list((p if p.is_dir() else p.parent).parents)[:2]]:
+        for name in CONFIG_NAMES:
+            if (d / name).is_file():
+                return str(d / name)
+    return None
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    paths = list(getattr(args, "config", []) or [])
+    if not paths:
+        found = find_run_config(getattr(args, "checkpoint", ""))
+        if found:
+            log.info("config: using %s (saved with the checkpoint)", found)
+            paths = [found]
+    return load_config(paths, list(getattr(args, "overrides", []) or []), world_size=1)
+
+
+def _is_deepspeed_dir(p: Path) -> bool:
+    if (p / "latest").is_file():
+        return True
+    return any(p.glob("*model_states.pt")) or any(p.glob("*/*model_states.pt"))
+
+
+def read_any_state_dict(src: str | os.PathLike, tag: str | None = None) -> dict[str, torch.Tensor]:
+    """State dict from a checkpoint file or a DeepSpeed checkpoint directory (any ZeRO stage).
+
+    Args:
+        src: file (.pth/.pt/.safetensors) or directory. For a directory written by DeepSpeed's
+            ``save_checkpoint`` pass the folder holding ``latest`` (or the tag folder itself).
+        tag: DeepSpeed tag (sub-folder); default: the one named in ``latest``.
+
+    Returns:
+        fp32 (DeepSpeed) or stored-dtype (files) state dict with the prefixes of wrappers removed.
+    """
+    from fastsupmae.models.checkpoint import CheckpointError, read_state_dict
+
+    p = Path(src)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint '{p}' does not exist")
+    if not p.is_dir():
+        return read_state_dict(p)
+    if not _is_deepspeed_dir(p):
+        raise CheckpointError(f"'{p}' is a directory but not a DeepSpeed checkpoint (no 'latest' file and no "
+                              "*model_states.pt inside); pass a .pth / .safetensors file or the checkpoint folder")
+    if tag is None and not (p / "latest").is_file() and any(p.glob("*model_states.pt")):
+        # the tag folder itself was given
+        p, tag = p.parent, p.name
+    try:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    except ImportError as e:  # pragma: no cover - deepspeed is part of the stack
+        raise CheckpointError(
+            f"reading DeepSpeed checkpoint '{p}' needs deepspeed (pip install deepspeed): {e}") from None
+    try:
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(p), tag=tag)
+    except Exception as e:
+        raise CheckpointError(
+            f"cannot reassemble DeepSpeed checkpoint '{p}' (tag {tag}): {type(e).__name__}: {e}") from None
+    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    buffers = _deepspeed_buffers(p, tag)
+    for k, v in buffers.items():  # zero_to_fp32 returns parameters; BatchNorm statistics live in the module states
+        sd.setdefault(k, v)
+    return read_state_dict(sd)
+
+
+def _deepspeed_buffers(root: Path, tag: str | None) -> dict[str, torch.Tensor]:
+    """Buffers (BatchNorm running statistics, ...) from rank 0's model-states file of a DeepSpeed checkpoint."""
+    if tag is None:
+        tag = (root / "latest").read_text().strip()
+    files = sorted((root / tag).glob("*model_states.pt"))
+    if not files:
+        return {}
+    try:
+        states = torch.load(files[0], map_location="cpu", weights_only=False)
+    except Exception as e:  # a missing buffer is then reported by the strict load
+        log.warning("could not read buffers from %s: %s", files[0], e)
+        return {}
+    bufs = states.get("buffer_names") or []
+    module = states.get("module") or {}
+    return {k: v for k, v in module.items() if k in bufs and isinstance(v, torch.Tensor)}
+
+
+def load_weights(model: nn.Module, src: str | os.PathLike, strict: bool = True) -> dict[str, list[str]]:
+    """Load any checkpoint form into ``model`` (see :func:`fastsupmae.models.checkpoint.load_checkpoint`)."""
+    from fastsupmae.models.checkpoint import load_checkpoint
+
+    return load_checkpoint(model, read_any_state_dict(src), strict=strict)
+
+
+def load_model_for_eval(args: argparse.Namespace) -> tuple[Config, nn.Module, torch.device]:
+    """Config + model with ``--checkpoint`` loaded, in eval mode on ``--device``."""
+    from fastsupmae.models import build_model
+
+    cfg = config_from_args(args)
+    device = resolve_device(getattr(args, "device", "auto"))
+    model = build_model(cfg, device=device)
+    if args.checkpoint:
+        load_weights(model, args.checkpoint, strict=True)
+    else:
+        log.warning("no --checkpoint given: evaluating randomly initialised weights")
+    return cfg, model.to(device).eval(), device
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    import json
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True))

@@ -1,0 +1,186 @@
+"""k-nearest-neighbour evaluation of a frozen encoder (the DINO protocol, the project's retrieval metric).
+
+Features of the full (unmasked) training and validation images are L2-normalised; each validation image takes
+the ``k`` training images of highest cosine similarity, and each neighbour votes for its label with weight
+``exp(sim / T)``. Top-1 / top-5 are the fraction of validation images whose label is among the 1 / 5 classes
+with the most vote weight. Defaults k = 20, T = 0.07 (shared/SPEC.md section 1; DINO's values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside a DeepSpeed engine / DDP / torch.compile wrapper."""
+    for attr in ("module", "_orig_mod"):
+        while hasattr(model, attr) and isinstance(getattr(model, attr), nn.Module):
+            model = getattr(model, attr)
+    return model
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _gather_variable(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` [n_r, ...] from every rank in rank order (ranks may hold different n_r)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    ws = dist.get_world_size()
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(ws)]
+    dist.all_gather(sizes, n)
+    sizes_l = [int(s.item()) for s in sizes]
+    pad = x.new_zeros((max(sizes_l), *x.shape[1:]))
+    pad[: x.shape[0]] = x
+    parts = [torch.zeros_like(pad) for _ in range(ws)]
+    dist.all_gather(parts, pad)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes_l)])
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, loader: Iterable[dict[str, torch.Tensor]], feature: str = "avg",
+                     normalize: bool = True, max_batches: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled encoder features of every image the loader yields (gathered over ranks when distributed).
+
+    Args:
+        model: a fastsupmae model (or a wrapper around one) with ``forward_features(imgs, pool)``.
+        loader: yields {'images': [B, C, H, W] uint8 or normalised float, 'labels': int64 [B]}.
+        feature: 'avg' (mean of the patch tokens, after the final norm / fc_norm) or 'cls' (the cls token).
+        normalize: L2-normalise each feature vector.
+        max_batches: stop after this many batches (0: all).
+
+    Returns:
+        features float32 [M, D] (on CPU) and labels int64 [M].
+    """
+    if feature not in ("avg", "cls"):
+        raise ValueError(f"feature '{feature}' is unknown; use 'avg' or 'cls'")
+    net = unwrap(model)
+    was = net.training
+    net.eval()  # BatchNorm running statistics, no drop path
+    device = _model_device(net)
+    feats, labels = [], []
+    try:
+        for i, batch in enumerate(loader):
+            if max_batches and i >= max_batches:
+                break
+            imgs = batch["images"].to(device, non_blocking=True)
+            if imgs.shape[0] == 0:  # evaluation shards may end with an empty batch on some ranks
+                continue
+            f = net.forward_features(imgs, pool=feature).float()
+            feats.append(F.normalize(f, dim=1) if normalize else f)
+            labels.append(batch["labels"].to(device))
+    finally:
+        net.train(was)
+    if not feats:
+        d = getattr(net, "embed_dim", 0)
+        out_f, out_l = torch.zeros(0, d, device=device), torch.zeros(0, dtype=torch.int64, device=device)
+    else:
+        out_f, out_l = torch.cat(feats), torch.cat(labels).long()
+    return _gather_variable(out_f).cpu(), _gather_variable(out_l).cpu()
+
+
+@torch.no_grad()
+def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
+                 test_labels: torch.Tensor, k: int = 20, temperature: float = 0.07, num_classes: int | None = None,
+                 chunk: int = 1024) -> dict[str, float]:
+    """Weighted k-NN vote on L2-normalised features.
+
+    Args:
+        train_feats: [M, D] L2-normalised; train_labels: int64 [M].
+        test_feats: [Q, D] L2-normalised; test_labels: int64 [Q].
+        k: neighbours (clipped to M).
+        temperature: vote weight exp(sim / T).
+        num_classes: C (default: the largest label + 1).
+        chunk: test rows per similarity block (bounds memory at chunk x M).
+
+    Returns:
+        {'top1': %, 'top5': %, 'num_train': M, 'num_test': Q}; top-5 counts the top min(5, C) classes that
+        received votes.
+    """
+    if train_feats.shape[0] == 0 or test_feats.shape[0] == 0:
+        raise ValueError("kNN needs at least one training and one test feature")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    c = int(num_classes or int(max(train_labels.max(), test_labels.max())) + 1)
+    k = min(int(k), train_feats.shape[0])
+    train_feats = train_feats.float()
+    correct1 = correct5 = 0
+    for s in range(0, test_feats.shape[0], chunk):
+        q = test_feats[s:s + chunk].float()
+        y = test_labels[s:s + chunk]
+        sim = q @ train_feats.T  # [q, M] cosine similarity
+        top_sim, top_idx = sim.topk(k, dim=1)  # [q, k]
+        w = (top_sim / temperature).exp()
+        votes = torch.zeros(q.shape[0], c, dtype=torch.float32)
+        votes.scatter_add_(1, train_labels[top_idx], w)  # [q, C]
+        top_votes, ranked = votes.topk(min(5, c), dim=1)
+        # a class no neighbour voted for is never a hit (ties at zero would otherwise be broken arbitrarily)
+        hit = (ranked == y[:, None]) & (top_votes > 0)
+        correct1 += int(hit[:, 0].sum())
+        correct5 += int(hit.any(dim=1).sum())
+    n = test_feats.shape[0]
+    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "num_train": int(train_feats.shape[0]),
+            "num_test": int(n)}
+
+
+def knn_eval(model: nn.Module, train_loader: Iterable[dict[str, torch.Tensor]],
+             val_loader: Iterable[dict[str, torch.Tensor]], k: int = 20, temperature: float = 0.07,
+             feature: str = "avg", num_classes: int | None = None) -> dict[str, float]:
+    """k-NN top-1 / top-5 (percent) of ``model``'s frozen features: train_loader is the memory bank.
+
+    The training loader should not augment (``build_eval_loader(cfg, 'train')``). Every rank computes the same
+    result from the gathered features.
+    """
+    tf, tl = extract_features(model, train_loader, feature)
+    vf, vl = extract_features(model, val_loader, feature)
+    res = knn_classify(tf, tl, vf, vl, k=k, temperature=temperature, num_classes=num_classes)
+    log.info("kNN (k=%d, T=%g, feature %s): top-1 %.2f%%, top-5 %.2f%% (%d train / %d val images)",
+             k, temperature, feature, res["top1"], res["top5"], res["num_train"], res["num_test"])
+    return res
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`fastsupmae knn`: arguments."""
+    from fastsupmae.tasks.common import add_model_args
+
+    add_model_args(parser)
+    parser.add_argument("--k", type=int, default=None, help="neighbours (default: eval.knn_k)")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="vote temperature (default: eval.knn_temperature)")
+    parser.add_argument("--feature", choices=("avg", "cls"), default=None,
+                        help="pooled feature (default: eval.feature)")
+    parser.add_argument("--output", default="", help="also write the result as JSON here")
+    return parser
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """`fastsupmae knn`: build the model from the config, load ``--checkpoint``, print top-1 / top-5."""
+    from fastsupmae.pipelines import build_eval_loader
+    from fastsupmae.tasks.common import load_model_for_eval
+
+    cfg, model, device = load_model_for_eval(args)
+    e = cfg.eval
+    res = knn_eval(model, build_eval_loader(cfg, "train", device=device), build_eval_loader(cfg, "val", device=device),
+                   k=args.k or e.knn_k, temperature=args.temperature or e.knn_temperature,
+                   feature=args.feature or e.feature, num_classes=cfg.model.num_classes)
+    print(f"kNN top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  ({res['num_train']} train, {res['num_test']} val)")
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(res, f, indent=2)
+    return res

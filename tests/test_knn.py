@@ -1,0 +1,79 @@
+"""k-NN evaluation: the vote against a per-query Python reference, and end to end on a tiny model."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from fastsupmae.models import build_model
+from fastsupmae.tasks.knn import extract_features, knn_classify, knn_eval
+from tests.helpers import tiny_config
+
+
+def _reference_knn(tf, tl, vf, vl, k, t, c):
+    """One query at a time with plain Python sorting: the definition, written differently."""
+    top1 = top5 = 0
+    for q, y in zip(vf.tolist(), vl.tolist()):
+        sims = [(sum(a * b for a, b in zip(q, row)), lab) for row, lab in zip(tf.tolist(), tl.tolist())]
+        sims.sort(key=lambda s: -s[0])
+        votes = [0.0] * c
+        for s, lab in sims[:k]:
+            votes[lab] += math.exp(s / t)
+        order = sorted((i for i in range(c) if votes[i] > 0), key=lambda i: -votes[i])
+        top1 += order[0] == y
+        top5 += y in order[:5]
+    return 100 * top1 / len(vl), 100 * top5 / len(vl)
+
+
+def test_knn_matches_reference_on_random_features():
+    torch.manual_seed(torch.seed() % 2**31)
+    c = 8
+    tf = F.normalize(torch.randn(60, 6, dtype=torch.float64), dim=1).float()
+    tl = torch.randint(0, c, (60,))
+    vf = F.normalize(torch.randn(25, 6, dtype=torch.float64), dim=1).float()
+    vl = torch.randint(0, c, (25,))
+    got = knn_classify(tf, tl, vf, vl, k=7, temperature=0.1, num_classes=c, chunk=10)
+    ref = _reference_knn(tf, tl, vf, vl, 7, 0.1, c)
+    assert abs(got["top1"] - ref[0]) < 1e-9 and abs(got["top5"] - ref[1]) < 1e-9, (got, ref)
+    assert got["num_train"] == 60 and got["num_test"] == 25
+
+
+def test_knn_separable_clusters_are_perfect_and_shuffled_labels_are_not():
+    c, d = 5, 16
+    centres = F.normalize(torch.randn(c, d), dim=1) * 5
+    tl = torch.arange(c).repeat(40)
+    vl = torch.arange(c).repeat(10)
+    tf = F.normalize(centres[tl] + 0.3 * torch.randn(len(tl), d), dim=1)
+    vf = F.normalize(centres[vl] + 0.3 * torch.randn(len(vl), d), dim=1)
+    assert knn_classify(tf, tl, vf, vl, k=20)["top1"] == 100.0
+    # labels unrelated to the features: chance level (20%), far from perfect
+    bad = knn_classify(tf, tl[torch.randperm(len(tl))], vf, vl, k=20)
+    assert bad["top1"] < 60.0
+    assert bad["top5"] == 100.0  # five classes: top-5 always contains the label
+
+
+def _loader(images, labels, bs):
+    return [{"images": images[i:i + bs], "labels": labels[i:i + bs]} for i in range(0, len(labels), bs)]
+
+
+def test_knn_eval_on_tiny_model_uses_model_features():
+    cfg = tiny_config(objective="supmae")
+    model = build_model(cfg, device="cpu")
+    model.train()
+    imgs = torch.randint(0, 256, (30, 3, 16, 16), dtype=torch.uint8)
+    labels = torch.randint(0, 5, (30,))
+    feats, labs = extract_features(model, _loader(imgs, labels, 7), feature="avg")
+    assert model.training, "extract_features must restore the training mode"
+    assert feats.shape == (30, 32) and torch.equal(labs, labels)
+    torch.testing.assert_close(feats.norm(dim=1), torch.ones(30))
+    model.eval()
+    with torch.no_grad():
+        want = F.normalize(model.forward_features(imgs, pool="avg"), dim=1)
+    torch.testing.assert_close(feats, want, rtol=1e-5, atol=1e-5)
+    cls_feats, _ = extract_features(model, _loader(imgs, labels, 7), feature="cls")
+    assert not torch.allclose(cls_feats, feats)
+    # memory bank == queries: every query finds itself at similarity 1 and k=1 is exact
+    res = knn_eval(model, _loader(imgs, labels, 8), _loader(imgs, labels, 8), k=1)
+    assert res["top1"] == 100.0
