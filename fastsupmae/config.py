@@ -20,8 +20,10 @@ from typing import Any
 
 import yaml
 
+from .errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A user-facing configuration error: the message names the key and the fix."""
 
 
@@ -40,6 +42,9 @@ MODEL_SIZES: dict[str, tuple[int, int, int]] = {
     "large": (1024, 24, 16),
     "huge": (1280, 32, 16),
 }
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
 
 OBJECTIVES = ("supmae", "mae", "supervised", "mim_supervised")
 
@@ -111,8 +116,8 @@ class DataConfig:
     bad_files: str = _f("skip", "skip (count and log once) | strict (stop naming the file)")
     scale: list[float] = _f([0.2, 1.0], "RandomResizedCrop area range")
     hflip: bool = _f(True, "random horizontal flip")
-    mean: list[float] = _f([0.485, 0.456, 0.406], "normalisation mean (per channel)")
-    std: list[float] = _f([0.229, 0.224, 0.225], "normalisation std (per channel)")
+    mean: list[float] = _f(IMAGENET_MEAN, "normalisation mean (per channel); 1-channel default: the dataset's")
+    std: list[float] = _f(IMAGENET_STD, "normalisation std (per channel)")
     synthetic_size: int = _f(1024, "synthetic dataset: number of samples")
     limit: int = _f(0, "use only the first N training samples (0: all)")
 
@@ -386,20 +391,20 @@ def validate_config(cfg: Config, world_size: int | None = None) -> None:
     if m.uses_masking:
         n, k = m.num_patches, m.num_keep
         if not (1 <= k <= n - 1):
-            lo, hi = 1.0 / n, 1.0 - 1.0 / n
             raise ConfigError(
-                f"model.mask_ratio {m.mask_ratio} keeps {k} of {n} patches; 1 <= K <= N-1 is required "
-                f"(choose a ratio between {1 - (n - 1) / n:.4f} and {1 - 1 / n:.4f}, e.g. 0.75)"
+                f"model.mask_ratio {m.mask_ratio} keeps {k} of {n} patches; 1 <= K <= N-1 is required: choose a "
+                f"ratio in (0, {1 - 1 / n:.4f}], e.g. 0.75"
                 if n > 1
-                else f"model.img_size/patch_size give {n} patch; masking needs at least 2 (lo={lo}, hi={hi})"
+                else f"model.img_size / patch_size give {n} patch; masking needs at least 2 (use a smaller patch)"
             )
     if m.objective == "mim_supervised" and m.mim_target == "tokens" and ":" not in m.mim_tokenizer:
         raise ConfigError("model.mim_tokenizer: target 'tokens' needs 'module:callable' (imgs -> [B, N] ids)")
     if m.objective == "mim_supervised" and m.mim_target == "hog" and m.in_chans not in (1, 3):
         raise ConfigError("model.mim_target hog needs 1 or 3 channels")
     if len(d.mean) != m.in_chans or len(d.std) != m.in_chans:
-        if len(d.mean) == 3 and m.in_chans == 1 and d.dataset == "fashion_mnist":
-            d.mean, d.std = [0.2860], [0.3530]  # Fashion-MNIST statistics
+        if m.in_chans == 1 and d.mean == IMAGENET_MEAN and d.std == IMAGENET_STD:
+            # statistics left at the (3-channel) default: use the dataset's own, or ImageNet's channel average
+            d.mean, d.std = ([0.2860], [0.3530]) if d.dataset == "fashion_mnist" else ([0.449], [0.226])
         else:
             raise ConfigError(
                 f"data.mean / data.std have {len(d.mean)} / {len(d.std)} entries but model.in_chans is {m.in_chans}"

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from fastsupmae.errors import UserError
+
 log = logging.getLogger(__name__)
 
 # Renames applied to incoming keys: SupMAE's released checkpoint calls the classification MLP projection_head.
@@ -22,7 +24,7 @@ RENAMES = (("projection_head.", "cls_head."),)
 HEAD_PREFIXES = ("head.", "fc_norm.", "cls_head.", "decoder_", "mask_token", "enc_mask_token")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be loaded into this model; the message says why and what to change."""
 
 

@@ -1,0 +1,145 @@
+"""The ``fastsupmae`` command (also ``python -m fastsupmae``).
+
+Subcommands import their task module only when run, so ``fastsupmae --help`` is instant and a missing optional
+package only matters to the subcommand that needs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+from .errors import UserError
+
+DEFAULT_CONFIG = "demo/fashion_mnist_supmae.yaml"
+
+# name -> (module, help); each module provides add_args(parser) and run(args)
+TASKS: dict[str, tuple[str, str]] = {
+    "pretrain": ("fastsupmae.tasks.pretrain", "pretrain (supmae | mae | supervised | mim_supervised) with DeepSpeed"),
+    "finetune": ("fastsupmae.tasks.finetune", "fine-tune a pretrained encoder (SupMAE/MAE recipe)"),
+    "linprobe": ("fastsupmae.tasks.linprobe", "linear probe on a frozen encoder"),
+    "knn": ("fastsupmae.tasks.knn", "k-NN classification on frozen features"),
+    "eval": ("fastsupmae.tasks.evaluate", "top-1/top-5 and robustness sets (IN-A, -R, -Sketch, -V2, -C)"),
+    "export": ("fastsupmae.export", "export weights to timm / plain PyTorch / torch.export"),
+    "visualize": ("fastsupmae.visualize", "reconstruction pictures and loss curves"),
+}
+BENCHES: dict[str, tuple[str, str]] = {
+    "kernels": ("fastsupmae.kernels.bench", "fused kernels vs unfused MAE-style references"),
+    "data": ("fastsupmae.pipelines.bench", "input pipelines vs the torchvision baseline"),
+    "model": ("fastsupmae.bench.perf_model", "PREDICTED step time / MFU / scaling on a named device"),
+    "train": ("fastsupmae.bench.train", "training-step throughput vs the unfused reference path"),
+}
+
+
+def add_config_args(p: argparse.ArgumentParser, default: str | None = DEFAULT_CONFIG) -> None:
+    """``--config`` overlays (repeatable) and trailing ``key.sub=value`` overrides."""
+    p.add_argument("--config", "-c", action="append", default=None,
+                   help=f"YAML overlay(s), applied in order (paths or names under configs/; default: {default})")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.epochs=2")
+
+
+def config_from_args(args: argparse.Namespace, default: str | None = DEFAULT_CONFIG):
+    """Load and validate the config named by ``args`` (used by every config-driven subcommand)."""
+    from .config import load_config
+
+    paths = args.config if args.config else ([default] if default else [])
+    return load_config(paths, args.overrides)
+
+
+def _lazy(module: str, what: str) -> tuple[Callable, Callable]:
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("fastsupmae"):
+            raise UserError(f"'{what}' is not available in this build of fastsupmae ({module} is missing)") from None
+        raise
+    return mod.add_args, mod.run
+
+
+def _config_cmd(args: argparse.Namespace) -> int:
+    from .config import describe, save_config
+
+    if args.list:
+        print("\n".join(describe()))
+        return 0
+    cfg = config_from_args(args)
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("r", suffix=".yaml") as f:
+        save_config(cfg, f.name)
+        print(open(f.name).read(), end="")
+    return 0
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastsupmae", description="fastsupmae: fast SupMAE / MAE trainer (DALI + Triton + DeepSpeed)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--log-level", default="INFO", help="logging level (rank 0; other ranks log warnings)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # Only the subcommand actually invoked gets its module imported (and its arguments defined).
+    wanted = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module, help_) in TASKS.items():
+        sp = sub.add_parser(name, help=help_)
+        sp.set_defaults(_module=module, _name=name)
+        if name == wanted:
+            add, _ = _lazy(module, name)
+            add(sp)
+    bench = sub.add_parser("bench", help="benchmarks that print tables (see docs/benchmarks.md)")
+    bsub = bench.add_subparsers(dest="bench", metavar="BENCH")
+    wanted_b = None
+    if wanted == "bench":
+        rest = argv[argv.index("bench") + 1:]
+        wanted_b = next((a for a in rest if not a.startswith("-")), None)
+    for name, (module, help_) in BENCHES.items():
+        bp = bsub.add_parser(name, help=help_)
+        bp.set_defaults(_module=module, _name=f"bench {name}")
+        if name == wanted_b:
+            add, _ = _lazy(module, f"bench {name}")
+            add(bp)
+    cp = sub.add_parser("config", help="print the resolved config (or --list every key with its help)")
+    cp.add_argument("--list", action="store_true")
+    add_config_args(cp)
+    cp.set_defaults(_func=_config_cmd)
+    return parser
+
+
+def _setup_logging(level: str) -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO) if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [r{rank}] %(levelname)s %(name)s: %(message)s" if rank else
+        "%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        parser = build_parser(argv)
+        args = parser.parse_args(argv)
+        _setup_logging(args.log_level)
+        if args.local_rank is not None:  # the deepspeed launcher passes --local_rank=N; the env has it too
+            os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+        if getattr(args, "_func", None):
+            return args._func(args) or 0
+        if not getattr(args, "_module", None):
+            parser.print_help()
+            return 0 if args.command is None else 2
+        _, run = _lazy(args._module, args._name)
+        result = run(args)
+        return result if isinstance(result, int) else 0
+    except UserError as e:
+        print(f"fastsupmae: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fastsupmae: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,13 @@
+"""Errors a user can cause. The CLI prints their message alone (no traceback) and exits with status 2."""
+
+
+class UserError(Exception):
+    """Base of every user-facing error: bad config, missing or corrupt data, unusable checkpoint, missing package."""
+
+
+class DataError(UserError):
+    """A dataset that is missing, unreadable or corrupt; the message names the file and the fix."""
+
+
+class MissingDependency(UserError):
+    """An optional package a chosen backend needs is not installed; the message gives the install command."""
