@@ -75,3 +75,15 @@ def masked_mse(pred, target, backend: str = "torch"):
     if backend == "triton":
         return _tri().masked_mse(pred, target)
     return ref.masked_mse(pred, target)
+
+
+def patch_embed_visible(imgs, ids, p, weight, bias, pos, mean=None, std=None, out_dtype=None, backend: str = "torch"):
+    """Patch embedding of the kept patches only: imgs [B, C, H, W], ids [B, K], Conv2d weight [D, C, p, p],
+    bias [D] or None, pos [1, N, D] (patch positions, no cls) -> [B, K, D] in ``out_dtype`` (default: the
+    image dtype, fp32 for uint8, which is normalised with mean/std on the way).
+
+    Triton: one kernel gathers the pixels inside the matmul and adds bias + gathered pos in its epilogue.
+    """
+    if backend == "triton":
+        return _tri().patch_embed_visible(imgs, ids, p, weight, bias, pos, mean, std, out_dtype)
+    return ref.patch_embed_visible(ref.patchify_gather(imgs, ids, p, mean, std, out_dtype), weight, bias, pos, ids)

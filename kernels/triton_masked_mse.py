@@ -15,6 +15,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .triton_cast import to_dtype
+
 
 @triton.jit
 def mse_partial_kernel(
@@ -55,6 +57,6 @@ def mse_bwd_kernel(
     a = tl.load(pred_ptr + offs, mask=m, other=0.0).to(tl.float32)
     t = tl.load(target_ptr + offs, mask=m, other=0.0).to(tl.float32)
     g = gs * (2.0 * (a - t))
-    tl.store(gpred_ptr + offs, g.to(gpred_ptr.dtype.element_ty), mask=m)
+    tl.store(gpred_ptr + offs, to_dtype(g, gpred_ptr.dtype.element_ty), mask=m)
     if NEED_TARGET:
-        tl.store(gtarget_ptr + offs, (-g).to(gtarget_ptr.dtype.element_ty), mask=m)
+        tl.store(gtarget_ptr + offs, to_dtype(-g, gtarget_ptr.dtype.element_ty), mask=m)

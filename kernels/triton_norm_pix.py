@@ -1,8 +1,9 @@
 """Triton kernel: norm-pix reconstruction targets of the masked patches only, read straight from the image.
 
-MAE patchifies the whole batch and normalises every patch, then uses 75% of it. Here each program reads one
-masked patch from the image, computes its mean and unbiased variance in registers and writes the normalised
-target (fp32) plus ``rstd = 1 / sqrt(var + eps)`` (kept for the backward). The full patchified image never exists.
+MAE patchifies the whole batch and normalises every patch, then uses 75% of it. Here each program reads
+ROWS_PER_PROG masked patches from the image, computes their means and unbiased variances in registers and writes
+the normalised targets (fp32) plus ``rstd = 1 / sqrt(var + eps)`` (kept for the backward). The full
+patchified image never exists.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ def norm_pix_kernel(
     shift_ptr,
     out_ptr,  # [B, M, PSZ] fp32
     rstd_ptr,  # [B, M] fp32 (1.0 when NORM_PIX is off)
+    ROWS,  # B * M
     M,
     GW,
     s_b,
@@ -32,28 +34,33 @@ def norm_pix_kernel(
     P: tl.constexpr,
     PSZ: tl.constexpr,
     BLOCK: tl.constexpr,
+    ROWS_PER_PROG: tl.constexpr,
     NORMALIZE: tl.constexpr,
     NORM_PIX: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    row = (tl.program_id(0) * ROWS_PER_PROG + tl.arange(0, ROWS_PER_PROG)).to(tl.int64)
+    rvalid = row < ROWS
     b = row // M
-    n = tl.load(ids_ptr + row).to(tl.int64)
+    n = tl.load(ids_ptr + row, mask=rvalid, other=0).to(tl.int64)
     e = tl.arange(0, BLOCK)
-    valid = e < PSZ
-    x = tl.load(img_ptr + patch_pixel_offsets(b, n, e, GW, C, P, s_b, s_c, s_h, s_w), mask=valid, other=0)
-    x = x.to(tl.float32)
+    evalid = e < PSZ
+    valid = rvalid[:, None] & evalid[None, :]
+    offs = patch_pixel_offsets(b[:, None], n[:, None], e[None, :], GW, C, P, s_b, s_c, s_h, s_w)
+    x = tl.load(img_ptr + offs, mask=valid, other=0).to(tl.float32)
     if NORMALIZE:
         ch = e % C
-        x = x * tl.load(scale_ptr + ch, mask=valid, other=0.0) + tl.load(shift_ptr + ch, mask=valid, other=0.0)
+        sc = tl.load(scale_ptr + ch, mask=evalid, other=0.0)
+        sh = tl.load(shift_ptr + ch, mask=evalid, other=0.0)
+        x = x * sc[None, :] + sh[None, :]
     if NORM_PIX:
         # Two-pass statistics on the registers (the patch is read once): mean, then the centred sum of squares,
         # which avoids the cancellation of E[x^2] - E[x]^2 on bright, low-contrast patches.
-        mean = tl.sum(tl.where(valid, x, 0.0), axis=0) / PSZ
-        d = tl.where(valid, x - mean, 0.0)
-        var = tl.sum(d * d, axis=0) / (PSZ - 1)
+        mean = tl.sum(tl.where(valid, x, 0.0), axis=1) / PSZ
+        d = tl.where(valid, x - mean[:, None], 0.0)
+        var = tl.sum(d * d, axis=1) / (PSZ - 1)
         rstd = 1.0 / tl.sqrt_rn(var + eps)
-        x = d * rstd
+        x = d * rstd[:, None]
     else:
-        rstd = 1.0
-    tl.store(out_ptr + row * PSZ + e, x, mask=valid)
-    tl.store(rstd_ptr + row, rstd)
+        rstd = tl.full([ROWS_PER_PROG], 1.0, tl.float32)
+    tl.store(out_ptr + row[:, None] * PSZ + e[None, :], x, mask=valid)
+    tl.store(rstd_ptr + row, rstd, mask=rvalid)

@@ -4,14 +4,18 @@ A patch vector follows MAE's (p, q, c) order: element ``e`` of patch ``n = i * G
 ``img[b, c, i*p + pp, j*p + q]`` with ``pp = e // (p*C)``, ``q = (e // C) % p``, ``c = e % C``. The kernels read
 the image through its strides, so NCHW and channels-last batches both work without a copy.
 
-One program handles one patch (``P = p*p*C`` elements, 768 for ViT-B/16 RGB): a gather is pure data movement, so
-the kernel only has to keep enough bytes in flight. ``BLOCK`` is P rounded up to a power of two; 4 warps cover it.
+A program handles ROWS_PER_PROG patches of ``PSZ = p*p*C`` elements (768 for ViT-B/16 RGB) as one
+[ROWS_PER_PROG, BLOCK] tile, BLOCK being PSZ rounded up to a power of two: a gather is pure data movement, so the
+kernel only has to keep enough bytes in flight (a few thousand elements per program on GPUs; many more under the
+interpreter, whose cost is per program and per operation, not per element).
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from .triton_cast import to_dtype
 
 
 @triton.jit
@@ -32,6 +36,7 @@ def patch_gather_kernel(
     scale_ptr,  # [C] fp32: x * scale + shift (uint8 normalisation folded into one FMA); unused otherwise
     shift_ptr,
     out_ptr,  # [B, K, PSZ] contiguous
+    ROWS,  # B * K
     K,
     GW,
     s_b,
@@ -42,20 +47,23 @@ def patch_gather_kernel(
     P: tl.constexpr,
     PSZ: tl.constexpr,
     BLOCK: tl.constexpr,
+    ROWS_PER_PROG: tl.constexpr,
     NORMALIZE: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)  # one program per (b, k)
+    row = (tl.program_id(0) * ROWS_PER_PROG + tl.arange(0, ROWS_PER_PROG)).to(tl.int64)  # (b, k) pairs
+    rvalid = row < ROWS
     b = row // K
-    n = tl.load(ids_ptr + row).to(tl.int64)
+    n = tl.load(ids_ptr + row, mask=rvalid, other=0).to(tl.int64)
     e = tl.arange(0, BLOCK)
-    valid = e < PSZ
-    x = tl.load(img_ptr + patch_pixel_offsets(b, n, e, GW, C, P, s_b, s_c, s_h, s_w), mask=valid, other=0)
+    m = rvalid[:, None] & (e < PSZ)[None, :]
+    offs = patch_pixel_offsets(b[:, None], n[:, None], e[None, :], GW, C, P, s_b, s_c, s_h, s_w)
+    x = tl.load(img_ptr + offs, mask=m, other=0)
     if NORMALIZE:
         ch = e % C
-        scale = tl.load(scale_ptr + ch, mask=valid, other=0.0)
-        shift = tl.load(shift_ptr + ch, mask=valid, other=0.0)
-        x = x.to(tl.float32) * scale + shift
-    tl.store(out_ptr + row * PSZ + e, x.to(out_ptr.dtype.element_ty), mask=valid)
+        scale = tl.load(scale_ptr + ch, mask=e < PSZ, other=0.0)
+        shift = tl.load(shift_ptr + ch, mask=e < PSZ, other=0.0)
+        x = x.to(tl.float32) * scale[None, :] + shift[None, :]
+    tl.store(out_ptr + row[:, None] * PSZ + e[None, :], to_dtype(x, out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -63,6 +71,7 @@ def patch_scatter_kernel(
     src_ptr,  # [B, K, PSZ] contiguous: per-patch values (gradients) of the gathered patches
     inv_ptr,  # [B, N] int: position k of patch n in src, or -1 when patch n was not gathered
     out_ptr,  # [B, C, H, W] contiguous: every element is written (zeros for patches not gathered)
+    ROWS,  # B * N
     K,
     N,
     GW,
@@ -74,15 +83,17 @@ def patch_scatter_kernel(
     P: tl.constexpr,
     PSZ: tl.constexpr,
     BLOCK: tl.constexpr,
+    ROWS_PER_PROG: tl.constexpr,
 ):
-    # One program per image patch (b, n), not per gathered patch: the output is then written completely by
+    # Programs walk the image's patches (b, n), not the gathered ones: the output is then written completely by
     # plain stores (no zero-fill pass, no atomics: the gather indices are distinct, so this is a permutation).
-    pid = tl.program_id(0).to(tl.int64)
-    b = pid // N
-    n = pid % N
-    k = tl.load(inv_ptr + pid).to(tl.int64)
+    row = (tl.program_id(0) * ROWS_PER_PROG + tl.arange(0, ROWS_PER_PROG)).to(tl.int64)
+    rvalid = row < ROWS
+    b = row // N
+    n = row % N
+    k = tl.load(inv_ptr + row, mask=rvalid, other=-1).to(tl.int64)
     e = tl.arange(0, BLOCK)
-    valid = e < PSZ
-    v = tl.load(src_ptr + (b * K + k) * PSZ + e, mask=valid & (k >= 0), other=0.0)
-    tl.store(out_ptr + patch_pixel_offsets(b, n, e, GW, C, P, s_b, s_c, s_h, s_w),
-             v.to(out_ptr.dtype.element_ty), mask=valid)
+    evalid = (e < PSZ)[None, :]
+    v = tl.load(src_ptr + (b * K + k)[:, None] * PSZ + e[None, :], mask=(k >= 0)[:, None] & evalid, other=0.0)
+    offs = patch_pixel_offsets(b[:, None], n[:, None], e[None, :], GW, C, P, s_b, s_c, s_h, s_w)
+    tl.store(out_ptr + offs, to_dtype(v, out_ptr.dtype.element_ty), mask=rvalid[:, None] & evalid)

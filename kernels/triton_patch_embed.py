@@ -16,6 +16,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .triton_cast import to_dtype
 from .triton_patch import patch_pixel_offsets
 
 
@@ -69,7 +70,7 @@ def patch_embed_kernel(
             sc = tl.load(scale_ptr + ch, mask=evalid, other=0.0)
             sh = tl.load(shift_ptr + ch, mask=evalid, other=0.0)
             a = tl.where(am, a.to(tl.float32) * sc[None, :] + sh[None, :], 0.0)
-        a = a.to(cdt)  # the reference rounds the gathered patches to the compute dtype before the matmul
+        a = to_dtype(a, cdt)  # the reference rounds the gathered patches to the compute dtype before the matmul
         # B operand: W^T tile [BLOCK_K, BLOCK_N] read from the [D, PSZ] weight.
         wt = tl.load(w_ptr + cols[None, :] * PSZ + e[:, None], mask=evalid[:, None] & cvalid[None, :], other=0.0)
         if DOT_FP32:
@@ -80,4 +81,4 @@ def patch_embed_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=cvalid, other=0.0).to(tl.float32)[None, :]
     acc += tl.load(pos_ptr + n[:, None] * D + cols[None, :], mask=om, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rows[:, None] * D + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=om)
+    tl.store(out_ptr + rows[:, None] * D + cols[None, :], to_dtype(acc, out_ptr.dtype.element_ty), mask=om)

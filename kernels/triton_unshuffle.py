@@ -17,6 +17,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .triton_cast import to_dtype
+
 
 @triton.jit
 def unshuffle_fwd_kernel(
@@ -42,12 +44,12 @@ def unshuffle_fwd_kernel(
     dt = out_ptr.dtype.element_ty
     yv = tl.load(y_ptr + (b * (K + 1) + src[:, None]) * D + d[None, :], mask=from_y[:, None] & dvalid[None, :],
                  other=0.0)
-    mt = tl.load(mask_ptr + d, mask=dvalid, other=0.0).to(dt)
+    mt = to_dtype(tl.load(mask_ptr + d, mask=dvalid, other=0.0), dt)
     val = tl.where(from_y[:, None], yv, mt[None, :])
     m2 = rvalid[:, None] & dvalid[None, :]
-    pv = tl.load(pos_ptr + r[:, None] * D + d[None, :], mask=m2, other=0.0).to(dt)
+    pv = to_dtype(tl.load(pos_ptr + r[:, None] * D + d[None, :], mask=m2, other=0.0), dt)
     res = val.to(tl.float32) + pv.to(tl.float32)
-    tl.store(out_ptr + (b * (N + 1) + r[:, None]) * D + d[None, :], res.to(dt), mask=m2)
+    tl.store(out_ptr + (b * (N + 1) + r[:, None]) * D + d[None, :], to_dtype(res, dt), mask=m2)
 
 
 @triton.jit
