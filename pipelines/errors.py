@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from fastsupmae.errors import DataError as _UserDataError
 
-class DataError(RuntimeError):
+
+class DataError(_UserDataError, RuntimeError):
     """A user-fixable data problem; the message names the file or setting and the fix."""

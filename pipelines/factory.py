@@ -1,4 +1,10 @@
-"""Build the loader a config asks for (dataset x pipeline), for one rank."""
+"""Build the loader a config asks for (dataset x pipeline), for one rank.
+
+Choice (logged once): in-memory datasets (fashion_mnist, synthetic) use the batched torch loader; file-backed
+sources (imagefolder, filelist, webdataset) use DALI when ``data.pipeline`` is ``dali``, or ``auto`` on a CUDA
+device with DALI installed, and the CPU fallback otherwise. An explicit choice that cannot be met fails with
+the reason and the fix.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +14,11 @@ from typing import Any
 import torch
 
 from .errors import DataError
+from .sources import ENCODED_DATASETS, open_source
 
 log = logging.getLogger(__name__)
+MEMORY_DATASETS = ("fashion_mnist", "synthetic")
+_logged: set[tuple[str, str]] = set()
 
 
 def _memory_source(cfg: Any, split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -20,18 +29,50 @@ def _memory_source(cfg: Any, split: str) -> tuple[torch.Tensor, torch.Tensor, li
         root = d.val_root if (split != "train" and d.val_root) else d.root
         images, labels = load_fashion_mnist(root, "train" if split == "train" else "val")
         return images, labels, list(CLASS_NAMES)
-    if d.dataset == "synthetic":
-        from .synthetic import make_synthetic
+    from .synthetic import make_synthetic
 
-        return make_synthetic(cfg, split)
-    raise DataError(f"data.dataset '{d.dataset}' is not an in-memory dataset")
+    return make_synthetic(cfg, split)
 
 
 def _limit(images: torch.Tensor, labels: torch.Tensor, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
     return (images[:limit], labels[:limit]) if limit and limit > 0 else (images, labels)
 
 
-def build_train_loader(cfg: Any, rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu") -> Any:
+def resolve_pipeline(cfg: Any, device: str | torch.device) -> str:
+    """'memory', 'dali' or 'cpu' for this config and device (see the module docstring)."""
+    d = cfg.data
+    if d.dataset in MEMORY_DATASETS:
+        if d.pipeline not in ("auto", "memory"):
+            raise DataError(f"data.pipeline={d.pipeline} needs encoded image files but data.dataset={d.dataset} is "
+                            f"held in memory; use data.pipeline=auto, or convert it first: python -m "
+                            f"fastsupmae.pipelines.convert --dataset {d.dataset} --out DIR (then data.dataset="
+                            f"imagefolder data.root=DIR/train)")
+        return "memory"
+    if d.dataset not in ENCODED_DATASETS:
+        raise DataError(f"data.dataset '{d.dataset}' is unknown")
+    if d.pipeline == "memory":
+        raise DataError(f"data.pipeline=memory is only for fashion_mnist / synthetic; data.dataset={d.dataset} "
+                        f"needs data.pipeline=auto, dali or cpu")
+    if d.pipeline in ("dali", "cpu"):
+        if d.pipeline == "dali":
+            from .dali_support import require_dali
+
+            require_dali()
+        return d.pipeline
+    from .dali_support import dali_available
+
+    on_gpu = torch.device(device).type == "cuda"
+    return "dali" if on_gpu and dali_available() else "cpu"
+
+
+def _log_choice(kind: str, choice: str, why: str) -> None:
+    if (kind, choice) not in _logged:
+        _logged.add((kind, choice))
+        log.info("data pipeline (%s): %s (%s)", kind, choice, why)
+
+
+def build_train_loader(cfg: Any, rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu",
+                       recipe: str = "pretrain") -> Any:
     """Training loader for ``cfg`` on ``rank`` of ``world_size``: shuffled, drop_last, augmented.
 
     Args:
@@ -39,17 +80,37 @@ def build_train_loader(cfg: Any, rank: int = 0, world_size: int = 1, device: str
             cfg.train.micro_batch, cfg.train.seed).
         rank, world_size: data-parallel position.
         device: where batches are produced / handed out.
+        recipe: 'pretrain' (RandomResizedCrop + flip) or 'finetune' (+ RandAugment and random erasing on the
+            file-backed pipelines; mixup / cutmix are applied by the caller with :func:`.mixup.mixup_cutmix`).
+
+    Returns:
+        a loader yielding ``{'images': uint8 [B, C, H, W], 'labels': int64 [B]}``.
     """
     d = cfg.data
-    if d.dataset in ("fashion_mnist", "synthetic"):
+    kind = resolve_pipeline(cfg, device)
+    _log_choice("train", kind, f"dataset={d.dataset}, data.pipeline={d.pipeline}, device={device}")
+    out_hw = (int(cfg.model.img_size[0]), int(cfg.model.img_size[1]))
+    if kind == "memory":
         from .memory_loader import InMemoryLoader
 
         images, labels, names = _memory_source(cfg, "train")
         images, labels = _limit(images, labels, d.limit)
-        return InMemoryLoader(images, labels, names, cfg.train.micro_batch, tuple(cfg.model.img_size),
-                              cfg.model.in_chans, train=True, scale=tuple(d.scale), hflip=d.hflip, rank=rank,
-                              world_size=world_size, seed=cfg.train.seed, device=device)
-    raise DataError(f"data.dataset '{d.dataset}' has no loader yet")
+        return InMemoryLoader(images, labels, names, cfg.train.micro_batch, out_hw, cfg.model.in_chans, train=True,
+                              scale=tuple(d.scale), hflip=d.hflip, rank=rank, world_size=world_size,
+                              seed=cfg.train.seed, device=device)
+    source = open_source(cfg, "train")
+    common = dict(batch_size=cfg.train.micro_batch, out_hw=out_hw, train=True, rank=rank, world_size=world_size,
+                  seed=cfg.train.seed, policy=d.bad_files, device=device, in_chans=cfg.model.in_chans)
+    aug = dict(scale=tuple(d.scale), hflip=d.hflip, interp=getattr(d, "interpolation", "bicubic"))
+    if kind == "dali":
+        from .dali_loader import DaliLoader
+
+        return DaliLoader(source, num_threads=d.num_workers, recipe=recipe, mean=tuple(d.mean), std=tuple(d.std),
+                          **common, **aug)
+    from .cpu_loader import CpuLoader
+
+    return CpuLoader(source, num_workers=d.num_workers, recipe=recipe, mean=tuple(d.mean), std=tuple(d.std), **common,
+                     **aug)
 
 
 def build_eval_loader(cfg: Any, split: str = "val", rank: int = 0, world_size: int = 1,
@@ -63,12 +124,26 @@ def build_eval_loader(cfg: Any, split: str = "val", rank: int = 0, world_size: i
     if split not in ("train", "val"):
         raise DataError(f"evaluation split '{split}' is unknown; use 'train' or 'val'")
     d = cfg.data
-    if d.dataset in ("fashion_mnist", "synthetic"):
+    kind = resolve_pipeline(cfg, device)
+    _log_choice("eval", kind, f"dataset={d.dataset}, data.pipeline={d.pipeline}, device={device}")
+    out_hw = (int(cfg.model.img_size[0]), int(cfg.model.img_size[1]))
+    if kind == "memory":
         from .memory_loader import InMemoryLoader
 
         images, labels, names = _memory_source(cfg, split)
         if split == "train":
             images, labels = _limit(images, labels, d.limit)
-        return InMemoryLoader(images, labels, names, cfg.eval.batch, tuple(cfg.model.img_size), cfg.model.in_chans,
-                              train=False, rank=rank, world_size=world_size, seed=cfg.train.seed, device=device)
-    raise DataError(f"data.dataset '{d.dataset}' has no loader yet")
+        return InMemoryLoader(images, labels, names, cfg.eval.batch, out_hw, cfg.model.in_chans, train=False,
+                              rank=rank, world_size=world_size, seed=cfg.train.seed, device=device)
+    source = open_source(cfg, split)
+    common = dict(batch_size=cfg.eval.batch, out_hw=out_hw, train=False, rank=rank, world_size=world_size,
+                  seed=cfg.train.seed, policy=d.bad_files, device=device, in_chans=cfg.model.in_chans,
+                  crop_ratio=getattr(d, "eval_crop_ratio", 0.875), interp=getattr(d, "interpolation", "bicubic"))
+    if kind == "dali":
+        from .dali_loader import DaliLoader
+
+        return DaliLoader(source, num_threads=d.num_workers, recipe="eval", mean=tuple(d.mean), std=tuple(d.std),
+                          **common)
+    from .cpu_loader import CpuLoader
+
+    return CpuLoader(source, num_workers=d.num_workers, **common)

@@ -1,0 +1,233 @@
+"""CPU pipeline without DALI: simplejpeg / Pillow reduced-size decoding in torch DataLoader workers.
+
+Where the time goes (measured, docs/data.md): decoding a ~500x375 JPEG costs ~1 ms with libjpeg-turbo and
+Pillow's resize about 2-3 ms, float conversion and normalisation more again. So each worker builds a *whole
+batch* per call (one task per batch instead of per sample), decodes each file only as large as its crop needs,
+and crops + resizes it with torch's uint8 antialiased kernel (~3x Pillow's speed) straight into one
+preallocated uint8 ``[B, 3, H, W]`` batch. No float conversion and no normalisation on the CPU: the trainer
+gets uint8 and normalises on the device.
+
+Semantics match the DALI pipelines: RandomResizedCrop boxes from :mod:`.crop_params` (torchvision's rule),
+flip with probability 0.5; evaluation = shorter-side resize + centre crop (:func:`.crop_params.center_crop_box`).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from .bad_files import BadFilePolicy, BadImage
+from .crop_params import DEFAULT_RATIO, center_crop_box, sample_crop_box
+from .encoded_source import EncodedSource
+from .errors import DataError
+from .image_decode import decode_crop_resize
+from .sampler import ShardedOrder, mix_seed
+
+log = logging.getLogger(__name__)
+_MAX_REPLACEMENTS = 32  # a batch whose bad samples cannot be replaced within this many tries stops the run
+
+
+class BatchDecoder:
+    """Turns a list of sample indices into one uint8 batch (runs inside a worker; picklable).
+
+    Args:
+        source: the encoded samples.
+        out_hw: output (H, W).
+        train: RandomResizedCrop + flip (True) or centre crop (False).
+        scale, ratio, hflip: training augmentation.
+        crop_ratio: evaluation crop fraction of the shorter side (0.875 = resize 256 / crop 224).
+        interp: 'bilinear' or 'bicubic'.
+        seed, rank: seed the per-batch random draws.
+        strict: bad files stop the run (the error names the file) instead of being replaced / dropped.
+    """
+
+    def __init__(self, source: EncodedSource, out_hw: tuple[int, int], train: bool,
+                 scale: tuple[float, float] = (0.2, 1.0), ratio: tuple[float, float] = DEFAULT_RATIO,
+                 hflip: bool = True, crop_ratio: float = 0.875, interp: str = "bilinear", seed: int = 0,
+                 rank: int = 0, strict: bool = False, recipe: str = "pretrain", mean: tuple[float, ...] = (0.5,),
+                 std: tuple[float, ...] = (0.5,)) -> None:
+        if recipe not in ("pretrain", "finetune", "eval"):
+            raise DataError(f"augmentation recipe '{recipe}' is not one of pretrain, finetune, eval")
+        self.source, self.out_hw, self.train = source, out_hw, train
+        self.recipe, self.mean, self.std = recipe, mean, std
+        self.scale, self.ratio, self.hflip, self.crop_ratio = scale, ratio, hflip, crop_ratio
+        self.interp, self.seed, self.rank, self.strict = interp, seed, rank, strict
+
+    def _load(self, i: int, box_of: Any, flip: bool, out: torch.Tensor) -> None:
+        path = self.source.path(i)
+        try:
+            data = self.source.read(i)
+        except OSError as e:
+            raise BadImage(path, f"cannot read ({type(e).__name__}: {e})") from None
+        decode_crop_resize(data, path, box_of, self.out_hw, self.interp, out=out)
+        if flip:
+            out.copy_(out.flip(-1))
+
+    def _finetune_aug(self, x: torch.Tensor, seed: int) -> None:
+        """RandAugment(n=2, m=9) + random erasing (p=0.25) in place on a uint8 [B, 3, H, W] batch."""
+        from .finetune_aug import rand_augment_uint8, random_erase_uint8
+
+        g = torch.Generator().manual_seed(seed)
+        for j in range(x.shape[0]):
+            x[j] = rand_augment_uint8(x[j], g)
+        random_erase_uint8(x, self.mean, self.std, g)
+
+    def __call__(self, epoch: int, step: int, indices: list[int]) -> dict[str, Any]:
+        """Returns ``{'images': uint8 [B, 3, H, W], 'labels': int64 [B], 'bad': [(path, reason)], 'error': str}``."""
+        n = len(indices)
+        g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, step, self.rank))
+        u = torch.rand(n, generator=g)  # flips; drawn first so they do not depend on image sizes
+        sub_seeds = torch.randint(0, 2**62, (n,), generator=g).tolist()
+        out = torch.empty((n, 3, *self.out_hw), dtype=torch.uint8)
+        labels = self.source.labels
+        keep_idx: list[int] = []
+        bad: list[tuple[str, str]] = []
+        for j, i in enumerate(indices):
+            cand, k = i, 0
+            while True:
+                flip = bool(self.train and self.hflip and u[j] < 0.5)
+                if self.train:
+                    # the box depends on the image size, so it is drawn after the header is read
+                    rng = random.Random(sub_seeds[j] + k)
+                    box_of = lambda h, w, rng=rng: sample_crop_box(h, w, self.scale, self.ratio, rng)
+                else:
+                    box_of = lambda h, w: center_crop_box(h, w, self.crop_ratio, *self.out_hw)
+                try:
+                    self._load(cand, box_of, flip, out[len(keep_idx)])
+                    keep_idx.append(cand)
+                    break
+                except BadImage as e:
+                    if self.strict:
+                        return {"error": f"bad image file '{e.path}': {e.reason}"}
+                    bad.append((e.path, e.reason))
+                    if not self.train:
+                        break  # evaluation drops the sample rather than counting another image twice
+                    k += 1
+                    if k > _MAX_REPLACEMENTS:
+                        return {"error": f"{k} bad image files in a row around '{e.path}' ({e.reason}); the data "
+                                         f"looks broken"}
+                    # a deterministic stand-in from elsewhere in the dataset keeps the batch size fixed
+                    cand = int(mix_seed(self.seed, epoch, step, j, k) % len(self.source))
+        m = len(keep_idx)
+        if self.train and self.recipe == "finetune":
+            self._finetune_aug(out[:m], mix_seed(self.seed, epoch, step, self.rank, 0xF7))
+        return {"images": out[:m], "labels": torch.from_numpy(labels[keep_idx]), "bad": bad,
+                "error": ""}
+
+
+class _Steps(torch.utils.data.Dataset):
+    """The remaining steps of one epoch as a map-style dataset: item k = batch of step ``steps[k]``."""
+
+    def __init__(self, decoder: BatchDecoder, order: ShardedOrder, epoch: int, steps: range) -> None:
+        self.decoder, self.order, self.epoch, self.steps = decoder, order, epoch, steps
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        step = self.steps[k]
+        idx = self.order.batch_indices(self.epoch, step).tolist()
+        try:
+            return self.decoder(self.epoch, step, idx)
+        except Exception as e:  # anything unexpected still reaches the user with the batch's first file named
+            first = self.decoder.source.path(idx[0]) if idx else "?"
+            return {"error": f"data worker failed on the batch starting at '{first}' ({type(e).__name__}: {e})"}
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # the workers are the parallelism; intra-op threads would oversubscribe the cores
+
+
+class CpuLoader:
+    """Iterable of ``{'images': uint8 [B, C, H, W], 'labels': int64 [B]}``.
+
+    Same interface as :class:`.memory_loader.InMemoryLoader` (len, set_epoch, state_dict, load_state_dict,
+    num_samples, class_names), plus ``bad_files`` (bad samples met so far in this process).
+
+    Args:
+        source: encoded samples.
+        batch_size, rank, world_size, seed, train: see :class:`.sampler.ShardedOrder`.
+        out_hw: output size.
+        num_workers: decode processes (0: decode in the calling thread).
+        policy: ``skip`` or ``strict`` for bad files.
+        device: batches are pinned and moved there when it is a CUDA device.
+        **aug: BatchDecoder options (scale, ratio, hflip, crop_ratio, interp).
+    """
+
+    def __init__(self, source: EncodedSource, batch_size: int, out_hw: tuple[int, int], train: bool,
+                 rank: int = 0, world_size: int = 1, seed: int = 0, num_workers: int = 2, policy: str = "skip",
+                 device: str | torch.device = "cpu", in_chans: int = 3, timeout_s: float = 600.0,
+                 **aug: Any) -> None:
+        self.source = source
+        self.class_names = list(source.class_names)
+        self.order = ShardedOrder(len(source), batch_size, rank, world_size, seed, train=train)
+        self.policy = BadFilePolicy(policy)
+        self.decoder = BatchDecoder(source, out_hw, train, seed=seed, rank=rank, strict=policy == "strict", **aug)
+        self.num_workers, self.device, self.in_chans = num_workers, torch.device(device), in_chans
+        self.timeout_s = timeout_s
+
+    @property
+    def num_samples(self) -> int:
+        return self.order.num_samples
+
+    @property
+    def batch_size(self) -> int:
+        return self.order.batch_size
+
+    @property
+    def bad_files(self) -> int:
+        return self.policy.count
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.order.set_epoch(epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.order.state_dict()
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.order.load_state_dict(sd)
+
+    def _batches(self, epoch: int, steps: range) -> Iterator[dict[str, Any]]:
+        ds = _Steps(self.decoder, self.order, epoch, steps)
+        if self.num_workers == 0:
+            yield from (ds[k] for k in range(len(ds)))
+            return
+        dl = torch.utils.data.DataLoader(
+            ds, batch_size=None, shuffle=False, num_workers=self.num_workers, worker_init_fn=_worker_init,
+            prefetch_factor=4, pin_memory=self.device.type == "cuda",
+            # a worker stuck on a file (network mount, ...) becomes an error instead of a silent hang
+            timeout=self.timeout_s,
+        )
+        try:
+            yield from dl
+        except RuntimeError as e:
+            if "timed out" in str(e):
+                raise DataError(f"a data worker produced nothing for {self.timeout_s:.0f} s (stuck reading a file?); "
+                                f"check the storage under '{self.source.path(0)}'") from None
+            raise
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        o = self.order
+        epoch = o.epoch
+        for b in self._batches(epoch, o.remaining_steps()):
+            if b.get("error"):
+                raise DataError(b["error"] + " (data.bad_files=strict stops here; skip skips such files)"
+                                if "bad image file" in b["error"] else b["error"])
+            for path, reason in b["bad"]:
+                self.policy.handle(BadImage(path, reason))
+            x = b["images"]
+            if self.in_chans == 1:
+                x = x[:, :1]  # grayscale models: R=G=B for gray images, else the red channel
+            y = b["labels"]
+            if self.device.type != "cpu":
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            o.advance()
+            yield {"images": x, "labels": y}
+        o.finish_epoch()

@@ -1,0 +1,84 @@
+"""The common shape of every file-backed source: sample ``i`` -> (encoded bytes, label), plus class names.
+
+Sources only list and read; decoding and augmentation belong to the pipelines. Reading by index (not by
+iterating the source's own order) is what lets every pipeline share one sharded, resumable order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+class EncodedSource:
+    """Base class. Subclasses set ``class_names`` (list[str]) and ``labels`` (int64 ``[N]``) and implement
+    :meth:`read` and :meth:`path`."""
+
+    class_names: list[str]
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def read(self, i: int) -> bytes:
+        """The encoded bytes of sample ``i`` (raises OSError if the file cannot be read)."""
+        raise NotImplementedError
+
+    def path(self, i: int) -> str:
+        """A human-readable location of sample ``i`` for messages (file path or ``shard.tar:member``)."""
+        raise NotImplementedError
+
+    def subset(self, n: int) -> EncodedSource:
+        """The first ``n`` samples (data.limit)."""
+        return _Subset(self, n)
+
+
+class _Subset(EncodedSource):
+    def __init__(self, base: EncodedSource, n: int) -> None:
+        self.base, self.class_names = base, base.class_names
+        self.labels = base.labels[: max(0, n)]
+
+    def read(self, i: int) -> bytes:
+        return self.base.read(i)
+
+    def path(self, i: int) -> str:
+        return self.base.path(i)
+
+
+def class_index(names: Sequence[str], known: Sequence[str] | None, where: str) -> dict[str, int]:
+    """Map class names to indices: sorted names, or the given ``known`` list (evaluation uses training's map).
+
+    Raises:
+        DataError: a class of this split is absent from the training classes.
+    """
+    from .errors import DataError
+
+    if known is None:
+        return {c: i for i, c in enumerate(sorted(set(names)))}
+    idx = {c: i for i, c in enumerate(known)}
+    unknown = sorted(set(names) - set(idx))
+    if unknown:
+        raise DataError(f"{where} has classes the training set does not have: {unknown[:5]}"
+                        f"{' ...' if len(unknown) > 5 else ''}; evaluation must use the training classes")
+    return idx
+
+
+def canonical_labels(raw: Sequence[str]) -> list[str]:
+    """Integer labels written as text ('007', '7') become '7'; names stay as they are."""
+    return [str(int(r)) if r.strip().lstrip("-").isdigit() else r.strip() for r in raw]
+
+
+def classes_from_labels(raw: Sequence[str], where: str) -> list[str]:
+    """Class names from raw labels: ``'0'..'K-1'`` when all are integers, else the sorted names."""
+    from .errors import DataError
+
+    raw = canonical_labels(raw)
+    if all(r.lstrip("-").isdigit() for r in raw):
+        ints = [int(r) for r in raw]
+        if min(ints) < 0:
+            raise DataError(f"{where} has a negative label {min(ints)}")
+        return [str(i) for i in range(max(ints) + 1)]
+    return sorted(set(raw))

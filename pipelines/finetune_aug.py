@@ -1,0 +1,93 @@
+"""Fine-tuning augmentation of the CPU fallback on uint8 tensors: RandAugment and random erasing.
+
+The DALI pipeline uses ``nvidia.dali.auto_aug.rand_augment`` and ``fn.erase``; this is the same recipe for the
+path without DALI (timm's ``rand-m9-mstd0.5-inc1`` and ``reprob 0.25, remode pixel``, in the form both
+libraries share: n=2 operations drawn uniformly, magnitude 9 of 30, each op's sign random). Everything draws
+from an explicit generator so batches are reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torchvision.transforms.v2.functional as TF
+
+# op name -> (max magnitude at m=30, signed?)
+_OPS: dict[str, tuple[float, bool]] = {
+    "identity": (0.0, False), "shear_x": (0.3, True), "shear_y": (0.3, True), "translate_x": (0.45, True),
+    "translate_y": (0.45, True), "rotate": (30.0, True), "brightness": (0.9, True), "contrast": (0.9, True),
+    "color": (0.9, True), "sharpness": (0.9, True), "posterize": (4.0, False), "solarize": (256.0, False),
+    "auto_contrast": (0.0, False), "equalize": (0.0, False),
+}
+
+
+def _apply(x: torch.Tensor, op: str, v: float) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    fill = [128.0] * x.shape[0]
+    if op == "shear_x":
+        return TF.affine(x, angle=0.0, translate=[0, 0], scale=1.0, shear=[math.degrees(math.atan(v)), 0.0], fill=fill)
+    if op == "shear_y":
+        return TF.affine(x, angle=0.0, translate=[0, 0], scale=1.0, shear=[0.0, math.degrees(math.atan(v))], fill=fill)
+    if op == "translate_x":
+        return TF.affine(x, angle=0.0, translate=[int(v * w), 0], scale=1.0, shear=[0.0, 0.0], fill=fill)
+    if op == "translate_y":
+        return TF.affine(x, angle=0.0, translate=[0, int(v * h)], scale=1.0, shear=[0.0, 0.0], fill=fill)
+    if op == "rotate":
+        return TF.rotate(x, v, fill=fill)
+    if op == "brightness":
+        return TF.adjust_brightness(x, 1.0 + v)
+    if op == "contrast":
+        return TF.adjust_contrast(x, 1.0 + v)
+    if op == "color":
+        return TF.adjust_saturation(x, 1.0 + v)
+    if op == "sharpness":
+        return TF.adjust_sharpness(x, 1.0 + v)
+    if op == "posterize":
+        return TF.posterize(x, 8 - int(v))
+    if op == "solarize":
+        return TF.solarize(x, 256.0 - v)
+    if op == "auto_contrast":
+        return TF.autocontrast(x)
+    if op == "equalize":
+        return TF.equalize(x)
+    return x
+
+
+def rand_augment_uint8(x: torch.Tensor, g: torch.Generator, n: int = 2, m: int = 9, bins: int = 30) -> torch.Tensor:
+    """RandAugment on one uint8 image ``[3, H, W]``: ``n`` ops drawn uniformly, magnitude ``m / bins``."""
+    names = list(_OPS)
+    picks = torch.randint(0, len(names), (n,), generator=g).tolist()
+    signs = (torch.rand(n, generator=g) < 0.5).tolist()
+    for k, neg in zip(picks, signs):
+        op = names[k]
+        top, signed = _OPS[op]
+        v = top * m / bins
+        x = _apply(x, op, -v if (signed and neg) else v)
+    return x
+
+
+def random_erase_uint8(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], g: torch.Generator,
+                       p: float = 0.25, area: tuple[float, float] = (0.02, 1 / 3),
+                       log_ratio: tuple[float, float] = (math.log(0.3), math.log(1 / 0.3)), tries: int = 10) -> None:
+    """Random erasing in place on a uint8 batch ``[B, C, H, W]``.
+
+    With probability ``p`` per image, a rectangle of U(area) of the image at a log-uniform aspect is filled with
+    per-pixel noise N(mean, std) in pixel units: after normalisation that is N(0, 1), timm's 'pixel' mode.
+    """
+    b, c, h, w = x.shape
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1).expand(c, 1, 1) * 255
+    std_t = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1).expand(c, 1, 1) * 255
+    for j in range(b):
+        if torch.rand(1, generator=g).item() >= p:
+            continue
+        for _ in range(tries):
+            a = (area[0] + (area[1] - area[0]) * torch.rand(1, generator=g).item()) * h * w
+            r = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * torch.rand(1, generator=g).item())
+            eh, ew = int(round(math.sqrt(a * r))), int(round(math.sqrt(a / r)))
+            if 0 < eh < h and 0 < ew < w:
+                top = int(torch.randint(0, h - eh + 1, (1,), generator=g))
+                left = int(torch.randint(0, w - ew + 1, (1,), generator=g))
+                noise = torch.randn(c, eh, ew, generator=g) * std_t + mean_t
+                x[j, :, top:top + eh, left:left + ew] = noise.round().clamp(0, 255).to(torch.uint8)
+                break

@@ -1,0 +1,126 @@
+"""Tar-shard source in the webdataset layout: members ``<key>.<ext>`` grouped by key.
+
+Each sample is one image member (jpg / jpeg / png / webp) plus a label member (``cls``: an integer index, or
+``txt`` / ``label``: an integer or a class name). The shards are indexed once (tar headers only: offsets and
+sizes), then samples are read by index with one seek + read, so the sharded random order and mid-epoch resume
+work exactly as for folders. Shard patterns: ``data/train-{000000..000127}.tar`` (brace range), a glob, or a
+comma-separated list.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import tarfile
+
+import numpy as np
+
+from .encoded_source import EncodedSource, canonical_labels, class_index, classes_from_labels
+from .errors import DataError
+
+_IMAGE_EXT = ("jpg", "jpeg", "png", "webp")
+_LABEL_EXT = ("cls", "txt", "label")
+
+
+def expand_shards(pattern: str) -> list[str]:
+    """Expand ``a-{000..012}.tar`` ranges, globs and comma lists into existing shard paths."""
+    out: list[str] = []
+    for part in pattern.split(","):
+        part = part.strip()
+        m = re.search(r"\{(\d+)\.\.(\d+)\}", part)
+        if m:
+            lo, hi, width = int(m.group(1)), int(m.group(2)), len(m.group(1))
+            out += [part[: m.start()] + str(i).zfill(width) + part[m.end():] for i in range(lo, hi + 1)]
+        elif any(c in part for c in "*?["):
+            out += sorted(glob.glob(part))
+        elif part:
+            out.append(part)
+    missing = [p for p in out if not os.path.isfile(p)]
+    if not out or missing:
+        raise DataError(f"tar shards '{pattern}' not found{': ' + missing[0] if missing else ''} "
+                        f"(data.root / data.val_root; e.g. data/train-{{000000..000009}}.tar)")
+    return out
+
+
+def _split_key(name: str) -> tuple[str, str]:
+    """``dir/abc.seg.jpg`` -> (``dir/abc``, ``seg.jpg``): the key ends at the first dot of the base name."""
+    d, b = os.path.split(name)
+    stem, _, ext = b.partition(".")
+    return (f"{d}/{stem}" if d else stem), ext.lower()
+
+
+def index_shards(shards: list[str]) -> tuple[list[tuple[int, int, int, str]], list[str]]:
+    """Scan tar headers: per sample (shard id, data offset, size, member name) and its raw label string."""
+    samples, raw_labels = [], []
+    for sid, shard in enumerate(shards):
+        try:
+            with tarfile.open(shard, "r:") as tf:  # "r:" = uncompressed only: compressed tars cannot be seeked
+                groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+                order: list[str] = []
+                for m in tf:
+                    if not m.isfile():
+                        continue
+                    key, ext = _split_key(m.name)
+                    if key not in groups:
+                        groups[key] = {}
+                        order.append(key)
+                    groups[key][ext] = m
+                for key in order:
+                    g = groups[key]
+                    img = next((g[e] for e in _IMAGE_EXT if e in g), None)
+                    lab = next((g[e] for e in _LABEL_EXT if e in g), None)
+                    if img is None or lab is None:
+                        continue  # other members (json metadata, ...) and unlabelled samples are not training data
+                    f = tf.extractfile(lab)
+                    raw_labels.append(f.read().decode("utf-8", "replace").strip() if f else "")
+                    samples.append((sid, img.offset_data, img.size, img.name))
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise DataError(f"tar shard '{shard}' cannot be read ({type(e).__name__}: {e}); shards must be "
+                            f"uncompressed tar files") from None
+    if not samples:
+        raise DataError(f"tar shards {shards[:2]}... hold no (image, label) pairs; expected members <key>.jpg + "
+                        f"<key>.cls")
+    return samples, raw_labels
+
+
+class WebDatasetSource(EncodedSource):
+    """Indexed tar shards.
+
+    Args:
+        pattern: shard pattern (see module docstring).
+        classes: the class list to use (evaluation passes training's); default: from the labels.
+    """
+
+    def __init__(self, pattern: str, classes: list[str] | None = None) -> None:
+        self.shards = expand_shards(pattern)
+        self.samples, raw = index_shards(self.shards)
+        raw = canonical_labels(raw)
+        if classes is None:
+            classes = classes_from_labels(raw, f"tar shards '{pattern}'")
+        self.class_names = list(classes)
+        idx = class_index(raw, self.class_names, f"tar shards '{pattern}'")
+        self.labels = np.asarray([idx[r] for r in raw], dtype=np.int64)
+        self._files: dict[int, object] = {}
+        self._pid = os.getpid()
+
+    def __getstate__(self) -> dict:
+        # open file handles do not travel to worker processes; each process opens its own
+        state = dict(self.__dict__)
+        state["_files"] = {}
+        return state
+
+    def read(self, i: int) -> bytes:
+        sid, off, size, _ = self.samples[i]
+        if self._pid != os.getpid():  # forked: the parent's handles share a file offset with ours
+            self._files, self._pid = {}, os.getpid()
+        f = self._files.get(sid)
+        if f is None:
+            f = self._files[sid] = open(self.shards[sid], "rb")  # noqa: SIM115 - kept open for later reads
+        f.seek(off)
+        return f.read(size)
+
+    def path(self, i: int) -> str:
+        sid, _, _, name = self.samples[i]
+        return f"{self.shards[sid]}:{name}"
+
