@@ -7,6 +7,7 @@ import logging
 from .errors import DataError
 
 log = logging.getLogger(__name__)
+_LOGGED: set[str] = set()  # paths already reported in this process (all loaders share it: one line per file)
 
 
 class BadImage(Exception):
@@ -29,7 +30,6 @@ class BadFilePolicy:
         if mode not in ("skip", "strict"):
             raise DataError(f"data.bad_files '{mode}' is not one of skip, strict")
         self.mode = mode
-        self.seen: set[str] = set()
         self.count = 0  # bad samples met (a path met twice counts twice)
 
     def handle(self, err: BadImage) -> None:
@@ -38,6 +38,6 @@ class BadFilePolicy:
             raise DataError(f"bad image file '{err.path}': {err.reason} (data.bad_files=strict; "
                             f"remove or fix the file, or set data.bad_files=skip to skip such files)") from None
         self.count += 1
-        if err.path not in self.seen:
-            self.seen.add(err.path)
+        if err.path not in _LOGGED:
+            _LOGGED.add(err.path)
             log.warning("skipping bad image file '%s': %s", err.path, err.reason)

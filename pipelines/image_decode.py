@@ -17,7 +17,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from .bad_files import BadImage
 
@@ -50,6 +50,8 @@ def image_size(data: bytes, path: str) -> tuple[int, int]:
     try:
         with Image.open(io.BytesIO(data)) as im:
             w, h = im.size
+    except UnidentifiedImageError:
+        raise BadImage(path, "not an image file (no known image format signature)") from None
     except Exception as e:  # Pillow raises many types for bad input; all mean "not an image we can read"
         raise BadImage(path, f"not a readable image ({type(e).__name__}: {e})") from None
     if h <= 0 or w <= 0:

@@ -1,0 +1,181 @@
+"""DALI pipeline definitions shared by the GPU and the CPU: pretraining, fine-tuning, evaluation.
+
+One graph per recipe; ``device`` picks the operators: ``'gpu'`` decodes with ``device="mixed"`` (nvJPEG /
+hardware decoder, output on the GPU) and runs the rest on the GPU; ``'cpu'`` runs the same graph with CPU
+operators (``device_id=None``), which is how this CPU-only machine and the tests exercise it.
+
+Input comes from an ``external_source`` fed by :class:`.dali_loader.DaliLoader` with encoded bytes + labels in
+the order of :class:`.sampler.ShardedOrder`: the rank's shard, the epoch order and mid-epoch resume are the
+same as on every other path (DALI's own readers shuffle with a buffer whose state a checkpoint cannot hold).
+
+Output: NCHW, uint8 (default: the model normalises on the device) or float / float16 normalised with
+mean/std (DALI has no bfloat16 type; the loader casts float to bf16 on the device when asked).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+
+def _types():
+    from nvidia.dali import types
+
+    return types
+
+
+def _interp(name: str) -> Any:
+    t = _types()
+    return {"bilinear": t.INTERP_LINEAR, "bicubic": t.INTERP_CUBIC, "linear": t.INTERP_LINEAR,
+            "cubic": t.INTERP_CUBIC}[name]
+
+
+def _dtype(output: str) -> Any:
+    t = _types()
+    return {"uint8": t.UINT8, "float": t.FLOAT, "float16": t.FLOAT16}[output]
+
+
+def _inputs(source: Any, device: str) -> tuple[Any, Any]:
+    from nvidia.dali import fn
+
+    types = _types()
+    # batch mode: the source returns (list of uint8 byte arrays, list of int64 scalars) per call
+    return fn.external_source(source=source, num_outputs=2, batch=True, dtype=[types.UINT8, types.INT64],
+                              no_copy=False)
+
+
+def _normalize(images: Any, output: str, mean: tuple[float, ...], std: tuple[float, ...], mirror: Any = 0) -> Any:
+    """HWC uint8 -> CHW (optionally mirrored); uint8 passes values through, float outputs are normalised."""
+    from nvidia.dali import fn
+
+    if output == "uint8":
+        return fn.crop_mirror_normalize(images, dtype=_dtype(output), output_layout="CHW", mirror=mirror,
+                                        mean=[0.0], std=[1.0])
+    return fn.crop_mirror_normalize(images, dtype=_dtype(output), output_layout="CHW", mirror=mirror,
+                                    mean=[m * 255 for m in mean], std=[s * 255 for s in std])
+
+
+def pretrain_graph(source: Any, device: str, out_hw: tuple[int, int], scale: tuple[float, float],
+                   ratio: tuple[float, float], hflip: bool, interp: str, output: str, mean: tuple[float, ...],
+                   std: tuple[float, ...]) -> tuple[Any, Any]:
+    """RandomResizedCrop through crop-only decoding (only the crop's DCT blocks are decoded), resize, flip."""
+    from nvidia.dali import fn
+
+    types = _types()
+    encoded, labels = _inputs(source, device)
+    images = fn.decoders.image_random_crop(
+        encoded, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB,
+        random_area=list(scale), random_aspect_ratio=list(ratio), num_attempts=10)
+    images = fn.resize(images, resize_x=out_hw[1], resize_y=out_hw[0], interp_type=_interp(interp), antialias=True)
+    mirror = fn.random.coin_flip(probability=0.5) if hflip else 0
+    return _normalize(images, output, mean, std, mirror), labels
+
+
+def _random_erase(images: Any, out_hw: tuple[int, int], output: str, mean: tuple[float, ...],
+                  std: tuple[float, ...], area: tuple[float, float] = (0.02, 1 / 3),
+                  aspect: tuple[float, float] = (0.3, 1 / 0.3)) -> Any:
+    """timm's 'pixel' random erasing on CHW images: a rectangle of U(area), log-uniform aspect, filled with
+    per-pixel N(0, 1) in normalised units (N(mean, std) in pixel units for uint8 output)."""
+    from nvidia.dali import fn
+    from nvidia.dali import math as dmath
+
+    types = _types()
+    h, w = out_hw
+    a = fn.random.uniform(range=list(area))
+    r = dmath.exp(fn.random.uniform(range=[math.log(aspect[0]), math.log(aspect[1])]))
+    # normalised side lengths of a box of area a*H*W and aspect r = h/w, clipped inside the image
+    eh = dmath.min(dmath.sqrt(a * r * (w / h)), 0.999)
+    ew = dmath.min(dmath.sqrt(a / r * (h / w)), 0.999)
+    anchor = fn.stack(fn.random.uniform(range=[0.0, 1.0]) * (1.0 - eh),
+                      fn.random.uniform(range=[0.0, 1.0]) * (1.0 - ew))
+    shape = fn.stack(eh, ew)
+    x = fn.cast(images, dtype=types.FLOAT)
+    keep = fn.erase(x * 0.0 + 1.0, anchor=anchor, shape=shape, axis_names="HW", normalized_anchor=True,
+                    normalized_shape=True, fill_value=0.0)
+    if output == "uint8":
+        m = fn.reshape(fn.constant(fdata=[v * 255 for v in mean], shape=[len(mean)]), shape=[-1, 1, 1])
+        s = fn.reshape(fn.constant(fdata=[v * 255 for v in std], shape=[len(std)]), shape=[-1, 1, 1])
+        noise = fn.random.normal(x) * s + m
+        y = x * keep + noise * (1.0 - keep)
+        return fn.cast(dmath.clamp(y + 0.5, 0.0, 255.0), dtype=types.UINT8)
+    noise = fn.random.normal(x)
+    return fn.cast(x * keep + noise * (1.0 - keep), dtype=_dtype(output))
+
+
+def finetune_graph(source: Any, device: str, out_hw: tuple[int, int], scale: tuple[float, float],
+                   ratio: tuple[float, float], hflip: bool, interp: str, output: str, mean: tuple[float, ...],
+                   std: tuple[float, ...], rand_n: int = 2, rand_m: int = 9,
+                   erase_prob: float = 0.25) -> tuple[Any, Any]:
+    """Pretraining's crop + flip, then RandAugment (DALI auto_aug) and random erasing.
+
+    Needs a pipeline built with ``enable_conditionals=True`` (RandAugment and erasing branch per sample).
+    Mixup / cutmix act on whole batches and run on the device afterwards (:func:`.mixup.mixup_cutmix`).
+    """
+    from nvidia.dali import fn
+    from nvidia.dali.auto_aug import rand_augment
+
+    types = _types()
+    encoded, labels = _inputs(source, device)
+    images = fn.decoders.image_random_crop(
+        encoded, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB,
+        random_area=list(scale), random_aspect_ratio=list(ratio), num_attempts=10)
+    images = fn.resize(images, resize_x=out_hw[1], resize_y=out_hw[0], interp_type=_interp(interp), antialias=True)
+    if hflip:
+        images = fn.flip(images, horizontal=fn.random.coin_flip(probability=0.5))
+    images = rand_augment.rand_augment(images, n=rand_n, m=rand_m)
+    images = _normalize(images, output, mean, std)
+    if fn.random.coin_flip(probability=erase_prob):
+        images = _random_erase(images, out_hw, output, mean, std)
+    return images, labels
+
+
+def eval_graph(source: Any, device: str, out_hw: tuple[int, int], crop_ratio: float, interp: str, output: str,
+               mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[Any, Any]:
+    """Resize the shorter side to ``min(out) / crop_ratio``, centre-crop ``out`` (256 -> 224 at 0.875)."""
+    from nvidia.dali import fn
+
+    types = _types()
+    encoded, labels = _inputs(source, device)
+    images = fn.decoders.image(encoded, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
+    images = fn.resize(images, resize_shorter=min(out_hw) / crop_ratio, interp_type=_interp(interp), antialias=True)
+    if output == "uint8":
+        images = fn.crop_mirror_normalize(images, dtype=_dtype(output), output_layout="CHW", crop=list(out_hw),
+                                          mean=[0.0], std=[1.0])
+    else:
+        images = fn.crop_mirror_normalize(images, dtype=_dtype(output), output_layout="CHW", crop=list(out_hw),
+                                          mean=[m * 255 for m in mean], std=[s * 255 for s in std])
+    return images, labels
+
+
+GRAPHS = {"pretrain": pretrain_graph, "finetune": finetune_graph, "eval": eval_graph}
+
+
+def build_pipeline(recipe: str, source: Any, *, device: str, batch_size: int, num_threads: int, seed: int,
+                   device_id: int | None = None, prefetch: int = 2, **kw: Any) -> Any:
+    """Build (not yet run) the DALI pipeline of ``recipe`` ('pretrain', 'finetune', 'eval').
+
+    Args:
+        source: the external-source callable (returns one batch of (encoded, labels)).
+        device: 'gpu' (mixed decoding, needs ``device_id``) or 'cpu' (``device_id=None``).
+        batch_size, num_threads, seed: DALI pipeline settings (seed it per rank).
+        **kw: the graph's options (out_hw, scale, ratio, hflip, interp, crop_ratio, output, mean, std).
+    """
+    from nvidia.dali import pipeline_def
+
+    if device not in ("gpu", "cpu"):
+        raise ValueError(f"DALI device must be 'gpu' or 'cpu', got {device!r}")
+    graph = GRAPHS[recipe]
+
+    @pipeline_def(enable_conditionals=recipe == "finetune")
+    def _pipe() -> tuple[Any, Any]:
+        return graph(source, device, **kw)
+
+    with warnings.catch_warnings():
+        # DALI 2.4's auto_aug still calls operators by their deprecated experimental names; not ours to fix
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="nvidia.dali")
+        pipe = _pipe(batch_size=batch_size, num_threads=num_threads,
+                     device_id=device_id if device == "gpu" else None, seed=seed & 0x7FFFFFFF,
+                     prefetch_queue_depth=prefetch, exec_dynamic=True)
+        pipe.build()
+    return pipe
