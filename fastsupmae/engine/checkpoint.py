@@ -1,0 +1,333 @@
+"""Crash-safe DeepSpeed checkpoints with the client state an exact resume needs.
+
+Layout (``<output_dir>/checkpoints``)::
+
+    latest                      text file: the tag of the newest complete checkpoint (DeepSpeed's format)
+    step_00000500/              one complete checkpoint (DeepSpeed tag)
+        mp_rank_00_model_states.pt          module weights + client state (written by DeepSpeed, rank 0)
+        zero_pp_rank_<r>_mp_rank_00_optim_states.pt   fp32 master / optimizer shard of rank r (ZeRO >= 1)
+        rank<r>_state.pt                    this rank's RNG states and loader position (fastsupmae)
+        meta.json                           step, epoch, world size, config hash (human-readable)
+    zero_to_fp32.py             DeepSpeed's consolidation script
+
+Commit protocol: every rank writes into ``.tmp-step_XXXXXXXX``; after DeepSpeed's closing barrier rank 0 fsyncs,
+renames the directory to its final name and replaces ``latest`` with an atomic ``os.replace``. A process killed
+at any point leaves either the old or the new checkpoint complete, never a half one under a final name;
+leftover ``.tmp-*`` directories are removed at the next start. A failed write (disk full, unwritable path)
+removes the temporary directory and raises :class:`CheckpointWriteError`; the previous checkpoint is untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastsupmae.engine import distributed as dist_utils
+from fastsupmae.errors import UserError
+
+log = logging.getLogger(__name__)
+
+TAG_RE = re.compile(r"^step_(\d+)$")
+TMP_PREFIX = ".tmp-"
+
+# Test hook: called on every rank after all shards are written and before rank 0 commits (fault-injection
+# tests kill the process here to prove a write interrupted at the worst moment leaves the old checkpoint).
+before_commit_hook: Callable[[Path], None] | None = None
+
+
+class CheckpointWriteError(UserError, RuntimeError):
+    """A checkpoint could not be written; the previous one is intact."""
+
+
+class CheckpointNotFoundError(UserError, FileNotFoundError):
+    """The checkpoint to resume from does not exist or is incomplete."""
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _fsync_tree(path: Path) -> None:
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            fd = os.open(os.path.join(root, f), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories; rename is still atomic there
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old or the new content, never a mix."""
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints in ``ckpt_dir`` as (step, path), oldest first."""
+    out = []
+    if ckpt_dir.is_dir():
+        for p in ckpt_dir.iterdir():
+            m = TAG_RE.match(p.name)
+            if m and p.is_dir() and (p / "meta.json").exists():
+                out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def find_latest(ckpt_dir: Path) -> Path | None:
+    """The checkpoint ``latest`` names, or the newest complete one if the pointer is missing or stale."""
+    ptr = ckpt_dir / "latest"
+    if ptr.exists():
+        cand = ckpt_dir / ptr.read_text().strip()
+        if (cand / "meta.json").exists():
+            return cand
+        log.warning("checkpoint pointer %s names %s, which is missing or incomplete; using the newest complete one",
+                    ptr, cand.name)
+    found = list_checkpoints(ckpt_dir)
+    return found[-1][1] if found else None
+
+
+def resolve_resume(resume: str, output_dir: Path) -> Path | None:
+    """Map ``train.resume`` to a checkpoint directory (None: start fresh).
+
+    'auto' picks the latest checkpoint of ``output_dir`` (none yet: fresh start). A path may name a checkpoint
+    directory, a ``checkpoints`` directory, or a run directory.
+    """
+    if not resume:
+        return None
+    if resume == "auto":
+        return find_latest(output_dir / "checkpoints")
+    p = Path(resume)
+    if (p / "meta.json").exists():
+        return p
+    for d in (p, p / "checkpoints"):
+        if d.is_dir():
+            latest = find_latest(d)
+            if latest is not None:
+                return latest
+    raise CheckpointNotFoundError(
+        f"train.resume={resume!r}: no complete checkpoint there (expected a step_XXXXXXXX directory with meta.json, "
+        f"or a run directory holding checkpoints/); use train.resume=auto to continue the run in train.output_dir")
+
+
+class CheckpointManager:
+    """Saves, finds, loads and prunes the checkpoints of one run directory."""
+
+    def __init__(self, output_dir: str | Path, keep_last: int, keep_every: int, rank: int, world_size: int) -> None:
+        self.dir = Path(output_dir) / "checkpoints"
+        self.keep_last = max(1, int(keep_last))
+        self.keep_every = max(0, int(keep_every))
+        self.rank = rank
+        self.world_size = world_size
+
+    # ------------------------------------------------------------------------------------------- housekeeping
+    def cleanup_stale(self) -> None:
+        """Remove temporary directories of writes that never committed (rank 0; call before a barrier)."""
+        if self.rank != 0 or not self.dir.is_dir():
+            return
+        for p in self.dir.iterdir():
+            if p.name.startswith(TMP_PREFIX):
+                log.warning("removing incomplete checkpoint write %s (interrupted earlier)", p)
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+    def prune(self) -> list[Path]:
+        """Delete checkpoints outside the keep policy (last ``keep_last`` + every ``keep_every``-th step)."""
+        found = list_checkpoints(self.dir)
+        keep = {s for s, _ in found[-self.keep_last:]}
+        if self.keep_every:
+            keep |= {s for s, _ in found if s % self.keep_every == 0}
+        removed = []
+        for s, p in found:
+            if s not in keep:
+                # Rename first so a crash mid-delete never leaves a half checkpoint under a valid name.
+                doomed = p.with_name(f"{TMP_PREFIX}del-{p.name}")
+                os.rename(p, doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
+                removed.append(p)
+        return removed
+
+    # ------------------------------------------------------------------------------------------------- saving
+    def _preflight(self, tmp: Path, estimate_bytes: int) -> str | None:
+        """Check the checkpoint directory is writable and has room. Returns an error message or None."""
+        try:
+            tmp.mkdir(parents=True, exist_ok=True)
+            probe = tmp / f".probe-rank{self.rank}"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as e:
+            return f"cannot write to {tmp.parent}: {e.strerror or e}"
+        if self.rank == 0:
+            free = shutil.disk_usage(tmp).free
+            if free < estimate_bytes:
+                return (f"not enough free space in {tmp.parent}: {free / 2**20:.1f} MiB free, the checkpoint needs "
+                        f"about {estimate_bytes / 2**20:.1f} MiB")
+        return None
+
+    def _fail(self, tmp: Path, msg: str) -> CheckpointWriteError:
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        prev = find_latest(self.dir)
+        keep = f"the previous checkpoint {prev} is intact" if prev else "no earlier checkpoint exists"
+        return CheckpointWriteError(f"could not write checkpoint: {msg}; {keep}. Free space or fix the path "
+                                    f"(train.output_dir), then resume with train.resume=auto")
+
+    def save(self, engine: Any, step: int, common: dict[str, Any], rank_state: dict[str, Any],
+             estimate_bytes: int = 0) -> Path:
+        """Write a checkpoint for optimizer step ``step`` on every rank and commit it atomically.
+
+        Args:
+            engine: the DeepSpeed engine.
+            step: number of optimizer steps done.
+            common: client state shared by all ranks (step, epoch, config, ...), stored by DeepSpeed and in
+                meta.json.
+            rank_state: this rank's RNG states and loader position.
+            estimate_bytes: expected total size, for the free-space check.
+        Returns:
+            The committed checkpoint directory.
+        Raises:
+            CheckpointWriteError: on every rank when any rank could not write; the previous checkpoint is intact.
+        """
+        tag = tag_for(step)
+        tmp_tag = TMP_PREFIX + tag
+        tmp = self.dir / tmp_tag
+        final = self.dir / tag
+        t0 = time.perf_counter()
+        err = self._preflight(tmp, int(estimate_bytes * 1.05))
+        ok = dist_utils.all_agree(err is None)
+        if not ok:
+            msgs = [err]
+            if self.world_size > 1:
+                msgs = [None] * self.world_size
+                torch.distributed.all_gather_object(msgs, err)
+            first = next((f"rank {r}: {m}" for r, m in enumerate(msgs) if m), "another rank failed")
+            raise self._fail(tmp, first if self.world_size > 1 else str(err))
+        try:
+            torch.save(rank_state, tmp / f"rank{self.rank}_state.pt")
+            # DeepSpeed writes its files under the temporary tag; no rank writes anything under the final name.
+            engine.save_checkpoint(str(self.dir), tag=tmp_tag, client_state={"fastsupmae": common},
+                                   save_latest=False)
+        except Exception as e:  # noqa: BLE001 - any failure of the write must leave the old checkpoint alone
+            # Other ranks may now wait in DeepSpeed's closing barrier; raising ends this process, which makes
+            # theirs fail within the process-group timeout (or at once on a closed socket).
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise self._fail(tmp, f"rank {self.rank}: {type(e).__name__}: {reason}") from e
+        if before_commit_hook is not None:
+            before_commit_hook(tmp)
+        if self.rank == 0:
+            try:
+                (tmp / "meta.json").write_text(json.dumps(common, indent=1, sort_keys=True, default=str))
+                _fsync_tree(tmp)
+                if final.exists():  # the same step saved again (e.g. a final save after a time limit): replace it
+                    old = final.with_name(f"{TMP_PREFIX}old-{tag}")
+                    os.rename(final, old)
+                    os.rename(tmp, final)
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    os.rename(tmp, final)
+                _fsync_dir(self.dir)
+                atomic_write_text(self.dir / "latest", tag)
+                removed = self.prune()
+                if removed:
+                    log.debug("pruned %s", ", ".join(p.name for p in removed))
+            except OSError as e:
+                raise self._fail(tmp, f"{type(e).__name__}: {e.strerror or e}") from e
+        dist_utils.barrier()
+        log.debug("checkpoint %s written in %.2f s", final, time.perf_counter() - t0)
+        return final
+
+    # ------------------------------------------------------------------------------------------------ loading
+    def load(self, engine: Any, path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Load checkpoint ``path`` into ``engine``. Returns (common client state, this rank's state or None).
+
+        This rank's state is None when the checkpoint was written by fewer ranks (world size changed).
+        """
+        meta_path = path / "meta.json"
+        if not meta_path.exists():
+            raise CheckpointNotFoundError(f"{path} is not a complete checkpoint (no meta.json)")
+        meta = json.loads(meta_path.read_text())
+        old_world = int(meta.get("world_size", self.world_size))
+        load_opt = True
+        if old_world != self.world_size and engine.zero_optimization_stage() > 0:
+            # ZeRO shards the fp32 masters and optimizer state by rank; re-sharding them is DeepSpeed's universal
+            # checkpoint conversion. Without it, the weights are taken from the consolidated fp32 masters and the
+            # optimizer moments start afresh.
+            load_opt = False
+        load_path, client = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=True,
+                                                   load_optimizer_states=load_opt, load_lr_scheduler_states=False,
+                                                   load_module_only=not load_opt)
+        if load_path is None:
+            raise CheckpointNotFoundError(f"DeepSpeed could not load the checkpoint {path}")
+        if not load_opt:
+            _load_consolidated_into(engine, path)
+        common = (client or {}).get("fastsupmae", meta)
+        rank_file = path / f"rank{self.rank}_state.pt"
+        rank_state = torch.load(rank_file, map_location="cpu", weights_only=False) if rank_file.exists() else None
+        return common, rank_state
+
+
+def consolidated_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """fp32 weights of a checkpoint as a plain ``state_dict`` (ZeRO shards merged with DeepSpeed's zero_to_fp32).
+
+    Works for every ZeRO stage and precision; the result loads into the single-device model.
+    """
+    path = Path(path)
+    if any(path.glob("zero_pp_rank_*optim_states.pt")) or any(path.glob("bf16_zero_pp_rank_*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    else:
+        sd = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+
+
+def _load_consolidated_into(engine: Any, path: Path) -> None:
+    """Overwrite the engine's weights (and fp32 masters) with the consolidated fp32 weights of ``path``."""
+    sd = consolidated_state_dict(path)
+    module = engine.module
+    stage = engine.zero_optimization_stage()
+    if stage == 3:
+        import deepspeed
+
+        params = [p for _, p in module.named_parameters()]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            if torch.distributed.get_rank() == 0:
+                module.load_state_dict({k: v for k, v in sd.items()}, strict=False)
+    else:
+        with torch.no_grad():
+            for n, p in module.named_parameters():
+                if n in sd:
+                    p.copy_(sd[n].to(p.dtype))
+    # Rebuild the fp32 masters from the (now loaded) module weights.
+    opt = engine.optimizer
+    if hasattr(opt, "refresh_fp32_params"):
+        opt.refresh_fp32_params()
+    elif hasattr(opt, "_restore_from_bit16_weights"):
+        opt._restore_from_bit16_weights()

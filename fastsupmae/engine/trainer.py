@@ -1,0 +1,422 @@
+"""The training loop: DeepSpeed ZeRO engine, exact resume, fault handling, metrics, profiling.
+
+One optimizer step = ``grad_accum`` micro-batches per rank (``global_batch = micro_batch x world x grad_accum``).
+The loop never synchronises the device per step: losses, grad norms and the skipped-step counters are summed
+on the device and read once per log step, where the ranks also agree on whether to stop (time limit, signal,
+too many NaN/Inf steps in a row).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastsupmae.config import Config
+from fastsupmae.engine import checkpoint as ckpt
+from fastsupmae.engine import distributed as dist_utils
+from fastsupmae.engine import metrics as mx
+from fastsupmae.engine import optim
+from fastsupmae.engine import rng as rng_utils
+from fastsupmae.engine.ds_config import build_ds_config, effective_zero_stage, grad_accum_steps, resolve_precision
+from fastsupmae.errors import UserError
+
+log = logging.getLogger(__name__)
+
+LOSS_KEYS = ("loss", "rec_loss", "cls_loss")
+
+
+class TrainingDivergedError(UserError, RuntimeError):
+    """Too many consecutive optimizer steps had a NaN/Inf loss or gradient."""
+
+
+@dataclass
+class TrainResult:
+    """What :meth:`Trainer.fit` returns."""
+
+    step: int
+    epoch: float
+    stopped: str  # 'done' | 'time_limit' | 'signal'
+    last_checkpoint: str | None
+    skipped_steps: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class Trainer:
+    """DeepSpeed training of a fastsupmae model on one or many ranks.
+
+    Args:
+        cfg: the validated config (``cfg.train`` drives everything here).
+        model: a single-device model with the fastsupmae API (``forward(imgs, labels) -> {'loss', ...}``,
+            ``param_groups(weight_decay)``).
+        loader: training loader of this rank (``len``, ``set_epoch``, ``state_dict``/``load_state_dict``).
+        dist: this process's rank information (:func:`fastsupmae.engine.distributed.init_distributed`).
+        loss_transform: optional ``f(step, loss) -> loss`` applied to each micro-batch loss before backward; a
+            fault-injection hook for tests (forcing NaN at chosen steps).
+    """
+
+    def __init__(self, cfg: Config, model: torch.nn.Module, loader: Any, dist: dist_utils.DistInfo,
+                 loss_transform: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> None:
+        import deepspeed
+
+        self.cfg, self.loader, self.dist = cfg, loader, dist
+        t = cfg.train
+        self.device = dist.device
+        self.out_dir = Path(t.output_dir)
+        self.loss_transform = loss_transform
+        self.precision = resolve_precision(cfg, self.device)
+        self.grad_accum = grad_accum_steps(cfg, dist.world_size)
+        if len(loader) < self.grad_accum:
+            raise ValueError(f"the training loader has {len(loader)} micro-batches per epoch on this rank, fewer than "
+                             f"one optimizer step ({self.grad_accum}); lower train.global_batch or add data")
+        self.steps_per_epoch = len(loader) / self.grad_accum
+        self.total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * self.steps_per_epoch)
+        self.warmup_steps = round(t.warmup_epochs * self.steps_per_epoch)
+        self.peak_lr = optim.peak_lr(cfg)
+
+        if cfg.model.sync_batchnorm and dist.world_size > 1:
+            # SupMAE's head BatchNorm sees one micro-batch per rank; SyncBN pools its statistics over the ranks
+            # of that micro-step (not over accumulation steps): see docs/training.md.
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = model.to(self.device)
+        self.zero_stage = effective_zero_stage(cfg, self.precision)
+        if self.zero_stage != t.zero_stage and dist.is_main:
+            log.info("train.zero_stage 0 with bf16 runs as ZeRO stage 1 (DeepSpeed keeps fp32 master weights only "
+                     "in its ZeRO optimizers; same math on one rank)")
+        optimizer, self.optimizer_name = optim.build_optimizer(model, cfg, self.device, sharded=self.zero_stage > 0)
+        self.client_opt = optimizer
+        # fp16 keeps DeepSpeed's loss-scaler overflow check, which skips before the client optimizer runs.
+        self.guarded = isinstance(optimizer, optim.GuardedAdamW) and self.precision != "fp16"
+        self.ds_config = build_ds_config(cfg, dist.world_size, self.precision, self.optimizer_name, self.device)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                                 config=self.ds_config)
+        if t.compile:
+            if hasattr(self.engine, "compile"):
+                self.engine.compile()
+            else:  # older DeepSpeed: compile the wrapped module itself
+                self.engine.module = torch.compile(self.engine.module)
+        self.module = self.engine.module
+        self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        if self.input_dtype is not None:
+            # DeepSpeed's ZeRO casts parameters to the compute dtype but leaves buffers alone; BatchNorm needs its
+            # running statistics in the dtype of its weight (as module.bfloat16() would leave them).
+            for m in self.module.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    for name, b in m.named_buffers(recurse=False):
+                        if b is not None and b.is_floating_point():
+                            setattr(m, name, b.to(self.input_dtype))
+        self.n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in self.module.parameters())
+        # BatchNorm running statistics change in the forward pass; a skipped (NaN) step must not keep them.
+        self._bn_buffers = [b for m in self.module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                            for b in m.buffers()]
+        self._bn_backup = [b.detach().clone() for b in self._bn_buffers]
+
+        self.ckpt = ckpt.CheckpointManager(self.out_dir, t.keep_last, t.keep_every, dist.rank, dist.world_size)
+        self.step = 0
+        self.epoch = 0
+        self.skipped_total = 0
+        self.last_checkpoint: str | None = None
+        self._stop_signal = False
+
+    # ----------------------------------------------------------------------------------------------- resume
+    def _common_state(self) -> dict[str, Any]:
+        c = self.cfg
+        return {"step": self.step, "epoch": self.epoch, "world_size": self.dist.world_size,
+                "micro_batch": c.train.micro_batch, "global_batch": c.train.global_batch,
+                "grad_accum": self.grad_accum, "precision": self.precision, "zero_stage": self.zero_stage,
+                "config_hash": c.hash(), "config": c.to_dict(), "skipped_total": self.skipped_total,
+                "loader": self.loader.state_dict(), "time": time.time()}
+
+    def _rank_state(self) -> dict[str, Any]:
+        return {"rank": self.dist.rank, "world_size": self.dist.world_size, "rng": rng_utils.get_rng_state(),
+                "loader": self.loader.state_dict()}
+
+    def maybe_resume(self) -> Path | None:
+        """Load ``cfg.train.resume`` ('auto', a path, or '') and restore every piece of loop state."""
+        path = ckpt.resolve_resume(self.cfg.train.resume, self.out_dir)
+        if path is None:
+            if self.cfg.train.resume == "auto":
+                log.info("train.resume=auto: no checkpoint in %s yet, starting fresh", self.out_dir / "checkpoints")
+            return None
+        common, rank_state = self.ckpt.load(self.engine, path)
+        self.step = int(common["step"])
+        self.epoch = int(common["epoch"])
+        self.skipped_total = int(common.get("skipped_total", 0))
+        if common.get("config_hash") != self.cfg.hash() and self.dist.is_main:
+            old = common.get("config", {})
+            new = self.cfg.to_dict()
+            diffs = [f"{s}.{k}: {old.get(s, {}).get(k)!r} -> {v!r}" for s, sec in new.items() for k, v in sec.items()
+                     if isinstance(old.get(s), dict) and old[s].get(k) != v and k not in ("resume", "output_dir")]
+            log.warning("resuming with a changed config (%s); the run continues with the new values",
+                        "; ".join(diffs) or "hash differs")
+        old_world = int(common.get("world_size", self.dist.world_size))
+        if old_world != self.dist.world_size or rank_state is None:
+            if self.dist.is_main:
+                log.warning(
+                    "resuming a %d-rank checkpoint on %d ranks: weights and the data position carry over; "
+                    "gradient accumulation is now %d (was %d), per-rank random streams (masking, drop path) are "
+                    "re-derived from train.seed and the step, so the run is no longer bit-identical to an "
+                    "uninterrupted one%s", old_world, self.dist.world_size, self.grad_accum,
+                    int(common.get("grad_accum", 0)),
+                    "" if self.engine.zero_optimization_stage() == 0 else
+                    "; ZeRO optimizer moments restart from zero (they are sharded by rank)")
+            rng_utils.seed_everything(self.cfg.train.seed + self.step, self.dist.rank)
+            self.loader.load_state_dict(common["loader"])
+        else:
+            rng_utils.set_rng_state(rank_state["rng"])
+            self.loader.load_state_dict(rank_state["loader"])
+        self.last_checkpoint = str(path)
+        if self.dist.is_main:
+            log.info("resumed from %s at step %d (epoch %d)", path, self.step, self.epoch)
+        return path
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+    def save(self) -> Path:
+        """Checkpoint the current step on every rank (collective)."""
+        bytes_per = {"bf16": 2, "fp16": 2}.get(self.precision, 4) + 12  # module copy + fp32 master + 2 moments
+        path = self.ckpt.save(self.engine, self.step, self._common_state(), self._rank_state(),
+                              estimate_bytes=self.n_params * bytes_per)
+        self.last_checkpoint = str(path)
+        return path
+
+    # ---------------------------------------------------------------------------------------------- the loop
+    def _install_signal_handlers(self) -> None:
+        def handler(signum: int, _frame: Any) -> None:
+            log.warning("signal %d received: stopping at the next log step with a checkpoint", signum)
+            self._stop_signal = True
+
+        for s in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                signal.signal(s, handler)
+            except ValueError:  # not the main thread (e.g. inside a notebook worker)
+                pass
+
+    def _next_batch(self, it: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+        try:
+            return it, next(it)
+        except StopIteration:
+            self.epoch += 1
+            self.loader.set_epoch(self.epoch)
+            it = iter(self.loader)
+            try:
+                return it, next(it)
+            except StopIteration:
+                raise RuntimeError("the training loader yielded no batch for a whole epoch") from None
+
+    def _profiler(self) -> Any:
+        if not self.cfg.train.profile:
+            return None
+        from torch.profiler import ProfilerActivity, profile, schedule
+
+        trace_dir = self.out_dir / "profile"
+        trace_dir.mkdir(parents=True, exist_ok=True)
+        rank = self.dist.rank
+
+        def on_ready(p: Any) -> None:
+            path = trace_dir / f"trace_rank{rank}_step{self.step}.json"
+            p.export_chrome_trace(str(path))
+            log.info("profiler trace written: %s", path)
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        # Skip the first steps (allocator warm-up, lazy init), record a few steady-state ones.
+        return profile(activities=acts, schedule=schedule(wait=2, warmup=1, active=3, repeat=1),
+                       on_trace_ready=on_ready, record_shapes=True, with_stack=False)
+
+    def fit(self) -> TrainResult:
+        """Train from the current step to the end (or a stop condition). Collective: call on every rank."""
+        t = self.cfg.train
+        is_main = self.dist.is_main
+        if is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.ckpt.cleanup_stale()
+        dist_utils.barrier()
+        self._install_signal_handlers()
+        writer = mx.MetricsWriter(self.out_dir, enabled=is_main, tensorboard=t.tensorboard)
+        flops_per_step = mx.train_flops_per_step(self.cfg, t.global_batch)
+        peak = mx.device_peak_flops(self.device, self.precision) if flops_per_step else None
+        tokens_per_img = mx.encoder_tokens_per_image(self.cfg)
+        sums = mx.DeviceSums(self.device)
+        zero = torch.zeros((), device=self.device)
+        consec, max_consec = zero.clone(), zero.clone()
+        if is_main:
+            writer.write({"event": "start", "step": self.step, "total_steps": self.total_steps,
+                          "world_size": self.dist.world_size, "grad_accum": self.grad_accum,
+                          "precision": self.precision, "zero_stage": self.zero_stage, "optimizer": self.optimizer_name,
+                          "params": self.n_params, "peak_lr": self.peak_lr, "device": str(self.device),
+                          "peak_tflops_per_device": peak / 1e12 if peak else None})
+            log.info("training %s params, steps %d -> %d, %d rank(s) x micro %d x accum %d = batch %d, %s, ZeRO %d",
+                     f"{self.n_params:,}", self.step, self.total_steps, self.dist.world_size, t.micro_batch,
+                     self.grad_accum, t.global_batch, self.precision, self.zero_stage)
+        bar = None
+        if is_main and t.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, desc="pretrain", dynamic_ncols=True)
+        prof = self._profiler()
+        if prof is not None:
+            prof.__enter__()
+
+        self.engine.train()
+        self.loader.set_epoch(self.epoch)
+        it = iter(self.loader)
+        t_start = time.time()
+        win_t0 = time.perf_counter()
+        win_steps = 0
+        timers = {"data": 0.0, "fwd": 0.0, "bwd": 0.0, "opt": 0.0}
+        stopped = "done"
+        last_record: dict[str, Any] = {}
+        saved_at = self.step if self.last_checkpoint else -1
+        while self.step < self.total_steps:
+            lr = optim.lr_at(self.step, self.total_steps, self.warmup_steps, self.peak_lr, t.min_lr)
+            optim.set_lr(self.client_opt, lr)
+            if self.guarded:
+                self.client_opt.last_found_inf = self.client_opt.last_grad_norm = None
+            for b, s in zip(self._bn_buffers, self._bn_backup):
+                s.copy_(b)
+            step_loss: dict[str, torch.Tensor] = {}
+            for _ in range(self.grad_accum):
+                t0 = time.perf_counter()
+                it, batch = self._next_batch(it)
+                imgs, labels = batch["images"], batch["labels"]
+                if imgs.device != self.device:
+                    imgs, labels = imgs.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+                if self.input_dtype is not None and imgs.is_floating_point():
+                    imgs = imgs.to(self.input_dtype)  # uint8 stays uint8: the model normalises it
+                t1 = time.perf_counter()
+                out = self.engine(imgs, labels=labels)
+                loss = out["loss"]
+                if self.loss_transform is not None:
+                    loss = self.loss_transform(self.step, loss)
+                t2 = time.perf_counter()
+                self.engine.backward(loss)
+                t3 = time.perf_counter()
+                self.engine.step()  # an optimizer step only at the accumulation boundary
+                t4 = time.perf_counter()
+                timers["data"] += t1 - t0
+                timers["fwd"] += t2 - t1
+                timers["bwd"] += t3 - t2
+                timers["opt"] += t4 - t3
+                for k in LOSS_KEYS:
+                    v = loss if k == "loss" else out.get(k)
+                    if v is not None:
+                        v = v.detach().float()
+                        step_loss[k] = v if k not in step_loss else step_loss[k] + v
+            # ---- per-step bookkeeping, all on the device
+            # DeepSpeed's own skip (ZeRO/fp16 overflow check: a host bool it has already synced) OR the guarded
+            # optimizer's on-device flag.
+            found = torch.tensor(0.0 if self.engine.was_step_applied() else 1.0, device=self.device)
+            if self.guarded and self.client_opt.last_found_inf is not None:
+                found = torch.maximum(found, self.client_opt.last_found_inf)
+            good = 1.0 - found
+            for b, s in zip(self._bn_buffers, self._bn_backup):
+                b.copy_(torch.where(found > 0, s, b))
+            consec = (consec + found) * found
+            max_consec = torch.maximum(max_consec, consec)
+            for k, v in step_loss.items():
+                # Skipped steps are counted, not averaged into the losses (one NaN would hide the rest).
+                sums.add(k, torch.where(found > 0, zero, v / self.grad_accum))
+            sums.add("good", good)
+            sums.add("skipped", found)
+            gn = self.client_opt.last_grad_norm if self.guarded and self.zero_stage == 0 \
+                else self.engine.get_global_grad_norm()
+            if gn is not None:
+                gn_t = gn.detach().float().reshape(()) if isinstance(gn, torch.Tensor) else torch.tensor(float(gn))
+                gn_t = gn_t.to(self.device)
+                sums.add("grad_norm", torch.where((found > 0) | ~torch.isfinite(gn_t), zero, gn_t))
+            self.step += 1
+            win_steps += 1
+            if prof is not None:
+                prof.step()
+            if bar is not None:
+                bar.update(1)
+
+            # ---- control point: log step, checkpoint step or the last step
+            is_last = self.step >= self.total_steps
+            want_ckpt = t.ckpt_every > 0 and self.step % t.ckpt_every == 0
+            if self.step % t.log_every and not want_ckpt and not is_last:
+                continue
+            elapsed = time.time() - t_start
+            over_time = t.time_limit_min > 0 and elapsed >= t.time_limit_min * 60
+            world = self.dist.world_size
+            names = ["loss", "rec_loss", "cls_loss", "good", "skipped", "grad_norm", "max_consec", "consec"]
+            sums.add("max_consec", max_consec / world)  # identical on every rank: divide so the SUM is the value
+            sums.add("consec", consec / world)
+            vals, flags = sums.collect(names, [float(over_time), float(self._stop_signal)])
+            max_consec = zero.clone()
+            good_n = vals["good"] / world
+            skipped_n = round(vals["skipped"] / world)
+            self.skipped_total += skipped_n
+            win_dt = time.perf_counter() - win_t0
+            imgs_s = win_steps * t.global_batch / max(win_dt, 1e-9)
+            rec: dict[str, Any] = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "lr": lr}
+            for k in LOSS_KEYS:
+                if k in vals and (vals[k] != 0 or k == "loss"):
+                    rec[k] = vals[k] / world / good_n if good_n > 0 else float("nan")
+            rec["grad_norm"] = vals["grad_norm"] / world / good_n if good_n > 0 and gn is not None else None
+            rec.update({
+                "skipped_steps": self.skipped_total, "skipped_in_window": skipped_n,
+                "images_per_s": imgs_s, "images_per_s_per_device": imgs_s / world,
+                "visible_tokens_per_s": imgs_s * tokens_per_img,
+                "step_time_s": win_dt / win_steps,
+                "data_wait_share": timers["data"] / max(win_dt, 1e-9),
+                "time_data_s": timers["data"] / win_steps, "time_fwd_s": timers["fwd"] / win_steps,
+                "time_bwd_s": timers["bwd"] / win_steps, "time_opt_s": timers["opt"] / win_steps,
+                "peak_mem_gib": mx.peak_memory_gib(self.device), "elapsed_s": elapsed,
+            })
+            if flops_per_step:
+                tflops_dev = flops_per_step * win_steps / max(win_dt, 1e-9) / world / 1e12
+                rec["tflops_per_device"] = tflops_dev
+                rec["tflops"] = tflops_dev * world
+                rec["mfu"] = tflops_dev * 1e12 / peak if peak else None
+            writer.write(rec)
+            last_record = rec
+            if bar is not None:
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{imgs_s:.0f}", refresh=False)
+            win_t0, win_steps = time.perf_counter(), 0
+            timers = dict.fromkeys(timers, 0.0)
+
+            if vals["max_consec"] >= t.max_bad_steps:
+                msg = (f"the loss or gradients were NaN/Inf for {int(vals['max_consec'])} optimizer steps in a row "
+                       f"(train.max_bad_steps={t.max_bad_steps}) before step {self.step}; stopping. "
+                       f"Last good checkpoint: {self.last_checkpoint or 'none (no checkpoint was written yet)'}. "
+                       f"Lower train.blr, "
+                       f"keep train.clip_grad > 0, or use train.precision=bf16/fp32 and check the data")
+                if bar is not None:
+                    bar.close()
+                writer.write({"event": "diverged", "step": self.step, "message": msg})
+                writer.close()
+                if prof is not None:
+                    prof.__exit__(None, None, None)
+                raise TrainingDivergedError(msg)
+            stop_now = flags[0] > 0 or flags[1] > 0
+            in_streak = vals["consec"] > 0
+            if (want_ckpt or is_last or stop_now) and self.step != saved_at:
+                if in_streak:
+                    log.warning("step %d: not checkpointing inside a run of NaN/Inf steps (last good: %s)",
+                                self.step, self.last_checkpoint)
+                else:
+                    self.save()
+                    saved_at = self.step
+            if stop_now:
+                stopped = "time_limit" if flags[0] > 0 else "signal"
+                if is_main:
+                    log.warning("stopping at step %d (%s); resume with train.resume=auto", self.step, stopped)
+                break
+        if prof is not None:
+            prof.__exit__(None, None, None)
+        if bar is not None:
+            bar.close()
+        if is_main:
+            writer.write({"event": "end", "step": self.step, "stopped": stopped, "skipped_steps": self.skipped_total,
+                          "elapsed_s": time.time() - t_start, "last_checkpoint": self.last_checkpoint})
+        writer.close()
+        return TrainResult(step=self.step, epoch=self.step / self.steps_per_epoch, stopped=stopped,
+                           last_checkpoint=self.last_checkpoint, skipped_steps=self.skipped_total,
+                           metrics=last_record)
