@@ -107,13 +107,10 @@ class ViTBackbone(nn.Module):
         The patches are gathered (and uint8 normalised) in one pass, embedded as a matmul on K patches and
         given their position embedding; mathematically equal to MAE's conv-on-all-then-gather.
         """
-        patches = K.patchify_gather(
-            imgs, ids_keep, self.patch_size, self.pixel_mean, self.pixel_std, self.param_dtype, backend=self.kernels
+        return K.patch_embed_visible(
+            imgs, ids_keep, self.patch_size, self.patch_embed.proj.weight, self.patch_embed.proj.bias,
+            self.pos_embed[:, 1:], self.pixel_mean, self.pixel_std, self.param_dtype, backend=self.kernels,
         )
-        w = self.patch_embed.proj.weight
-        x = torch.nn.functional.linear(patches, w.permute(0, 2, 3, 1).reshape(w.shape[0], -1), self.patch_embed.proj.bias)
-        pos = self.pos_embed[0, 1:]  # [N, D]
-        return x + pos[ids_keep].to(x.dtype)
 
     def normalize(self, imgs: torch.Tensor) -> torch.Tensor:
         """uint8 -> normalised float in the parameter dtype; float input is cast only."""
