@@ -38,6 +38,32 @@ def normalize_images(imgs: torch.Tensor, mean: torch.Tensor | None, std: torch.T
     return imgs
 
 
+def gather_patches(imgs: torch.Tensor, ids: torch.Tensor, p: int) -> torch.Tensor:
+    """Patches ``ids`` [B, K] of [B, C, H, W] as [B, K, p*p*C] in (p, q, c) order, copying only those patches.
+
+    Equals ``torch.gather(patchify(imgs, p), 1, ids...)`` without patchifying the whole batch: the image is
+    viewed as [B, GH, GW, p, q, C] (no copy) and indexed by (row, column) of each patch.
+    """
+    b, c, h, w = imgs.shape
+    gh, gw = h // p, w // p
+    x = imgs.reshape(b, c, gh, p, gw, p).permute(0, 2, 4, 3, 5, 1)
+    bi = torch.arange(b, device=imgs.device).unsqueeze(1)
+    ids = ids.long()
+    return x[bi, ids // gw, ids % gw].reshape(b, ids.shape[1], p * p * c)
+
+
+def _normalize_patches(t: torch.Tensor, mean: torch.Tensor | None, std: torch.Tensor | None) -> torch.Tensor:
+    """:func:`normalize_images` applied to patch vectors [B, K, p*p*C] (channel = last index of (p, q, c))."""
+    if t.dtype != torch.uint8:
+        return t
+    c = mean.numel() if mean is not None else 1
+    x = t.float() / 255.0
+    if mean is not None:
+        shape = x.shape
+        x = ((x.view(*shape[:-1], -1, c) - mean.reshape(c).float()) / std.reshape(c).float()).view(shape)
+    return x
+
+
 def patchify_gather(
     imgs: torch.Tensor,
     ids: torch.Tensor,
@@ -49,12 +75,11 @@ def patchify_gather(
     """Visible patches: [B, C, H, W], ids [B, K] -> [B, K, p*p*C].
 
     uint8 input is normalised ((x/255 - mean) / std, in fp32) on the way; float input is copied as is.
-    ``out_dtype`` defaults to the input dtype (float32 for uint8).
+    ``out_dtype`` defaults to the input dtype (float32 for uint8). Only the K patches are copied and
+    normalised (the same elementwise arithmetic as normalising the whole image first).
     """
-    x = normalize_images(imgs, mean, std)
-    patches = patchify(x, p)
-    out = torch.gather(patches, 1, ids.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
-    return out.to(out_dtype or x.dtype)
+    x = _normalize_patches(gather_patches(imgs, ids, p), mean, std)
+    return x.to(out_dtype or x.dtype)
 
 
 def patch_embed_visible(
@@ -89,9 +114,7 @@ def norm_pix_targets(
 
     With ``norm_pix`` each patch is normalised by its mean and unbiased variance (MAE: var + 1e-6).
     """
-    x = normalize_images(imgs, mean, std).float()
-    patches = patchify(x, p)
-    t = torch.gather(patches, 1, ids.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+    t = _normalize_patches(gather_patches(imgs, ids, p), mean, std).float()
     if norm_pix:
         m = t.mean(dim=-1, keepdim=True)
         v = t.var(dim=-1, keepdim=True, unbiased=True)

@@ -50,6 +50,21 @@ def _norm(c):
 
 
 # ------------------------------------------------------------------------------------------------ patch gather
+def test_reference_gather_is_patchify_then_gather():
+    """The reference gathers K patches without patchifying the batch; it must equal MAE's patchify + gather."""
+    b, c, p, grid, k = 2, 3, 8, (4, 6), 9
+    ids = _ids(b, 24)[:, :k]
+    mean, std = _norm(c)
+    for dtype in (torch.float32, torch.bfloat16, torch.uint8):
+        imgs = _imgs(b, c, p, grid, dtype)
+        naive = torch.gather(ref.patchify(ref.normalize_images(imgs, mean, std), p), 1,
+                             ids.unsqueeze(-1).expand(-1, -1, p * p * c))
+        assert torch.equal(ref.patchify_gather(imgs, ids, p, mean, std), naive)  # same elementwise arithmetic
+        x = naive.float()
+        t = (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True) + 1e-6) ** 0.5
+        assert torch.equal(ref.norm_pix_targets(imgs, ids, p, True, mean, std), t)
+
+
 @pytest.mark.parametrize("b,c,p,grid,k", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_patchify_gather_float_is_bit_exact(b, c, p, grid, k, dtype):

@@ -1,0 +1,270 @@
+"""``fastsupmae bench kernels``: each fused op against the unfused MAE-style code it replaces.
+
+Shapes default to ViT-B/16 pretraining at batch 256 (224x224 RGB uint8 images, 196 patches, 49 kept, D 768,
+decoder 512). On a CUDA device the fused path is the Triton kernels: the table gives time, achieved GB/s over the
+bytes the op must move at least (its floor), that as a % of a device-to-device copy measured in the same run,
+and the speedup over the MAE-style reference. On CPU the fused path is the pure-torch twin (the algorithm
+without Triton: gather first, compute on the kept/masked patches only), and the table gives the ratio to the
+MAE-style reference. Both sides are timed in the same run, interleaved, median of ``--iters``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import reference as ref
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``fastsupmae bench kernels``."""
+    parser.add_argument("--batch", type=int, default=256, help="images per step (shrink it on CPU)")
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--patch", type=int, default=16)
+    parser.add_argument("--channels", type=int, default=3)
+    parser.add_argument("--mask-ratio", type=float, default=0.75)
+    parser.add_argument("--embed-dim", type=int, default=768)
+    parser.add_argument("--decoder-dim", type=int, default=512)
+    parser.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="activation dtype (auto: bf16 on GPU, fp32 on CPU)")
+    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    parser.add_argument("--iters", type=int, default=20, help="timed repetitions per side (median reported)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--only", default="", help="comma-separated subset of the kernel names in the table")
+
+
+@dataclass
+class Shapes:
+    """The shapes of one benchmark step (B images, N patches, K kept, M = N - K masked)."""
+
+    b: int
+    c: int
+    img: int
+    p: int
+    n: int
+    k: int
+    d: int
+    dd: int
+    act_bytes: int  # bytes per activation element (2 for bf16, 4 for fp32)
+
+    @property
+    def m(self) -> int:
+        return self.n - self.k
+
+    @property
+    def psz(self) -> int:
+        return self.p * self.p * self.c
+
+
+def shapes_from_args(args: argparse.Namespace, act_bytes: int) -> Shapes:
+    n = (args.img_size // args.patch) ** 2
+    k = int(n * (1 - args.mask_ratio))
+    if not 1 <= k <= n - 1:
+        raise ValueError(f"--mask-ratio {args.mask_ratio} keeps {k} of {n} patches; it must keep 1..N-1")
+    return Shapes(args.batch, args.channels, args.img_size, args.patch, n, k, args.embed_dim, args.decoder_dim,
+                  act_bytes)
+
+
+def floor_bytes(s: Shapes) -> dict[str, tuple[int, int]]:
+    """Bytes each fused op must move at least, (forward, backward), with uint8 images.
+
+    Reads of small tables that stay in L2 (the weight, position embeddings) are counted once. Targets are fp32;
+    predictions and decoder activations use ``act_bytes``.
+    """
+    a = s.act_bytes
+    vis_px = s.b * s.k * s.psz  # pixels of the kept patches
+    msk_px = s.b * s.m * s.psz
+    w = s.d * s.psz * a
+    return {
+        # uint8 pixels of the kept patches in, normalised patches out
+        "patchify_gather": (vis_px + vis_px * a, 0),
+        # kept pixels + weight + pos in, [B, K, D] out; backward: weight grad needs the patches again + dY
+        "patch_embed_visible": (vis_px + w + s.n * s.d * 4 + s.b * s.k * s.d * a,
+                                s.b * s.k * s.d * a + vis_px + w),
+        # uint8 pixels of the masked patches in, fp32 targets (+ per-patch rstd) out; no backward (constants)
+        "norm_pix_targets": (msk_px + msk_px * 4 + s.b * s.m * 4, 0),
+        # y [B, 1+K, Dd] + pos in, [B, 1+N, Dd] out; backward: dOut in, dY out (mask-token partials negligible)
+        "unshuffle_tokens": (s.b * (1 + s.k) * s.dd * a + (1 + s.n) * s.dd * 4 + s.b * (1 + s.n) * s.dd * a,
+                             s.b * (1 + s.n) * s.dd * a + s.b * (1 + s.k) * s.dd * a),
+        # pred [B, M, P] + fp32 target in; backward: both in again, dPred out
+        "masked_mse": (msk_px * (a + 4), msk_px * (a + 4) + msk_px * a),
+    }
+
+
+@dataclass
+class Case:
+    name: str
+    fused: Callable[[], torch.Tensor]
+    mae: Callable[[], torch.Tensor]
+    grads: bool  # time forward + backward as well
+
+
+def _build_cases(s: Shapes, device: torch.device, dtype: torch.dtype, fused_ops) -> list[Case]:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    imgs = torch.randint(0, 256, (s.b, s.c, s.img, s.img), dtype=torch.uint8, generator=g).to(device)
+    mean = torch.tensor(IMAGENET_MEAN[: s.c] if s.c == 3 else (0.5,), device=device)
+    std = torch.tensor(IMAGENET_STD[: s.c] if s.c == 3 else (0.5,), device=device)
+    ids_shuffle = torch.rand(s.b, s.n, generator=g).argsort(1).to(device)
+    ids_restore = ids_shuffle.argsort(1)
+    keep, masked = ids_shuffle[:, : s.k], ids_shuffle[:, s.k:]
+    mask = torch.ones(s.b, s.n, device=device)
+    mask[:, : s.k] = 0
+    mask = torch.gather(mask, 1, ids_restore)
+    w = (torch.randn(s.d, s.c, s.p, s.p, generator=g) * 0.02).to(device, dtype).requires_grad_(True)
+    bias = torch.zeros(s.d, device=device, dtype=dtype, requires_grad=True)
+    pos = torch.randn(1, s.n, s.d, generator=g).to(device)
+    y = torch.randn(s.b, 1 + s.k, s.dd, generator=g).to(device, dtype).requires_grad_(True)
+    mask_token = torch.zeros(1, 1, s.dd, device=device, requires_grad=True)
+    dpos = torch.randn(1, 1 + s.n, s.dd, generator=g).to(device)
+    pred_m = torch.randn(s.b, s.m, s.psz, generator=g).to(device, dtype).requires_grad_(True)
+    pred_full = torch.randn(s.b, s.n, s.psz, generator=g).to(device, dtype).requires_grad_(True)
+    target_m = torch.randn(s.b, s.m, s.psz, generator=g).to(device)
+    target_full = torch.randn(s.b, s.n, s.psz, generator=g).to(device)
+
+    def mae_embed():  # MAE: normalise the whole batch, conv on all N patches, add pos, keep K
+        x = ref.normalize_images(imgs, mean, std).to(dtype)
+        x = F.conv2d(x, w, bias, stride=s.p).flatten(2).transpose(1, 2) + pos.to(dtype)
+        return torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, s.d))
+
+    def mae_gather():  # normalise the whole batch, patchify all N, keep K
+        x = ref.patchify(ref.normalize_images(imgs, mean, std).to(dtype), s.p)
+        return torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, s.psz))
+
+    def mae_targets():  # MAE: patchify and normalise all N patches (the loss then masks 75% of them)
+        t = ref.patchify(ref.normalize_images(imgs, mean, std), s.p)
+        mu, var = t.mean(-1, keepdim=True), t.var(-1, keepdim=True)
+        return (t - mu) / (var + 1e-6) ** 0.5
+
+    return [
+        Case("patchify_gather", lambda: fused_ops.patchify_gather(imgs, keep, s.p, mean, std, dtype), mae_gather,
+             False),
+        Case("patch_embed_visible",
+             lambda: fused_ops.patch_embed_visible(imgs, keep, s.p, w, bias, pos, mean, std, dtype), mae_embed, True),
+        Case("norm_pix_targets", lambda: fused_ops.norm_pix_targets(imgs, masked, s.p, True, mean, std),
+             mae_targets, False),
+        Case("unshuffle_tokens", lambda: fused_ops.unshuffle_tokens(y, mask_token, ids_restore, dpos),
+             lambda: ref.unshuffle_tokens(y, mask_token, ids_restore, dpos), True),
+        Case("masked_mse", lambda: fused_ops.masked_mse(pred_m, target_m),
+             lambda: ref.masked_mse_full(pred_full, target_full, mask), True),
+    ]
+
+
+class _TorchTwin:
+    """The pure-torch twins with the ops' signatures (the CPU 'fused' side)."""
+
+    patchify_gather = staticmethod(ref.patchify_gather)
+    norm_pix_targets = staticmethod(ref.norm_pix_targets)
+    unshuffle_tokens = staticmethod(ref.unshuffle_tokens)
+    masked_mse = staticmethod(ref.masked_mse)
+
+    @staticmethod
+    def patch_embed_visible(imgs, ids, p, w, bias, pos, mean, std, dtype):
+        return ref.patch_embed_visible(ref.patchify_gather(imgs, ids, p, mean, std, dtype), w, bias, pos, ids)
+
+
+def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
+    if device.type == "cuda":
+        def t(fn):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+    else:
+        def t(fn):
+            t0 = time.perf_counter()
+            fn()
+            return time.perf_counter() - t0
+    return t
+
+
+def _step(fn: Callable[[], torch.Tensor], backward: bool) -> Callable[[], None]:
+    def run():
+        out = fn()
+        if backward:
+            out.backward(torch.ones_like(out) if out.dim() else None)
+    return run
+
+
+def _interleaved(a: Callable[[], None], b: Callable[[], None], iters: int, warmup: int, timer) -> tuple[float, float]:
+    """Median seconds of a and b, alternating a/b every iteration so machine load hits both alike."""
+    for _ in range(warmup):
+        a()
+        b()
+    ta, tb = [], []
+    for _ in range(iters):
+        ta.append(timer(a))
+        tb.append(timer(b))
+    return statistics.median(ta), statistics.median(tb)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 512 << 20, iters: int = 10) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write counted), measured now."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    timer = _timer(device)
+    for _ in range(2):
+        dst.copy_(src)
+    t = statistics.median(timer(lambda: dst.copy_(src)) for _ in range(iters))
+    return 2 * nbytes / t
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark and print the table."""
+    cuda = torch.cuda.is_available()
+    if args.device == "cuda" and not cuda:
+        raise SystemExit("bench kernels --device cuda: no CUDA device here; use --device cpu (or auto)")
+    device = torch.device("cuda" if (args.device == "cuda" or (args.device == "auto" and cuda)) else "cpu")
+    on_gpu = device.type == "cuda"
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype, torch.bfloat16 if on_gpu else torch.float32)
+    s = shapes_from_args(args, 2 if dtype == torch.bfloat16 else 4)
+    if on_gpu:
+        from . import ops as fused_ops  # Triton only where it runs
+    else:
+        fused_ops = _TorchTwin
+    floors = floor_bytes(s)
+    cases = _build_cases(s, device, dtype, fused_ops)
+    if args.only:
+        wanted = {x.strip() for x in args.only.split(",")}
+        cases = [c for c in cases if c.name in wanted]
+    timer = _timer(device)
+    copy_bw = copy_bandwidth(device) if on_gpu else None
+    side = "triton" if on_gpu else "torch twin"
+    print(f"bench kernels: device={device} dtype={str(dtype).split('.')[-1]} B={s.b} img={s.img} p={s.p} "
+          f"N={s.n} K={s.k} D={s.d} Dd={s.dd}; fused side = {side}; median of {args.iters}, interleaved")
+    if copy_bw is not None:
+        print(f"device-to-device copy: {copy_bw / 1e9:.1f} GB/s (read + write)")
+    hdr = f"{'kernel':<22}{'pass':<9}{'MAE-style ms':>13}{side + ' ms':>15}{'speedup':>9}{'floor MB':>10}"
+    if on_gpu:
+        hdr += f"{'GB/s':>9}{'% copy':>8}"
+    print(hdr)
+    for case in cases:
+        fwd_floor, bwd_floor = floors[case.name]
+        passes = [("fwd", False, fwd_floor)] + ([("fwd+bwd", True, fwd_floor + bwd_floor)] if case.grads else [])
+        for pname, backward, fl in passes:
+            ctx = torch.enable_grad() if backward else torch.no_grad()
+            with ctx:
+                t_mae, t_fused = _interleaved(_step(case.mae, backward), _step(case.fused, backward), args.iters,
+                                              args.warmup, timer)
+            line = (f"{case.name:<22}{pname:<9}{t_mae * 1e3:>13.3f}{t_fused * 1e3:>15.3f}{t_mae / t_fused:>8.2f}x"
+                    f"{fl / 1e6:>10.1f}")
+            if on_gpu:
+                bw = fl / t_fused
+                line += f"{bw / 1e9:>9.0f}{100 * bw / copy_bw:>7.0f}%"
+            print(line, flush=True)
+    total = sum(f + b for f, b in floors.values())
+    print(f"floor of all fused ops per step (fwd + bwd): {total / 1e6:.1f} MB")
+    return 0
