@@ -173,7 +173,7 @@ def build_pipeline(recipe: str, source: Any, *, device: str, batch_size: int, nu
 
     with warnings.catch_warnings():
         # DALI 2.4's auto_aug still calls operators by their deprecated experimental names; not ours to fix
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module="nvidia.dali")
+        warnings.filterwarnings("ignore", message=".*nvidia.dali.fn.experimental", category=DeprecationWarning)
         pipe = _pipe(batch_size=batch_size, num_threads=num_threads,
                      device_id=device_id if device == "gpu" else None, seed=seed & 0x7FFFFFFF,
                      prefetch_queue_depth=prefetch, exec_dynamic=True)

@@ -1,0 +1,229 @@
+"""DALI pipelines (CPU operators here) against the CPU fallback: crop statistics, flips, normalisation, eval
+crops, bad files, order and resume. GPU (mixed decoding) tests are marked and skip without CUDA."""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("nvidia.dali")
+
+from fastsupmae.pipelines import DataError  # noqa: E402
+from fastsupmae.pipelines.cpu_loader import CpuLoader  # noqa: E402
+from fastsupmae.pipelines.dali_loader import DaliLoader  # noqa: E402
+from fastsupmae.pipelines.imagefolder import ImageFolderSource  # noqa: E402
+from fastsupmae.pipelines.mixup import mixup_cutmix  # noqa: E402
+
+# DALI 2.4's own auto_aug module calls two operators by deprecated names: not this project's code
+pytestmark = pytest.mark.filterwarnings("ignore:.*nvidia.dali.fn.experimental:DeprecationWarning")
+H, W = 120, 160  # source image size (4:3, like most photos)
+
+
+def _coord_folder(root: Path, n: int) -> Path:
+    """Images whose red channel encodes x and green encodes y (lossless PNG: exact coordinates)."""
+    yy, xx = np.mgrid[0:H, 0:W]
+    img = np.stack([(xx + 0.5) / W * 255, (yy + 0.5) / H * 255, np.full_like(xx, 128.0)], -1)
+    arr = img.round().astype(np.uint8)
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        b = io.BytesIO()
+        Image.fromarray(arr).save(b, "PNG")
+        (root / ("a" if i % 2 else "b") / f"{i:04d}.png").write_bytes(b.getvalue())
+    return root
+
+
+def _crop_stats(batches: list[dict]) -> dict[str, np.ndarray]:
+    """Recover each output's crop box from the coordinate colours: area fraction, log aspect, flip."""
+    x = torch.cat([b["images"] for b in batches]).float()  # [N, 3, h, w]
+    r_left, r_right = x[:, 0, :, 0].mean(1), x[:, 0, :, -1].mean(1)
+    g_top, g_bot = x[:, 1, 0, :].mean(1), x[:, 1, -1, :].mean(1)
+    flip = (r_right < r_left).numpy()
+    n_out_w, n_out_h = x.shape[-1], x.shape[-2]
+    # the first/last output pixel centres sit half an output pixel inside the crop edges
+    wf = ((r_right - r_left).abs() / 255 * n_out_w / (n_out_w - 1)).numpy()
+    hf = ((g_bot - g_top).abs() / 255 * n_out_h / (n_out_h - 1)).numpy()
+    return {"area": wf * hf, "log_aspect": np.log((wf * W) / (hf * H)), "flip": flip}
+
+
+@pytest.fixture(scope="module")
+def coord_source(tmp_path_factory):
+    return ImageFolderSource(_coord_folder(tmp_path_factory.mktemp("coords"), 48))
+
+
+def _epochs(loader, n: int) -> list[dict]:
+    out = []
+    for e in range(n):
+        loader.set_epoch(e)
+        out += list(loader)
+    return out
+
+
+def test_dali_cpu_and_fallback_crop_statistics_agree(coord_source):
+    kw = dict(batch_size=16, out_hw=(32, 32), train=True, scale=(0.2, 1.0), interp="bilinear")
+    dali = _crop_stats(_epochs(DaliLoader(coord_source, seed=1, **kw), 6))
+    cpu = _crop_stats(_epochs(CpuLoader(coord_source, seed=2, num_workers=0, **kw), 6))
+    n = len(dali["area"])
+    assert n == len(cpu["area"]) == 6 * 48
+    for s in (dali, cpu):
+        assert 0.2 - 0.03 <= s["area"].min() and s["area"].max() <= 1.0 + 0.03
+        assert abs(s["log_aspect"]).max() <= math.log(4 / 3) + 0.1
+        assert abs(s["flip"].mean() - 0.5) < 4 * math.sqrt(0.25 / n)  # 4 sigma
+    # same distribution: means and quartiles of area and aspect agree within sampling noise
+    se_area = math.sqrt(dali["area"].var() / n + cpu["area"].var() / n)
+    assert abs(dali["area"].mean() - cpu["area"].mean()) < 4 * se_area + 0.01
+    for q in (0.25, 0.5, 0.75):
+        assert abs(np.quantile(dali["area"], q) - np.quantile(cpu["area"], q)) < 0.08
+        assert abs(np.quantile(dali["log_aspect"], q) - np.quantile(cpu["log_aspect"], q)) < 0.08
+    # and both match torchvision's own RandomResizedCrop.get_params on the same image size
+    from torchvision.transforms import RandomResizedCrop
+
+    img = torch.empty(1, H, W)
+    ref = np.array([(lambda p: p[2] * p[3] / (H * W))(RandomResizedCrop.get_params(img, [0.2, 1.0], [3 / 4, 4 / 3]))
+                    for _ in range(4000)])
+    for s in (dali, cpu):
+        assert abs(s["area"].mean() - ref.mean()) < 4 * math.sqrt(s["area"].var() / n + ref.var() / 4000) + 0.01
+
+
+def _photo_folder(root: Path, n: int, seed: int | None = None) -> Path:
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        d = root / f"c{i % 3}"
+        d.mkdir(parents=True, exist_ok=True)
+        small = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+        im = Image.fromarray(small).resize((int(rng.integers(60, 120)), int(rng.integers(60, 120))),
+                                           Image.Resampling.BICUBIC)
+        b = io.BytesIO()
+        im.save(b, "JPEG", quality=95)
+        (d / f"{i:03d}.jpg").write_bytes(b.getvalue())
+    return root
+
+
+def test_eval_dali_matches_fallback_and_normalisation(coord_source, tmp_path):
+    kw = dict(batch_size=6, out_hw=(32, 32), train=False, crop_ratio=0.875, interp="bilinear")
+    ck = dict(kw, batch_size=48)
+    dc = _crop_stats(list(DaliLoader(coord_source, **ck)))
+    cc = _crop_stats(list(CpuLoader(coord_source, num_workers=0, **ck)))
+    # resize shorter side to 32 / 0.875 then centre-crop 32: the crop is 0.875 of the height, square
+    for s in (dc, cc):
+        assert not s["flip"].any()
+        np.testing.assert_allclose(s["area"], (0.875**2) * H / W, atol=0.03)
+        np.testing.assert_allclose(s["log_aspect"], 0.0, atol=0.05)
+    src = ImageFolderSource(_photo_folder(tmp_path, 12))
+    d8 = torch.cat([b["images"] for b in DaliLoader(src, **kw)]).float()
+    c8 = torch.cat([b["images"] for b in CpuLoader(src, num_workers=0, **kw)]).float()
+    assert d8.shape == c8.shape == (12, 3, 32, 32)
+    # same content up to DALI rounding its crop offset (< 1 output pixel): the images are strongly correlated
+    corr = torch.corrcoef(torch.stack([d8.flatten(), c8.flatten()]))[0, 1]
+    assert corr > 0.9
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    df = torch.cat([b["images"] for b in DaliLoader(src, output="float", mean=mean, std=std, **kw)])
+    assert df.dtype == torch.float32
+    ref = (d8 / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    torch.testing.assert_close(df, ref, atol=2e-5, rtol=1e-5)
+    db = next(iter(DaliLoader(src, output="bf16", mean=mean, std=std, **kw)))["images"]
+    assert db.dtype == torch.bfloat16
+
+
+def test_dali_order_sharding_and_resume(tmp_path):
+    src = ImageFolderSource(_photo_folder(tmp_path, 30))
+    kw = dict(batch_size=4, out_hw=(16, 16), train=True, seed=7)
+    ranks = [DaliLoader(src, rank=r, world_size=2, **kw) for r in range(2)]
+    labels = [torch.cat([b["labels"] for b in r]) for r in ranks]
+    exp = [torch.cat([torch.from_numpy(src.labels[r.order.batch_indices(0, k).numpy()]) for k in range(len(r))])
+           for r in ranks]
+    assert all(torch.equal(a, b) for a, b in zip(labels, exp))
+    a = DaliLoader(src, **kw)
+    it = iter(a)
+    head = [next(it)["labels"] for _ in range(3)]
+    b = DaliLoader(src, **kw)
+    b.load_state_dict(a.state_dict())
+    rest = [x["labels"] for x in b]
+    full = [x["labels"] for x in DaliLoader(src, **kw)]
+    assert len(head) + len(rest) == len(full) == 7
+    assert torch.equal(torch.cat(head + rest), torch.cat(full))
+
+
+def test_dali_bad_files_skip_and_strict(tmp_path, caplog):
+    root = _photo_folder(tmp_path / "data", 9)
+    good = (root / "c0" / "000.jpg").read_bytes()
+    (root / "c1" / "zero.jpg").write_bytes(b"")
+    (root / "c1" / "cut.jpg").write_bytes(good[: len(good) // 2])
+    (root / "c2" / "text.jpg").write_bytes(b"not an image\n" * 30)
+    corrupt = bytearray(good)
+    noise = np.random.default_rng().integers(0, 256, 200, dtype=np.uint8).tobytes()
+    corrupt[len(good) // 3: len(good) // 3 + 200] = noise
+    (root / "c2" / "corrupt.jpg").write_bytes(bytes(corrupt))
+    b = io.BytesIO()
+    Image.open(io.BytesIO(good)).convert("CMYK").save(b, "JPEG")
+    (root / "c0" / "cmyk.jpg").write_bytes(b.getvalue())
+    src = ImageFolderSource(root)
+    with caplog.at_level(logging.WARNING):
+        ev = DaliLoader(src, batch_size=7, out_hw=(16, 16), train=False)
+        n = sum(x["labels"].numel() for x in ev)
+        tr = DaliLoader(src, batch_size=2, out_hw=(16, 16), train=True)
+        batches = _epochs(tr, 2)
+    assert all(x["images"].shape[0] == 2 for x in batches) and len(batches) == 2 * len(tr)
+    named = " ".join(r.getMessage() for r in caplog.records)
+    for f in ("zero.jpg", "cut.jpg", "text.jpg"):
+        assert f in named
+    assert "cmyk.jpg" not in named
+    # the randomly corrupted file either decodes (libjpeg recovers) or is skipped; all other files are kept
+    assert n in (len(src) - 3, len(src) - 4)
+    with pytest.raises(DataError, match="zero.jpg|cut.jpg|text.jpg"):
+        list(DaliLoader(src, batch_size=7, out_hw=(16, 16), train=False, policy="strict"))
+
+
+def test_dali_finetune_pipeline_runs(tmp_path):
+    src = ImageFolderSource(_photo_folder(tmp_path, 8))
+    x = next(iter(DaliLoader(src, batch_size=8, out_hw=(32, 32), train=True, recipe="finetune")))
+    assert x["images"].shape == (8, 3, 32, 32) and x["images"].dtype == torch.uint8
+    y = next(iter(DaliLoader(src, batch_size=8, out_hw=(32, 32), train=True, recipe="finetune", output="float")))
+    assert y["images"].dtype == torch.float32 and torch.isfinite(y["images"]).all()
+
+
+def test_mixup_cutmix_targets_and_pixels():
+    from fastsupmae.pipelines.mixup import smooth_one_hot
+
+    x = torch.randn(8, 3, 16, 16)
+    y = torch.randint(0, 5, (8,))
+    t1 = smooth_one_hot(y, 5, 0.1)
+    g = torch.Generator().manual_seed(int(torch.randint(0, 1000, (1,))))
+    kinds = set()
+    for _ in range(30):
+        xm, t = mixup_cutmix(x, y, 5, label_smoothing=0.1, generator=g)
+        changed = (xm != x).any(1)[0].float().mean().item()  # share of pixels of sample 0 that changed
+        if changed == 1.0:  # mixup: every pixel is the same blend of the sample and its mirror
+            lam = ((xm[0] - x[7]) / (x[0] - x[7])).flatten()
+            torch.testing.assert_close(lam, lam[:1].expand_as(lam), atol=1e-3, rtol=1e-3)
+            lam = lam.median().item()
+            kinds.add("mixup")
+        else:  # cutmix: the pasted box holds the mirror's pixels exactly; lam is the kept share
+            m = (xm != x).any(1)[0]
+            assert torch.equal(xm[0][:, m], x[7][:, m])
+            lam = 1 - changed
+            kinds.add("cutmix")
+        torch.testing.assert_close(t, lam * t1 + (1 - lam) * t1.flip(0), atol=1e-3, rtol=1e-3)
+        torch.testing.assert_close(t.sum(1), torch.ones(8))
+    assert kinds == {"mixup", "cutmix"}  # both methods are used with switch_prob 0.5
+    with pytest.raises(ValueError, match="even"):
+        mixup_cutmix(x[:3], y[:3], 5)
+    with pytest.raises(ValueError, match="normalise"):
+        mixup_cutmix(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), y[:2], 5, cutmix_alpha=0.0, generator=g)
+
+
+@pytest.mark.gpu
+def test_dali_mixed_decoding_on_gpu(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    src = ImageFolderSource(_photo_folder(tmp_path, 8))
+    for recipe, train in (("pretrain", True), ("finetune", True), ("eval", False)):
+        x = next(iter(DaliLoader(src, batch_size=8, out_hw=(32, 32), train=train, recipe=recipe, device="cuda")))
+        assert x["images"].is_cuda and x["images"].shape == (8, 3, 32, 32)
