@@ -77,8 +77,9 @@ class Op:
 class _Ops:
     """Accumulates :class:`Op` rows; knows the dtype sizes."""
 
-    def __init__(self, dtype_bytes: int) -> None:
+    def __init__(self, dtype_bytes: int, attention: str) -> None:
         self.db = float(dtype_bytes)
+        self.attention = attention  # 'sdpa' (flash-style, scores stay on chip) | 'math' (explicit)
         self.rows: list[Op] = []
 
     def matmul(
@@ -120,16 +121,21 @@ class _Ops:
         bwd: tuple[float, float] | None = None,
         elem_bytes: float | None = None,
         repeat: int = 1,
+        flops: float | None = None,
+        bwd_flops: float | None = None,
     ) -> None:
         """A memory-bound op reading ``read`` and writing ``write`` elements (``elem_bytes`` each).
 
         ``bwd`` is (read, write) element counts of its backward, or None when no gradient flows through it.
-        FLOPs are ``flops_per`` per written element.
+        FLOPs default to ``flops_per`` per written element (forward and backward); reductions pass ``flops``
+        / ``bwd_flops`` (totals per repeat) instead.
         """
         eb = self.db if elem_bytes is None else float(elem_bytes)
         br, bw = bwd or (0.0, 0.0)
-        self.rows.append(Op(name, stage, flops_per * write * repeat, (read + write) * eb * repeat, False,
-                            flops_per * bw * repeat, (br + bw) * eb * repeat, repeat))
+        f = flops_per * write if flops is None else flops
+        bf = (flops_per * bw if bwd_flops is None else bwd_flops) if bwd else 0.0
+        self.rows.append(Op(name, stage, f * repeat, (read + write) * eb * repeat, False, bf * repeat,
+                            (br + bw) * eb * repeat, repeat))
 
 
 def hog_cell(p: int) -> int:
@@ -191,7 +197,7 @@ def _blocks(o: _Ops, cfg: Config, b: int, t: int, w: int, heads: int, depth: int
     o.elem(f"{tag}.norm1", f"{tag}.layernorm", btd, btd, flops_per=_LN_FLOPS, bwd=ln_bwd, repeat=r)
     o.matmul(f"{tag}.attn.qkv", f"{tag}.qkv", b * t, w, 3 * w, repeat=r)
     dh = w // heads
-    if fused and cfg.model.attn_backend != "math":
+    if o.attention != "math":
         # SDPA (flash-style): reads q, k, v and writes out; backward reads q, k, v, out, dout and writes
         # dq, dk, dv, recomputing Q K^T on the way (0.5x of the forward products, hardware work only).
         f = 4.0 * b * t * t * w
@@ -249,9 +255,14 @@ def _patch_embed(o: _Ops, cfg: Config, b: int, rows: int, fused: bool, mask_sele
     img = b * m.in_chans * m.img_size[0] * m.img_size[1]
     bkd, bnd = b * rows * d, b * n * d
     if fused and rows < n:
-        o.elem("patchify_gather", "patch_embed", b * rows * pp / db, b * rows * pp, flops_per=2.0)  # uint8 in
-        o.matmul("patch_embed.matmul", "patch_embed", b * rows, pp, d, x_grad=False)
-        o.elem("patch_embed.pos_add", "patch_embed", 2 * bkd, bkd, bwd=(bkd, 0))
+        # One kernel: the matmul's A tiles are loaded straight from the uint8 pixels of the kept patches
+        # (normalised in registers); bias and the gathered position rows are added in the epilogue.
+        # Backward: dW = dY^T patches (patches re-gathered from the image), and the pos-embedding gradient
+        # (an index_add of dY, only when it is trainable; the fixed sin-cos one is not).
+        f = 2.0 * b * rows * pp * d
+        fwd_b = b * rows * pp * 1.0 + (pp * d + bkd + bkd) * db
+        bwd_b = b * rows * pp * 1.0 + (bkd + pp * d) * db
+        o.rows.append(Op("patch_embed_visible (gather+matmul+pos)", "patch_embed", f, fwd_b, True, f, bwd_b))
     else:
         # uint8 -> fp32 normalised image, then cast to the compute dtype (autocast / bf16 params)
         o.elem("normalize_images", "patch_embed", img / 4.0, img, flops_per=2.0, elem_bytes=4.0)
@@ -323,7 +334,7 @@ def _prediction_and_loss(o: _Ops, cfg: Config, b: int, fused: bool) -> None:
             x = b * n * pp
             o.elem("targets.normalize_patchify", "targets", x / 4.0 + x, 2 * x, flops_per=2.0, elem_bytes=4.0)
             if m.norm_pix_loss:
-                o.elem("targets.mean_var", "targets", 2 * x, 2 * b * n, flops_per=3.0 * pp, elem_bytes=4.0)
+                o.elem("targets.mean_var", "targets", 2 * x, 2 * b * n, flops=4.0 * x, elem_bytes=4.0)
                 o.elem("targets.normalise", "targets", x + 2 * b * n, x, flops_per=2.0, elem_bytes=4.0)
     elif target == "hog":
         img = b * m.img_size[0] * m.img_size[1]  # on the channel-mean image
@@ -338,14 +349,14 @@ def _prediction_and_loss(o: _Ops, cfg: Config, b: int, fused: bool) -> None:
         o.elem("rec_loss.cross_entropy", "rec_loss", x * db / 4.0 + x, x, flops_per=_SOFTMAX_FLOPS,
                bwd=(2 * x, x * db / 4.0), elem_bytes=4.0)
     elif fused:  # one pass over pred and target writing a scalar; backward writes dpred
-        o.elem("rec_loss.masked_mse", "rec_loss", x * (db + 4.0) / 4.0, 1, flops_per=3.0 * q,
-               bwd=(x * (db + 4.0) / 4.0, x * db / 4.0), elem_bytes=4.0)
+        o.elem("rec_loss.masked_mse", "rec_loss", x * (db + 4.0) / 4.0, 1, flops=3.0 * x,
+               bwd=(x * (db + 4.0) / 4.0, x * db / 4.0), bwd_flops=3.0 * x, elem_bytes=4.0)
     else:  # slice, cast pred to fp32, (pred - target)^2, mean over the patch, * mask, sum / sum(mask)
         o.elem("rec_loss.cast_pred", "rec_loss", x * db / 4.0, x, flops_per=0.0, bwd=(x, x * db / 4.0),
                elem_bytes=4.0)
         o.elem("rec_loss.sq_diff", "rec_loss", 2 * x, x, flops_per=2.0, bwd=(2 * x, x), elem_bytes=4.0)
-        o.elem("rec_loss.mean_mask_sum", "rec_loss", x + 2 * b * n, b * n, flops_per=q, bwd=(2 * b * n, x),
-               elem_bytes=4.0)
+        o.elem("rec_loss.mean_mask_sum", "rec_loss", x + 2 * b * n, b * n, flops=x + 2 * b * n,
+               bwd=(2 * b * n, x), bwd_flops=x, elem_bytes=4.0)
 
 
 def _head(o: _Ops, cfg: Config, b: int, t: int) -> None:
@@ -353,8 +364,8 @@ def _head(o: _Ops, cfg: Config, b: int, t: int) -> None:
     m = cfg.model
     d, c, hc = m.resolved_dims()[0], m.num_classes, m.cls_hidden_dim
     if m.global_pool:
-        o.elem("head.mean_pool", "head", b * (t - 1) * d, b * d, flops_per=float(t - 1),
-               bwd=(b * d, b * (t - 1) * d))
+        o.elem("head.mean_pool", "head", b * (t - 1) * d, b * d, flops=b * (t - 1) * d,
+               bwd=(b * d, b * (t - 1) * d), bwd_flops=b * (t - 1) * d)
     if m.objective == "supmae":
         o.matmul("head.fc1", "head", b, d, hc)
         o.elem("head.bn_relu", "head", 2 * b * hc, b * hc, flops_per=6.0, bwd=(3 * b * hc, b * hc))
@@ -388,7 +399,9 @@ def _optimizer(o: _Ops, cfg: Config, fused: bool) -> None:
     o.rows.append(Op("optimizer.grad_norm_clip", "optimizer", 3.0 * n, n * 4.0, False))
 
 
-def ops(cfg: Config, batch: int = 1, dtype_bytes: int = 2, fused: bool = True) -> list[Op]:
+def ops(
+    cfg: Config, batch: int = 1, dtype_bytes: int = 2, fused: bool = True, attention: str | None = None
+) -> list[Op]:
     """Every op of one training step (forward, backward, optimizer) of ``cfg.model.objective``.
 
     Args:
@@ -396,10 +409,16 @@ def ops(cfg: Config, batch: int = 1, dtype_bytes: int = 2, fused: bool = True) -
         batch: images per step on one device, B.
         dtype_bytes: bytes per activation / weight element (2 for bf16, 4 for fp32).
         fused: fastsupmae's path (True) or the unfused MAE-style reference (False); see the module docstring.
+        attention: 'sdpa' or 'math' (explicit, scores through memory). Default: the fused path follows
+            ``cfg.model.attn_backend`` (sdpa unless it says math; xformers costs as sdpa), the reference is math.
     Returns: op rows in forward execution order, optimizer rows last.
     """
     m = cfg.model
-    o = _Ops(dtype_bytes)
+    if attention is None:
+        attention = "math" if (not fused or m.attn_backend == "math") else "sdpa"
+    if attention not in ("sdpa", "math"):
+        raise ValueError(f"attention '{attention}' is not sdpa or math")
+    o = _Ops(dtype_bytes, attention)
     b, n, k, obj = batch, m.num_patches, m.num_keep, m.objective
     if obj == "supervised":
         _patch_embed(o, cfg, b, n, fused)

@@ -1,0 +1,169 @@
+"""The PREDICTED performance model (fastsupmae.bench.perf_model): step-time arithmetic, scaling table, CLI.
+
+The op list itself is checked against FlopCounterMode in test_flops.py; here the roofline arithmetic built on
+it is recomputed independently, and the ZeRO scaling table is checked for the properties any sane model of
+it has (bounded, monotonic in node count, more traffic for ZeRO-3, overlap never hurts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+
+import pytest
+
+from fastsupmae.bench import perf_model as pm
+from fastsupmae.bench.devices import DEVICES, measure_cpu
+from fastsupmae.config import load_config
+from fastsupmae.flops import Op, ops, param_count, train_flops
+
+
+def _cfg(*overrides: str):
+    return load_config(None, ["data.dataset=synthetic", *overrides], world_size=1)
+
+
+def test_op_time_is_the_roofline_max() -> None:
+    rf = pm.Roofline(matmul_flops=100e12, vector_flops=10e12, mem_bytes=1e12)
+    # compute-bound matmul: 2e12 FLOP / 100e12 = 20 ms vs 1e9 B / 1e12 = 1 ms
+    mm = Op("mm", "s", 2e12, 1e9, True, 4e12, 2e9)
+    assert rf.times(mm) == pytest.approx((0.02, 0.04))
+    # memory-bound elementwise op: 1e9 B / 1e12 = 1 ms vs 1e9 FLOP / 10e12 (vector peak) = 0.1 ms
+    ew = Op("ew", "s", 1e9, 1e9, False, 0.0, 3e9)
+    assert rf.times(ew) == pytest.approx((1e-3, 3e-3))
+    # a non-matmul op uses the vector peak, not the matrix one
+    heavy = Op("ew", "s", 1e11, 1e6, False)
+    assert rf.times(heavy)[0] == pytest.approx(1e11 / 10e12)
+
+
+@pytest.mark.parametrize("objective", ["supmae", "mae", "supervised", "mim_supervised"])
+def test_step_prediction_arithmetic(objective: str) -> None:
+    cfg = _cfg(f"model.objective={objective}", "model.size=small")
+    b = random.choice([8, 32, 256])
+    peak, bw = random.uniform(50, 1000) * 1e12, random.uniform(500, 5000) * 1e9
+    rf = pm.Roofline(peak, peak / 10, bw)
+    for fused in (True, False):
+        pred = pm.predict_step(cfg, b, rf, 2, fused)
+        rows = ops(cfg, b, 2, fused)
+        step = 0.0
+        for op in rows:  # independent recomputation of the roofline sum
+            pk = peak if op.matmul else peak / 10
+            step += max(op.flops / pk, op.bytes / bw) + max(op.bwd_flops / pk, op.bwd_bytes / bw)
+        assert pred.step_s == pytest.approx(step, rel=1e-12)
+        assert pred.images_per_s == pytest.approx(b / step, rel=1e-12)
+        assert pred.mfu == pytest.approx(train_flops(cfg, b) / (step * peak), rel=1e-12)
+        assert 0 < pred.mfu < 1
+        assert len(pred.rows) == len(rows)
+        assert pred.optimizer_s > 0 and pred.forward_s > 0 and pred.backward_s > pred.forward_s
+    # twice the peak and the bandwidth: exactly half the step time
+    fast = pm.predict_step(cfg, b, rf, 2, True)
+    twice = pm.predict_step(cfg, b, pm.Roofline(2 * peak, peak / 5, 2 * bw), 2, True)
+    assert twice.step_s == pytest.approx(fast.step_s / 2, rel=1e-12)
+
+
+def test_fused_path_is_predicted_faster_on_every_gpu() -> None:
+    cfg = _cfg("model.objective=supmae")
+    for dev in DEVICES.values():
+        rf = pm.roofline(dev, "bf16")
+        f, r = pm.predict_step(cfg, 256, rf, 2, True), pm.predict_step(cfg, 256, rf, 2, False)
+        assert 1.0 < r.step_s / f.step_s < 3.0, dev.name
+        # SPEC: ~31 GFLOP per image; at 100 % of the H100 peak that is ~32k images/s, so a roofline can
+        # never predict more than that
+        assert f.images_per_s < dev.matmul_tflops["bf16"] * 1e12 / train_flops(cfg, 1)
+
+
+def test_collective_formula_by_hand() -> None:
+    s = 1e9  # bytes
+    # one node of 8: ring over NVLink (450 GB/s); latency 5 us x ceil(log2 8) = 15 us per collective
+    assert pm.collective_seconds(s, 8, 8, 450, 50, 5.0) == pytest.approx(7 / 8 * s / 450e9 + 15e-6)
+    # 4 nodes: bus limited by 8 NICs x 50 GB/s = 400 GB/s
+    assert pm.collective_seconds(s, 32, 8, 450, 50, 0.0) == pytest.approx(31 / 32 * s / 400e9)
+    assert pm.collective_seconds(s, 1, 8, 450, 50, 5.0) == 0.0
+
+
+def test_zero_bytes_follow_the_stated_formulas() -> None:
+    cfg = _cfg("model.objective=supmae")
+    psi = param_count(cfg)
+    total = lambda st: sum(c[1] for c in pm.zero_collectives(cfg, st, 2))  # noqa: E731
+    assert total(0) == total(1) == total(2) == 2 * psi * 2
+    assert total(3) == 3 * psi * 2
+    with pytest.raises(ValueError, match="stage 4"):
+        pm.zero_collectives(cfg, 4, 2)
+
+
+@pytest.mark.parametrize("device", ["h100", "a100", "h200"])
+def test_scaling_table_is_monotonic_and_sane(device: str) -> None:
+    cfg = _cfg("model.objective=supmae")
+    dev = DEVICES[device]
+    b = random.choice([32, 64, 256])
+    step = pm.predict_step(cfg, b, pm.roofline(dev, "bf16"), 2, True)
+    net = random.uniform(10, 100)
+    rows = {ov: pm.scaling_table(cfg, step, 2, 8, dev.intra_gbs, net, 5.0, ov) for ov in (False, True)}
+    for ov, table in rows.items():
+        by = {(r["nodes"], r["zero_stage"]): r for r in table}
+        for st in (0, 1, 2, 3):
+            prev = None
+            for nn in pm.NODES:
+                r = by[nn, st]
+                assert 0 < r["efficiency"] <= 1.0
+                assert r["step_ms"] >= step.step_s * 1e3 * (1 - 1e-12)
+                n = nn * 8
+                assert r["comm_bytes_per_rank"] == pytest.approx((n - 1) / n * (3 if st == 3 else 2) * 2
+                                                                 * param_count(cfg))
+                if prev is not None:  # more nodes: never more efficient, always more images/s
+                    assert r["efficiency"] <= prev["efficiency"] + 1e-12
+                    assert r["images_per_s"] > prev["images_per_s"]
+                prev = r
+        for nn in pm.NODES:
+            if not ov:  # serial: ZeRO-3 moves 1.5x the bytes of ZeRO-1/2 and so is slower
+                assert by[nn, 3]["step_ms"] > by[nn, 1]["step_ms"] == pytest.approx(by[nn, 2]["step_ms"])
+    for a, b_ in zip(rows[False], rows[True]):
+        assert b_["efficiency"] >= a["efficiency"] - 1e-12  # overlap never hurts
+
+
+def test_cpu_measurement_is_positive_and_fast() -> None:
+    dev = measure_cpu(max_size=256, copy_mb=8, reps=1)
+    assert dev.matmul_tflops["fp32"] > 0 and dev.matmul_tflops["bf16"] > 0 and dev.mem_gbs > 0
+    assert "measured" in dev.source
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    pm.add_args(p)
+    return p.parse_args(list(argv))
+
+
+def test_cli_prints_predicted_tables_and_writes_json(tmp_path, capsys) -> None:
+    out = tmp_path / "pm.json"
+    args = _args("--device", "a100", "--batch", "64", "--json", str(out), "--max-nodes", "4",
+                 "model.size=small", "model.objective=mae", "model.decoder_depth=8")
+    assert pm.run(args) == 0
+    text = capsys.readouterr().out
+    headers = [ln for ln in text.splitlines() if ln.startswith(("==", "--"))]
+    assert len(headers) >= 5 and all("PREDICTED" in h for h in headers)
+    for name in ("patch_embed_visible", "encoder.attn.sdpa", "encoder.attn.softmax", "optimizer.adamw_fused"):
+        assert name in text
+    rep = json.loads(out.read_text())
+    assert rep["label"].startswith("PREDICTED")
+    assert rep["model"]["decoder_depth"] == 8 and rep["model"]["batch"] == 64
+    assert {r["nodes"] for r in rep["scaling"]} == {1, 2, 4}
+    fast, ref = rep["summary"]
+    assert fast["path"] == "fastsupmae" and ref["path"] == "reference"
+    assert rep["speedup"] == pytest.approx(ref["step_ms"] / fast["step_ms"])
+    assert all(math.isfinite(r["fwd_s"]) for r in rep["ops"]["fastsupmae"])
+
+
+def test_cli_overrides_peak_and_bandwidth() -> None:
+    base = pm.model_report(_args("--device", "h100", "--ops", "none", "--max-nodes", "1"))
+    slow = pm.model_report(_args("--device", "h100", "--ops", "none", "--max-nodes", "1",
+                                 "--peak-tflops", "494.5", "--bandwidth-gbs", "1675"))
+    assert slow["roofline"]["matmul_tflops"] == pytest.approx(494.5)
+    assert slow["summary"][0]["step_ms"] == pytest.approx(2 * base["summary"][0]["step_ms"], rel=1e-9)
+
+
+def test_cli_config_error_is_a_user_error() -> None:
+    from fastsupmae.errors import UserError
+
+    with pytest.raises(UserError, match="model.size"):
+        pm.model_report(_args("--device", "h100", "model.size=gigantic"))
