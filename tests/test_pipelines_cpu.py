@@ -227,3 +227,28 @@ def test_eval_class_mismatch_is_clear(tmp_path):
 def test_missing_root_is_clear(tmp_path):
     with pytest.raises(DataError, match=str(tmp_path / "nope")):
         build_train_loader(_cfg(tmp_path / "nope"))
+
+
+def test_converter_writes_a_readable_imagefolder(tmp_path):
+    from fastsupmae.pipelines.convert import class_folder_names, convert_split
+
+    cfg = load_config(overrides=["data.dataset=synthetic", "data.synthetic_size=24", "model.num_classes=3",
+                                 "model.img_size=[16,16]", "model.patch_size=4"])
+    assert convert_split(cfg, "train", tmp_path / "out") == 24
+    src = ImageFolderSource(tmp_path / "out" / "train")
+    from fastsupmae.pipelines.synthetic import make_synthetic
+
+    images, labels, names = make_synthetic(cfg, "train")
+    assert src.class_names == class_folder_names(names)
+    assert sorted(src.labels.tolist()) == sorted(labels.tolist())
+    # an encoded source with a PNG: JPEGs are copied as they are, the PNG is re-encoded as JPEG
+    make_folder(tmp_path / "src" / "train", per_class=1)
+    b = io.BytesIO()
+    _photo(np.random.default_rng()).save(b, "PNG")
+    (tmp_path / "src" / "train" / "dog" / "x.png").write_bytes(b.getvalue())
+    cfg2 = _cfg(tmp_path / "src" / "train")
+    assert convert_split(cfg2, "train", tmp_path / "out2") == 4
+    out = ImageFolderSource(tmp_path / "out2" / "train")
+    assert all(out.read(i)[:3] == b"\xff\xd8\xff" for i in range(len(out)))
+    assert [c.split("_", 1)[1] for c in out.class_names] == CLASSES
+    assert class_folder_names(["T-shirt/top", "Bag"]) == ["0_T-shirt_top", "1_Bag"]
