@@ -34,8 +34,9 @@ PEAK_ENV = "FASTSUPMAE_PEAK_TFLOPS"
 
 def measure_cpu_peak_flops(dtype: torch.dtype, seconds: float = 0.25, n: int = 512) -> float:
     """Measured matmul FLOP/s of this process's CPU threads in ``dtype`` (the CPU's practical peak)."""
-    a = torch.randn(n, n, dtype=dtype)
-    b = torch.randn(n, n, dtype=dtype)
+    g = torch.Generator().manual_seed(0)  # a private stream: the global one belongs to the training run (resume)
+    a = torch.randn(n, n, generator=g).to(dtype)
+    b = torch.randn(n, n, generator=g).to(dtype)
     a @ b  # warm-up (thread pool, packing buffers)
     reps, t0 = 0, time.perf_counter()
     while True:

@@ -1,0 +1,119 @@
+"""`fastsupmae pretrain`: build the model and loader, train with the DeepSpeed engine, then probe the encoder.
+
+Works under every launcher (plain ``python``, ``deepspeed``, ``torchrun``, SLURM): the rank comes from the
+environment (``--local_rank`` from the deepspeed launcher is accepted by the CLI and ignored here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastsupmae.config import Config, save_config
+
+log = logging.getLogger(__name__)
+
+
+def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`fastsupmae pretrain --config A.yaml [--config B.yaml] [key.sub=value ...]`."""
+    from fastsupmae.cli import add_config_args
+
+    add_config_args(parser)
+    parser.add_argument("--resume", nargs="?", const="auto", default=None,
+                        help="continue from the latest checkpoint in train.output_dir (or the given checkpoint / run "
+                             "directory); same as train.resume=auto")
+    return parser
+
+
+def _write_run_files(cfg: Config, out: Path, loader: Any, ds_config: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    names = list(getattr(loader, "class_names", []) or [])
+    (out / "class_map.json").write_text(json.dumps({str(i): n for i, n in enumerate(names)}, indent=1))
+    (out / "ds_config.json").write_text(json.dumps(ds_config, indent=1))
+
+
+def _probe(cfg: Config, module: torch.nn.Module, rank: int, world: int, device: torch.device) -> dict[str, Any]:
+    """Run ``cfg.eval.after_train`` on the trained encoder; returns its metrics with a ``probe`` prefix."""
+    e = cfg.eval
+    if e.after_train == "none":
+        return {}
+    from fastsupmae.pipelines import build_eval_loader
+
+    train_l = build_eval_loader(cfg, "train", rank, world, device)
+    val_l = build_eval_loader(cfg, "val", rank, world, device)
+    if e.after_train == "knn":
+        from fastsupmae.tasks.knn import knn_eval
+
+        res = knn_eval(module, train_l, val_l, k=e.knn_k, temperature=e.knn_temperature, feature=e.feature,
+                       num_classes=cfg.model.num_classes)
+        return {f"knn_{k}": v for k, v in res.items()}
+    try:
+        from fastsupmae.tasks.linprobe import linprobe_eval
+    except ImportError:
+        log.warning("eval.after_train=linprobe but fastsupmae.tasks.linprobe is not available; no probe was run")
+        return {}
+    res = linprobe_eval(cfg, module, train_l, val_l)
+    return {f"linprobe_{k}": v for k, v in res.items()}
+
+
+def run(args_or_cfg: argparse.Namespace | Config) -> dict[str, Any]:
+    """Pretrain as ``cfg`` says. Returns the final metrics (rank 0 also writes them to final_metrics.json).
+
+    Args:
+        args_or_cfg: parsed CLI arguments or a ready :class:`Config`.
+    """
+    from fastsupmae.engine.distributed import init_distributed, set_single_process_defaults
+    from fastsupmae.engine.rng import seed_everything
+    from fastsupmae.engine.trainer import Trainer
+    from fastsupmae.models import build_model
+    from fastsupmae.pipelines import build_train_loader
+
+    t0 = time.time()
+    set_single_process_defaults()
+    if isinstance(args_or_cfg, Config):
+        cfg = args_or_cfg
+    else:
+        from fastsupmae.cli import config_from_args
+
+        cfg = config_from_args(args_or_cfg)
+        if getattr(args_or_cfg, "resume", None):
+            cfg.train.resume = args_or_cfg.resume
+    info = init_distributed()
+    seed_everything(cfg.train.seed, info.rank)
+    model = build_model(cfg, device=info.device)
+    loader = build_train_loader(cfg, info.rank, info.world_size, info.device)
+    trainer = Trainer(cfg, model, loader, info)
+    out = Path(cfg.train.output_dir)
+    if info.is_main:
+        _write_run_files(cfg, out, loader, trainer.ds_config)
+    trainer.maybe_resume()
+    result = trainer.fit()
+    train_s = time.time() - t0
+    final: dict[str, Any] = {"step": result.step, "epoch": result.epoch, "stopped": result.stopped,
+                             "skipped_steps": result.skipped_steps, "last_checkpoint": result.last_checkpoint,
+                             "train_wall_s": train_s}
+    for k in ("loss", "rec_loss", "cls_loss", "images_per_s", "mfu"):
+        if k in result.metrics:
+            final[k] = result.metrics[k]
+    if result.stopped == "done":
+        t1 = time.time()
+        trainer.engine.eval()
+        final.update(_probe(cfg, trainer.engine.module, info.rank, info.world_size, info.device))
+        final["probe_wall_s"] = time.time() - t1
+    final["wall_s"] = time.time() - t0
+    if info.is_main:
+        (out / "final_metrics.json").write_text(json.dumps(final, indent=1, default=str))
+        line = f"pretrain: step {result.step} ({result.stopped}) in {train_s:.0f} s"
+        if "loss" in final and final["loss"] is not None:
+            line += f", loss {final['loss']:.4f}"
+        if "knn_top1" in final:
+            line += f", kNN top-1 {final['knn_top1']:.2f}% (k={cfg.eval.knn_k})"
+        print(line, flush=True)
+    return final

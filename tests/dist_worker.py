@@ -1,0 +1,279 @@
+"""Worker for the multi-process engine tests: ``python tests/dist_worker.py SCENARIO WORKDIR [key=value ...]``.
+
+Run once per rank with RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT in the environment (the
+tests start the ranks themselves, as torchrun would, so they can kill one). Several scenarios share one launch
+because process start-up (torch + DeepSpeed imports) dominates the cost of these tiny runs. Each scenario writes
+``WORKDIR/<scenario>_rank<r>.json`` with what the test asserts on; the runs' metrics.jsonl hold the losses.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastsupmae.pipelines import build_train_loader
+
+from fastsupmae.config import load_config
+from fastsupmae.engine import checkpoint as ckpt_mod
+from fastsupmae.engine.checkpoint import consolidated_state_dict
+from fastsupmae.engine.distributed import init_distributed
+from fastsupmae.engine.rng import seed_everything
+from fastsupmae.engine.trainer import Trainer, TrainingDivergedError
+from fastsupmae.models import build_model
+
+TINY = {
+    "model": {"objective": "supmae", "size": "micro", "embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": [16, 16],
+              "patch_size": 4, "in_chans": 3, "num_classes": 4, "decoder_embed_dim": 16, "decoder_num_heads": 2,
+              "cls_hidden_dim": 32, "mask_ratio": 0.75, "kernels": "torch", "attn_backend": "sdpa"},
+    "data": {"dataset": "synthetic", "synthetic_size": 256},
+    "train": {"global_batch": 16, "micro_batch": 4, "blr": 1e-3, "warmup_epochs": 0.1, "epochs": 100, "max_steps": 6,
+              "precision": "fp32", "zero_stage": 2, "log_every": 1, "ckpt_every": 3, "keep_last": 10,
+              "progress": False, "seed": 7},
+    "eval": {"after_train": "none"},
+}
+
+
+def make_cfg(out: Path, **train: Any) -> Any:
+    over = json.loads(json.dumps(TINY))
+    over["train"].update(train)
+    over["train"]["output_dir"] = str(out)
+    return load_config(None, over)
+
+
+def build(cfg: Any, info: Any, loss_transform: Any = None) -> Trainer:
+    seed_everything(cfg.train.seed, info.rank)
+    model = build_model(cfg, device=info.device)
+    loader = build_train_loader(cfg, info.rank, info.world_size, info.device)
+    tr = Trainer(cfg, model, loader, info, loss_transform=loss_transform)
+    tr.maybe_resume()
+    return tr
+
+
+def full_params(tr: Trainer) -> dict[str, torch.Tensor]:
+    """The engine's current parameters, gathered (ZeRO-3) and as fp32 copies."""
+    mod = tr.engine.module
+    if tr.zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(mod.parameters())):
+            return {n: p.detach().float().clone() for n, p in mod.named_parameters()}
+    return {n: p.detach().float().clone() for n, p in mod.named_parameters()}
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], keys: Any = None) -> float:
+    keys = list(keys if keys is not None else a)
+    missing = [k for k in keys if k not in b]
+    if missing:
+        return float("inf")
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in keys)
+
+
+def close(tr: Trainer) -> None:
+    if hasattr(tr.engine, "destroy"):
+        tr.engine.destroy()
+    torch.distributed.barrier()
+
+
+def scenario_main(w: Path, info: Any, out: dict[str, Any], only_nan: bool = False) -> None:
+    """ZeRO 1/2/3: train + save, resume from the middle (exact), consolidated weights; bf16; forced NaN."""
+    for stage in () if only_nan else (1, 2, 3):
+        a = make_cfg(w / f"z{stage}a", zero_stage=stage)
+        tr = build(a, info)
+        res = tr.fit()
+        trained = full_params(tr)
+        if info.rank == 0:
+            cons = consolidated_state_dict(res.last_checkpoint)
+            out[f"z{stage}_consolidated_diff"] = max_diff(trained, cons)
+        out[f"z{stage}_a_steps"] = res.step
+        close(tr)
+        b = make_cfg(w / f"z{stage}b", zero_stage=stage, resume=str(w / f"z{stage}a/checkpoints/step_00000003"))
+        tr = build(b, info)
+        out[f"z{stage}_b_start"] = tr.step
+        res = tr.fit()
+        out[f"z{stage}_b_steps"] = res.step
+        # continuing run's final weights == the uninterrupted run's final weights
+        if info.rank == 0:
+            out[f"z{stage}_ab_weight_diff"] = max_diff(full_params_or_none(tr), trained)
+        else:
+            full_params_or_none(tr)
+        close(tr)
+
+    if only_nan:
+        pass
+    else:
+        bf16_check(w, info, out)
+    nan_checks(w, info, out)
+
+
+def bf16_check(w: Path, info: Any, out: dict[str, Any]) -> None:
+    # bf16 (ZeRO 2): the consolidated fp32 masters round to exactly the bf16 weights the engine trains with
+    c = make_cfg(w / "bf16", zero_stage=2, precision="bf16", max_steps=3)
+    tr = build(c, info)
+    res = tr.fit()
+    mod_params = {n: p.detach().clone() for n, p in tr.engine.module.named_parameters()}
+    if info.rank == 0:
+        cons = consolidated_state_dict(res.last_checkpoint)
+        out["bf16_dtype"] = str(next(iter(mod_params.values())).dtype)
+        out["bf16_consolidated_diff"] = max(float((cons[n].to(p.dtype).float() - p.float()).abs().max())
+                                            for n, p in mod_params.items())
+        out["bf16_master_minus_bf16_max"] = max(float((cons[n] - p.float()).abs().max()) for n, p in mod_params.items())
+    close(tr)
+
+
+
+def nan_once(w: Path, info: Any, out: dict[str, Any], stage: int) -> None:
+    """Forced NaN at step index 1: skipped and counted, weights and BN statistics unchanged, training goes on."""
+    seen: dict[int, dict[str, torch.Tensor]] = {}
+    holder: list[Trainer] = []
+
+    def nan_at_1(step: int, loss: torch.Tensor) -> torch.Tensor:
+        return loss * float("nan") if step == 1 else loss
+
+    def snapshot(module: torch.nn.Module, _args: Any) -> None:
+        step = holder[0].step
+        if step not in seen:  # weights and buffers before the first forward of step `step`
+            seen[step] = {k: v.detach().float().clone() for k, v in module.state_dict().items()}
+
+    c = make_cfg(w / f"nan1_z{stage}", zero_stage=stage, max_steps=4, ckpt_every=0)
+    tr = build(c, info, loss_transform=nan_at_1)
+    holder.append(tr)
+    tr.engine.module.register_forward_pre_hook(snapshot)
+    res = tr.fit()
+    params = [n for n, _ in tr.engine.module.named_parameters()]
+    out[f"nan1_z{stage}_skipped"] = res.skipped_steps
+    out[f"nan1_z{stage}_skipped_step_diff"] = max_diff(seen[1], seen[2])  # the NaN step changed nothing
+    out[f"nan1_z{stage}_next_step_param_diff"] = max_diff(seen[2], seen[3], params)  # the next one trained
+    out[f"nan1_z{stage}_changed_keys"] = [k for k in seen[1] if max_diff(seen[1], seen[2], [k]) > 0]
+    out[f"nan1_z{stage}_final_loss"] = res.metrics.get("loss")
+    close(tr)
+
+
+def nan_checks(w: Path, info: Any, out: dict[str, Any]) -> None:
+    for stage in (0, 2):
+        nan_once(w, info, out, stage)
+
+    # NaN from step index 2 on: stops after max_bad_steps in a row, naming the last good checkpoint.
+    def nan_from_2(step: int, loss: torch.Tensor) -> torch.Tensor:
+        return loss * float("nan") if step >= 2 else loss
+
+    c = make_cfg(w / "nan_stop", zero_stage=2, max_steps=30, ckpt_every=2, max_bad_steps=3)
+    tr = build(c, info, loss_transform=nan_from_2)
+    try:
+        tr.fit()
+        out["nan_stop_error"] = None
+    except TrainingDivergedError as e:
+        out["nan_stop_error"] = str(e)
+    out["nan_stop_step"] = tr.step
+    close(tr)
+
+
+def full_params_or_none(tr: Trainer) -> dict[str, torch.Tensor]:
+    return full_params(tr)
+
+
+def scenario_long(w: Path, info: Any, out: dict[str, Any]) -> None:
+    """A slow run (sleep per step) the test kills with SIGKILL on one rank."""
+    def slow(step: int, loss: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.15)
+        return loss
+
+    c = make_cfg(w / "long", zero_stage=2, max_steps=400, ckpt_every=2, log_every=2, keep_last=2)
+    tr = build(c, info, loss_transform=slow)
+    tr.fit()
+
+
+def scenario_resume(w: Path, info: Any, out: dict[str, Any], run: str = "long", steps: int = 10,
+                    stage: int = 2) -> None:
+    """Continue ``run`` (resume=auto) to ``steps``."""
+    c = make_cfg(w / run, zero_stage=stage, max_steps=steps, ckpt_every=2, log_every=1, keep_last=2, resume="auto")
+    tr = build(c, info)
+    out["start_step"] = tr.step
+    res = tr.fit()
+    out["end_step"] = res.step
+    out["last_checkpoint"] = res.last_checkpoint
+    close(tr)
+
+
+def scenario_crash_in_save(w: Path, info: Any, out: dict[str, Any]) -> None:
+    """SIGKILL this process after the step-4 shards are written and before the commit."""
+    def hook(tmp: Path) -> None:
+        if "step_00000004" in tmp.name:
+            os.kill(os.getpid(), 9)
+
+    ckpt_mod.before_commit_hook = hook
+    c = make_cfg(w / "crash", zero_stage=1, max_steps=8, ckpt_every=2, log_every=1)
+    tr = build(c, info)
+    tr.fit()
+
+
+def scenario_resume_world(w: Path, info: Any, out: dict[str, Any]) -> None:
+    """Resume the 2-rank ZeRO-2 run z2a (step 6) on this world size and train 2 more steps."""
+    c = make_cfg(w / "z2a", zero_stage=2, max_steps=8, ckpt_every=0, resume="auto", keep_last=10)
+    tr = build(c, info)
+    out["start_step"] = tr.step
+    res = tr.fit()
+    out["end_step"] = res.step
+    out["loss"] = res.metrics.get("loss")
+    close(tr)
+
+
+def scenario_offload(w: Path, info: Any, out: dict[str, Any]) -> None:
+    """ZeRO-2 with the optimizer state offloaded to CPU (DeepSpeed CPU Adam): train, save, resume, continue."""
+    c = make_cfg(w / "offload", zero_stage=2, offload_optimizer=True, max_steps=3, ckpt_every=3)
+    tr = build(c, info)
+    res = tr.fit()
+    out["optimizer"] = tr.optimizer_name
+    out["a_steps"] = res.step
+    trained = full_params(tr)
+    if info.rank == 0:
+        out["consolidated_diff"] = max_diff(trained, consolidated_state_dict(res.last_checkpoint))
+    close(tr)
+    c = make_cfg(w / "offload", zero_stage=2, offload_optimizer=True, max_steps=5, ckpt_every=0, resume="auto")
+    tr = build(c, info)
+    out["b_start"] = tr.step
+    res = tr.fit()
+    out["b_steps"] = res.step
+    out["b_loss"] = res.metrics.get("loss")
+    close(tr)
+
+
+def scenario_nan(w: Path, info: Any, out: dict[str, Any]) -> None:
+    """Only the NaN part of main (for debugging)."""
+    scenario_main(w, info, out, only_nan=True)
+
+
+SCENARIOS = {"nan": scenario_nan, "main": scenario_main, "long": scenario_long, "resume": scenario_resume,
+             "crash_in_save": scenario_crash_in_save, "resume_world": scenario_resume_world,
+             "offload": scenario_offload}
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s [r%(process)d] %(levelname)s %(name)s: %(message)s")
+    name, w = sys.argv[1], Path(sys.argv[2])
+    info = init_distributed()
+    out: dict[str, Any] = {"rank": info.rank, "world_size": info.world_size}
+    kwargs = dict(a.split("=", 1) for a in sys.argv[3:])
+    try:
+        if name == "resume" and kwargs:
+            SCENARIOS[name](w, info, out, run=kwargs.get("run", "long"), steps=int(kwargs.get("steps", 10)),
+                            stage=int(kwargs.get("stage", 2)))
+        else:
+            SCENARIOS[name](w, info, out)
+        out["ok"] = True
+    except Exception as e:  # noqa: BLE001 - reported to the test through the result file
+        out["ok"] = False
+        out["error"] = f"{type(e).__name__}: {e}"
+        out["traceback"] = traceback.format_exc()
+    (w / f"{name}_rank{info.rank}.json").write_text(json.dumps(out, indent=1, default=str))
+    return 0 if out["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
