@@ -77,10 +77,19 @@ class Op:
 class _Ops:
     """Accumulates :class:`Op` rows; knows the dtype sizes."""
 
-    def __init__(self, dtype_bytes: int, attention: str) -> None:
+    def __init__(self, dtype_bytes: int, attention: str, autocast: bool = False, kernels: str = "triton") -> None:
         self.db = float(dtype_bytes)
+        self.kernels = kernels  # fused path: 'triton' (the GPU kernels) | 'torch' (their reference twins, CPU)
         self.attention = attention  # 'sdpa' (flash-style, scores stay on chip) | 'math' (explicit)
+        self.autocast = autocast and dtype_bytes < 4
         self.rows: list[Op] = []
+
+    def autocast_cast(self, name: str, stage: str, numel: float, repeat: int = 1) -> None:
+        """Autocast runs layer_norm / softmax in fp32: their output is written in fp32 (+2 B per element) and
+        read back (4 B) and rewritten in bf16 (2 B) by the next matmul's input cast; the same in backward."""
+        if self.autocast:
+            self.elem(f"{name}.autocast_cast", stage, 3 * numel, numel, flops_per=0.0, bwd=(3 * numel, numel),
+                      repeat=repeat)
 
     def matmul(
         self,
@@ -195,6 +204,7 @@ def _blocks(o: _Ops, cfg: Config, b: int, t: int, w: int, heads: int, depth: int
     r, btd, hid = depth, b * t * w, int(w * cfg.model.mlp_ratio)
     ln_bwd = (2 * btd, btd)  # reads x and dy, writes dx (the affine gradients are negligible)
     o.elem(f"{tag}.norm1", f"{tag}.layernorm", btd, btd, flops_per=_LN_FLOPS, bwd=ln_bwd, repeat=r)
+    o.autocast_cast(f"{tag}.norm1", f"{tag}.layernorm", btd, r)
     o.matmul(f"{tag}.attn.qkv", f"{tag}.qkv", b * t, w, 3 * w, repeat=r)
     dh = w // heads
     if o.attention != "math":
@@ -209,12 +219,14 @@ def _blocks(o: _Ops, cfg: Config, b: int, t: int, w: int, heads: int, depth: int
         o.matmul(f"{tag}.attn.qk", f"{tag}.attn_core", t, dh, t, count=b * heads, w_param=False, repeat=r)
         s = b * heads * t * t
         o.elem(f"{tag}.attn.softmax", f"{tag}.attn_core", s, s, flops_per=_SOFTMAX_FLOPS, bwd=(2 * s, s), repeat=r)
+        o.autocast_cast(f"{tag}.attn.softmax", f"{tag}.attn_core", s, r)
         o.matmul(f"{tag}.attn.av", f"{tag}.attn_core", t, t, dh, count=b * heads, w_param=False, repeat=r)
     # [B, h, T, dh] -> [B, T, D]: a transpose copy in both paths (and its mirror in backward)
     o.elem(f"{tag}.attn.merge_heads", f"{tag}.attn_core", btd, btd, flops_per=0.0, bwd=(btd, btd), repeat=r)
     o.matmul(f"{tag}.attn.proj", f"{tag}.proj", b * t, w, w, repeat=r)
     o.elem(f"{tag}.residual1", f"{tag}.residual", 2 * btd, btd, bwd=(2 * btd, btd), repeat=r)
     o.elem(f"{tag}.norm2", f"{tag}.layernorm", btd, btd, flops_per=_LN_FLOPS, bwd=ln_bwd, repeat=r)
+    o.autocast_cast(f"{tag}.norm2", f"{tag}.layernorm", btd, r)
     o.matmul(f"{tag}.mlp.fc1", f"{tag}.mlp", b * t, w, hid, repeat=r)
     o.elem(f"{tag}.mlp.gelu", f"{tag}.gelu", b * t * hid, b * t * hid, flops_per=_GELU_FLOPS,
            bwd=(2 * b * t * hid, b * t * hid), repeat=r)
@@ -239,6 +251,7 @@ def _encoder(o: _Ops, cfg: Config, b: int, t: int, fused: bool, tag: str = "enco
     if _has_final_norm(cfg):
         btd = b * t * d
         o.elem(f"{tag}.norm", f"{tag}.norm", btd, btd, flops_per=_LN_FLOPS, bwd=(2 * btd, btd))
+        o.autocast_cast(f"{tag}.norm", f"{tag}.norm", btd)
 
 
 def _patch_embed(o: _Ops, cfg: Config, b: int, rows: int, fused: bool, mask_select: bool = False) -> None:
@@ -254,7 +267,18 @@ def _patch_embed(o: _Ops, cfg: Config, b: int, rows: int, fused: bool, mask_sele
     n, pp = m.num_patches, m.patch_size * m.patch_size * m.in_chans
     img = b * m.in_chans * m.img_size[0] * m.img_size[1]
     bkd, bnd = b * rows * d, b * n * d
-    if fused and rows < n:
+    if fused and rows < n and o.kernels == "torch":
+        # the kernels' torch twins (CPU): normalise + patchify the whole image, gather K, cast, matmul, pos
+        full = b * n * pp
+        o.elem("patchify_gather.normalize", "patch_embed", full / 4.0, full, flops_per=2.0, elem_bytes=4.0)
+        o.elem("patchify_gather.patchify", "patch_embed", full, full, flops_per=0.0, elem_bytes=4.0)
+        o.elem("patchify_gather.gather", "patch_embed", b * rows * pp + b * rows, b * rows * pp, flops_per=0.0,
+               elem_bytes=4.0)
+        if db < 4:
+            o.elem("patchify_gather.cast", "patch_embed", b * rows * pp * 4.0 / db, b * rows * pp, flops_per=0.0)
+        o.matmul("patch_embed.matmul", "patch_embed", b * rows, pp, d, x_grad=False)
+        o.elem("patch_embed.pos_gather_add", "patch_embed", 3 * bkd, 2 * bkd, bwd=(bkd, 0))
+    elif fused and rows < n:
         # One kernel: the matmul's A tiles are loaded straight from the uint8 pixels of the kept patches
         # (normalised in registers); bias and the gathered position rows are added in the epilogue.
         # Backward: dW = dY^T patches (patches re-gathered from the image), and the pos-embedding gradient
@@ -294,11 +318,12 @@ def _decoder(o: _Ops, cfg: Config, b: int, t_in: int, fused: bool) -> None:
     if m.objective == "mim_supervised" and m.global_pool:
         x = b * t_in * d
         o.elem("decoder_input_norm", "decoder_embed", x, x, flops_per=_LN_FLOPS, bwd=(2 * x, x))
+        o.autocast_cast("decoder_input_norm", "decoder_embed", x)
     o.matmul("decoder_embed", "decoder_embed", b * t_in, d, dd)
     t = 1 + n
     full, vis = b * t * dd, b * t_in * dd
     if t_in < t:  # visible tokens + mask tokens -> patch order, + decoder position embedding
-        if fused:  # one kernel: gather by ids_restore, fill mask tokens, add positions
+        if fused and o.kernels == "triton":  # one kernel: gather by ids_restore, fill mask tokens, add positions
             o.elem("unshuffle", "unshuffle", vis + b * n + full, full, flops_per=1.0, bwd=(full + b * n, vis))
         else:
             o.elem("unshuffle.cat_mask_tokens", "unshuffle", vis, b * n * dd, flops_per=0.0,
@@ -312,6 +337,7 @@ def _decoder(o: _Ops, cfg: Config, b: int, t_in: int, fused: bool) -> None:
     # the model checkpoints only encoder blocks, so decoder blocks never recompute
     _blocks(o, cfg, b, t, dd, m.decoder_num_heads, m.decoder_depth, fused, "decoder", False)
     o.elem("decoder.norm", "decoder.norm", full, full, flops_per=_LN_FLOPS, bwd=(2 * full, full))
+    o.autocast_cast("decoder.norm", "decoder.norm", full)
 
 
 def _prediction_and_loss(o: _Ops, cfg: Config, b: int, fused: bool) -> None:
@@ -328,8 +354,15 @@ def _prediction_and_loss(o: _Ops, cfg: Config, b: int, fused: bool) -> None:
     o.matmul("decoder_pred", "prediction", b * rows, dd, q)
     tr = mm if fused else n  # target / loss rows
     if target == "pixels":
-        if fused:  # one pass: uint8 patches of the masked ids -> fp32 normalised targets
+        if fused and o.kernels == "triton":  # one pass: uint8 patches of the masked ids -> fp32 targets
             o.elem("norm_pix_targets", "targets", b * mm * pp / 4.0, b * mm * pp, flops_per=6.0, elem_bytes=4.0)
+        elif fused:  # torch twin: normalise + patchify the whole image, gather M, then normalise M patches
+            x, xm = b * n * pp, b * mm * pp
+            o.elem("targets.normalize_patchify", "targets", x / 4.0 + x, 2 * x, flops_per=2.0, elem_bytes=4.0)
+            o.elem("targets.gather_masked", "targets", xm + b * mm, xm, flops_per=0.0, elem_bytes=4.0)
+            if m.norm_pix_loss:
+                o.elem("targets.mean_var", "targets", 2 * xm, 2 * b * mm, flops=4.0 * xm, elem_bytes=4.0)
+                o.elem("targets.normalise", "targets", xm + 2 * b * mm, xm, flops_per=2.0, elem_bytes=4.0)
         else:
             x = b * n * pp
             o.elem("targets.normalize_patchify", "targets", x / 4.0 + x, 2 * x, flops_per=2.0, elem_bytes=4.0)
@@ -348,13 +381,16 @@ def _prediction_and_loss(o: _Ops, cfg: Config, b: int, fused: bool) -> None:
     if target == "tokens":  # cross-entropy over the vocabulary in fp32: cast, log-softmax, pick
         o.elem("rec_loss.cross_entropy", "rec_loss", x * db / 4.0 + x, x, flops_per=_SOFTMAX_FLOPS,
                bwd=(2 * x, x * db / 4.0), elem_bytes=4.0)
-    elif fused:  # one pass over pred and target writing a scalar; backward writes dpred
+    elif fused and o.kernels == "triton":  # one pass over pred and target writing a scalar; backward: dpred
         o.elem("rec_loss.masked_mse", "rec_loss", x * (db + 4.0) / 4.0, 1, flops=3.0 * x,
                bwd=(x * (db + 4.0) / 4.0, x * db / 4.0), bwd_flops=3.0 * x, elem_bytes=4.0)
-    else:  # slice, cast pred to fp32, (pred - target)^2, mean over the patch, * mask, sum / sum(mask)
+    else:  # (slice,) cast pred to fp32, (pred - target)^2, mean (unfused: over the patch, * mask, sum / sum)
         o.elem("rec_loss.cast_pred", "rec_loss", x * db / 4.0, x, flops_per=0.0, bwd=(x, x * db / 4.0),
                elem_bytes=4.0)
         o.elem("rec_loss.sq_diff", "rec_loss", 2 * x, x, flops_per=2.0, bwd=(2 * x, x), elem_bytes=4.0)
+        if fused:
+            o.elem("rec_loss.mean", "rec_loss", x, 1, flops=x, bwd=(1, x), bwd_flops=x, elem_bytes=4.0)
+            return
         o.elem("rec_loss.mean_mask_sum", "rec_loss", x + 2 * b * n, b * n, flops=x + 2 * b * n,
                bwd=(2 * b * n, x), bwd_flops=x, elem_bytes=4.0)
 
@@ -373,6 +409,7 @@ def _head(o: _Ops, cfg: Config, b: int, t: int) -> None:
     else:
         if m.global_pool:
             o.elem("head.fc_norm", "head", b * d, b * d, flops_per=_LN_FLOPS, bwd=(2 * b * d, b * d))
+            o.autocast_cast("head.fc_norm", "head", b * d)
         o.matmul("head.fc", "head", b, d, c)
     o.elem("cls_loss.cross_entropy", "cls_loss", 2 * b * c, b * c, flops_per=_SOFTMAX_FLOPS, bwd=(2 * b * c, b * c),
            elem_bytes=4.0)
@@ -382,14 +419,19 @@ def _optimizer(o: _Ops, cfg: Config, fused: bool) -> None:
     """AdamW over all trainable parameters with fp32 master weights and moments, plus grad-norm clipping.
 
     Fused (one kernel): read p, g, m, v and write p, m, v in fp32 (28 B/param), plus writing the bf16/fp16
-    weight copy when training in low precision (+2 B). Reference ``torch.optim.AdamW`` (foreach): decay,
+    weight copy when training in low precision (+2 B). fastsupmae on a CPU (kernels 'torch') runs
+    ``torch.optim.AdamW`` on the fp32 masters (80 B/param as below) and copies them back to bf16 (+6 B).
+    Reference ``torch.optim.AdamW`` (foreach): decay,
     lerp, mul, addcmul, sqrt, div, add, addcdiv, each a pass: 20 fp32 tensor reads + writes per parameter.
     Under autocast the reference also casts every fp32 weight to bf16 once per forward (read 4 + write 2 B)
     and its bf16 weight gradients are accumulated into fp32 .grad (read 2 + write 4 B).
     """
     n = float(param_count(cfg))
     low = o.db < 4
-    if fused:
+    if fused and o.kernels == "torch":  # torch.optim.AdamW (CPU) updating fp32 masters, bf16 copy written back
+        o.rows.append(Op("optimizer.adamw_torch", "optimizer", _ADAMW_FLOPS * n, n * (80.0 + (6.0 if low else 0.0)),
+                         False))
+    elif fused:
         o.rows.append(Op("optimizer.adamw_fused", "optimizer", _ADAMW_FLOPS * n, n * (28.0 + (2.0 if low else 0.0)),
                          False))
     else:
@@ -400,7 +442,13 @@ def _optimizer(o: _Ops, cfg: Config, fused: bool) -> None:
 
 
 def ops(
-    cfg: Config, batch: int = 1, dtype_bytes: int = 2, fused: bool = True, attention: str | None = None
+    cfg: Config,
+    batch: int = 1,
+    dtype_bytes: int = 2,
+    fused: bool = True,
+    attention: str | None = None,
+    autocast: bool | None = None,
+    kernels: str = "triton",
 ) -> list[Op]:
     """Every op of one training step (forward, backward, optimizer) of ``cfg.model.objective``.
 
@@ -411,6 +459,11 @@ def ops(
         fused: fastsupmae's path (True) or the unfused MAE-style reference (False); see the module docstring.
         attention: 'sdpa' or 'math' (explicit, scores through memory). Default: the fused path follows
             ``cfg.model.attn_backend`` (sdpa unless it says math; xformers costs as sdpa), the reference is math.
+        autocast: low precision by autocast on fp32 weights (fp32 LayerNorm / softmax outputs, casts) rather
+            than bf16 weights. Default: the reference (MAE's torch.amp) does, fastsupmae (DeepSpeed bf16) not.
+        kernels: the fused path's memory-bound kernels: 'triton' (GPU kernels and a fused AdamW) or 'torch'
+            (their pure-torch twins and torch.optim.AdamW: what fastsupmae runs on a CPU). Matmul FLOPs are
+            the same either way.
     Returns: op rows in forward execution order, optimizer rows last.
     """
     m = cfg.model
@@ -418,7 +471,9 @@ def ops(
         attention = "math" if (not fused or m.attn_backend == "math") else "sdpa"
     if attention not in ("sdpa", "math"):
         raise ValueError(f"attention '{attention}' is not sdpa or math")
-    o = _Ops(dtype_bytes, attention)
+    if kernels not in ("triton", "torch"):
+        raise ValueError(f"kernels '{kernels}' is not triton or torch")
+    o = _Ops(dtype_bytes, attention, (not fused) if autocast is None else autocast, kernels)
     b, n, k, obj = batch, m.num_patches, m.num_keep, m.objective
     if obj == "supervised":
         _patch_embed(o, cfg, b, n, fused)

@@ -175,6 +175,17 @@ def test_costs_scale_and_paths_differ_as_claimed() -> None:
     assert any(op.name == "encoder.attn.softmax" for op in ref)
     assert not any("softmax" in op.name for op in fused)
     assert all(op.flops >= 0 and op.bytes >= 0 and op.bwd_flops >= op.recompute_flops >= 0 for op in fused + ref)
+    # the CPU twins of the fused kernels: same matmuls, more bytes in the kernel stages, still fewer than MAE's
+    twin = ops(cfg, 8, 2, True, kernels="torch")
+    mm = lambda rows: [(op.name, op.flops, op.bwd_flops) for op in rows if op.matmul and "patch" not in op.name]  # noqa: E731
+    assert mm(twin) == mm(fused)
+    assert forward_flops(cfg, 8) == sum(op.flops for op in twin if op.matmul)
+    for stage in ("patch_embed", "unshuffle", "targets", "rec_loss", "optimizer"):
+        assert by_stage(fused, stage) < by_stage(twin, stage), stage
+    assert by_stage(twin, "patch_embed") < by_stage(ref, "patch_embed")
+    # autocast (the reference's default in bf16) adds the fp32 LayerNorm / softmax outputs and casts
+    assert any(op.name.endswith("autocast_cast") for op in ref)
+    assert not any(op.name.endswith("autocast_cast") for op in fused + ops(cfg, 8, 4, False))
     # fp32 activations and weights move ~2x the bytes of bf16 ones (the optimizer is fp32 in both)
     act = lambda rows: sum(op.total_bytes for op in rows if op.stage != "optimizer")  # noqa: E731
     assert 1.7 < act(ops(cfg, 8, 4, True)) / act(fused) <= 2.0

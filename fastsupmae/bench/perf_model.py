@@ -47,10 +47,14 @@ NODES = (1, 2, 4, 8, 16, 32, 64)
 # which fastsupmae kernel / choice is responsible for the difference in each stage
 STAGE_KERNEL = {
     "masking": "same in both",
+    "encoder.layernorm": "bf16 weights (vs autocast: fp32 LayerNorm outputs + casts)",
+    "decoder.layernorm": "bf16 weights (vs autocast: fp32 LayerNorm outputs + casts)",
+    "encoder.norm": "bf16 weights (vs autocast: fp32 LayerNorm outputs + casts)",
+    "decoder.norm": "bf16 weights (vs autocast: fp32 LayerNorm outputs + casts)",
     "patch_embed": "fused patch gather + matmul on K patches (vs conv on all N, then gather)",
-    "encoder.attn_core": "SDPA flash attention (vs explicit softmax(QK^T)V)",
-    "decoder.attn_core": "SDPA flash attention (vs explicit softmax(QK^T)V)",
-    "unmasked_view.encoder.attn_core": "SDPA flash attention (vs explicit softmax(QK^T)V)",
+    "encoder.attn_core": "SDPA flash attention (vs explicit softmax(QK^T)V, fp32 softmax under autocast)",
+    "decoder.attn_core": "SDPA flash attention (vs explicit softmax(QK^T)V, fp32 softmax under autocast)",
+    "unmasked_view.encoder.attn_core": "SDPA flash attention (vs explicit attention)",
     "unshuffle": "fused unshuffle + mask token + pos (vs cat/gather/cat/add)",
     "prediction": "decoder_pred on masked tokens only (vs all 1+N)",
     "targets": "norm-pix targets of masked patches, one pass (vs full image, 3 passes)",
@@ -118,13 +122,15 @@ class StepPrediction:
 
 
 def predict_step(cfg, batch: int, rf: Roofline, dtype_bytes: int = 2, fused: bool = True,
-                 attention: str | None = None, peak_flops: float | None = None) -> StepPrediction:
+                 attention: str | None = None, peak_flops: float | None = None,
+                 kernels: str = "triton") -> StepPrediction:
     """Predict one training step of ``cfg`` at per-device ``batch`` on roofline ``rf``.
 
-    ``peak_flops`` is the MFU denominator (default: the roofline's matmul rate).
+    ``peak_flops`` is the MFU denominator (default: the roofline's matmul rate); ``kernels`` picks the fused
+    path's memory-bound kernels ('triton' on GPUs, 'torch' twins on a CPU), see :func:`fastsupmae.flops.ops`.
     """
     rows, fwd, bwd, opt = [], 0.0, 0.0, 0.0
-    for op in ops(cfg, batch, dtype_bytes, fused, attention):
+    for op in ops(cfg, batch, dtype_bytes, fused, attention, kernels=kernels):
         tf, tb = rf.times(op)
         if op.stage == "optimizer":
             opt += tf + tb
@@ -216,6 +222,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="fraction of the peak a matmul reaches (1.0: pure roofline)")
     p.add_argument("--memory-efficiency", type=float, default=1.0,
                    help="fraction of the bandwidth a memory-bound op reaches (1.0: pure roofline)")
+    p.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"],
+                   help="fastsupmae's memory-bound kernels: triton (GPU) or their torch twins (auto: torch on cpu)")
     p.add_argument("--ref-attention", default="math", choices=["math", "sdpa"],
                    help="attention of the unfused reference path (math: explicit, scores through memory)")
     p.add_argument("--net-gbs", type=float, default=NET_GBS_DEFAULT,
@@ -241,6 +249,13 @@ def _load_cfg(args: argparse.Namespace):
         return load_config(args.config or [], args.overrides, world_size=1)
     except ConfigError as e:
         raise UserError(str(e)) from None
+
+
+def _stage_label(stage: str, kernels: str) -> str:
+    label = STAGE_KERNEL.get(stage, "same in both")
+    if kernels == "torch" and stage in ("patch_embed", "unshuffle", "targets", "rec_loss", "optimizer"):
+        return "torch twins of the fused kernels (CPU path): " + label
+    return label
 
 
 def _fmt_ops(pred: StepPrediction) -> list[str]:
@@ -272,12 +287,13 @@ def model_report(args: argparse.Namespace) -> dict:
                   args.memory_efficiency)
     db = DTYPE_BYTES[args.dtype]
     peak = rf.matmul_flops / args.matmul_efficiency  # MFU is against the full peak
-    fast = predict_step(cfg, args.batch, rf, db, True, None, peak)
+    kernels = args.kernels if args.kernels != "auto" else ("torch" if args.device == "cpu" else "triton")
+    fast = predict_step(cfg, args.batch, rf, db, True, None, peak, kernels)
     ref = predict_step(cfg, args.batch, rf, db, False, args.ref_attention, peak)
     st_f, st_r = _stage_times(fast), _stage_times(ref)
     stages = [{"stage": s, "fastsupmae_ms": st_f.get(s, 0.0) * 1e3, "reference_ms": st_r.get(s, 0.0) * 1e3,
                "gain": (st_r.get(s, 0.0) / st_f[s]) if st_f.get(s) else float("nan"),
-               "kernel": STAGE_KERNEL.get(s, "same in both")}
+               "kernel": _stage_label(s, kernels)}
               for s in dict.fromkeys([*st_r, *st_f])]
     intra = args.intra_gbs if args.intra_gbs is not None else dev.intra_gbs
     nodes = tuple(n for n in NODES if n <= args.max_nodes)
@@ -288,8 +304,8 @@ def model_report(args: argparse.Namespace) -> dict:
     return {
         "label": "PREDICTED (analytic roofline model, not a measurement)",
         "device": {**dev.to_dict(), "key": args.device},
-        "roofline": {"matmul_tflops": rf.matmul_flops / 1e12, "vector_tflops": rf.vector_flops / 1e12,
-                     "mem_gbs": rf.mem_bytes / 1e9, "dtype": args.dtype,
+        "roofline": {"kernels": kernels, "matmul_tflops": rf.matmul_flops / 1e12,
+                     "vector_tflops": rf.vector_flops / 1e12, "mem_gbs": rf.mem_bytes / 1e9, "dtype": args.dtype,
                      "matmul_efficiency": args.matmul_efficiency, "memory_efficiency": args.memory_efficiency},
         "model": {"objective": m.objective, "embed_dim": d, "depth": depth, "heads": heads,
                   "img_size": m.img_size, "patch_size": m.patch_size, "mask_ratio": m.mask_ratio,
@@ -312,7 +328,8 @@ def run(args: argparse.Namespace) -> int:
     P = "PREDICTED"
     print(f"== {P} performance model: {dev['name']} ({dev['source']}) ==")
     print(f"   roofline: matmul {rf['matmul_tflops']:.3f} TFLOP/s {rf['dtype']}, vector {rf['vector_tflops']:.3f} "
-          f"TFLOP/s, memory {rf['mem_gbs']:.0f} GB/s; time per op = max(FLOPs/peak, bytes/bandwidth), fwd and bwd")
+          f"TFLOP/s, memory {rf['mem_gbs']:.0f} GB/s; time per op = max(FLOPs/peak, bytes/bandwidth), fwd and bwd; "
+          f"fastsupmae kernels: {rf['kernels']}")
     print(f"   model: {mdl['objective']} ViT D{mdl['embed_dim']} x{mdl['depth']} p{mdl['patch_size']} "
           f"{mdl['img_size'][0]}x{mdl['img_size'][1]}, mask {mdl['mask_ratio']}, decoder {mdl['decoder_depth']} "
           f"block(s), {mdl['params'] / 1e6:.1f} M params, batch {mdl['batch']} per device")
