@@ -35,6 +35,10 @@ def test_op_time_is_the_roofline_max() -> None:
     # a non-matmul op uses the vector peak, not the matrix one
     heavy = Op("ew", "s", 1e11, 1e6, False)
     assert rf.times(heavy)[0] == pytest.approx(1e11 / 10e12)
+    # a measured elementwise bandwidth (CPU) applies to non-matmul ops only
+    cpu = pm.Roofline(100e12, 10e12, 1e12, vector_mem_bytes=0.25e12)
+    assert cpu.times(ew) == pytest.approx((4e-3, 12e-3))
+    assert cpu.times(mm) == rf.times(mm)
 
 
 @pytest.mark.parametrize("objective", ["supmae", "mae", "supervised", "mim_supervised"])
@@ -125,7 +129,10 @@ def test_scaling_table_is_monotonic_and_sane(device: str) -> None:
 def test_cpu_measurement_is_positive_and_fast() -> None:
     dev = measure_cpu(max_size=256, copy_mb=8, reps=1)
     assert dev.matmul_tflops["fp32"] > 0 and dev.matmul_tflops["bf16"] > 0 and dev.mem_gbs > 0
-    assert "measured" in dev.source
+    assert "measured" in dev.source and set(dev.elementwise_gbs) == {"fp32", "bf16"}
+    rf = pm.roofline(dev, "bf16")
+    assert 0 < rf.vector_mem_bytes <= rf.mem_bytes
+    assert rf.matmul_flops == pytest.approx(dev.matmul_tflops["bf16"] * 1e12)
 
 
 def _args(*argv: str) -> argparse.Namespace:

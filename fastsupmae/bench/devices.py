@@ -26,6 +26,8 @@ class Device:
         intra_gbs: intra-node link bandwidth per GPU per direction, GB/s (NVLink: half the bidirectional figure).
         gpus_per_node: accelerators per node.
         source: where the figures come from.
+        elementwise_gbs: per dtype, the bandwidth elementwise ops reach (measured on CPUs, where single-pass
+            torch kernels run well below a copy); None: they reach ``mem_gbs``.
     """
 
     name: str
@@ -36,6 +38,7 @@ class Device:
     gpus_per_node: int = 8
     source: str = "vendor datasheet (dense, no sparsity)"
     notes: list[str] = field(default_factory=list)
+    elementwise_gbs: dict[str, float] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,7 +75,8 @@ def measure_cpu(max_size: int = 2048, copy_mb: int = 64, reps: int = 3, budget_s
     256 while one product takes under ``budget_s`` (so a slow dtype, e.g. bf16 without native CPU support,
     costs seconds, not minutes), best of ``reps`` at each size; the best rate over sizes is the peak. That
     is an achievable peak with the current thread count, below the vendor figure. Bandwidth counts the read
-    and the write of a ``copy_mb`` MB copy. Both are noisy while other processes load the machine.
+    and the write of a ``copy_mb`` MB copy; the elementwise rate is exact GELU's bytes (read + write) per
+    second in each dtype. All are noisy while other processes load the machine.
     """
     import torch
     import torch.nn.functional as F
@@ -94,13 +98,20 @@ def measure_cpu(max_size: int = 2048, copy_mb: int = 64, reps: int = 3, budget_s
     dst = torch.empty_like(src)
     t = _best_time(lambda: dst.copy_(src), reps)
     mem = 2.0 * n * 4 / t / 1e9
+    # Elementwise ops: exact GELU (read + write), the typical memory-bound op of a step, per dtype.
+    elem = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        x = torch.randn(n // 4, dtype=dtype)
+        t = _best_time(lambda x=x: F.gelu(x), reps)
+        elem[name] = 2.0 * x.numel() * x.element_size() / t / 1e9
     threads = torch.get_num_threads()
-    log.info("measured CPU: matmul %.4f TFLOP/s fp32, %.4f bf16; copy %.1f GB/s (%d threads)",
-             rates["fp32"], rates["bf16"], mem, threads)
+    log.info("measured CPU: matmul %.4f TFLOP/s fp32, %.4f bf16; copy %.1f GB/s; GELU %.1f GB/s fp32, %.1f bf16 "
+             "(%d threads)", rates["fp32"], rates["bf16"], mem, elem["fp32"], elem["bf16"], threads)
     return Device(
         f"this CPU ({threads} threads, measured)", rates, rates["fp32"], mem, mem / 2, gpus_per_node=1,
         source=f"measured in this run: F.linear on square operands up to {max_size}, best of {reps}; "
-               f"{copy_mb} MB copy",
+               f"{copy_mb} MB copy; GELU on {copy_mb // 4} M elements",
+        elementwise_gbs=elem,
         notes=["vector peak taken equal to the fp32 matmul rate", "intra-node link taken as half the copy bandwidth"],
     )
 

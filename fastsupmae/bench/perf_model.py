@@ -70,11 +70,15 @@ class Roofline:
     matmul_flops: float
     vector_flops: float
     mem_bytes: float
+    vector_mem_bytes: float | None = None  # bandwidth non-matmul ops reach (None: mem_bytes)
 
     def times(self, op: Op) -> tuple[float, float]:
         """(forward, backward) seconds of ``op``."""
-        peak = self.matmul_flops if op.matmul else self.vector_flops
-        return max(op.flops / peak, op.bytes / self.mem_bytes), max(op.bwd_flops / peak, op.bwd_bytes / self.mem_bytes)
+        if op.matmul:
+            peak, bw = self.matmul_flops, self.mem_bytes
+        else:
+            peak, bw = self.vector_flops, self.vector_mem_bytes or self.mem_bytes
+        return max(op.flops / peak, op.bytes / bw), max(op.bwd_flops / peak, op.bwd_bytes / bw)
 
 
 def roofline(device: Device, dtype: str, peak_tflops: float | None = None, bandwidth_gbs: float | None = None,
@@ -85,7 +89,10 @@ def roofline(device: Device, dtype: str, peak_tflops: float | None = None, bandw
     bw = (bandwidth_gbs if bandwidth_gbs is not None else device.mem_gbs) * 1e9
     if min(peak, bw, matmul_efficiency, memory_efficiency) <= 0:
         raise ValueError("peak, bandwidth and efficiencies must be positive")
-    return Roofline(peak * matmul_efficiency, vec * matmul_efficiency, bw * memory_efficiency)
+    elem = None
+    if device.elementwise_gbs and bandwidth_gbs is None:  # measured elementwise rate (CPU), capped by the copy
+        elem = min(device.elementwise_gbs.get(dtype, bw / 1e9) * 1e9, bw) * memory_efficiency
+    return Roofline(peak * matmul_efficiency, vec * matmul_efficiency, bw * memory_efficiency, elem)
 
 
 @dataclass
@@ -145,7 +152,9 @@ def predict_step(cfg, batch: int, rf: Roofline, dtype_bytes: int = 2, fused: boo
 
 def _ridge(rf: Roofline, op: Op) -> float:
     """Arithmetic intensity (FLOP/byte) above which ``op`` is compute-bound."""
-    return (rf.matmul_flops if op.matmul else rf.vector_flops) / rf.mem_bytes
+    if op.matmul:
+        return rf.matmul_flops / rf.mem_bytes
+    return rf.vector_flops / (rf.vector_mem_bytes or rf.mem_bytes)
 
 
 # ----------------------------------------------------------------------------------------------- ZeRO scaling
@@ -306,6 +315,7 @@ def model_report(args: argparse.Namespace) -> dict:
         "device": {**dev.to_dict(), "key": args.device},
         "roofline": {"kernels": kernels, "matmul_tflops": rf.matmul_flops / 1e12,
                      "vector_tflops": rf.vector_flops / 1e12, "mem_gbs": rf.mem_bytes / 1e9, "dtype": args.dtype,
+                     "elementwise_gbs": (rf.vector_mem_bytes or rf.mem_bytes) / 1e9,
                      "matmul_efficiency": args.matmul_efficiency, "memory_efficiency": args.memory_efficiency},
         "model": {"objective": m.objective, "embed_dim": d, "depth": depth, "heads": heads,
                   "img_size": m.img_size, "patch_size": m.patch_size, "mask_ratio": m.mask_ratio,
@@ -328,8 +338,9 @@ def run(args: argparse.Namespace) -> int:
     P = "PREDICTED"
     print(f"== {P} performance model: {dev['name']} ({dev['source']}) ==")
     print(f"   roofline: matmul {rf['matmul_tflops']:.3f} TFLOP/s {rf['dtype']}, vector {rf['vector_tflops']:.3f} "
-          f"TFLOP/s, memory {rf['mem_gbs']:.0f} GB/s; time per op = max(FLOPs/peak, bytes/bandwidth), fwd and bwd; "
-          f"fastsupmae kernels: {rf['kernels']}")
+          f"TFLOP/s, memory {rf['mem_gbs']:.1f} GB/s (elementwise ops {rf['elementwise_gbs']:.1f})")
+    print(f"   time per op = max(FLOPs/peak, bytes/bandwidth), forward and backward apart; fastsupmae kernels: "
+          f"{rf['kernels']}")
     print(f"   model: {mdl['objective']} ViT D{mdl['embed_dim']} x{mdl['depth']} p{mdl['patch_size']} "
           f"{mdl['img_size'][0]}x{mdl['img_size'][1]}, mask {mdl['mask_ratio']}, decoder {mdl['decoder_depth']} "
           f"block(s), {mdl['params'] / 1e6:.1f} M params, batch {mdl['batch']} per device")
