@@ -53,29 +53,35 @@ def test_model_triton_kernels_equal_torch(objective, input_dtype):
 
 
 def test_model_triton_kernels_equal_torch_bf16():
-    """bf16 weights and activations (DeepSpeed's bf16 mode): the kernels' bf16 paths inside the model."""
+    """bf16 weights and activations (DeepSpeed's bf16 mode): the kernels' bf16 paths inside the model.
+
+    bf16 results of two correct implementations differ by rounding noise amplified through the network (~1% per
+    gradient tensor here), so both are compared with the fp32 model: the Triton path must be about as close to it
+    as the torch path (measured over several draws: within 0.5x-2x of the torch path's error).
+    """
+    fp32_model, _ = _pair("supmae")
     torch_model, triton_model = _pair("supmae")
-    torch_model.to(torch.bfloat16)
-    triton_model.to(torch.bfloat16)
+    for m in (torch_model, triton_model):
+        m.load_state_dict(fp32_model.state_dict())
+        m.to(torch.bfloat16)
     b = 4
     imgs = torch.randint(0, 256, (b, 3, 16, 16), dtype=torch.uint8)
     labels, noise = torch.randint(0, 5, (b,)), torch.rand(b, 16)
     res = []
-    for model in (torch_model, triton_model):
+    for model in (fp32_model, torch_model, triton_model):
         out = model(imgs, labels=labels, noise=noise)
         out["loss"].backward()
         res.append((out["loss"], {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}))
-    (l_t, g_t), (l_k, g_k) = res
-    # bf16 keeps 8 mantissa bits: the fused ops round at fewer points than the unfused torch ops (e.g. matmul +
-    # bias + pos rounded once), so single elements may differ by a few bf16 ulps after the network; compare the
-    # loss to 2% and each gradient tensor as a whole (relative L2 error) rather than elementwise.
-    torch.testing.assert_close(l_k, l_t, rtol=2e-2, atol=1e-3)
-    assert g_k.keys() == g_t.keys()
-    for name in g_t:
-        err = (g_k[name] - g_t[name]).norm() / g_t[name].norm().clamp_min(1e-12)
+    (l_f, g_f), (l_t, g_t), (l_k, g_k) = res
+    assert abs(l_k - l_f) <= 2 * abs(l_t - l_f) + 1e-2 * abs(l_f)
+    assert g_k.keys() == g_t.keys() == g_f.keys()
+    for name in g_f:
         if name == "cls_head.0.bias":
-            # The linear before BatchNorm: BN removes its bias, so the exact gradient is zero and both sides hold
-            # rounding noise (measured ~1e-5); check it stays noise instead of comparing two noises.
+            # The linear before BatchNorm: BN removes its bias, so the exact gradient is zero and every side holds
+            # rounding noise (measured ~1e-5); check it stays noise instead of comparing noises.
             assert g_k[name].norm() < 1e-3 and g_t[name].norm() < 1e-3
             continue
-        assert err < 0.05, f"{name}: relative L2 error {err:.3g}"  # measured: 0.2-2% per tensor
+        scale = g_f[name].norm().clamp_min(1e-12)
+        err_t = float((g_t[name] - g_f[name]).norm() / scale)
+        err_k = float((g_k[name] - g_f[name]).norm() / scale)
+        assert err_k <= 2 * err_t + 0.01, f"{name}: triton bf16 error {err_k:.3g} vs torch bf16 error {err_t:.3g}"
