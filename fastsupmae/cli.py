@@ -76,7 +76,9 @@ def _config_cmd(args: argparse.Namespace) -> int:
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastsupmae", description="fastsupmae: fast SupMAE / MAE trainer (DALI + Triton + DeepSpeed)")
+    parser = argparse.ArgumentParser(
+        prog="fastsupmae", description="fastsupmae: fast SupMAE / MAE trainer (DALI + Triton + DeepSpeed)"
+    )
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--log-level", default="INFO", help="logging level (rank 0; other ranks log warnings)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

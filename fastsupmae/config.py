@@ -306,7 +306,8 @@ def _read_yaml(path: str | Path, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     bases = data.pop("base", None)
     merged: dict[str, Any] = {}
     for b in [bases] if isinstance(bases, str) else (bases or []):
-        merged = _merge(merged, _read_yaml(p.parent / b if not Path(b).is_absolute() else b, seen + (str(p.resolve()),)))
+        bp = p.parent / b if not Path(b).is_absolute() else Path(b)
+        merged = _merge(merged, _read_yaml(bp, seen + (str(p.resolve()),)))
     return _merge(merged, data)
 
 
@@ -374,7 +375,8 @@ def validate_config(cfg: Config, world_size: int | None = None) -> None:
     if m.patch_size <= 0 or any(s % m.patch_size for s in m.img_size):
         raise ConfigError(
             f"model.img_size {m.img_size} is not divisible by model.patch_size {m.patch_size}; "
-            f"choose sides that are multiples of the patch (e.g. {[s // m.patch_size * m.patch_size or m.patch_size for s in m.img_size]})"
+            f"choose sides that are multiples of the patch "
+            f"(e.g. {[s // m.patch_size * m.patch_size or m.patch_size for s in m.img_size]})"
         )
     if m.in_chans not in (1, 3):
         raise ConfigError(f"model.in_chans: {m.in_chans} is not supported; use 1 or 3")
@@ -382,7 +384,8 @@ def validate_config(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"model.embed_dim {dim} is not divisible by model.num_heads {heads}")
     if m.decoder_embed_dim % m.decoder_num_heads:
         raise ConfigError(
-            f"model.decoder_embed_dim {m.decoder_embed_dim} is not divisible by model.decoder_num_heads {m.decoder_num_heads}"
+            f"model.decoder_embed_dim {m.decoder_embed_dim} is not divisible by "
+            f"model.decoder_num_heads {m.decoder_num_heads}"
         )
     if m.num_classes < 1 and m.objective != "mae":
         raise ConfigError(f"model.num_classes must be >= 1 for objective '{m.objective}'")
@@ -416,7 +419,8 @@ def validate_config(cfg: Config, world_size: int | None = None) -> None:
     ws = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
     if t.global_batch % (t.micro_batch * ws):
         raise ConfigError(
-            f"train.global_batch {t.global_batch} is not divisible by train.micro_batch {t.micro_batch} x world size {ws}; "
+            f"train.global_batch {t.global_batch} is not divisible by train.micro_batch {t.micro_batch} "
+            f"x world size {ws}; "
             f"set train.global_batch to a multiple of {t.micro_batch * ws}"
         )
     if not 0 <= t.zero_stage <= 3:

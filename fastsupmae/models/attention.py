@@ -43,7 +43,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -
     return _FNS[backend](q, k, v)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def probe_xformers(device_type: str, dtype: torch.dtype = torch.bfloat16) -> tuple[bool, str]:
     """Run one tiny memory-efficient attention call on ``device_type``; (works, reason)."""
     try:

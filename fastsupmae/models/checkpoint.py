@@ -97,7 +97,9 @@ def load_checkpoint(model: nn.Module, src: str | Path | dict[str, Any], strict: 
     """
     sd = read_state_dict(src)
     own = model.state_dict()
-    mismatched = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in sd.items() if k in own and v.shape != own[k].shape]
+    mismatched = [
+        (k, tuple(v.shape), tuple(own[k].shape)) for k, v in sd.items() if k in own and v.shape != own[k].shape
+    ]
     if mismatched:
         k, got, want = mismatched[0]
         raise CheckpointError(
