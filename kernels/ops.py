@@ -211,8 +211,8 @@ def _patch_embed_visible(
     d = weight.shape[0]
     psz = p * p * c
     cdt = _gather_dtype(imgs, out_dtype)
-    # [D, C, p, p] -> [D, p*p*C] in (p, q, c) order, in the compute dtype (tiny: D x 768).
-    w2 = weight.permute(0, 2, 3, 1).reshape(d, psz).to(cdt).contiguous()
+    # The kernel reduces in the Conv2d weight's own (c, p, q) order: no permute, only the dtype (tiny: D x 768).
+    w2 = weight.reshape(d, psz).to(cdt).contiguous()
     pos2 = pos.reshape(-1, d).contiguous()
     normalize, scale, shift = _norm_consts(imgs, mean, std)
     out = _empty((b, k, d), cdt, imgs.device)

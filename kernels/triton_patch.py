@@ -30,6 +30,18 @@ def patch_pixel_offsets(b, n, e, GW, C: tl.constexpr, P: tl.constexpr, s_b, s_c,
 
 
 @triton.jit
+def patch_pixel_offsets_cpq(b, n, e, GW, P: tl.constexpr, s_b, s_c, s_h, s_w):
+    """Like :func:`patch_pixel_offsets` for elements in Conv2d weight order (c, p, q): runs of p pixels are
+    contiguous in an NCHW image, so loads in this order coalesce (used where the order is free: a dot product)."""
+    i = n // GW
+    j = n % GW
+    c = e // (P * P)
+    pp = (e // P) % P
+    q = e % P
+    return b * s_b + c * s_c + (i * P + pp) * s_h + (j * P + q) * s_w
+
+
+@triton.jit
 def patch_gather_kernel(
     img_ptr,  # [B, C, H, W] any strides, uint8 / fp32 / bf16
     ids_ptr,  # [B, K] int, patch indices to gather

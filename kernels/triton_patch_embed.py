@@ -1,7 +1,8 @@
 """Triton kernel: patch embedding of the visible patches only, gathered from the image inside the matmul.
 
-out[b, k] = W @ patch(img[b], ids[b, k]) + bias + pos[ids[b, k]], with W the Conv2d weight laid out as
-[D, p*p*C] in (p, q, c) order. MAE runs the convolution on all N patches and gathers 25% of the result; here the
+out[b, k] = W @ patch(img[b], ids[b, k]) + bias + pos[ids[b, k]], with W the Conv2d weight [D, C*p*p] as it is
+stored: the reduction runs in (c, p, q) order, so the pixels load in contiguous runs of p from an NCHW image.
+MAE runs the convolution on all N patches and gathers 25% of the result; here the
 A operand of the matmul is loaded directly from the image pixels of the K kept patches (uint8 normalisation
 folded in), so neither the patchified image nor the all-patch embedding is ever written. Bias and the gathered
 position embedding are added in the epilogue while the tile is still in registers.
@@ -17,14 +18,14 @@ import triton
 import triton.language as tl
 
 from .triton_cast import to_dtype
-from .triton_patch import patch_pixel_offsets
+from .triton_patch import patch_pixel_offsets_cpq
 
 
 @triton.jit
 def patch_embed_kernel(
     img_ptr,  # [B, C, H, W] any strides
     ids_ptr,  # [B*K] int
-    w_ptr,  # [D, PSZ] contiguous, compute dtype
+    w_ptr,  # [D, PSZ] contiguous, compute dtype, Conv2d order (c, p, q)
     bias_ptr,  # [D] (HAS_BIAS)
     pos_ptr,  # [N, D] contiguous
     scale_ptr,  # [C] fp32 (NORMALIZE)
@@ -62,11 +63,11 @@ def patch_embed_kernel(
     for k0 in range(0, PSZ, BLOCK_K):
         e = k0 + tl.arange(0, BLOCK_K)
         evalid = e < PSZ
-        offs = patch_pixel_offsets(b[:, None], n[:, None], e[None, :], GW, C, P, s_b, s_c, s_h, s_w)
+        offs = patch_pixel_offsets_cpq(b[:, None], n[:, None], e[None, :], GW, P, s_b, s_c, s_h, s_w)
         am = rvalid[:, None] & evalid[None, :]
         a = tl.load(img_ptr + offs, mask=am, other=0)
         if NORMALIZE:
-            ch = e % C
+            ch = e // (P * P)
             sc = tl.load(scale_ptr + ch, mask=evalid, other=0.0)
             sh = tl.load(shift_ptr + ch, mask=evalid, other=0.0)
             a = tl.where(am, a.to(tl.float32) * sc[None, :] + sh[None, :], 0.0)
