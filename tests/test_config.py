@@ -14,7 +14,7 @@ def test_overlays_and_overrides_compose(tmp_path):
     extra = tmp_path / "x.yaml"
     extra.write_text("base: {}\nmodel:\n  depth: 3\n".format(CONFIG_DIR / "demo" / "fashion_mnist_supmae.yaml"))
     cfg = load_config([str(extra)], ["model.mask_ratio=0.5", "train.betas=[0.9,0.99]", "train.lr=0.001"], world_size=1)
-    assert cfg.model.depth == 3 and cfg.model.embed_dim == 192  # base applied, then the overlay
+    assert cfg.model.depth == 3 and cfg.model.embed_dim == 128  # base applied, then the overlay
     assert cfg.model.mask_ratio == 0.5 and cfg.train.betas == [0.9, 0.99] and cfg.train.lr == 0.001
     save_config(cfg, tmp_path / "resolved.yaml")
     again = load_config([str(tmp_path / "resolved.yaml")], world_size=1)
