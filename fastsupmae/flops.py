@@ -64,6 +64,7 @@ class Op:
     bwd_bytes: float = 0.0
     repeat: int = 1
     recompute_flops: float = 0.0  # part of bwd_flops that re-runs forward work (flash backward, checkpointing)
+    fp32: bool = False  # its elements are fp32 whatever the training dtype (targets, losses, optimizer state)
 
     @property
     def total_flops(self) -> float:
@@ -144,7 +145,7 @@ class _Ops:
         f = flops_per * write if flops is None else flops
         bf = (flops_per * bw if bwd_flops is None else bwd_flops) if bwd else 0.0
         self.rows.append(Op(name, stage, f * repeat, (read + write) * eb * repeat, False, bf * repeat,
-                            (br + bw) * eb * repeat, repeat))
+                            (br + bw) * eb * repeat, repeat, fp32=eb == 4.0))
 
 
 def hog_cell(p: int) -> int:
@@ -430,15 +431,15 @@ def _optimizer(o: _Ops, cfg: Config, fused: bool) -> None:
     low = o.db < 4
     if fused and o.kernels == "torch":  # torch.optim.AdamW (CPU) updating fp32 masters, bf16 copy written back
         o.rows.append(Op("optimizer.adamw_torch", "optimizer", _ADAMW_FLOPS * n, n * (80.0 + (6.0 if low else 0.0)),
-                         False))
+                         False, fp32=True))
     elif fused:
         o.rows.append(Op("optimizer.adamw_fused", "optimizer", _ADAMW_FLOPS * n, n * (28.0 + (2.0 if low else 0.0)),
-                         False))
+                         False, fp32=True))
     else:
-        o.rows.append(Op("optimizer.adamw_foreach", "optimizer", _ADAMW_FLOPS * n, n * 20 * 4.0, False))
+        o.rows.append(Op("optimizer.adamw_foreach", "optimizer", _ADAMW_FLOPS * n, n * 20 * 4.0, False, fp32=True))
         if low:
             o.rows.append(Op("autocast.weight_and_grad_casts", "optimizer", 0.0, n * 6.0, False, 0.0, n * 6.0))
-    o.rows.append(Op("optimizer.grad_norm_clip", "optimizer", 3.0 * n, n * 4.0, False))
+    o.rows.append(Op("optimizer.grad_norm_clip", "optimizer", 3.0 * n, n * 4.0, False, fp32=True))
 
 
 def ops(

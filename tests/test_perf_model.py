@@ -39,6 +39,9 @@ def test_op_time_is_the_roofline_max() -> None:
     cpu = pm.Roofline(100e12, 10e12, 1e12, vector_mem_bytes=0.25e12)
     assert cpu.times(ew) == pytest.approx((4e-3, 12e-3))
     assert cpu.times(mm) == rf.times(mm)
+    cpu32 = pm.Roofline(100e12, 10e12, 1e12, vector_mem_bytes=0.25e12, fp32_vector_mem_bytes=0.5e12)
+    assert cpu32.times(Op("opt", "optimizer", 0.0, 1e9, False, fp32=True))[0] == pytest.approx(2e-3)
+    assert cpu32.times(ew)[0] == pytest.approx(4e-3)
 
 
 @pytest.mark.parametrize("objective", ["supmae", "mae", "supervised", "mim_supervised"])

@@ -71,13 +71,15 @@ class Roofline:
     vector_flops: float
     mem_bytes: float
     vector_mem_bytes: float | None = None  # bandwidth non-matmul ops reach (None: mem_bytes)
+    fp32_vector_mem_bytes: float | None = None  # the same for fp32 elements (None: vector_mem_bytes)
 
     def times(self, op: Op) -> tuple[float, float]:
         """(forward, backward) seconds of ``op``."""
         if op.matmul:
             peak, bw = self.matmul_flops, self.mem_bytes
         else:
-            peak, bw = self.vector_flops, self.vector_mem_bytes or self.mem_bytes
+            peak = self.vector_flops
+            bw = (op.fp32 and self.fp32_vector_mem_bytes) or self.vector_mem_bytes or self.mem_bytes
         return max(op.flops / peak, op.bytes / bw), max(op.bwd_flops / peak, op.bwd_bytes / bw)
 
 
@@ -89,10 +91,13 @@ def roofline(device: Device, dtype: str, peak_tflops: float | None = None, bandw
     bw = (bandwidth_gbs if bandwidth_gbs is not None else device.mem_gbs) * 1e9
     if min(peak, bw, matmul_efficiency, memory_efficiency) <= 0:
         raise ValueError("peak, bandwidth and efficiencies must be positive")
-    elem = None
-    if device.elementwise_gbs and bandwidth_gbs is None:  # measured elementwise rate (CPU), capped by the copy
-        elem = min(device.elementwise_gbs.get(dtype, bw / 1e9) * 1e9, bw) * memory_efficiency
-    return Roofline(peak * matmul_efficiency, vec * matmul_efficiency, bw * memory_efficiency, elem)
+    elem = elem32 = None
+    if device.elementwise_gbs and bandwidth_gbs is None:  # measured elementwise rates (CPU), capped by the copy
+        def cap(d: str) -> float:
+            return min(device.elementwise_gbs.get(d, bw / 1e9) * 1e9, bw) * memory_efficiency
+
+        elem, elem32 = cap(dtype), cap("fp32")
+    return Roofline(peak * matmul_efficiency, vec * matmul_efficiency, bw * memory_efficiency, elem, elem32)
 
 
 @dataclass
