@@ -234,7 +234,14 @@ class Trainer:
         t = self.cfg.train
         is_main = self.dist.is_main
         if is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                probe = self.out_dir / ".write-probe"
+                probe.write_text("ok")
+                probe.unlink()
+            except OSError as e:
+                raise UserError(f"train.output_dir '{self.out_dir}' is not writable ({e.strerror or e}); "
+                                f"choose a directory you can write to") from None
         self.ckpt.cleanup_stale()
         dist_utils.barrier()
         self._install_signal_handlers()
