@@ -91,6 +91,30 @@ def test_matmul_flops_match_flop_counter(attn: str, overrides: tuple[str, ...]) 
     assert param_count(cfg) == sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def test_triton_path_matmul_flops_match_flop_counter() -> None:
+    """fastsupmae's GPU path (Triton kernels, here under the interpreter): the patch-embedding matmul runs inside
+    the ``fastsupmae::patch_embed_visible`` custom op, which FlopCounterMode cannot see into, so the test maps
+    it to 2 B K P D; everything else (its backward's dW product included) is counted by torch as usual."""
+    import fastsupmae.kernels.ops  # noqa: F401 - registers the fastsupmae:: custom ops
+
+    from fastsupmae.models import build_model
+
+    def embed_flops(imgs, ids, p, weight, *a, out_shape=None, **kw):  # shapes: ids [B, K], weight [D, C, p, p]
+        return 2 * ids[0] * ids[1] * weight[0] * weight[1] * weight[2] * weight[3]
+
+    cfg = _cfg("model.objective=supmae", "model.kernels=triton")
+    b = random.randint(2, 4)
+    model = build_model(cfg, device="cpu").train()
+    assert model.kernels == "triton"
+    imgs = torch.randint(0, 256, (b, 3, 16, 16), dtype=torch.uint8)
+    labels = torch.randint(0, 5, (b,))
+    mapping = {torch.ops.fastsupmae.patch_embed_visible: embed_flops}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as fc:
+        model(imgs, labels)["loss"].backward()
+    assert fc.get_total_flops() == train_flops(cfg, b)
+    assert fc.get_flop_counts()["Global"][torch.ops.fastsupmae.patch_embed_visible] == 2 * b * 4 * 48 * 32
+
+
 def _unfused_mae_forward(model, imgs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """MAE's algorithm written plainly with the model's own modules: conv on all N patches then gather,
     decoder prediction on all 1 + N tokens, full norm-pix targets, loss on the mask."""
