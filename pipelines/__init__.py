@@ -6,12 +6,16 @@ Public entry points (the trainer and the evaluation tasks use only these):
 
 A loader yields ``{'images': uint8 [B, C, H, W], 'labels': int64 [B]}`` (the model normalises uint8 with
 cfg.data.mean/std on the device), and has ``len()`` (batches per epoch on this rank), ``set_epoch``,
-``state_dict`` / ``load_state_dict`` (exact mid-epoch resume), ``num_samples`` and ``class_names``.
+``state_dict`` / ``load_state_dict`` (exact mid-epoch resume), ``num_samples``, ``class_names``,
+``bad_files`` and ``save_class_map(run_dir)`` / ``check_class_map(run_dir)`` (``classes.json`` in the run).
 """
 
 from __future__ import annotations
 
+from .class_map import check_class_map, load_class_map, save_class_map
 from .errors import DataError
 from .factory import build_eval_loader, build_train_loader
+from .mixup import mixup_cutmix
 
-__all__ = ["DataError", "build_eval_loader", "build_train_loader"]
+__all__ = ["DataError", "build_eval_loader", "build_train_loader", "check_class_map", "load_class_map",
+           "mixup_cutmix", "save_class_map"]

@@ -25,6 +25,7 @@ from .crop_params import DEFAULT_RATIO, center_crop_box, sample_crop_box
 from .encoded_source import EncodedSource
 from .errors import DataError
 from .image_decode import decode_crop_resize
+from .loader_base import LoaderBase, to_gray
 from .sampler import ShardedOrder, mix_seed
 
 log = logging.getLogger(__name__)
@@ -142,7 +143,7 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # the workers are the parallelism; intra-op threads would oversubscribe the cores
 
 
-class CpuLoader:
+class CpuLoader(LoaderBase):
     """Iterable of ``{'images': uint8 [B, C, H, W], 'labels': int64 [B]}``.
 
     Same interface as :class:`.memory_loader.InMemoryLoader` (len, set_epoch, state_dict, load_state_dict,
@@ -169,30 +170,6 @@ class CpuLoader:
         self.decoder = BatchDecoder(source, out_hw, train, seed=seed, rank=rank, strict=policy == "strict", **aug)
         self.num_workers, self.device, self.in_chans = num_workers, torch.device(device), in_chans
         self.timeout_s = timeout_s
-
-    @property
-    def num_samples(self) -> int:
-        return self.order.num_samples
-
-    @property
-    def batch_size(self) -> int:
-        return self.order.batch_size
-
-    @property
-    def bad_files(self) -> int:
-        return self.policy.count
-
-    def __len__(self) -> int:
-        return len(self.order)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.order.set_epoch(epoch)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.order.state_dict()
-
-    def load_state_dict(self, sd: dict[str, Any]) -> None:
-        self.order.load_state_dict(sd)
 
     def _batches(self, epoch: int, steps: range) -> Iterator[dict[str, Any]]:
         ds = _Steps(self.decoder, self.order, epoch, steps)
@@ -224,7 +201,7 @@ class CpuLoader:
                 self.policy.handle(BadImage(path, reason))
             x = b["images"]
             if self.in_chans == 1:
-                x = x[:, :1]  # grayscale models: R=G=B for gray images, else the red channel
+                x = to_gray(x)
             y = b["labels"]
             if self.device.type != "cpu":
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)

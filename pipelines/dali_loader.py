@@ -22,6 +22,7 @@ from .crop_params import DEFAULT_RATIO
 from .encoded_source import EncodedSource
 from .errors import DataError
 from .image_decode import decode_crop_resize, image_size
+from .loader_base import LoaderBase, to_gray
 from .sampler import ShardedOrder, mix_seed
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ class _Feeder:
         return datas, [np.asarray(L.source.labels[i], dtype=np.int64) for i in used]
 
 
-class DaliLoader:
+class DaliLoader(LoaderBase):
     """Iterable of ``{'images': [B, C, H, W] (uint8 by default), 'labels': int64 [B]}`` from a DALI pipeline.
 
     Args:
@@ -131,31 +132,6 @@ class DaliLoader:
         self.graph_kw = g
         self._rebuilds = 0
 
-    # ---------------------------------------------------------------- common loader interface
-    @property
-    def num_samples(self) -> int:
-        return self.order.num_samples
-
-    @property
-    def batch_size(self) -> int:
-        return self.order.batch_size
-
-    @property
-    def bad_files(self) -> int:
-        return self.policy.count
-
-    def __len__(self) -> int:
-        return len(self.order)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.order.set_epoch(epoch)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.order.state_dict()
-
-    def load_state_dict(self, sd: dict[str, Any]) -> None:
-        self.order.load_state_dict(sd)
-
     # ---------------------------------------------------------------- internals
     def on_bad(self, err: BadImage, index: int) -> None:
         self.known_bad.setdefault(index, err.reason)
@@ -183,7 +159,7 @@ class DaliLoader:
         if self.output == "bf16":
             x = x.to(torch.bfloat16)
         if self.in_chans == 1:
-            x = x[:, :1]
+            x = to_gray(x) if self.output == "uint8" else x[:, :1]  # float outputs: set mean/std for 1 channel
         if self.device.type != "cpu":
             y = y.to(self.device, non_blocking=True)
         return {"images": x, "labels": y}

@@ -98,7 +98,7 @@ def _random_erase(images: Any, out_hw: tuple[int, int], output: str, mean: tuple
         s = fn.reshape(fn.constant(fdata=[v * 255 for v in std], shape=[len(std)]), shape=[-1, 1, 1])
         noise = fn.random.normal(x) * s + m
         y = x * keep + noise * (1.0 - keep)
-        return fn.cast(dmath.clamp(y + 0.5, 0.0, 255.0), dtype=types.UINT8)
+        return fn.cast(dmath.clamp(y, 0.0, 255.0), dtype=types.UINT8)  # DALI casts round to nearest
     noise = fn.random.normal(x)
     return fn.cast(x * keep + noise * (1.0 - keep), dtype=_dtype(output))
 

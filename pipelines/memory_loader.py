@@ -7,15 +7,15 @@ run sees exactly the crops it would have seen without the interruption.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 
 from .batch_augment import random_resized_crop_batch, resize_batch
+from .loader_base import LoaderBase
 from .sampler import ShardedOrder, mix_seed
 
 
-class InMemoryLoader:
+class InMemoryLoader(LoaderBase):
     """Iterable of ``{'images': uint8 [B, C, H, W], 'labels': int64 [B]}`` batches.
 
     Args:
@@ -44,28 +44,6 @@ class InMemoryLoader:
         self.in_chans, self.train = in_chans, train
         self.scale, self.hflip = (float(scale[0]), float(scale[1])), hflip
         self.order = ShardedOrder(len(labels), batch_size, rank, world_size, seed, train=train)
-        self.bad_files = 0  # in-memory data has no files to be bad; kept for the common loader interface
-
-    @property
-    def num_samples(self) -> int:
-        """Samples in the dataset (all ranks)."""
-        return self.order.num_samples
-
-    @property
-    def batch_size(self) -> int:
-        return self.order.batch_size
-
-    def __len__(self) -> int:
-        return len(self.order)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.order.set_epoch(epoch)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.order.state_dict()
-
-    def load_state_dict(self, sd: dict[str, Any]) -> None:
-        self.order.load_state_dict(sd)
 
     def make_batch(self, epoch: int, step: int) -> dict[str, torch.Tensor]:
         """Batch ``step`` of ``epoch`` on this rank (pure function of its arguments and the seed)."""

@@ -252,3 +252,31 @@ def test_converter_writes_a_readable_imagefolder(tmp_path):
     assert all(out.read(i)[:3] == b"\xff\xd8\xff" for i in range(len(out)))
     assert [c.split("_", 1)[1] for c in out.class_names] == CLASSES
     assert class_folder_names(["T-shirt/top", "Bag"]) == ["0_T-shirt_top", "1_Bag"]
+
+
+def test_cpu_finetune_recipe_and_gray_output(tmp_path):
+    make_folder(tmp_path / "train", per_class=3)
+    src = ImageFolderSource(tmp_path / "train")
+    kw = dict(batch_size=8, out_hw=(24, 24), train=True, num_workers=0, seed=11)
+    pre = next(iter(CpuLoader(src, **kw)))["images"]
+    ft1 = next(iter(CpuLoader(src, recipe="finetune", **kw)))["images"]
+    ft2 = next(iter(CpuLoader(src, recipe="finetune", **kw)))["images"]
+    assert ft1.shape == pre.shape and ft1.dtype == torch.uint8
+    assert torch.equal(ft1, ft2)  # seeded: reproducible
+    assert not torch.equal(ft1, pre)  # RandAugment changed something
+    gray = next(iter(CpuLoader(src, in_chans=1, **kw)))["images"]
+    assert gray.shape == (8, 1, 24, 24)
+    ref = (pre.float() * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    assert (gray.float() - ref).abs().max() <= 0.5 + 1e-4
+
+
+def test_loader_class_map_methods(tmp_path):
+    make_folder(tmp_path / "train", per_class=1)
+    loader = build_train_loader(_cfg(tmp_path / "train", **{"train.micro_batch": 1, "train.global_batch": 1}))
+    f = loader.save_class_map(tmp_path / "run")
+    assert f.exists()
+    loader.check_class_map(tmp_path / "run")
+    (tmp_path / "train" / "owl").mkdir()
+    (tmp_path / "train" / "owl" / "a.jpg").write_bytes((tmp_path / "train" / "cat" / "000.jpg").read_bytes())
+    with pytest.raises(DataError, match="owl"):
+        build_train_loader(_cfg(tmp_path / "train")).check_class_map(tmp_path / "run")

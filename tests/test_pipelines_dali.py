@@ -227,3 +227,44 @@ def test_dali_mixed_decoding_on_gpu(tmp_path):
     for recipe, train in (("pretrain", True), ("finetune", True), ("eval", False)):
         x = next(iter(DaliLoader(src, batch_size=8, out_hw=(32, 32), train=train, recipe=recipe, device="cuda")))
         assert x["images"].is_cuda and x["images"].shape == (8, 3, 32, 32)
+
+
+def _erase_stats(x: torch.Tensor, fill_ref: float = 128.0) -> tuple[float, np.ndarray]:
+    """Share of images with an erased box and the erased area fractions, on constant-grey inputs."""
+    changed = (x != fill_ref).any(1)  # [B, H, W]
+    hit = changed.flatten(1).any(1)
+    areas = changed.flatten(1).float().mean(1)[hit].numpy()
+    return hit.float().mean().item(), areas
+
+
+def test_random_erasing_same_semantics_dali_and_fallback():
+    """Rate (p = 0.25) and erased area (0.02 - 1/3 of the image) of DALI's erasing and the fallback's."""
+    from fastsupmae.pipelines.dali_pipelines import _random_erase
+    from fastsupmae.pipelines.finetune_aug import random_erase_uint8
+    from nvidia.dali import fn, pipeline_def, types
+
+    n, side = 400, 32
+    mean, std = (0.5, 0.5, 0.5), (0.2, 0.2, 0.2)
+    grey = np.full((3, side, side), 128, dtype=np.uint8)
+
+    @pipeline_def(enable_conditionals=True)
+    def erase_pipe():
+        x = fn.external_source(source=lambda: [grey] * n, batch=True, layout="CHW", dtype=types.UINT8)
+        if fn.random.coin_flip(probability=0.25):
+            x = _random_erase(x, (side, side), "uint8", mean, std)
+        return x
+
+    pipe = erase_pipe(batch_size=n, num_threads=1, device_id=None, seed=int(np.random.default_rng().integers(1e6)))
+    pipe.build()
+    dx = torch.from_numpy(np.array(pipe.run()[0].as_tensor()))
+    cx = torch.from_numpy(np.repeat(grey[None], n, 0))
+    random_erase_uint8(cx, mean, std, torch.Generator().manual_seed(int(torch.randint(0, 10**6, (1,)))))
+    for x in (dx, cx):
+        rate, areas = _erase_stats(x)
+        assert abs(rate - 0.25) < 4 * math.sqrt(0.25 * 0.75 / n)
+        # noise equal to the grey level leaves a few pixels unchanged: allow some slack below 0.02
+        assert areas.min() > 0.015 and areas.max() < 1 / 3 + 0.03
+        assert 0.1 < areas.mean() < 0.25  # E[area] ~ 0.18 for U(0.02, 1/3) with clipping
+        noisy = x.float()[(x != 128).any(1, keepdim=True).expand_as(x)]
+        # the fill is N(mean, std) in pixel units: 128 +- 51
+        assert abs(noisy.mean().item() - 127.5) < 6 and abs(noisy.std().item() - 51) < 8
