@@ -1,0 +1,29 @@
+"""``fastsupmae bench kernels`` runs end to end on tiny shapes (CPU: torch twin vs MAE-style) and its floors add up."""
+
+from __future__ import annotations
+
+import argparse
+
+from fastsupmae.kernels import bench
+
+
+def test_floor_bytes_vit_b16():
+    s = bench.Shapes(b=256, c=3, img=224, p=16, n=196, k=49, d=768, dd=512, act_bytes=2)
+    fl = bench.floor_bytes(s)
+    kept_px = 256 * 49 * 768
+    assert fl["patchify_gather"] == (kept_px * 3, 0)  # 1 byte in, 2 bytes out per kept pixel
+    assert fl["norm_pix_targets"][0] == 256 * 147 * 768 * 5 + 256 * 147 * 4
+    assert fl["masked_mse"] == (256 * 147 * 768 * 6, 256 * 147 * 768 * 8)
+
+
+def test_bench_kernels_runs_on_cpu(capsys):
+    parser = argparse.ArgumentParser()
+    bench.add_args(parser)
+    args = parser.parse_args(["--batch", "2", "--img-size", "32", "--patch", "8", "--embed-dim", "24",
+                              "--decoder-dim", "16", "--iters", "2", "--warmup", "1", "--device", "cpu"])
+    assert bench.run(args) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.split()[:1] and line.split()[0] in bench.floor_bytes(
+        bench.shapes_from_args(args, 4))]
+    assert len(rows) == 8  # 5 forward rows + 3 forward+backward rows
+    assert "floor of all fused ops per step" in out
