@@ -28,6 +28,7 @@ import torch
 log = logging.getLogger(__name__)
 DEFAULT_DATA = "/tmp/fastsupmae_imagenet_like"
 PIPELINES = ("torchvision", "cpu", "dali")
+EXTRA = ("cpu-finetune", "dali-finetune", "cpu-eval", "dali-eval")  # other recipes, on request
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -36,7 +37,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="ImageFolder root (class sub-folders of JPEGs); made from the Debian photos if missing")
     p.add_argument("--make", type=int, default=3000, help="images to make when --data does not exist")
     p.add_argument("--pipelines", default=",".join(PIPELINES),
-                   help=f"comma list of {', '.join(PIPELINES)} (dali = DALI CPU operators here, crop-only decode)")
+                   help=f"comma list of {', '.join(PIPELINES + EXTRA)} (dali = DALI CPU operators here, crop-only "
+                        f"decode; the default compares the pretraining pipelines)")
     p.add_argument("--size", type=int, default=224, help="output side")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers / DALI threads for every pipeline")
@@ -65,17 +67,21 @@ def _make(name: str, root: str, a: argparse.Namespace) -> Iterable[Any]:
     if name == "torchvision":
         return _torchvision_loader(root, a)
     src = ImageFolderSource(root)
-    kw = dict(batch_size=a.batch, out_hw=(a.size, a.size), train=True, interp=a.interp,
-              seed=int(time.time()) & 0xFFFF)
-    if name == "cpu":
+    kind, _, recipe = name.partition("-")
+    recipe = recipe or "pretrain"
+    if kind not in ("cpu", "dali") or recipe not in ("pretrain", "finetune", "eval"):
+        raise SystemExit(f"unknown pipeline '{name}'; choose from {', '.join(PIPELINES + EXTRA)}")
+    kw: dict[str, Any] = dict(batch_size=a.batch, out_hw=(a.size, a.size), train=recipe != "eval", interp=a.interp,
+                              seed=int(time.time()) & 0xFFFF)
+    if recipe == "finetune":
+        kw["recipe"] = "finetune"
+    if kind == "cpu":
         from .cpu_loader import CpuLoader
 
         return CpuLoader(src, num_workers=a.workers, **kw)
-    if name == "dali":
-        from .dali_loader import DaliLoader
+    from .dali_loader import DaliLoader
 
-        return DaliLoader(src, num_threads=a.workers, **kw)
-    raise SystemExit(f"unknown pipeline '{name}'; choose from {', '.join(PIPELINES)}")
+    return DaliLoader(src, num_threads=a.workers, **kw)
 
 
 def _cycle(make: Callable[[], Iterable[Any]]) -> Iterator[Any]:
