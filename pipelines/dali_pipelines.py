@@ -74,7 +74,7 @@ def pretrain_graph(source: Any, device: str, out_hw: tuple[int, int], scale: tup
 
 def _random_erase(images: Any, out_hw: tuple[int, int], output: str, mean: tuple[float, ...],
                   std: tuple[float, ...], area: tuple[float, float] = (0.02, 1 / 3),
-                  aspect: tuple[float, float] = (0.3, 1 / 0.3)) -> Any:
+                  aspect: tuple[float, float] = (0.3, 1 / 0.3), device: str = "cpu") -> Any:
     """timm's 'pixel' random erasing on CHW images: a rectangle of U(area), log-uniform aspect, filled with
     per-pixel N(0, 1) in normalised units (N(mean, std) in pixel units for uint8 output)."""
     from nvidia.dali import fn
@@ -94,8 +94,10 @@ def _random_erase(images: Any, out_hw: tuple[int, int], output: str, mean: tuple
     keep = fn.erase(x * 0.0 + 1.0, anchor=anchor, shape=shape, axis_names="HW", normalized_anchor=True,
                     normalized_shape=True, fill_value=0.0)
     if output == "uint8":
-        m = fn.reshape(fn.constant(fdata=[v * 255 for v in mean], shape=[len(mean)]), shape=[-1, 1, 1])
-        s = fn.reshape(fn.constant(fdata=[v * 255 for v in std], shape=[len(std)]), shape=[-1, 1, 1])
+        m = fn.constant(fdata=[v * 255 for v in mean], shape=[len(mean), 1, 1])
+        s = fn.constant(fdata=[v * 255 for v in std], shape=[len(std), 1, 1])
+        if device == "gpu":  # per-channel constants are CPU data nodes; the images are on the GPU there
+            m, s = m.gpu(), s.gpu()
         noise = fn.random.normal(x) * s + m
         y = x * keep + noise * (1.0 - keep)
         return fn.cast(dmath.clamp(y, 0.0, 255.0), dtype=types.UINT8)  # DALI casts round to nearest
@@ -126,7 +128,7 @@ def finetune_graph(source: Any, device: str, out_hw: tuple[int, int], scale: tup
     images = rand_augment.rand_augment(images, n=rand_n, m=rand_m)
     images = _normalize(images, output, mean, std)
     if fn.random.coin_flip(probability=erase_prob):
-        images = _random_erase(images, out_hw, output, mean, std)
+        images = _random_erase(images, out_hw, output, mean, std, device=device)
     return images, labels
 
 
