@@ -280,3 +280,23 @@ def test_loader_class_map_methods(tmp_path):
     (tmp_path / "train" / "owl" / "a.jpg").write_bytes((tmp_path / "train" / "cat" / "000.jpg").read_bytes())
     with pytest.raises(DataError, match="owl"):
         build_train_loader(_cfg(tmp_path / "train")).check_class_map(tmp_path / "run")
+
+
+def test_pipeline_choice_and_explicit_contracts(tmp_path):
+    from fastsupmae.pipelines.cpu_loader import CpuLoader as Cpu
+    from fastsupmae.pipelines.memory_loader import InMemoryLoader
+
+    make_folder(tmp_path / "train", per_class=2)
+    assert isinstance(build_train_loader(_cfg(tmp_path / "train")), Cpu)  # auto without a GPU
+    with pytest.raises(DataError, match="data.pipeline=memory"):
+        build_train_loader(_cfg(tmp_path / "train", **{"data.pipeline": "memory"}))
+    syn = {"data.dataset": "synthetic", "data.synthetic_size": 8, "model.num_classes": 2}
+    assert isinstance(build_train_loader(_cfg(tmp_path, **syn)), InMemoryLoader)
+    with pytest.raises(DataError, match="convert"):
+        build_train_loader(_cfg(tmp_path, **syn, **{"data.pipeline": "dali"}))
+    pytest.importorskip("nvidia.dali")
+    from fastsupmae.pipelines.dali_loader import DaliLoader
+
+    dl = build_train_loader(_cfg(tmp_path / "train", **{"data.pipeline": "dali"}))
+    assert isinstance(dl, DaliLoader)  # an explicit dali on a CPU machine runs DALI's CPU operators
+    assert next(iter(dl))["images"].shape == (4, 3, 32, 32)
