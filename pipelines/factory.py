@@ -105,8 +105,8 @@ def build_train_loader(cfg: Any, rank: int = 0, world_size: int = 1, device: str
     if kind == "dali":
         from .dali_loader import DaliLoader
 
-        return DaliLoader(source, num_threads=max(1, d.num_workers), recipe=recipe, mean=tuple(d.mean), std=tuple(d.std),
-                          **common, **aug)
+        return DaliLoader(source, num_threads=max(1, d.num_workers), recipe=recipe, mean=tuple(d.mean),
+                          std=tuple(d.std), **common, **aug)
     from .cpu_loader import CpuLoader
 
     return CpuLoader(source, num_workers=d.num_workers, recipe=recipe, mean=tuple(d.mean), std=tuple(d.std), **common,
@@ -142,8 +142,8 @@ def build_eval_loader(cfg: Any, split: str = "val", rank: int = 0, world_size: i
     if kind == "dali":
         from .dali_loader import DaliLoader
 
-        return DaliLoader(source, num_threads=max(1, d.num_workers), recipe="eval", mean=tuple(d.mean), std=tuple(d.std),
-                          **common)
+        return DaliLoader(source, num_threads=max(1, d.num_workers), recipe="eval", mean=tuple(d.mean),
+                          std=tuple(d.std), **common)
     from .cpu_loader import CpuLoader
 
     return CpuLoader(source, num_workers=d.num_workers, **common)
