@@ -100,7 +100,19 @@ def floor_bytes(s: Shapes) -> dict[str, tuple[int, int]]:
                              s.b * (1 + s.n) * s.dd * a + s.b * (1 + s.k) * s.dd * a),
         # pred [B, M, P] + fp32 target in; backward: both in again, dPred out
         "masked_mse": (msk_px * (a + 4), msk_px * (a + 4) + msk_px * a),
+        # pred + uint8 masked pixels in (targets recomputed in registers); backward: both in again, dPred out
+        "norm_pix_mse": (msk_px * (a + 1), msk_px * (a + 1) + msk_px * a),
     }
+
+
+# The fused ops one SupMAE/MAE training step runs, with the loss as two ops or as the fused loss-from-pixels.
+STEP_TWO_OP = ("patch_embed_visible", "unshuffle_tokens", "norm_pix_targets", "masked_mse")
+STEP_FUSED_LOSS = ("patch_embed_visible", "unshuffle_tokens", "norm_pix_mse")
+
+
+def step_floor(floors: dict[str, tuple[int, int]], names: tuple[str, ...]) -> int:
+    """Bytes per training step (forward + backward) of the ops ``names``."""
+    return sum(sum(floors[n]) for n in names)
 
 
 @dataclass
@@ -158,6 +170,8 @@ def _build_cases(s: Shapes, device: torch.device, dtype: torch.dtype, fused_ops)
              lambda: ref.unshuffle_tokens(y, mask_token, ids_restore, dpos), True),
         Case("masked_mse", lambda: fused_ops.masked_mse(pred_m, target_m),
              lambda: ref.masked_mse_full(pred_full, target_full, mask), True),
+        Case("norm_pix_mse", lambda: fused_ops.norm_pix_mse(pred_m, imgs, masked, s.p, True, mean, std),
+             lambda: ref.masked_mse_full(pred_full, mae_targets(), mask), True),
     ]
 
 
@@ -168,6 +182,7 @@ class _TorchTwin:
     norm_pix_targets = staticmethod(ref.norm_pix_targets)
     unshuffle_tokens = staticmethod(ref.unshuffle_tokens)
     masked_mse = staticmethod(ref.masked_mse)
+    norm_pix_mse = staticmethod(ref.norm_pix_mse)
 
     @staticmethod
     def patch_embed_visible(imgs, ids, p, w, bias, pos, mean, std, dtype):
@@ -265,6 +280,7 @@ def run(args: argparse.Namespace) -> int:
                 bw = fl / t_fused
                 line += f"{bw / 1e9:>9.0f}{100 * bw / copy_bw:>7.0f}%"
             print(line, flush=True)
-    total = sum(f + b for f, b in floors.values())
-    print(f"floor of all fused ops per step (fwd + bwd): {total / 1e6:.1f} MB")
+    for label, names in (("two-op loss", STEP_TWO_OP), ("fused loss", STEP_FUSED_LOSS)):
+        print(f"floor per training step, {label} ({' + '.join(names)}; fwd + bwd): "
+              f"{step_floor(floors, names) / 1e6:.1f} MB")
     return 0

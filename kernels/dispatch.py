@@ -87,3 +87,14 @@ def patch_embed_visible(imgs, ids, p, weight, bias, pos, mean=None, std=None, ou
     if backend == "triton":
         return _tri().patch_embed_visible(imgs, ids, p, weight, bias, pos, mean, std, out_dtype)
     return ref.patch_embed_visible(ref.patchify_gather(imgs, ids, p, mean, std, out_dtype), weight, bias, pos, ids)
+
+
+def norm_pix_mse(pred, imgs, ids, p, norm_pix=True, mean=None, std=None, backend: str = "torch"):
+    """masked_mse(pred, norm_pix_targets(imgs, ids, p, norm_pix, mean, std)) as one op: pred [B, M, p*p*C] holds
+    the predictions of the masked patches ``ids`` [B, M] (same order) -> [] fp32 loss.
+
+    Triton: the targets are recomputed from the (uint8) pixels inside the loss kernels, never written.
+    """
+    if backend == "triton":
+        return _tri().norm_pix_mse(pred, imgs, ids, p, norm_pix, mean, std)
+    return ref.norm_pix_mse(pred, imgs, ids, p, norm_pix, mean, std)

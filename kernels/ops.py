@@ -10,6 +10,7 @@ Public functions (what :mod:`fastsupmae.kernels.dispatch` calls):
     norm_pix_targets(imgs, ids, p, norm_pix, mean, std) -> [B, M, p*p*C] fp32
     unshuffle_tokens(y, mask_token, ids_restore, pos) -> [B, 1+N, Dd]
     masked_mse(pred, target) -> [] fp32
+    norm_pix_mse(pred, imgs, ids, p, norm_pix, mean, std) -> [] fp32 (the two above fused: targets never written)
 
 The kernels run on CUDA tensors, or on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1`` set
 before this module is imported; tests only: it is orders of magnitude slower than torch on CPU).
@@ -27,6 +28,7 @@ from torch import Tensor
 
 from .triton_masked_mse import mse_bwd_kernel, mse_partial_kernel
 from .triton_norm_pix import norm_pix_kernel
+from .triton_norm_pix_loss import norm_pix_mse_kernel
 from .triton_patch import patch_gather_kernel, patch_scatter_kernel
 from .triton_patch_embed import patch_embed_kernel
 from .triton_unshuffle import unshuffle_bwd_kernel, unshuffle_fwd_kernel
@@ -450,6 +452,75 @@ def _mse_bwd(ctx, grad):
 _masked_mse.register_autograd(_mse_bwd, setup_context=_mse_setup)
 
 
+# -------------------------------------------------------------------------------------------------- norm_pix_mse
+def _launch_norm_pix_mse(pred, imgs, ids, p, norm_pix, mean, std, eps, grad=None):
+    b, c, _, _, gw = _grid_shape(imgs.shape, p)
+    m = ids.shape[1]
+    psz = p * p * c
+    numel = b * m * psz
+    normalize, scale, shift = _norm_consts(imgs, mean, std)
+    blk, rows = _block(psz), _rows_per_prog(_block(psz))
+    nprog = max(1, triton.cdiv(b * m, rows))
+    backward = grad is not None
+    partial = _empty((0 if backward else nprog,), torch.float32, pred.device)
+    gpred = _empty(pred.shape if backward else (0,), pred.dtype, pred.device)
+    g = grad.float().contiguous() if backward else partial
+    if numel:
+        norm_pix_mse_kernel[(nprog,)](
+            pred.contiguous(), imgs, ids.contiguous(), scale, shift, partial, g, gpred,
+            b * m, m, gw, *imgs.stride(), eps, numel,
+            C=c, P=p, PSZ=psz, BLOCK=blk, ROWS_PER_PROG=rows, NORMALIZE=normalize, NORM_PIX=norm_pix,
+            BACKWARD=backward, num_warps=_warps(blk * rows),
+        )
+    return gpred if backward else partial.sum() / numel
+
+
+@torch.library.custom_op("fastsupmae::norm_pix_mse", mutates_args=())
+def _norm_pix_mse(
+    pred: Tensor, imgs: Tensor, ids: Tensor, p: int, norm_pix: bool, mean: Tensor | None, std: Tensor | None,
+    eps: float,
+) -> Tensor:
+    return _launch_norm_pix_mse(pred, imgs, ids, p, norm_pix, mean, std, eps)
+
+
+@_norm_pix_mse.register_fake
+def _(pred, imgs, ids, p, norm_pix, mean, std, eps):
+    return pred.new_empty((), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastsupmae::norm_pix_mse_backward", mutates_args=())
+def _norm_pix_mse_backward(
+    grad: Tensor, pred: Tensor, imgs: Tensor, ids: Tensor, p: int, norm_pix: bool, mean: Tensor | None,
+    std: Tensor | None, eps: float,
+) -> Tensor:
+    """-> grad of pred; the targets are recomputed from the pixels, not stored."""
+    return _launch_norm_pix_mse(pred, imgs, ids, p, norm_pix, mean, std, eps, grad=grad)
+
+
+@_norm_pix_mse_backward.register_fake
+def _(grad, pred, imgs, ids, p, norm_pix, mean, std, eps):
+    return torch.empty_like(pred)
+
+
+def _norm_pix_mse_setup(ctx, inputs, output):
+    pred, imgs, ids, p, norm_pix, mean, std, eps = inputs
+    ctx.save_for_backward(pred, imgs, ids, mean, std)
+    ctx.p, ctx.norm_pix, ctx.eps = p, norm_pix, eps
+
+
+def _norm_pix_mse_bwd(ctx, grad):
+    pred, imgs, ids, mean, std = ctx.saved_tensors
+    gp = None
+    if ctx.needs_input_grad[0]:
+        gp = _norm_pix_mse_backward(grad, pred, imgs, ids, ctx.p, ctx.norm_pix, mean, std, ctx.eps)
+    # The targets are constants of the loss: no image gradient (norm_pix_mse() routes images that require grad
+    # through the two-op path instead).
+    return gp, None, None, None, None, None, None, None
+
+
+_norm_pix_mse.register_autograd(_norm_pix_mse_bwd, setup_context=_norm_pix_mse_setup)
+
+
 # -------------------------------------------------------------------------------------------- public functions
 def _check_ids(ids: Tensor, name: str, b: int) -> None:
     if ids.dim() != 2 or ids.shape[0] != b or ids.dtype.is_floating_point:
@@ -533,3 +604,31 @@ def masked_mse(pred: Tensor, target: Tensor) -> Tensor:
     if pred.shape != target.shape:
         raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must have the same shape")
     return _masked_mse(pred, target)
+
+
+def norm_pix_mse(
+    pred: Tensor,
+    imgs: Tensor,
+    ids: Tensor,
+    p: int,
+    norm_pix: bool = True,
+    mean: Tensor | Sequence[float] | None = None,
+    std: Tensor | Sequence[float] | None = None,
+    eps: float = 1e-6,
+) -> Tensor:
+    """masked_mse(pred, norm_pix_targets(imgs, ids, ...)) fused: the targets are recomputed from the pixels.
+
+    Args:
+        pred: [B, M, p*p*C] predictions of the masked patches ``ids`` [B, M], in that order.
+        imgs: [B, C, H, W] uint8 (normalised with mean/std on the fly) or float.
+    Returns: [] fp32 loss; differentiable w.r.t. ``pred``. Float images that require grad take the two-op path
+    (targets materialised) so their gradient is right too.
+    """
+    _check_ids(ids, "ids", imgs.shape[0])
+    c = imgs.shape[1]
+    if tuple(pred.shape) != (ids.shape[0], ids.shape[1], p * p * c):
+        raise ValueError(f"pred {tuple(pred.shape)} must be [B, M, p*p*C] = {(ids.shape[0], ids.shape[1], p * p * c)}")
+    mean_t, std_t = _as_channel_tensor(mean, c, imgs.device), _as_channel_tensor(std, c, imgs.device)
+    if imgs.requires_grad:
+        return masked_mse(pred, norm_pix_targets(imgs, ids, p, norm_pix, mean_t, std_t, eps))
+    return _norm_pix_mse(pred, imgs, ids, p, norm_pix, mean_t, std_t, eps)

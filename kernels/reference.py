@@ -149,3 +149,17 @@ def masked_mse_full(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
     """MAE's loss on the full prediction: pred, target [B, N, P], mask [B, N] (1 = masked)."""
     loss = (pred.float() - target.float()).pow(2).mean(dim=-1)
     return (loss * mask).sum() / mask.sum()
+
+
+def norm_pix_mse(
+    pred: torch.Tensor,
+    imgs: torch.Tensor,
+    ids: torch.Tensor,
+    p: int,
+    norm_pix: bool = True,
+    mean: torch.Tensor | None = None,
+    std: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Reconstruction loss of the masked patches ``ids`` [B, M] from the images: pred [B, M, p*p*C] -> [] fp32."""
+    return masked_mse(pred, norm_pix_targets(imgs, ids, p, norm_pix, mean, std, eps))

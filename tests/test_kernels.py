@@ -252,6 +252,39 @@ def test_masked_mse(shape, dtypes):
     torch.testing.assert_close(gt, gt_ref, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("b,c,p,grid,k", [CASES[0], CASES[2], CASES[3]])
+@pytest.mark.parametrize("img_dtype", [torch.uint8, torch.float32])
+@pytest.mark.parametrize("pred_dtype", [torch.float32, torch.bfloat16])
+def test_norm_pix_mse_fused_loss(b, c, p, grid, k, img_dtype, pred_dtype):
+    """Loss straight from the pixels equals masked_mse(pred, norm_pix_targets(...)) of the reference."""
+    n = grid[0] * grid[1]
+    imgs = _imgs(b, c, p, grid, img_dtype)
+    masked = _ids(b, n)[:, k:]
+    mean, std = _norm(c) if img_dtype == torch.uint8 else (None, None)
+    for norm_pix in (True, False):
+        pred = torch.randn(b, n - k, p * p * c, dtype=pred_dtype, requires_grad=True)
+        loss = ops.norm_pix_mse(pred, imgs, masked, p, norm_pix, mean, std)
+        exp = ref.norm_pix_mse(pred, imgs, masked, p, norm_pix, mean, std)
+        # Targets agree to ~1e-6 (statistics in another order, folded uint8 normalisation), sums in another order.
+        torch.testing.assert_close(loss, exp, rtol=1e-5, atol=1e-6)
+        gl = torch.rand(())
+        gp, gp_ref = torch.autograd.grad(loss, pred, gl)[0], torch.autograd.grad(exp, pred, gl)[0]
+        scale = float(gl) * 2 / pred.numel()  # gp = scale * (pred - target): target differences of ~1e-5 at most
+        tol = dict(rtol=1e-5, atol=1e-5 * scale) if pred_dtype == torch.float32 else dict(rtol=2**-7, atol=1e-5 * scale)
+        torch.testing.assert_close(gp, gp_ref, **tol)
+
+
+def test_norm_pix_mse_image_grad_falls_back():
+    """Float images that require grad go through the differentiable two-op path."""
+    b, c, p, grid, k = 2, 3, 4, (3, 5), 4
+    imgs = _imgs(b, c, p, grid, torch.float32, requires_grad=True)
+    masked = _ids(b, 15)[:, k:]
+    pred = torch.randn(b, 15 - k, p * p * c)
+    g = torch.autograd.grad(ops.norm_pix_mse(pred, imgs, masked, p), imgs)[0]
+    g_ref = torch.autograd.grad(ref.norm_pix_mse(pred, imgs, masked, p), imgs)[0]
+    torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-6)
+
+
 def test_masked_mse_equals_mae_full_loss():
     """The loss on masked positions only equals MAE's loss over all N patches weighted by the mask."""
     b, n, k, pdim = 2, 196, 49, 48
@@ -331,3 +364,9 @@ def test_gpu_launch_configuration(monkeypatch):
     torch.testing.assert_close(gm.sum(0), gm_ref.reshape(-1), rtol=1e-5, atol=1e-5)
     pred, target = torch.randn(3, 50, 200), torch.randn(3, 50, 200)  # 30000 elements: several programs
     torch.testing.assert_close(ops.masked_mse(pred, target), ref.masked_mse(pred, target), rtol=1e-5, atol=1e-7)
+    pred = torch.randn(b, n - k, p * p * c, requires_grad=True)
+    loss = ops.norm_pix_mse(pred, imgs.detach(), ids[:, k:], p)
+    exp = ref.norm_pix_mse(pred, imgs.detach(), ids[:, k:], p)
+    torch.testing.assert_close(loss, exp, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.autograd.grad(loss, pred)[0], torch.autograd.grad(exp, pred)[0], rtol=1e-5,
+                               atol=1e-9)

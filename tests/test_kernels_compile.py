@@ -45,6 +45,9 @@ def test_opcheck_registrations():
         (ops._unshuffle_tokens_backward, (torch.randn(2, 16, 16), x["ids_restore"], k)),
         (ops._masked_mse, (pg, torch.randn_like(pg))),
         (ops._masked_mse_backward, (torch.tensor(1.0), pg.detach(), torch.randn_like(pg), True)),
+        (ops._norm_pix_mse, (pg, x["u8"], x["ids"][:, :k], p, True, x["mean"], x["std"], 1e-6)),
+        (ops._norm_pix_mse_backward, (torch.tensor(0.5), pg.detach(), x["imgs"].detach(), x["ids"][:, :k], p, False,
+                                      None, None, 1e-6)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
@@ -66,13 +69,13 @@ def test_torch_compile_inductor_traces_fused_ops():
         vis = ops.patchify_gather(imgs, ids[:, :k], p)  # [B, K, P]
         dec = ops.unshuffle_tokens(y, mask_token, ids_restore, dpos)  # [B, 1+N, Dd]
         target = ops.norm_pix_targets(imgs.detach(), ids[:, k:], p)  # [B, N-K, P]
-        return tok, vis, dec, ops.masked_mse(pred, target)
+        return tok, vis, dec, ops.masked_mse(pred, target), ops.norm_pix_mse(pred, imgs.detach(), ids[:, k:], p)
 
     args = (x["imgs"], x["ids"], x["ids_restore"], x["w"], x["bias"], x["pos"], x["y"], x["mask_token"], x["dpos"],
             pred)
     params = [x["imgs"], x["w"], x["bias"], x["y"], x["mask_token"], pred]
     outs = step(*args)
-    gouts = [torch.randn_like(o) for o in outs[:3]] + [torch.rand(())]
+    gouts = [torch.randn_like(o) for o in outs[:3]] + [torch.rand(()), torch.rand(())]
     grads = torch.autograd.grad(outs, params, gouts)
     outs_c = torch.compile(step, backend="inductor", fullgraph=True)(*args)
     grads_c = torch.autograd.grad(outs_c, params, gouts)
