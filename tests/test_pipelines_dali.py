@@ -161,9 +161,12 @@ def test_dali_bad_files_skip_and_strict(tmp_path, caplog):
     noise = np.random.default_rng().integers(0, 256, 200, dtype=np.uint8).tobytes()
     corrupt[len(good) // 3: len(good) // 3 + 200] = noise
     (root / "c2" / "corrupt.jpg").write_bytes(bytes(corrupt))
-    b = io.BytesIO()
-    Image.open(io.BytesIO(good)).convert("CMYK").save(b, "JPEG")
-    (root / "c0" / "cmyk.jpg").write_bytes(b.getvalue())
+    im = Image.open(io.BytesIO(good))
+    for name, mode, fmt, kw in (("cmyk.jpg", "CMYK", "JPEG", {}), ("gray.jpg", "L", "JPEG", {}),
+                                ("prog.jpg", "RGB", "JPEG", {"progressive": True}), ("img.png", "RGB", "PNG", {})):
+        b = io.BytesIO()
+        im.convert(mode).save(b, fmt, **kw)
+        (root / "c0" / name).write_bytes(b.getvalue())
     src = ImageFolderSource(root)
     with caplog.at_level(logging.WARNING):
         ev = DaliLoader(src, batch_size=7, out_hw=(16, 16), train=False)
@@ -174,7 +177,8 @@ def test_dali_bad_files_skip_and_strict(tmp_path, caplog):
     named = " ".join(r.getMessage() for r in caplog.records)
     for f in ("zero.jpg", "cut.jpg", "text.jpg"):
         assert f in named
-    assert "cmyk.jpg" not in named
+    for f in ("cmyk.jpg", "gray.jpg", "prog.jpg", "img.png"):  # odd but valid: decoded
+        assert f not in named
     # the randomly corrupted file either decodes (libjpeg recovers) or is skipped; all other files are kept
     assert n in (len(src) - 3, len(src) - 4)
     with pytest.raises(DataError, match="zero.jpg|cut.jpg|text.jpg"):
