@@ -1,0 +1,185 @@
+"""Export: timm (the real client, strict=True), the full model, torch.export in a process without fastsupmae,
+the sidecar's checksums, DeepSpeed checkpoint directories, and loud failure on a mismatch."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from fastsupmae.export import ExportError, export_model, timm_spec, verify_checksums
+from fastsupmae.models import build_model
+from tests.helpers import tiny_config
+
+
+def _randomize(model: torch.nn.Module) -> None:
+    """Non-trivial values everywhere (fresh each run), BatchNorm statistics included."""
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            p.normal_(0, 0.2)
+        for n, b in model.named_buffers():
+            if n.endswith("running_mean"):
+                b.normal_(0, 0.5)
+            elif n.endswith("running_var"):
+                b.uniform_(0.5, 2.0)
+
+
+def _save(model, cfg, path):
+    torch.save({"model": model.state_dict(), "config": cfg.to_dict()}, path)
+
+
+def test_export_supervised_classifier_to_timm_and_full(tmp_path):
+    import timm
+
+    cfg = tiny_config(objective="supervised", global_pool=True)
+    model = build_model(cfg, device="cpu")
+    _randomize(model)
+    _save(model, cfg, tmp_path / "ckpt.pth")
+    side = export_model(tmp_path / "ckpt.pth", tmp_path / "out", name="clf", formats=("timm", "full"))
+    assert side["timm"]["kind"] == "classifier"
+    assert set(side["files"]) == {"clf_timm.safetensors", "clf_timm.pth", "clf_full.safetensors", "clf_full.pth"}
+    # the user's side: timm with the documented arguments and strict=True
+    kw = dict(side["timm"]["kwargs"])
+    assert kw["global_pool"] == "avg" and kw["num_classes"] == 5
+    tm = timm.create_model(side["timm"]["arch"], pretrained=False, **kw).eval()
+    from safetensors.torch import load_file
+
+    tm.load_state_dict(load_file(str(tmp_path / "out" / "clf_timm.safetensors")), strict=True)
+    x = torch.randn(3, 3, 16, 16)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(tm(x), model.forward_head(model.forward_features(x)), rtol=1e-5, atol=1e-5)
+    meta = json.loads((tmp_path / "out" / "clf.json").read_text())
+    assert meta["config"]["model"]["objective"] == "supervised"
+    assert all(len(v["sha256"]) == 64 for v in meta["files"].values())
+    assert all(v <= 1e-4 for v in meta["verification"]["max_abs_diff"].values())
+
+
+def test_export_supmae_encoder_to_timm_without_fc_norm_full_and_pt2(tmp_path):
+    import timm
+
+    cfg = tiny_config(objective="supmae")
+    model = build_model(cfg, device="cpu")
+    _randomize(model)
+    _save(model, cfg, tmp_path / "pre.pth")
+    side = export_model(tmp_path / "pre.pth", tmp_path / "out")
+    spec = side["timm"]
+    assert spec["kind"] == "encoder" and spec["kwargs"]["fc_norm"] is False and spec["kwargs"]["num_classes"] == 0
+    tm = timm.create_model(spec["arch"], pretrained=False, **spec["kwargs"]).eval()
+    tm.load_state_dict(torch.load(tmp_path / "out" / "model_timm.pth", weights_only=True)["model"], strict=True)
+    x = torch.randn(7, 3, 16, 16)
+    model.eval()
+    with torch.no_grad():
+        want = model.forward_features(x, pool="avg")  # mean of patch tokens after the final norm
+        torch.testing.assert_close(tm(x), want, rtol=1e-5, atol=1e-5)
+        # the .pt2 (checked by the export in a process without fastsupmae, at two batch sizes) gives SupMAE's
+        # MLP + BatchNorm head output with running statistics
+        prog = torch.export.load(str(tmp_path / "out" / "model.pt2")).module()
+        torch.testing.assert_close(prog(x), model.cls_head(want), rtol=1e-5, atol=1e-5)
+    assert {"pt2", "pt2:batch", "timm:.pth", "timm:.safetensors", "full:.pth"} <= set(
+        side["verification"]["max_abs_diff"])
+    # the timm file has no decoder or SupMAE head; the full file has everything, BatchNorm statistics included
+    timm_keys = set(torch.load(tmp_path / "out" / "model_timm.pth", weights_only=True)["model"])
+    assert not any(k.startswith(("decoder", "cls_head", "mask_token")) for k in timm_keys)
+    full = torch.load(tmp_path / "out" / "model_full.pth", weights_only=True)["model"]
+    assert set(full) == set(model.state_dict())
+    torch.testing.assert_close(full["cls_head.1.running_var"], model.cls_head[1].running_var)
+
+
+def test_pt2_check_process_cannot_import_fastsupmae(tmp_path):
+    """The isolation is real: a program whose graph needed fastsupmae would fail in the checker."""
+    import subprocess
+    import sys
+
+    from fastsupmae.export import _CHECK_SCRIPT
+
+    script = tmp_path / "probe.py"
+    script.write_text(_CHECK_SCRIPT.split("import torch")[0] + "import fastsupmae\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode != 0 and "deliberately unavailable" in proc.stderr
+
+
+def test_checksum_and_mismatch_fail_loudly(tmp_path, monkeypatch):
+    cfg = tiny_config(objective="supervised")
+    model = build_model(cfg, device="cpu")
+    _randomize(model)
+    _save(model, cfg, tmp_path / "c.pth")
+    export_model(tmp_path / "c.pth", tmp_path / "out", formats=("timm",))
+    verify_checksums(tmp_path / "out" / "model.json")
+    with open(tmp_path / "out" / "model_timm.pth", "ab") as f:
+        f.write(b"x")
+    with pytest.raises(ExportError, match="sha256"):
+        verify_checksums(tmp_path / "out" / "model.json")
+    # a timm export that does not reproduce the model must not report success
+    import fastsupmae.export as ex
+
+    real = ex.timm_state_dict
+
+    def broken(m, c):
+        sd = real(m, c)
+        sd["blocks.0.mlp.fc1.bias"] = sd["blocks.0.mlp.fc1.bias"] + 0.5
+        return sd
+
+    monkeypatch.setattr(ex, "timm_state_dict", broken)
+    with pytest.raises(ExportError, match="differs"):
+        export_model(tmp_path / "c.pth", tmp_path / "out2", formats=("timm",))
+
+
+def test_timm_spec_names_standard_sizes():
+    cfg = tiny_config(objective="supervised", size="base", embed_dim=None, depth=None, num_heads=None,
+                      img_size=[224, 224], patch_size=16)
+    spec = timm_spec(cfg)
+    assert spec["arch"] == "vit_base_patch16_224"
+    assert "embed_dim" not in spec["kwargs"] and spec["kwargs"]["global_pool"] == "avg"
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_export_from_deepspeed_checkpoint_dir(tmp_path, stage):
+    """A DeepSpeed ZeRO checkpoint directory (1 process, CPU, gloo) exports to the same weights."""
+    import deepspeed
+    import torch.distributed as dist
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skip a ~40 s JIT build on fresh machines
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
+        os.environ.setdefault(k, v)
+    created = not dist.is_initialized()
+    if created:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        deepspeed.init_distributed(dist_backend="gloo")
+    cfg = tiny_config(objective="supmae")
+    model = build_model(cfg, device="cpu")
+    opt = torch.optim.AdamW(model.param_groups(0.05), lr=1e-2)
+    ds_cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
+              "zero_optimization": {"stage": stage}, "bf16": {"enabled": False}}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_cfg)
+    imgs = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    labels = torch.randint(0, 5, (4,))
+    for _ in range(2):
+        loss = engine(imgs, labels)["loss"]
+        engine.backward(loss)
+        engine.step()
+    ckdir = tmp_path / "checkpoints"
+    engine.save_checkpoint(str(ckdir), tag="step_00000002")
+    if stage == 3:
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+            want = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+    else:
+        want = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+    (tmp_path / "config.yaml").write_text(json.dumps(cfg.to_dict()))  # JSON is YAML
+    side = export_model(ckdir, tmp_path / "out", formats=("full", "timm"))
+    full = torch.load(tmp_path / "out" / "model_full.pth", weights_only=True)["model"]
+    for k, v in want.items():
+        if "num_batches_tracked" in k:
+            continue
+        torch.testing.assert_close(full[k], v.float(), rtol=0, atol=0, msg=k)
+    assert torch.equal(full["cls_head.1.running_mean"], want["cls_head.1.running_mean"])
+    assert side["source"] == str(ckdir)
+    if created:  # leave no process group behind for the tests that run after this one
+        dist.destroy_process_group()
