@@ -43,6 +43,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iters", type=int, default=20, help="timed repetitions per side (median reported)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--only", default="", help="comma-separated subset of the kernel names in the table")
+    parser.add_argument("--check", action="store_true",
+                        help="only compare every Triton op with its torch twin on this device (fwd + bwd) and exit")
 
 
 @dataclass
@@ -237,13 +239,95 @@ def copy_bandwidth(device: torch.device, nbytes: int = 512 << 20, iters: int = 1
     return 2 * nbytes / t
 
 
+def check(device: torch.device, b: int = 4) -> int:
+    """Compare every Triton op with its torch twin on ``device`` (compiled kernels on a GPU); returns #failures.
+
+    The CPU tests run the same comparisons under the interpreter; this is the same check for the compiled GPU
+    kernels (run by the GPU-marked test and by ``fastsupmae bench kernels --check``).
+    """
+    from . import ops
+
+    fails = 0
+    p, c, g, k, d, dd = 16, 3, 14, 49, 72, 40
+    n = g * g
+    mean = torch.tensor(IMAGENET_MEAN, device=device)
+    std = torch.tensor(IMAGENET_STD, device=device)
+
+    def report(name, got, exp, **tol):
+        nonlocal fails
+        try:
+            if tol:
+                torch.testing.assert_close(got, exp, **tol)
+            else:
+                assert torch.equal(got, exp), "not bit-exact"
+            print(f"ok    {name}")
+        except AssertionError as e:
+            fails += 1
+            print(f"FAIL  {name}: {str(e).splitlines()[0]}")
+
+    for dtype in (torch.float32, torch.bfloat16):
+        dn = str(dtype).split(".")[-1]
+        tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+        ids = torch.rand(b, n, device=device).argsort(1)
+        u8 = torch.randint(0, 256, (b, c, g * p, g * p), dtype=torch.uint8, device=device)
+        x = torch.randn(b, c, g * p, g * p, device=device, dtype=dtype, requires_grad=True)
+        out, exp = ops.patchify_gather(x, ids[:, :k], p), ref.patchify_gather(x, ids[:, :k], p)
+        report(f"patchify_gather {dn}", out, exp)
+        go = torch.randn_like(out)
+        report(f"patchify_gather backward {dn}", torch.autograd.grad(out, x, go)[0], torch.autograd.grad(exp, x, go)[0])
+        report(f"patchify_gather uint8 -> {dn}", ops.patchify_gather(u8, ids[:, :k], p, mean, std, dtype),
+               ref.patchify_gather(u8, ids[:, :k], p, mean, std, dtype), rtol=1e-2, atol=1e-5)
+        w = (torch.randn(d, c, p, p, device=device) * 0.03).to(dtype).requires_grad_(True)
+        bias = torch.randn(d, device=device, dtype=dtype, requires_grad=True)
+        pos = torch.randn(1, n, d, device=device)
+        out = ops.patch_embed_visible(u8, ids[:, :k], p, w, bias, pos, mean, std, dtype)
+        exp = ref.patch_embed_visible(ref.patchify_gather(u8, ids[:, :k], p, mean, std, dtype), w, bias, pos,
+                                      ids[:, :k])
+        report(f"patch_embed_visible {dn}", out, exp, **tol)
+        go = torch.randn_like(out)
+        for name, gg, ge in zip(("weight", "bias"), torch.autograd.grad(out, [w, bias], go),
+                                torch.autograd.grad(exp, [w, bias], go)):
+            report(f"patch_embed_visible grad {name} {dn}", gg, ge, **tol)
+        report(f"norm_pix_targets {dn} image", ops.norm_pix_targets(x.detach(), ids[:, k:], p),
+               ref.norm_pix_targets(x.detach(), ids[:, k:], p), rtol=1e-4, atol=1e-4)
+        y = torch.randn(b, k + 1, dd, device=device, dtype=dtype, requires_grad=True)
+        mt = torch.randn(1, 1, dd, device=device, requires_grad=True)
+        dpos = torch.randn(1, n + 1, dd, device=device)
+        ir = ids.argsort(1)
+        out, exp = ops.unshuffle_tokens(y, mt, ir, dpos), ref.unshuffle_tokens(y, mt, ir, dpos)
+        report(f"unshuffle_tokens {dn}", out, exp)
+        go = torch.randn_like(out)
+        (gy, gm), (gye, gme) = torch.autograd.grad(out, [y, mt], go), torch.autograd.grad(exp, [y, mt], go)
+        report(f"unshuffle_tokens grad y {dn}", gy, gye)
+        report(f"unshuffle_tokens grad mask_token {dn}", gm, gme, rtol=1e-2, atol=1e-3)
+        pred = torch.randn(b, n - k, p * p * c, device=device, dtype=dtype, requires_grad=True)
+        tgt = ref.norm_pix_targets(u8, ids[:, k:], p, True, mean, std)
+        losses = (("masked_mse", ops.masked_mse(pred, tgt), ref.masked_mse(pred, tgt)),
+                  ("norm_pix_mse", ops.norm_pix_mse(pred, u8, ids[:, k:], p, True, mean, std),
+                   ref.norm_pix_mse(pred, u8, ids[:, k:], p, True, mean, std)))
+        for name, lo, le in losses:
+            report(f"{name} {dn}", lo, le, rtol=1e-4, atol=1e-6)
+            report(f"{name} grad {dn}", torch.autograd.grad(lo, pred)[0], torch.autograd.grad(le, pred)[0],
+                   rtol=1e-2 if dtype == torch.bfloat16 else 1e-4, atol=1e-8)
+    print(f"{fails} failure(s)")
+    return fails
+
+
 def run(args: argparse.Namespace) -> int:
-    """Run the benchmark and print the table."""
+    """Run the benchmark and print the table (or, with --check, only the correctness check)."""
     cuda = torch.cuda.is_available()
     if args.device == "cuda" and not cuda:
         raise SystemExit("bench kernels --device cuda: no CUDA device here; use --device cpu (or auto)")
     device = torch.device("cuda" if (args.device == "cuda" or (args.device == "auto" and cuda)) else "cpu")
     on_gpu = device.type == "cuda"
+    if args.check:
+        if not on_gpu:
+            from .dispatch import triton_available
+
+            ok, why = triton_available()
+            if not ok:
+                raise SystemExit(f"bench kernels --check needs Triton kernels to run here: {why}")
+        return 1 if check(device) else 0
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype, torch.bfloat16 if on_gpu else torch.float32)
     s = shapes_from_args(args, 2 if dtype == torch.bfloat16 else 4)
     if on_gpu:
