@@ -1,0 +1,534 @@
+"""``fastsupmae bench train``: measured training-step throughput of fastsupmae against the unfused reference path.
+
+For every point of a grid (model size x batch x objective x mask ratio x dtype) it builds the fastsupmae model
+and the reference model of :mod:`fastsupmae.bench.reference` with the same weights, then times both in the same
+process, interleaved (fastsupmae rep, reference rep, fastsupmae rep, ...), and reports per path the median over
+repetitions of: images/s, the step time split into data / forward / backward / optimizer, achieved TFLOP/s,
+MFU and peak memory, plus the paired speedup. With ``--cost-growth`` it adds images/s against the mask ratio
+(``supervised`` as the unmasked point) and against the model size, beside what the analytic FLOP count
+(:mod:`fastsupmae.flops`) predicts.
+
+The two paths:
+  - fastsupmae: ``build_model(cfg)`` (visible-patch embedding, masked-only prediction / targets / loss, the
+    resolved attention and kernel backends) and the trainer's optimizer (``GuardedAdamW``: torch's fused AdamW
+    with on-device clipping at ``train.clip_grad``). In bf16 the weights and gradients are bf16 and the optimizer
+    updates fp32 master weights, as DeepSpeed's bf16 mode does; in fp32 everything is fp32.
+  - reference: the official algorithm under ``torch.autocast`` (bf16) or in fp32, ``torch.optim.AdamW`` defaults.
+
+Definitions: images/s = batch / (mean step wall time over the timed steps of one repetition); TFLOP/s = the
+path's own analytic matmul FLOPs per step / step time; MFU = fastsupmae's model FLOPs (``train_flops``, the same
+numerator for both paths, so MFU is proportional to images/s) / step time / peak. The peak is the device's
+datasheet figure on GPUs, and on a CPU a large matmul measured in this run (both dtypes). Peak memory is
+``torch.cuda.max_memory_allocated`` of one step on GPUs; on a CPU, the largest growth of the process's resident
+set during one untimed step above its size before the step (activations, gradients, temporaries: the weights and
+optimizer state that already exist are not counted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import json
+import logging
+import os
+import platform
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastsupmae.bench.reference import ReferenceStep, build_reference, reference_optimizer
+from fastsupmae.config import Config, ConfigError, load_config
+from fastsupmae.errors import UserError
+
+log = logging.getLogger(__name__)
+
+PATHS = ("fastsupmae", "reference")
+PHASES = ("data", "forward", "backward", "optimizer")
+
+
+# ----------------------------------------------------------------------------------------------- the fast path
+
+
+class FastStep:
+    """One fastsupmae training step: model forward, backward, the trainer's optimizer (bf16: fp32 masters).
+
+    Args:
+        model: from ``build_model`` (fp32; cast to bf16 here when ``dtype == 'bf16'``).
+        cfg: the config (optimizer hyperparameters, ``train.clip_grad``).
+        dtype: 'fp32' or 'bf16'.
+        compile_model: wrap the model in ``torch.compile``.
+    """
+
+    def __init__(self, model: torch.nn.Module, cfg: Config, dtype: str, compile_model: bool = False,
+                 lr: float = 1e-4) -> None:
+        self.dtype = dtype
+        self.model = model
+        groups = model.param_groups(cfg.train.weight_decay)
+        self.params = [p for g in groups for p in g["params"]]
+        if dtype == "bf16":
+            # as DeepSpeed's bf16 mode: parameters (and BatchNorm statistics) in bf16; other buffers (position
+            # embeddings, pixel statistics) keep their dtype
+            for p in model.parameters():
+                p.data = p.data.to(torch.bfloat16)
+            for mod in model.modules():
+                if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+                    for name, buf in mod.named_buffers(recurse=False):
+                        if buf is not None and buf.is_floating_point():
+                            setattr(mod, name, buf.to(torch.bfloat16))
+            # fp32 masters of the bf16 weights (what DeepSpeed's bf16 optimizer keeps); the update runs on them
+            self.masters = [p.detach().float().requires_grad_(True) for p in self.params]
+            by_id = {id(p): m for p, m in zip(self.params, self.masters)}
+            groups = [{**g, "params": [by_id[id(p)] for p in g["params"]]} for g in groups]
+        else:
+            self.masters = None
+        self.optimizer = _trainer_optimizer(groups, cfg, lr)
+        self.fn = torch.compile(model) if compile_model else model
+
+    def forward(self, imgs: torch.Tensor, labels: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        return self.fn(imgs, labels, noise=noise)["loss"]
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    @torch.no_grad()
+    def optimizer_step(self) -> None:
+        if self.masters is not None:
+            grads = [p.grad for p in self.params]
+            for m, g in zip(self.masters, grads):
+                m.grad = g.float() if m.grad is None else m.grad.copy_(g)
+            self.optimizer.step()
+            torch._foreach_copy_(self.params, self.masters)  # cast the updated masters back to bf16
+            for p in self.params:
+                p.grad = None
+        else:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+
+def _trainer_optimizer(groups: list[dict], cfg: Config, lr: float) -> torch.optim.Optimizer:
+    """The trainer's optimizer (GuardedAdamW); plain fused AdamW if the engine package is not importable."""
+    betas = (float(cfg.train.betas[0]), float(cfg.train.betas[1]))
+    try:
+        from fastsupmae.engine.optim import GuardedAdamW
+    except ImportError:  # the engine is optional for this bench
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=cfg.train.weight_decay, fused=True)
+    return GuardedAdamW(groups, lr=lr, betas=betas, weight_decay=cfg.train.weight_decay,
+                        max_grad_norm=cfg.train.clip_grad)
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+class SyntheticBatches:
+    """A few fixed random uint8 batches handed out in turn (no decode cost: the model's own speed)."""
+
+    def __init__(self, cfg: Config, batch: int, device: torch.device, count: int = 4) -> None:
+        m = cfg.model
+        g = torch.Generator().manual_seed(0)
+        self.batches = [
+            {"images": torch.randint(0, 256, (batch, m.in_chans, *m.img_size), dtype=torch.uint8, generator=g
+                                     ).to(device),
+             "labels": torch.randint(0, m.num_classes, (batch,), generator=g).to(device)}
+            for _ in range(count)]
+        self.i = 0
+
+    def next(self) -> dict[str, torch.Tensor]:
+        self.i = (self.i + 1) % len(self.batches)
+        return self.batches[self.i]
+
+
+class PipelineBatches:
+    """Batches from the real training pipeline (``fastsupmae.pipelines.build_train_loader``), cycling epochs."""
+
+    def __init__(self, cfg: Config, device: torch.device) -> None:
+        from fastsupmae.pipelines import build_train_loader
+
+        self.loader = build_train_loader(cfg, 0, 1, device)
+        self.epoch = 0
+        self.it = iter(self.loader)
+        self.device = device
+
+    def next(self) -> dict[str, torch.Tensor]:
+        try:
+            b = next(self.it)
+        except StopIteration:
+            self.epoch += 1
+            if hasattr(self.loader, "set_epoch"):
+                self.loader.set_epoch(self.epoch)
+            self.it = iter(self.loader)
+            b = next(self.it)
+        return {"images": b["images"].to(self.device, non_blocking=True),
+                "labels": b["labels"].to(self.device, non_blocking=True)}
+
+
+# ----------------------------------------------------------------------------------------------- timing
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_steps(step: Any, data: Any, n: int, device: torch.device) -> dict[str, float]:
+    """Run ``n`` training steps; seconds per step (mean) of each phase and of the whole step.
+
+    The device is synchronised at phase boundaries (on a GPU this costs a little overlap, equally for both
+    paths); on a CPU every op is synchronous anyway.
+    """
+    tot = dict.fromkeys(PHASES, 0.0)
+    _sync(device)
+    t_start = time.perf_counter()
+    for _ in range(n):
+        t0 = time.perf_counter()
+        b = data.next()
+        _sync(device)
+        t1 = time.perf_counter()
+        loss = step.forward(b["images"], b["labels"])
+        _sync(device)
+        t2 = time.perf_counter()
+        step.backward(loss)
+        _sync(device)
+        t3 = time.perf_counter()
+        step.optimizer_step()
+        _sync(device)
+        t4 = time.perf_counter()
+        for k, a, z in zip(PHASES, (t0, t1, t2, t3), (t1, t2, t3, t4)):
+            tot[k] += z - a
+    wall = time.perf_counter() - t_start
+    out = {k: v / n for k, v in tot.items()}
+    out["step"] = wall / n
+    return out
+
+
+class _RssSampler:
+    """Samples the process's resident set size in a thread (CPU peak-memory estimate of one step)."""
+
+    def __init__(self, interval_s: float = 0.002) -> None:
+        self.interval = interval_s
+        self.peak = 0
+        self._stop = threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> _RssSampler:
+        self.start = self.rss()
+        self.peak = self.start
+        self._t = threading.Thread(target=self._loop, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self.rss())
+
+
+def step_peak_memory_gib(step: Any, data: Any, device: torch.device) -> float:
+    """Peak memory of one (untimed) step, GiB: see the module docstring for what is counted on CPU vs GPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        run_steps(step, data, 1, device)
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    if not os.path.exists("/proc/self/statm"):
+        return float("nan")
+    with _RssSampler() as s:
+        run_steps(step, data, 1, device)
+    return (s.peak - s.start) / 2**30
+
+
+def measure_peak_flops(device: torch.device, dtype: str, size: int = 1536) -> tuple[float, str]:
+    """(peak FLOP/s, where it comes from): the GPU's datasheet figure, or a large matmul measured now on CPU."""
+    if device.type == "cuda":
+        from fastsupmae.engine.metrics import device_peak_flops
+
+        peak = device_peak_flops(device, dtype)
+        return (peak or float("nan")), f"datasheet ({torch.cuda.get_device_name(device)})"
+    dt = torch.bfloat16 if dtype == "bf16" else torch.float32
+    # bf16 is emulated (and very slow) on CPUs without AVX512-BF16 / AMX: a smaller product keeps this short
+    n = size if dtype == "fp32" else max(size // 3, 1)
+    a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    threads = torch.get_num_threads()
+    return 2.0 * n**3 / best, f"measured in this run: {n}^3 {dtype} torch.mm, best of 3, {threads} threads"
+
+
+# ----------------------------------------------------------------------------------------------- one grid point
+
+
+@dataclass
+class Point:
+    size: str
+    batch: int
+    objective: str
+    mask_ratio: float
+    dtype: str
+
+    @property
+    def key(self) -> str:
+        mr = "-" if self.objective == "supervised" else f"{self.mask_ratio:g}"
+        return f"{self.objective}/{self.size}/b{self.batch}/m{mr}/{self.dtype}"
+
+
+def point_config(base: Config, p: Point) -> Config:
+    """``base`` with the grid point's model size / objective / mask ratio / batch (revalidated)."""
+    d = base.to_dict()
+    d["model"].update(size=p.size, objective=p.objective, mask_ratio=p.mask_ratio, embed_dim=None, depth=None,
+                      num_heads=None)
+    d["train"].update(micro_batch=p.batch, global_batch=p.batch)
+    try:
+        return load_config(None, d, world_size=1)
+    except ConfigError as e:
+        raise UserError(f"grid point {p.key}: {e}") from None
+
+
+def bench_point(base: Config, p: Point, args: argparse.Namespace, device: torch.device,
+                peaks: dict[str, float]) -> dict[str, Any]:
+    """Time both paths at one grid point; returns the JSON record."""
+    from fastsupmae.flops import train_flops
+    from fastsupmae.models import build_model
+
+    cfg = point_config(base, p)
+    torch.manual_seed(args.seed)
+    paths = [x for x in PATHS if x in args.paths]
+    steps: dict[str, Any] = {}
+    model = build_model(cfg, device=device).to(device).train()
+    if "reference" in paths:
+        ref = build_reference(cfg)
+        ref.load_state_dict(model.state_dict(), strict=True)  # the same weights in both paths
+        ref = ref.to(device).train()
+        steps["reference"] = ReferenceStep(ref, reference_optimizer(ref, cfg), p.dtype)
+        if args.compile in ("both",):
+            steps["reference"].model = torch.compile(ref)
+    if "fastsupmae" in paths:
+        steps["fastsupmae"] = FastStep(model, cfg, p.dtype, compile_model=args.compile in ("fastsupmae", "both"))
+    data = PipelineBatches(cfg, device) if args.data == "pipeline" else SyntheticBatches(cfg, p.batch, device)
+
+    flops = {"fastsupmae": train_flops(cfg, p.batch, fused=True), "reference": train_flops(cfg, p.batch, fused=False)}
+    model_flops = flops["fastsupmae"]
+    mem = {}
+    for name in paths:  # warm-up (allocator, thread pools, compilation), then one step for the memory figure
+        run_steps(steps[name], data, args.warmup, device)
+        mem[name] = step_peak_memory_gib(steps[name], data, device)
+    reps: dict[str, list[dict[str, float]]] = {n: [] for n in paths}
+    for r in range(args.reps):
+        order = paths if r % 2 == 0 else paths[::-1]  # alternate who goes first: load drift hits both alike
+        for name in order:
+            reps[name].append(run_steps(steps[name], data, args.steps, device))
+    peak = peaks[p.dtype]
+    rec: dict[str, Any] = {"point": p.key, "size": p.size, "batch": p.batch, "objective": p.objective,
+                           "mask_ratio": None if p.objective == "supervised" else p.mask_ratio, "dtype": p.dtype,
+                           "model_gflop_per_step": model_flops / 1e9, "paths": {}}
+    for name in paths:
+        times = reps[name]
+        med = {k: statistics.median(t[k] for t in times) for k in (*PHASES, "step")}
+        ips = [p.batch / t["step"] for t in times]
+        rec["paths"][name] = {
+            "images_per_s": statistics.median(ips), "images_per_s_reps": ips,
+            "step_ms": med["step"] * 1e3, **{f"{k}_ms": med[k] * 1e3 for k in PHASES},
+            "gflop_per_step": flops[name] / 1e9, "tflops": flops[name] / med["step"] / 1e12,
+            "mfu": model_flops / med["step"] / peak if peak == peak else None,
+            "peak_mem_gib": mem[name],
+        }
+    if len(paths) == 2:
+        pairs = [f["step"] and r_["step"] / f["step"] for f, r_ in zip(reps["fastsupmae"], reps["reference"])]
+        rec["speedup"] = statistics.median(pairs)
+        rec["speedup_reps"] = pairs
+    del steps, model, data
+    return rec
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+def _csv(kind: type):
+    def parse(s: str) -> list:
+        try:
+            return [kind(x) for x in s.split(",") if x]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got '{s}'") \
+                from None
+    return parse
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``fastsupmae bench train``."""
+    from fastsupmae.cli import add_config_args
+
+    add_config_args(p, default=None)
+    p.add_argument("--sizes", type=_csv(str), default=["small", "base"], help="model sizes (comma-separated)")
+    p.add_argument("--batches", type=_csv(int), default=[16], help="per-device batches (comma-separated)")
+    p.add_argument("--objectives", type=_csv(str), default=["supmae"], help="supmae,mae,supervised")
+    p.add_argument("--mask-ratios", type=_csv(float), default=[0.75], help="mask ratios of the masked objectives")
+    p.add_argument("--dtypes", type=_csv(str), default=["fp32"], help="fp32,bf16 (both paths in that dtype)")
+    p.add_argument("--img-size", type=int, default=224, help="square image side")
+    p.add_argument("--paths", type=_csv(str), default=list(PATHS), help="fastsupmae,reference")
+    p.add_argument("--data", default="synthetic", choices=["synthetic", "pipeline"],
+                   help="fixed random uint8 batches, or the configured real pipeline (data.* keys)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per path before timing")
+    p.add_argument("--steps", type=int, default=2, help="timed steps per repetition")
+    p.add_argument("--reps", type=int, default=3, help="interleaved repetitions (the median is reported)")
+    p.add_argument("--compile", default="none", choices=["none", "fastsupmae", "both"],
+                   help="torch.compile the fastsupmae model (or both models)")
+    p.add_argument("--cost-growth", action="store_true",
+                   help="also sweep mask ratio 0.5/0.75/0.9 + supervised, and the sizes, fastsupmae path only, "
+                        "beside the analytic prediction")
+    p.add_argument("--cost-size", default="small", help="model size of the mask-ratio sweep")
+    p.add_argument("--cost-sizes", type=_csv(str), default=["tiny", "small", "base"], help="sizes of the size sweep")
+    p.add_argument("--peak-size", type=int, default=1536, help="side of the CPU peak-measuring matmul (bf16: 1/3)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default="bench_train.json", metavar="PATH", help="write all results here")
+
+
+def _base_config(args: argparse.Namespace) -> Config:
+    over = [f"model.img_size=[{args.img_size},{args.img_size}]", "data.dataset=synthetic", *args.overrides] \
+        if args.data == "synthetic" else [f"model.img_size=[{args.img_size},{args.img_size}]", *args.overrides]
+    try:
+        return load_config(args.config or [], over, world_size=1)
+    except ConfigError as e:
+        raise UserError(str(e)) from None
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device here; use --device cpu (or auto)")
+    return dev
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {"date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                            "host": platform.node(), "python": platform.python_version(), "torch": torch.__version__,
+                            "device": str(device), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+    with contextlib.suppress(OSError):
+        info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
+                           platform.processor())
+        info["cpu_flags_bf16"] = any(f in open("/proc/cpuinfo").read() for f in ("avx512_bf16", "amx_bf16"))
+    with contextlib.suppress(OSError):
+        info["loadavg_start"] = os.getloadavg()
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def cost_growth(base: Config, args: argparse.Namespace, device: torch.device, peaks: dict[str, float]
+                ) -> dict[str, list[dict[str, Any]]]:
+    """images/s of the fastsupmae path vs mask ratio (+ supervised) and vs size, with the FLOP-count prediction.
+
+    The prediction scales the measured images/s of the first point by the ratio of analytic training FLOPs.
+    """
+    from fastsupmae.flops import train_flops
+
+    a = argparse.Namespace(**{**vars(args), "paths": ["fastsupmae"]})
+    b, dt = args.batches[0], args.dtypes[0]
+    out: dict[str, list[dict[str, Any]]] = {"mask_ratio": [], "size": []}
+    sweeps = {"mask_ratio": [Point(args.cost_size, b, "supmae", r, dt) for r in (0.5, 0.75, 0.9)]
+              + [Point(args.cost_size, b, "supervised", 0.75, dt)],
+              "size": [Point(s, b, "supmae", 0.75, dt) for s in args.cost_sizes]}
+    for name, pts in sweeps.items():
+        first = None
+        for p in pts:
+            rec = bench_point(base, p, a, device, peaks)
+            ips = rec["paths"]["fastsupmae"]["images_per_s"]
+            fl = train_flops(point_config(base, p), b)
+            if first is None:
+                first = (ips, fl)
+            row = {"point": p.key, "objective": p.objective, "size": p.size,
+                   "mask_ratio": rec["mask_ratio"], "images_per_s": ips, "gflop_per_image": fl / b / 1e9,
+                   "predicted_images_per_s": first[0] * first[1] / fl, "relative_measured": ips / first[0],
+                   "relative_predicted": first[1] / fl}
+            out[name].append(row)
+            log.info("cost growth %s: %.2f img/s (FLOP prediction %.2f)", p.key, ips, row["predicted_images_per_s"])
+    return out
+
+
+def format_table(records: list[dict[str, Any]]) -> str:
+    hdr = (f"{'point':34s} {'path':10s} {'img/s':>8s} {'step ms':>9s} {'data':>6s} {'fwd':>8s} {'bwd':>8s} "
+           f"{'opt':>7s} {'TFLOP/s':>8s} {'MFU':>6s} {'mem GiB':>8s} {'speedup':>8s}")
+    lines = [hdr, "-" * len(hdr)]
+    for r in records:
+        for name, s in r["paths"].items():
+            sp = f"{r['speedup']:.3f}x" if name == "fastsupmae" and "speedup" in r else ""
+            mfu = f"{s['mfu'] * 100:5.1f}%" if s["mfu"] is not None else "   n/a"
+            lines.append(f"{r['point']:34s} {name:10s} {s['images_per_s']:8.2f} {s['step_ms']:9.1f} "
+                         f"{s['data_ms']:6.1f} {s['forward_ms']:8.1f} {s['backward_ms']:8.1f} "
+                         f"{s['optimizer_ms']:7.1f} {s['tflops']:8.4f} {mfu} {s['peak_mem_gib']:8.2f} {sp:>8s}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = _device(args.device)
+    bad = [x for x in args.paths if x not in PATHS] + [x for x in args.dtypes if x not in ("fp32", "bf16")]
+    if bad:
+        raise UserError(f"unknown --paths / --dtypes value(s) {bad}: paths are {', '.join(PATHS)}; dtypes fp32, bf16")
+    if min(args.steps, args.reps) < 1 or args.warmup < 0:
+        raise UserError("--steps and --reps must be >= 1 and --warmup >= 0")
+    base = _base_config(args)
+    info = machine_info(device)
+    peaks, peak_src = {}, {}
+    for dt in dict.fromkeys(args.dtypes):
+        peaks[dt], peak_src[dt] = measure_peak_flops(device, dt, args.peak_size)
+    log.info("peak: %s", ", ".join(f"{d} {peaks[d] / 1e12:.4f} TFLOP/s ({peak_src[d]})" for d in peaks))
+    points = [Point(s, b, o, (0.75 if o == "supervised" else m), dt)
+              for dt in args.dtypes for s in args.sizes for b in args.batches for o in args.objectives
+              for m in (args.mask_ratios if o != "supervised" else [0.75])]
+    points = list({p.key: p for p in points}.values())
+    records = []
+    for p in points:
+        log.info("bench %s ...", p.key)
+        rec = bench_point(base, p, args, device, peaks)
+        records.append(rec)
+        log.info("%s: %s", p.key, ", ".join(f"{n} {s['images_per_s']:.2f} img/s" for n, s in rec["paths"].items()))
+    result: dict[str, Any] = {
+        "what": "fastsupmae bench train: measured training-step throughput (median of interleaved repetitions)",
+        "machine": info, "peak_tflops": {d: peaks[d] / 1e12 for d in peaks}, "peak_source": peak_src,
+        "settings": {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("config",)},
+        "img_size": args.img_size, "records": records,
+    }
+    print(f"== bench train: {info.get('cpu', info['device'])}, {info['threads']} threads, {info['date_utc']}; "
+          f"median of {args.reps} interleaved reps x {args.steps} steps; peak "
+          + ", ".join(f"{d} {peaks[d] / 1e12:.4f} TFLOP/s" for d in peaks) + " ==")
+    print(format_table(records))
+    if args.cost_growth:
+        cg = cost_growth(base, args, device, peaks)
+        result["cost_growth"] = cg
+        for name, rows in cg.items():
+            print(f"\n-- cost growth vs {name} (fastsupmae path; prediction = first point x FLOP ratio) --")
+            print(f"{'point':34s} {'GFLOP/img':>10s} {'img/s':>8s} {'predicted':>10s} {'rel meas':>9s} "
+                  f"{'rel pred':>9s}")
+            for r in rows:
+                print(f"{r['point']:34s} {r['gflop_per_image']:10.2f} {r['images_per_s']:8.2f} "
+                      f"{r['predicted_images_per_s']:10.2f} {r['relative_measured']:9.3f} "
+                      f"{r['relative_predicted']:9.3f}")
+    with contextlib.suppress(OSError):
+        result["machine"]["loadavg_end"] = os.getloadavg()
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1, default=str))
+        log.info("wrote %s", args.json)
+    return 0
