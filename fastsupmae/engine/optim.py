@@ -46,7 +46,8 @@ class GuardedAdamW(torch.optim.AdamW):
 
     Each ``step()`` computes the norm of the gradients it sees with one fused per-tensor pass and hands the flag
     ``norm is not finite`` to the fused kernel as ``found_inf`` (the mechanism GradScaler uses): the kernel then
-    leaves params, moments and the step count untouched. No host sync.
+    leaves params, moments and the step count untouched. Clipping rides on the kernel's ``grad_scale`` input.
+    No host sync.
 
     With ``sharded=False`` (ZeRO stage 0: every rank holds the full, already averaged gradients, and DeepSpeed
     calls ``step()`` once) the norm is the global one, so clipping to ``max_grad_norm`` happens here too.
@@ -74,17 +75,18 @@ class GuardedAdamW(torch.optim.AdamW):
         if grads:
             norm = torch.stack([n.float() for n in torch._foreach_norm(grads)]).square().sum().sqrt()
             found = (~torch.isfinite(norm)).float()
-            if self.max_grad_norm > 0 and not self.sharded:
-                coef = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
-                coef = torch.where(found > 0, torch.ones_like(coef), coef)  # keep NaN out of the scale
-                torch._foreach_mul_(grads, coef.to(grads[0].dtype))
-            self.found_inf = found
             self.grad_scale = None
+            if self.max_grad_norm > 0 and not self.sharded:
+                # The fused kernel divides each gradient by grad_scale as it reads it, so clipping costs no
+                # extra pass over the gradients: scale = 1 / min(1, max_norm / (norm + 1e-6)) (torch's rule).
+                scale = torch.clamp((norm + 1e-6) / self.max_grad_norm, min=1.0)
+                self.grad_scale = torch.where(found > 0, torch.ones_like(scale), scale)  # keep NaN out of it
+            self.found_inf = found
             prev = self.last_found_inf
             self.last_found_inf = found if prev is None else torch.maximum(prev, found)
             self.last_grad_norm = norm
         out = super().step(closure)
-        self.found_inf = None
+        self.found_inf = self.grad_scale = None
         return out
 
 
