@@ -43,6 +43,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iters", type=int, default=20, help="timed repetitions per side (median reported)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--only", default="", help="comma-separated subset of the kernel names in the table")
+    parser.add_argument("--aot-compile", default="", metavar="ARCHS",
+                        help="only compile every kernel for these CUDA archs (e.g. 80,90; no GPU needed) and print "
+                             "registers / spills, then exit")
     parser.add_argument("--check", action="store_true",
                         help="only compare every Triton op with its torch twin on this device (fwd + bwd) and exit")
 
@@ -313,8 +316,108 @@ def check(device: torch.device, b: int = 4) -> int:
     return fails
 
 
+def _aot_variants() -> list[tuple[str, object, dict[str, str], dict[str, object], int]]:
+    """(label, kernel, signature, constexprs, num_warps) of every kernel as ops.py launches it on a GPU at
+    ViT-B/16 shapes (p 16, 3 channels, patch vector 768 -> BLOCK 1024, 4 patches per program)."""
+    from .triton_masked_mse import mse_bwd_kernel, mse_partial_kernel
+    from .triton_norm_pix import norm_pix_kernel
+    from .triton_norm_pix_loss import norm_pix_mse_kernel
+    from .triton_patch import patch_gather_kernel, patch_scatter_kernel
+    from .triton_patch_embed import patch_embed_kernel
+    from .triton_unshuffle import unshuffle_bwd_kernel, unshuffle_fwd_kernel
+
+    strides = {"s_b": "i32", "s_c": "i32", "s_h": "i32", "s_w": "i32"}
+    patch = {"C": 3, "P": 16, "PSZ": 768, "BLOCK": 1024, "ROWS_PER_PROG": 4}
+    cx = lambda *names: {n: "constexpr" for n in names}  # noqa: E731
+    out = []
+    for img, dst, norm in (("*u8", "*bf16", True), ("*fp32", "*fp32", False), ("*bf16", "*bf16", False)):
+        sig = {"img_ptr": img, "ids_ptr": "*i64", "scale_ptr": "*fp32", "shift_ptr": "*fp32", "out_ptr": dst,
+               "ROWS": "i32", "K": "i32", "GW": "i32", **strides, **cx(*patch, "NORMALIZE")}
+        out.append((f"patch_gather {img[1:]}->{dst[1:]}", patch_gather_kernel, sig, {**patch, "NORMALIZE": norm}, 8))
+    for src, dst in (("*bf16", "*fp32"), ("*fp32", "*fp32"), ("*fp32", "*bf16")):
+        sig = {"src_ptr": src, "inv_ptr": "*i32", "out_ptr": dst, "ROWS": "i32", "K": "i32", "N": "i32", "GW": "i32",
+               **strides, **cx(*patch)}
+        out.append((f"patch_scatter {src[1:]}->{dst[1:]}", patch_scatter_kernel, sig, dict(patch), 8))
+    sig = {"img_ptr": "*u8", "ids_ptr": "*i64", "scale_ptr": "*fp32", "shift_ptr": "*fp32", "out_ptr": "*fp32",
+           "rstd_ptr": "*fp32", "ROWS": "i32", "M": "i32", "GW": "i32", **strides, "eps": "fp32",
+           **cx(*patch, "NORMALIZE", "NORM_PIX")}
+    out.append(("norm_pix_targets u8", norm_pix_kernel, sig, {**patch, "NORMALIZE": True, "NORM_PIX": True}, 8))
+    for bwd in (False, True):
+        sig = {"pred_ptr": "*bf16", "img_ptr": "*u8", "ids_ptr": "*i64", "scale_ptr": "*fp32", "shift_ptr": "*fp32",
+               "partial_ptr": "*fp32", "grad_ptr": "*fp32", "gpred_ptr": "*bf16", "ROWS": "i32", "M": "i32",
+               "GW": "i32", **strides, "eps": "fp32", "numel": "i32",
+               **cx(*patch, "NORMALIZE", "NORM_PIX", "BACKWARD")}
+        out.append((f"norm_pix_mse {'bwd' if bwd else 'fwd'} bf16/u8", norm_pix_mse_kernel, sig,
+                    {**patch, "NORMALIZE": True, "NORM_PIX": True, "BACKWARD": bwd}, 8))
+    for dt, prec in (("bf16", "tf32"), ("fp32", "ieee")):
+        sig = {"img_ptr": "*u8", "ids_ptr": "*i64", "w_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "pos_ptr": "*fp32",
+               "scale_ptr": "*fp32", "shift_ptr": "*fp32", "out_ptr": f"*{dt}", "ROWS": "i32", "K": "i32", "D": "i32",
+               "GW": "i32", **strides, **cx("C", "P", "PSZ", "BLOCK_M", "BLOCK_N", "BLOCK_K", "NORMALIZE", "HAS_BIAS",
+                                            "DOT_FP32", "INPUT_PRECISION", "IDX64")}
+        const = {"C": 3, "P": 16, "PSZ": 768, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "NORMALIZE": True,
+                 "HAS_BIAS": True, "DOT_FP32": False, "INPUT_PRECISION": prec, "IDX64": False}
+        out.append((f"patch_embed u8->{dt}", patch_embed_kernel, sig, const, 8))
+        out.append((f"patch_embed u8->{dt} idx64", patch_embed_kernel, sig, {**const, "IDX64": True}, 8))
+    blk = {"BLOCK_R": 16, "BLOCK_D": 128}
+    sig = {"y_ptr": "*bf16", "mask_ptr": "*fp32", "ids_ptr": "*i64", "pos_ptr": "*fp32", "out_ptr": "*bf16",
+           "K": "i32", "N": "i32", "D": "i32", **cx(*blk)}
+    out.append(("unshuffle fwd bf16", unshuffle_fwd_kernel, sig, dict(blk), 4))
+    sig = {"g_ptr": "*bf16", "ids_ptr": "*i64", "gy_ptr": "*bf16", "gmask_ptr": "*fp32", "K": "i32", "N": "i32",
+           "D": "i32", **cx(*blk)}
+    out.append(("unshuffle bwd bf16", unshuffle_bwd_kernel, sig, dict(blk), 4))
+    sig = {"pred_ptr": "*bf16", "target_ptr": "*fp32", "partial_ptr": "*fp32", "numel": "i32", **cx("BLOCK", "CHUNKS")}
+    out.append(("masked_mse fwd bf16/fp32", mse_partial_kernel, sig, {"BLOCK": 1024, "CHUNKS": 8}, 4))
+    sig = {"grad_ptr": "*fp32", "pred_ptr": "*bf16", "target_ptr": "*fp32", "gpred_ptr": "*bf16",
+           "gtarget_ptr": "*fp32", "numel": "i32", **cx("BLOCK", "NEED_TARGET")}
+    out.append(("masked_mse bwd bf16/fp32", mse_bwd_kernel, sig, {"BLOCK": 1024, "NEED_TARGET": True}, 4))
+    return out
+
+
+def aot_compile(archs: list[int], only: str = "") -> int:
+    """Compile every kernel (GPU launch configuration) to a CUDA binary for ``archs`` (e.g. 80, 90) without a
+    GPU, and print registers / spill (local) bytes / shared memory from the cubin. ``only``: a substring of the
+    kernel labels to restrict to. Returns #failures.
+
+    Must run without TRITON_INTERPRET (the interpreter replaces the kernels by Python functions).
+    """
+    import os
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("--aot-compile needs TRITON_INTERPRET unset (the interpreter does not compile kernels)")
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    fails = 0
+    print(f"{'kernel':<34}{'arch':>6}{'regs':>6}{'spill B':>9}{'smem B':>8}")
+    for label, fn, sig, const, warps in _aot_variants():
+        if only not in label:
+            continue
+        for arch in archs:
+            try:
+                k = triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", arch, 32),
+                                   options={"num_warps": warps})
+                with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                    f.write(k.asm["cubin"])
+                    f.flush()
+                    usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+                fields = dict(kv.split(":", 1) for kv in usage.split() if ":" in kv and kv.split(":", 1)[1].isdigit())
+                print(f"{label:<34}{arch:>6}{fields.get('REG', '?'):>6}{fields.get('LOCAL', '?'):>9}"
+                      f"{fields.get('SHARED', '?'):>8}")
+            except Exception as e:  # report every kernel, then fail
+                fails += 1
+                print(f"{label:<34}{arch:>6}  FAILED: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    print(f"{fails} failure(s)")
+    return fails
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark and print the table (or, with --check, only the correctness check)."""
+    if args.aot_compile:
+        return 1 if aot_compile([int(x) for x in args.aot_compile.split(",")]) else 0
     cuda = torch.cuda.is_available()
     if args.device == "cuda" and not cuda:
         raise SystemExit("bench kernels --device cuda: no CUDA device here; use --device cpu (or auto)")

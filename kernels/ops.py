@@ -191,7 +191,7 @@ def _embed_precision(cdt: torch.dtype) -> str:
 
 
 def _embed_tiles() -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K). GPU: 64x64 output tiles stepping 32 pixels (bf16 tensor cores, 4 warps).
+    """(BLOCK_M, BLOCK_N, BLOCK_K). GPU: 64x64 output tiles stepping 32 pixels (bf16 tensor cores, 8 warps).
     The interpreter runs the same code with a longer K step because it pays per loop trip."""
     return (64, 64, 128) if _INTERPRET else (64, 64, 32)
 
@@ -226,7 +226,8 @@ def _patch_embed_visible(
             imgs, ids.contiguous(), w2, bias if bias is not None else w2, pos2, scale, shift, out,
             rows, k, d, gw, *imgs.stride(),
             C=c, P=p, PSZ=psz, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NORMALIZE=normalize, HAS_BIAS=bias is not None,
-            DOT_FP32=_INTERPRET, INPUT_PRECISION=_embed_precision(cdt), num_warps=4,
+            DOT_FP32=_INTERPRET, INPUT_PRECISION=_embed_precision(cdt),
+            IDX64=max(imgs.numel(), rows * max(d, psz), pos2.numel()) >= 2**31, num_warps=8,
         )
     return out
 

@@ -19,26 +19,32 @@ from .triton_cast import to_dtype
 
 
 @triton.jit
-def patch_pixel_offsets(b, n, e, GW, C: tl.constexpr, P: tl.constexpr, s_b, s_c, s_h, s_w):
-    """Element offsets into the image of elements ``e`` [BLOCK] of patch ``n`` in image ``b`` (int64)."""
-    i = n // GW
-    j = n % GW
-    c = e % C
-    q = (e // C) % P
-    pp = e // (C * P)
-    return b * s_b + c * s_c + (i * P + pp) * s_h + (j * P + q) * s_w
+def patch_row_offsets(b, n, GW, P: tl.constexpr, s_b, s_h, s_w):
+    """Offset of the top-left pixel (channel 0) of patch ``n`` of image ``b`` (int64, any shape)."""
+    return b * s_b + (n // GW) * P * s_h + (n % GW) * P * s_w
 
 
 @triton.jit
-def patch_pixel_offsets_cpq(b, n, e, GW, P: tl.constexpr, s_b, s_c, s_h, s_w):
-    """Like :func:`patch_pixel_offsets` for elements in Conv2d weight order (c, p, q): runs of p pixels are
+def patch_col_offsets(e, C: tl.constexpr, P: tl.constexpr, s_c, s_h, s_w):
+    """Offset of element ``e`` of a patch vector in (p, q, c) order from the patch's top-left pixel."""
+    return (e % C) * s_c + (e // (C * P)) * s_h + ((e // C) % P) * s_w
+
+
+@triton.jit
+def patch_col_offsets_cpq(e, P: tl.constexpr, s_c, s_h, s_w):
+    """Like :func:`patch_col_offsets` for elements in Conv2d weight order (c, p, q): runs of p pixels are
     contiguous in an NCHW image, so loads in this order coalesce (used where the order is free: a dot product)."""
-    i = n // GW
-    j = n % GW
-    c = e // (P * P)
-    pp = (e // P) % P
-    q = e % P
-    return b * s_b + c * s_c + (i * P + pp) * s_h + (j * P + q) * s_w
+    return (e // (P * P)) * s_c + ((e // P) % P) * s_h + (e % P) * s_w
+
+
+@triton.jit
+def patch_pixel_offsets(b, n, e, GW, C: tl.constexpr, P: tl.constexpr, s_b, s_c, s_h, s_w):
+    """Element offsets into the image of elements ``e`` of patch ``n`` in image ``b``.
+
+    Row part (per patch) + column part (per element): with b, n [R, 1] and e [1, BLOCK] the only [R, BLOCK]
+    operation is the final add.
+    """
+    return patch_row_offsets(b, n, GW, P, s_b, s_h, s_w) + patch_col_offsets(e, C, P, s_c, s_h, s_w)
 
 
 @triton.jit

@@ -7,7 +7,8 @@ A operand of the matmul is loaded directly from the image pixels of the K kept p
 folded in), so neither the patchified image nor the all-patch embedding is ever written. Bias and the gathered
 position embedding are added in the epilogue while the tile is still in registers.
 
-Tiles: BLOCK_M gathered patches x BLOCK_N output channels, stepping BLOCK_K pixels; fp32 accumulation. On GPUs the
+Tiles: BLOCK_M gathered patches x BLOCK_N output channels, stepping BLOCK_K pixels; fp32 accumulation. The
+per-patch part of the pixel addresses is computed once, outside the K loop. On GPUs the
 dot runs in the operands' dtype (bf16 tensor cores; fp32 as IEEE unless TF32 is allowed by torch's flag).
 ``DOT_FP32`` upcasts both operands first: the Triton interpreter computes bf16 dots wrongly (triton#11584).
 """
@@ -18,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .triton_cast import to_dtype
-from .triton_patch import patch_pixel_offsets_cpq
+from .triton_patch import patch_col_offsets_cpq, patch_row_offsets
 
 
 @triton.jit
@@ -49,21 +50,28 @@ def patch_embed_kernel(
     HAS_BIAS: tl.constexpr,
     DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    IDX64: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    # 32-bit index math unless the tensors need more (IDX64): it halves the address registers of the gathered
+    # A tile (measured on sm_90 cubins at 8 warps: 128 registers instead of 198).
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if IDX64:
+        rows = rows.to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rvalid = rows < ROWS
     cvalid = cols < D
     b = rows // K
-    n = tl.load(ids_ptr + rows, mask=rvalid, other=0).to(tl.int64)
+    n = tl.load(ids_ptr + rows, mask=rvalid, other=0)
+    n = n.to(tl.int64) if IDX64 else n.to(tl.int32)
     cdt = w_ptr.dtype.element_ty
+    base = patch_row_offsets(b, n, GW, P, s_b, s_h, s_w)  # [BLOCK_M] int64, hoisted out of the K loop
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, PSZ, BLOCK_K):
         e = k0 + tl.arange(0, BLOCK_K)
         evalid = e < PSZ
-        offs = patch_pixel_offsets_cpq(b[:, None], n[:, None], e[None, :], GW, P, s_b, s_c, s_h, s_w)
+        offs = base[:, None] + patch_col_offsets_cpq(e, P, s_c, s_h, s_w)[None, :]
         am = rvalid[:, None] & evalid[None, :]
         a = tl.load(img_ptr + offs, mask=am, other=0)
         if NORMALIZE:
