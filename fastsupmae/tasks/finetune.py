@@ -3,7 +3,7 @@
 The classifier is :class:`fastsupmae.models.SupervisedViT` with ``global_pool``: mean of the patch tokens ->
 ``fc_norm`` (LayerNorm) -> ``head`` (Linear), timm's layout, so the result exports to timm unchanged.
 Recipe pieces, each an option: layer-wise lr decay (0.65), drop path (0.1), mixup (0.8) / cutmix (1.0) with
-label smoothing (0.1) folded into the soft targets, RandAugment (rand-m9-mstd0.5-inc1), random erasing (0.25),
+label smoothing (0.1) folded into the soft targets, RandAugment (n 2, m 9), random erasing (0.25),
 AdamW (0.9, 0.999), warmup + cosine to min_lr, optional EMA of the weights.
 
 Initialisation (``init``): our checkpoints (files or DeepSpeed directories), the official MAE / SupMAE
@@ -28,7 +28,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -60,7 +59,7 @@ class FinetuneOptions:
     cutmix: float = 1.0  # Beta(alpha, alpha) cutmix; 0 = off
     mixup_switch_prob: float = 0.5  # with both on: probability of cutmix for a batch
     reprob: float = 0.25  # random erasing probability per image
-    randaug: str = "rand-m9-mstd0.5-inc1"  # timm RandAugment spec; '' or 'none' = off
+    randaug: bool = True  # RandAugment n=2, m=9 (timm's rand-m9-mstd0.5-inc1 as the pipelines implement it)
     ema_decay: float = 0.0  # EMA of the weights (e.g. 0.9999); 0 = off
     eval_every: int = 0  # optimizer steps between validations (0 = only at the end)
 
@@ -179,110 +178,34 @@ def param_groups_lrd(model: nn.Module, weight_decay: float, layer_decay: float) 
     return list(groups.values())
 
 
-# ----------------------------------------------------------------------------------------------- batch mixing
+# ----------------------------------------------------------------------------------------------- augmentation
 
-def one_hot_smooth(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
-    """int64 [B] -> float32 [B, C] with ``smoothing`` spread evenly over all classes (timm's convention)."""
-    off = smoothing / num_classes
-    out = torch.full((labels.shape[0], num_classes), off, device=labels.device)
-    return out.scatter_(1, labels[:, None], 1.0 - smoothing + off)
+class InMemoryFinetuneAug:
+    """RandAugment + random erasing for loaders that hand out whole uint8 batches (Fashion-MNIST, synthetic).
 
-
-def mixup_cutmix(x: torch.Tensor, labels: torch.Tensor, num_classes: int, mixup: float, cutmix: float,
-                 switch_prob: float, smoothing: float, rng: np.random.Generator | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batch mixup / cutmix: each image is mixed with the batch reversed (timm's 'batch' mode).
-
-    Args:
-        x: float [B, C, H, W] (normalised images). labels: int64 [B].
-        mixup, cutmix: Beta concentration of each (0 = that one off); with both on, cutmix is chosen with
-            probability ``switch_prob``.
-        smoothing: label smoothing of the two one-hot targets.
-        rng: numpy generator for the (scalar) draws.
-
-    Returns:
-        mixed images [B, C, H, W] and soft targets float32 [B, num_classes] (rows sum to 1).
-    """
-    rng = rng if rng is not None else np.random.default_rng()
-    y1 = one_hot_smooth(labels, num_classes, smoothing)
-    if mixup <= 0 and cutmix <= 0:
-        return x, y1
-    y2 = y1.flip(0)
-    use_cut = cutmix > 0 and (mixup <= 0 or rng.random() < switch_prob)
-    alpha = cutmix if use_cut else mixup
-    lam = float(rng.beta(alpha, alpha))
-    if use_cut:
-        h, w = x.shape[-2:]
-        cut = math.sqrt(1.0 - lam)
-        ch, cw = int(h * cut), int(w * cut)
-        cy, cx = int(rng.integers(0, h)), int(rng.integers(0, w))
-        top, bottom = max(cy - ch // 2, 0), min(cy + ch // 2, h)
-        left, right = max(cx - cw // 2, 0), min(cx + cw // 2, w)
-        x = x.clone()
-        x[..., top:bottom, left:right] = x.flip(0)[..., top:bottom, left:right]
-        lam = 1.0 - (bottom - top) * (right - left) / float(h * w)  # the box actually pasted (clipped at borders)
-    else:
-        x = x * lam + x.flip(0) * (1.0 - lam)
-    return x, y1 * lam + y2 * (1.0 - lam)
-
-
-def random_erasing(x: torch.Tensor, prob: float, rng: np.random.Generator | None = None,
-                   area: tuple[float, float] = (0.02, 1 / 3), ratio: tuple[float, float] = (0.3, 1 / 0.3)
-                   ) -> torch.Tensor:
-    """timm's RandomErasing (mode 'pixel', one box): with probability ``prob`` per image, a random box of the
-    normalised image is replaced by standard-normal noise.
-
-    Args:
-        x: float [B, C, H, W] normalised images (a modified copy is returned).
-        area: box area range as a fraction of the image; ratio: aspect range (sampled log-uniformly).
-    """
-    if prob <= 0:
-        return x
-    rng = rng if rng is not None else np.random.default_rng()
-    x = x.clone()
-    b, c, h, w = x.shape
-    for i in range(b):
-        if rng.random() >= prob:
-            continue
-        for _ in range(10):  # attempts, as timm
-            target = rng.uniform(*area) * h * w
-            r = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
-            eh, ew = int(round(math.sqrt(target * r))), int(round(math.sqrt(target / r)))
-            if 0 < eh < h and 0 < ew < w:
-                top, left = int(rng.integers(0, h - eh + 1)), int(rng.integers(0, w - ew + 1))
-                noise = torch.from_numpy(rng.standard_normal((c, eh, ew), dtype=np.float32))
-                x[i, :, top:top + eh, left:left + ew] = noise.to(x)
-                break
-    return x
-
-
-class RandAugment:
-    """timm's RandAugment (``rand-m9-mstd0.5-inc1``) applied per image to a uint8 batch on the CPU.
-
-    The image folder pipelines apply augmentation while decoding; the in-memory datasets (Fashion-MNIST) hand
-    out whole uint8 batches, so fine-tuning augments those here, image by image through PIL (~0.3 ms per
-    28x28 image).
+    The file-backed pipelines (DALI and the CPU fallback) apply both while decoding when built with
+    ``recipe='finetune'``; the in-memory loader does not, so fine-tuning applies the same functions of
+    :mod:`fastsupmae.pipelines.finetune_aug` here, image by image.
     """
 
-    def __init__(self, spec: str, img_hw: tuple[int, int], mean: list[float]) -> None:
-        from timm.data.auto_augment import rand_augment_transform
-
-        fill = tuple(int(round(255 * m)) for m in mean)
-        self.transform = rand_augment_transform(spec, {"translate_const": int(min(img_hw) * 0.45), "img_mean": fill})
+    def __init__(self, randaug: bool, reprob: float, mean: list[float], std: list[float], seed: int) -> None:
+        self.randaug, self.reprob = randaug, reprob
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.g = torch.Generator().manual_seed(seed)
 
     def __call__(self, imgs: torch.Tensor) -> torch.Tensor:
         """uint8 [B, C, H, W] -> uint8 [B, C, H, W]."""
-        import numpy as np
-        from PIL import Image
+        from fastsupmae.pipelines.finetune_aug import rand_augment_uint8, random_erase_uint8
 
         dev = imgs.device
-        arr = imgs.cpu().permute(0, 2, 3, 1).numpy()
-        out = []
-        for a in arr:
-            im = Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a)
-            r = np.asarray(self.transform(im))
-            out.append(r[..., None] if r.ndim == 2 else r)
-        return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous().to(dev)
+        x = imgs.cpu()
+        if self.randaug:
+            x = torch.stack([rand_augment_uint8(im, self.g) for im in x])
+        else:
+            x = x.clone()
+        if self.reprob > 0:
+            random_erase_uint8(x, self.mean, self.std, self.g, p=self.reprob)
+        return x.to(dev)
 
 
 # ----------------------------------------------------------------------------------------------- EMA
@@ -327,7 +250,7 @@ def finetune(cfg: Config, opts: FinetuneOptions, device: torch.device | str = "c
     device = torch.device(device)
     t, m = cfg.train, cfg.model
     torch.manual_seed(t.seed)
-    rng = np.random.default_rng(t.seed + 1)
+    gen = torch.Generator().manual_seed(t.seed + 1)
     model = build_model(cfg, device=device)
     head = model.head
     if opts.init or init_state is not None:
@@ -342,7 +265,9 @@ def finetune(cfg: Config, opts: FinetuneOptions, device: torch.device | str = "c
     nn.init.zeros_(head.bias)
     model.to(device)
 
-    train_loader = train_loader if train_loader is not None else build_train_loader(cfg, 0, 1, device)
+    if train_loader is None:
+        # file-backed pipelines apply RandAugment + random erasing themselves under the 'finetune' recipe
+        train_loader = build_train_loader(cfg, 0, 1, device, recipe="finetune")
     val_loader = val_loader if val_loader is not None else build_eval_loader(cfg, "val", device=device)
     accum = max(1, t.global_batch // t.micro_batch)
     steps_per_epoch = max(1, len(train_loader) // accum)
@@ -353,8 +278,11 @@ def finetune(cfg: Config, opts: FinetuneOptions, device: torch.device | str = "c
     opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=peak,
                             betas=tuple(t.betas))
     ema = ModelEMA(model, opts.ema_decay) if opts.ema_decay > 0 else None
-    randaug = (RandAugment(opts.randaug, tuple(m.img_size), cfg.data.mean)
-               if opts.randaug and opts.randaug.lower() != "none" else None)
+    from fastsupmae.pipelines.memory_loader import InMemoryLoader
+    from fastsupmae.pipelines.mixup import mixup_cutmix
+
+    aug = (InMemoryFinetuneAug(opts.randaug, opts.reprob, cfg.data.mean, cfg.data.std, t.seed + 2)
+           if isinstance(train_loader, InMemoryLoader) and (opts.randaug or opts.reprob > 0) else None)
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported() and t.precision in ("auto", "bf16")
     out_dir = Path(t.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -371,12 +299,11 @@ def finetune(cfg: Config, opts: FinetuneOptions, device: torch.device | str = "c
         train_loader.set_epoch(epoch)
         for batch in train_loader:
             imgs, labels = batch["images"].to(device), batch["labels"].to(device)
-            if randaug is not None:
-                imgs = randaug(imgs)
+            if aug is not None:
+                imgs = aug(imgs)
             x = model.normalize(imgs).float()
-            x = random_erasing(x, opts.reprob, rng)
             x, target = mixup_cutmix(x, labels, m.num_classes, opts.mixup, opts.cutmix, opts.mixup_switch_prob,
-                                     m.label_smoothing, rng)
+                                     label_smoothing=m.label_smoothing, generator=gen)
             lr = lr_at(step, total, warmup, peak, t.min_lr)
             for g in opt.param_groups:
                 g["lr"] = lr * g["lr_scale"]
@@ -445,7 +372,7 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--cutmix", type=float, default=d.cutmix)
     parser.add_argument("--mixup-switch-prob", type=float, default=d.mixup_switch_prob)
     parser.add_argument("--reprob", type=float, default=d.reprob, help="random erasing probability")
-    parser.add_argument("--randaug", default=d.randaug, help="timm RandAugment spec, or 'none'")
+    parser.add_argument("--no-randaug", dest="randaug", action="store_false", help="turn RandAugment off")
     parser.add_argument("--ema-decay", type=float, default=d.ema_decay, help="weight EMA decay (0: off)")
     parser.add_argument("--eval-every", type=int, default=d.eval_every)
     parser.add_argument("overrides", nargs="*", default=[], help="config overrides key.sub=value")

@@ -1,0 +1,121 @@
+"""Fine-tuning: layer-wise lr decay groups, initialisation from our / MAE / timm checkpoints with position
+embedding resizing, and a short end-to-end run with every recipe piece switched on."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastsupmae.config import ConfigError
+from fastsupmae.models import build_model
+from fastsupmae.models.pos_embed import sincos_2d
+from fastsupmae.tasks.finetune import (
+    FinetuneOptions,
+    finetune,
+    finetune_config,
+    init_from_checkpoint,
+    param_groups_lrd,
+    prepare_init_state,
+    resize_pos_embed,
+)
+from tests.helpers import TINY_MODEL, tiny_config
+
+
+def _ft_cfg(tmp_path, **model):
+    m = {k: v for k, v in TINY_MODEL.items() if k not in ("decoder_embed_dim", "decoder_depth",
+                                                           "decoder_num_heads", "cls_hidden_dim")}
+    m.update(model)
+    ov = [f"model.{k}={str(v).replace(' ', '')}" for k, v in m.items()]
+    ov += ["data.dataset=synthetic", "data.synthetic_size=64", "train.global_batch=8", "train.micro_batch=4",
+           "train.max_steps=3", f"train.output_dir={tmp_path}", "train.log_every=1", "train.warmup_epochs=0.1",
+           "eval.batch=16"]
+    return finetune_config(None, ov)
+
+
+def test_recipe_defaults_and_objective(tmp_path):
+    cfg = _ft_cfg(tmp_path)
+    assert cfg.model.objective == "supervised" and cfg.model.global_pool
+    assert cfg.model.drop_path == 0.1 and cfg.model.label_smoothing == 0.1
+    assert cfg.train.blr == 1e-3 and cfg.train.betas == [0.9, 0.999] and cfg.train.min_lr == 1e-6
+    with pytest.raises(ConfigError, match="supervised"):
+        finetune_config(None, ["model.objective=mae"])
+
+
+def test_layer_decay_groups(tmp_path):
+    cfg = _ft_cfg(tmp_path)
+    model = build_model(cfg, device="cpu")
+    groups = param_groups_lrd(model, 0.05, 0.5)
+    scale = {n: g["lr_scale"] for g in groups for n in g["names"]}
+    wd = {n: g["weight_decay"] for g in groups for n in g["names"]}
+    depth = len(model.blocks)  # 2
+    assert scale["patch_embed.proj.weight"] == 0.5 ** (depth + 1) and scale["cls_token"] == 0.5 ** (depth + 1)
+    assert scale["blocks.0.attn.qkv.weight"] == 0.5 ** depth
+    assert scale["blocks.1.mlp.fc2.weight"] == 0.5 ** (depth - 1)
+    assert scale["head.weight"] == 1.0 and scale["fc_norm.weight"] == 1.0
+    assert wd["cls_token"] == 0.0 and wd["blocks.0.norm1.weight"] == 0.0 and wd["head.bias"] == 0.0
+    assert wd["blocks.0.attn.qkv.weight"] == 0.05 and wd["head.weight"] == 0.05
+    assert sum(len(g["params"]) for g in groups) == sum(1 for p in model.parameters() if p.requires_grad)
+
+
+def test_resize_pos_embed_is_bicubic_on_the_grid():
+    pos = torch.randn(1, 1 + 16, 8)
+    out = resize_pos_embed(pos, (6, 6))
+    assert out.shape == (1, 37, 8)
+    torch.testing.assert_close(out[:, :1], pos[:, :1])
+    want = F.interpolate(pos[:, 1:].reshape(1, 4, 4, 8).permute(0, 3, 1, 2), size=(6, 6), mode="bicubic",
+                         align_corners=False).permute(0, 2, 3, 1).reshape(1, 36, 8)
+    torch.testing.assert_close(out[:, 1:], want)
+
+
+def test_init_from_supmae_checkpoint_at_another_image_size(tmp_path):
+    pre_cfg = tiny_config(objective="supmae")  # 16x16 images, 4x4 grid
+    pre = build_model(pre_cfg, device="cpu")
+    with torch.no_grad():
+        for p in pre.parameters():
+            p.normal_()
+    torch.save({"model": pre.state_dict()}, tmp_path / "pre.pth")
+    cfg = _ft_cfg(tmp_path, img_size=[24, 24])  # 6x6 grid: the sin-cos embedding is recomputed
+    model = build_model(cfg, device="cpu")
+    res = init_from_checkpoint(model, str(tmp_path / "pre.pth"))
+    for k in ("patch_embed.proj.weight", "blocks.1.mlp.fc1.weight", "cls_token"):
+        assert torch.equal(model.state_dict()[k], pre.state_dict()[k]), k
+    torch.testing.assert_close(model.pos_embed, sincos_2d(32, (6, 6)))
+    assert not any(k.startswith(("decoder", "cls_head")) for k in model.state_dict())
+    assert {k.split(".")[0] for k in res["missing"] if not k.endswith("pos_embed")} == {"fc_norm", "head"}
+
+
+def test_init_from_timm_weights_resizes_learned_pos_embed(tmp_path):
+    import timm
+
+    tm = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=16, patch_size=4, embed_dim=32, depth=2,
+                           num_heads=4, num_classes=7, global_pool="avg")
+    sd = tm.state_dict()
+    cfg = _ft_cfg(tmp_path, img_size=[24, 24])
+    model = build_model(cfg, device="cpu")
+    state = prepare_init_state(sd, model)
+    assert "head.weight" not in state  # 7 classes there, 5 here: the head starts fresh
+    torch.testing.assert_close(state["pos_embed"], resize_pos_embed(sd["pos_embed"], (6, 6)))
+    torch.save(sd, tmp_path / "timm.pth")
+    init_from_checkpoint(model, str(tmp_path / "timm.pth"))
+    assert torch.equal(model.blocks[0].attn.qkv.weight, sd["blocks.0.attn.qkv.weight"])
+    assert torch.equal(model.fc_norm.weight, sd["fc_norm.weight"])  # timm avg-pool ViTs have fc_norm too
+
+
+def test_finetune_end_to_end_with_every_recipe_piece(tmp_path):
+    cfg = _ft_cfg(tmp_path)
+    pre = build_model(tiny_config(objective="supmae"), device="cpu")
+    opts = FinetuneOptions(layer_decay=0.65, mixup=0.8, cutmix=1.0, reprob=0.5, randaug=True, ema_decay=0.9)
+    res = finetune(cfg, opts, "cpu", init_state=pre.state_dict())
+    assert res["steps"] == 3 and 0.0 <= res["top1"] <= 100.0 and "ema_top1" in res
+    model = res["model"]
+    # the encoder moved away from the initialisation: it was trained, not frozen
+    assert not torch.equal(model.blocks[0].attn.qkv.weight, pre.blocks[0].attn.qkv.weight)
+    lines = [json.loads(x) for x in (tmp_path / "finetune_metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3] and all(r["loss"] > 0 for r in lines)
+    ck = torch.load(res["checkpoint"], weights_only=False)
+    assert ck["config"]["model"]["objective"] == "supervised" and ck["ema"] is not None
+    fresh = build_model(cfg, device="cpu")
+    fresh.load_state_dict(ck["model"], strict=True)
