@@ -8,6 +8,9 @@ rounds), so machine load from other processes hits all of them alike. Two number
 * images/s: batches pulled as fast as possible (after ``--warmup`` batches, which include worker start-up);
 * data-wait %: the share of time a trainer whose step takes ``--step-ms`` (idle CPU, like a GPU step) waits for
   the next batch. 0 % means the pipeline keeps up.
+* images per CPU-second: the same per-sample work run serially in this process (one thread, no workers) and
+  timed with ``time.process_time``, which counts only this process's CPU time: a cost that other jobs on a
+  shared machine do not distort, unlike wall-clock rates.
 
 Wire-up (the CLI owns the sub-command): ``add_args(subparser)`` then ``run(args)``.
 """
@@ -47,6 +50,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=2, help="interleaved rounds; the table shows the median")
     p.add_argument("--step-ms", type=float, default=100.0, help="simulated trainer step for the data-wait share")
     p.add_argument("--interp", default="bicubic", choices=("bicubic", "bilinear"), help="resize filter (all)")
+    p.add_argument("--cpu-images", type=int, default=320, help="images for the CPU-time measurement (0: skip)")
 
 
 def _torchvision_loader(root: str, a: argparse.Namespace) -> Iterable[Any]:
@@ -120,6 +124,47 @@ def measure(make: Callable[[], Iterable[Any]], batches: int, warmup: int, step_m
     return {"images_s": rate, "wait": share}
 
 
+def cpu_cost(name: str, root: str, a: argparse.Namespace) -> float:
+    """Images per CPU-second of ``name``'s per-sample work, serial, one thread (see the module docstring)."""
+    from torch.utils.data import default_collate
+
+    n = a.cpu_images
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if name == "torchvision":
+            ds = _torchvision_loader(root, a).dataset
+            idx = torch.randperm(len(ds))[:n].tolist()
+            default_collate([ds[i] for i in idx[: a.batch]])  # warm-up (imports, caches)
+            t0 = time.process_time()
+            for k in range(0, n, a.batch):
+                default_collate([ds[i] for i in idx[k:k + a.batch]])
+            return n / (time.process_time() - t0)
+        kind, _, recipe = name.partition("-")
+        if kind == "cpu":
+            from .cpu_loader import BatchDecoder
+            from .imagefolder import ImageFolderSource
+
+            dec = BatchDecoder(ImageFolderSource(root), (a.size, a.size), recipe != "eval", interp=a.interp,
+                               recipe=recipe or "pretrain")
+            idx = torch.randperm(len(dec.source))[:n].tolist()
+            dec(0, 0, idx[: a.batch])
+            t0 = time.process_time()
+            for k in range(0, n, a.batch):
+                dec(0, k, idx[k:k + a.batch])
+            return n / (time.process_time() - t0)
+        a1 = argparse.Namespace(**{**vars(a), "workers": 1})
+        it = iter(_make(name, root, a1))
+        next(it)  # pipeline build + first batch are not per-sample work
+        t0 = time.process_time()
+        got = 0
+        while got < n:
+            got += _images(next(it))
+        return got / (time.process_time() - t0)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     """Run the benchmark and print the table; returns {pipeline: {images_s, wait}} (medians)."""
     root = Path(args.data)
@@ -137,17 +182,29 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             results[n].append(res)
             log.info("round %d %-12s %8.1f images/s  data-wait %5.1f %%", r, n, res["images_s"], 100 * res["wait"])
     med = {n: {k: statistics.median(x[k] for x in v) for k in ("images_s", "wait")} for n, v in results.items()}
+    if args.cpu_images > 0:
+        for r in range(args.repeats):
+            for n in names:
+                c = cpu_cost(n, str(train), args)
+                results[n][r]["cpu"] = c
+                log.info("round %d %-12s %8.1f images per CPU-second", r, n, c)
+        for n in names:
+            med[n]["cpu"] = statistics.median(x["cpu"] for x in results[n])
     base = med.get("torchvision", {}).get("images_s")
+    base_cpu = med.get("torchvision", {}).get("cpu")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"data pipelines on {train} ({sum(1 for _ in train.rglob('*.jpg'))} JPEGs), {args.size}x{args.size}, "
           f"batch {args.batch}, {args.workers} workers/threads, {cores} cores, {args.interp}, "
           f"median of {args.repeats} interleaved rounds x {args.batches} batches")
     wait_col = f"data-wait @{args.step_ms:.0f}ms"
-    print(f"{'pipeline':<12} {'images/s':>10} {'vs torchvision':>15} {wait_col:>18}  output")
+    print(f"{'pipeline':<14} {'images/s':>9} {'vs tv':>6} {wait_col:>17} {'img/CPU-s':>10} {'vs tv':>6}  output")
     for n, m in med.items():
         rel = f"{m['images_s'] / base:.2f}x" if base else "-"
+        c = m.get("cpu")
+        crel = f"{c / base_cpu:.2f}x" if c and base_cpu else "-"
+        cs = f"{c:.1f}" if c else "-"
         out = "float32 normalised" if n == "torchvision" else "uint8"
-        print(f"{n:<12} {m['images_s']:>10.1f} {rel:>15} {100 * m['wait']:>17.1f}%  {out}")
+        print(f"{n:<14} {m['images_s']:>9.1f} {rel:>6} {100 * m['wait']:>16.1f}% {cs:>10} {crel:>6}  {out}")
     return med
 
 
