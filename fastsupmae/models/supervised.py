@@ -92,9 +92,8 @@ class MIMSupervisedViT(SupervisedViT):
 
     def _rec_loss(self, imgs: torch.Tensor, pred: torch.Tensor, ids_masked: torch.Tensor) -> torch.Tensor:
         if self.target == "pixels":
-            t = K.norm_pix_targets(imgs, ids_masked, self.patch_size, self.norm_pix_loss, self.pixel_mean,
-                                   self.pixel_std, backend=self.kernels)
-            return K.masked_mse(pred, t, backend=self.kernels)
+            return K.norm_pix_mse(pred, imgs, ids_masked, self.patch_size, self.norm_pix_loss, self.pixel_mean,
+                                  self.pixel_std, backend=self.kernels)
         if self.target == "hog":
             t = hog_targets(imgs, self.patch_size, ids_masked, self.pixel_mean, self.pixel_std)
             return K.masked_mse(pred, t, backend=self.kernels)

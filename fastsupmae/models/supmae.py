@@ -77,9 +77,9 @@ class MaskedAutoencoderViT(ViTBackbone):
         out: dict[str, torch.Tensor] = {"mask": m.mask}
         y = decode_from_visible(self, lat, m.ids_restore)  # [B, 1+N, Dd]
         pred_m = predict(self, y, m.ids_masked)  # [B, N-K, P]
-        target = K.norm_pix_targets(imgs, m.ids_masked, self.patch_size, self.norm_pix_loss, self.pixel_mean,
-                                    self.pixel_std, backend=self.kernels)
-        rec = K.masked_mse(pred_m, target, backend=self.kernels)
+        # targets of the masked patches are built inside the loss (on Triton never written to memory)
+        rec = K.norm_pix_mse(pred_m, imgs, m.ids_masked, self.patch_size, self.norm_pix_loss, self.pixel_mean,
+                             self.pixel_std, backend=self.kernels)
         out["rec_loss"] = rec
         loss = rec
         if self.supervised:
