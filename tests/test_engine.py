@@ -293,16 +293,19 @@ def test_no_host_sync_per_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert many == few, (few, many)
 
 
-def test_pretrain_task_end_to_end(tmp_path: Path) -> None:
+@pytest.mark.parametrize("probe", ["knn", "linprobe"])
+def test_pretrain_task_end_to_end(tmp_path: Path, probe: str) -> None:
     from fastsupmae.tasks.pretrain import run
 
     out = tmp_path / "run"
     cfg = tiny_cfg(out, max_steps=3, log_every=3, ckpt_every=0)
-    cfg.eval.after_train = "knn"
+    cfg.eval.after_train = probe
     cfg.eval.knn_k = 5
     final = run(cfg)
     assert final["step"] == 3 and final["stopped"] == "done"
-    assert 0.0 <= final["knn_top1"] <= 100.0 and final["knn_num_test"] == 32
+    assert 0.0 <= final[f"{probe}_top1"] <= 100.0
+    if probe == "knn":
+        assert final["knn_num_test"] == 32
     assert (out / "config.yaml").exists() and (out / "ds_config.json").exists()
     assert json.loads((out / "class_map.json").read_text())["0"] == "class_0"
     assert json.loads((out / "final_metrics.json").read_text())["step"] == 3

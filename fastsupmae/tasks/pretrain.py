@@ -54,12 +54,11 @@ def _probe(cfg: Config, module: torch.nn.Module, rank: int, world: int, device: 
         res = knn_eval(module, train_l, val_l, k=e.knn_k, temperature=e.knn_temperature, feature=e.feature,
                        num_classes=cfg.model.num_classes)
         return {f"knn_{k}": v for k, v in res.items()}
-    try:
-        from fastsupmae.tasks.linprobe import linprobe_eval
-    except ImportError:
-        log.warning("eval.after_train=linprobe but fastsupmae.tasks.linprobe is not available; no probe was run")
-        return {}
-    res = linprobe_eval(cfg, module, train_l, val_l)
+    from fastsupmae.tasks.linprobe import LinprobeOptions, linear_probe
+
+    # Cached features of the un-augmented training images (the probe's default); MAE's other settings.
+    res = linear_probe(module, cfg, LinprobeOptions(), train_l, val_l, device=device, train_eval_loader=train_l)
+    res = {k: v for k, v in res.items() if isinstance(v, (int, float, str))}
     return {f"linprobe_{k}": v for k, v in res.items()}
 
 
