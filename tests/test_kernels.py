@@ -176,8 +176,14 @@ def test_fused_patch_embed_uint8(b, c, p, grid, k):
 
 
 # ---------------------------------------------------------------------------------------------- norm-pix targets
-@pytest.mark.parametrize("b,c,p,grid,k", CASES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.uint8])
+@pytest.mark.parametrize("b,c,p,grid,k,dtype", [
+    pytest.param(*CASES[0].values, torch.uint8, id="uint8-B1-C3-p16-N256"),
+    pytest.param(*CASES[1].values, torch.uint8, id="uint8-B2-C1-p14-N196"),
+    pytest.param(*CASES[2].values, torch.float32, id="fp32-B3-C3-p14-N196-K37"),
+    pytest.param(*CASES[3].values, torch.float32, id="fp32-B2-C3-p4-3x5"),
+    pytest.param(*CASES[1].values, torch.bfloat16, id="bf16-B2-C1-p14-N196"),
+    pytest.param(*CASES[3].values, torch.uint8, id="uint8-B2-C3-p4-3x5"),
+])
 def test_norm_pix_targets_masked_only(b, c, p, grid, k, dtype):
     n = grid[0] * grid[1]
     imgs = _imgs(b, c, p, grid, dtype)
@@ -211,8 +217,9 @@ def test_norm_pix_targets_backward(b, c, p, grid, k, norm_pix):
 
 
 # -------------------------------------------------------------------------------------------- decoder unshuffle
-@pytest.mark.parametrize("b,n,k,dd", [(1, 256, 64, 40), (2, 196, 49, 24), (3, 196, 37, 136), (2, 15, 4, 8)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b,n,k,dd,dtype", [(1, 256, 64, 40, torch.bfloat16), (2, 196, 49, 24, torch.float32),
+                                             (3, 196, 37, 136, torch.bfloat16), (2, 15, 4, 8, torch.float32),
+                                             (2, 15, 4, 8, torch.bfloat16)])
 def test_unshuffle_tokens(b, n, k, dd, dtype):
     y = torch.randn(b, k + 1, dd, dtype=dtype, requires_grad=True)
     mask_token = torch.randn(1, 1, dd, requires_grad=True)  # fp32 parameter, as in bf16 autocast-free training
@@ -234,9 +241,13 @@ def test_unshuffle_tokens(b, n, k, dd, dtype):
 
 
 # ------------------------------------------------------------------------------------------------- masked loss
-@pytest.mark.parametrize("shape", [(1, 192, 768), (2, 147, 196), (3, 5, 48), (1, 1, 7)])
-@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
-                                    (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("shape,dtypes", [
+    ((1, 192, 768), (torch.bfloat16, torch.float32)),
+    ((2, 147, 196), (torch.float32, torch.float32)),
+    ((3, 5, 48), (torch.bfloat16, torch.bfloat16)),
+    ((3, 5, 48), (torch.float32, torch.float32)),
+    ((1, 1, 7), (torch.bfloat16, torch.float32)),
+])
 def test_masked_mse(shape, dtypes):
     pred = torch.randn(shape, dtype=dtypes[0], requires_grad=True)
     target = torch.randn(shape, dtype=dtypes[1], requires_grad=True)
@@ -252,9 +263,12 @@ def test_masked_mse(shape, dtypes):
     torch.testing.assert_close(gt, gt_ref, rtol=1e-6, atol=1e-9)
 
 
-@pytest.mark.parametrize("b,c,p,grid,k", [CASES[0], CASES[2], CASES[3]])
-@pytest.mark.parametrize("img_dtype", [torch.uint8, torch.float32])
-@pytest.mark.parametrize("pred_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b,c,p,grid,k,img_dtype,pred_dtype", [
+    pytest.param(*CASES[0].values, torch.uint8, torch.bfloat16, id="uint8-bf16-B1-C3-p16-N256"),
+    pytest.param(*CASES[1].values, torch.uint8, torch.float32, id="uint8-fp32-B2-C1-p14-N196"),
+    pytest.param(*CASES[3].values, torch.float32, torch.float32, id="fp32-fp32-B2-C3-p4-3x5"),
+    pytest.param(*CASES[3].values, torch.bfloat16, torch.bfloat16, id="bf16-bf16-B2-C3-p4-3x5"),
+])
 def test_norm_pix_mse_fused_loss(b, c, p, grid, k, img_dtype, pred_dtype):
     """Loss straight from the pixels equals masked_mse(pred, norm_pix_targets(...)) of the reference."""
     n = grid[0] * grid[1]
