@@ -384,3 +384,14 @@ def test_gpu_launch_configuration(monkeypatch):
     torch.testing.assert_close(loss, exp, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.autograd.grad(loss, pred)[0], torch.autograd.grad(exp, pred)[0], rtol=1e-5,
                                atol=1e-9)
+
+
+def test_resolve_kernels(monkeypatch):
+    assert dispatch.resolve_kernels("auto", "cpu") == "torch"  # auto never picks the interpreter
+    assert dispatch.resolve_kernels("torch", "cpu") == "torch"
+    with pytest.raises(ValueError, match="unknown kernels backend"):
+        dispatch.resolve_kernels("cuda")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="model.kernels=triton cannot run: no CUDA device"):
+        dispatch.resolve_kernels("triton", "cpu")
