@@ -61,8 +61,8 @@ def _rows_per_prog(block: int) -> int:
     """Patches per program for the per-patch kernels (a [rows, BLOCK] tile).
 
     GPU: ~4096 elements per program (4 ViT-B/16 patches), enough bytes in flight per SM without register spills.
-    Interpreter: its cost is per program and per operation, not per element, so much larger tiles make the
-    tests ~30x faster; the row masking is the same code either way.
+    Interpreter: its cost is per program and per operation, not per element, so much larger tiles cut the
+    kernel tests from 152 s to 38 s; the row masking is the same code either way.
     """
     if _INTERPRET:
         return 64
