@@ -109,7 +109,21 @@ def scenario_main(w: Path, info: Any, out: dict[str, Any], only_nan: bool = Fals
         pass
     else:
         bf16_check(w, info, out)
+        pretrain_z3(w, info, out)
     nan_checks(w, info, out)
+
+
+def pretrain_z3(w: Path, info: Any, out: dict[str, Any]) -> None:
+    """The pretrain task on 2 ranks with ZeRO-3 and the kNN probe on the (gathered) trained encoder."""
+    from fastsupmae.tasks.pretrain import run
+
+    c = make_cfg(w / "pretrain_z3", zero_stage=3, max_steps=2, ckpt_every=0)
+    c.eval.after_train = "knn"
+    c.eval.knn_k = 5
+    final = run(c)
+    out["pretrain_z3_knn_top1"] = final.get("knn_top1")
+    out["pretrain_z3_knn_num_test"] = final.get("knn_num_test")
+    out["pretrain_z3_step"] = final["step"]
 
 
 def bf16_check(w: Path, info: Any, out: dict[str, Any]) -> None:

@@ -111,6 +111,14 @@ def test_bf16_consolidated_matches_bf16_weights(main_run: tuple[Path, dict[str, 
     assert r["bf16_master_minus_bf16_max"] > 0.0  # and they are real fp32 masters, not bf16 copies
 
 
+def test_pretrain_task_zero3_with_knn_probe(main_run: tuple[Path, dict[str, Any]]) -> None:
+    w, r = main_run
+    assert r["pretrain_z3_step"] == 2
+    assert 0.0 <= r["pretrain_z3_knn_top1"] <= 100.0
+    assert r["pretrain_z3_knn_num_test"] == 64  # the whole synthetic val split, gathered from both ranks
+    assert (w / "pretrain_z3" / "config.yaml").exists() and (w / "pretrain_z3" / "final_metrics.json").exists()
+
+
 @pytest.mark.parametrize("stage", [0, 2])
 def test_forced_nan_step_is_skipped_and_counted(main_run: tuple[Path, dict[str, Any]], stage: int) -> None:
     w, r = main_run
