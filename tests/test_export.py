@@ -135,7 +135,7 @@ def test_timm_spec_names_standard_sizes():
     assert "embed_dim" not in spec["kwargs"] and spec["kwargs"]["global_pool"] == "avg"
 
 
-@pytest.mark.parametrize("stage", [1, 3])
+@pytest.mark.parametrize("stage", [0, 1, 3])
 def test_export_from_deepspeed_checkpoint_dir(tmp_path, stage):
     """A DeepSpeed ZeRO checkpoint directory (1 process, CPU, gloo) exports to the same weights."""
     import deepspeed

@@ -89,12 +89,25 @@ def read_any_state_dict(src: str | os.PathLike, tag: str | None = None) -> dict[
         raise CheckpointError(f"checkpoint '{p}' does not exist")
     if not p.is_dir():
         return read_state_dict(p)
-    if not _is_deepspeed_dir(p):
+    if not _is_deepspeed_dir(p) and not (p / "checkpoints" / "latest").is_file():
         raise CheckpointError(f"'{p}' is a directory but not a DeepSpeed checkpoint (no 'latest' file and no "
                               "*model_states.pt inside); pass a .pth / .safetensors file or the checkpoint folder")
+    if (p / "checkpoints" / "latest").is_file() and not (p / "latest").is_file():
+        p = p / "checkpoints"  # a run directory (train.output_dir)
     if tag is None and not (p / "latest").is_file() and any(p.glob("*model_states.pt")):
-        # the tag folder itself was given
-        p, tag = p.parent, p.name
+        p, tag = p.parent, p.name  # the tag folder itself was given
+    if tag is None:
+        tag = (p / "latest").read_text().strip()
+    tag_dir = p / tag
+    if not tag_dir.is_dir():
+        raise CheckpointError(f"DeepSpeed checkpoint '{tag_dir}' (named in {p / 'latest'}) does not exist")
+    if not any(tag_dir.glob("*zero_pp_rank_*optim_states.pt")):
+        # ZeRO stage 0: the module states file holds the full weights
+        files = sorted(tag_dir.glob("*model_states.pt"))
+        if not files:
+            raise CheckpointError(f"'{tag_dir}' holds no model states file (mp_rank_00_model_states.pt)")
+        states = torch.load(files[0], map_location="cpu", weights_only=False)
+        return read_state_dict({k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()})
     try:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     except ImportError as e:  # pragma: no cover - deepspeed is part of the stack
