@@ -133,7 +133,7 @@ def linear_probe(model: nn.Module, train: Subset, test: Subset, epochs: int, see
 
 
 def short_finetune(state: dict[str, torch.Tensor], model_cfg: dict, train: Subset, test: Subset, steps: int,
-                   batch: int, out_dir: Path, seed: int) -> dict[str, float]:
+                   batch: int, blr: float, out_dir: Path, seed: int) -> dict[str, float]:
     """``fastsupmae.tasks.finetune.finetune`` for ``steps`` steps from ``state`` (no mixing / RandAugment)."""
     from fastsupmae.tasks.finetune import FinetuneOptions, finetune, finetune_config
 
@@ -142,7 +142,7 @@ def short_finetune(state: dict[str, torch.Tensor], model_cfg: dict, train: Subse
     over = [f"model.{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in m.items()]
     over += [f"data.{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in DATA.items()]
     over += [f"train.micro_batch={batch}", f"train.global_batch={batch}", f"train.max_steps={steps}",
-             "train.blr=1e-3", "train.warmup_epochs=0.0", "train.epochs=1", "train.min_lr=1e-6",
+             f"train.blr={blr}", "train.warmup_epochs=0.0", "train.epochs=1", "train.min_lr=1e-6",
              f"train.output_dir={out_dir}", f"train.seed={seed}", "train.log_every=1000", "model.drop_path=0.1",
              "model.label_smoothing=0.1"]
     cfg = finetune_config(None, over)
@@ -155,8 +155,8 @@ def short_finetune(state: dict[str, torch.Tensor], model_cfg: dict, train: Subse
 
 def run_one(method: str, budget: float, args: argparse.Namespace, probe_train: Subset, probe_test: Subset,
             ft_train: Subset) -> dict[str, Any]:
-    from fastsupmae.models import build_model
     from fastsupmae.engine.checkpoint import consolidated_state_dict
+    from fastsupmae.models import build_model
     from fastsupmae.tasks import pretrain
 
     out = Path(args.work_dir) / f"{method}_{budget / 1e12:g}T"
@@ -182,7 +182,7 @@ def run_one(method: str, budget: float, args: argparse.Namespace, probe_train: S
                            "final_loss": final.get("loss"), "pretrain_images_per_s": final.get("images_per_s")}
     rec.update(linear_probe(model, probe_train, probe_test, args.probe_epochs, args.seed))
     rec["linprobe_s"] = time.time() - t1
-    rec.update(short_finetune(state, args.model, ft_train, probe_test, args.ft_steps, args.ft_batch,
+    rec.update(short_finetune(state, args.model, ft_train, probe_test, args.ft_steps, args.ft_batch, args.ft_blr,
                               out / "finetune", args.seed))
     log.info("%s @ %.3g TFLOP: linear probe %.2f%%, fine-tune %.2f%% (pretrain %.0f s)", method, budget / 1e12,
              rec["linprobe_top1"], rec["finetune_top1"], pre_s)
@@ -232,10 +232,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--blr", type=float, default=1.5e-3, help="base lr (lr = blr * batch / 256)")
     p.add_argument("--warmup-frac", type=float, default=0.05)
-    p.add_argument("--probe-train", type=int, default=6000, help="training images of the linear probe / fine-tune")
-    p.add_argument("--probe-test", type=int, default=5000, help="test images (real Fashion-MNIST test split)")
+    p.add_argument("--probe-train", type=int, default=4000, help="training images of the linear probe / fine-tune")
+    p.add_argument("--probe-test", type=int, default=4000, help="test images (real Fashion-MNIST test split)")
     p.add_argument("--probe-epochs", type=int, default=20)
-    p.add_argument("--ft-steps", type=int, default=60)
+    p.add_argument("--ft-steps", type=int, default=50)
+    p.add_argument("--ft-blr", type=float, default=4e-3, help="fine-tune base lr (lr = blr * batch / 256)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1: robust to other processes loading the CPU; this study measures accuracy)")
     p.add_argument("--ft-batch", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", default="runs/compute_budget")
@@ -243,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-png", default=str(REPO / "docs" / "compute_budget" / "top1_vs_compute.png"))
     p.add_argument("--tiny", action="store_true", help="toy sizes to check the script end to end (not results)")
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     for name in ("fastsupmae", "DeepSpeed", "deepspeed"):

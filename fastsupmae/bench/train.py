@@ -272,6 +272,48 @@ def measure_peak_flops(device: torch.device, dtype: str, size: int = 1536) -> tu
     return 2.0 * n**3 / best, f"measured in this run: {n}^3 {dtype} torch.mm, best of 3, {threads} threads"
 
 
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
+              "aten::convolution", "aten::mkldnn_convolution", "aten::convolution_backward", "aten::_convolution")
+
+
+def _category(name: str) -> str:
+    if name in MATMUL_OPS:
+        return "matmul"
+    if "scaled_dot_product" in name or "flash_attention" in name or name in ("aten::_softmax",
+                                                                             "aten::_softmax_backward_data"):
+        return "attention"
+    if name in ("aten::copy_", "aten::to", "aten::_to_copy", "aten::clone", "aten::contiguous", "aten::fill_",
+                "aten::zero_", "aten::zeros", "aten::empty", "aten::cat", "aten::gather", "aten::scatter_add_",
+                "aten::index", "aten::index_select", "aten::stack"):
+        return "copies/casts/gathers"
+    return "other elementwise/norms"
+
+
+def profile_step(step: Any, data: Any, device: torch.device, top: int = 12) -> dict[str, Any]:
+    """Profile the forward + backward of one step: self time per op category and the top ops.
+
+    The optimizer runs after the profiled region (its time is the ``optimizer`` phase of the table), so the
+    for-loop AdamW of the reference, made of generic elementwise ops, is not mixed into the categories.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    b = data.next()
+    with profile(activities=acts) as prof:
+        step.backward(step.forward(b["images"], b["labels"]))
+        _sync(device)
+    step.optimizer_step()
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    rows = [(e.key, getattr(e, attr), e.count) for e in prof.key_averages()]
+    total = sum(t for _, t, _ in rows) or 1.0
+    cats: dict[str, float] = {}
+    for name, t, _ in rows:
+        cats[_category(name)] = cats.get(_category(name), 0.0) + t
+    rows.sort(key=lambda r: -r[1])
+    return {"total_ms": total / 1e3, "share": {k: v / total for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
+            "top_ops": [{"op": n, "ms": t / 1e3, "calls": c, "share": t / total} for n, t, c in rows[:top]]}
+
+
 # ----------------------------------------------------------------------------------------------- one grid point
 
 
@@ -349,6 +391,9 @@ def bench_point(base: Config, p: Point, args: argparse.Namespace, device: torch.
             "mfu": model_flops / med["step"] / peak if peak == peak else None,
             "peak_mem_gib": mem[name],
         }
+    if args.profile:
+        for name in paths:
+            rec["paths"][name]["profile"] = profile_step(steps[name], data, device)
     if len(paths) == 2:
         pairs = [f["step"] and r_["step"] / f["step"] for f, r_ in zip(reps["fastsupmae"], reps["reference"])]
         rec["speedup"] = statistics.median(pairs)
@@ -391,6 +436,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reps", type=int, default=3, help="interleaved repetitions (the median is reported)")
     p.add_argument("--compile", default="none", choices=["none", "fastsupmae", "both"],
                    help="torch.compile the fastsupmae model (or both models)")
+    p.add_argument("--profile", action="store_true",
+                   help="profile one extra step per path: time share of matmuls, attention, optimizer, copies, rest")
     p.add_argument("--cost-growth", action="store_true",
                    help="also sweep mask ratio 0.5/0.75/0.9 + supervised, and the sizes, fastsupmae path only, "
                         "beside the analytic prediction")
@@ -514,6 +561,15 @@ def run(args: argparse.Namespace) -> int:
           f"median of {args.reps} interleaved reps x {args.steps} steps; peak "
           + ", ".join(f"{d} {peaks[d] / 1e12:.4f} TFLOP/s" for d in peaks) + " ==")
     print(format_table(records))
+    if args.profile:
+        print("\n-- profiler: share of forward + backward op time (self time, one untimed step; optimizer: see the "
+              "table) --")
+        for r in records:
+            for name, s in r["paths"].items():
+                pr = s["profile"]
+                print(f"{r['point']:34s} {name:10s} {pr['total_ms']:9.0f} ms  "
+                      + "  ".join(f"{k} {v * 100:.1f}%" for k, v in pr["share"].items()))
+                print("    top: " + ", ".join(f"{o['op']} {o['share'] * 100:.1f}%" for o in pr["top_ops"][:8]))
     if args.cost_growth:
         cg = cost_growth(base, args, device, peaks)
         result["cost_growth"] = cg
