@@ -55,12 +55,9 @@ def test_pretrained_encoder_beats_random_init_on_knn_and_finetune(tmp_path):
 
 
 def _run(tmp_path):
-    import torch.distributed as dist
-
     from fastsupmae.tasks.common import read_any_state_dict
     from fastsupmae.tasks.pretrain import run as pretrain
 
-    had_pg = dist.is_available() and dist.is_initialized()
     cfg = load_config(None, {
         "model": MODEL,
         "data": {"dataset": "fashion_mnist", "root": ROOT, "mean": [0.2860], "std": [0.3530], "scale": [0.35, 1.0]},
@@ -75,11 +72,7 @@ def _run(tmp_path):
 
     # the real trainer (DeepSpeed engine, one CPU process), stopped by its own time limit if the machine is slow
     t0 = time.time()
-    try:
-        result = pretrain(cfg)
-    finally:
-        if not had_pg and dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+    result = pretrain(cfg)  # the (one-process) group it creates is kept: DeepSpeed caches it for later users
     secs = time.time() - t0
     assert result["stopped"] in ("done", "time_limit") and result["last_checkpoint"], result
     assert result["train_wall_s"] <= PRETRAIN_WALL_S + 30  # "at most 2 minutes" (one step may straddle it)
