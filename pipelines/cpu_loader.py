@@ -70,12 +70,10 @@ class BatchDecoder:
 
     def _finetune_aug(self, x: torch.Tensor, seed: int) -> None:
         """RandAugment(n=2, m=9) + random erasing (p=0.25) in place on a uint8 [B, 3, H, W] batch."""
-        from .finetune_aug import rand_augment_uint8, random_erase_uint8
+        from .finetune_aug import rand_augment_batch, random_erase_uint8
 
-        g = torch.Generator().manual_seed(seed)
-        for j in range(x.shape[0]):
-            x[j] = rand_augment_uint8(x[j], g)
-        random_erase_uint8(x, self.mean, self.std, g)
+        rand_augment_batch(x, seed, self.mean)
+        random_erase_uint8(x, self.mean, self.std, torch.Generator().manual_seed(seed + 1))
 
     def __call__(self, epoch: int, step: int, indices: list[int]) -> dict[str, Any]:
         """Returns ``{'images': uint8 [B, 3, H, W], 'labels': int64 [B], 'bad': [(path, reason)], 'error': str}``."""

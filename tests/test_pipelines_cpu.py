@@ -300,3 +300,23 @@ def test_pipeline_choice_and_explicit_contracts(tmp_path):
     dl = build_train_loader(_cfg(tmp_path / "train", **{"data.pipeline": "dali"}))
     assert isinstance(dl, DaliLoader)  # an explicit dali on a CPU machine runs DALI's CPU operators
     assert next(iter(dl))["images"].shape == (4, 3, 32, 32)
+
+
+@pytest.mark.parametrize("use_timm", [True, False])
+def test_rand_augment_batch_seeded_and_leaves_global_rng(use_timm):
+    import random
+
+    from fastsupmae.pipelines.finetune_aug import rand_augment_batch
+
+    base = torch.randint(0, 256, (6, 3, 20, 20), dtype=torch.uint8)
+    seed = int(torch.randint(0, 10**6, (1,)))
+    random.seed(5)
+    np.random.seed(5)
+    a, b = base.clone(), base.clone()
+    rand_augment_batch(a, seed, (0.5, 0.5, 0.5), use_timm=use_timm)
+    after = (random.random(), np.random.rand())
+    rand_augment_batch(b, seed, (0.5, 0.5, 0.5), use_timm=use_timm)
+    random.seed(5)
+    np.random.seed(5)
+    assert after == (random.random(), np.random.rand())  # the caller's random streams are untouched
+    assert torch.equal(a, b) and not torch.equal(a, base)
