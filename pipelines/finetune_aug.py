@@ -76,8 +76,24 @@ def _timm_rand_augment(n: int, m: int, side: int, mean: tuple[float, ...]):  # n
     except ImportError:
         return None
     fill = tuple(int(round(255 * v)) for v in (mean if len(mean) == 3 else mean * 3))
-    return rand_augment_transform(f"rand-m{m}-n{n}-mstd0.5-inc1", {"translate_const": int(side * 0.45),
-                                                                      "img_mean": fill})
+    tf = rand_augment_transform(f"rand-m{m}-n{n}-mstd0.5-inc1", {"translate_const": int(side * 0.45),
+                                                                    "img_mean": fill})
+    for op in getattr(tf, "ops", []):
+        if "Posterize" in getattr(op, "name", ""):
+            op.aug_fn = _posterize_any_bits
+    return tf
+
+
+def _posterize_any_bits(img, bits: int, **_: object):  # noqa: ANN001, ANN202 - PIL image in and out
+    """timm's posterize with magnitude noise can ask for 0 bits, which Pillow >= 11 rejects; older Pillow
+    returned a black image then (all bits masked off), which is what timm's recipe was tuned with."""
+    from PIL import Image, ImageOps
+
+    if bits >= 8:
+        return img
+    if bits <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits)
 
 
 def rand_augment_batch(x: torch.Tensor, seed: int, mean: tuple[float, ...], n: int = 2, m: int = 9,

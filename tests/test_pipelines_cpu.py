@@ -320,3 +320,18 @@ def test_rand_augment_batch_seeded_and_leaves_global_rng(use_timm):
     np.random.seed(5)
     assert after == (random.random(), np.random.rand())  # the caller's random streams are untouched
     assert torch.equal(a, b) and not torch.equal(a, base)
+
+
+def test_timm_posterize_zero_bits_does_not_crash():
+    pytest.importorskip("timm")
+    from fastsupmae.pipelines.finetune_aug import _posterize_any_bits, _timm_rand_augment
+
+    tf = _timm_rand_augment(2, 9, 32, (0.5, 0.5, 0.5))
+    post = [op for op in tf.ops if "Posterize" in op.name]
+    assert post and all(op.aug_fn is _posterize_any_bits for op in post)
+    im = Image.fromarray(np.full((8, 8, 3), 200, dtype=np.uint8))
+    assert np.asarray(_posterize_any_bits(im, 0)).max() == 0  # what timm's [4, 0] bit range means at 0
+    assert np.asarray(_posterize_any_bits(im, 1)).max() == 128
+    for op in post:  # the recipe's strongest draw (magnitude 10 -> 0 bits) runs on this Pillow
+        op.magnitude, op.magnitude_std, op.prob = 10, 0, 1.0
+        assert np.asarray(op(im)).max() == 0
