@@ -140,6 +140,8 @@ def numeric_series(records: list[dict[str, Any]]) -> tuple[str, dict[str, tuple[
     xkey = "step" if any("step" in r for r in records) else ""
     series: dict[str, tuple[list[float], list[float]]] = {}
     for i, r in enumerate(records):
+        if "event" in r:  # the trainer's start / end records hold run constants, not a log step
+            continue
         x = r.get(xkey, i) if xkey else i
         if not isinstance(x, (int, float)):
             continue
@@ -154,7 +156,7 @@ def numeric_series(records: list[dict[str, Any]]) -> tuple[str, dict[str, tuple[
 
 def plot_loss_curves(metrics_path: str | os.PathLike, out: str | os.PathLike,
                      keys: list[str] | None = None) -> list[str]:
-    """Plot every numeric field (or ``keys``) of a metrics log; returns the fields plotted."""
+    """Plot every numeric non-constant field (or exactly ``keys``) of a metrics log; returns the fields plotted."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -166,6 +168,12 @@ def plot_loss_curves(metrics_path: str | os.PathLike, out: str | os.PathLike,
         if missing:
             raise UserError(f"metrics log has no numeric field(s) {missing}; it has {sorted(series)}")
         series = {k: series[k] for k in keys}
+    else:
+        # constant or single-point fields carry no curve; asked-for keys are always drawn
+        const = sorted(k for k, (_, ys) in series.items() if len(ys) < 2 or min(ys) == max(ys))
+        series = {k: v for k, v in series.items() if k not in const}
+        if const:
+            log.info("not plotting constant field(s): %s", ", ".join(const))
     if not series:
         raise UserError(f"metrics log '{metrics_path}' has no numeric fields to plot")
     names = sorted(series, key=lambda k: (not k.endswith("loss"), k))  # losses first

@@ -44,13 +44,15 @@ def test_reconstruction_needs_a_pixel_decoder():
 
 def test_loss_curves_from_metrics_log(tmp_path):
     log = tmp_path / "metrics.jsonl"
-    rows = [{"step": s, "loss": 1.0 / s, "rec_loss": 0.9 / s, "cls_loss": 0.1, "lr": 1e-4 * s, "phase": "train",
-             "ok": True} for s in range(1, 30)]
+    rows = [{"step": s, "loss": 1.0 / s, "rec_loss": 0.9 / s, "cls_loss": 0.1 + 0.01 * (s % 3), "lr": 1e-4 * s,
+             "world_size": 1, "phase": "train", "ok": True} for s in range(1, 30)]
+    rows.insert(0, {"event": "start", "step": 0, "params": 1234, "loss": 99.0})  # run constants, not a log step
     log.write_text("\n".join(json.dumps(r) for r in rows) + "\n{truncated")
     xkey, series = numeric_series([json.loads(x) for x in log.read_text().splitlines()[:-1]])
-    assert xkey == "step" and set(series) == {"loss", "rec_loss", "cls_loss", "lr"}
+    assert series["loss"][0][0] == 1.0 and "params" not in series
+    assert xkey == "step" and set(series) == {"loss", "rec_loss", "cls_loss", "lr", "world_size"}
     names = plot_loss_curves(log, tmp_path / "curves.png")
-    assert names[:3] == ["cls_loss", "loss", "rec_loss"] and "lr" in names
+    assert names == ["cls_loss", "loss", "rec_loss", "lr"]  # losses first; the constant world_size is left out
     assert Image.open(tmp_path / "curves.png").size[0] > 300
     assert plot_loss_curves(log, tmp_path / "c2.png", keys=["loss"]) == ["loss"]
     with pytest.raises(UserError, match="no numeric field"):
