@@ -100,8 +100,8 @@ def config_for_checkpoint(src: str | os.PathLike, paths: list[str] | None = None
     found = find_run_config(str(src))
     if found:
         return load_config([found], overrides, world_size=1)
-    raise ExportError(f"no config found for checkpoint '{src}': pass --config <the training YAML> (the model "
-                      "architecture cannot be guessed reliably from the weights)")
+    raise UserError(f"no config found for checkpoint '{src}': pass --config <the training YAML> (the model "
+                    "architecture cannot be guessed reliably from the weights)")
 
 
 def _tag_dir(p: Path) -> Path | None:

@@ -56,13 +56,18 @@ def find_run_config(checkpoint: str) -> str | None:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
+    """--config files + overrides; without --config, the config stored with --checkpoint (see
+    :func:`fastsupmae.export.config_for_checkpoint`), else the defaults."""
     paths = list(getattr(args, "config", []) or [])
-    if not paths:
-        found = find_run_config(getattr(args, "checkpoint", ""))
-        if found:
-            log.info("config: using %s (saved with the checkpoint)", found)
-            paths = [found]
-    return load_config(paths, list(getattr(args, "overrides", []) or []), world_size=1)
+    overrides = list(getattr(args, "overrides", []) or [])
+    ckpt = getattr(args, "checkpoint", "")
+    if not paths and ckpt:
+        from fastsupmae.export import config_for_checkpoint
+
+        cfg = config_for_checkpoint(ckpt, None, overrides)
+        log.info("config: the one stored with %s (objective %s)", ckpt, cfg.model.objective)
+        return cfg
+    return load_config(paths, overrides, world_size=1)
 
 
 def _is_deepspeed_dir(p: Path) -> bool:
