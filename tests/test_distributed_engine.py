@@ -166,6 +166,8 @@ def test_kill9_rank_then_others_exit_and_resume(tmp_path: Path) -> None:
     code0 = procs[0].wait(timeout=60)  # bounded: a dead peer must not hang the survivor
     assert code0 != 0 and time.time() - t0 < 60
     procs[1].wait()
+    err = json.loads((tmp_path / "long_rank0.json").read_text())["error"]
+    assert err.startswith("PeerFailureError: rank 0: a collective operation failed") and "train.resume=auto" in err
     latest = (ck / "latest").read_text()
     step = int(latest.split("_")[1])
     assert step >= 4 and (ck / latest / "meta.json").exists()

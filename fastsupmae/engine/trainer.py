@@ -33,6 +33,15 @@ log = logging.getLogger(__name__)
 LOSS_KEYS = ("loss", "rec_loss", "cls_loss")
 
 
+# Substrings of the errors gloo / NCCL / c10d raise when a peer is gone or a collective timed out.
+_COMM_ERRORS = ("gloo", "NCCL", "Connection reset", "Connection closed", "Broken pipe", "timed out", "Timeout",
+                "ProcessGroup")
+
+
+class PeerFailureError(UserError, RuntimeError):
+    """A collective failed because another rank died or hung (bounded by the process-group timeout)."""
+
+
 class TrainingDivergedError(UserError, RuntimeError):
     """Too many consecutive optimizer steps had a NaN/Inf loss or gradient."""
 
@@ -230,7 +239,26 @@ class Trainer:
                        on_trace_ready=on_ready, record_shapes=True, with_stack=False)
 
     def fit(self) -> TrainResult:
-        """Train from the current step to the end (or a stop condition). Collective: call on every rank."""
+        """Train from the current step to the end (or a stop condition). Collective: call on every rank.
+
+        Raises:
+            TrainingDivergedError: ``train.max_bad_steps`` NaN/Inf steps in a row.
+            CheckpointWriteError: a checkpoint could not be written (the previous one is intact).
+            PeerFailureError: a collective failed (another rank died or hung past the timeout).
+        """
+        try:
+            return self._fit()
+        except RuntimeError as e:
+            text = str(e)
+            if self.dist.world_size > 1 and any(k in text for k in _COMM_ERRORS):
+                first = text.strip().splitlines()[0][:300]
+                raise PeerFailureError(
+                    f"rank {self.dist.rank}: a collective operation failed at step {self.step} ({first}). Another "
+                    f"rank probably died or stopped responding (see its log). Restart the job with train.resume=auto "
+                    f"to continue from {self.last_checkpoint or 'the start (no checkpoint yet)'}") from e
+            raise
+
+    def _fit(self) -> TrainResult:
         t = self.cfg.train
         is_main = self.dist.is_main
         if is_main:
