@@ -335,3 +335,13 @@ def test_timm_posterize_zero_bits_does_not_crash():
     for op in post:  # the recipe's strongest draw (magnitude 10 -> 0 bits) runs on this Pillow
         op.magnitude, op.magnitude_std, op.prob = 10, 0, 1.0
         assert np.asarray(op(im)).max() == 0
+
+
+def test_missing_dali_is_one_clear_message(tmp_path, monkeypatch):
+    import fastsupmae.pipelines.dali_support as ds
+
+    make_folder(tmp_path / "train", per_class=1)
+    monkeypatch.setattr(ds, "dali_available", lambda: False)
+    with pytest.raises(DataError, match="pip install nvidia-dali"):
+        build_train_loader(_cfg(tmp_path / "train", **{"data.pipeline": "dali"}))
+    assert isinstance(build_train_loader(_cfg(tmp_path / "train")), CpuLoader)  # auto falls back quietly
