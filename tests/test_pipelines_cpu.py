@@ -340,7 +340,7 @@ def test_timm_posterize_zero_bits_does_not_crash():
 def test_missing_dali_is_one_clear_message(tmp_path, monkeypatch):
     import fastsupmae.pipelines.dali_support as ds
 
-    make_folder(tmp_path / "train", per_class=1)
+    make_folder(tmp_path / "train", per_class=2)
     monkeypatch.setattr(ds, "dali_available", lambda: False)
     with pytest.raises(DataError, match="pip install nvidia-dali"):
         build_train_loader(_cfg(tmp_path / "train", **{"data.pipeline": "dali"}))
