@@ -77,3 +77,51 @@ def test_knn_eval_on_tiny_model_uses_model_features():
     # memory bank == queries: every query finds itself at similarity 1 and k=1 is exact
     res = knn_eval(model, _loader(imgs, labels, 8), _loader(imgs, labels, 8), k=1)
     assert res["top1"] == 100.0
+
+
+class _FlatFeatures(torch.nn.Module):
+    """A stand-in encoder: the image itself, flattened, is the feature."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward_features(self, imgs, pool="avg"):
+        return imgs.flatten(1).float()
+
+
+def _knn_worker(rank, world, port, feats, labels, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        # uneven contiguous shards, as the evaluation loaders hand out (rank 1 also gets an empty batch)
+        cut = [0, 7, len(labels)]
+        mine = slice(cut[rank], cut[rank + 1])
+        loader = _loader(feats[mine], labels[mine], 4)
+        if rank == 1:
+            loader.append({"images": feats[:0], "labels": labels[:0]})
+        f, lab = extract_features(_FlatFeatures(), loader)
+        res = knn_classify(f, lab, f, lab, k=3)
+        if rank == 0:
+            torch.save({"f": f, "l": lab, "res": res}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_extract_features_gathers_uneven_shards_from_all_ranks(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    feats = torch.randn(19, 1, 2, 3)
+    labels = torch.randint(0, 4, (19,))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_knn_worker, args=(2, port, feats, labels, str(tmp_path / "r0.pt")), nprocs=2, join=True)
+    got = torch.load(tmp_path / "r0.pt", weights_only=False)
+    torch.testing.assert_close(got["f"], F.normalize(feats.flatten(1), dim=1))  # rank order, nothing lost
+    assert torch.equal(got["l"], labels)
+    single = knn_classify(got["f"], labels, got["f"], labels, k=3)
+    assert got["res"] == single
