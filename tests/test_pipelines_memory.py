@@ -148,3 +148,43 @@ def test_augmentation_varies_and_is_seeded():
     c = build_train_loader(cfg).make_batch(1, 0)
     assert torch.equal(a["images"], b["images"])
     assert not torch.equal(a["images"], c["images"])
+
+
+def test_crop_box_samplers_follow_torchvision():
+    import math
+
+    import numpy as np
+    from fastsupmae.pipelines.crop_params import sample_crop_box, sample_crop_boxes
+    from torchvision.transforms import RandomResizedCrop
+
+    h, w, n = 90, 160, 3000  # a wide image: the aspect bound and the fallback both matter
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, (1,))))
+    vec = sample_crop_boxes(h, w, n, (0.08, 1.0), generator=g).double()
+    import random
+
+    rng = random.Random(int(torch.randint(0, 10**6, (1,))))
+    sca = torch.tensor([sample_crop_box(h, w, (0.08, 1.0), (3 / 4, 4 / 3), rng) for _ in range(n)]).double()
+    ref = torch.tensor([RandomResizedCrop.get_params(torch.empty(1, h, w), [0.08, 1.0], [3 / 4, 4 / 3])
+                        for _ in range(n)]).double()
+    for boxes in (vec, sca):
+        top, left, bh, bw = boxes.unbind(1)
+        assert (top >= 0).all() and (left >= 0).all() and (top + bh <= h).all() and (left + bw <= w).all()
+        for f in (lambda b: b[:, 2] * b[:, 3] / (h * w), lambda b: torch.log(b[:, 3] / b[:, 2])):
+            a, r = f(boxes).numpy(), f(ref).numpy()
+            assert abs(a.mean() - r.mean()) < 4 * math.sqrt(a.var() / n + r.var() / n) + 1e-3
+            for q in (0.1, 0.5, 0.9):
+                assert abs(np.quantile(a, q) - np.quantile(r, q)) < 0.05
+
+
+def test_resized_crop_batch_geometry():
+    from fastsupmae.pipelines.batch_augment import resized_crop_batch
+
+    x = torch.randint(0, 256, (3, 2, 12, 10), dtype=torch.uint8)
+    full = torch.tensor([[0, 0, 12, 10]] * 3)
+    assert torch.equal(resized_crop_batch(x, full, (12, 10)), x)  # identity box and size
+    flip = torch.tensor([True, False, True])
+    y = resized_crop_batch(x, full, (12, 10), flip)
+    assert torch.equal(y[0], x[0].flip(-1)) and torch.equal(y[1], x[1])
+    # an integer sub-box at its own size is a plain crop
+    box = torch.tensor([[2, 3, 6, 4]] * 3)
+    assert torch.equal(resized_crop_batch(x, box, (6, 4)), x[:, :, 2:8, 3:7])
