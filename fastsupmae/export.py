@@ -74,7 +74,10 @@ def config_for_checkpoint(src: str | os.PathLike, paths: list[str] | None = None
     p = Path(src)
     embedded: dict[str, Any] | None = None
     if p.is_file() and p.suffix in (".pth", ".pt"):
-        obj = torch.load(p, map_location="cpu", weights_only=False, mmap=True)
+        try:  # weights_only: never unpickle arbitrary objects just to look for a config
+            obj = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001 - legacy / foreign files: no embedded config, keep looking
+            obj = None
         if isinstance(obj, dict) and isinstance(obj.get("config"), dict):
             embedded = obj["config"]
     elif p.is_file() and p.suffix == ".safetensors":
