@@ -111,6 +111,13 @@ def test_bf16_consolidated_matches_bf16_weights(main_run: tuple[Path, dict[str, 
     assert r["bf16_master_minus_bf16_max"] > 0.0  # and they are real fp32 masters, not bf16 copies
 
 
+def test_sync_batchnorm_cpu_twin(main_run: tuple[Path, dict[str, Any]]) -> None:
+    _, r = main_run
+    for k, v in r["syncbn_errors"].items():
+        assert v < 1e-5, (k, v)  # == one BatchNorm over the global batch: output, grads, running stats
+    assert r["syncbn_modules"] == 1 and r["syncbn_steps"] == 2 and r["syncbn_loss"] is not None
+
+
 def test_pretrain_task_zero3_with_knn_probe(main_run: tuple[Path, dict[str, Any]]) -> None:
     w, r = main_run
     assert r["pretrain_z3_step"] == 2

@@ -93,7 +93,9 @@ class Trainer:
         if cfg.model.sync_batchnorm and dist.world_size > 1:
             # SupMAE's head BatchNorm sees one micro-batch per rank; SyncBN pools its statistics over the ranks
             # of that micro-step (not over accumulation steps): see docs/training.md.
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            from fastsupmae.engine.sync_bn import convert_sync_batchnorm
+
+            model = convert_sync_batchnorm(model, self.device)
         model = model.to(self.device)
         self.zero_stage = effective_zero_stage(cfg, self.precision)
         if self.zero_stage != t.zero_stage and dist.is_main:
