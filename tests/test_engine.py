@@ -89,6 +89,23 @@ def test_precision_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert resolve_precision(cfg, cpu) == "bf16"
 
 
+def test_optimizer_choice_errors(tmp_path: Path) -> None:
+    cpu = torch.device("cpu")
+    cfg = tiny_cfg(tmp_path)
+    assert optim.resolve_optimizer(cfg, cpu) == "adamw"
+    cfg.train.optimizer = "fused_adam"
+    with pytest.raises(ConfigError, match="fused_adam is DeepSpeed's CUDA kernel"):
+        optim.resolve_optimizer(cfg, cpu)
+    cfg.train.optimizer, cfg.train.offload_optimizer = "auto", True
+    with pytest.raises(ConfigError, match="needs train.zero_stage 1, 2 or 3"):
+        optim.resolve_optimizer(cfg, cpu)
+    cfg.train.zero_stage = 2
+    assert optim.resolve_optimizer(cfg, cpu) == "cpu_adam"
+    cfg.train.optimizer = "adamw"
+    with pytest.raises(ConfigError, match="offload_optimizer needs train.optimizer=cpu_adam"):
+        optim.resolve_optimizer(cfg, cpu)
+
+
 # --------------------------------------------------------------------------------------------- guarded AdamW
 
 def _params(seed: int) -> list[torch.nn.Parameter]:

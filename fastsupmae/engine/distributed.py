@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fastsupmae.errors import UserError
+
 log = logging.getLogger(__name__)
 
 # A dead peer normally surfaces at once as a closed socket; the timeout bounds the remaining cases (a peer that
@@ -61,7 +63,7 @@ def set_single_process_defaults() -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
         if os.environ["WORLD_SIZE"] != "1":
-            raise RuntimeError("MASTER_PORT is not set for a multi-process run; export it or use a launcher "
+            raise UserError("MASTER_PORT is not set for a multi-process run; export it or use a launcher "
                                "(deepspeed / torchrun) that sets it")
         os.environ["MASTER_PORT"] = str(_free_port())
 
@@ -82,7 +84,7 @@ def timeout_seconds() -> float:
     try:
         return float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
     except ValueError:
-        raise RuntimeError(f"{TIMEOUT_ENV}={os.environ[TIMEOUT_ENV]!r} is not a number of seconds") from None
+        raise UserError(f"{TIMEOUT_ENV}={os.environ[TIMEOUT_ENV]!r} is not a number of seconds") from None
 
 
 def init_distributed() -> DistInfo:

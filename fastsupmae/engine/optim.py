@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from fastsupmae.config import Config
+from fastsupmae.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -97,14 +97,14 @@ def resolve_optimizer(cfg: Config, device: torch.device) -> str:
     if name == "auto":
         name = "cpu_adam" if t.offload_optimizer else "adamw"
     if t.offload_optimizer and name != "cpu_adam":
-        raise ValueError(f"train.offload_optimizer needs train.optimizer=cpu_adam (or auto), not '{name}'")
+        raise ConfigError(f"train.offload_optimizer needs train.optimizer=cpu_adam (or auto), not '{name}'")
     if name == "cpu_adam" and not t.offload_optimizer:
-        raise ValueError("train.optimizer=cpu_adam is DeepSpeed's optimizer for ZeRO-Offload; "
+        raise ConfigError("train.optimizer=cpu_adam is DeepSpeed's optimizer for ZeRO-Offload; "
                          "set train.offload_optimizer=true (and train.zero_stage >= 1) or use adamw")
     if name == "cpu_adam" and t.zero_stage == 0:
-        raise ValueError("train.offload_optimizer needs train.zero_stage 1, 2 or 3 (ZeRO-Offload)")
+        raise ConfigError("train.offload_optimizer needs train.zero_stage 1, 2 or 3 (ZeRO-Offload)")
     if name == "fused_adam" and device.type != "cuda":
-        raise ValueError("train.optimizer=fused_adam is DeepSpeed's CUDA kernel; no GPU here - use adamw")
+        raise ConfigError("train.optimizer=fused_adam is DeepSpeed's CUDA kernel; no GPU here - use adamw")
     return name
 
 

@@ -83,7 +83,7 @@ class Trainer:
         self.precision = resolve_precision(cfg, self.device)
         self.grad_accum = grad_accum_steps(cfg, dist.world_size)
         if len(loader) < self.grad_accum:
-            raise ValueError(f"the training loader has {len(loader)} micro-batches per epoch on this rank, fewer than "
+            raise UserError(f"the training loader has {len(loader)} micro-batches per epoch on this rank, fewer than "
                              f"one optimizer step ({self.grad_accum}); lower train.global_batch or add data")
         self.steps_per_epoch = len(loader) / self.grad_accum
         self.total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * self.steps_per_epoch)
