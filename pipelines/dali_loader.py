@@ -22,7 +22,7 @@ from .crop_params import DEFAULT_RATIO
 from .encoded_source import EncodedSource
 from .errors import DataError
 from .image_decode import decode_crop_resize, image_size
-from .loader_base import LoaderBase, to_gray
+from .loader_base import LoaderBase
 from .sampler import ShardedOrder, mix_seed
 
 log = logging.getLogger(__name__)
@@ -121,10 +121,13 @@ class DaliLoader(LoaderBase):
         self.recipe = recipe if train else "eval"
         self.device = torch.device(device)
         self.in_chans, self.output, self.num_threads, self.prefetch = in_chans, output, num_threads, prefetch
-        mean3 = tuple(mean) * 3 if len(mean) == 1 else tuple(mean)
-        std3 = tuple(std) * 3 if len(std) == 1 else tuple(std)
-        g = dict(out_hw=tuple(out_hw), interp=interp, output="float" if output == "bf16" else output, mean=mean3,
-                 std=std3)
+        if in_chans not in (1, 3):
+            raise DataError(f"in_chans {in_chans} is not supported; use 1 or 3")
+        # mean/std per output channel (a single value is used for every channel)
+        mean_c = tuple(mean) * in_chans if len(mean) == 1 else tuple(mean)[:in_chans]
+        std_c = tuple(std) * in_chans if len(std) == 1 else tuple(std)[:in_chans]
+        g = dict(out_hw=tuple(out_hw), interp=interp, output="float" if output == "bf16" else output, mean=mean_c,
+                 std=std_c, gray=in_chans == 1)
         if self.recipe == "eval":
             g["crop_ratio"] = crop_ratio
         else:
@@ -158,8 +161,6 @@ class DaliLoader(LoaderBase):
         y = torch.from_numpy(np.array(labels.as_tensor())).reshape(-1).to(torch.int64)
         if self.output == "bf16":
             x = x.to(torch.bfloat16)
-        if self.in_chans == 1:
-            x = to_gray(x) if self.output == "uint8" else x[:, :1]  # float outputs: set mean/std for 1 channel
         if self.device.type != "cpu":
             y = y.to(self.device, non_blocking=True)
         return {"images": x, "labels": y}

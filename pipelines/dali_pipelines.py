@@ -58,14 +58,14 @@ def _normalize(images: Any, output: str, mean: tuple[float, ...], std: tuple[flo
 
 def pretrain_graph(source: Any, device: str, out_hw: tuple[int, int], scale: tuple[float, float],
                    ratio: tuple[float, float], hflip: bool, interp: str, output: str, mean: tuple[float, ...],
-                   std: tuple[float, ...]) -> tuple[Any, Any]:
+                   std: tuple[float, ...], gray: bool = False) -> tuple[Any, Any]:
     """RandomResizedCrop through crop-only decoding (only the crop's DCT blocks are decoded), resize, flip."""
     from nvidia.dali import fn
 
     types = _types()
     encoded, labels = _inputs(source, device)
     images = fn.decoders.image_random_crop(
-        encoded, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB,
+        encoded, device="mixed" if device == "gpu" else "cpu", output_type=types.GRAY if gray else types.RGB,
         random_area=list(scale), random_aspect_ratio=list(ratio), num_attempts=10)
     images = fn.resize(images, resize_x=out_hw[1], resize_y=out_hw[0], interp_type=_interp(interp), antialias=True)
     mirror = fn.random.coin_flip(probability=0.5) if hflip else 0
@@ -108,7 +108,7 @@ def _random_erase(images: Any, out_hw: tuple[int, int], output: str, mean: tuple
 def finetune_graph(source: Any, device: str, out_hw: tuple[int, int], scale: tuple[float, float],
                    ratio: tuple[float, float], hflip: bool, interp: str, output: str, mean: tuple[float, ...],
                    std: tuple[float, ...], rand_n: int = 2, rand_m: int = 9,
-                   erase_prob: float = 0.25) -> tuple[Any, Any]:
+                   erase_prob: float = 0.25, gray: bool = False) -> tuple[Any, Any]:
     """Pretraining's crop + flip, then RandAugment (DALI auto_aug) and random erasing.
 
     Needs a pipeline built with ``enable_conditionals=True`` (RandAugment and erasing branch per sample).
@@ -125,7 +125,9 @@ def finetune_graph(source: Any, device: str, out_hw: tuple[int, int], scale: tup
     images = fn.resize(images, resize_x=out_hw[1], resize_y=out_hw[0], interp_type=_interp(interp), antialias=True)
     if hflip:
         images = fn.flip(images, horizontal=fn.random.coin_flip(probability=0.5))
-    images = rand_augment.rand_augment(images, n=rand_n, m=rand_m)
+    images = rand_augment.rand_augment(images, n=rand_n, m=rand_m)  # colour ops need RGB: grey comes after
+    if gray:
+        images = fn.color_space_conversion(images, image_type=types.RGB, output_type=types.GRAY)
     images = _normalize(images, output, mean, std)
     if fn.random.coin_flip(probability=erase_prob):
         images = _random_erase(images, out_hw, output, mean, std, device=device)
@@ -133,13 +135,14 @@ def finetune_graph(source: Any, device: str, out_hw: tuple[int, int], scale: tup
 
 
 def eval_graph(source: Any, device: str, out_hw: tuple[int, int], crop_ratio: float, interp: str, output: str,
-               mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[Any, Any]:
+               mean: tuple[float, ...], std: tuple[float, ...], gray: bool = False) -> tuple[Any, Any]:
     """Resize the shorter side to ``min(out) / crop_ratio``, centre-crop ``out`` (256 -> 224 at 0.875)."""
     from nvidia.dali import fn
 
     types = _types()
     encoded, labels = _inputs(source, device)
-    images = fn.decoders.image(encoded, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
+    images = fn.decoders.image(encoded, device="mixed" if device == "gpu" else "cpu",
+                               output_type=types.GRAY if gray else types.RGB)
     images = fn.resize(images, resize_shorter=min(out_hw) / crop_ratio, interp_type=_interp(interp), antialias=True)
     if output == "uint8":
         images = fn.crop_mirror_normalize(images, dtype=_dtype(output), output_layout="CHW", crop=list(out_hw),
@@ -161,7 +164,8 @@ def build_pipeline(recipe: str, source: Any, *, device: str, batch_size: int, nu
         source: the external-source callable (returns one batch of (encoded, labels)).
         device: 'gpu' (mixed decoding, needs ``device_id``) or 'cpu' (``device_id=None``).
         batch_size, num_threads, seed: DALI pipeline settings (seed it per rank).
-        **kw: the graph's options (out_hw, scale, ratio, hflip, interp, crop_ratio, output, mean, std).
+        **kw: the graph's options (out_hw, scale, ratio, hflip, interp, crop_ratio, output, mean, std, gray:
+            one luma channel for 1-channel models).
     """
     from nvidia.dali import pipeline_def
 

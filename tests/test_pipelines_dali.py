@@ -272,3 +272,16 @@ def test_random_erasing_same_semantics_dali_and_fallback():
         noisy = x.float()[(x != 128).any(1, keepdim=True).expand_as(x)]
         # the fill is N(mean, std) in pixel units: 128 +- 51
         assert abs(noisy.mean().item() - 127.5) < 6 and abs(noisy.std().item() - 51) < 8
+
+
+def test_dali_one_channel_models_get_luma(tmp_path):
+    src = ImageFolderSource(_photo_folder(tmp_path, 6))
+    kw = dict(batch_size=6, out_hw=(24, 24), train=False, interp="bilinear", in_chans=1)
+    d = next(iter(DaliLoader(src, **kw)))["images"].float()
+    c = next(iter(CpuLoader(src, num_workers=0, **kw)))["images"].float()
+    assert d.shape == c.shape == (6, 1, 24, 24)
+    assert torch.corrcoef(torch.stack([d.flatten(), c.flatten()]))[0, 1] > 0.9
+    f = next(iter(DaliLoader(src, output="float", mean=(0.5,), std=(0.25,), **kw)))["images"]
+    torch.testing.assert_close(f, (d / 255 - 0.5) / 0.25, atol=1e-4, rtol=1e-4)
+    t = next(iter(DaliLoader(src, batch_size=6, out_hw=(24, 24), train=True, recipe="finetune", in_chans=1)))
+    assert t["images"].shape == (6, 1, 24, 24)
