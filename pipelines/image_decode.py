@@ -1,10 +1,11 @@
 """Decode one encoded image straight into a resized crop: uint8 ``[3, H, W]``.
 
-JPEGs go through simplejpeg (libjpeg-turbo) asking for the smallest DCT scale (1, 1/2, 1/4, 1/8) whose
+JPEGs go through simplejpeg (libjpeg-turbo) asking for the smallest DCT scale (k/8, k = 1..8) whose
 decoded crop still covers the output size, so large photos are never decoded at full size when a small crop
-of them is wanted. Anything simplejpeg refuses (CMYK, some odd encodings) and every non-JPEG format (PNG,
-WebP, GIF, BMP...) goes through Pillow, whose ``draft`` does the same reduced-size trick for JPEGs. Every
-failure becomes a :class:`BadImage` naming the path and the reason.
+of them is wanted. The crop is then a tensor view and torch's uint8 antialiased resize (bilinear or bicubic)
+writes it into its slot of the batch. Anything simplejpeg refuses (CMYK, some odd encodings) and every
+non-JPEG format (PNG, WebP, GIF, BMP...) goes through Pillow, whose ``draft`` does the same reduced-size trick
+for JPEGs. Every failure becomes a :class:`BadImage` naming the path and the reason.
 """
 
 from __future__ import annotations
