@@ -345,3 +345,19 @@ def test_missing_dali_is_one_clear_message(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="pip install nvidia-dali"):
         build_train_loader(_cfg(tmp_path / "train", **{"data.pipeline": "dali"}))
     assert isinstance(build_train_loader(_cfg(tmp_path / "train")), CpuLoader)  # auto falls back quietly
+
+
+def test_make_imagenet_like_from_real_photos(tmp_path):
+    from fastsupmae.pipelines.make_imagenet_like import find_photos, make_imagenet_like
+
+    try:
+        photos = find_photos()[:3]
+    except DataError as e:
+        pytest.skip(str(e))
+    out = make_imagenet_like(tmp_path / "inl", n_train=6, n_val=3, photos=photos, seed=int(np.random.randint(1000)))
+    src = ImageFolderSource(out / "train")
+    assert len(src) == 6 and len(src.class_names) == 3
+    for i in range(len(src)):
+        im = Image.open(io.BytesIO(src.read(i)))
+        assert im.format == "JPEG" and 300 <= min(im.size) and max(im.size) <= 640
+    assert len(ImageFolderSource(out / "val")) == 3
