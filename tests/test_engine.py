@@ -241,6 +241,10 @@ def test_time_limit_stops_with_checkpoint_then_resumes(tmp_path: Path) -> None:
     tr = make_trainer(cfg2)
     assert tr.step == 2
     assert tr.fit().step == 4
+    from fastsupmae.errors import UserError
+
+    with pytest.raises(UserError, match="written with zero_stage 0 but this run uses 2"):
+        make_trainer(tiny_cfg(out, max_steps=6, zero_stage=2, resume="auto"))
 
 
 def test_disk_full_during_write_keeps_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -91,6 +91,14 @@ def atomic_write_text(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
+def read_meta(path: Path) -> dict[str, Any]:
+    """meta.json of checkpoint ``path`` (step, epoch, world size, ZeRO stage, precision, config, ...)."""
+    f = Path(path) / "meta.json"
+    if not f.exists():
+        raise CheckpointNotFoundError(f"{path} is not a complete checkpoint (no meta.json)")
+    return json.loads(f.read_text())
+
+
 def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints in ``ckpt_dir`` as (step, path), oldest first."""
     out = []

@@ -156,6 +156,13 @@ class Trainer:
             if self.cfg.train.resume == "auto":
                 log.info("train.resume=auto: no checkpoint in %s yet, starting fresh", self.out_dir / "checkpoints")
             return None
+        meta = ckpt.read_meta(path)
+        for key, now in (("zero_stage", self.zero_stage), ("precision", self.precision)):
+            if key in meta and meta[key] != now:
+                raise UserError(
+                    f"checkpoint {path} was written with {key} {meta[key]!r} but this run uses {now!r}; DeepSpeed "
+                    f"cannot load its shards across that change. Resume with the same train.{key}, or start a new run "
+                    f"from its consolidated weights (fastsupmae.engine.checkpoint.consolidated_state_dict)")
         common, rank_state = self.ckpt.load(self.engine, path)
         self.step = int(common["step"])
         self.epoch = int(common["epoch"])
