@@ -12,19 +12,20 @@ import torch.nn as nn
 from fastsupmae.kernels import dispatch as K
 
 from .layers import Block
+from .linear import Linear
 from .pos_embed import sincos_2d
 
 
 def build_decoder(module: nn.Module, embed_dim: int, dec_dim: int, depth: int, heads: int, mlp_ratio: float,
                   grid: tuple[int, int], out_dim: int, attn_backend: str, mask_token: bool = True) -> None:
     """Attach the decoder's parameters to ``module`` under the official names."""
-    module.decoder_embed = nn.Linear(embed_dim, dec_dim, bias=True)
+    module.decoder_embed = Linear(embed_dim, dec_dim, bias=True)
     if mask_token:
         module.mask_token = nn.Parameter(torch.zeros(1, 1, dec_dim))
     module.register_buffer("decoder_pos_embed", sincos_2d(dec_dim, grid, cls_token=True))
     module.decoder_blocks = nn.ModuleList([Block(dec_dim, heads, mlp_ratio, 0.0, attn_backend) for _ in range(depth)])
     module.decoder_norm = nn.LayerNorm(dec_dim, eps=1e-6)
-    module.decoder_pred = nn.Linear(dec_dim, out_dim, bias=True)
+    module.decoder_pred = Linear(dec_dim, out_dim, bias=True)
 
 
 def decoder_blocks_forward(module: nn.Module, y: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from fastsupmae.kernels import dispatch as K
 
 from .decoder import build_decoder, decoder_blocks_forward, predict
+from .linear import Linear
 from .masking import random_masking
 from .targets import hog_dim, hog_targets, load_tokenizer
 from .vit import ViTBackbone
@@ -27,7 +28,7 @@ class SupervisedViT(ViTBackbone):
         self.global_pool = global_pool
         self.label_smoothing = label_smoothing
         self.fc_norm = nn.LayerNorm(self.embed_dim, eps=1e-6) if global_pool else nn.Identity()
-        self.head = nn.Linear(self.embed_dim, num_classes)
+        self.head = Linear(self.embed_dim, num_classes)
         self.init_weights()
 
     def forward_features(self, imgs: torch.Tensor, pool: str | None = None) -> torch.Tensor:

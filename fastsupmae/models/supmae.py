@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from fastsupmae.kernels import dispatch as K
 
 from .decoder import build_decoder, decode_from_visible, predict
+from .linear import Linear
 from .masking import random_masking
 from .vit import ViTBackbone
 
@@ -42,10 +43,10 @@ class MaskedAutoencoderViT(ViTBackbone):
                       enc.get("mlp_ratio", 4.0), self.grid, p * p * c, enc.get("attn_backend", "sdpa"))
         if supervised:
             self.cls_head = nn.Sequential(
-                nn.Linear(self.embed_dim, cls_hidden_dim),
+                Linear(self.embed_dim, cls_hidden_dim),
                 nn.BatchNorm1d(cls_hidden_dim),  # eps 1e-5, momentum 0.1 as the official head
                 nn.ReLU(inplace=True),
-                nn.Linear(cls_hidden_dim, num_classes),
+                Linear(cls_hidden_dim, num_classes),
             )
         self.init_weights()
 

@@ -1,0 +1,65 @@
+"""``Linear``: ``nn.Linear`` (same parameters, same state dict) with a fast bf16 path for CPUs without bf16 units.
+
+On x86 CPUs without AVX512-BF16 / AMX, torch multiplies bf16 matrices with a generic fallback whose speed
+depends enormously on the operands' memory layout. Measured on the 2-core AMD EPYC dev machine (1 thread,
+[784, 384] x [384, 1536]): ``x @ w.t()`` (a transposed view, what the forward uses) 6.6 GFLOP/s, but the
+default backward's ``g @ w`` 1.8 GFLOP/s, while the same product with ``w`` handed over in column-major form
+runs at 10, and the weight gradient as ``(x.t() @ g).t()`` at 22 (fp32 runs ~75 in every layout). So on such
+a CPU a bf16 linear layer computes its two backward products in the fast layouts: the same products, the same
+bf16 inputs and outputs, only the operands' strides differ (one copy of the weight per backward). A bf16 ViT
+training step gets ~2.8x faster there. Everywhere else (fp32, GPUs, CPUs with native bf16) it is ``F.linear``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU has bf16 matrix instructions (AVX512-BF16 or AMX): torch's bf16 gemm is then fast."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+
+
+class _CpuBf16Linear(torch.autograd.Function):
+    """y = x w^T + b for bf16 CPU tensors, with every product in the layout the fallback gemm runs fast."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, w)
+        ctx.has_bias = b is not None
+        x2 = x.reshape(-1, x.shape[-1])
+        y = torch.addmm(b, x2, w.t()) if b is not None else torch.mm(x2, w.t())
+        return y.reshape(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, w = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1])
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.mm(g2, w.t().contiguous().t()).reshape(x.shape)  # w as a column-major operand
+        if ctx.needs_input_grad[1]:
+            dw = torch.mm(x.reshape(-1, x.shape[-1]).t(), g2).t()  # [in, out] product, returned transposed
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = g2.sum(0, dtype=torch.float32).to(g.dtype)
+        return dx, dw, db
+
+
+class Linear(nn.Linear):
+    """Drop-in ``nn.Linear``; bf16 inputs on a CPU without native bf16 take the layout-aware path above."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and self.weight.dtype == torch.bfloat16 \
+                and not cpu_has_native_bf16():
+            return _CpuBf16Linear.apply(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
