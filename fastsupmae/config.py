@@ -116,6 +116,8 @@ class DataConfig:
     bad_files: str = _f("skip", "skip (count and log once) | strict (stop naming the file)")
     scale: list[float] = _f([0.2, 1.0], "RandomResizedCrop area range")
     hflip: bool = _f(True, "random horizontal flip")
+    interpolation: str = _f("bicubic", "resize filter of crops and evaluation resizes: bicubic | bilinear")
+    eval_crop_ratio: float = _f(0.875, "evaluation: resize the shorter side to size / ratio, then centre-crop")
     mean: list[float] = _f(IMAGENET_MEAN, "normalisation mean (per channel); 1-channel default: the dataset's")
     std: list[float] = _f(IMAGENET_STD, "normalisation std (per channel)")
     synthetic_size: int = _f(1024, "synthetic dataset: number of samples")
@@ -412,6 +414,9 @@ def validate_config(cfg: Config, world_size: int | None = None) -> None:
             raise ConfigError(
                 f"data.mean / data.std have {len(d.mean)} / {len(d.std)} entries but model.in_chans is {m.in_chans}"
             )
+    _choice("data.interpolation", d.interpolation, ("bicubic", "bilinear"))
+    if not 0 < d.eval_crop_ratio <= 1:
+        raise ConfigError(f"data.eval_crop_ratio: {d.eval_crop_ratio} must be in (0, 1] (0.875 = resize 256, crop 224)")
     if len(d.scale) != 2 or not 0 < d.scale[0] <= d.scale[1] <= 1:
         raise ConfigError(f"data.scale: expected [lo, hi] with 0 < lo <= hi <= 1, got {d.scale}")
     if t.micro_batch < 1 or t.global_batch < 1:

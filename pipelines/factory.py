@@ -101,7 +101,7 @@ def build_train_loader(cfg: Any, rank: int = 0, world_size: int = 1, device: str
     source = open_source(cfg, "train")
     common = dict(batch_size=cfg.train.micro_batch, out_hw=out_hw, train=True, rank=rank, world_size=world_size,
                   seed=cfg.train.seed, policy=d.bad_files, device=device, in_chans=cfg.model.in_chans)
-    aug = dict(scale=tuple(d.scale), hflip=d.hflip, interp=getattr(d, "interpolation", "bicubic"))
+    aug = dict(scale=tuple(d.scale), hflip=d.hflip, interp=d.interpolation)
     if kind == "dali":
         from .dali_loader import DaliLoader
 
@@ -138,7 +138,7 @@ def build_eval_loader(cfg: Any, split: str = "val", rank: int = 0, world_size: i
     source = open_source(cfg, split)
     common = dict(batch_size=cfg.eval.batch, out_hw=out_hw, train=False, rank=rank, world_size=world_size,
                   seed=cfg.train.seed, policy=d.bad_files, device=device, in_chans=cfg.model.in_chans,
-                  crop_ratio=getattr(d, "eval_crop_ratio", 0.875), interp=getattr(d, "interpolation", "bicubic"))
+                  crop_ratio=d.eval_crop_ratio, interp=d.interpolation)
     if kind == "dali":
         from .dali_loader import DaliLoader
 
