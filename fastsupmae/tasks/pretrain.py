@@ -25,9 +25,10 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from fastsupmae.cli import add_config_args
 
     add_config_args(parser)
-    parser.add_argument("--resume", nargs="?", const="auto", default=None,
-                        help="continue from the latest checkpoint in train.output_dir (or the given checkpoint / run "
-                             "directory); same as train.resume=auto")
+    # A flag, not an optional value: `--resume train.epochs=5` must keep the override as an override.
+    parser.add_argument("--resume", action="store_const", const="auto", default=None,
+                        help="continue from the latest checkpoint in train.output_dir (same as train.resume=auto; "
+                             "train.resume=PATH picks a checkpoint or run directory)")
     return parser
 
 
