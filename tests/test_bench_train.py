@@ -126,6 +126,26 @@ def test_bench_train_runs_end_to_end(tmp_path, capsys) -> None:
     assert "speedup" in out and "cost growth vs mask_ratio" in out
 
 
+def test_bench_train_prediction_beside_measurement(tmp_path, capsys) -> None:
+    """--predict runs the performance model for the same point (same model: FLOP counts agree) in the same run."""
+    from fastsupmae.bench.train import Point, point_config, predict_point
+    from fastsupmae.flops import train_flops
+
+    args = _args(tmp_path, predict=None, reps="1")
+    assert bench_train.run(args) == 0
+    rec = json.loads((tmp_path / "out.json").read_text())["records"][0]
+    pred = rec["predicted"]
+    assert "PREDICTED" in pred["label"] and set(pred["paths"]) == {"fastsupmae", "reference"}
+    assert pred["paths"]["fastsupmae"]["step_ms"] > 0 and pred["speedup"] > 0
+    # the performance model priced the very model the bench timed
+    p = Point("micro", 2, "supmae", 0.75, "fp32")
+    flops = train_flops(point_config(bench_train._base_config(args), p), 2)
+    assert pred["paths"]["fastsupmae"]["model_tflop_per_step"] == pytest.approx(flops / 1e12)
+    assert rec["model_gflop_per_step"] == pytest.approx(flops / 1e9)
+    assert predict_point(p, args, torch.device("cpu"))["paths"]["reference"]["step_ms"] > 0
+    assert "PREDICTED" in capsys.readouterr().out
+
+
 def test_bench_train_real_pipeline(tmp_path) -> None:
     """The Fashion-MNIST in-memory pipeline feeds the bench (1 channel, 28 -> 16 px crops)."""
     args = _args(tmp_path, data="pipeline", paths="fastsupmae", reps="1")

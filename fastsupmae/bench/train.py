@@ -342,8 +342,8 @@ class Point:
 def point_config(base: Config, p: Point) -> Config:
     """``base`` with the grid point's model size / objective / mask ratio / batch (revalidated)."""
     d = base.to_dict()
-    d["model"].update(size=p.size, objective=p.objective, mask_ratio=p.mask_ratio, embed_dim=None, depth=None,
-                      num_heads=None)
+    # explicit model.embed_dim / depth / num_heads overrides (if given) take precedence over the size preset
+    d["model"].update(size=p.size, objective=p.objective, mask_ratio=p.mask_ratio)
     d["train"].update(micro_batch=p.batch, global_batch=p.batch)
     try:
         return load_config(None, d, world_size=1)
@@ -400,6 +400,8 @@ def bench_point(base: Config, p: Point, args: argparse.Namespace, device: torch.
     if args.profile:
         for name in paths:
             rec["paths"][name]["profile"] = profile_step(steps[name], data, device)
+    if args.predict:
+        rec["predicted"] = predict_point(p, args, device)
     if len(paths) == 2:
         # ratio of the median images/s (as the table shows), and the per-repetition paired ratios for spread
         rec["speedup"] = rec["paths"]["fastsupmae"]["images_per_s"] / rec["paths"]["reference"]["images_per_s"]
@@ -444,6 +446,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the fastsupmae model (or both models)")
     p.add_argument("--profile", action="store_true",
                    help="profile one extra step per path: time share of matmuls, attention, optimizer, copies, rest")
+    p.add_argument("--predict", action="store_true",
+                   help="also run the performance model (fastsupmae bench model) for each point, right after its "
+                        "measurement, and print its PREDICTED step times beside the measured ones")
     p.add_argument("--cost-growth", action="store_true",
                    help="also sweep mask ratio 0.5/0.75/0.9 + supervised, and the sizes, fastsupmae path only, "
                         "beside the analytic prediction")
@@ -517,6 +522,34 @@ def cost_growth(base: Config, args: argparse.Namespace, device: torch.device) ->
     return out
 
 
+def predict_point(p: Point, args: argparse.Namespace, device: torch.device) -> dict[str, Any] | None:
+    """``fastsupmae bench model`` for this grid point on this device, right after its measurement (same load).
+
+    On a CPU the roofline's rates are measured by the performance model itself in this process (same threads);
+    on a GPU the device's datasheet figures are used if it is one the model knows. Returns the two paths'
+    PREDICTED step summaries, or None when the model has no figures for this device.
+    """
+    from fastsupmae.bench import perf_model
+    from fastsupmae.bench.devices import DEVICES
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device).lower()
+        key = next((k for k in DEVICES if k in name), None)
+        if key is None:
+            return None
+    else:
+        key = "cpu"
+    pa = argparse.ArgumentParser()
+    perf_model.add_args(pa)
+    over = [*args.overrides, f"model.img_size=[{args.img_size},{args.img_size}]", f"model.size={p.size}",
+            f"model.objective={p.objective}", f"model.mask_ratio={p.mask_ratio}"]
+    pargs = pa.parse_args(["--device", key, "--batch", str(p.batch), "--dtype", p.dtype, "--ref-attention", "sdpa",
+                           "--ops", "none", *over])
+    rep = perf_model.model_report(pargs)
+    return {"label": rep["label"], "roofline": rep["roofline"],
+            "paths": {s["path"]: s for s in rep["summary"]}, "speedup": rep["speedup"]}
+
+
 def set_mfu(records: list[dict[str, Any]], peaks: dict[str, float]) -> None:
     """MFU = fastsupmae's model FLOPs per step / step time / peak of the record's dtype."""
     for r in records:
@@ -577,6 +610,22 @@ def run(args: argparse.Namespace) -> int:
           f"median of {args.reps} interleaved reps x {args.steps} steps; peak "
           + ", ".join(f"{d} {peaks[d] / 1e12:.4f} TFLOP/s" for d in peaks) + " ==")
     print(format_table(records))
+    if args.predict:
+        print("\n-- measured vs PREDICTED (fastsupmae bench model, same process and load; error = predicted / "
+              "measured - 1) --")
+        print(f"{'point':34s} {'path':10s} {'meas ms':>9s} {'pred ms':>9s} {'error':>7s} {'pred fwd':>9s} "
+              f"{'pred bwd':>9s} {'pred opt':>9s} {'meas x':>7s} {'pred x':>7s}")
+        for r in records:
+            pr = r.get("predicted")
+            if not pr:
+                continue
+            for name, s in r["paths"].items():
+                q = pr["paths"][name]
+                sp = (f"{r['speedup']:6.3f}x {pr['speedup']:6.3f}x" if name == "fastsupmae" and "speedup" in r
+                      else "")
+                print(f"{r['point']:34s} {name:10s} {s['step_ms']:9.0f} {q['step_ms']:9.0f} "
+                      f"{q['step_ms'] / s['step_ms'] - 1:+6.0%} {q['forward_ms']:9.0f} {q['backward_ms']:9.0f} "
+                      f"{q['optimizer_ms']:9.0f} {sp}")
     if args.profile:
         print("\n-- profiler: share of forward + backward op time (self time, one untimed step; optimizer: see the "
               "table) --")
