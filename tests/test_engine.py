@@ -332,3 +332,21 @@ def test_pretrain_task_end_to_end(tmp_path: Path, probe: str) -> None:
     assert json.loads((out / "final_metrics.json").read_text())["step"] == 3
     saved = load_config(str(out / "config.yaml"), world_size=1)
     assert saved.hash() == cfg.hash()
+
+
+def test_cli_pretrain_then_resume_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fastsupmae.cli import main
+
+    out = tmp_path / "run"
+    over = [f"{sec}.{k}={json.dumps(v)}" for sec, d in TINY.items() for k, v in d.items()]
+    over += ["model.in_chans=1", f"train.output_dir={out}", "train.max_steps=2", "train.ckpt_every=2"]  # demo: 1 ch
+    assert main(["pretrain", *over]) == 0
+    assert "pretrain: step 2 (done)" in capsys.readouterr().out
+    # --resume is a flag: the overrides after it stay overrides (more steps), and the run continues at step 2
+    assert main(["pretrain", "--resume", *over[:-2], "train.max_steps=4", "train.ckpt_every=2"]) == 0
+    assert "pretrain: step 4 (done)" in capsys.readouterr().out
+    starts = [r for r in records(out) if r.get("event") == "start"]
+    assert [r["step"] for r in starts] == [0, 2]
+    # a user error ends in one message and exit status 2
+    assert main(["pretrain", *over, "train.resume=" + str(tmp_path / "missing")]) == 2
+    assert "no complete checkpoint there" in capsys.readouterr().err
