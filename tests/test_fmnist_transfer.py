@@ -16,6 +16,7 @@ import logging
 import os
 import time
 
+import pytest
 import torch
 from fastsupmae.pipelines.fashion_mnist import load_fashion_mnist
 from fastsupmae.pipelines.memory_loader import InMemoryLoader
@@ -26,6 +27,15 @@ from fastsupmae.models.checkpoint import load_checkpoint
 from fastsupmae.tasks.finetune import FinetuneOptions, finetune, finetune_config
 from fastsupmae.tasks.knn import knn_eval
 from fastsupmae.visualize import plot_loss_curves
+
+
+@pytest.fixture(autouse=True)
+def _fresh_torch_rng():
+    """Fresh random inputs every run (torch's default generator starts from a fixed seed)."""
+    seed = torch.seed()
+    yield
+    print(f"torch seed of this test: {seed}")
+
 
 log = logging.getLogger(__name__)
 

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from fastsupmae.models import build_model
 from fastsupmae.tasks.linprobe import LARS, LinprobeOptions, ProbeHead, linear_probe
 from tests.helpers import tiny_config
+
+
+@pytest.fixture(autouse=True)
+def _fresh_torch_rng():
+    """Fresh random inputs every run (torch's default generator starts from a fixed seed)."""
+    seed = torch.seed()
+    yield
+    print(f"torch seed of this test: {seed}")
 
 
 def _colour_classes(n, centres, g):
