@@ -190,3 +190,11 @@ def test_export_from_deepspeed_checkpoint_dir(tmp_path, stage):
         torch.testing.assert_close(full[k], v.float(), rtol=0, atol=0, msg=k)
     assert torch.equal(full["cls_head.1.running_mean"], want["cls_head.1.running_mean"])
     assert side["source"] == str(ckdir)
+    # evaluation straight on the engine's module (what `pretrain` does after training) equals the export's
+    # features, also when ZeRO-3 has the parameters partitioned
+    from fastsupmae.tasks.knn import extract_features
+
+    batches = [{"images": imgs, "labels": labels}]
+    ref = build_model(cfg, device="cpu")
+    ref.load_state_dict(full, strict=True)
+    torch.testing.assert_close(extract_features(engine.module, batches)[0], extract_features(ref, batches)[0])

@@ -59,7 +59,7 @@ def evaluate_classifier(model: nn.Module, loader: Iterable[dict[str, torch.Tenso
     Returns:
         {'top1', 'top5', 'num': images, 'err1': 100 - top1}.
     """
-    from fastsupmae.tasks.knn import _model_device, unwrap
+    from fastsupmae.tasks.knn import _model_device, full_params, unwrap
 
     net = unwrap(model)
     was = net.training
@@ -68,20 +68,21 @@ def evaluate_classifier(model: nn.Module, loader: Iterable[dict[str, torch.Tenso
     dev = _model_device(net)
     c1 = c5 = n = 0
     try:
-        for i, batch in enumerate(loader):
-            if max_batches and i >= max_batches:
-                break
-            imgs, labels = batch["images"].to(dev), batch["labels"].to(dev)
-            if imgs.shape[0] == 0:
-                continue
-            logits = fn(imgs).float()
-            if class_map is not None:
-                logits = logits[:, class_map.to(dev)]
-            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            hit = top == labels[:, None]
-            c1 += int(hit[:, 0].sum())
-            c5 += int(hit.any(1).sum())
-            n += imgs.shape[0]
+        with full_params(net):
+            for i, batch in enumerate(loader):
+                if max_batches and i >= max_batches:
+                    break
+                imgs, labels = batch["images"].to(dev), batch["labels"].to(dev)
+                if imgs.shape[0] == 0:
+                    continue
+                logits = fn(imgs).float()
+                if class_map is not None:
+                    logits = logits[:, class_map.to(dev)]
+                top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+                hit = top == labels[:, None]
+                c1 += int(hit[:, 0].sum())
+                c5 += int(hit.any(1).sum())
+                n += imgs.shape[0]
     finally:
         net.train(was)
     if n == 0:

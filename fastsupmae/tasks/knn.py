@@ -9,9 +9,10 @@ with the most vote weight. Defaults k = 20, T = 0.07 (shared/SPEC.md section 1; 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -28,6 +29,24 @@ def unwrap(model: nn.Module) -> nn.Module:
         while hasattr(model, attr) and isinstance(getattr(model, attr), nn.Module):
             model = getattr(model, attr)
     return model
+
+
+@contextlib.contextmanager
+def full_params(net: nn.Module) -> Iterator[None]:
+    """Gather ZeRO-3-partitioned parameters for the duration (a no-op for ordinary modules).
+
+    Under ZeRO stage 3 each rank holds a shard of every parameter and DeepSpeed re-assembles them in hooks around
+    ``forward`` of each sub-module; the evaluation tasks call ``forward_features`` instead, which bypasses the
+    top-level hook (cls_token would be an empty shard), so the parameters are gathered explicitly.
+    """
+    params = [p for p in net.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -74,15 +93,16 @@ def extract_features(model: nn.Module, loader: Iterable[dict[str, torch.Tensor]]
     device = _model_device(net)
     feats, labels = [], []
     try:
-        for i, batch in enumerate(loader):
-            if max_batches and i >= max_batches:
-                break
-            imgs = batch["images"].to(device, non_blocking=True)
-            if imgs.shape[0] == 0:  # evaluation shards may end with an empty batch on some ranks
-                continue
-            f = net.forward_features(imgs, pool=feature).float()
-            feats.append(F.normalize(f, dim=1) if normalize else f)
-            labels.append(batch["labels"].to(device))
+        with full_params(net):
+            for i, batch in enumerate(loader):
+                if max_batches and i >= max_batches:
+                    break
+                imgs = batch["images"].to(device, non_blocking=True)
+                if imgs.shape[0] == 0:  # evaluation shards may end with an empty batch on some ranks
+                    continue
+                f = net.forward_features(imgs, pool=feature).float()
+                feats.append(F.normalize(f, dim=1) if normalize else f)
+                labels.append(batch["labels"].to(device))
     finally:
         net.train(was)
     if not feats:

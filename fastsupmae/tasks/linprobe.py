@@ -113,7 +113,7 @@ def linear_probe(model: nn.Module, cfg: Config, opts: LinprobeOptions, train_loa
         train_eval_loader: un-augmented training batches for the cached features (default: ``train_loader``).
     """
     from fastsupmae.engine.optim import lr_at
-    from fastsupmae.tasks.knn import extract_features, unwrap
+    from fastsupmae.tasks.knn import extract_features, full_params, unwrap
 
     device = torch.device(device)
     net = unwrap(model).to(device).eval()
@@ -151,7 +151,7 @@ def linear_probe(model: nn.Module, cfg: Config, opts: LinprobeOptions, train_loa
             else:
                 train_loader.set_epoch(epoch)
                 for b in train_loader:
-                    with torch.no_grad():
+                    with torch.no_grad(), full_params(net):
                         f = net.forward_features(b["images"].to(device), pool=feature).float()
                     yield f, b["labels"].to(device)
             epoch += 1
