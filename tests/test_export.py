@@ -198,3 +198,20 @@ def test_export_from_deepspeed_checkpoint_dir(tmp_path, stage):
     ref = build_model(cfg, device="cpu")
     ref.load_state_dict(full, strict=True)
     torch.testing.assert_close(extract_features(engine.module, batches)[0], extract_features(ref, batches)[0])
+
+
+def test_cli_export_and_clear_error(tmp_path, capsys):
+    from fastsupmae.cli import main
+
+    cfg = tiny_config(objective="supervised")
+    model = build_model(cfg, device="cpu")
+    _save(model, cfg, tmp_path / "c.pth")
+    assert main(["export", "--checkpoint", str(tmp_path / "c.pth"), "--out", str(tmp_path / "o"),
+                 "--formats", "timm"]) == 0
+    out = capsys.readouterr().out
+    assert "model_timm.safetensors" in out and "timm.create_model(" in out
+    verify_checksums(tmp_path / "o" / "model.json")
+    # a checkpoint of another architecture: exit status 2 and one message naming the mismatch
+    assert main(["export", "--checkpoint", str(tmp_path / "c.pth"), "--out", str(tmp_path / "o2"),
+                 "model.embed_dim=48"]) == 2
+    assert "does not fit this model" in capsys.readouterr().err
