@@ -275,8 +275,13 @@ def scenario_crash_in_save(w: Path, info: Any, out: dict[str, Any]) -> None:
 
 
 def scenario_resume_world(w: Path, info: Any, out: dict[str, Any]) -> None:
-    """Resume the 2-rank ZeRO-2 run z2a (step 6) on this world size and train 2 more steps."""
-    c = make_cfg(w / "z2a", zero_stage=2, max_steps=8, ckpt_every=0, resume="auto", keep_last=10)
+    """Resume (a copy of) the 2-rank ZeRO-2 run z2a (step 6) on this world size and train 2 more steps."""
+    import shutil
+
+    if info.rank == 0 and not (w / "z2a_world").exists():
+        shutil.copytree(w / "z2a", w / "z2a_world")
+    torch.distributed.barrier()
+    c = make_cfg(w / "z2a_world", zero_stage=2, max_steps=8, ckpt_every=0, resume="auto", keep_last=10)
     tr = build(c, info)
     out["start_step"] = tr.step
     res = tr.fit()
@@ -310,9 +315,22 @@ def scenario_nan(w: Path, info: Any, out: dict[str, Any]) -> None:
     scenario_main(w, info, out, only_nan=True)
 
 
-SCENARIOS = {"nan": scenario_nan, "main": scenario_main, "long": scenario_long, "resume": scenario_resume,
-             "crash_in_save": scenario_crash_in_save, "resume_world": scenario_resume_world,
-             "offload": scenario_offload}
+def scenario_single_resumes(w: Path, info: Any, out: dict[str, Any]) -> None:
+    """One single-rank launch for two checks: resume after the crash inside a checkpoint write, and resume of the
+    2-rank run z2a on 1 rank."""
+    crash: dict[str, Any] = {}
+    scenario_resume(w, info, crash, run="crash", steps=6, stage=1)
+    out["crash"] = crash
+    world: dict[str, Any] = {}
+    scenario_resume_world(w, info, world)
+    out["world"] = world
+
+
+SCENARIOS = {
+    "main": scenario_main, "nan": scenario_nan, "long": scenario_long, "resume": scenario_resume,
+    "crash_in_save": scenario_crash_in_save, "resume_world": scenario_resume_world, "offload": scenario_offload,
+    "single_resumes": scenario_single_resumes,
+}
 
 
 def main() -> int:

@@ -150,16 +150,6 @@ def test_nan_streak_stops_with_last_good_checkpoint(main_run: tuple[Path, dict[s
     assert not (ck / "step_00000004").exists()  # nothing was saved inside the NaN streak
 
 
-def test_resume_on_other_world_size(main_run: tuple[Path, dict[str, Any]]) -> None:
-    w, _ = main_run
-    codes = wait(start("resume_world", w, world=1), timeout=120)
-    r = result(w, "resume_world")
-    assert codes == [0]
-    assert r["start_step"] == 6 and r["end_step"] == 8 and r["loss"] is not None
-    log = (w / "resume_world.r0.log").read_text()
-    assert "resuming a 2-rank checkpoint on 1 ranks" in log
-
-
 def test_kill9_rank_then_others_exit_and_resume(tmp_path: Path) -> None:
     procs = start("long", tmp_path, timeout_s=30)
     ck = tmp_path / "long" / "checkpoints"
@@ -185,17 +175,34 @@ def test_kill9_rank_then_others_exit_and_resume(tmp_path: Path) -> None:
     assert not [p for p in ck.iterdir() if p.name.startswith(".tmp-")]
 
 
-def test_kill9_during_checkpoint_write_keeps_previous(tmp_path: Path) -> None:
-    codes = wait(start("crash_in_save", tmp_path, world=1), timeout=120)
-    assert codes == [-9]
-    ck = tmp_path / "crash" / "checkpoints"
-    assert (ck / "latest").read_text() == "step_00000002"
-    assert (ck / ".tmp-step_00000004").is_dir() and not (ck / "step_00000004").exists()
-    codes = wait(start("resume", tmp_path, world=1, args=("run=crash", "steps=6", "stage=1")), timeout=120)
-    r = result(tmp_path, "resume")
-    assert codes == [0] and r["start_step"] == 2 and r["end_step"] == 6
+@pytest.fixture(scope="module")
+def single_rank_runs(main_run: tuple[Path, dict[str, Any]]) -> tuple[Path, int, dict[str, Any]]:
+    """A 1-rank run SIGKILLed inside its step-4 checkpoint write, then one 1-rank launch that resumes it and also
+    resumes the 2-rank ZeRO-2 run of ``main_run`` (one start-up for both)."""
+    w, _ = main_run
+    codes = wait(start("crash_in_save", w, world=1), timeout=120)
+    ck = w / "crash" / "checkpoints"
+    state = {"latest": (ck / "latest").read_text(), "tmp4": (ck / ".tmp-step_00000004").is_dir(),
+             "final4": (ck / "step_00000004").exists()}
+    codes += wait(start("single_resumes", w, world=1), timeout=180)
+    return w, codes[0], {**result(w, "single_resumes"), "before_resume": state, "resume_code": codes[1]}
+
+
+def test_kill9_during_checkpoint_write_keeps_previous(single_rank_runs: tuple[Path, int, dict[str, Any]]) -> None:
+    w, crash_code, r = single_rank_runs
+    assert crash_code == -9
+    assert r["before_resume"] == {"latest": "step_00000002", "tmp4": True, "final4": False}
+    assert r["resume_code"] == 0
+    assert r["crash"]["start_step"] == 2 and r["crash"]["end_step"] == 6
+    ck = w / "crash" / "checkpoints"
     assert not (ck / ".tmp-step_00000004").exists()  # cleaned at the next start
     assert (ck / "latest").read_text() == "step_00000006"
+
+
+def test_resume_on_other_world_size(single_rank_runs: tuple[Path, int, dict[str, Any]]) -> None:
+    w, _, r = single_rank_runs
+    assert r["world"]["start_step"] == 6 and r["world"]["end_step"] == 8 and r["world"]["loss"] is not None
+    assert "resuming a 2-rank checkpoint on 1 ranks" in (w / "single_resumes.r0.log").read_text()
 
 
 @pytest.mark.slow

@@ -105,16 +105,8 @@ def run(args_or_cfg: argparse.Namespace | Config) -> dict[str, Any]:
     if result.stopped == "done":
         t1 = time.time()
         trainer.engine.eval()
-        module = trainer.engine.module
-        if trainer.zero_stage == 3:
-            # ZeRO-3 gathers a module's parameters only around that module's own forward; the probe calls
-            # forward_features and reads attributes directly, so gather the whole (encoder-sized) model once.
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(module.parameters())):
-                final.update(_probe(cfg, module, info.rank, info.world_size, info.device))
-        else:
-            final.update(_probe(cfg, module, info.rank, info.world_size, info.device))
+        # ZeRO-3 shards: the probes' feature extraction (tasks/knn.py) gathers the parameters itself.
+        final.update(_probe(cfg, trainer.engine.module, info.rank, info.world_size, info.device))
         final["probe_wall_s"] = time.time() - t1
     final["wall_s"] = time.time() - t0
     if info.is_main:
