@@ -48,7 +48,7 @@ def predict(module: nn.Module, y: torch.Tensor, ids: torch.Tensor | None = None)
     Training needs the prediction of the masked patches only: gathering before decoder_pred skips the
     (N-M)/N of its matmul that the loss would throw away.
     """
-    y = y[:, 1:]
-    if ids is not None:
-        y = torch.gather(y, 1, ids.unsqueeze(-1).expand(-1, -1, y.shape[-1]))
+    if ids is None:
+        return module.decoder_pred(y)[:, 1:]  # the official order (predict all, drop cls): same matmul shapes
+    y = torch.gather(y[:, 1:], 1, ids.unsqueeze(-1).expand(-1, -1, y.shape[-1]))
     return module.decoder_pred(y)
