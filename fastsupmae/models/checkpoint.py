@@ -66,21 +66,27 @@ def read_state_dict(src: str | Path | dict[str, Any]) -> dict[str, torch.Tensor]
     return out
 
 
+def _num_blocks(sd: dict[str, torch.Tensor], prefix: str) -> int:
+    """Number of transformer blocks under ``prefix.N.`` (0 if none)."""
+    idx = [int(m.group(1)) for k in sd if (m := re.match(rf"{prefix}\.(\d+)\.", k))]
+    return max(idx) + 1 if idx else 0
+
+
 def describe_arch(sd: dict[str, torch.Tensor]) -> str:
     """One line describing the ViT a state dict holds (width, depth, patch, decoder)."""
     parts = []
     w = sd.get("patch_embed.proj.weight")
     if w is not None:
         parts.append(f"embed_dim {w.shape[0]}, patch {w.shape[-1]}, {w.shape[1]} channel(s)")
-    depth = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
+    depth = _num_blocks(sd, "blocks")
     if depth:
-        parts.append(f"depth {max(depth) + 1}")
+        parts.append(f"depth {depth}")
     pos = sd.get("pos_embed")
     if pos is not None:
         parts.append(f"{pos.shape[1]} position(s)")
-    ddepth = {int(m.group(1)) for k in sd if (m := re.match(r"decoder_blocks\.(\d+)\.", k))}
+    ddepth = _num_blocks(sd, "decoder_blocks")
     if ddepth:
-        parts.append(f"decoder depth {max(ddepth) + 1}")
+        parts.append(f"decoder depth {ddepth}")
     for k in ("cls_head.3.weight", "head.weight"):
         if k in sd:
             parts.append(f"{sd[k].shape[0]} classes ({k.split('.')[0]})")
