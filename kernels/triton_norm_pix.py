@@ -12,7 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_patch import patch_pixel_offsets
+from .triton_patch import gathered_patch_tile, normalize_pixels, patch_pixel_offsets
 
 
 @triton.jit
@@ -26,11 +26,7 @@ def load_targets(img_ptr, scale_ptr, shift_ptr, b, n, e, valid, GW, s_b, s_c, s_
     offs = patch_pixel_offsets(b[:, None], n[:, None], e[None, :], GW, C, P, s_b, s_c, s_h, s_w)
     x = tl.load(img_ptr + offs, mask=valid, other=0).to(tl.float32)
     if NORMALIZE:
-        evalid = e < PSZ
-        ch = e % C
-        sc = tl.load(scale_ptr + ch, mask=evalid, other=0.0)
-        sh = tl.load(shift_ptr + ch, mask=evalid, other=0.0)
-        x = tl.where(valid, x * sc[None, :] + sh[None, :], 0.0)
+        x = normalize_pixels(x, e % C, e < PSZ, valid, scale_ptr, shift_ptr)
     if NORM_PIX:
         # Two-pass statistics on the registers (the patch is read once): mean, then the centred sum of squares,
         # which avoids the cancellation of E[x^2] - E[x]^2 on bright, low-contrast patches.
@@ -68,12 +64,7 @@ def norm_pix_kernel(
     NORMALIZE: tl.constexpr,
     NORM_PIX: tl.constexpr,
 ):
-    row = (tl.program_id(0) * ROWS_PER_PROG + tl.arange(0, ROWS_PER_PROG)).to(tl.int64)
-    rvalid = row < ROWS
-    b = row // M
-    n = tl.load(ids_ptr + row, mask=rvalid, other=0).to(tl.int64)
-    e = tl.arange(0, BLOCK)
-    valid = rvalid[:, None] & (e < PSZ)[None, :]
+    row, rvalid, b, n, e, valid = gathered_patch_tile(ids_ptr, ROWS, M, PSZ, BLOCK, ROWS_PER_PROG)
     t, rstd = load_targets(img_ptr, scale_ptr, shift_ptr, b, n, e, valid, GW, s_b, s_c, s_h, s_w, eps,
                            C, P, PSZ, NORMALIZE, NORM_PIX, ROWS_PER_PROG)
     tl.store(out_ptr + row[:, None] * PSZ + e[None, :], t, mask=valid)

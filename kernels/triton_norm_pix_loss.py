@@ -17,6 +17,7 @@ import triton.language as tl
 
 from .triton_cast import to_dtype
 from .triton_norm_pix import load_targets
+from .triton_patch import gathered_patch_tile
 
 
 @triton.jit
@@ -47,12 +48,7 @@ def norm_pix_mse_kernel(
     NORM_PIX: tl.constexpr,
     BACKWARD: tl.constexpr,
 ):
-    row = (tl.program_id(0) * ROWS_PER_PROG + tl.arange(0, ROWS_PER_PROG)).to(tl.int64)
-    rvalid = row < ROWS
-    b = row // M
-    n = tl.load(ids_ptr + row, mask=rvalid, other=0).to(tl.int64)
-    e = tl.arange(0, BLOCK)
-    valid = rvalid[:, None] & (e < PSZ)[None, :]
+    row, _, b, n, e, valid = gathered_patch_tile(ids_ptr, ROWS, M, PSZ, BLOCK, ROWS_PER_PROG)
     t, _ = load_targets(img_ptr, scale_ptr, shift_ptr, b, n, e, valid, GW, s_b, s_c, s_h, s_w, eps,
                         C, P, PSZ, NORMALIZE, NORM_PIX, ROWS_PER_PROG)
     poffs = row[:, None] * PSZ + e[None, :]

@@ -48,6 +48,37 @@ def patch_pixel_offsets(b, n, e, GW, C: tl.constexpr, P: tl.constexpr, s_b, s_c,
 
 
 @triton.jit
+def gathered_patch_tile(ids_ptr, ROWS, K, PSZ: tl.constexpr, BLOCK: tl.constexpr, ROWS_PER_PROG: tl.constexpr):
+    """This program's tile of gathered patches: ROWS_PER_PROG entries ``(b, k)`` of ``ids`` [B, K] x BLOCK elements.
+
+    Shared by every kernel that reads a list of patches out of the image (gather, norm-pix targets, fused loss).
+    Returns ``(row, rvalid, b, n, e, valid)``: row [R] int64 flat index ``b * K + k`` (also the row of a
+    [B, K, PSZ] output), rvalid [R], b [R], n [R] int64 patch index ``ids[b, k]`` (0 where not rvalid),
+    e [BLOCK] element index, valid [R, BLOCK] = rvalid and ``e < PSZ``.
+    """
+    row = (tl.program_id(0) * ROWS_PER_PROG + tl.arange(0, ROWS_PER_PROG)).to(tl.int64)
+    rvalid = row < ROWS
+    b = row // K
+    n = tl.load(ids_ptr + row, mask=rvalid, other=0).to(tl.int64)
+    e = tl.arange(0, BLOCK)
+    valid = rvalid[:, None] & (e < PSZ)[None, :]
+    return row, rvalid, b, n, e, valid
+
+
+@triton.jit
+def normalize_pixels(x, ch, evalid, valid, scale_ptr, shift_ptr):
+    """``x * scale[ch] + shift[ch]`` in fp32 (uint8 normalisation folded into one FMA), 0 outside ``valid``.
+
+    x [R, BLOCK] pixels; ch [BLOCK] channel of each element (its order differs between kernels); evalid [BLOCK]
+    guards the per-channel loads; valid [R, BLOCK]. The zeros matter where the tile is reduced (patch statistics,
+    matmul) and are harmless where it is only stored under the same mask.
+    """
+    sc = tl.load(scale_ptr + ch, mask=evalid, other=0.0)
+    sh = tl.load(shift_ptr + ch, mask=evalid, other=0.0)
+    return tl.where(valid, x.to(tl.float32) * sc[None, :] + sh[None, :], 0.0)
+
+
+@triton.jit
 def patch_gather_kernel(
     img_ptr,  # [B, C, H, W] any strides, uint8 / fp32 / bf16
     ids_ptr,  # [B, K] int, patch indices to gather
@@ -68,19 +99,11 @@ def patch_gather_kernel(
     ROWS_PER_PROG: tl.constexpr,
     NORMALIZE: tl.constexpr,
 ):
-    row = (tl.program_id(0) * ROWS_PER_PROG + tl.arange(0, ROWS_PER_PROG)).to(tl.int64)  # (b, k) pairs
-    rvalid = row < ROWS
-    b = row // K
-    n = tl.load(ids_ptr + row, mask=rvalid, other=0).to(tl.int64)
-    e = tl.arange(0, BLOCK)
-    m = rvalid[:, None] & (e < PSZ)[None, :]
+    row, _, b, n, e, m = gathered_patch_tile(ids_ptr, ROWS, K, PSZ, BLOCK, ROWS_PER_PROG)
     offs = patch_pixel_offsets(b[:, None], n[:, None], e[None, :], GW, C, P, s_b, s_c, s_h, s_w)
     x = tl.load(img_ptr + offs, mask=m, other=0)
     if NORMALIZE:
-        ch = e % C
-        scale = tl.load(scale_ptr + ch, mask=e < PSZ, other=0.0)
-        shift = tl.load(shift_ptr + ch, mask=e < PSZ, other=0.0)
-        x = x.to(tl.float32) * scale[None, :] + shift[None, :]
+        x = normalize_pixels(x, e % C, e < PSZ, m, scale_ptr, shift_ptr)
     tl.store(out_ptr + row[:, None] * PSZ + e[None, :], to_dtype(x, out_ptr.dtype.element_ty), mask=m)
 
 

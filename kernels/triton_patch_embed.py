@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .triton_cast import to_dtype
-from .triton_patch import patch_col_offsets_cpq, patch_row_offsets
+from .triton_patch import normalize_pixels, patch_col_offsets_cpq, patch_row_offsets
 
 
 @triton.jit
@@ -75,10 +75,7 @@ def patch_embed_kernel(
         am = rvalid[:, None] & evalid[None, :]
         a = tl.load(img_ptr + offs, mask=am, other=0)
         if NORMALIZE:
-            ch = e // (P * P)
-            sc = tl.load(scale_ptr + ch, mask=evalid, other=0.0)
-            sh = tl.load(shift_ptr + ch, mask=evalid, other=0.0)
-            a = tl.where(am, a.to(tl.float32) * sc[None, :] + sh[None, :], 0.0)
+            a = normalize_pixels(a, e // (P * P), evalid, am, scale_ptr, shift_ptr)
         a = to_dtype(a, cdt)  # the reference rounds the gathered patches to the compute dtype before the matmul
         # B operand: W^T tile [BLOCK_K, BLOCK_N] read from the [D, PSZ] weight.
         wt = tl.load(w_ptr + cols[None, :] * PSZ + e[:, None], mask=evalid[:, None] & cvalid[None, :], other=0.0)
