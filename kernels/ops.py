@@ -87,6 +87,14 @@ def _as_channel_tensor(v: Tensor | Sequence[float] | None, c: int, device: torch
     return t
 
 
+def _channel_stats(
+    imgs: Tensor, mean: Tensor | Sequence[float] | None, std: Tensor | Sequence[float] | None
+) -> tuple[Tensor | None, Tensor | None]:
+    """``mean`` and ``std`` as [C] fp32 tensors on the device of ``imgs`` [B, C, H, W] (None stays None)."""
+    c = imgs.shape[1]
+    return _as_channel_tensor(mean, c, imgs.device), _as_channel_tensor(std, c, imgs.device)
+
+
 def _norm_consts(imgs: Tensor, mean: Tensor | None, std: Tensor | None) -> tuple[bool, Tensor, Tensor]:
     """uint8 normalisation (x/255 - mean)/std folded into x*scale + shift (one FMA per pixel, fp32).
 
@@ -543,9 +551,7 @@ def patchify_gather(
     ``ids`` must be distinct patch indices per row (a slice of a permutation, as random masking gives).
     """
     _check_ids(ids, "ids", imgs.shape[0])
-    c = imgs.shape[1]
-    return _patchify_gather(imgs, ids, p, _as_channel_tensor(mean, c, imgs.device),
-                            _as_channel_tensor(std, c, imgs.device), out_dtype)
+    return _patchify_gather(imgs, ids, p, *_channel_stats(imgs, mean, std), out_dtype)
 
 
 def patch_embed_visible(
@@ -570,9 +576,7 @@ def patch_embed_visible(
     Returns: [B, K, D] = reference.patch_embed_visible(reference.patchify_gather(...), weight, bias, pos, ids).
     """
     _check_ids(ids, "ids", imgs.shape[0])
-    c = imgs.shape[1]
-    return _patch_embed_visible(imgs, ids, p, weight, bias, pos, _as_channel_tensor(mean, c, imgs.device),
-                                _as_channel_tensor(std, c, imgs.device), out_dtype)
+    return _patch_embed_visible(imgs, ids, p, weight, bias, pos, *_channel_stats(imgs, mean, std), out_dtype)
 
 
 def norm_pix_targets(
@@ -586,9 +590,7 @@ def norm_pix_targets(
 ) -> Tensor:
     """Reconstruction targets of patches ``ids`` [B, M] only: [B, M, p*p*C] fp32, per-patch normalised if norm_pix."""
     _check_ids(ids, "ids", imgs.shape[0])
-    c = imgs.shape[1]
-    t, _ = _norm_pix_targets(imgs, ids, p, norm_pix, _as_channel_tensor(mean, c, imgs.device),
-                             _as_channel_tensor(std, c, imgs.device), eps)
+    t, _ = _norm_pix_targets(imgs, ids, p, norm_pix, *_channel_stats(imgs, mean, std), eps)
     return t
 
 
@@ -629,7 +631,7 @@ def norm_pix_mse(
     c = imgs.shape[1]
     if tuple(pred.shape) != (ids.shape[0], ids.shape[1], p * p * c):
         raise ValueError(f"pred {tuple(pred.shape)} must be [B, M, p*p*C] = {(ids.shape[0], ids.shape[1], p * p * c)}")
-    mean_t, std_t = _as_channel_tensor(mean, c, imgs.device), _as_channel_tensor(std, c, imgs.device)
+    mean_t, std_t = _channel_stats(imgs, mean, std)
     if imgs.requires_grad:
         return masked_mse(pred, norm_pix_targets(imgs, ids, p, norm_pix, mean_t, std_t, eps))
     return _norm_pix_mse(pred, imgs, ids, p, norm_pix, mean_t, std_t, eps)
