@@ -49,18 +49,39 @@ def test_knn_matches_reference_on_random_features():
     assert got["num_train"] == 60 and got["num_test"] == 25
 
 
+def _separable_clusters(c: int, d: int, per_class: int, eps: float = 0.3) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised features [c * per_class, d] around c random orthonormal centres, and their labels.
+
+    Each point is normalize(centre + e) with |e| <= eps (a random direction and length, fresh each run), so it is
+    within asin(eps) of its centre. With eps = 0.3 (17.5 deg): two points of one class are at most 35 deg apart
+    (cosine >= 0.81), points of different classes at least 90 - 35 = 55 deg (cosine <= 0.58). Every same-class
+    training point is therefore nearer to a query than every other-class one, for any draw, by a margin far
+    above float32 rounding. (Random Gaussian centres, as before, are sometimes close enough to overlap.)
+    """
+    assert eps < math.sin(math.pi / 8), "clusters only separate for eps < sin(22.5 deg)"
+    centres = torch.linalg.qr(torch.randn(d, c, dtype=torch.float64))[0].T  # [c, d], orthonormal rows
+    labels = torch.arange(c).repeat(per_class)
+    e = F.normalize(torch.randn(len(labels), d, dtype=torch.float64), dim=1)
+    e = e * eps * torch.rand(len(labels), 1, dtype=torch.float64)
+    return F.normalize(centres[labels] + e, dim=1).float(), labels
+
+
 def test_knn_separable_clusters_are_perfect_and_shuffled_labels_are_not():
     c, d = 5, 16
-    centres = F.normalize(torch.randn(c, d), dim=1) * 5
-    tl = torch.arange(c).repeat(40)
-    vl = torch.arange(c).repeat(10)
-    tf = F.normalize(centres[tl] + 0.3 * torch.randn(len(tl), d), dim=1)
-    vf = F.normalize(centres[vl] + 0.3 * torch.randn(len(vl), d), dim=1)
+    feats, labels = _separable_clusters(c, d, 50)  # one call: queries and memory bank share the centres
+    tf, tl, vf, vl = feats[: 40 * c], labels[: 40 * c], feats[40 * c:], labels[40 * c:]
+    # k = 20 <= 40 training points per class: every neighbour of every query is of its class
+    assert (tl[(vf @ tf.T).topk(20, dim=1).indices] == vl[:, None]).all()  # the construction's guarantee
     assert knn_classify(tf, tl, vf, vl, k=20)["top1"] == 100.0
-    # labels unrelated to the features: chance level (20%), far from perfect
-    bad = knn_classify(tf, tl[torch.randperm(len(tl))], vf, vl, k=20)
-    assert bad["top1"] < 60.0
-    assert bad["top1"] <= bad["top5"] <= 100.0
+    # each training point relabelled with a random class other than its own: no neighbour of any query carries
+    # the query's label, so nothing may be a hit (not top-1, and not top-5 either, where the query's class only
+    # appears among the 5 ranked classes with zero votes)
+    wrong = (tl + torch.randint(1, c, tl.shape)) % c
+    bad = knn_classify(tf, wrong, vf, vl, k=20)
+    assert bad["top1"] == 0.0 and bad["top5"] == 0.0, bad
+    # labels shuffled at random: top-5 counts every top-1 hit
+    shuffled = knn_classify(tf, tl[torch.randperm(len(tl))], vf, vl, k=20)
+    assert shuffled["top1"] <= shuffled["top5"] <= 100.0
 
 
 def _loader(images, labels, bs):
