@@ -497,30 +497,45 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 def cost_growth(base: Config, args: argparse.Namespace, device: torch.device) -> dict[str, list[dict[str, Any]]]:
     """images/s of the fastsupmae path vs mask ratio (+ supervised) and vs size, with the FLOP-count prediction.
 
-    The prediction scales the measured images/s of the first point by the ratio of analytic training FLOPs.
+    All points of a sweep are built first and timed round-robin (rep 1 of every point, rep 2 of every point,
+    ...; the order alternates), so a change of machine load hits every point alike. The prediction scales the
+    measured images/s of the first point by the ratio of analytic training FLOPs.
     """
     from fastsupmae.flops import train_flops
+    from fastsupmae.models import build_model
 
-    a = argparse.Namespace(**{**vars(args), "paths": ["fastsupmae"]})
     b, dt = args.batches[0], args.dtypes[0]
     out: dict[str, list[dict[str, Any]]] = {"mask_ratio": [], "size": []}
     sweeps = {"mask_ratio": [Point(args.cost_size, b, "supmae", r, dt) for r in (0.5, 0.75, 0.9)]
               + [Point(args.cost_size, b, "supervised", 0.75, dt)],
               "size": [Point(s, b, "supmae", 0.75, dt) for s in args.cost_sizes]}
     for name, pts in sweeps.items():
+        cfgs = [point_config(base, p) for p in pts]
+        torch.manual_seed(args.seed)
+        steps = [FastStep(build_model(c, device=device).to(device).train(), c, dt,
+                          compile_model=args.compile in ("fastsupmae", "both")) for c in cfgs]
+        datas = [SyntheticBatches(c, b, device) for c in cfgs]
+        for st, d in zip(steps, datas):
+            run_steps(st, d, args.warmup, device)
+        times: list[list[float]] = [[] for _ in pts]
+        for r in range(args.reps):
+            order = list(range(len(pts))) if r % 2 == 0 else list(range(len(pts)))[::-1]
+            for i in order:
+                times[i].append(run_steps(steps[i], datas[i], args.steps, device)["step"])
         first = None
-        for p in pts:
-            rec = bench_point(base, p, a, device)
-            ips = rec["paths"]["fastsupmae"]["images_per_s"]
-            fl = train_flops(point_config(base, p), b)
+        for p, c, t in zip(pts, cfgs, times):
+            ips = b / statistics.median(t)
+            fl = train_flops(c, b)
             if first is None:
                 first = (ips, fl)
             row = {"point": p.key, "objective": p.objective, "size": p.size,
-                   "mask_ratio": rec["mask_ratio"], "images_per_s": ips, "gflop_per_image": fl / b / 1e9,
+                   "mask_ratio": None if p.objective == "supervised" else p.mask_ratio, "images_per_s": ips,
+                   "images_per_s_reps": [b / x for x in t], "gflop_per_image": fl / b / 1e9,
                    "predicted_images_per_s": first[0] * first[1] / fl, "relative_measured": ips / first[0],
                    "relative_predicted": first[1] / fl}
             out[name].append(row)
             log.info("cost growth %s: %.2f img/s (FLOP prediction %.2f)", p.key, ips, row["predicted_images_per_s"])
+        del steps, datas
     return out
 
 
