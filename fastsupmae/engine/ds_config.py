@@ -92,6 +92,9 @@ def build_ds_config(cfg: Config, world_size: int, precision: str, optimizer_name
     if stage == 3:
         # Checkpoints keep ZeRO-3 shards; consolidated weights come from zero_to_fp32 (no gather on save).
         zero.update(stage3_gather_16bit_weights_on_model_save=False, stage3_param_persistence_threshold=int(1e5))
+        # DeepSpeed's memory-efficient linear replaces torch.nn.functional.linear for the whole process and never
+        # restores it: every later nn.Linear (evaluation after training, other models) would run through it.
+        zero["memory_efficient_linear"] = False
     if t.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     ds: dict[str, Any] = {
