@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -418,6 +419,8 @@ class Trainer:
                 tflops_dev = flops_per_step * win_steps / max(win_dt, 1e-9) / world / 1e12
                 rec["tflops_per_device"] = tflops_dev
                 rec["tflops"] = tflops_dev * world
+                if peak and self.device.type == "cpu" and not os.environ.get(mx.PEAK_ENV):
+                    peak = mx.refresh_cpu_peak(peak, tflops_dev * 1e12, self.precision)
                 rec["mfu"] = tflops_dev * 1e12 / peak if peak else None
             writer.write(rec)
             last_record = rec
