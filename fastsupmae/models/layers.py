@@ -39,7 +39,8 @@ class Attention(nn.Module):
         """x: [B, L, D] -> [B, L, D]."""
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out = attention(qkv[0], qkv[1], qkv[2], self.backend)  # [B, H, L, hd]
+        q, k, v = qkv.unbind(0)  # views: the backward writes one gradient instead of three zero-filled copies
+        out = attention(q, k, v, self.backend)  # [B, H, L, hd]
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
