@@ -118,9 +118,12 @@ def test_scaling_table_is_monotonic_and_sane(device: str) -> None:
                 n = nn * 8
                 assert r["comm_bytes_per_rank"] == pytest.approx((n - 1) / n * (3 if st == 3 else 2) * 2
                                                                  * param_count(cfg))
-                if prev is not None:  # more nodes: never more efficient, always more images/s
+                if prev is not None:  # more nodes: never more efficient
                     assert r["efficiency"] <= prev["efficiency"] + 1e-12
-                    assert r["images_per_s"] > prev["images_per_s"]
+                    # ... and, once the network is in the path (2+ nodes), always more images/s. From 1 node (NVLink
+                    # only) to 2 a slow network can cost more than the doubled GPU count gains.
+                    if prev["nodes"] >= 2:
+                        assert r["images_per_s"] > prev["images_per_s"]
                 prev = r
         for nn in pm.NODES:
             if not ov:  # serial: ZeRO-3 moves 1.5x the bytes of ZeRO-1/2 and so is slower
