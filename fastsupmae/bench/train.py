@@ -470,15 +470,6 @@ def _base_config(args: argparse.Namespace) -> Config:
         raise UserError(str(e)) from None
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA device here; use --device cpu (or auto)")
-    return dev
-
-
 def machine_info(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {"date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                             "host": platform.node(), "python": platform.python_version(), "torch": torch.__version__,
@@ -592,7 +583,9 @@ def format_table(records: list[dict[str, Any]]) -> str:
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = _device(args.device)
+    from fastsupmae.tasks.common import resolve_device
+
+    device = resolve_device(args.device)
     bad = [x for x in args.paths if x not in PATHS] + [x for x in args.dtypes if x not in ("fp32", "bf16")]
     if bad:
         raise UserError(f"unknown --paths / --dtypes value(s) {bad}: paths are {', '.join(PATHS)}; dtypes fp32, bf16")

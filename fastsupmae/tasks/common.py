@@ -35,11 +35,14 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    """``--device`` value -> torch.device; 'auto' is CUDA when present. A CUDA request without CUDA is a UserError."""
+    from fastsupmae.errors import UserError
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu (or auto)")
     return dev
 
 
