@@ -14,7 +14,8 @@ Conventions (the numbers every consumer of this module sees):
   These are *model* FLOPs: activation recomputation (``model.grad_checkpointing``) is not counted there,
   but the op list does include it as extra backward work, because it costs time.
 - ``fused=True`` is fastsupmae's path: visible patches gathered first and embedded by a matmul on K rows,
-  SDPA (flash-style, the T x T scores never reach memory), one-pass unshuffle, decoder prediction on the M
+  SDPA (flash-style, the T x T scores never reach memory), the decoder in the shuffled order with the first
+  block's norm1 + qkv of the mask tokens computed once per patch position, decoder prediction on the M
   masked tokens only, targets and loss on masked patches only, one-pass (fused) AdamW.
   ``fused=False`` is the unfused MAE-style reference: normalise the full image, convolution on all N
   patches then gather, explicit attention that writes the score matrix, cat/gather/cat/add unshuffle,
@@ -199,14 +200,31 @@ def param_count(cfg: Config) -> int:
 
 
 def _blocks(o: _Ops, cfg: Config, b: int, t: int, w: int, heads: int, depth: int, fused: bool, tag: str,
-            recompute: bool) -> None:
-    """``depth`` pre-norm blocks on [B, T, w]; with ``recompute`` their forward runs again inside backward."""
+            recompute: bool, first_qkv_rows: int | None = None) -> None:
+    """``depth`` pre-norm blocks on [B, T, w]; with ``recompute`` their forward runs again inside backward.
+
+    ``first_qkv_rows``: block 0 runs its norm1 and qkv projection on that many rows only, and gathers the
+    rest (fastsupmae's decoder: the visible tokens + one row per patch position for the mask tokens).
+    """
     start = len(o.rows)
     r, btd, hid = depth, b * t * w, int(w * cfg.model.mlp_ratio)
     ln_bwd = (2 * btd, btd)  # reads x and dy, writes dx (the affine gradients are negligible)
-    o.elem(f"{tag}.norm1", f"{tag}.layernorm", btd, btd, flops_per=_LN_FLOPS, bwd=ln_bwd, repeat=r)
-    o.autocast_cast(f"{tag}.norm1", f"{tag}.layernorm", btd, r)
-    o.matmul(f"{tag}.attn.qkv", f"{tag}.qkv", b * t, w, 3 * w, repeat=r)
+    if first_qkv_rows is None or r == 0:
+        o.elem(f"{tag}.norm1", f"{tag}.layernorm", btd, btd, flops_per=_LN_FLOPS, bwd=ln_bwd, repeat=r)
+        o.autocast_cast(f"{tag}.norm1", f"{tag}.layernorm", btd, r)
+        o.matmul(f"{tag}.attn.qkv", f"{tag}.qkv", b * t, w, 3 * w, repeat=r)
+    else:
+        fr, q3 = first_qkv_rows * w, b * t * 3 * w
+        o.elem(f"{tag}.norm1 (block 0, shared rows)", f"{tag}.layernorm", fr, fr, flops_per=_LN_FLOPS,
+               bwd=(2 * fr, fr))
+        o.autocast_cast(f"{tag}.norm1 (block 0)", f"{tag}.layernorm", fr)
+        o.matmul(f"{tag}.attn.qkv (block 0, shared rows)", f"{tag}.qkv", first_qkv_rows, w, 3 * w)
+        # gather the mask tokens' q, k, v rows and concatenate (backward: slice + index_add into the table)
+        o.elem(f"{tag}.attn.qkv_gather (block 0)", f"{tag}.qkv", q3, q3, flops_per=0.0, bwd=(q3, q3))
+        if r > 1:
+            o.elem(f"{tag}.norm1", f"{tag}.layernorm", btd, btd, flops_per=_LN_FLOPS, bwd=ln_bwd, repeat=r - 1)
+            o.autocast_cast(f"{tag}.norm1", f"{tag}.layernorm", btd, r - 1)
+            o.matmul(f"{tag}.attn.qkv", f"{tag}.qkv", b * t, w, 3 * w, repeat=r - 1)
     dh = w // heads
     if o.attention != "math":
         # SDPA (flash-style): reads q, k, v and writes out; backward reads q, k, v, out, dout and writes
@@ -323,20 +341,25 @@ def _decoder(o: _Ops, cfg: Config, b: int, t_in: int, fused: bool) -> None:
     o.matmul("decoder_embed", "decoder_embed", b * t_in, d, dd)
     t = 1 + n
     full, vis = b * t * dd, b * t_in * dd
-    if t_in < t:  # visible tokens + mask tokens -> patch order, + decoder position embedding
-        if fused and o.kernels == "triton":  # one kernel: gather by ids_restore, fill mask tokens, add positions
-            o.elem("unshuffle", "unshuffle", vis + b * n + full, full, flops_per=1.0, bwd=(full + b * n, vis))
-        else:
-            o.elem("unshuffle.cat_mask_tokens", "unshuffle", vis, b * n * dd, flops_per=0.0,
-                   bwd=(b * n * dd, vis))
-            o.elem("unshuffle.gather", "unshuffle", b * n * dd + b * n, b * n * dd, flops_per=0.0,
-                   bwd=(b * n * dd, b * n * dd))
-            o.elem("unshuffle.cat_cls", "unshuffle", b * n * dd + b * dd, full, flops_per=0.0, bwd=(full, full))
-            o.elem("unshuffle.pos_add", "unshuffle", 2 * full, full, bwd=(full, 0))
+    shared = None
+    if t_in < t and fused:
+        # fastsupmae: the decoder runs in the shuffled order (cls, visible, masked): add the gathered positions
+        # to the visible tokens, build the [N, Dd] table mask_token + pos, concatenate visible + gathered table
+        # rows; block 0's norm1 + qkv see the visible tokens and the N table rows only
+        o.elem("decoder_input.pos_gather_add", "unshuffle", 2 * vis + b * t_in, vis, bwd=(vis, vis))
+        o.elem("decoder_input.mask_table", "unshuffle", 2 * n * dd, n * dd, bwd=(n * dd, dd))
+        o.elem("decoder_input.cat", "unshuffle", full, full, flops_per=0.0, bwd=(full, full))
+        shared = b * t_in + n
+    elif t_in < t:  # visible tokens + mask tokens -> patch order, + decoder position embedding
+        o.elem("unshuffle.cat_mask_tokens", "unshuffle", vis, b * n * dd, flops_per=0.0, bwd=(b * n * dd, vis))
+        o.elem("unshuffle.gather", "unshuffle", b * n * dd + b * n, b * n * dd, flops_per=0.0,
+               bwd=(b * n * dd, b * n * dd))
+        o.elem("unshuffle.cat_cls", "unshuffle", b * n * dd + b * dd, full, flops_per=0.0, bwd=(full, full))
+        o.elem("unshuffle.pos_add", "unshuffle", 2 * full, full, bwd=(full, 0))
     else:
         o.elem("decoder.pos_add", "unshuffle", 2 * full, full, bwd=(full, 0))
     # the model checkpoints only encoder blocks, so decoder blocks never recompute
-    _blocks(o, cfg, b, t, dd, m.decoder_num_heads, m.decoder_depth, fused, "decoder", False)
+    _blocks(o, cfg, b, t, dd, m.decoder_num_heads, m.decoder_depth, fused, "decoder", False, shared)
     o.elem("decoder.norm", "decoder.norm", full, full, flops_per=_LN_FLOPS, bwd=(2 * full, full))
     o.autocast_cast("decoder.norm", "decoder.norm", full)
 
@@ -348,7 +371,9 @@ def _prediction_and_loss(o: _Ops, cfg: Config, b: int, fused: bool) -> None:
     mm, q, db = n - k, pred_dim(cfg), o.db
     pp = m.patch_size * m.patch_size * m.in_chans
     target = m.mim_target if m.objective == "mim_supervised" else "pixels"
-    if fused:  # gather the masked tokens first: the matmul skips the rows the loss would discard
+    if fused and (m.objective != "mim_supervised" or m.mim_encoder_input == "visible"):
+        pass  # shuffled-order decoder: the masked tokens are already one contiguous slice
+    elif fused:  # gather the masked tokens first: the matmul skips the rows the loss would discard
         o.elem("gather_masked_tokens", "prediction", b * mm * dd + b * mm, b * mm * dd, flops_per=0.0,
                bwd=(b * mm * dd, b * n * dd))
     rows = mm if fused else 1 + n  # MAE predicts every decoder token (cls included), then drops cls

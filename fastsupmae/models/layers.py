@@ -37,8 +37,13 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, L, D] -> [B, L, D]."""
-        b, n, d = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return self.attend(self.qkv(x))
+
+    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """Already projected q, k, v [B, L, 3D] -> attention -> proj -> [B, L, D]."""
+        b, n, d3 = qkv.shape
+        d = d3 // 3
+        qkv = qkv.reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # views: the backward writes one gradient instead of three zero-filled copies
         out = attention(q, k, v, self.backend)  # [B, H, L, hd]
         return self.proj(out.transpose(1, 2).reshape(b, n, d))

@@ -13,7 +13,14 @@ import torch.nn.functional as F
 
 from fastsupmae.kernels import dispatch as K
 
-from .decoder import build_decoder, decoder_blocks_forward, predict
+from .decoder import (
+    build_decoder,
+    decode_shuffled,
+    decoder_blocks_forward,
+    predict,
+    predict_masked,
+    predict_patch_order,
+)
 from .linear import Linear
 from .masking import random_masking
 from .targets import hog_dim, hog_targets, load_tokenizer
@@ -109,16 +116,17 @@ class MIMSupervisedViT(SupervisedViT):
         m = random_masking(b, self.num_patches, self.num_keep, imgs.device, noise)
         if self.encoder_input == "visible":
             lat = self.forward_tokens(self.embed_visible(imgs, m.ids_keep))  # [B, 1+K, D]
-            y = self.decoder_embed(self.decoder_input_norm(lat))
-            y = K.unshuffle_tokens(y, self.mask_token, m.ids_restore, self.decoder_pos_embed, backend=self.kernels)
+            y = decode_shuffled(self, self.decoder_embed(self.decoder_input_norm(lat)), m.ids_keep, m.ids_masked)
+            pred_m = predict_masked(self, y, self.num_keep)
         else:
             x = self.embed_all(imgs, with_pos=False)
             w = m.mask.unsqueeze(-1).to(x.dtype)
             x = x * (1 - w) + self.enc_mask_token.to(x.dtype) * w + self.pos_embed[:, 1:].to(x.dtype)
             lat = self.forward_tokens(x)  # [B, 1+N, D]
             y = self.decoder_embed(self.decoder_input_norm(lat)) + self.decoder_pos_embed.to(x.dtype)
-        y = decoder_blocks_forward(self, y)
-        rec = self._rec_loss(imgs, predict(self, y, m.ids_masked), m.ids_masked)
+            y = decoder_blocks_forward(self, y)  # patch order
+            pred_m = predict(self, y, m.ids_masked)
+        rec = self._rec_loss(imgs, pred_m, m.ids_masked)
         if self.cls_view == "masked":
             feats = self.pool_head_input(lat)
         else:
@@ -131,5 +139,6 @@ class MIMSupervisedViT(SupervisedViT):
             loss = loss + out["cls_loss"]
         out["loss"] = loss
         if return_pred:
-            out["pred"] = predict(self, y)
+            out["pred"] = (predict_patch_order(self, y, m.ids_restore) if self.encoder_input == "visible"
+                           else predict(self, y))
         return out
