@@ -200,57 +200,28 @@ def param_count(cfg: Config) -> int:
 
 
 def _blocks(o: _Ops, cfg: Config, b: int, t: int, w: int, heads: int, depth: int, fused: bool, tag: str,
-            recompute: bool, first_qkv_rows: int | None = None) -> None:
+            recompute: bool, first_qkv_rows: int | None = None, last_q_len: int | None = None) -> None:
     """``depth`` pre-norm blocks on [B, T, w]; with ``recompute`` their forward runs again inside backward.
 
-    ``first_qkv_rows``: block 0 runs its norm1 and qkv projection on that many rows only, and gathers the
-    rest (fastsupmae's decoder: the visible tokens + one row per patch position for the mask tokens).
+    fastsupmae's decoder (see fastsupmae.models.decoder.decode_shuffled) passes ``first_qkv_rows``: block 0
+    runs norm1 + qkv on that many rows (the visible tokens + one per patch position) and gathers the rest; and
+    ``last_q_len``: in the last block only that many tokens per image (the masked ones) ask in attention and go
+    through proj, norm2 and the MLP.
     """
     start = len(o.rows)
-    r, btd, hid = depth, b * t * w, int(w * cfg.model.mlp_ratio)
-    ln_bwd = (2 * btd, btd)  # reads x and dy, writes dx (the affine gradients are negligible)
-    if first_qkv_rows is None or r == 0:
-        o.elem(f"{tag}.norm1", f"{tag}.layernorm", btd, btd, flops_per=_LN_FLOPS, bwd=ln_bwd, repeat=r)
-        o.autocast_cast(f"{tag}.norm1", f"{tag}.layernorm", btd, r)
-        o.matmul(f"{tag}.attn.qkv", f"{tag}.qkv", b * t, w, 3 * w, repeat=r)
-    else:
-        fr, q3 = first_qkv_rows * w, b * t * 3 * w
-        o.elem(f"{tag}.norm1 (block 0, shared rows)", f"{tag}.layernorm", fr, fr, flops_per=_LN_FLOPS,
-               bwd=(2 * fr, fr))
-        o.autocast_cast(f"{tag}.norm1 (block 0)", f"{tag}.layernorm", fr)
-        o.matmul(f"{tag}.attn.qkv (block 0, shared rows)", f"{tag}.qkv", first_qkv_rows, w, 3 * w)
-        # gather the mask tokens' q, k, v rows and concatenate (backward: slice + index_add into the table)
-        o.elem(f"{tag}.attn.qkv_gather (block 0)", f"{tag}.qkv", q3, q3, flops_per=0.0, bwd=(q3, q3))
-        if r > 1:
-            o.elem(f"{tag}.norm1", f"{tag}.layernorm", btd, btd, flops_per=_LN_FLOPS, bwd=ln_bwd, repeat=r - 1)
-            o.autocast_cast(f"{tag}.norm1", f"{tag}.layernorm", btd, r - 1)
-            o.matmul(f"{tag}.attn.qkv", f"{tag}.qkv", b * t, w, 3 * w, repeat=r - 1)
-    dh = w // heads
-    if o.attention != "math":
-        # SDPA (flash-style): reads q, k, v and writes out; backward reads q, k, v, out, dout and writes
-        # dq, dk, dv, recomputing Q K^T on the way (0.5x of the forward products, hardware work only).
-        f = 4.0 * b * t * t * w
-        o.rows.append(Op(f"{tag}.attn.sdpa", f"{tag}.attn_core", f * r, 4 * btd * o.db * r, True,
-                         2.5 * f * r, 8 * btd * o.db * r, r, recompute_flops=0.5 * f * r))
-    else:
-        # explicit attention: q * scale, S = q k^T, softmax(S), S v; the [B, h, T, T] scores go through memory
-        o.elem(f"{tag}.attn.scale_q", f"{tag}.attn_core", btd, btd, bwd=(btd, btd), repeat=r)
-        o.matmul(f"{tag}.attn.qk", f"{tag}.attn_core", t, dh, t, count=b * heads, w_param=False, repeat=r)
-        s = b * heads * t * t
-        o.elem(f"{tag}.attn.softmax", f"{tag}.attn_core", s, s, flops_per=_SOFTMAX_FLOPS, bwd=(2 * s, s), repeat=r)
-        o.autocast_cast(f"{tag}.attn.softmax", f"{tag}.attn_core", s, r)
-        o.matmul(f"{tag}.attn.av", f"{tag}.attn_core", t, t, dh, count=b * heads, w_param=False, repeat=r)
-    # [B, h, T, dh] -> [B, T, D]: a transpose copy in both paths (and its mirror in backward)
-    o.elem(f"{tag}.attn.merge_heads", f"{tag}.attn_core", btd, btd, flops_per=0.0, bwd=(btd, btd), repeat=r)
-    o.matmul(f"{tag}.attn.proj", f"{tag}.proj", b * t, w, w, repeat=r)
-    o.elem(f"{tag}.residual1", f"{tag}.residual", 2 * btd, btd, bwd=(2 * btd, btd), repeat=r)
-    o.elem(f"{tag}.norm2", f"{tag}.layernorm", btd, btd, flops_per=_LN_FLOPS, bwd=ln_bwd, repeat=r)
-    o.autocast_cast(f"{tag}.norm2", f"{tag}.layernorm", btd, r)
-    o.matmul(f"{tag}.mlp.fc1", f"{tag}.mlp", b * t, w, hid, repeat=r)
-    o.elem(f"{tag}.mlp.gelu", f"{tag}.gelu", b * t * hid, b * t * hid, flops_per=_GELU_FLOPS,
-           bwd=(2 * b * t * hid, b * t * hid), repeat=r)
-    o.matmul(f"{tag}.mlp.fc2", f"{tag}.mlp", b * t, hid, w, repeat=r)
-    o.elem(f"{tag}.residual2", f"{tag}.residual", 2 * btd, btd, bwd=(2 * btd, btd), repeat=r)
+    kinds: list[tuple[str, int, int | None, int]] = []  # (name suffix, repeat, qkv rows, query length)
+    r = depth
+    if r and first_qkv_rows is not None:
+        kinds.append((" (block 0)", 1, first_qkv_rows, last_q_len if r == 1 and last_q_len else t))
+        r -= 1
+    if r and last_q_len is not None:
+        kinds.append(("", r - 1, None, t))
+        kinds.append((" (last block)", 1, None, last_q_len))
+    elif r:
+        kinds.append(("", r, None, t))
+    for suffix, rep, qkv_rows, lq in kinds:
+        if rep:
+            _block(o, cfg, b, t, w, heads, rep, tag, suffix, qkv_rows, lq)
     if recompute:
         # Non-reentrant checkpointing stops recomputing once the last tensor backward needs exists: fc2's
         # input (the GELU output). fc2 and the second residual add are not re-run.
@@ -260,6 +231,49 @@ def _blocks(o: _Ops, cfg: Config, b: int, t: int, w: int, heads: int, depth: int
                 continue
             o.rows[i] = replace(op, bwd_flops=op.bwd_flops + op.flops, bwd_bytes=op.bwd_bytes + op.bytes,
                                 recompute_flops=op.recompute_flops + op.flops)
+
+
+def _block(o: _Ops, cfg: Config, b: int, t: int, w: int, heads: int, r: int, tag: str, suffix: str,
+           qkv_rows: int | None, lq: int) -> None:
+    """``r`` identical blocks: T tokens answer (keys, values), ``lq`` of them ask (queries) and continue;
+    norm1 + qkv on ``qkv_rows`` rows (default B*T) then gathered to B*T."""
+    btd, bqd, hid = b * t * w, b * lq * w, int(w * cfg.model.mlp_ratio)
+    rows = b * t if qkv_rows is None else qkv_rows
+    o.elem(f"{tag}.norm1{suffix}", f"{tag}.layernorm", rows * w, rows * w, flops_per=_LN_FLOPS,
+           bwd=(2 * rows * w, rows * w), repeat=r)  # reads x and dy, writes dx (affine gradients negligible)
+    o.autocast_cast(f"{tag}.norm1{suffix}", f"{tag}.layernorm", rows * w, r)
+    o.matmul(f"{tag}.attn.qkv{suffix}", f"{tag}.qkv", rows, w, 3 * w, repeat=r)
+    if qkv_rows is not None:  # gather the shared rows and concatenate (backward: slice + index_add)
+        q3 = 3 * btd
+        o.elem(f"{tag}.attn.qkv_gather{suffix}", f"{tag}.qkv", q3, q3, flops_per=0.0, bwd=(q3, q3), repeat=r)
+    dh = w // heads
+    if o.attention != "math":
+        # SDPA (flash-style): reads q, k, v and writes out; backward reads q, k, v, out, dout and writes
+        # dq, dk, dv, recomputing Q K^T on the way (0.5x of the forward products, hardware work only).
+        f = 4.0 * b * lq * t * w
+        o.rows.append(Op(f"{tag}.attn.sdpa{suffix}", f"{tag}.attn_core", f * r, (2 * bqd + 2 * btd) * o.db * r,
+                         True, 2.5 * f * r, (4 * bqd + 4 * btd) * o.db * r, r, recompute_flops=0.5 * f * r))
+    else:
+        # explicit attention: q * scale, S = q k^T, softmax(S), S v; the [B, h, Lq, T] scores go through memory
+        o.elem(f"{tag}.attn.scale_q{suffix}", f"{tag}.attn_core", bqd, bqd, bwd=(bqd, bqd), repeat=r)
+        o.matmul(f"{tag}.attn.qk{suffix}", f"{tag}.attn_core", lq, dh, t, count=b * heads, w_param=False, repeat=r)
+        s = b * heads * lq * t
+        o.elem(f"{tag}.attn.softmax{suffix}", f"{tag}.attn_core", s, s, flops_per=_SOFTMAX_FLOPS, bwd=(2 * s, s),
+               repeat=r)
+        o.autocast_cast(f"{tag}.attn.softmax{suffix}", f"{tag}.attn_core", s, r)
+        o.matmul(f"{tag}.attn.av{suffix}", f"{tag}.attn_core", lq, t, dh, count=b * heads, w_param=False, repeat=r)
+    # [B, h, Lq, dh] -> [B, Lq, D]: a transpose copy in both paths (and its mirror in backward)
+    o.elem(f"{tag}.attn.merge_heads{suffix}", f"{tag}.attn_core", bqd, bqd, flops_per=0.0, bwd=(bqd, bqd),
+           repeat=r)
+    o.matmul(f"{tag}.attn.proj{suffix}", f"{tag}.proj", b * lq, w, w, repeat=r)
+    o.elem(f"{tag}.residual1{suffix}", f"{tag}.residual", 2 * bqd, bqd, bwd=(2 * bqd, bqd), repeat=r)
+    o.elem(f"{tag}.norm2{suffix}", f"{tag}.layernorm", bqd, bqd, flops_per=_LN_FLOPS, bwd=(2 * bqd, bqd), repeat=r)
+    o.autocast_cast(f"{tag}.norm2{suffix}", f"{tag}.layernorm", bqd, r)
+    o.matmul(f"{tag}.mlp.fc1{suffix}", f"{tag}.mlp", b * lq, w, hid, repeat=r)
+    o.elem(f"{tag}.mlp.gelu{suffix}", f"{tag}.gelu", b * lq * hid, b * lq * hid, flops_per=_GELU_FLOPS,
+           bwd=(2 * b * lq * hid, b * lq * hid), repeat=r)
+    o.matmul(f"{tag}.mlp.fc2{suffix}", f"{tag}.mlp", b * lq, hid, w, repeat=r)
+    o.elem(f"{tag}.residual2{suffix}", f"{tag}.residual", 2 * bqd, bqd, bwd=(2 * bqd, bqd), repeat=r)
 
 
 def _encoder(o: _Ops, cfg: Config, b: int, t: int, fused: bool, tag: str = "encoder") -> None:
@@ -341,7 +355,7 @@ def _decoder(o: _Ops, cfg: Config, b: int, t_in: int, fused: bool) -> None:
     o.matmul("decoder_embed", "decoder_embed", b * t_in, d, dd)
     t = 1 + n
     full, vis = b * t * dd, b * t_in * dd
-    shared = None
+    shared, masked = None, False
     if t_in < t and fused:
         # fastsupmae: the decoder runs in the shuffled order (cls, visible, masked): add the gathered positions
         # to the visible tokens, build the [N, Dd] table mask_token + pos, concatenate visible + gathered table
@@ -349,7 +363,8 @@ def _decoder(o: _Ops, cfg: Config, b: int, t_in: int, fused: bool) -> None:
         o.elem("decoder_input.pos_gather_add", "unshuffle", 2 * vis + b * t_in, vis, bwd=(vis, vis))
         o.elem("decoder_input.mask_table", "unshuffle", 2 * n * dd, n * dd, bwd=(n * dd, dd))
         o.elem("decoder_input.cat", "unshuffle", full, full, flops_per=0.0, bwd=(full, full))
-        shared = b * t_in + n
+        shared = b * t_in + n if b * (t - t_in) > n else None  # the model shares once that is fewer rows
+        masked = True
     elif t_in < t:  # visible tokens + mask tokens -> patch order, + decoder position embedding
         o.elem("unshuffle.cat_mask_tokens", "unshuffle", vis, b * n * dd, flops_per=0.0, bwd=(b * n * dd, vis))
         o.elem("unshuffle.gather", "unshuffle", b * n * dd + b * n, b * n * dd, flops_per=0.0,
@@ -359,9 +374,11 @@ def _decoder(o: _Ops, cfg: Config, b: int, t_in: int, fused: bool) -> None:
     else:
         o.elem("decoder.pos_add", "unshuffle", 2 * full, full, bwd=(full, 0))
     # the model checkpoints only encoder blocks, so decoder blocks never recompute
-    _blocks(o, cfg, b, t, dd, m.decoder_num_heads, m.decoder_depth, fused, "decoder", False, shared)
-    o.elem("decoder.norm", "decoder.norm", full, full, flops_per=_LN_FLOPS, bwd=(2 * full, full))
-    o.autocast_cast("decoder.norm", "decoder.norm", full)
+    last_q = n - (t_in - 1) if masked else None  # fastsupmae: the last block and norm see the masked
+    _blocks(o, cfg, b, t, dd, m.decoder_num_heads, m.decoder_depth, fused, "decoder", False, shared, last_q)
+    out = full if last_q is None else b * last_q * dd
+    o.elem("decoder.norm", "decoder.norm", out, out, flops_per=_LN_FLOPS, bwd=(2 * out, out))
+    o.autocast_cast("decoder.norm", "decoder.norm", out)
 
 
 def _prediction_and_loss(o: _Ops, cfg: Config, b: int, fused: bool) -> None:

@@ -82,7 +82,9 @@ def test_matmul_flops_match_flop_counter(attn: str, overrides: tuple[str, ...]) 
     from fastsupmae.models import build_model
 
     cfg = _cfg(*overrides, attn=attn)
-    b = random.randint(2, 5)  # fresh shapes each run: the formulas must hold for any batch
+    # fresh shapes each run: the formulas must hold for any batch (supmae's BatchNorm head needs 2 images; mae at
+    # mask 0.5 draws batches on both sides of the decoder's qkv sharing threshold B x (N-K) > N)
+    b = random.randint(2 if "model.objective=supmae" in overrides else 1, 5)
     torch.manual_seed(random.randrange(1 << 30))
     model = build_model(cfg, device="cpu").train()
     imgs = torch.randint(0, 256, (b, 3, 16, 16), dtype=torch.uint8)
@@ -182,11 +184,13 @@ def test_spec_reference_numbers() -> None:
     assert sup_ref == pytest.approx(5.2, rel=0.01)
     assert mae_ref == pytest.approx(9.8, rel=0.01)
     sup = forward_flops(_vit_b("model.objective=supmae")) / g
-    assert 0.95 * sup_ref < sup < sup_ref
+    assert 0.93 * sup_ref < sup < sup_ref
     # "a training step of SupMAE ViT-B/16 is ~31 GFLOP per image": backward is 2x forward except the patch
     # embedding (no pixel gradient), so training is a little under 3x forward.
+    tr_ref = train_flops(_vit_b("model.objective=supmae"), fused=False) / 1e9
+    assert tr_ref == pytest.approx(31, rel=0.03)
     tr = train_flops(_vit_b("model.objective=supmae")) / 1e9
-    assert tr == pytest.approx(31, rel=0.03)
+    assert 0.93 * tr_ref < tr < tr_ref
     assert 2.9 < tr / (2 * sup) < 3.0
 
 
@@ -198,7 +202,11 @@ def test_costs_scale_and_paths_differ_as_claimed() -> None:
     assert forward_flops(cfg, b, fused=False) == pytest.approx(b * forward_flops(cfg, 1, fused=False), rel=1e-12)
     m, dd = cfg.model, cfg.model.decoder_embed_dim
     table = 2.0 * m.num_patches * dd * 3 * dd
-    assert forward_flops(cfg, b) - table == pytest.approx(b * (forward_flops(cfg, 1) - table), rel=1e-12)
+    assert forward_flops(cfg, 2 * b) - table == pytest.approx(2 * (forward_flops(cfg, b) - table), rel=1e-12)
+    # at batch 1 the model keeps the per-token projection (147 rows < 196): no table, above its share of batch 2
+    per_image = (forward_flops(cfg, 2) - table) / 2
+    one_image = per_image + table * (m.num_patches - m.num_keep) / m.num_patches
+    assert forward_flops(cfg, 1) == pytest.approx(one_image, rel=1e-12)
     # ... and smaller than the per-token version by the (B x (N-K) - N) rows it skips
     per_token = 2.0 * b * (m.num_patches - m.num_keep) * dd * 3 * dd
     saved = forward_flops(cfg, b, fused=False) - forward_flops(cfg, b)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -88,38 +90,40 @@ def test_masked_loss_equals_full_prediction_loss():
 @pytest.mark.parametrize("kw", [dict(objective="supmae"), dict(objective="mae", decoder_depth=2),
                                 dict(objective="mim_supervised")], ids=lambda kw: "-".join(map(str, kw.values())))
 def test_shuffled_order_decoder_equals_patch_order_decoder(kw):
-    """The decoder in the shuffled order, first block's mask-token qkv shared per position (the model), equals
-    the official decoder (unshuffle to patch order, every token through every block): output and gradients."""
-    import random
+    """The model's decoder (shuffled order, first block's mask-token qkv once per position, last block on the
+    masked queries only; and its return_pred variant) equals the official decoder (unshuffle to patch order,
+    every token through every block, predict all): predictions and every gradient."""
 
     from fastsupmae.kernels.reference import unshuffle_tokens
 
-    from fastsupmae.models.decoder import decode_shuffled, decoder_blocks_forward, predict, predict_masked
+    from fastsupmae.models.decoder import decode_and_predict, decoder_blocks_forward, predict
     cfg = tiny_config(**kw)
     model = build_model(cfg, device="cpu").train()
     torch.nn.init.normal_(model.mask_token, std=0.5)  # the zero init would hide a wrong mask-token path
-    b, d = random.randint(2, 6), cfg.model.decoder_embed_dim
+    b, d = random.randint(1, 6), cfg.model.decoder_embed_dim  # batch 1: the unshared first-block path
     y = torch.randn(b, 1 + model.num_keep, d)
     m = random_masking(b, model.num_patches, model.num_keep)
     grads = []
-    for path in ("official", "model"):
+    for path in ("official", "model", "model-full"):
         model.zero_grad()
         yy = y.clone().requires_grad_(True)
         if path == "official":
             z = decoder_blocks_forward(model, unshuffle_tokens(yy, model.mask_token, m.ids_restore,
                                                                model.decoder_pos_embed))
-            pred = predict(model, z, m.ids_masked)
+            pred, full = predict(model, z, m.ids_masked), predict(model, z)
         else:
-            pred = predict_masked(model, decode_shuffled(model, yy, m.ids_keep, m.ids_masked), model.num_keep)
+            pred, full = decode_and_predict(model, yy, m, full=path == "model-full")
         pred.square().mean().backward()
         grads.append((pred.detach(), yy.grad, {n: p.grad.clone() for n, p in model.named_parameters()
-                                              if p.grad is not None}))
-    (p0, gy0, g0), (p1, gy1, g1) = grads
-    torch.testing.assert_close(p1, p0, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(gy1, gy0, rtol=1e-5, atol=1e-6)
-    assert g0.keys() == g1.keys() and "mask_token" in g0
-    for n in g0:
-        torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-6, msg=lambda msg, n=n: f"{n}: {msg}")
+                                              if p.grad is not None}, full))
+    assert grads[1][3] is None
+    torch.testing.assert_close(grads[2][3], grads[0][3], rtol=1e-5, atol=1e-6)  # every patch, patch order
+    for (p0, gy0, g0, _), (p1, gy1, g1, _) in ((grads[0], grads[1]), (grads[0], grads[2])):
+        torch.testing.assert_close(p1, p0, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gy1, gy0, rtol=1e-5, atol=1e-6)
+        assert g0.keys() == g1.keys() and "mask_token" in g0
+        for n in g0:
+            torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-6, msg=lambda msg, n=n: f"{n}: {msg}")
 
 
 def test_uint8_input_equals_normalised_float_input():

@@ -39,14 +39,20 @@ class Attention(nn.Module):
         """x: [B, L, D] -> [B, L, D]."""
         return self.attend(self.qkv(x))
 
-    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
-        """Already projected q, k, v [B, L, 3D] -> attention -> proj -> [B, L, D]."""
+    def attend(self, qkv: torch.Tensor, q_start: int = 0) -> torch.Tensor:
+        """Already projected q, k, v [B, L, 3D] -> attention -> proj -> [B, L - q_start, D].
+
+        ``q_start`` > 0: only the tokens from ``q_start`` on ask (queries), all L tokens answer (keys, values):
+        the outputs of those tokens, equal to the rows ``q_start:`` of the full result.
+        """
         b, n, d3 = qkv.shape
         d = d3 // 3
         qkv = qkv.reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # views: the backward writes one gradient instead of three zero-filled copies
-        out = attention(q, k, v, self.backend)  # [B, H, L, hd]
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+        if q_start:
+            q = q[:, :, q_start:]
+        out = attention(q, k, v, self.backend)  # [B, H, L - q_start, hd]
+        return self.proj(out.transpose(1, 2).reshape(b, n - q_start, d))
 
 
 class Mlp(nn.Module):

@@ -15,11 +15,9 @@ from fastsupmae.kernels import dispatch as K
 
 from .decoder import (
     build_decoder,
-    decode_shuffled,
+    decode_and_predict,
     decoder_blocks_forward,
     predict,
-    predict_masked,
-    predict_patch_order,
 )
 from .linear import Linear
 from .masking import random_masking
@@ -116,8 +114,8 @@ class MIMSupervisedViT(SupervisedViT):
         m = random_masking(b, self.num_patches, self.num_keep, imgs.device, noise)
         if self.encoder_input == "visible":
             lat = self.forward_tokens(self.embed_visible(imgs, m.ids_keep))  # [B, 1+K, D]
-            y = decode_shuffled(self, self.decoder_embed(self.decoder_input_norm(lat)), m.ids_keep, m.ids_masked)
-            pred_m = predict_masked(self, y, self.num_keep)
+            y = self.decoder_embed(self.decoder_input_norm(lat))
+            pred_m, pred = decode_and_predict(self, y, m, full=return_pred)
         else:
             x = self.embed_all(imgs, with_pos=False)
             w = m.mask.unsqueeze(-1).to(x.dtype)
@@ -126,6 +124,7 @@ class MIMSupervisedViT(SupervisedViT):
             y = self.decoder_embed(self.decoder_input_norm(lat)) + self.decoder_pos_embed.to(x.dtype)
             y = decoder_blocks_forward(self, y)  # patch order
             pred_m = predict(self, y, m.ids_masked)
+            pred = predict(self, y) if return_pred else None
         rec = self._rec_loss(imgs, pred_m, m.ids_masked)
         if self.cls_view == "masked":
             feats = self.pool_head_input(lat)
@@ -139,6 +138,5 @@ class MIMSupervisedViT(SupervisedViT):
             loss = loss + out["cls_loss"]
         out["loss"] = loss
         if return_pred:
-            out["pred"] = (predict_patch_order(self, y, m.ids_restore) if self.encoder_input == "visible"
-                           else predict(self, y))
+            out["pred"] = pred
         return out

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from fastsupmae.kernels import dispatch as K
 
-from .decoder import build_decoder, decode_shuffled, predict_masked, predict_patch_order
+from .decoder import build_decoder, decode_and_predict
 from .linear import Linear
 from .masking import random_masking
 from .vit import ViTBackbone
@@ -76,8 +76,8 @@ class MaskedAutoencoderViT(ViTBackbone):
         m = random_masking(b, self.num_patches, self.num_keep, imgs.device, noise)
         lat = self.forward_tokens(self.embed_visible(imgs, m.ids_keep))  # [B, 1+K, D]
         out: dict[str, torch.Tensor] = {"mask": m.mask}
-        y = decode_shuffled(self, self.decoder_embed(lat), m.ids_keep, m.ids_masked)  # [B, 1+N, Dd], shuffled
-        pred_m = predict_masked(self, y, self.num_keep)  # [B, N-K, P], ids_masked order
+        # [B, N-K, P] in ids_masked order (+ [B, N, P] in patch order with return_pred)
+        pred_m, pred = decode_and_predict(self, self.decoder_embed(lat), m, full=return_pred)
         # targets of the masked patches are built inside the loss (on Triton never written to memory)
         rec = K.norm_pix_mse(pred_m, imgs, m.ids_masked, self.patch_size, self.norm_pix_loss, self.pixel_mean,
                              self.pixel_std, backend=self.kernels)
@@ -92,5 +92,5 @@ class MaskedAutoencoderViT(ViTBackbone):
                 loss = loss + cls
         out["loss"] = loss
         if return_pred:
-            out["pred"] = predict_patch_order(self, y, m.ids_restore)
+            out["pred"] = pred
         return out
