@@ -15,7 +15,11 @@ two ways on a fixed subset of the real Fashion-MNIST test set:
 Writes a JSON with every run (budget, steps, images seen, the FLOPs actually spent, wall time, losses, top-1),
 a table on screen, and a PNG plot of top-1 against pretraining compute. Regenerate the committed results with::
 
-    python scripts/compute_budget_study.py            # ~25 minutes on 2 CPU cores
+    python scripts/compute_budget_study.py --seeds 0 --out-json s0.json &   # one process per core
+    python scripts/compute_budget_study.py --seeds 1 --out-json s1.json
+    python scripts/compute_budget_study.py --merge s0.json s1.json       # -> docs/compute_budget/
+
+(``--seeds 0,1`` runs them one after the other instead.)
 
 ``--tiny`` runs the whole pipeline on a toy setting in a minute (used to check the script, not for results).
 """
@@ -67,7 +71,9 @@ def pretrain_config(method: str, budget_flops: float, batch: int, blr: float, ou
                    "output_dir": str(out_dir)},
          "eval": {"after_train": "none"}}
     cfg = load_config(None, d, world_size=1)
-    per_step = train_flops(cfg, batch)
+    # The method's compute: FLOPs of the official algorithm (fused=False), so that fastsupmae's own savings
+    # (which differ between the methods) do not buy one method extra steps.
+    per_step = train_flops(cfg, batch, fused=False)
     steps = max(1, round(budget_flops / per_step))
     cfg.train.max_steps = steps
     # warmup as a fraction of the run, in epochs (the trainer counts warmup in epochs of 60,000 images)
@@ -153,14 +159,15 @@ def short_finetune(state: dict[str, torch.Tensor], model_cfg: dict, train: Subse
     return {"finetune_top1": res["top1"], "finetune_steps": res["steps"], "finetune_s": res["seconds"]}
 
 
-def run_one(method: str, budget: float, args: argparse.Namespace, probe_train: Subset, probe_test: Subset,
-            ft_train: Subset) -> dict[str, Any]:
+def run_one(method: str, budget: float, seed: int, args: argparse.Namespace, probe_train: Subset,
+            probe_test: Subset, ft_train: Subset) -> dict[str, Any]:
     from fastsupmae.engine.checkpoint import consolidated_state_dict
+    from fastsupmae.flops import train_flops
     from fastsupmae.models import build_model
     from fastsupmae.tasks import pretrain
 
-    out = Path(args.work_dir) / f"{method}_{budget / 1e12:g}T"
-    cfg, steps, per_step = pretrain_config(method, budget, args.batch, args.blr, out, args.model, args.seed,
+    out = Path(args.work_dir) / f"{method}_{budget / 1e12:g}T_seed{seed}"
+    cfg, steps, per_step = pretrain_config(method, budget, args.batch, args.blr, out, args.model, seed,
                                            args.warmup_frac)
     log.info("%s @ %.3g TFLOP: %d steps x %d images (%.3f GFLOP per step)", method, budget / 1e12, steps,
              args.batch, per_step / 1e9)
@@ -173,19 +180,20 @@ def run_one(method: str, budget: float, args: argparse.Namespace, probe_train: S
 
     load_checkpoint(model, {"model": state}, strict=False)
     t1 = time.time()
-    rec: dict[str, Any] = {"method": method, "objective": cfg.model.objective,
+    rec: dict[str, Any] = {"method": method, "seed": seed, "objective": cfg.model.objective,
                            "decoder_depth": cfg.model.decoder_depth if method != "supervised" else None,
                            "budget_tflop": budget / 1e12, "steps": final["step"],
                            "images_seen": final["step"] * args.batch, "epochs": final["step"] * args.batch / 60000,
                            "gflop_per_image": per_step / args.batch / 1e9,
+                           "fastsupmae_gflop_per_image": train_flops(cfg, args.batch) / args.batch / 1e9,
                            "spent_tflop": final["step"] * per_step / 1e12, "pretrain_s": pre_s,
                            "final_loss": final.get("loss"), "pretrain_images_per_s": final.get("images_per_s")}
-    rec.update(linear_probe(model, probe_train, probe_test, args.probe_epochs, args.seed))
+    rec.update(linear_probe(model, probe_train, probe_test, args.probe_epochs, seed))
     rec["linprobe_s"] = time.time() - t1
     rec.update(short_finetune(state, args.model, ft_train, probe_test, args.ft_steps, args.ft_batch, args.ft_blr,
-                              out / "finetune", args.seed))
-    log.info("%s @ %.3g TFLOP: linear probe %.2f%%, fine-tune %.2f%% (pretrain %.0f s)", method, budget / 1e12,
-             rec["linprobe_top1"], rec["finetune_top1"], pre_s)
+                              out / "finetune", seed))
+    log.info("seed %d, %s @ %.3g TFLOP: linear probe %.2f%%, fine-tune %.2f%% (pretrain %.0f s)", seed, method,
+             budget / 1e12, rec["linprobe_top1"], rec["finetune_top1"], pre_s)
     return rec
 
 
@@ -197,9 +205,11 @@ def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
     for ax, key, name in ((axes[0], "linprobe_top1", "linear probe"), (axes[1], "finetune_top1", "short fine-tune")):
-        for method in dict.fromkeys(r["method"] for r in records):
-            rs = sorted((r for r in records if r["method"] == method), key=lambda r: r["spent_tflop"])
-            ax.plot([r["spent_tflop"] for r in rs], [r[key] for r in rs], marker="o", label=method)
+        for method, pts in _by_method_budget(records).items():
+            xs = [p["spent_tflop"] for p in pts]
+            ys = [p[key]["mean"] for p in pts]
+            err = [[p[key]["mean"] - p[key]["min"] for p in pts], [p[key]["max"] - p[key]["mean"] for p in pts]]
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=method)
         ax.set_xscale("log")
         ax.set_xlabel("pretraining compute (analytic training TFLOP)")
         ax.set_ylabel(f"{name} top-1 (%)")
@@ -213,21 +223,52 @@ def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _by_method_budget(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """method -> points sorted by budget, each with the mean / min / max over seeds of the two top-1s."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for method in dict.fromkeys(r["method"] for r in records):
+        pts = []
+        for budget in sorted({r["budget_tflop"] for r in records if r["method"] == method}):
+            rs = [r for r in records if r["method"] == method and r["budget_tflop"] == budget]
+            pt: dict[str, Any] = {"budget_tflop": budget, "seeds": sorted(r.get("seed", 0) for r in rs),
+                                  "spent_tflop": sum(r["spent_tflop"] for r in rs) / len(rs)}
+            for key in ("linprobe_top1", "finetune_top1"):
+                v = [r[key] for r in rs]
+                pt[key] = {"mean": sum(v) / len(v), "min": min(v), "max": max(v), "each": v}
+            pts.append(pt)
+        out[method] = pts
+    return out
+
+
+def summary(records: list[dict[str, Any]]) -> str:
+    """Mean over seeds (and every seed's value) per method and budget."""
+    lines = [f"{'method':11s} {'budget TF':>9s} {'seeds':>5s} {'linprobe mean':>13s} {'(each)':24s} "
+             f"{'finetune mean':>13s} (each)"]
+    for method, pts in _by_method_budget(records).items():
+        for p in pts:
+            lp, ft = p["linprobe_top1"], p["finetune_top1"]
+            lines.append(f"{method:11s} {p['budget_tflop']:9.3g} {len(p['seeds']):5d} {lp['mean']:12.2f}% "
+                         f"{' / '.join(f'{v:.2f}' for v in lp['each']):24s} {ft['mean']:12.2f}% "
+                         f"{' / '.join(f'{v:.2f}' for v in ft['each'])}")
+    return "\n".join(lines)
+
+
 def table(records: list[dict[str, Any]]) -> str:
-    hdr = (f"{'method':11s} {'budget TF':>9s} {'spent TF':>9s} {'steps':>6s} {'images':>7s} {'GF/img':>7s} "
-           f"{'loss':>7s} {'pre s':>6s} {'linprobe':>9s} {'finetune':>9s}")
+    hdr = (f"{'method':11s} {'seed':>4s} {'budget TF':>9s} {'spent TF':>9s} {'steps':>6s} {'images':>7s} "
+           f"{'GF/img':>7s} {'loss':>7s} {'pre s':>6s} {'linprobe':>9s} {'finetune':>9s}")
     lines = [hdr]
     for r in records:
         loss = f"{r['final_loss']:.4f}" if r.get("final_loss") is not None else "n/a"
-        lines.append(f"{r['method']:11s} {r['budget_tflop']:9.3g} {r['spent_tflop']:9.3f} {r['steps']:6d} "
-                     f"{r['images_seen']:7d} {r['gflop_per_image']:7.4f} {loss:>7s} {r['pretrain_s']:6.0f} "
-                     f"{r['linprobe_top1']:8.2f}% {r['finetune_top1']:8.2f}%")
+        lines.append(f"{r['method']:11s} {r.get('seed', 0):4d} {r['budget_tflop']:9.3g} {r['spent_tflop']:9.3f} "
+                     f"{r['steps']:6d} {r['images_seen']:7d} {r['gflop_per_image']:7.4f} {loss:>7s} "
+                     f"{r['pretrain_s']:6.0f} {r['linprobe_top1']:8.2f}% {r['finetune_top1']:8.2f}%")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--budgets-tflop", default="0.5,1.5", help="pretraining budgets, analytic training TFLOP")
+    p.add_argument("--budgets-tflop", default="1.5,4.5",
+                   help="pretraining budgets, analytic training TFLOP of the official algorithm")
     p.add_argument("--methods", default="supmae,mae,supervised", help=f"of {', '.join(METHODS)}")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--blr", type=float, default=1.5e-3, help="base lr (lr = blr * batch / 256)")
@@ -240,7 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: robust to other processes loading the CPU; this study measures accuracy)")
     p.add_argument("--ft-batch", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0", help="pretraining / probe seeds (comma-separated); the data subsets are "
+                   "the same for every seed")
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="run nothing: combine the records of these result files (e.g. seeds run in parallel) "
+                   "into --out-json / --out-png")
     p.add_argument("--work-dir", default="runs/compute_budget")
     p.add_argument("--out-json", default=str(REPO / "docs" / "compute_budget" / "results.json"))
     p.add_argument("--out-png", default=str(REPO / "docs" / "compute_budget" / "top1_vs_compute.png"))
@@ -261,17 +306,21 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         p.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    if args.merge:
+        return merge(args)
     budgets = sorted(float(b) * 1e12 for b in args.budgets_tflop.split(","))
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     t0 = time.time()
     start = dt.datetime.now(dt.timezone.utc)
-    probe_train = Subset("train", args.probe_train, 512, args.seed + 1)
-    probe_test = Subset("test", args.probe_test, 512, args.seed + 2)
-    ft_train = Subset("train", args.probe_train, args.ft_batch, args.seed + 1)
+    probe_train = Subset("train", args.probe_train, 512, 1)
+    probe_test = Subset("test", args.probe_test, 512, 2)
+    ft_train = Subset("train", args.probe_train, args.ft_batch, 1)
     records = []
-    for budget in budgets:
-        for method in methods:
-            records.append(run_one(method, budget, args, probe_train, probe_test, ft_train))
-            print(table(records[-1:]).splitlines()[-1], flush=True)
+    for seed in seeds:
+        for budget in budgets:
+            for method in methods:
+                records.append(run_one(method, budget, seed, args, probe_train, probe_test, ft_train))
+                print(table(records[-1:]).splitlines()[-1], flush=True)
     total_s = time.time() - t0
     machine = {"cpu": next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
                            platform.processor()), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
@@ -280,14 +329,42 @@ def main(argv: list[str] | None = None) -> int:
                       "Fashion-MNIST", "date_utc": start.isoformat(timespec="seconds"), "wall_s": total_s,
               "machine": machine, "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
               "settings": {k: v for k, v in vars(args).items()}, "records": records}
-    print(table(records))
     print(f"total {total_s / 60:.1f} min")
+    write(result, args)
+    return 0
+
+
+def write(result: dict[str, Any], args: argparse.Namespace) -> None:
+    """Print the tables, write the JSON (with the per-seed summary) and the plot."""
+    records = result["records"]
+    result["summary"] = _by_method_budget(records)
+    print(table(records))
+    print(summary(records))
     Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out_json).write_text(json.dumps(result, indent=1, default=str))
+    seeds = sorted({r.get("seed", 0) for r in records})
+    m = result["settings"]["model"]
     plot(records, Path(args.out_png),
-         f"Fashion-MNIST, ViT D{args.model['embed_dim']}x{args.model['depth']} p4, {start:%Y-%m-%d}, "
-         f"{machine['cores']}-core CPU; probe on {args.probe_test} test images")
+         f"Fashion-MNIST, ViT D{m['embed_dim']}x{m['depth']} p4, {result['date_utc'][:10]}, "
+         f"{result['machine']['cores']}-core CPU; probe on {result['settings']['probe_test']} test images; "
+         f"mean (bars: min-max) of seeds {seeds}")
     log.info("wrote %s and %s", args.out_json, args.out_png)
+
+
+def merge(args: argparse.Namespace) -> int:
+    """Combine result files (one per seed, say) into one; their settings must agree but for the seeds."""
+    parts = [json.loads(Path(f).read_text()) for f in args.merge]
+    base = parts[0]
+    ignore = {"seeds", "work_dir", "out_json", "out_png", "merge", "threads"}
+    for f, part in zip(args.merge[1:], parts[1:]):
+        diff = [k for k in base["settings"] if k not in ignore and part["settings"].get(k) != base["settings"][k]]
+        if diff:
+            raise SystemExit(f"compute_budget_study: {f} was run with other settings ({', '.join(diff)}); not merged")
+    result = {**base, "records": [r for part in parts for r in part["records"]],
+              "wall_s": sum(part["wall_s"] for part in parts),
+              "command": " + ".join(part["command"] for part in parts) + " ; merged with --merge",
+              "runs": [{k: part[k] for k in ("date_utc", "wall_s", "machine", "command")} for part in parts]}
+    write(result, args)
     return 0
 
 
