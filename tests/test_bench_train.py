@@ -126,6 +126,22 @@ def test_bench_train_runs_end_to_end(tmp_path, capsys) -> None:
     assert "speedup" in out and "cost growth vs mask_ratio" in out
 
 
+def test_bench_train_profile_and_matmul_ceiling(tmp_path, capsys) -> None:
+    """--profile: per-category shares summing to 1 for both paths, and the ceiling computed from them."""
+    assert bench_train.run(_args(tmp_path, profile=None)) == 0
+    (r,) = json.loads((tmp_path / "out.json").read_text())["records"]
+    for s in r["paths"].values():
+        shares = s["profile"]["share"]
+        assert shares["matmul"] > 0 and sum(shares.values()) == pytest.approx(1.0)
+    f, ref, c = r["paths"]["fastsupmae"], r["paths"]["reference"], r["matmul_ceiling"]
+    assert c["fastsupmae_matmul_ms"] == pytest.approx(f["profile"]["share"]["matmul"]
+                                                      * (f["forward_ms"] + f["backward_ms"]))
+    assert c["max_speedup"] == pytest.approx(ref["step_ms"] / c["fastsupmae_matmul_ms"])
+    # the products are only part of fastsupmae's step: the ceiling lies above the measured speedup
+    assert c["max_speedup"] > r["speedup"]
+    assert "no implementation doing these products" in capsys.readouterr().out
+
+
 def test_bench_train_prediction_beside_measurement(tmp_path, capsys) -> None:
     """--predict runs the performance model for the same point (same model: FLOP counts agree) in the same run."""
     from fastsupmae.bench.train import Point, point_config, predict_point

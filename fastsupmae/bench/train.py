@@ -324,6 +324,19 @@ def profile_step(step: Any, data: Any, device: torch.device, top: int = 12) -> d
             "top_ops": [{"op": n, "ms": t / 1e3, "calls": c, "share": t / total} for n, t, c in rows[:top]]}
 
 
+def matmul_ceiling(rec: dict[str, Any]) -> dict[str, float]:
+    """The largest speedup over the reference that any implementation doing fastsupmae's matrix products at the
+    measured speed could reach: reference step time / time of those products alone.
+
+    The products' time is their profiled share of fastsupmae's forward + backward times the timed forward +
+    backward; everything else in a step (norms, GELU, attention, copies, the optimizer) counted as free.
+    """
+    f, r = rec["paths"]["fastsupmae"], rec["paths"]["reference"]
+    matmul_ms = f["profile"]["share"].get("matmul", 0.0) * (f["forward_ms"] + f["backward_ms"])
+    return {"fastsupmae_matmul_ms": matmul_ms, "reference_step_ms": r["step_ms"],
+            "max_speedup": r["step_ms"] / matmul_ms if matmul_ms > 0 else float("nan")}
+
+
 # ----------------------------------------------------------------------------------------------- one grid point
 
 
@@ -408,6 +421,8 @@ def bench_point(base: Config, p: Point, args: argparse.Namespace, device: torch.
         # ratio of the median images/s (as the table shows), and the per-repetition paired ratios for spread
         rec["speedup"] = rec["paths"]["fastsupmae"]["images_per_s"] / rec["paths"]["reference"]["images_per_s"]
         rec["speedup_reps"] = [r_["step"] / f["step"] for f, r_ in zip(reps["fastsupmae"], reps["reference"])]
+        if args.profile:
+            rec["matmul_ceiling"] = matmul_ceiling(rec)
     del steps, model, data
     return rec
 
@@ -645,6 +660,12 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{r['point']:34s} {name:10s} {pr['total_ms']:9.0f} ms  "
                       + "  ".join(f"{k} {v * 100:.1f}%" for k, v in pr["share"].items()))
                 print("    top: " + ", ".join(f"{o['op']} {o['share'] * 100:.1f}%" for o in pr["top_ops"][:8]))
+            if "matmul_ceiling" in r:
+                c = r["matmul_ceiling"]
+                print(f"{r['point']:34s} ceiling: fastsupmae's matrix products alone take "
+                      f"{c['fastsupmae_matmul_ms']:.0f} ms (profiled share x timed fwd+bwd); the reference step "
+                      f"takes {c['reference_step_ms']:.0f} ms: no implementation doing these products at this speed "
+                      f"can exceed {c['max_speedup']:.2f}x")
     if args.cost_growth:
         cg = cost_growth(base, args, device)
         result["cost_growth"] = cg
