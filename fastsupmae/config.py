@@ -74,7 +74,7 @@ class ModelConfig:
     drop_path: float = _f(0.0, "stochastic depth rate (linearly increasing over blocks)")
     grad_checkpointing: bool = _f(False, "recompute encoder blocks in backward to save activation memory")
     attn_backend: str = _f("auto", "auto | sdpa | math | xformers")
-    kernels: str = _f("auto", "auto | triton | torch: fused patch gather / unshuffle / masked loss")
+    kernels: str = _f("auto", "auto | triton | torch: fused patch gather + embedding, masked targets / loss")
     # mim_supervised (arXiv 2312.00950) options; the paper leaves these open, see docs/objectives.md
     mim_encoder_input: str = _f("visible", "mim_supervised: encoder sees 'visible' tokens or 'full' with mask tokens")
     mim_cls_view: str = _f("masked", "mim_supervised: classifier sees the 'masked' view or an 'unmasked' second pass")

@@ -345,7 +345,7 @@ def _masking(o: _Ops, cfg: Config, b: int) -> None:
 
 
 def _decoder(o: _Ops, cfg: Config, b: int, t_in: int, fused: bool) -> None:
-    """(mim: decoder_input_norm) decoder_embed on the encoder's T_in tokens, unshuffle to 1 + N, blocks, norm."""
+    """(mim: decoder_input_norm) decoder_embed on the encoder's T_in tokens, 1 + N decoder tokens, blocks, norm."""
     m = cfg.model
     d, dd, n = m.resolved_dims()[0], m.decoder_embed_dim, m.num_patches
     if m.objective == "mim_supervised" and m.global_pool:
