@@ -211,6 +211,9 @@ def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
             err = [[p[key]["mean"] - p[key]["min"] for p in pts], [p[key]["max"] - p[key]["mean"] for p in pts]]
             ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=method)
         ax.set_xscale("log")
+        budgets = sorted({r["budget_tflop"] for r in records})
+        ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
+        ax.minorticks_off()
         ax.set_xlabel("pretraining compute (analytic training TFLOP)")
         ax.set_ylabel(f"{name} top-1 (%)")
         ax.set_title(name)
@@ -355,7 +358,8 @@ def merge(args: argparse.Namespace) -> int:
     """Combine result files (one per seed, say) into one; their settings must agree but for the seeds."""
     parts = [json.loads(Path(f).read_text()) for f in args.merge]
     base = parts[0]
-    ignore = {"seeds", "work_dir", "out_json", "out_png", "merge", "threads"}
+    # per-record facts (seed, budget, method) may differ between the parts; the training settings may not
+    ignore = {"seeds", "budgets_tflop", "methods", "work_dir", "out_json", "out_png", "merge", "threads"}
     for f, part in zip(args.merge[1:], parts[1:]):
         diff = [k for k in base["settings"] if k not in ignore and part["settings"].get(k) != base["settings"][k]]
         if diff:
