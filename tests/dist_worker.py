@@ -174,19 +174,26 @@ def pretrain_z3(w: Path, info: Any, out: dict[str, Any]) -> None:
 
 
 def bf16_check(w: Path, info: Any, out: dict[str, Any]) -> None:
-    # bf16 (ZeRO 2): the consolidated fp32 masters round to exactly the bf16 weights the engine trains with
-    c = make_cfg(w / "bf16", zero_stage=2, precision="bf16", max_steps=3)
-    tr = build(c, info)
-    res = tr.fit()
-    mod_params = {n: p.detach().clone() for n, p in tr.engine.module.named_parameters()}
-    if info.rank == 0:
-        cons = consolidated_state_dict(res.last_checkpoint)
-        out["bf16_dtype"] = str(next(iter(mod_params.values())).dtype)
-        out["bf16_consolidated_diff"] = max(float((cons[n].to(p.dtype).float() - p.float()).abs().max())
-                                            for n, p in mod_params.items())
-        out["bf16_master_minus_bf16_max"] = max(float((cons[n] - p.float()).abs().max()) for n, p in mod_params.items())
-    close(tr)
-
+    # bf16: the consolidated fp32 masters round to exactly the bf16 weights the engine trains with. ZeRO 2 writes
+    # regular ZeRO shards (zero_to_fp32); ZeRO 1 in bf16 runs DeepSpeed's bf16 optimizer, whose files zero_to_fp32
+    # refuses: fastsupmae reassembles their per-rank fp32 partitions itself (a parameter may span both ranks)
+    for stage in (2, 1):
+        c = make_cfg(w / f"bf16_z{stage}", zero_stage=stage, precision="bf16", max_steps=3)
+        tr = build(c, info)
+        res = tr.fit()
+        mod_params = {n: p.detach().clone() for n, p in tr.engine.module.named_parameters()}
+        if info.rank == 0:
+            key = "bf16" if stage == 2 else "bf16_z1"
+            files = sorted(p.name for p in Path(res.last_checkpoint).glob("*optim_states.pt"))
+            out[f"{key}_files"] = files
+            cons = consolidated_state_dict(res.last_checkpoint)
+            out[f"{key}_dtype"] = str(next(iter(mod_params.values())).dtype)
+            out[f"{key}_consolidated_diff"] = max(float((cons[n].to(p.dtype).float() - p.float()).abs().max())
+                                                  for n, p in mod_params.items())
+            out[f"{key}_master_minus_bf16_max"] = max(float((cons[n] - p.float()).abs().max())
+                                                      for n, p in mod_params.items())
+            out[f"{key}_buffers"] = sorted(k for k in cons if "running_mean" in k)
+        close(tr)
 
 
 def nan_once(w: Path, info: Any, out: dict[str, Any], stage: int) -> None:

@@ -350,3 +350,21 @@ def test_cli_pretrain_then_resume_flag(tmp_path: Path, capsys: pytest.CaptureFix
     # a user error ends in one message and exit status 2
     assert main(["pretrain", *over, "train.resume=" + str(tmp_path / "missing")]) == 2
     assert "no complete checkpoint there" in capsys.readouterr().err
+
+
+def test_bf16_run_directory_reads_back_as_fp32_masters(tmp_path: Path) -> None:
+    """A bf16 run (DeepSpeed's bf16 optimizer, whose files zero_to_fp32 refuses) read by the path every
+    evaluation / export command uses: the fp32 masters, which round exactly to the engine's bf16 weights."""
+    from fastsupmae.tasks.common import read_any_state_dict
+
+    out = tmp_path / "run"
+    tr = make_trainer(tiny_cfg(out, precision="bf16", max_steps=2, ckpt_every=2))
+    tr.fit()
+    weights = {n: p.detach().clone() for n, p in tr.engine.module.named_parameters()}
+    tag = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+    assert any(tag.glob("bf16_zero_pp_rank_0_*optim_states.pt"))
+    sd = read_any_state_dict(out)
+    assert weights and all(sd[n].dtype == torch.float32 for n in weights)
+    assert all(torch.equal(sd[n].to(torch.bfloat16), w) for n, w in weights.items())
+    assert any(not torch.equal(sd[n], w.float()) for n, w in weights.items())  # real fp32 masters
+    assert any("running_var" in k for k in sd)  # buffers too

@@ -302,18 +302,67 @@ class CheckpointManager:
 
 
 def consolidated_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """fp32 weights of a checkpoint as a plain ``state_dict`` (ZeRO shards merged with DeepSpeed's zero_to_fp32).
+    """fp32 weights of a checkpoint (a tag folder) as a plain ``state_dict``, buffers included.
 
-    Works for every ZeRO stage and precision; the result loads into the single-device model.
+    Works for every ZeRO stage and precision; the result loads into the single-device model:
+
+    - ZeRO 1-3 shards (``*zero_pp_rank_*optim_states.pt`` with a ``zero_stage``): DeepSpeed's zero_to_fp32;
+    - DeepSpeed's bf16 optimizer (what bf16 training uses at ZeRO 0 and 1: ``bf16_zero_pp_rank_*`` files, which
+      zero_to_fp32 refuses): the fp32 master partitions of every rank, reassembled by the parameter map the
+      files carry (:func:`_bf16_optimizer_fp32_params`);
+    - otherwise (no optimizer shards) the weights of the model-states file.
+
+    Buffers (BatchNorm statistics) and any parameter the optimizer does not hold come from rank 0's
+    model-states file, converted to fp32.
     """
     path = Path(path)
-    if any(path.glob("zero_pp_rank_*optim_states.pt")) or any(path.glob("bf16_zero_pp_rank_*optim_states.pt")):
+    model_file = path / "mp_rank_00_model_states.pt"
+    module = torch.load(model_file, map_location="cpu", weights_only=False)["module"] if model_file.exists() else {}
+    bf16_files = sorted(path.glob("bf16_zero_pp_rank_*optim_states.pt"))
+    masters = _bf16_optimizer_fp32_params(bf16_files, module) if bf16_files else None
+    if masters is None and (any(path.glob("zero_pp_rank_*optim_states.pt")) or bf16_files):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
-    else:
-        sd = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+        masters = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    sd = {**module, **(masters or {})}
+    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def _rank_of(f: Path) -> int:
+    m = re.search(r"zero_pp_rank_(\d+)_", f.name)
+    return int(m.group(1)) if m else 0
+
+
+def _bf16_optimizer_fp32_params(files: list[Path], module: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """fp32 masters from DeepSpeed's bf16-optimizer files (one per data-parallel rank), or None if they are
+    regular ZeRO files (zero_to_fp32 reads those).
+
+    Each rank holds an equal slice of every parameter group's flat fp32 buffer and maps each parameter it holds
+    to (start, numel) within its slice; the buffer is the ranks' slices in rank order, and a parameter is
+    contiguous in it, so its elements are the union of its fragments.
+    """
+    states = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+              for f in sorted(files, key=_rank_of)]
+    if "single_partition_of_fp32_groups" not in states[0] or "param_slice_mappings" not in states[0]:
+        return None
+    out: dict[str, torch.Tensor] = {}
+    for g in range(len(states[0]["single_partition_of_fp32_groups"])):
+        parts = [st["single_partition_of_fp32_groups"][g] for st in states]
+        size = parts[0].numel()
+        flat = torch.cat([t.reshape(-1) for t in parts])
+        spans: dict[str, tuple[int, int]] = {}
+        for r, st in enumerate(states):
+            for name, frag in st["param_slice_mappings"][g].items():
+                begin = r * size + frag.start
+                lo, n = spans.get(name, (begin, 0))
+                spans[name] = (min(lo, begin), n + frag.numel)
+        for name, (begin, n) in spans.items():
+            ref = module.get(name)
+            if ref is None or ref.numel() != n:
+                raise ValueError(f"bf16 optimizer state of '{name}' has {n} elements, the model's weight "
+                                 f"{None if ref is None else tuple(ref.shape)}")
+            out[name] = flat[begin:begin + n].detach().view(ref.shape).clone()
+    return out
 
 
 def _load_consolidated_into(engine: Any, path: Path) -> None:

@@ -109,45 +109,19 @@ def read_any_state_dict(src: str | os.PathLike, tag: str | None = None) -> dict[
     tag_dir = p / tag
     if not tag_dir.is_dir():
         raise CheckpointError(f"DeepSpeed checkpoint '{tag_dir}' (named in {p / 'latest'}) does not exist")
-    if not any(tag_dir.glob("*zero_pp_rank_*optim_states.pt")):
-        # ZeRO stage 0: the module states file holds the full weights
-        files = sorted(tag_dir.glob("*model_states.pt"))
-        if not files:
-            raise CheckpointError(f"'{tag_dir}' holds no model states file (mp_rank_00_model_states.pt)")
-        states = torch.load(files[0], map_location="cpu", weights_only=False)
-        return read_state_dict({k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()})
+    from fastsupmae.engine.checkpoint import consolidated_state_dict
+
     try:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        sd = consolidated_state_dict(tag_dir)
     except ImportError as e:  # pragma: no cover - deepspeed is part of the stack
         raise CheckpointError(
             f"reading DeepSpeed checkpoint '{p}' needs deepspeed (pip install deepspeed): {e}") from None
-    try:
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(p), tag=tag)
     except Exception as e:
         raise CheckpointError(
             f"cannot reassemble DeepSpeed checkpoint '{p}' (tag {tag}): {type(e).__name__}: {e}") from None
-    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-    buffers = _deepspeed_buffers(p, tag)
-    for k, v in buffers.items():  # zero_to_fp32 returns parameters; BatchNorm statistics live in the module states
-        sd.setdefault(k, v)
+    if not sd:
+        raise CheckpointError(f"'{tag_dir}' holds no model states file (mp_rank_00_model_states.pt)")
     return read_state_dict(sd)
-
-
-def _deepspeed_buffers(root: Path, tag: str | None) -> dict[str, torch.Tensor]:
-    """Buffers (BatchNorm running statistics, ...) from rank 0's model-states file of a DeepSpeed checkpoint."""
-    if tag is None:
-        tag = (root / "latest").read_text().strip()
-    files = sorted((root / tag).glob("*model_states.pt"))
-    if not files:
-        return {}
-    try:
-        states = torch.load(files[0], map_location="cpu", weights_only=False)
-    except Exception as e:  # a missing buffer is then reported by the strict load
-        log.warning("could not read buffers from %s: %s", files[0], e)
-        return {}
-    bufs = states.get("buffer_names") or []
-    module = states.get("module") or {}
-    return {k: v for k, v in module.items() if k in bufs and isinstance(v, torch.Tensor)}
 
 
 def load_weights(model: nn.Module, src: str | os.PathLike, strict: bool = True) -> dict[str, list[str]]:
