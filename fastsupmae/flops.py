@@ -462,17 +462,18 @@ def _optimizer(o: _Ops, cfg: Config, fused: bool) -> None:
     """AdamW over all trainable parameters with fp32 master weights and moments, plus grad-norm clipping.
 
     Fused (one kernel): read p, g, m, v and write p, m, v in fp32 (28 B/param), plus writing the bf16/fp16
-    weight copy when training in low precision (+2 B). fastsupmae on a CPU (kernels 'torch') runs
-    ``torch.optim.AdamW`` on the fp32 masters (80 B/param as below) and copies them back to bf16 (+6 B).
-    Reference ``torch.optim.AdamW`` (foreach): decay,
+    weight copy when training in low precision (+2 B). fastsupmae on a CPU (kernels 'torch') runs the same fused
+    AdamW (torch's ``fused=True``, the trainer's GuardedAdamW) on fp32 masters; in low precision the bf16
+    gradients are copied into fp32 (read 2 + write 4 B) and the updated masters back to bf16 (read 4 + write 2 B).
+    Reference ``torch.optim.AdamW`` (foreach on a GPU, its per-tensor loop on a CPU, the same passes): decay,
     lerp, mul, addcmul, sqrt, div, add, addcdiv, each a pass: 20 fp32 tensor reads + writes per parameter.
     Under autocast the reference also casts every fp32 weight to bf16 once per forward (read 4 + write 2 B)
     and its bf16 weight gradients are accumulated into fp32 .grad (read 2 + write 4 B).
     """
     n = float(param_count(cfg))
     low = o.db < 4
-    if fused and o.kernels == "torch":  # torch.optim.AdamW (CPU) updating fp32 masters, bf16 copy written back
-        o.rows.append(Op("optimizer.adamw_torch", "optimizer", _ADAMW_FLOPS * n, n * (80.0 + (6.0 if low else 0.0)),
+    if fused and o.kernels == "torch":  # fused AdamW (CPU) on fp32 masters; bf16 grads in, bf16 weights out
+        o.rows.append(Op("optimizer.adamw_fused", "optimizer", _ADAMW_FLOPS * n, n * (28.0 + (12.0 if low else 0.0)),
                          False, fp32=True))
     elif fused:
         o.rows.append(Op("optimizer.adamw_fused", "optimizer", _ADAMW_FLOPS * n, n * (28.0 + (2.0 if low else 0.0)),
