@@ -82,7 +82,15 @@ def test_one_training_step_matches(dtype: str) -> None:
     refp = dict(ref.named_parameters())
     for n, p in fast.named_parameters():
         assert p.dtype == (torch.bfloat16 if dtype == "bf16" else torch.float32)
-        torch.testing.assert_close(p.float(), refp[n].detach(), **tol, msg=lambda m, n=n: f"{n}: {m}")
+        got, want = p.float(), refp[n].detach()
+        if n.endswith("attn.qkv.bias"):
+            # The key bias adds the same q.b_k to every score of a query, which softmax ignores: its exact gradient
+            # is 0, so both paths hold rounding noise ~eps and Adam's first step there is lr * noise / (|noise| +
+            # eps), anywhere in [-lr, lr] (seen: 0.23 lr apart). Those entries may differ by up to lr.
+            d = got.shape[0] // 3
+            torch.testing.assert_close(got[d:2 * d], want[d:2 * d], rtol=0, atol=max(1.01e-3, tol["atol"]))
+            got, want = torch.cat([got[:d], got[2 * d:]]), torch.cat([want[:d], want[2 * d:]])
+        torch.testing.assert_close(got, want, **tol, msg=lambda m, n=n: f"{n}: {m}")
     assert all(p.grad is None for p in fast.parameters()) and all(p.grad is None for p in ref.parameters())
     with torch.no_grad():  # and the updated models still compute the same loss
         la, lb = fs.forward(imgs, labels, noise), rs.forward(imgs, labels, noise)
