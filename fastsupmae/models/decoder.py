@@ -59,13 +59,10 @@ def decode_shuffled(module: nn.Module, y: torch.Tensor, ids_keep: torch.Tensor, 
     if len(blocks) == 0:
         return module.decoder_norm(x[:, skip:])
     for i, blk in enumerate(blocks):
+        qkv = None
         if i == 0 and ids_masked.numel() > table.shape[0]:  # sharing pays once B x (N-K) rows exceed N
             qkv = torch.cat([blk.attn.qkv(blk.norm1(vis)), blk.attn.qkv(blk.norm1(table))[ids_masked]], dim=1)
-        else:
-            qkv = blk.attn.qkv(blk.norm1(x))
-        q_start = skip if i == len(blocks) - 1 else 0
-        x = x[:, q_start:] + blk.drop_path(blk.attn.attend(qkv, q_start))
-        x = x + blk.drop_path(blk.mlp(blk.norm2(x)))
+        x = blk(x, qkv, skip if i == len(blocks) - 1 else 0)
     return module.decoder_norm(x)
 
 

@@ -78,6 +78,14 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x)))
+    def forward(self, x: torch.Tensor, qkv: torch.Tensor | None = None, q_start: int = 0) -> torch.Tensor:
+        """x: [B, L, D] -> [B, L - q_start, D].
+
+        ``qkv``: the attention's q, k, v projection of ``norm1(x)`` when the caller already has it (the decoder
+        computes the mask tokens' rows once per patch position). ``q_start``: only the tokens from there on ask
+        in attention and continue through the block (see :meth:`Attention.attend`).
+        """
+        if qkv is None:
+            qkv = self.attn.qkv(self.norm1(x))
+        x = x[:, q_start:] + self.drop_path(self.attn.attend(qkv, q_start))
         return x + self.drop_path(self.mlp(self.norm2(x)))
