@@ -341,10 +341,12 @@ def _bf16_optimizer_fp32_params(files: list[Path], module: dict[str, torch.Tenso
     to (start, numel) within its slice; the buffer is the ranks' slices in rank order, and a parameter is
     contiguous in it, so its elements are the union of its fragments.
     """
-    states = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
-              for f in sorted(files, key=_rank_of)]
-    if "single_partition_of_fp32_groups" not in states[0] or "param_slice_mappings" not in states[0]:
-        return None
+    files = sorted(files, key=_rank_of)
+    first = torch.load(files[0], map_location="cpu", weights_only=False)["optimizer_state_dict"]
+    if "single_partition_of_fp32_groups" not in first or "param_slice_mappings" not in first:
+        return None  # checked on rank 0's file alone: zero_to_fp32 will read them all
+    states = [first] + [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+                        for f in files[1:]]
     out: dict[str, torch.Tensor] = {}
     for g in range(len(states[0]["single_partition_of_fp32_groups"])):
         parts = [st["single_partition_of_fp32_groups"][g] for st in states]
