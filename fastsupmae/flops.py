@@ -15,8 +15,8 @@ Conventions (the numbers every consumer of this module sees):
   but the op list does include it as extra backward work, because it costs time.
 - ``fused=True`` is fastsupmae's path: visible patches gathered first and embedded by a matmul on K rows,
   SDPA (flash-style, the T x T scores never reach memory), the decoder in the shuffled order with the first
-  block's norm1 + qkv of the mask tokens computed once per patch position, decoder prediction on the M
-  masked tokens only, targets and loss on masked patches only, one-pass (fused) AdamW.
+  block's norm1 + qkv of the mask tokens computed once per patch position and the last block, the final norm
+  and the prediction on the M masked tokens only, targets and loss on masked patches only, one-pass (fused) AdamW.
   ``fused=False`` is the unfused MAE-style reference: normalise the full image, convolution on all N
   patches then gather, explicit attention that writes the score matrix, cat/gather/cat/add unshuffle,
   prediction on all 1+N decoder tokens, full-image norm-pix targets and full loss then mask, and
@@ -388,9 +388,9 @@ def _prediction_and_loss(o: _Ops, cfg: Config, b: int, fused: bool) -> None:
     mm, q, db = n - k, pred_dim(cfg), o.db
     pp = m.patch_size * m.patch_size * m.in_chans
     target = m.mim_target if m.objective == "mim_supervised" else "pixels"
-    if fused and (m.objective != "mim_supervised" or m.mim_encoder_input == "visible"):
-        pass  # shuffled-order decoder: the masked tokens are already one contiguous slice
-    elif fused:  # gather the masked tokens first: the matmul skips the rows the loss would discard
+    # (the shuffled-order decoder of the visible-token models needs no gather: its masked tokens are a slice)
+    if fused and m.objective == "mim_supervised" and m.mim_encoder_input == "full":
+        # patch-order decoder: gather the masked tokens first, the matmul skips the rows the loss would discard
         o.elem("gather_masked_tokens", "prediction", b * mm * dd + b * mm, b * mm * dd, flops_per=0.0,
                bwd=(b * mm * dd, b * n * dd))
     rows = mm if fused else 1 + n  # MAE predicts every decoder token (cls included), then drops cls
@@ -472,12 +472,10 @@ def _optimizer(o: _Ops, cfg: Config, fused: bool) -> None:
     """
     n = float(param_count(cfg))
     low = o.db < 4
-    if fused and o.kernels == "torch":  # fused AdamW (CPU) on fp32 masters; bf16 grads in, bf16 weights out
-        o.rows.append(Op("optimizer.adamw_fused", "optimizer", _ADAMW_FLOPS * n, n * (28.0 + (12.0 if low else 0.0)),
-                         False, fp32=True))
-    elif fused:
-        o.rows.append(Op("optimizer.adamw_fused", "optimizer", _ADAMW_FLOPS * n, n * (28.0 + (2.0 if low else 0.0)),
-                         False, fp32=True))
+    if fused:  # low precision: + the bf16 weight copy (GPU kernel), + grads in and weights out (CPU, torch)
+        extra = (12.0 if o.kernels == "torch" else 2.0) if low else 0.0
+        o.rows.append(Op("optimizer.adamw_fused", "optimizer", _ADAMW_FLOPS * n, n * (28.0 + extra), False,
+                         fp32=True))
     else:
         o.rows.append(Op("optimizer.adamw_foreach", "optimizer", _ADAMW_FLOPS * n, n * 20 * 4.0, False, fp32=True))
         if low:
