@@ -206,6 +206,18 @@ def run_steps(step: Any, data: Any, n: int, device: torch.device) -> dict[str, f
     return out
 
 
+def interleaved(runs: list[tuple[Any, Any]], reps: int, n: int, device: torch.device) -> list[list[dict[str, float]]]:
+    """Time every (step, data) pair ``reps`` times, round-robin (rep 1 of each, rep 2 of each, ...) with the order
+    reversed on every other round, so a drift of machine load hits them all alike. Returns each pair's
+    :func:`run_steps` results, one per repetition."""
+    out: list[list[dict[str, float]]] = [[] for _ in runs]
+    for r in range(reps):
+        order = range(len(runs)) if r % 2 == 0 else reversed(range(len(runs)))
+        for i in order:
+            out[i].append(run_steps(*runs[i], n, device))
+    return out
+
+
 class _RssSampler:
     """Samples the process's resident set size in a thread (CPU peak-memory estimate of one step)."""
 
@@ -393,11 +405,7 @@ def bench_point(base: Config, p: Point, args: argparse.Namespace, device: torch.
     for name in paths:  # warm-up (allocator, thread pools, compilation), then one step for the memory figure
         run_steps(steps[name], data, args.warmup, device)
         mem[name] = step_peak_memory_gib(steps[name], data, device)
-    reps: dict[str, list[dict[str, float]]] = {n: [] for n in paths}
-    for r in range(args.reps):
-        order = paths if r % 2 == 0 else paths[::-1]  # alternate who goes first: load drift hits both alike
-        for name in order:
-            reps[name].append(run_steps(steps[name], data, args.steps, device))
+    reps = dict(zip(paths, interleaved([(steps[n], data) for n in paths], args.reps, args.steps, device)))
     rec: dict[str, Any] = {"point": p.key, "size": p.size, "batch": p.batch, "objective": p.objective,
                            "mask_ratio": None if p.objective == "supervised" else p.mask_ratio, "dtype": p.dtype,
                            "model_gflop_per_step": model_flops / 1e9, "paths": {}}
@@ -523,11 +531,8 @@ def cost_growth(base: Config, args: argparse.Namespace, device: torch.device) ->
         datas = [SyntheticBatches(c, b, device) for c in cfgs]
         for st, d in zip(steps, datas):
             run_steps(st, d, args.warmup, device)
-        times: list[list[float]] = [[] for _ in pts]
-        for r in range(args.reps):
-            order = list(range(len(pts))) if r % 2 == 0 else list(range(len(pts)))[::-1]
-            for i in order:
-                times[i].append(run_steps(steps[i], datas[i], args.steps, device)["step"])
+        times = [[t["step"] for t in ts]
+                 for ts in interleaved(list(zip(steps, datas)), args.reps, args.steps, device)]
         first = None
         for p, c, t in zip(pts, cfgs, times):
             ips = b / statistics.median(t)
