@@ -142,7 +142,12 @@ class TrainConfig:
     zero_stage: int = _f(1, "DeepSpeed ZeRO stage 0-3")
     optimizer: str = _f("auto", "auto | adamw (torch) | fused_adam (DeepSpeed, GPU) | cpu_adam (offload)")
     offload_optimizer: bool = _f(False, "ZeRO offload of optimizer state to CPU (uses DeepSpeed CPU Adam)")
+    zero3_persistence_threshold: int = _f(100_000, "ZeRO-3: parameters with fewer elements stay whole on every "
+                                                   "rank (saves gathers of biases and norms); 0 partitions all")
     compile: bool = _f(False, "torch.compile the model")
+    device: str = _f("auto", "auto (CUDA when a GPU is visible and usable, else CPU) | cuda | cpu; a visible GPU that "
+                             "CUDA cannot use stops the run unless train.device=cpu says so")
+    tf32: bool = _f(True, "fp32 on CUDA: let matmuls and convolutions use TF32 tensor cores (the MFU peak follows)")
     seed: int = _f(0, "global seed; every rank derives its own stream from it")
     log_every: int = _f(20, "optimizer steps between metric lines (the only host syncs)")
     ckpt_every: int = _f(500, "optimizer steps between checkpoints (0: only at the end)")
@@ -367,6 +372,9 @@ def validate_config(cfg: Config, world_size: int | None = None) -> None:
     _choice("data.bad_files", d.bad_files, ("skip", "strict"))
     _choice("train.precision", t.precision, ("auto", "bf16", "fp16", "fp32"))
     _choice("train.optimizer", t.optimizer, ("auto", "adamw", "fused_adam", "cpu_adam"))
+    _choice("train.device", t.device, ("auto", "cuda", "cpu"))
+    if t.zero3_persistence_threshold < 0:
+        raise ConfigError(f"train.zero3_persistence_threshold: {t.zero3_persistence_threshold} must be >= 0")
     _choice("eval.after_train", e.after_train, ("knn", "linprobe", "none"))
     _choice("eval.feature", e.feature, ("avg", "cls"))
     dim, depth, heads = m.resolved_dims()

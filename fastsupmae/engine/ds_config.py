@@ -91,7 +91,8 @@ def build_ds_config(cfg: Config, world_size: int, precision: str, optimizer_name
                     reduce_bucket_size=int(5e7), allgather_bucket_size=int(5e7))
     if stage == 3:
         # Checkpoints keep ZeRO-3 shards; consolidated weights come from zero_to_fp32 (no gather on save).
-        zero.update(stage3_gather_16bit_weights_on_model_save=False, stage3_param_persistence_threshold=int(1e5))
+        zero.update(stage3_gather_16bit_weights_on_model_save=False,
+                    stage3_param_persistence_threshold=int(t.zero3_persistence_threshold))
         # DeepSpeed's memory-efficient linear replaces torch.nn.functional.linear for the whole process and never
         # restores it: every later nn.Linear (evaluation after training, other models) would run through it.
         zero["memory_efficient_linear"] = False

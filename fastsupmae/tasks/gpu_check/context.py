@@ -1,0 +1,39 @@
+"""What every stage of the GPU self-test receives and how it reports.
+
+A stage is a function ``stage(ctx: StageContext) -> dict``. It returns what it checked (max errors, steps, the
+resumed step, images/s, ...) plus a one-line ``summary``; it raises :class:`Skip` when it cannot run here (with
+the reason), and any other exception makes it FAIL with that exception as the reason. The runner executes each
+stage in its own process with its own timeout, so a crash or hang in one stage never stops the next.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+
+class Skip(Exception):  # noqa: N818 - a verdict, not an error
+    """The stage cannot run on this machine; the message says why (shown in the table and the JSON)."""
+
+
+@dataclass
+class StageContext:
+    """Inputs of one stage.
+
+    Attributes:
+        cpu: ``--cpu``: the same checks at tiny sizes on the CPU (Triton interpreter, gloo with 2 ranks, DALI CPU
+            operators); stages with no CPU twin raise :class:`Skip`.
+        device: ``cuda:N`` on a GPU node, ``cpu`` with ``--cpu``.
+        gpus: GPUs visible on this node (0 with ``--cpu``).
+        workdir: an empty scratch directory that belongs to this stage.
+        log: progress messages (stderr of the stage process; the runner shows them on failure).
+    """
+
+    cpu: bool
+    device: torch.device
+    gpus: int
+    workdir: Path
+    log: Callable[[str], None] = field(default=print)
