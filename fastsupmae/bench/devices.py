@@ -1,61 +1,22 @@
 """Device figures for the performance model: vendor datasheet numbers for GPUs, a measurement for this CPU.
 
-Every GPU figure here is a datasheet number (dense, no sparsity), never a measurement. The CPU figures are
-measured in the same run that uses them (a large matrix product for the peak, a large copy for the memory
-bandwidth), because a CPU's vendor peak says little about what torch reaches on it.
+The GPU rows are :data:`fastsupmae.gpus.DEVICES` (the table the trainer's MFU uses too): datasheet numbers
+(dense, no sparsity), never a measurement. The CPU figures are measured in the same run that uses them (a large
+matrix product for the peak, a large copy for the memory bandwidth), because a CPU's vendor peak says little about what torch reaches on it.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+
+from fastsupmae.gpus import DEVICES, Device
+
+__all__ = ["DEVICES", "NET_GBS_DEFAULT", "Device", "get_device", "measure_cpu"]
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class Device:
-    """Peak rates of one accelerator.
-
-    Attributes:
-        name: human-readable name.
-        matmul_tflops: dense matrix-unit peak per dtype ('bf16', 'fp32'), TFLOP/s.
-        vector_tflops: peak of the non-matrix units (elementwise ops), TFLOP/s.
-        mem_gbs: memory bandwidth, GB/s (1e9 bytes/s).
-        intra_gbs: intra-node link bandwidth per GPU per direction, GB/s (NVLink: half the bidirectional figure).
-        gpus_per_node: accelerators per node.
-        source: where the figures come from.
-        elementwise_gbs: per dtype, the bandwidth elementwise ops reach (measured on CPUs, where single-pass
-            torch kernels run well below a copy); None: they reach ``mem_gbs``.
-    """
-
-    name: str
-    matmul_tflops: dict[str, float]
-    vector_tflops: float
-    mem_gbs: float
-    intra_gbs: float
-    gpus_per_node: int = 8
-    source: str = "vendor datasheet (dense, no sparsity)"
-    notes: list[str] = field(default_factory=list)
-    elementwise_gbs: dict[str, float] | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-# Datasheet figures (SPEC section 4 for bf16 and bandwidth; fp32 is the TF32 tensor-core rate, which PyTorch
-# uses for fp32 matmuls only with torch.backends.cuda.matmul.allow_tf32 = True; vector = FP32 non-tensor rate).
-DEVICES: dict[str, Device] = {
-    "h100": Device("NVIDIA H100 SXM", {"bf16": 989.0, "fp32": 494.5}, 67.0, 3350.0, 450.0,
-                   notes=["NVLink 900 GB/s bidirectional = 450 GB/s per direction"]),
-    "h200": Device("NVIDIA H200 SXM", {"bf16": 989.0, "fp32": 494.5}, 67.0, 4800.0, 450.0,
-                   notes=["same compute as H100 SXM, faster HBM3e"]),
-    "a100": Device("NVIDIA A100 SXM 80GB", {"bf16": 312.0, "fp32": 156.0}, 19.5, 2040.0, 300.0,
-                   notes=["NVLink 600 GB/s bidirectional = 300 GB/s per direction"]),
-}
-
-NET_GBS_DEFAULT = 50.0  # 400 Gb/s InfiniBand NDR per GPU (SPEC section 4)
+NET_GBS_DEFAULT = 50.0  # 400 Gb/s InfiniBand NDR per GPU
 
 
 def _best_time(fn, reps: int) -> float:

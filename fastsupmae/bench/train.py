@@ -272,12 +272,19 @@ def step_peak_memory_gib(step: Any, data: Any, device: torch.device) -> float:
 
 
 def measure_peak_flops(device: torch.device, dtype: str, size: int = 1536) -> tuple[float, str]:
-    """(peak FLOP/s, where it comes from): the GPU's datasheet figure, or a large matmul measured now on CPU."""
+    """(peak FLOP/s, where it comes from): the GPU's datasheet figure, or a large matmul measured now on CPU.
+
+    On a GPU the fp32 column is the TF32 tensor-core rate or the FP32 rate, whichever torch's TF32 setting
+    (``train.tf32``, set by :func:`run`) makes the products run at.
+    """
     if device.type == "cuda":
+        from fastsupmae import gpus
         from fastsupmae.engine.metrics import device_peak_flops
 
         peak = device_peak_flops(device, dtype)
-        return (peak or float("nan")), f"datasheet ({torch.cuda.get_device_name(device)})"
+        unit = ("TF32 tensor cores" if gpus.tf32_enabled() else "FP32 units, TF32 off") if dtype == "fp32" \
+            else "tensor cores"
+        return (peak or float("nan")), f"datasheet ({torch.cuda.get_device_name(device)}, {unit})"
     dt = torch.bfloat16 if dtype == "bf16" else torch.float32
     # bf16 is emulated (and slow) on CPUs without AVX512-BF16 / AMX, with a speed that depends on the operands'
     # layout: a smaller product keeps this short, and the best of three layouts counts
@@ -504,7 +511,10 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     with contextlib.suppress(OSError):
         info["loadavg_start"] = os.getloadavg()
     if device.type == "cuda":
+        from fastsupmae import gpus
+
         info["gpu"] = torch.cuda.get_device_name(device)
+        info["tf32"] = gpus.tf32_enabled()
     return info
 
 
@@ -557,14 +567,16 @@ def predict_point(p: Point, args: argparse.Namespace, device: torch.device) -> d
     on a GPU the device's datasheet figures are used if it is one the model knows. Returns the two paths'
     PREDICTED step summaries, or None when the model has no figures for this device.
     """
+    from fastsupmae import gpus
     from fastsupmae.bench import perf_model
-    from fastsupmae.bench.devices import DEVICES
 
+    peak: list[str] = []
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device).lower()
-        key = next((k for k in DEVICES if k in name), None)
+        key = gpus.match_gpu(torch.cuda.get_device_name(device))
         if key is None:
             return None
+        if p.dtype == "fp32" and not gpus.tf32_enabled():  # the products run on the FP32 units
+            peak = ["--peak-tflops", str(gpus.peak_tflops(gpus.DEVICES[key], "fp32", tf32=False))]
     else:
         key = "cpu"
     pa = argparse.ArgumentParser()
@@ -572,7 +584,7 @@ def predict_point(p: Point, args: argparse.Namespace, device: torch.device) -> d
     over = [*args.overrides, f"model.img_size=[{args.img_size},{args.img_size}]", f"model.size={p.size}",
             f"model.objective={p.objective}", f"model.mask_ratio={p.mask_ratio}"]
     pargs = pa.parse_args(["--device", key, "--batch", str(p.batch), "--dtype", p.dtype, "--ref-attention", "sdpa",
-                           "--ops", "none", *over])
+                           "--ops", "none", *peak, *over])
     rep = perf_model.model_report(pargs)
     return {"label": rep["label"], "roofline": rep["roofline"],
             "paths": {s["path"]: s for s in rep["summary"]}, "speedup": rep["speedup"]}
@@ -612,6 +624,9 @@ def run(args: argparse.Namespace) -> int:
     if min(args.steps, args.reps) < 1 or args.warmup < 0:
         raise UserError("--steps and --reps must be >= 1 and --warmup >= 0")
     base = _base_config(args)
+    from fastsupmae import gpus
+
+    gpus.set_tf32(device, base.train.tf32)  # as the trainer does: fp32 products on TF32 tensor cores unless off
     info = machine_info(device)
     peaks, peak_src = {}, {}
     for dt in dict.fromkeys(args.dtypes):

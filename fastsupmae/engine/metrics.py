@@ -19,16 +19,11 @@ from typing import Any
 
 import torch
 
+from fastsupmae import gpus
 from fastsupmae.config import Config
 
 log = logging.getLogger(__name__)
 
-# Dense (no sparsity) peak FLOP/s per device from vendor datasheets (shared/SPEC.md section 4), by precision.
-GPU_PEAK_FLOPS: dict[str, dict[str, float]] = {
-    "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12},  # fp32 entry: TF32 tensor cores
-    "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12},
-    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12},
-}
 PEAK_ENV = "FASTSUPMAE_PEAK_TFLOPS"
 
 
@@ -63,17 +58,26 @@ def refresh_cpu_peak(peak: float, achieved: float, precision: str) -> float:
     return max(peak, achieved, measure_cpu_peak_flops(torch.bfloat16 if precision == "bf16" else torch.float32))
 
 
-def device_peak_flops(device: torch.device, precision: str) -> float | None:
-    """Peak FLOP/s of one device for ``precision``; env FASTSUPMAE_PEAK_TFLOPS overrides (None: unknown GPU)."""
+def device_peak_flops(device: torch.device, precision: str, tf32: bool | None = None) -> float | None:
+    """Peak FLOP/s of one device for ``precision``; env FASTSUPMAE_PEAK_TFLOPS overrides (None: unknown GPU).
+
+    A GPU's peak is its row of :data:`fastsupmae.gpus.DEVICES` in the column of what runs: bf16 / fp16 tensor
+    cores, or for fp32 the TF32 tensor-core rate when TF32 is allowed (``tf32``; None: torch's current setting,
+    which the trainer sets from ``train.tf32``) and the FP32 non-tensor rate when not. An unknown GPU gets one
+    warning and no MFU. On a CPU, a matmul measured now.
+    """
     if os.environ.get(PEAK_ENV):
         return float(os.environ[PEAK_ENV]) * 1e12
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, table in GPU_PEAK_FLOPS.items():
-            if key in name:
-                return table[precision]
-        log.warning("no peak FLOP/s known for GPU '%s'; MFU is not reported (set %s)", name, PEAK_ENV)
-        return None
+        key = gpus.match_gpu(name)
+        peak = gpus.peak_tflops(gpus.DEVICES[key], precision, gpus.tf32_enabled() if tf32 is None else tf32) \
+            if key is not None else None
+        if peak is None:
+            log.warning("no %s peak FLOP/s known for GPU '%s'; MFU is not reported (set %s)", precision, name,
+                        PEAK_ENV)
+            return None
+        return peak * 1e12
     return measure_cpu_peak_flops(torch.bfloat16 if precision == "bf16" else torch.float32)
 
 

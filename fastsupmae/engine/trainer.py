@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from fastsupmae import gpus
 from fastsupmae.config import Config
 from fastsupmae.engine import checkpoint as ckpt
 from fastsupmae.engine import distributed as dist_utils
@@ -82,6 +83,7 @@ class Trainer:
         self.out_dir = Path(t.output_dir)
         self.loss_transform = loss_transform
         self.precision = resolve_precision(cfg, self.device)
+        gpus.set_tf32(self.device, t.tf32)  # fp32 matmuls on TF32 tensor cores; the MFU peak follows
         self.grad_accum = grad_accum_steps(cfg, dist.world_size)
         if len(loader) < self.grad_accum:
             raise UserError(f"the training loader has {len(loader)} micro-batches per epoch on this rank, fewer than "
