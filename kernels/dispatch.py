@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -53,28 +55,56 @@ def _tri():
     return ops
 
 
+def _torch_patch_embed_visible(imgs, ids, p, weight, bias, pos, mean=None, std=None, out_dtype=None):
+    """The torch twin of ``ops.patch_embed_visible`` with its signature: gather (+ normalise), then the matmul."""
+    return ref.patch_embed_visible(ref.patchify_gather(imgs, ids, p, mean, std, out_dtype), weight, bias, pos, ids)
+
+
+@dataclass(frozen=True)
+class KernelOp:
+    """One fused op: its Triton implementation (``ops.<name>``, imported on first use) and its pure-torch twin.
+
+    Both take the same arguments (those of the public functions in :mod:`fastsupmae.kernels.ops`) and compute the
+    same result; the tests and ``fastsupmae gpu-check`` compare them.
+    """
+
+    name: str
+    torch: Callable
+
+    @property
+    def triton(self) -> Callable:
+        return getattr(_tri(), self.name)
+
+    def impl(self, backend: str) -> Callable:
+        return self.triton if backend == "triton" else self.torch
+
+
+# Every op the model dispatches to, by name. The functions below look their implementation up here, so a checker
+# that walks this table covers exactly what runs (a new op added here without a check makes gpu-check FAIL).
+KERNEL_OPS: dict[str, KernelOp] = {op.name: op for op in (
+    KernelOp("patchify_gather", ref.patchify_gather),
+    KernelOp("patch_embed_visible", _torch_patch_embed_visible),
+    KernelOp("norm_pix_targets", ref.norm_pix_targets),
+    KernelOp("unshuffle_tokens", ref.unshuffle_tokens),
+    KernelOp("masked_mse", ref.masked_mse),
+    KernelOp("norm_pix_mse", ref.norm_pix_mse),
+)}
+
+
 def patchify_gather(imgs, ids, p, mean=None, std=None, out_dtype=None, backend: str = "torch"):
-    if backend == "triton":
-        return _tri().patchify_gather(imgs, ids, p, mean, std, out_dtype)
-    return ref.patchify_gather(imgs, ids, p, mean, std, out_dtype)
+    return KERNEL_OPS["patchify_gather"].impl(backend)(imgs, ids, p, mean, std, out_dtype)
 
 
 def norm_pix_targets(imgs, ids, p, norm_pix=True, mean=None, std=None, backend: str = "torch"):
-    if backend == "triton":
-        return _tri().norm_pix_targets(imgs, ids, p, norm_pix, mean, std)
-    return ref.norm_pix_targets(imgs, ids, p, norm_pix, mean, std)
+    return KERNEL_OPS["norm_pix_targets"].impl(backend)(imgs, ids, p, norm_pix, mean, std)
 
 
 def unshuffle_tokens(y, mask_token, ids_restore, pos, backend: str = "torch"):
-    if backend == "triton":
-        return _tri().unshuffle_tokens(y, mask_token, ids_restore, pos)
-    return ref.unshuffle_tokens(y, mask_token, ids_restore, pos)
+    return KERNEL_OPS["unshuffle_tokens"].impl(backend)(y, mask_token, ids_restore, pos)
 
 
 def masked_mse(pred, target, backend: str = "torch"):
-    if backend == "triton":
-        return _tri().masked_mse(pred, target)
-    return ref.masked_mse(pred, target)
+    return KERNEL_OPS["masked_mse"].impl(backend)(pred, target)
 
 
 def patch_embed_visible(imgs, ids, p, weight, bias, pos, mean=None, std=None, out_dtype=None, backend: str = "torch"):
@@ -84,9 +114,7 @@ def patch_embed_visible(imgs, ids, p, weight, bias, pos, mean=None, std=None, ou
 
     Triton: one kernel gathers the pixels inside the matmul and adds bias + gathered pos in its epilogue.
     """
-    if backend == "triton":
-        return _tri().patch_embed_visible(imgs, ids, p, weight, bias, pos, mean, std, out_dtype)
-    return ref.patch_embed_visible(ref.patchify_gather(imgs, ids, p, mean, std, out_dtype), weight, bias, pos, ids)
+    return KERNEL_OPS["patch_embed_visible"].impl(backend)(imgs, ids, p, weight, bias, pos, mean, std, out_dtype)
 
 
 def norm_pix_mse(pred, imgs, ids, p, norm_pix=True, mean=None, std=None, backend: str = "torch"):
@@ -95,6 +123,4 @@ def norm_pix_mse(pred, imgs, ids, p, norm_pix=True, mean=None, std=None, backend
 
     Triton: the targets are recomputed from the (uint8) pixels inside the loss kernels, never written.
     """
-    if backend == "triton":
-        return _tri().norm_pix_mse(pred, imgs, ids, p, norm_pix, mean, std)
-    return ref.norm_pix_mse(pred, imgs, ids, p, norm_pix, mean, std)
+    return KERNEL_OPS["norm_pix_mse"].impl(backend)(pred, imgs, ids, p, norm_pix, mean, std)
