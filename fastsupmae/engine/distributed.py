@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -113,6 +114,25 @@ def init_distributed() -> DistInfo:
     return info
 
 
+def comm_device(group: Any = None) -> torch.device:
+    """The device whose tensors the process group's collectives take: this rank's CUDA device under NCCL, the CPU
+    under gloo (the CPU before any process group exists).
+
+    NCCL rejects CPU tensors; gloo accepts them, so a collective on a hard-coded CPU tensor passes every CPU test
+    and crashes the first multi-GPU run. Every collective fastsupmae issues builds its tensor here.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return torch.device("cpu")
+    c10d = torch.distributed.distributed_c10d
+    if hasattr(c10d, "_get_object_coll_device"):  # the group's own answer (several backends: CPU if it is one)
+        kind = c10d._get_object_coll_device(group)
+    else:  # older torch: the backend's name
+        kind = "cuda" if "nccl" in str(torch.distributed.get_backend(group)) else "cpu"
+    if kind == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(kind)
+
+
 def barrier() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -132,9 +152,10 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_agree(ok: bool, device: torch.device | str = "cpu") -> bool:
-    """True when ``ok`` holds on every rank (one tiny collective; used at checkpoint/control points only)."""
-    t = torch.tensor([0.0 if ok else 1.0], device=device)
+def all_agree(ok: bool) -> bool:
+    """True when ``ok`` holds on every rank (one tiny collective on :func:`comm_device`; used at checkpoint and
+    control points only, where the host read is wanted)."""
+    t = torch.tensor([0.0 if ok else 1.0], device=comm_device())
     return bool(all_reduce_max(t).item() == 0.0)
 
 

@@ -21,6 +21,7 @@ import torch
 
 from fastsupmae import gpus
 from fastsupmae.config import Config
+from fastsupmae.engine import distributed as dist_utils
 
 log = logging.getLogger(__name__)
 
@@ -131,9 +132,11 @@ class DeviceSums:
         vals = [self._sums.get(n, torch.zeros((), device=self.device)) for n in names]
         extra = extra or []
         vec = torch.stack(vals + [torch.tensor(float(x), device=self.device) for x in extra]) if vals or extra \
-            else torch.zeros(0)
+            else torch.zeros(0, device=self.device)
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            torch.distributed.all_reduce(vec)
+            # The group's device, not necessarily the sums' (NCCL rejects CPU tensors); a no-op copy when equal.
+            comm = dist_utils.comm_device()
+            vec = dist_utils.all_reduce_sum(vec.to(comm))
         out = vec.tolist()
         self._sums.clear()
         return dict(zip(names, out[: len(names)])), out[len(names):]
