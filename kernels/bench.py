@@ -414,6 +414,39 @@ def aot_compile(archs: list[int], only: str = "") -> int:
     return fails
 
 
+def measure(s: Shapes, device: torch.device, dtype: torch.dtype, fused_ops, iters: int, warmup: int,
+            only: list[str] | None = None) -> dict:
+    """Time every case of :func:`_build_cases` (fused side ``fused_ops``) against its MAE-style reference.
+
+    Returns ``{"copy_gbs": device-to-device copy GB/s (None on CPU), "rows": [...]}``, one row per case and pass
+    (``fwd``, and ``fwd+bwd`` where the op has a backward) with kernel, pass, mae_ms, fused_ms, speedup, floor_mb
+    and, on a GPU, gbs (floor bytes / fused time) and pct_copy.
+    """
+    on_gpu = device.type == "cuda"
+    floors = floor_bytes(s)
+    cases = _build_cases(s, device, dtype, fused_ops)
+    if only:
+        cases = [c for c in cases if c.name in set(only)]
+    timer = _timer(device)
+    copy_bw = copy_bandwidth(device) if on_gpu else None
+    rows = []
+    for case in cases:
+        fwd_floor, bwd_floor = floors[case.name]
+        passes = [("fwd", False, fwd_floor)] + ([("fwd+bwd", True, fwd_floor + bwd_floor)] if case.grads else [])
+        for pname, backward, fl in passes:
+            ctx = torch.enable_grad() if backward else torch.no_grad()
+            with ctx:
+                t_mae, t_fused = _interleaved(_step(case.mae, backward), _step(case.fused, backward), iters, warmup,
+                                              timer)
+            row = {"kernel": case.name, "pass": pname, "mae_ms": t_mae * 1e3, "fused_ms": t_fused * 1e3,
+                   "speedup": t_mae / t_fused, "floor_mb": fl / 1e6}
+            if on_gpu:
+                row["gbs"] = fl / t_fused / 1e9
+                row["pct_copy"] = 100 * fl / t_fused / copy_bw
+            rows.append(row)
+    return {"copy_gbs": None if copy_bw is None else copy_bw / 1e9, "rows": rows}
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark and print the table (or, with --check, only the correctness check)."""
     if args.aot_compile:
@@ -437,36 +470,25 @@ def run(args: argparse.Namespace) -> int:
         from . import ops as fused_ops  # Triton only where it runs
     else:
         fused_ops = _TorchTwin
-    floors = floor_bytes(s)
-    cases = _build_cases(s, device, dtype, fused_ops)
-    if args.only:
-        wanted = {x.strip() for x in args.only.split(",")}
-        cases = [c for c in cases if c.name in wanted]
-    timer = _timer(device)
-    copy_bw = copy_bandwidth(device) if on_gpu else None
+    res = measure(s, device, dtype, fused_ops, args.iters, args.warmup,
+                  [x.strip() for x in args.only.split(",")] if args.only else None)
+    copy_bw = res["copy_gbs"]
     side = "triton" if on_gpu else "torch twin"
     print(f"bench kernels: device={device} dtype={str(dtype).split('.')[-1]} B={s.b} img={s.img} p={s.p} "
           f"N={s.n} K={s.k} D={s.d} Dd={s.dd}; fused side = {side}; median of {args.iters}, interleaved")
     if copy_bw is not None:
-        print(f"device-to-device copy: {copy_bw / 1e9:.1f} GB/s (read + write)")
+        print(f"device-to-device copy: {copy_bw:.1f} GB/s (read + write)")
     hdr = f"{'kernel':<22}{'pass':<9}{'MAE-style ms':>13}{side + ' ms':>15}{'speedup':>9}{'floor MB':>10}"
     if on_gpu:
         hdr += f"{'GB/s':>9}{'% copy':>8}"
     print(hdr)
-    for case in cases:
-        fwd_floor, bwd_floor = floors[case.name]
-        passes = [("fwd", False, fwd_floor)] + ([("fwd+bwd", True, fwd_floor + bwd_floor)] if case.grads else [])
-        for pname, backward, fl in passes:
-            ctx = torch.enable_grad() if backward else torch.no_grad()
-            with ctx:
-                t_mae, t_fused = _interleaved(_step(case.mae, backward), _step(case.fused, backward), args.iters,
-                                              args.warmup, timer)
-            line = (f"{case.name:<22}{pname:<9}{t_mae * 1e3:>13.3f}{t_fused * 1e3:>15.3f}{t_mae / t_fused:>8.2f}x"
-                    f"{fl / 1e6:>10.1f}")
-            if on_gpu:
-                bw = fl / t_fused
-                line += f"{bw / 1e9:>9.0f}{100 * bw / copy_bw:>7.0f}%"
-            print(line, flush=True)
+    for r in res["rows"]:
+        line = (f"{r['kernel']:<22}{r['pass']:<9}{r['mae_ms']:>13.3f}{r['fused_ms']:>15.3f}{r['speedup']:>8.2f}x"
+                f"{r['floor_mb']:>10.1f}")
+        if on_gpu:
+            line += f"{r['gbs']:>9.0f}{r['pct_copy']:>7.0f}%"
+        print(line, flush=True)
+    floors = floor_bytes(s)
     for label, names in (("two-op loss", STEP_TWO_OP), ("fused loss", STEP_FUSED_LOSS)):
         print(f"floor per training step, {label} ({' + '.join(names)}; fwd + bwd): "
               f"{step_floor(floors, names) / 1e6:.1f} MB")
