@@ -6,7 +6,9 @@ import functools
 
 from .errors import DataError
 
-INSTALL_HINT = "pip install nvidia-dali-cuda130==2.4.0 (or `pip install fastsupmae[dali]`)"
+# DALI ships one wheel per CUDA major version; it must match the CUDA build of the installed torch.
+INSTALL_HINT = ("pip install 'fastsupmae[dali-cuda13]' (torch built for CUDA 13, e.g. +cu130) or "
+                "'fastsupmae[dali-cuda12]' (CUDA 12 builds)")
 
 
 @functools.lru_cache(maxsize=1)
