@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -69,16 +70,60 @@ def set_single_process_defaults() -> None:
         os.environ["MASTER_PORT"] = str(_free_port())
 
 
-def rank_info() -> DistInfo:
+def gpus_visible() -> bool:
+    """Whether this machine shows NVIDIA GPUs to the process, asked without CUDA (which may be what is broken)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+def _cuda_failure() -> str:
+    """Why CUDA cannot be used here, in CUDA's own words where it gives them."""
+    try:
+        torch.cuda.init()
+    except Exception as e:  # noqa: BLE001 - the message is the answer
+        return str(e).strip().splitlines()[0]
+    return "torch.cuda.is_available() is False"
+
+
+def select_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
+    """The device this rank trains on, for ``train.device`` / ``--device`` (auto | cuda | cuda:N | cpu).
+
+    'auto' is this rank's GPU when CUDA works, the CPU on a machine without GPUs. A machine that shows GPUs which
+    CUDA cannot use (a driver older than the CUDA build of torch, a stray ``DS_ACCELERATOR=cpu``) is an error, not
+    a silent CPU run at a thousandth of the speed: 'cpu' states that intent.
+
+    Raises:
+        UserError: CUDA requested or GPUs visible, but unusable; or an unknown device name.
+    """
+    ds_acc = os.environ.get("DS_ACCELERATOR", "")
+    if requested == "cpu":
+        return torch.device("cpu")
+    if requested != "auto" and not requested.startswith("cuda"):
+        raise UserError(f"device '{requested}' is not one of auto | cuda | cuda:N | cpu")
+    if torch.cuda.is_available():
+        if ds_acc and ds_acc != "cuda":
+            raise UserError(f"a GPU is usable but DS_ACCELERATOR={ds_acc} would make DeepSpeed run on the CPU; unset "
+                            f"DS_ACCELERATOR, or set train.device=cpu to train on the CPU on purpose")
+        if requested.startswith("cuda:"):
+            return torch.device(requested)
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    if requested != "auto":
+        raise UserError(f"device {requested} requested but CUDA is unusable here ({_cuda_failure()}); check the "
+                        f"driver against torch's CUDA {torch.version.cuda}, or use device cpu")
+    if gpus_visible():
+        raise UserError(f"this machine shows NVIDIA GPUs (/dev/nvidia*) but CUDA is unusable ({_cuda_failure()}); "
+                        f"torch {torch.__version__} is built for CUDA {torch.version.cuda}, so the driver must support "
+                        f"it. Fix the driver / CUDA_VISIBLE_DEVICES, or set train.device=cpu to train on the CPU")
+    return torch.device("cpu")
+
+
+def rank_info(device: str = "auto") -> DistInfo:
     """Rank, local rank, world size and the device this process drives (without initialising anything)."""
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu":
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
-    else:
-        device = torch.device("cpu")
-    return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=device)
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=select_device(device, local_rank))
 
 
 def timeout_seconds() -> float:
@@ -88,13 +133,15 @@ def timeout_seconds() -> float:
         raise UserError(f"{TIMEOUT_ENV}={os.environ[TIMEOUT_ENV]!r} is not a number of seconds") from None
 
 
-def init_distributed() -> DistInfo:
+def init_distributed(device: str = "auto") -> DistInfo:
     """Initialise DeepSpeed's process group (NCCL on GPU, gloo on CPU) with a bounded collective timeout.
 
+    Args:
+        device: ``train.device`` (see :func:`select_device`).
     Idempotent: a second call returns the same information. Returns this process's :class:`DistInfo`.
     """
     set_single_process_defaults()
-    info = rank_info()
+    info = rank_info(device)
     import deepspeed
     import deepspeed.ops
 

@@ -35,15 +35,11 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``--device`` value -> torch.device; 'auto' is CUDA when present. A CUDA request without CUDA is a UserError."""
-    from fastsupmae.errors import UserError
+    """``--device`` value -> torch.device (:func:`fastsupmae.engine.distributed.select_device`: auto is CUDA when
+    present; a CUDA request without usable CUDA, or GPUs CUDA cannot use, are a UserError)."""
+    from fastsupmae.engine.distributed import select_device
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu (or auto)")
-    return dev
+    return select_device(name, int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def find_run_config(checkpoint: str) -> str | None:

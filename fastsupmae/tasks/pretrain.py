@@ -85,7 +85,7 @@ def run(args_or_cfg: argparse.Namespace | Config) -> dict[str, Any]:
         cfg = config_from_args(args_or_cfg)
         if getattr(args_or_cfg, "resume", None):
             cfg.train.resume = args_or_cfg.resume
-    info = init_distributed()
+    info = init_distributed(cfg.train.device)
     seed_everything(cfg.train.seed, info.rank)
     model = build_model(cfg, device=info.device)
     loader = build_train_loader(cfg, info.rank, info.world_size, info.device)

@@ -1,0 +1,63 @@
+"""train.device / --device resolution: a GPU that CUDA cannot use stops the run instead of a silent CPU run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastsupmae.engine import distributed as d
+from fastsupmae.errors import UserError
+from fastsupmae.tasks.common import resolve_device
+
+
+@pytest.fixture
+def no_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "init", lambda: (_ for _ in ()).throw(
+        RuntimeError("The NVIDIA driver on your system is too old (found version 12020)")))
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+
+
+@pytest.fixture
+def fake_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+
+
+def test_visible_gpu_with_unusable_cuda_is_an_error(no_cuda: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(d, "gpus_visible", lambda: True)
+    with pytest.raises(UserError, match="driver on your system is too old.*train.device=cpu"):
+        d.select_device("auto")
+    assert d.select_device("cpu") == torch.device("cpu")  # the stated intent is honoured
+
+
+def test_no_gpu_machine_runs_on_cpu(no_cuda: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(d, "gpus_visible", lambda: False)
+    assert d.select_device("auto") == torch.device("cpu")
+    with pytest.raises(UserError, match="CUDA is unusable"):
+        d.select_device("cuda")
+    with pytest.raises(UserError, match="CUDA is unusable"):
+        resolve_device("cuda:1")
+
+
+def test_stray_ds_accelerator_cpu_with_a_gpu_is_an_error(fake_gpus: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    with pytest.raises(UserError, match="DS_ACCELERATOR=cpu"):
+        d.select_device("auto")
+    assert d.select_device("cpu") == torch.device("cpu")
+
+
+def test_gpu_per_local_rank_and_explicit_index(fake_gpus: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    assert d.select_device("auto", local_rank=6) == torch.device("cuda", 2)
+    assert d.select_device("cuda", local_rank=1) == torch.device("cuda", 1)
+    assert d.select_device("cuda:3") == torch.device("cuda", 3)
+    with pytest.raises(UserError, match="not one of"):
+        d.select_device("tpu")
+
+
+def test_gpus_visible_honours_cuda_visible_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert d.gpus_visible() is False
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    assert d.gpus_visible() is False
