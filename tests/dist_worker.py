@@ -84,8 +84,14 @@ def close(tr: Trainer) -> None:
 def scenario_main(w: Path, info: Any, out: dict[str, Any], only_nan: bool = False) -> None:
     """ZeRO 1/2/3: train + save, resume from the middle (exact), consolidated weights; bf16; forced NaN."""
     for stage in () if only_nan else (1, 2, 3):
-        a = make_cfg(w / f"z{stage}a", zero_stage=stage)
+        # ZeRO-3 with every parameter partitioned (threshold 0), the patch embedding the fused op reads included.
+        part = {"zero3_persistence_threshold": 0} if stage == 3 else {}
+        a = make_cfg(w / f"z{stage}a", zero_stage=stage, **part)
         tr = build(a, info)
+        if stage == 3:
+            out["z3_partitioned"] = sorted(n for n, p in tr.engine.module.named_parameters()
+                                           if p.ds_tensor.numel() < p.ds_numel)
+            out["z3_params"] = sorted(n for n, _ in tr.engine.module.named_parameters())
         res = tr.fit()
         trained = full_params(tr)
         if info.rank == 0:
@@ -93,7 +99,7 @@ def scenario_main(w: Path, info: Any, out: dict[str, Any], only_nan: bool = Fals
             out[f"z{stage}_consolidated_diff"] = max_diff(trained, cons)
         out[f"z{stage}_a_steps"] = res.step
         close(tr)
-        b = make_cfg(w / f"z{stage}b", zero_stage=stage, resume=str(w / f"z{stage}a/checkpoints/step_00000003"))
+        b = make_cfg(w / f"z{stage}b", zero_stage=stage, resume=str(w / f"z{stage}a/checkpoints/step_00000003"), **part)
         tr = build(b, info)
         out[f"z{stage}_b_start"] = tr.step
         res = tr.fit()

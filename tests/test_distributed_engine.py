@@ -104,6 +104,15 @@ def test_zero_train_save_resume_exact(main_run: tuple[Path, dict[str, Any]], sta
     assert {p.name for p in (ck / "step_00000003").glob("rank*_state.pt")} == {"rank0_state.pt", "rank1_state.pt"}
 
 
+def test_zero3_partitions_every_parameter(main_run: tuple[Path, dict[str, Any]]) -> None:
+    """train.zero3_persistence_threshold=0: every parameter is sharded, the patch-embedding weight that the fused
+    op reads outside its module's forward included; the z3 run above trained, resumed and consolidated them."""
+    _, r = main_run
+    assert "patch_embed.proj.weight" in r["z3_partitioned"]
+    big = [n for n in r["z3_params"] if n.endswith("weight") and "norm" not in n]
+    assert set(big) <= set(r["z3_partitioned"]), set(big) - set(r["z3_partitioned"])
+
+
 def test_bf16_consolidated_matches_bf16_weights(main_run: tuple[Path, dict[str, Any]]) -> None:
     _, r = main_run
     assert r["bf16_dtype"] == "torch.bfloat16"

@@ -111,6 +111,10 @@ class Trainer:
         self.ds_config = build_ds_config(cfg, dist.world_size, self.precision, self.optimizer_name, self.device)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  config=self.ds_config)
+        if self.zero_stage == 3 and hasattr(self.engine.module, "external_params"):
+            # ZeRO-3 gathers a module's own parameters around its forward; these are read elsewhere.
+            for owner, p in self.engine.module.external_params():
+                deepspeed.zero.register_external_parameter(owner, p)
         if t.compile:
             if hasattr(self.engine, "compile"):
                 self.engine.compile()
@@ -291,6 +295,8 @@ class Trainer:
         tokens_per_img = mx.encoder_tokens_per_image(self.cfg)
         sums = mx.DeviceSums(self.device)
         zero = torch.zeros((), device=self.device)
+        # (applied, skipped) flags made once: indexing picks one per step without a host -> device copy
+        skip_flag = torch.tensor([0.0, 1.0], device=self.device)
         consec, max_consec = zero.clone(), zero.clone()
         if is_main:
             writer.write({"event": "start", "step": self.step, "total_steps": self.total_steps,
@@ -358,7 +364,7 @@ class Trainer:
             # ---- per-step bookkeeping, all on the device
             # DeepSpeed's own skip (ZeRO/fp16 overflow check: a host bool it has already synced) OR the guarded
             # optimizer's on-device flag.
-            found = torch.tensor(0.0 if self.engine.was_step_applied() else 1.0, device=self.device)
+            found = skip_flag[0 if self.engine.was_step_applied() else 1]
             if self.guarded and self.client_opt.last_found_inf is not None:
                 found = torch.maximum(found, self.client_opt.last_found_inf)
             good = 1.0 - found
@@ -374,8 +380,10 @@ class Trainer:
             gn = self.client_opt.last_grad_norm if self.guarded and self.zero_stage == 0 \
                 else self.engine.get_global_grad_norm()
             if gn is not None:
-                gn_t = gn.detach().float().reshape(()) if isinstance(gn, torch.Tensor) else torch.tensor(float(gn))
-                gn_t = gn_t.to(self.device)
+                if isinstance(gn, torch.Tensor) and (gn.device.type != "cpu" or self.device.type == "cpu"):
+                    gn_t = gn.detach().float().reshape(()).to(self.device)
+                else:  # a host value (DeepSpeed read it already): a fill kernel, no blocking host -> device copy
+                    gn_t = torch.full((), float(gn), device=self.device)
                 sums.add("grad_norm", torch.where((found > 0) | ~torch.isfinite(gn_t), zero, gn_t))
             self.step += 1
             win_steps += 1

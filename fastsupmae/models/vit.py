@@ -101,6 +101,16 @@ class ViTBackbone(nn.Module):
     def param_dtype(self) -> torch.dtype:
         return self.patch_embed.proj.weight.dtype
 
+    def external_params(self) -> list[tuple[nn.Module, nn.Parameter]]:
+        """(module, parameter) pairs where the module's forward reads a parameter of another module.
+
+        The fused visible-patch embedding (:meth:`embed_visible`) reads ``patch_embed.proj``'s weight and bias
+        from this module's forward, never calling ``patch_embed``; an engine that shards parameters and gathers
+        them per module (ZeRO-3) must gather these for this module's forward.
+        """
+        proj = self.patch_embed.proj
+        return [(self, p) for p in (proj.weight, proj.bias) if p is not None]
+
     def embed_visible(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
         """Embed only the visible patches: imgs [B, C, H, W] (uint8 or normalised float), ids [B, K] -> [B, K, D].
 
