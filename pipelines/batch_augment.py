@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .crop_params import DEFAULT_RATIO, sample_crop_boxes
+from .transfer import to_device
 
 
 def _to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -33,19 +34,35 @@ def resized_crop_batch(images: torch.Tensor, boxes: torch.Tensor, out_hw: tuple[
         uint8 ``[B, C, H', W']``.
     """
     b, _, h, w = images.shape
-    boxes = boxes.to(device=images.device, dtype=torch.float32)
-    top, left, bh, bw = boxes.unbind(1)
-    # affine map from output [-1, 1] to input [-1, 1]: scale by box/size, shift to the box centre
-    sx, sy = bw / w, bh / h
-    cx = (left + bw / 2) / w * 2 - 1
-    cy = (top + bh / 2) / h * 2 - 1
-    if flip is not None:
-        sx = torch.where(flip.to(images.device), -sx, sx)
-    theta = torch.zeros(b, 2, 3, device=images.device)
-    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx, cx, sy, cy
+    # the boxes are drawn on the host: the few numbers per sample are turned into the affine maps there and
+    # cross to the device as one non-blocking copy (see .transfer)
+    theta = to_device(crop_theta(boxes, h, w, flip), images.device)
     grid = F.affine_grid(theta, [b, images.shape[1], *out_hw], align_corners=False)
     out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
     return _to_uint8(out)
+
+
+def crop_theta(boxes: torch.Tensor, height: int, width: int, flip: torch.Tensor | None = None) -> torch.Tensor:
+    """``affine_grid`` maps of crop boxes in an image of ``height`` x ``width``, on the boxes' device.
+
+    Args:
+        boxes: int ``[B, 4]`` (top, left, h, w).
+        flip: bool ``[B]`` horizontal mirror per sample, or None.
+
+    Returns:
+        float32 ``[B, 2, 3]``: output ``[-1, 1]`` -> input ``[-1, 1]`` (scale by box / size, shift to the box
+        centre; a negative x scale mirrors).
+    """
+    boxes = boxes.to(torch.float32)
+    top, left, bh, bw = boxes.unbind(1)
+    sx, sy = bw / width, bh / height
+    cx = (left + bw / 2) / width * 2 - 1
+    cy = (top + bh / 2) / height * 2 - 1
+    if flip is not None:
+        sx = torch.where(flip.to(boxes.device), -sx, sx)
+    theta = torch.zeros(boxes.shape[0], 2, 3, device=boxes.device)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx, cx, sy, cy
+    return theta
 
 
 def random_resized_crop_batch(images: torch.Tensor, out_hw: tuple[int, int], scale: tuple[float, float],

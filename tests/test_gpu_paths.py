@@ -105,3 +105,115 @@ def test_set_tf32_only_on_cuda(tf32_flags) -> None:
     assert gpus.tf32_enabled() and torch.backends.cudnn.allow_tf32
     gpus.set_tf32(torch.device("cuda"), False)
     assert not gpus.tf32_enabled() and not torch.backends.cudnn.allow_tf32
+
+
+# ----------------------------------------------------------------------------------------------- host syncs
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """Run CUDA-bound code on the CPU: ``.to(cuda)`` is redirected to the CPU and recorded, ``pin_memory`` marks.
+
+    Each record is ``(pinned source, non_blocking)`` of one host -> "cuda" copy.
+    """
+    copies: list[tuple[bool, bool]] = []
+    orig_to = torch.Tensor.to
+
+    def to(self, *args, **kw):
+        args = list(args)
+        dev = kw.get("device", args[0] if args and isinstance(args[0], (str, torch.device)) else None)
+        if dev is not None and torch.device(dev).type == "cuda":
+            copies.append((bool(getattr(self, "_fake_pinned", False)), bool(kw.get("non_blocking", False))))
+            if "device" in kw:
+                kw["device"] = "cpu"
+            else:
+                args[0] = "cpu"
+            kw.pop("non_blocking", None)
+        return orig_to(self, *args, **kw)
+
+    def pin_memory(self, *a, **k):
+        out = self.clone()
+        out._fake_pinned = True
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self, *a, **k: bool(getattr(self, "_fake_pinned", False)))
+    return copies
+
+
+def test_to_device_pins_and_does_not_block_on_cuda_only(fake_cuda) -> None:
+    from fastsupmae.pipelines.transfer import to_device
+
+    t = torch.arange(6)
+    assert to_device(t, "cpu") is t and not fake_cuda  # CPU path unchanged
+    out = to_device(t, torch.device("cuda", 1))
+    assert torch.equal(out, t) and fake_cuda == [(True, True)]
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_memory_loader_batches_never_block_on_host_to_device_copies(fake_cuda, train: bool) -> None:
+    from fastsupmae.pipelines.memory_loader import InMemoryLoader
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (40, 1, 12, 12), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 5, (40,), generator=g)
+    kw = dict(class_names=list("abcde"), batch_size=8, out_hw=(8, 8), in_chans=3, train=train, seed=3)
+    gpu = InMemoryLoader(images, labels, device="cuda:0", **kw)
+    setup = len(fake_cuda)  # the dataset itself moves once (images, labels)
+    gpu_batches = list(gpu)
+    per_epoch = fake_cuda[setup:]
+    assert all(pinned and nb for pinned, nb in per_epoch), per_epoch
+    assert len(per_epoch) <= 1  # the epoch's indices, in one copy
+    cpu_batches = list(InMemoryLoader(images, labels, device="cpu", **kw))
+    assert len(gpu_batches) == len(cpu_batches) == 5
+    for a, b in zip(gpu_batches, cpu_batches):
+        assert torch.equal(a["images"], b["images"]) and torch.equal(a["labels"], b["labels"])
+
+
+def test_crop_maps_cross_to_the_device_once_per_batch(monkeypatch) -> None:
+    from fastsupmae.pipelines import batch_augment as ba
+
+    calls = []
+    real = ba.to_device
+    monkeypatch.setattr(ba, "to_device", lambda t, d: calls.append((t.device.type, tuple(t.shape))) or real(t, d))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, (4, 3, 10, 12), dtype=torch.uint8, generator=g)
+    out = ba.random_resized_crop_batch(x, (6, 6), (0.3, 1.0), True, g)
+    assert out.shape == (4, 3, 6, 6) and calls == [("cpu", (4, 2, 3))]
+    # the maps: the full box without flip is the identity
+    full = torch.tensor([[0, 0, 10, 12]] * 2)
+    theta = ba.crop_theta(full, 10, 12, torch.tensor([False, True]))
+    assert torch.equal(theta[0], torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]))
+    assert torch.equal(theta[1], torch.tensor([[-1.0, 0, 0], [0, 1.0, 0]]))
+
+
+def test_trainer_makes_no_host_to_device_tensor_per_step(tmp_path, monkeypatch) -> None:
+    """``torch.tensor(host value, device=...)`` is a blocking copy on CUDA: the trainer and its metrics must not
+    make one per step (also not from a grad norm that DeepSpeed returns as a host float)."""
+    import sys
+
+    from tests.test_engine import make_trainer, records, tiny_cfg
+
+    made = {"n": 0}
+    orig = torch.tensor
+
+    def counting_tensor(*a, **k):
+        f = sys._getframe(1).f_code.co_filename.replace("\\", "/")
+        if f.endswith(("fastsupmae/engine/trainer.py", "fastsupmae/engine/metrics.py")):
+            made["n"] += 1
+        return orig(*a, **k)
+
+    monkeypatch.setattr(torch, "tensor", counting_tensor)
+
+    def created(steps: int, sub: str) -> int:
+        # ZeRO 1: the grad norm comes from DeepSpeed's engine, here as a host float
+        tr = make_trainer(tiny_cfg(tmp_path / sub, max_steps=steps, log_every=steps, ckpt_every=0, zero_stage=1))
+        monkeypatch.setattr(tr.engine, "get_global_grad_norm", lambda: 2.5)
+        made["n"] = 0
+        tr.fit()
+        rec = [r for r in records(tmp_path / sub) if "loss" in r][-1]
+        assert rec["grad_norm"] == pytest.approx(2.5)
+        return made["n"]
+
+    assert created(2, "a") == created(6, "b")

@@ -119,8 +119,10 @@ class DeviceSums:
         self._sums: dict[str, torch.Tensor] = {}
 
     def add(self, name: str, value: torch.Tensor | float) -> None:
-        v = value.detach().float() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
-        v = v.to(self.device).reshape(())
+        # a host number becomes a fill kernel on the device: no blocking host -> device copy per step
+        v = value.detach().float().to(self.device) if isinstance(value, torch.Tensor) \
+            else torch.full((), float(value), device=self.device)
+        v = v.reshape(())
         cur = self._sums.get(name)
         self._sums[name] = v.clone() if cur is None else cur + v
 
