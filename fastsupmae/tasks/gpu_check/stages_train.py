@@ -253,6 +253,14 @@ def _bench_record(rec: dict[str, Any], path: str) -> dict[str, Any]:
 def stage_throughput(ctx: StageContext) -> dict[str, Any]:
     """``bench train``'s measurement: fastsupmae vs the reference path, eager and compiled (GPU)."""
     _need_gpu(ctx)
+    threads = torch.get_num_threads()
+    try:
+        return _throughput(ctx)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _throughput(ctx: StageContext) -> dict[str, Any]:
     from fastsupmae.bench import train as bench_train
     from fastsupmae.config import load_config
 
@@ -352,6 +360,63 @@ def attribute(stack: list[Any], roots: dict[str, list[str]], skip_files: tuple[s
     return "other", f"{stack[-1].filename}:{stack[-1].lineno}" if stack else "?"
 
 
+class SyncRecorder:
+    """Records every "synchronizing CUDA operation" warning with its owner and the step it happened in.
+
+    Inside the ``with`` block every warning is shown (``simplefilter('always')``: the default filter would report
+    a call site once) to a ``showwarning`` hook that attributes it by the Python stack at warning time
+    (:func:`attribute`); other warnings are ignored. Ops called from Python, including a custom autograd
+    Function's backward on CUDA's autograd threads, warn from their own frame; the built-in C++ backward
+    functions have none, so their warnings surface at the end of ``backward`` and count for its caller.
+
+    Args:
+        roots: the code roots of :func:`_code_roots`.
+        debug_mode: switch ``torch.cuda.set_sync_debug_mode('warn')`` on for the block (needs CUDA).
+    """
+
+    def __init__(self, roots: dict[str, list[str]], debug_mode: bool = True) -> None:
+        self.roots, self.debug_mode = roots, debug_mode
+        self.step = -1
+        self.seen: list[dict[str, Any]] = []
+        self._skip = (str(Path(__file__).resolve()),)
+        self._cm = warnings.catch_warnings()
+
+    def _show(self, message: Any, category: Any, filename: str, lineno: int, file: Any = None,
+              line: Any = None) -> None:
+        if _SYNC_TEXT not in str(message):
+            return
+        owner, where = attribute(traceback.extract_stack()[:-1], self.roots, self._skip)
+        self.seen.append({"step": self.step, "owner": owner, "where": where, "message": str(message)[:200]})
+
+    def __enter__(self) -> SyncRecorder:
+        self._cm.__enter__()
+        warnings.simplefilter("always")
+        warnings.showwarning = self._show  # restored when catch_warnings exits
+        if self.debug_mode:
+            torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.debug_mode:
+            torch.cuda.set_sync_debug_mode("default")
+        self._cm.__exit__(*exc)
+
+    def summary(self, first: int, stop: int) -> dict[str, Any]:
+        """Counts over the windows of steps ``first .. stop - 1``: per step and per call site, by owner."""
+        counted = [s for s in self.seen if first <= s["step"] < stop]
+        n = stop - first
+        per_step, sites = {}, {}
+        for o in ("fastsupmae", "deepspeed", "other"):
+            rows = [s for s in counted if s["owner"] == o]
+            per_step[o] = len(rows) / n
+            c: dict[str, int] = {}
+            for s in rows:
+                c[s["where"]] = c.get(s["where"], 0) + 1
+            sites[o] = dict(sorted(c.items(), key=lambda kv: -kv[1]))
+        return {"steps_counted": n, "per_step": per_step, "sites": sites,
+                "before_counting": len([s for s in self.seen if s["step"] < first])}
+
+
 class _StopCounting(Exception):  # noqa: N818 - control flow, not an error
     """Raised from the forward pre-hook to end the loop before the last step's control point and checkpoint."""
 
@@ -370,7 +435,10 @@ def stage_syncs(ctx: StageContext) -> dict[str, Any]:
 
     os.environ.setdefault("LOCAL_RANK", str(ctx.device.index or 0))  # rank_info picks the device from it
     info = init_distributed()
-    stop_at, first = 6, 1  # count the windows of steps 1..5 (step 0 is the warm-up)
+    # Steps 0..stop_at-1 run; step 0 is the warm-up (allocations, lazy initialisation), steps 1..stop_at-1 are
+    # counted. log_every beyond them: a log step reads the metrics back, a legitimate sync. The pre-forward hook
+    # ends the loop at step stop_at, before the last step's control point and checkpoint.
+    stop_at, first = 6, 1
     cfg = load_config(None, {
         "model": VIT_B, "data": {"dataset": "synthetic", "synthetic_size": 256},
         "train": {"global_batch": 64, "micro_batch": 64, "precision": "bf16", "zero_stage": 1, "max_steps": 100,
@@ -381,56 +449,30 @@ def stage_syncs(ctx: StageContext) -> dict[str, Any]:
     model = build_model(cfg, device=info.device)
     loader = build_train_loader(cfg, info.rank, info.world_size, info.device)
     tr = Trainer(cfg, model, loader, info)
-    roots = _code_roots()
-    me = str(Path(__file__).resolve())
-    current = {"step": -1}
-    seen: list[dict[str, Any]] = []
+    rec = SyncRecorder(_code_roots())
 
     def pre_forward(_mod: Any, _args: Any) -> None:
-        current["step"] = tr.step  # a step's window: from its forward to the next step's forward
+        rec.step = tr.step  # a step's window: from its forward to the next step's forward
         if tr.step >= stop_at:
             raise _StopCounting
 
-    def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
-        if _SYNC_TEXT not in str(message):
-            return
-        import traceback as tb
-
-        owner, where = attribute(tb.extract_stack()[:-1], roots, skip_files=(me,))
-        seen.append({"step": current["step"], "owner": owner, "where": where, "message": str(message)[:200]})
-
     tr.engine.module.register_forward_pre_hook(pre_forward)
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        warnings.showwarning = show  # restored by catch_warnings
-        torch.cuda.set_sync_debug_mode("warn")
+    with rec:
         try:
             tr.fit()
         except _StopCounting:
             pass
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    if current["step"] < stop_at:
-        raise RuntimeError(f"the trainer stopped at step {current['step']} before the counted steps were done")
-    counted = [s for s in seen if first <= s["step"] < stop_at]
-    n_steps = stop_at - first
-    by_owner = {o: [s for s in counted if s["owner"] == o] for o in ("fastsupmae", "deepspeed", "other")}
-    sites: dict[str, dict[str, int]] = {}
-    for o, rows in by_owner.items():
-        c: dict[str, int] = {}
-        for s in rows:
-            c[s["where"]] = c.get(s["where"], 0) + 1
-        sites[o] = dict(sorted(c.items(), key=lambda kv: -kv[1]))
-    res = {"steps_counted": n_steps, "warmup_steps": first, "zero_stage": tr.zero_stage, "precision": tr.precision,
-           "per_step": {o: len(rows) / n_steps for o, rows in by_owner.items()},
-           "warm_up_syncs": len([s for s in seen if s["step"] < first]), "sites": sites}
-    ps = res["per_step"]
-    res["summary"] = (f"per step over steps {first + 1}..{stop_at} (ViT-B bf16 ZeRO {tr.zero_stage}): fastsupmae "
-                      f"{ps['fastsupmae']:g}, DeepSpeed {ps['deepspeed']:g}, other {ps['other']:g}")
-    if by_owner["fastsupmae"]:
-        raise RuntimeError(f"{len(by_owner['fastsupmae'])} synchronising call(s) in fastsupmae's code over "
-                           f"{n_steps} steps: " + ", ".join(f"{w} x{n}" for w, n in sites["fastsupmae"].items())
-                           + f" ({res['summary']})")
+    if rec.step < stop_at:
+        raise RuntimeError(f"the trainer stopped at step {rec.step} before the counted steps were done")
+    res: dict[str, Any] = {"zero_stage": tr.zero_stage, "precision": tr.precision, "model": "ViT-B/16 224 px b64",
+                           "warmup_steps": first, **rec.summary(first, stop_at)}
+    ps, sites = res["per_step"], res["sites"]
+    res["summary"] = (f"syncs per step over steps {first + 1}..{stop_at} (ViT-B bf16 ZeRO {tr.zero_stage}): "
+                      f"fastsupmae {ps['fastsupmae']:g}, DeepSpeed {ps['deepspeed']:g}, other {ps['other']:g}")
+    if sites["fastsupmae"]:
+        raise RuntimeError(f"{sum(sites['fastsupmae'].values())} synchronising call(s) in fastsupmae's code over "
+                           f"{res['steps_counted']} steps: "
+                           + ", ".join(f"{w} x{n}" for w, n in sites["fastsupmae"].items()) + f" ({res['summary']})")
     return res
 
 
