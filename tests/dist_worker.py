@@ -120,41 +120,66 @@ def scenario_main(w: Path, info: Any, out: dict[str, Any], only_nan: bool = Fals
     nan_checks(w, info, out)
 
 
-def syncbn_checks(w: Path, info: Any, out: dict[str, Any]) -> None:
-    """The CPU SyncBatchNorm twin == one BatchNorm1d over the concatenated global batch; and it trains."""
+def _syncbn_twin_errors(info: Any, dtype: torch.dtype) -> dict[str, float]:
+    """The CPU SyncBatchNorm twin on this rank's half of a global batch vs one fp32 BatchNorm1d over all of it.
+
+    bf16 as the trainer runs it: bf16 input, weight, bias and running statistics (the reference sees the same
+    bf16-rounded inputs and weights in fp32, so the errors measure the twin's bf16 arithmetic only).
+    """
     from fastsupmae.engine.sync_bn import AllReduceBatchNorm, convert_sync_batchnorm
 
     seed = torch.randint(0, 2**31 - 1, (1,)) if info.rank == 0 else torch.zeros(1, dtype=torch.int64)
     torch.distributed.broadcast(seed, 0)  # fresh inputs each run, the same on both ranks
     g = torch.Generator().manual_seed(int(seed))
     n, c = 6, 5
-    x = torch.randn(2 * n, c, generator=g) * 3 + 1
-    gy = torch.randn(2 * n, c, generator=g)
+    x = (torch.randn(2 * n, c, generator=g) * 3 + 1).to(dtype).float()
+    gy = torch.randn(2 * n, c, generator=g).to(dtype).float()
     ref = torch.nn.BatchNorm1d(c)
     with torch.no_grad():
-        ref.weight.copy_(torch.randn(c, generator=g))
-        ref.bias.copy_(torch.randn(c, generator=g))
-    twin = convert_sync_batchnorm(torch.nn.Sequential(ref), torch.device("cpu"))[0]
-    assert isinstance(twin, AllReduceBatchNorm)
+        ref.weight.copy_(torch.randn(c, generator=g).to(dtype))
+        ref.bias.copy_(torch.randn(c, generator=g).to(dtype))
+    twin = convert_sync_batchnorm(torch.nn.Sequential(ref), torch.device("cpu"))[0].to(dtype)
+    assert isinstance(twin, AllReduceBatchNorm) and twin.running_mean.dtype == dtype
     xr = x.clone().requires_grad_(True)
     (ref(xr) * gy).sum().backward()
     lo = info.rank * n
-    xl = x[lo:lo + n].clone().requires_grad_(True)
+    xl = x[lo:lo + n].to(dtype).requires_grad_(True)
     yl = twin(xl)
-    (yl * gy[lo:lo + n]).sum().backward()
-    wg = torch.stack([twin.weight.grad, twin.bias.grad])
+    assert yl.dtype == dtype
+    (yl.float() * gy[lo:lo + n]).sum().backward()
+    wg = torch.stack([twin.weight.grad, twin.bias.grad]).float()
     torch.distributed.all_reduce(wg)  # DDP-style: parameter gradients summed over ranks
     errs = {
-        "out": (yl - ref(x)[lo:lo + n].detach()).abs().max(),  # ref in train mode again: same batch stats
-        "xgrad": (xl.grad - xr.grad[lo:lo + n]).abs().max(),
+        "out": (yl.float() - ref(x)[lo:lo + n].detach()).abs().max(),  # ref in train mode again: same stats
+        "xgrad": (xl.grad.float() - xr.grad[lo:lo + n]).abs().max(),
         "wgrad": (wg - torch.stack([ref.weight.grad, ref.bias.grad])).abs().max(),
     }
     # ref ran two forwards (the second one above); compare the running stats after one update each
     ref2 = torch.nn.BatchNorm1d(c)
     ref2(x)
-    errs["running_mean"] = (twin.running_mean - ref2.running_mean).abs().max()
-    errs["running_var"] = (twin.running_var - ref2.running_var).abs().max()
-    out["syncbn_errors"] = {k: float(v) for k, v in errs.items()}
+    errs["running_mean"] = (twin.running_mean.float() - ref2.running_mean).abs().max()
+    errs["running_var"] = (twin.running_var.float() - ref2.running_var).abs().max()
+    return {k: float(v) for k, v in errs.items()}
+
+
+def syncbn_checks(w: Path, info: Any, out: dict[str, Any]) -> None:
+    """The CPU SyncBatchNorm twin == one BatchNorm1d over the concatenated global batch (fp32 and bf16); and it
+    trains in fp32 and in bf16."""
+    from fastsupmae.engine.sync_bn import AllReduceBatchNorm
+
+    out["syncbn_errors"] = _syncbn_twin_errors(info, torch.float32)
+    out["syncbn_errors_bf16"] = _syncbn_twin_errors(info, torch.bfloat16)
+    # bf16 training with the option on: DeepSpeed's bf16 parameters, the trainer's bf16 BatchNorm buffers
+    c3 = make_cfg(w / "syncbn_bf16", precision="bf16", zero_stage=1, max_steps=2, ckpt_every=0)
+    c3.model.sync_batchnorm = True
+    tr = build(c3, info)
+    bns = [m for m in tr.engine.module.modules() if isinstance(m, AllReduceBatchNorm)]
+    out["syncbn_bf16_dtypes"] = sorted({str(t.dtype) for m in bns for t in (m.weight, m.running_mean)})
+    res = tr.fit()
+    out["syncbn_bf16_steps"] = res.step
+    out["syncbn_bf16_loss"] = res.metrics.get("loss")
+    out["syncbn_bf16_running_var_finite"] = all(bool(torch.isfinite(m.running_var).all()) for m in bns)
+    close(tr)
     # a short training run with the option on (2 ranks, ZeRO 2)
     c2 = make_cfg(w / "syncbn", zero_stage=2, max_steps=2, ckpt_every=0)
     c2.model.sync_batchnorm = True

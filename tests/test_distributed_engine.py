@@ -132,6 +132,15 @@ def test_sync_batchnorm_cpu_twin(main_run: tuple[Path, dict[str, Any]]) -> None:
     for k, v in r["syncbn_errors"].items():
         assert v < 1e-5, (k, v)  # == one BatchNorm over the global batch: output, grads, running stats
     assert r["syncbn_modules"] == 1 and r["syncbn_steps"] == 2 and r["syncbn_loss"] is not None
+    # bf16, as the trainer runs it (bf16 parameters and buffers): within bf16 rounding of the fp32 reference
+    # (outputs ~N(0, |w|) + b with |w|, |b| ~ 1-3: a few bf16 ulps; 2^-8 relative is one ulp)
+    errs = r["syncbn_errors_bf16"]
+    assert errs["out"] < 0.1 and errs["xgrad"] < 0.1 and errs["wgrad"] < 0.25, errs
+    assert errs["running_mean"] < 0.05 and errs["running_var"] < 0.2, errs
+    assert max(errs.values()) > 0.0  # bf16 really ran (an fp32 path would match to ~1e-6)
+    assert r["syncbn_bf16_dtypes"] == ["torch.bfloat16"]
+    assert r["syncbn_bf16_steps"] == 2 and r["syncbn_bf16_loss"] is not None
+    assert r["syncbn_bf16_running_var_finite"]
 
 
 def test_pretrain_task_zero3_with_knn_probe(main_run: tuple[Path, dict[str, Any]]) -> None:
