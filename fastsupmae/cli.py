@@ -26,6 +26,7 @@ TASKS: dict[str, tuple[str, str]] = {
     "eval": ("fastsupmae.tasks.evaluate", "top-1/top-5 and robustness sets (IN-A, -R, -Sketch, -V2, -C)"),
     "export": ("fastsupmae.export", "export weights to timm / plain PyTorch / torch.export"),
     "visualize": ("fastsupmae.visualize", "reconstruction pictures and loss curves"),
+    "gpu-check": ("fastsupmae.tasks.gpu_check", "GPU self-test: env, kernels, attention, model, trainer, ... (--cpu)"),
 }
 BENCHES: dict[str, tuple[str, str]] = {
     "kernels": ("fastsupmae.kernels.bench", "fused kernels vs unfused MAE-style references"),
