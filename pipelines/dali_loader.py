@@ -24,6 +24,7 @@ from .errors import DataError
 from .image_decode import decode_crop_resize, image_size
 from .loader_base import LoaderBase
 from .sampler import ShardedOrder, mix_seed
+from .transfer import to_device
 
 log = logging.getLogger(__name__)
 _MAX_REPLACEMENTS = 32
@@ -120,6 +121,9 @@ class DaliLoader(LoaderBase):
         self.known_bad: dict[int, str] = {}
         self.recipe = recipe if train else "eval"
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            # 'cuda' means the current GPU (the rank's, once set): DALI needs its index, not GPU 0
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.in_chans, self.output, self.num_threads, self.prefetch = in_chans, output, num_threads, prefetch
         if in_chans not in (1, 3):
             raise DataError(f"in_chans {in_chans} is not supported; use 1 or 3")
@@ -147,7 +151,7 @@ class DaliLoader(LoaderBase):
         seed = mix_seed(self.order.seed, self.order.epoch, self.order.rank, self._rebuilds)
         return build_pipeline(self.recipe, feeder, device="gpu" if on_gpu else "cpu",
                               batch_size=self.order.batch_size, num_threads=self.num_threads, seed=seed,
-                              device_id=(self.device.index or 0) if on_gpu else None, prefetch=self.prefetch,
+                              device_id=self.device.index if on_gpu else None, prefetch=self.prefetch,
                               **self.graph_kw)
 
     def _to_torch(self, images: Any, labels: Any) -> dict[str, torch.Tensor]:
@@ -161,8 +165,7 @@ class DaliLoader(LoaderBase):
         y = torch.from_numpy(np.array(labels.as_tensor())).reshape(-1).to(torch.int64)
         if self.output == "bf16":
             x = x.to(torch.bfloat16)
-        if self.device.type != "cpu":
-            y = y.to(self.device, non_blocking=True)
+        y = to_device(y, self.device)  # pinned and non-blocking on CUDA
         return {"images": x, "labels": y}
 
     def _find_culprits(self, indices: list[int]) -> list[int]:

@@ -162,7 +162,8 @@ def build_pipeline(recipe: str, source: Any, *, device: str, batch_size: int, nu
 
     Args:
         source: the external-source callable (returns one batch of (encoded, labels)).
-        device: 'gpu' (mixed decoding, needs ``device_id``) or 'cpu' (``device_id=None``).
+        device: 'gpu' (mixed decoding) or 'cpu' (``device_id=None``).
+        device_id: the GPU of a 'gpu' pipeline; None: the current CUDA device (never silently GPU 0).
         batch_size, num_threads, seed: DALI pipeline settings (seed it per rank).
         **kw: the graph's options (out_hw, scale, ratio, hflip, interp, crop_ratio, output, mean, std, gray:
             one luma channel for 1-channel models).
@@ -171,6 +172,10 @@ def build_pipeline(recipe: str, source: Any, *, device: str, batch_size: int, nu
 
     if device not in ("gpu", "cpu"):
         raise ValueError(f"DALI device must be 'gpu' or 'cpu', got {device!r}")
+    if device == "gpu" and device_id is None:
+        import torch
+
+        device_id = torch.cuda.current_device()
     graph = GRAPHS[recipe]
 
     @pipeline_def(enable_conditionals=recipe == "finetune")

@@ -217,3 +217,108 @@ def test_trainer_makes_no_host_to_device_tensor_per_step(tmp_path, monkeypatch) 
         return made["n"]
 
     assert created(2, "a") == created(6, "b")
+
+
+# ----------------------------------------------------------------------------------------------- device indices
+
+
+class _Source:
+    """A two-sample encoded source (never read: the DALI pipeline is not run here)."""
+
+    class_names = ["a", "b"]
+
+    def __init__(self) -> None:
+        import numpy as np
+
+        self.labels = np.array([0, 1], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return 2
+
+
+def test_dali_loader_uses_the_current_gpu_not_gpu0(monkeypatch) -> None:
+    from fastsupmae.pipelines import dali_loader, dali_pipelines, dali_support
+
+    monkeypatch.setattr(dali_support, "require_dali", lambda: None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    seen = {}
+    monkeypatch.setattr(dali_pipelines, "build_pipeline", lambda *a, **k: seen.update(k))
+    loader = dali_loader.DaliLoader(_Source(), batch_size=1, out_hw=(8, 8), train=True, device="cuda")
+    assert loader.device == torch.device("cuda", 3)
+    loader._build(feeder=None)
+    assert seen["device"] == "gpu" and seen["device_id"] == 3
+    dali_loader.DaliLoader(_Source(), batch_size=1, out_hw=(8, 8), train=True, device="cuda:1")._build(None)
+    assert seen["device_id"] == 1
+    dali_loader.DaliLoader(_Source(), batch_size=1, out_hw=(8, 8), train=True, device="cpu")._build(None)
+    assert seen["device"] == "cpu" and seen["device_id"] is None
+
+
+def test_dali_gpu_pipeline_without_device_id_takes_the_current_gpu(monkeypatch) -> None:
+    nvidia_dali = pytest.importorskip("nvidia.dali")
+    from fastsupmae.pipelines import dali_pipelines
+
+    built = {}
+
+    class FakePipe:
+        def build(self) -> None:
+            pass
+
+    def fake_pipeline_def(**_):
+        return lambda fn: (lambda **kw: built.update(kw) or FakePipe())
+
+    monkeypatch.setattr(nvidia_dali, "pipeline_def", fake_pipeline_def)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    dali_pipelines.build_pipeline("eval", None, device="gpu", batch_size=2, num_threads=1, seed=0)
+    assert built["device_id"] == 2
+    dali_pipelines.build_pipeline("eval", None, device="gpu", batch_size=2, num_threads=1, seed=0, device_id=5)
+    assert built["device_id"] == 5
+
+
+def test_bench_timing_on_cuda_uses_events_and_syncs_only_around_the_timed_steps(monkeypatch) -> None:
+    log: list[str] = []
+    clock = {"ms": 0.0}
+
+    class FakeEvent:
+        def __init__(self, enable_timing: bool = False) -> None:
+            assert enable_timing
+            self.t = None
+
+        def record(self, stream=None) -> None:
+            self.t = clock["ms"]
+            log.append("event")
+
+        def elapsed_time(self, end: FakeEvent) -> float:
+            return end.t - self.t
+
+    def sync(device=None) -> None:
+        assert torch.device(device) == torch.device("cuda", 1)  # the requested GPU, not the current one
+        log.append("sync")
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", sync)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+
+    class Step:  # each phase advances the fake GPU clock by a known amount
+        def forward(self, imgs, labels):
+            clock["ms"] += 3.0
+            log.append("fwd")
+            return imgs
+
+        def backward(self, loss) -> None:
+            clock["ms"] += 5.0
+            log.append("bwd")
+
+        def optimizer_step(self) -> None:
+            clock["ms"] += 2.0
+            log.append("opt")
+
+    class Data:
+        def next(self):
+            clock["ms"] += 1.0
+            return {"images": None, "labels": None}
+
+    out = bench_train.run_steps(Step(), Data(), 4, torch.device("cuda", 1))
+    assert log[0] == "sync" and log[-1] == "sync" and log.count("sync") == 2  # none inside the timed steps
+    assert out["data"] == pytest.approx(1e-3) and out["forward"] == pytest.approx(3e-3)
+    assert out["backward"] == pytest.approx(5e-3) and out["optimizer"] == pytest.approx(2e-3)
+    assert out["step"] == pytest.approx(11e-3)

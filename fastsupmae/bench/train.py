@@ -15,7 +15,9 @@ The two paths:
     updates fp32 master weights, as DeepSpeed's bf16 mode does; in fp32 everything is fp32.
   - reference: the official algorithm under ``torch.autocast`` (bf16) or in fp32, ``torch.optim.AdamW`` defaults.
 
-Definitions: images/s = batch / (mean step wall time over the timed steps of one repetition); TFLOP/s = the
+Definitions: images/s = batch / (mean step time over the timed steps of one repetition: on a GPU the time between
+CUDA events recorded at the first step's start and the last step's end, with no synchronisation in between; on a
+CPU the host's wall clock); TFLOP/s = the
 path's own analytic matmul FLOPs per step / step time; MFU = fastsupmae's model FLOPs (``train_flops``, the same
 numerator for both paths, so MFU is proportional to images/s) / step time / peak. The peak is the device's
 datasheet figure on GPUs, and on a CPU a large matmul measured in this run (both dtypes). Peak memory is
@@ -178,31 +180,51 @@ def _sync(device: torch.device) -> None:
 def run_steps(step: Any, data: Any, n: int, device: torch.device) -> dict[str, float]:
     """Run ``n`` training steps; seconds per step (mean) of each phase and of the whole step.
 
-    The device is synchronised at phase boundaries (on a GPU this costs a little overlap, equally for both
-    paths); on a CPU every op is synchronous anyway.
+    On a GPU the phase boundaries are CUDA events recorded on the current stream, and the device is
+    synchronised once before the first step (earlier work is not counted) and once after the last: nothing
+    inside the timed steps waits for the GPU, so the host queues ahead as in training, and each phase is the
+    GPU time between its events. On a CPU every op is synchronous and host clocks time the phases.
     """
+    if device.type == "cuda":
+        return _run_steps_cuda(step, data, n, device)
     tot = dict.fromkeys(PHASES, 0.0)
-    _sync(device)
     t_start = time.perf_counter()
     for _ in range(n):
         t0 = time.perf_counter()
         b = data.next()
-        _sync(device)
         t1 = time.perf_counter()
         loss = step.forward(b["images"], b["labels"])
-        _sync(device)
         t2 = time.perf_counter()
         step.backward(loss)
-        _sync(device)
         t3 = time.perf_counter()
         step.optimizer_step()
-        _sync(device)
         t4 = time.perf_counter()
         for k, a, z in zip(PHASES, (t0, t1, t2, t3), (t1, t2, t3, t4)):
             tot[k] += z - a
     wall = time.perf_counter() - t_start
     out = {k: v / n for k, v in tot.items()}
     out["step"] = wall / n
+    return out
+
+
+def _run_steps_cuda(step: Any, data: Any, n: int, device: torch.device) -> dict[str, float]:
+    """:func:`run_steps` on a GPU: CUDA events at the phase boundaries, one synchronisation at the end."""
+    stream = torch.cuda.current_stream(device)
+    events = [[torch.cuda.Event(enable_timing=True) for _ in range(len(PHASES) + 1)] for _ in range(n)]
+    torch.cuda.synchronize(device)
+    for ev in events:
+        ev[0].record(stream)
+        b = data.next()
+        ev[1].record(stream)
+        loss = step.forward(b["images"], b["labels"])
+        ev[2].record(stream)
+        step.backward(loss)
+        ev[3].record(stream)
+        step.optimizer_step()
+        ev[4].record(stream)
+    torch.cuda.synchronize(device)
+    out = {k: sum(ev[i].elapsed_time(ev[i + 1]) for ev in events) / 1e3 / n for i, k in enumerate(PHASES)}
+    out["step"] = events[0][0].elapsed_time(events[-1][-1]) / 1e3 / n  # includes any gap between steps
     return out
 
 
@@ -618,6 +640,10 @@ def run(args: argparse.Namespace) -> int:
     from fastsupmae.tasks.common import resolve_device
 
     device = resolve_device(args.device)
+    if device.type == "cuda":
+        # the requested GPU becomes the current one: kernels launched without a device (Triton, DALI,
+        # torch.compile's) and torch.device('cuda') then all mean this GPU, not GPU 0
+        torch.cuda.set_device(device)
     bad = [x for x in args.paths if x not in PATHS] + [x for x in args.dtypes if x not in ("fp32", "bf16")]
     if bad:
         raise UserError(f"unknown --paths / --dtypes value(s) {bad}: paths are {', '.join(PATHS)}; dtypes fp32, bf16")
