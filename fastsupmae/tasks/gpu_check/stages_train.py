@@ -93,13 +93,16 @@ def _nodes() -> dict[str, Any]:
     return n
 
 
-def trainer_spec(ctx: StageContext) -> dict[str, Any]:
-    """What the trainer stage trains: model, data, batch, precision, steps, ZeRO stages (JSON for the worker)."""
+def trainer_spec(ctx: StageContext, world: int) -> dict[str, Any]:
+    """What the trainer stage trains: model, data, batch, precision, steps, ZeRO stages (JSON for the worker).
+
+    The synthetic set holds at least two global batches, so every rank gets whole batches however many there are.
+    """
     if ctx.cpu:
-        return {"model": TINY_MODEL, "data": {"dataset": "synthetic", "synthetic_size": 64}, "micro_batch": 4,
-                "precision": "bf16", "steps": 3, "more": 2, "zero_stages": [1, 3]}
-    return {"model": VIT_B, "data": {"dataset": "synthetic", "synthetic_size": 256}, "micro_batch": 32,
-            "precision": "bf16", "steps": 3, "more": 2, "zero_stages": [1, 3]}
+        return {"model": TINY_MODEL, "data": {"dataset": "synthetic", "synthetic_size": max(64, 8 * world)},
+                "micro_batch": 4, "precision": "bf16", "steps": 3, "more": 2, "zero_stages": [1, 3]}
+    return {"model": VIT_B, "data": {"dataset": "synthetic", "synthetic_size": max(256, 64 * world)},
+            "micro_batch": 32, "precision": "bf16", "steps": 3, "more": 2, "zero_stages": [1, 3]}
 
 
 def _launch(ctx: StageContext, phase: str, runs: Path, spec: dict[str, Any], nproc: int, nodes: dict[str, Any],
@@ -171,7 +174,7 @@ def stage_trainer(ctx: StageContext) -> dict[str, Any]:
     shared = os.environ.get(SHARED_DIR_ENV)
     runs = (Path(shared) / "gpu_check_trainer") if shared else ctx.workdir / "runs"
     runs.mkdir(parents=True, exist_ok=True)
-    spec = trainer_spec(ctx)
+    spec = trainer_spec(ctx, world)
     local = list(range(nodes["node_rank"] * nproc, (nodes["node_rank"] + 1) * nproc))
     timeout = 240.0 if ctx.cpu else 200.0
     res: dict[str, Any] = {"world_size": world, "nodes": nodes["nnodes"], "ranks_here": local,
@@ -250,6 +253,14 @@ def _bench_record(rec: dict[str, Any], path: str) -> dict[str, Any]:
                                   "tflops", "mfu", "peak_mem_gib")}
 
 
+def _free_device_memory(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def stage_throughput(ctx: StageContext) -> dict[str, Any]:
     """``bench train``'s measurement: fastsupmae vs the reference path, eager and compiled (GPU)."""
     _need_gpu(ctx)
@@ -290,14 +301,14 @@ def _throughput(ctx: StageContext) -> dict[str, Any]:
             break
         except torch.OutOfMemoryError:
             ctx.log(f"throughput: batch {b} does not fit, halving")
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        _free_device_memory(device)  # outside the except block: its traceback no longer holds the tensors
     if eager is None:
         raise RuntimeError(f"out of memory even at batch {batches[-1]}")
     batch = eager["batch"]
     records = [eager]
     compiled = None
     if not ctx.cpu:  # compiling ViT-B takes about a minute; the CPU smoke run stays eager
+        _free_device_memory(device)
         args = _bench_args([*argv, "--batches", str(batch), "--compile", "fastsupmae", "--paths", "fastsupmae"])
         compiled = bench_train.bench_point(base, bench_train.Point(size, batch, "supmae", 0.75, dtype), args, device)
         records.append(compiled)
