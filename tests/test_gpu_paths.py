@@ -322,3 +322,13 @@ def test_bench_timing_on_cuda_uses_events_and_syncs_only_around_the_timed_steps(
     assert out["data"] == pytest.approx(1e-3) and out["forward"] == pytest.approx(3e-3)
     assert out["backward"] == pytest.approx(5e-3) and out["optimizer"] == pytest.approx(2e-3)
     assert out["step"] == pytest.approx(11e-3)
+
+
+@pytest.mark.parametrize("tf32", [True, False])
+def test_trainer_sets_tf32_from_the_config(tmp_path, monkeypatch, tf32: bool) -> None:
+    from tests.test_engine import make_trainer, tiny_cfg
+
+    calls = []
+    monkeypatch.setattr(gpus, "set_tf32", lambda device, enabled: calls.append((torch.device(device).type, enabled)))
+    make_trainer(tiny_cfg(tmp_path / "run", max_steps=1, tf32=tf32))
+    assert calls == [("cpu", tf32)]  # set_tf32 itself leaves the CPU alone (test_set_tf32_only_on_cuda)
