@@ -9,9 +9,10 @@ exit status is 1 when a stage FAILed.
 The stage functions come from :mod:`.stages_compute` (env, kernels, attention, model) and :mod:`.stages_train`
 (trainer, throughput, syncs, data); the contract they follow is in :mod:`.context`.
 
-Tests reach into the stage processes through one environment variable, :data:`HOOK_ENV`: it names a module that
-every stage process (and the runner) imports first. Importing it may patch anything (e.g. give a kernel a wrong
-torch twin); its optional ``patch_stages(stages, timeouts)`` may add or replace stages and their timeouts.
+Tests reach into the stage processes through one environment variable, :data:`HOOK_ENV`: it names a module with
+two optional functions: ``patch_stages(stages, timeouts)`` (runner and stage processes) may add or replace stages
+and their timeouts; ``patch_stage_process()`` (stage processes only, before the stage runs) may patch anything
+there, e.g. give a kernel a wrong torch twin.
 """
 
 from __future__ import annotations

@@ -37,9 +37,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from . import stage_registry
+    from . import load_hook, stage_registry
     from .context import Skip, StageContext
 
+    hook = load_hook()
+    if hook is not None and hasattr(hook, "patch_stage_process"):
+        hook.patch_stage_process()
     out = Path(args.out)
     stages, _ = stage_registry()
     fn = stages[args.name]
