@@ -118,7 +118,7 @@ def _launch(ctx: StageContext, phase: str, runs: Path, spec: dict[str, Any], npr
         # gloo on CPU; one thread per rank (2 ranks share the cores); no GPU even where one is visible
         env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     env.pop("TRITON_INTERPRET", None)
-    log_file = runs / f"{phase}.log"
+    log_file = runs / f"{phase}.node{nodes['node_rank']}.log"
     ctx.log(f"trainer: {phase}: {' '.join(cmd[:10])} ... ({nproc} rank(s) on this node)")
     with open(log_file, "w") as f:
         # its own process group, so one kill reaches torchrun and every rank it started
@@ -181,8 +181,17 @@ def stage_trainer(ctx: StageContext) -> dict[str, Any]:
                            "model": "tiny ViT 16 px" if ctx.cpu else "ViT-B/16 224 px", "precision": spec["precision"],
                            "micro_batch": spec["micro_batch"], "sync_batchnorm": world > 1,
                            "backend": "gloo" if ctx.cpu else "nccl"}
+    if nodes["node_rank"] == 0:
+        # a reused shared directory: no earlier run's checkpoints (node 0's torchrun starts after this, and no rank
+        # of another node writes before the rendezvous with it)
+        import shutil
+
+        for stage in spec["zero_stages"]:
+            shutil.rmtree(runs / f"z{stage}", ignore_errors=True)
     phases = {}
     for phase in ("train", "resume"):
+        for r in local:  # an earlier run's result must not stand in for a rank that died this time
+            (runs / f"{phase}_rank{r}.json").unlink(missing_ok=True)
         t0 = time.time()
         code, tail = _launch(ctx, phase, runs, spec, nproc, nodes, timeout)
         phases[phase] = _rank_results(runs, phase, local, code, tail)
@@ -227,8 +236,10 @@ def stage_trainer(ctx: StageContext) -> dict[str, Any]:
                                                  "total_elements", "patch_embed")}
         res[key] = r
         diff = f", consolidated diff {r['consolidated_diff']:.1g}" if "consolidated_diff" in r else ""
-        part = (f", {r['partition']['partitioned_params']}/{r['partition']['params']} params partitioned"
-                if stage == 3 and world > 1 else "")
+        part = ""
+        if stage == 3:
+            part = (f", {r['partition']['partitioned_params']}/{r['partition']['params']} params partitioned"
+                    if world > 1 else ", 1 rank: nothing to partition (run on 2+ GPUs or --cpu to check it)")
         lines.append(f"ZeRO {stage}: {steps} steps, saved {steps} -> resumed {r['resumed_step']} -> {r['end_step']}"
                      f"{diff}{part}")
     res["summary"] = (f"{world} rank(s) {res['backend']}, {res['model']}, {spec['precision']}"
@@ -306,12 +317,16 @@ def _throughput(ctx: StageContext) -> dict[str, Any]:
         raise RuntimeError(f"out of memory even at batch {batches[-1]}")
     batch = eager["batch"]
     records = [eager]
-    compiled = None
+    compiled, compile_error = None, None
     if not ctx.cpu:  # compiling ViT-B takes about a minute; the CPU smoke run stays eager
         _free_device_memory(device)
         args = _bench_args([*argv, "--batches", str(batch), "--compile", "fastsupmae", "--paths", "fastsupmae"])
-        compiled = bench_train.bench_point(base, bench_train.Point(size, batch, "supmae", 0.75, dtype), args, device)
-        records.append(compiled)
+        try:
+            compiled = bench_train.bench_point(base, bench_train.Point(size, batch, "supmae", 0.75, dtype), args,
+                                               device)
+            records.append(compiled)
+        except Exception as e:  # noqa: BLE001 - reported below, with the eager figures it does not invalidate
+            compile_error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
     bench_train.set_mfu(records, {dtype: peak})
     res: dict[str, Any] = {"model": f"{size} {img}px supmae mask 0.75", "batch": batch, "dtype": dtype,
                            "device": str(device), "peak_tflops": peak / 1e12, "peak_source": peak_src,
@@ -332,6 +347,9 @@ def _throughput(ctx: StageContext) -> dict[str, Any]:
     if ctx.cpu:
         line = "CPU smoke figure, not a benchmark: " + line
     res["summary"] = line
+    if compile_error:
+        raise RuntimeError(f"train.compile (torch.compile of the fastsupmae model) failed: {compile_error}; "
+                           f"eager: {line}")
     return res
 
 
@@ -451,7 +469,8 @@ def stage_syncs(ctx: StageContext) -> dict[str, Any]:
     # ends the loop at step stop_at, before the last step's control point and checkpoint.
     stop_at, first = 6, 1
     cfg = load_config(None, {
-        "model": VIT_B, "data": {"dataset": "synthetic", "synthetic_size": 256},
+        # 8 batches: the counted steps stay inside the first epoch (an epoch boundary is not a per-step cost)
+        "model": VIT_B, "data": {"dataset": "synthetic", "synthetic_size": 512},
         "train": {"global_batch": 64, "micro_batch": 64, "precision": "bf16", "zero_stage": 1, "max_steps": 100,
                   "log_every": 1000, "ckpt_every": 0, "warmup_epochs": 0.0, "progress": False,
                   "output_dir": str(ctx.workdir / "run"), "seed": 0},
