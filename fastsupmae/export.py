@@ -74,9 +74,11 @@ def config_for_checkpoint(src: str | os.PathLike, paths: list[str] | None = None
     p = Path(src)
     embedded: dict[str, Any] | None = None
     if p.is_file() and p.suffix in (".pth", ".pt"):
-        try:  # weights_only: never unpickle arbitrary objects just to look for a config
-            obj = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:  # noqa: BLE001 - legacy / foreign files: no embedded config, keep looking
+        from fastsupmae.models.checkpoint import CheckpointError, read_checkpoint_file
+
+        try:  # the one safe reader; a file it refuses fails with its message when the weights are read
+            obj = read_checkpoint_file(p, mmap=True)
+        except CheckpointError:
             obj = None
         if isinstance(obj, dict) and isinstance(obj.get("config"), dict):
             embedded = obj["config"]
@@ -281,10 +283,11 @@ def _save_pair(sd: dict[str, torch.Tensor], base: Path, extra: dict[str, Any]) -
 
 
 def _reload_pair(files: list[Path]) -> list[dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
+    """Read an exported pair back the way every user of it does: through the one checkpoint reader."""
+    from fastsupmae.models.checkpoint import read_checkpoint_file
 
     st, pth = files
-    return [load_file(str(st)), torch.load(pth, map_location="cpu", weights_only=True)["model"]]
+    return [read_checkpoint_file(st), read_checkpoint_file(pth)["model"]]
 
 
 # ----------------------------------------------------------------------------------------------- export

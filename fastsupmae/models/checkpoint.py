@@ -6,7 +6,10 @@ that explains a mismatch in terms of architecture rather than a wall of missing 
 
 from __future__ import annotations
 
+import argparse
 import logging
+import os
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -28,26 +31,109 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be loaded into this model; the message says why and what to change."""
 
 
-def read_state_dict(src: str | Path | dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Read a checkpoint file (.pth/.pt, .safetensors) or dict and unwrap {'model': ...}-style containers."""
-    if isinstance(src, (str, Path)):
-        path = Path(src)
-        if not path.exists():
-            raise CheckpointError(f"checkpoint '{path}' does not exist")
-        if path.is_dir():
-            raise CheckpointError(
-                f"'{path}' is a directory: for a DeepSpeed checkpoint directory use `fastsupmae export` first, "
-                "or point at a .pth / .safetensors file"
-            )
-        try:
-            if path.suffix == ".safetensors":
-                from safetensors.torch import load_file
+class CheckpointMissingError(CheckpointError):
+    """The checkpoint path names nothing."""
 
-                sd: Any = load_file(str(path))
-            else:
-                sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # corrupt, truncated, or not a checkpoint at all
-            raise CheckpointError(f"cannot read checkpoint '{path}': {type(e).__name__}: {e}") from None
+
+class NotACheckpointError(CheckpointError):
+    """The path exists but holds no readable checkpoint (empty, text, random bytes, truncated, a directory)."""
+
+
+# What a checkpoint file may be; every "not a checkpoint" message names it.
+EXPECTED = ("expected a PyTorch checkpoint (.pth / .pt written by torch.save, holding a state dict or "
+            "{'model': state_dict}), a .safetensors file, or a DeepSpeed checkpoint directory")
+# Plain-data classes that published checkpoints pickle next to their weights (the official MAE / SupMAE files
+# keep their argparse arguments under 'args'); building them runs no code, so the safe loader may accept them.
+SAFE_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
+
+
+def _sniff(path: Path) -> str | None:
+    """The container format of ``path`` from its first bytes: 'zip' | 'pickle' | 'safetensors' | None."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:4] == b"PK\x03\x04":
+        return "zip"  # torch.save's default format (and torch.export's .pt2)
+    if head[:1] == b"\x80":
+        return "pickle"  # torch.save's legacy format starts with a pickle protocol byte
+    if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < path.stat().st_size:
+        return "safetensors"  # little-endian u64 header length, then the JSON header
+    return None
+
+
+def _describe_bytes(path: Path) -> str:
+    """'a text file starting with ...' or 'unrecognised binary data', for the not-a-checkpoint message."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    text = head.decode("utf-8", errors="replace").rstrip("\ufffd")  # a character cut at byte 64 is not binary
+    if all(c.isprintable() or c in "\r\n\t" for c in text):
+        first = next((ln for ln in text.splitlines() if ln.strip()), text)
+        return f"it is a text file starting with {first[:40]!r}"
+    return "it holds unrecognised binary data"
+
+
+def read_checkpoint_file(src: str | os.PathLike, *, mmap: bool = False) -> Any:
+    """The one reader of checkpoint files: the loaded object of a .pth / .pt / .safetensors / .pt2 file.
+
+    Nothing is unpickled beyond tensors, plain containers and :data:`SAFE_GLOBALS` (``weights_only``); a
+    ``.pt2`` (torch.export program) yields its state dict without the wrapper prefix.
+
+    Args:
+        src: the file.
+        mmap: memory-map a zip-format torch file instead of reading it (for peeking at a stored config).
+
+    Raises:
+        CheckpointMissingError: the path does not exist.
+        NotACheckpointError: a directory, an empty / text / random / truncated file, or a file holding Python
+            objects the safe loader refuses; the message names the file and what was expected.
+    """
+    path = Path(src)
+    if not path.exists():
+        raise CheckpointMissingError(f"checkpoint '{path}' does not exist (check the path); {EXPECTED}")
+    if path.is_dir():
+        raise NotACheckpointError(f"'{path}' is a directory but not a DeepSpeed checkpoint (no 'latest' file and "
+                                  f"no *model_states.pt inside); {EXPECTED}")
+    if path.stat().st_size == 0:
+        raise NotACheckpointError(f"cannot read checkpoint '{path}': it is not a checkpoint (the file is empty, "
+                                  f"0 bytes: an interrupted copy or download?); {EXPECTED}")
+    kind = _sniff(path)
+    if kind is None:
+        raise NotACheckpointError(f"cannot read checkpoint '{path}': it is not a checkpoint "
+                                  f"({_describe_bytes(path)}); {EXPECTED}")
+    try:
+        if path.suffix == ".pt2" and kind == "zip":
+            prog = torch.export.load(str(path))
+            # the exported module wraps the model as `model` (fastsupmae.export.InferenceModule)
+            return {(k[len("model."):] if k.startswith("model.") else k): v for k, v in prog.state_dict.items()}
+        if kind == "safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and kind == "zip")
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if found:
+            raise NotACheckpointError(
+                f"cannot read checkpoint '{path}': besides tensors it pickles the Python object {found.group(1)}, "
+                "which is not loaded because unpickling arbitrary objects can run code; if you trust the file, "
+                "re-save its state dict (torch.save({'model': state_dict}, 'weights.pth')); " + EXPECTED) from None
+        raise NotACheckpointError(f"cannot read checkpoint '{path}': it is not a checkpoint (not a valid torch "
+                                  f"pickle: {_first_line(e)}); {EXPECTED}") from None
+    except Exception as e:  # noqa: BLE001 - truncated zip, bad header, ...: all the same answer to the user
+        raise NotACheckpointError(f"cannot read checkpoint '{path}': it is truncated or corrupt "
+                                  f"({type(e).__name__}: {_first_line(e)}); {EXPECTED}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of an exception's message (torch appends multi-paragraph advice)."""
+    lines = str(e).strip().splitlines()
+    return lines[0][:200] if lines else type(e).__name__
+
+
+def read_state_dict(src: str | Path | dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Read a checkpoint file (:func:`read_checkpoint_file`) or take a dict, and unwrap {'model': ...} containers."""
+    if isinstance(src, (str, os.PathLike)):
+        sd: Any = read_checkpoint_file(src)
     else:
         sd = src
     for key in ("model", "state_dict", "module", "model_state"):
@@ -55,7 +141,9 @@ def read_state_dict(src: str | Path | dict[str, Any]) -> dict[str, torch.Tensor]
             sd = sd[key]
             break
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CheckpointError("checkpoint holds no state dict (expected a dict of tensors, or {'model': state_dict})")
+        where = f" '{src}'" if isinstance(src, (str, os.PathLike)) else ""
+        raise NotACheckpointError(f"checkpoint{where} holds no state dict (expected a dict of tensors, or "
+                                  "{'model': state_dict})")
     out = {}
     for k, v in sd.items():
         k = k[len("module."):] if k.startswith("module.") else k

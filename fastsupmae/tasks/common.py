@@ -85,17 +85,16 @@ def read_any_state_dict(src: str | os.PathLike, tag: str | None = None) -> dict[
 
     Returns:
         fp32 (DeepSpeed) or stored-dtype (files) state dict with the prefixes of wrappers removed.
+
+    Raises:
+        CheckpointError: (subclasses ``CheckpointMissingError`` / ``NotACheckpointError`` of
+            :mod:`fastsupmae.models.checkpoint`) naming the path and what was expected.
     """
-    from fastsupmae.models.checkpoint import CheckpointError, read_state_dict
+    from fastsupmae.models.checkpoint import CheckpointError, _first_line, read_state_dict
 
     p = Path(src)
-    if not p.exists():
-        raise CheckpointError(f"checkpoint '{p}' does not exist")
-    if not p.is_dir():
-        return read_state_dict(p)
-    if not _is_deepspeed_dir(p) and not (p / "checkpoints" / "latest").is_file():
-        raise CheckpointError(f"'{p}' is a directory but not a DeepSpeed checkpoint (no 'latest' file and no "
-                              "*model_states.pt inside); pass a .pth / .safetensors file or the checkpoint folder")
+    if not p.is_dir() or (not _is_deepspeed_dir(p) and not (p / "checkpoints" / "latest").is_file()):
+        return read_state_dict(p)  # a file, a missing path or a foreign directory: the one reader's answers
     if (p / "checkpoints" / "latest").is_file() and not (p / "latest").is_file():
         p = p / "checkpoints"  # a run directory (train.output_dir)
     if tag is None and not (p / "latest").is_file() and any(p.glob("*model_states.pt")):
@@ -114,7 +113,8 @@ def read_any_state_dict(src: str | os.PathLike, tag: str | None = None) -> dict[
             f"reading DeepSpeed checkpoint '{p}' needs deepspeed (pip install deepspeed): {e}") from None
     except Exception as e:
         raise CheckpointError(
-            f"cannot reassemble DeepSpeed checkpoint '{p}' (tag {tag}): {type(e).__name__}: {e}") from None
+            f"cannot reassemble DeepSpeed checkpoint '{p}' (tag {tag}): it is truncated or corrupt "
+            f"({type(e).__name__}: {_first_line(e)})") from None
     if not sd:
         raise CheckpointError(f"'{tag_dir}' holds no model states file (mp_rank_00_model_states.pt)")
     return read_state_dict(sd)
