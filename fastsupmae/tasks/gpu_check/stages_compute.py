@@ -260,16 +260,17 @@ class KCase:
 
 def _op_cases(name: str, s: KShapes, dt: torch.dtype, dev: torch.device, g: torch.Generator) -> list[KCase] | None:
     """The calls that exercise op ``name`` the way the model does (uint8 images normalised on the fly, parameters
-    and activations in ``dt``) and its float-image path; None for an op this checker does not know."""
+    and activations in ``dt``) and its float-image path, inputs drawn from ``g`` (a generator on ``dev``); None
+    for an op this checker does not know."""
     mean = torch.tensor(IMAGENET_MEAN[: s.c] if s.c == 3 else (0.5,) * s.c, device=dev)
     std = torch.tensor(IMAGENET_STD[: s.c] if s.c == 3 else (0.25,) * s.c, device=dev)
 
     def rnd(*shape, scale=1.0, dtype=dt):
-        return (torch.randn(*shape, generator=g) * scale).to(dev, dtype)
+        return (torch.randn(*shape, generator=g, device=dev) * scale).to(dtype)
 
-    u8 = torch.randint(0, 256, (s.b, s.c, s.h, s.w), generator=g, dtype=torch.uint8).to(dev)
+    u8 = torch.randint(0, 256, (s.b, s.c, s.h, s.w), generator=g, device=dev, dtype=torch.uint8)
     xf = rnd(s.b, s.c, s.h, s.w)
-    perm = torch.rand(s.b, s.n, generator=g).argsort(1).to(dev)
+    perm = torch.rand(s.b, s.n, generator=g, device=dev).argsort(1)
     keep, masked, restore = perm[:, : s.k], perm[:, s.k:], perm.argsort(1)
     m = s.n - s.k
     if name == "patchify_gather":
@@ -424,7 +425,7 @@ def stage_kernels(ctx: StageContext) -> dict:
     for si, s in enumerate(kernel_shapes(ctx.cpu)):
         for dt in (torch.float32, torch.bfloat16):
             for name, op in table.items():
-                g = torch.Generator().manual_seed(1000 * si + len(name))
+                g = torch.Generator(device=dev).manual_seed(1000 * si + len(name))  # inputs made on the device
                 cases = _op_cases(name, s, dt, dev, g)
                 if cases is None:
                     missing.append(name)
