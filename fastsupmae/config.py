@@ -304,8 +304,12 @@ def _read_yaml(path: str | Path, seen: tuple[str, ...] = ()) -> dict[str, Any]:
             raise ConfigError(f"config file '{path}' not found (also looked in {CONFIG_DIR})")
     if str(p.resolve()) in seen:
         raise ConfigError(f"config file '{p}' includes itself through 'base'")
+    if p.is_dir():
+        raise ConfigError(f"config file '{path}' is a directory; pass a YAML file (e.g. {p / 'config.yaml'})")
     try:
         data = yaml.safe_load(p.read_text()) or {}
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file '{p}' cannot be read as text: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file '{p}' is not valid YAML: {e}") from None
     if not isinstance(data, dict):
@@ -353,6 +357,75 @@ def config_from_dict(d: dict[str, Any], validate: bool = True) -> Config:
     return cfg
 
 
+# Bounds of every numeric key, checked first (before any relation between keys) so that a value out of range is
+# reported under its own name alone. Interval notation: '[' / ']' include the end, '(' / ')' exclude it; 'inf'
+# is open. A list-valued key is checked element by element; None (an unset optional key) is always accepted.
+# Numeric keys not listed: model.in_chans (a choice: 1 or 3), model.img_size (checked with the patch size),
+# data.scale (an ordered pair, checked below) and data.mean (any real number).
+BOUNDS: dict[str, str] = {
+    "model.embed_dim": "[1, inf)", "model.depth": "[1, inf)", "model.num_heads": "[1, inf)",
+    "model.mlp_ratio": "(0, inf)", "model.patch_size": "[1, inf)", "model.num_classes": "[0, inf)",
+    "model.decoder_embed_dim": "[1, inf)", "model.decoder_depth": "[0, inf)", "model.decoder_num_heads": "[1, inf)",
+    "model.cls_hidden_dim": "[1, inf)", "model.mask_ratio": "[0, 1)", "model.cls_loss_ratio": "[0, inf)",
+    "model.cls_temperature": "(0, inf)", "model.drop_path": "[0, 1)", "model.mim_vocab_size": "[1, inf)",
+    "model.mim_loss_weight": "[0, inf)", "model.label_smoothing": "[0, 1)",
+    "data.num_workers": "[0, inf)", "data.eval_crop_ratio": "(0, 1]", "data.std": "(0, inf)",
+    "data.synthetic_size": "[1, inf)", "data.limit": "[0, inf)",
+    "train.epochs": "[0, inf)", "train.max_steps": "[0, inf)", "train.time_limit_min": "[0, inf)",
+    "train.global_batch": "[1, inf)", "train.micro_batch": "[1, inf)", "train.blr": "(0, inf)",
+    "train.lr": "(0, inf)", "train.min_lr": "[0, inf)", "train.warmup_epochs": "[0, inf)",
+    "train.weight_decay": "[0, inf)", "train.betas": "[0, 1)", "train.clip_grad": "[0, inf)",
+    "train.zero_stage": "[0, 3]", "train.zero3_persistence_threshold": "[0, inf)", "train.seed": "[0, inf)",
+    "train.log_every": "[1, inf)", "train.ckpt_every": "[0, inf)", "train.keep_last": "[1, inf)",
+    "train.keep_every": "[0, inf)", "train.max_bad_steps": "[1, inf)",
+    "eval.knn_k": "[1, inf)", "eval.knn_temperature": "(0, inf)", "eval.batch": "[1, inf)",
+}
+# What a bound means where the interval alone does not say it: appended to the message.
+BOUND_HINTS: dict[str, str] = {
+    "model.patch_size": "the side of a square patch in pixels, e.g. 16",
+    "model.num_classes": "0 only for objective mae",
+    "train.max_steps": "0 = from train.epochs",
+    "train.time_limit_min": "0 = no limit",
+    "train.clip_grad": "0 = no clipping",
+    "train.ckpt_every": "0 = only at the end",
+    "data.limit": "0 = every sample",
+    "data.num_workers": "0 = decode in the main process",
+    "train.betas": "AdamW's (beta1, beta2), e.g. [0.9, 0.95]",
+    "train.seed": "numpy seeds are non-negative",
+}
+
+
+def _parse_interval(spec: str) -> tuple[float, bool, float, bool]:
+    """'[0, 1)' -> (0.0, True, 1.0, False): low, low included, high, high included."""
+    lo, hi = (x.strip() for x in spec[1:-1].split(","))
+    return float(lo), spec[0] == "[", float(hi), spec[-1] == "]"
+
+
+def _interval_text(spec: str) -> str:
+    lo, lo_in, hi, hi_in = _parse_interval(spec)
+    fmt = (lambda v: str(int(v)) if float(v).is_integer() else str(v))
+    if math.isinf(hi):
+        return f"{'>=' if lo_in else '>'} {fmt(lo)}"
+    return f"in {spec}"
+
+
+def check_bounds(cfg: Config) -> None:
+    """Raise :class:`ConfigError` naming the first key of :data:`BOUNDS` whose value is out of its interval
+    (or not a finite number)."""
+    for key, spec in BOUNDS.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is None:
+            continue
+        lo, lo_in, hi, hi_in = _parse_interval(spec)
+        for i, v in enumerate(value if isinstance(value, list) else [value]):
+            ok = math.isfinite(v) and (v >= lo if lo_in else v > lo) and (v <= hi if hi_in else v < hi)
+            if not ok:
+                where = f"{key}[{i}]" if isinstance(value, list) else key
+                hint = f" ({BOUND_HINTS[key]})" if key in BOUND_HINTS else ""
+                raise ConfigError(f"{where}: {v!r} is out of range; it must be {_interval_text(spec)}{hint}")
+
+
 def _choice(key: str, value: str, options: tuple[str, ...] | list[str]) -> None:
     if value not in options:
         raise ConfigError(f"{key}: '{value}' is not one of {', '.join(options)}")
@@ -360,6 +433,7 @@ def _choice(key: str, value: str, options: tuple[str, ...] | list[str]) -> None:
 
 def validate_config(cfg: Config, world_size: int | None = None) -> None:
     m, d, t, e = cfg.model, cfg.data, cfg.train, cfg.eval
+    check_bounds(cfg)  # each key's own range first: a relation check must never be the one to report it
     _choice("model.objective", m.objective, OBJECTIVES)
     _choice("model.size", m.size, tuple(MODEL_SIZES))
     _choice("model.attn_backend", m.attn_backend, ("auto", "sdpa", "math", "xformers"))
@@ -373,8 +447,6 @@ def validate_config(cfg: Config, world_size: int | None = None) -> None:
     _choice("train.precision", t.precision, ("auto", "bf16", "fp16", "fp32"))
     _choice("train.optimizer", t.optimizer, ("auto", "adamw", "fused_adam", "cpu_adam"))
     _choice("train.device", t.device, ("auto", "cuda", "cpu"))
-    if t.zero3_persistence_threshold < 0:
-        raise ConfigError(f"train.zero3_persistence_threshold: {t.zero3_persistence_threshold} must be >= 0")
     _choice("eval.after_train", e.after_train, ("knn", "linprobe", "none"))
     _choice("eval.feature", e.feature, ("avg", "cls"))
     dim, depth, heads = m.resolved_dims()
@@ -382,7 +454,7 @@ def validate_config(cfg: Config, world_size: int | None = None) -> None:
         m.img_size = [m.img_size[0], m.img_size[0]]
     if len(m.img_size) != 2 or min(m.img_size) <= 0:
         raise ConfigError(f"model.img_size: expected [H, W] with positive sides, got {m.img_size}")
-    if m.patch_size <= 0 or any(s % m.patch_size for s in m.img_size):
+    if any(s % m.patch_size for s in m.img_size):
         raise ConfigError(
             f"model.img_size {m.img_size} is not divisible by model.patch_size {m.patch_size}; "
             f"choose sides that are multiples of the patch "
@@ -399,8 +471,6 @@ def validate_config(cfg: Config, world_size: int | None = None) -> None:
         )
     if m.num_classes < 1 and m.objective != "mae":
         raise ConfigError(f"model.num_classes must be >= 1 for objective '{m.objective}'")
-    if not 0.0 <= m.drop_path < 1.0:
-        raise ConfigError(f"model.drop_path: {m.drop_path} must be in [0, 1)")
     if m.uses_masking:
         n, k = m.num_patches, m.num_keep
         if not (1 <= k <= n - 1):
@@ -423,12 +493,8 @@ def validate_config(cfg: Config, world_size: int | None = None) -> None:
                 f"data.mean / data.std have {len(d.mean)} / {len(d.std)} entries but model.in_chans is {m.in_chans}"
             )
     _choice("data.interpolation", d.interpolation, ("bicubic", "bilinear"))
-    if not 0 < d.eval_crop_ratio <= 1:
-        raise ConfigError(f"data.eval_crop_ratio: {d.eval_crop_ratio} must be in (0, 1] (0.875 = resize 256, crop 224)")
     if len(d.scale) != 2 or not 0 < d.scale[0] <= d.scale[1] <= 1:
         raise ConfigError(f"data.scale: expected [lo, hi] with 0 < lo <= hi <= 1, got {d.scale}")
-    if t.micro_batch < 1 or t.global_batch < 1:
-        raise ConfigError("train.micro_batch and train.global_batch must be >= 1")
     ws = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
     if t.global_batch % (t.micro_batch * ws):
         raise ConfigError(
@@ -436,20 +502,11 @@ def validate_config(cfg: Config, world_size: int | None = None) -> None:
             f"x world size {ws}; "
             f"set train.global_batch to a multiple of {t.micro_batch * ws}"
         )
-    if not 0 <= t.zero_stage <= 3:
-        raise ConfigError(f"train.zero_stage: {t.zero_stage} is not 0, 1, 2 or 3")
     if t.epochs <= 0 and t.max_steps <= 0:
-        raise ConfigError("train.epochs or train.max_steps must be positive")
-    if t.warmup_epochs < 0 or t.min_lr < 0 or (t.lr is not None and t.lr <= 0) or t.blr <= 0:
-        raise ConfigError("train.blr / lr must be positive; warmup_epochs and min_lr non-negative")
-    if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
+        raise ConfigError("train.epochs is 0 and train.max_steps is 0: set train.epochs (or train.max_steps) "
+                          "to a positive number")
+    if len(t.betas) != 2:
         raise ConfigError(f"train.betas: expected two numbers in [0, 1), got {t.betas}")
-    if t.log_every < 1:
-        raise ConfigError("train.log_every must be >= 1")
-    if e.knn_k < 1:
-        raise ConfigError("eval.knn_k must be >= 1")
-    if not math.isfinite(m.cls_temperature) or m.cls_temperature <= 0:
-        raise ConfigError("model.cls_temperature must be a positive number")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
@@ -457,7 +514,7 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 def describe(cls: type = Config, prefix: str = "") -> list[str]:
-    """Lines 'key (type, default): help' for every field: the CLI's `config --help` listing."""
+    """Lines 'key = default: help [bound]' for every field: the CLI's `config --list` listing."""
     lines = []
     obj = cls()
     for f in dataclasses.fields(cls):
@@ -465,5 +522,7 @@ def describe(cls: type = Config, prefix: str = "") -> list[str]:
         if dataclasses.is_dataclass(v):
             lines += describe(type(v), f"{prefix}{f.name}.")
         else:
-            lines.append(f"{prefix}{f.name} = {v!r}: {f.metadata.get('help', '')}")
+            key = f"{prefix}{f.name}"
+            bound = f" [{_interval_text(BOUNDS[key])}]" if key in BOUNDS else ""
+            lines.append(f"{key} = {v!r}: {f.metadata.get('help', '')}{bound}")
     return lines

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import subprocess
 import sys
+import typing
 
 import pytest
 
-from fastsupmae.config import CONFIG_DIR, ConfigError, load_config, parse_overrides, save_config
+from fastsupmae.config import (
+    BOUNDS,
+    CONFIG_DIR,
+    Config,
+    ConfigError,
+    check_bounds,
+    load_config,
+    parse_overrides,
+    save_config,
+)
 
 
 def test_overlays_and_overrides_compose(tmp_path):
@@ -77,3 +89,65 @@ def test_cli_reports_config_errors_without_traceback():
     assert "did you mean 'model.depth'" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run([sys.executable, "-m", "fastsupmae", "config", "--list"], capture_output=True, text=True)
     assert r.returncode == 0 and "model.mask_ratio" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("model.patch_size=0", "model.patch_size"),
+        ("train.weight_decay=-0.1", "train.weight_decay"),
+        ("data.num_workers=-1", "data.num_workers"),
+        ("train.max_steps=-5", "train.max_steps"),
+        ("train.clip_grad=-1", "train.clip_grad"),
+        ("data.limit=-3", "data.limit"),
+        ("train.time_limit_min=-1", "train.time_limit_min"),
+        ("train.lr=-0.001", "train.lr"),
+        ("train.blr=0", "train.blr"),
+        ("train.epochs=-1", "train.epochs"),
+        ("train.global_batch=0", "train.global_batch"),
+        ("train.micro_batch=-4", "train.micro_batch"),
+        ("train.betas=[0.9,1.0]", r"train.betas\[1\]"),
+        ("train.keep_last=0", "train.keep_last"),
+        ("train.log_every=0", "train.log_every"),
+        ("train.ckpt_every=-1", "train.ckpt_every"),
+        ("train.min_lr=-1e-6", "train.min_lr"),
+        ("train.warmup_epochs=-1", "train.warmup_epochs"),
+        ("train.seed=-1", "train.seed"),
+        ("train.blr=.nan", "train.blr"),
+        ("eval.knn_temperature=0", "eval.knn_temperature"),
+        ("data.std=[0.0]", r"data.std\[0\]"),
+        ("model.label_smoothing=1.0", "model.label_smoothing"),
+    ],
+)
+def test_each_bound_names_its_one_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(["demo/fashion_mnist_supmae.yaml"], [override], world_size=1)
+    msg = str(e.value)
+    assert re.match(rf"{key}: .* is out of range; it must be ", msg), msg
+    fault = msg.split(" (")[0]  # the hint after it may mention a related key
+    others = {k for k in BOUNDS if k in fault} - {key.replace("\\", "").split("[")[0]}
+    assert not others, f"{msg} names other keys too: {others}"
+
+
+def test_every_numeric_key_has_a_bound():
+    """A new numeric field must get its interval in BOUNDS (or a reason to be exempt here)."""
+    exempt = {"model.in_chans", "model.img_size", "data.scale", "data.mean"}
+    cfg = Config()
+    numeric = set()
+    for section in ("model", "data", "train", "eval"):
+        hints = typing.get_type_hints(type(getattr(cfg, section)))
+        for f in dataclasses.fields(getattr(cfg, section)):
+            if any(t in (int, float) for t in (hints[f.name], *typing.get_args(hints[f.name]))) or \
+                    typing.get_args(hints[f.name]) in ((int,), (float,)):
+                numeric.add(f"{section}.{f.name}")
+    assert numeric - exempt - set(BOUNDS) == set()
+    assert set(BOUNDS) <= numeric
+    check_bounds(cfg)  # the defaults are in range
+
+
+def test_config_that_is_a_directory(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory; pass a YAML file"):
+        load_config([str(tmp_path)], world_size=1)
+    (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(ConfigError, match="cannot be read as text"):
+        load_config([str(tmp_path / "bin.yaml")], world_size=1)
