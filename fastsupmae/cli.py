@@ -16,6 +16,10 @@ from collections.abc import Callable
 from .errors import UserError
 
 DEFAULT_CONFIG = "demo/fashion_mnist_supmae.yaml"
+# Exit status of a run stopped early on request (SIGTERM / SIGINT / SIGUSR1, or the run directory's STOP file)
+# after writing its checkpoint: EX_TEMPFAIL, "try again" - rerun with train.resume=auto to continue. A run that
+# ends as planned (its steps, or train.time_limit_min) exits 0; user errors exit 2.
+EXIT_STOPPED_EARLY = 75
 
 # name -> (module, help); each module provides add_args(parser) and run(args)
 TASKS: dict[str, tuple[str, str]] = {
@@ -135,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if args.command is None else 2
         _, run = _lazy(args._module, args._name)
         result = run(args)
+        if isinstance(result, dict) and result.get("stopped") in ("signal", "stop_file"):
+            return EXIT_STOPPED_EARLY
         return result if isinstance(result, int) else 0
     except UserError as e:
         print(f"fastsupmae: error: {e}", file=sys.stderr)

@@ -156,6 +156,8 @@ class TrainConfig:
     max_bad_steps: int = _f(20, "consecutive NaN/Inf steps before the run stops")
     output_dir: str = _f("runs/default", "run directory: config, metrics, checkpoints")
     resume: str = _f("", "'auto' (latest in output_dir), a checkpoint dir, or '' (fresh)")
+    overwrite: bool = _f(False, "a fresh run into an output_dir that holds a run moves that run aside to "
+                                "<output_dir>.old-<time> first (never mixes two runs' files)")
     progress: bool = _f(True, "progress bar on rank 0")
     tensorboard: bool = _f(False, "also write TensorBoard events")
     profile: bool = _f(False, "write torch.profiler traces for a few steps per rank")

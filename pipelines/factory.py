@@ -147,3 +147,17 @@ def build_eval_loader(cfg: Any, split: str = "val", rank: int = 0, world_size: i
     from .cpu_loader import CpuLoader
 
     return CpuLoader(source, num_workers=d.num_workers, **common)
+
+
+def check_eval_split(cfg: Any) -> int:
+    """Open the evaluation split now (Fashion-MNIST's test files are read and cached for the probe; a file-backed
+    split is listed), so a missing ``data.val_root`` fails before training rather than after it.
+
+    Returns:
+        The number of samples in the split.
+    Raises:
+        DataError: the split is missing or unreadable (the message names the path).
+    """
+    if cfg.data.dataset in MEMORY_DATASETS:
+        return int(_memory_source(cfg, "val")[1].shape[0])
+    return len(open_source(cfg, "val"))

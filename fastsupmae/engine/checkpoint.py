@@ -123,6 +123,67 @@ def find_latest(ckpt_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def verify(path: Path) -> str | None:
+    """What is wrong with checkpoint ``path`` on disk, or None: its meta.json must parse and every file it lists
+    must be there with the size it was written with (a truncated copy or an interrupted transfer shows here,
+    before DeepSpeed reads gigabytes of it)."""
+    try:
+        meta = json.loads((Path(path) / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"meta.json unreadable ({type(e).__name__}: {e})"
+    for name, size in (meta.get("files") or {}).items():
+        f = Path(path) / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, {size} were written"
+    return None
+
+
+def _file_sizes(d: Path) -> dict[str, int]:
+    return {str(f.relative_to(d)): f.stat().st_size for f in sorted(d.rglob("*"))
+            if f.is_file() and f.name != "meta.json" and not f.name.startswith(".probe")}
+
+
+def resume_candidates(resume: str, output_dir: Path) -> list[Path]:
+    """Checkpoints to try for ``train.resume``, best first: with 'auto' the latest, then the older complete
+    ones newest first (a damaged newest checkpoint falls back to the one before); a named path alone."""
+    first = resolve_resume(resume, output_dir)
+    if first is None or resume != "auto":
+        return [first] if first is not None else []
+    older = [p for _, p in reversed(list_checkpoints(output_dir / "checkpoints")) if p != first]
+    return [first, *older]
+
+
+def shape_mismatch(path: Path, own: dict[str, tuple[int, ...]]) -> str | None:
+    """Compare the tensor shapes checkpoint ``path`` holds with ``own`` (name -> shape of this model); a message
+    naming the first difference, or None. Reads rank 0's model-states file memory-mapped (no copy); a file that
+    cannot be read raises what torch.load raises (the caller treats it as damage)."""
+    f = Path(path) / "mp_rank_00_model_states.pt"
+    if not f.exists():
+        return None
+    states = torch.load(f, map_location="cpu", weights_only=False, mmap=True)
+    theirs = {k: tuple(v.shape) for k, v in (states.get("module") or {}).items()
+              if isinstance(v, torch.Tensor) and v.numel() > 0}
+    for group in states.get("param_shapes") or []:  # ZeRO keeps partitioned parameters' true shapes here
+        theirs.update({k: tuple(v) for k, v in group.items()})
+    diff = [(k, theirs[k], s) for k, s in own.items() if k in theirs and theirs[k] != s]
+    extra = sorted(set(theirs) - set(own))
+    missing = sorted(k for k in own if k not in theirs and not k.endswith("num_batches_tracked"))
+    if not (diff or extra or missing):
+        return None
+    if diff:
+        k, a, b = diff[0]
+        what = f"'{k}' is {list(a)} in the checkpoint but {list(b)} in this model ({len(diff)} tensor(s) differ)"
+    elif extra:
+        what = f"the checkpoint has {len(extra)} tensor(s) this model lacks, e.g. {extra[:3]}"
+    else:
+        what = f"the checkpoint lacks {len(missing)} tensor(s) of this model, e.g. {missing[:3]}"
+    return (f"checkpoint {path} was trained with another architecture: {what}. Resume with the run's own config "
+            f"(--config {Path(path).parent.parent / 'config.yaml'} train.resume=auto), or start a new run in "
+            f"another train.output_dir")
+
+
 def resolve_resume(resume: str, output_dir: Path) -> Path | None:
     """Map ``train.resume`` to a checkpoint directory (None: start fresh).
 
@@ -251,7 +312,8 @@ class CheckpointManager:
             before_commit_hook(tmp)
         if self.rank == 0:
             try:
-                (tmp / "meta.json").write_text(json.dumps(common, indent=1, sort_keys=True, default=str))
+                meta = {**common, "files": _file_sizes(tmp)}  # sizes: a resume can tell a damaged copy
+                (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
                 _fsync_tree(tmp)
                 if final.exists():  # the same step saved again (e.g. a final save after a time limit): replace it
                     old = final.with_name(f"{TMP_PREFIX}old-{tag}")

@@ -25,7 +25,7 @@ from fastsupmae.config import Config
 from fastsupmae.engine import checkpoint as ckpt
 from fastsupmae.engine import distributed as dist_utils
 from fastsupmae.engine import metrics as mx
-from fastsupmae.engine import optim
+from fastsupmae.engine import optim, run_dir
 from fastsupmae.engine import rng as rng_utils
 from fastsupmae.engine.ds_config import build_ds_config, effective_zero_stage, grad_accum_steps, resolve_precision
 from fastsupmae.errors import UserError
@@ -33,6 +33,9 @@ from fastsupmae.errors import UserError
 log = logging.getLogger(__name__)
 
 LOSS_KEYS = ("loss", "rec_loss", "cls_loss")
+# A file of this name in the run directory stops the run at its next log step, with a checkpoint, as SIGTERM
+# does; a batch script can ask for it without reaching the processes (configs/launch/slurm_pretrain.sbatch).
+STOP_FILE = "STOP"
 
 
 # Substrings of the errors gloo / NCCL / c10d raise when a peer is gone or a collective timed out.
@@ -54,7 +57,7 @@ class TrainResult:
 
     step: int
     epoch: float
-    stopped: str  # 'done' | 'time_limit' | 'signal'
+    stopped: str  # 'done' | 'time_limit' | 'signal' | 'stop_file'
     last_checkpoint: str | None
     skipped_steps: int
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -157,20 +160,27 @@ class Trainer:
                 "loader": self.loader.state_dict()}
 
     def maybe_resume(self) -> Path | None:
-        """Load ``cfg.train.resume`` ('auto', a path, or '') and restore every piece of loop state."""
-        path = ckpt.resolve_resume(self.cfg.train.resume, self.out_dir)
-        if path is None:
+        """Load ``cfg.train.resume`` ('auto', a path, or '') and restore every piece of loop state.
+
+        With 'auto', a newest checkpoint that is damaged on disk (truncated or missing files, unreadable) is
+        reported and the one before it is used; every rank agrees on which. A named checkpoint that is damaged,
+        or one written for another architecture, ZeRO stage or precision, stops with a message naming it.
+        """
+        candidates = ckpt.resume_candidates(self.cfg.train.resume, self.out_dir)
+        if not candidates:
             if self.cfg.train.resume == "auto":
                 log.info("train.resume=auto: no checkpoint in %s yet, starting fresh", self.out_dir / "checkpoints")
             return None
-        meta = ckpt.read_meta(path)
-        for key, now in (("zero_stage", self.zero_stage), ("precision", self.precision)):
-            if key in meta and meta[key] != now:
-                raise UserError(
-                    f"checkpoint {path} was written with {key} {meta[key]!r} but this run uses {now!r}; DeepSpeed "
-                    f"cannot load its shards across that change. Resume with the same train.{key}, or start a new run "
-                    f"from its consolidated weights (fastsupmae.engine.checkpoint.consolidated_state_dict)")
-        common, rank_state = self.ckpt.load(self.engine, path)
+        damaged: list[str] = []
+        for path in candidates:
+            loaded = self._try_load(path, damaged)
+            if loaded is not None:
+                common, rank_state = loaded
+                break
+        else:
+            raise ckpt.CheckpointNotFoundError(
+                "no usable checkpoint to resume from: " + "; ".join(damaged) + ". Start a new run in another "
+                "train.output_dir, or resume from a copy of the run that is intact")
         self.step = int(common["step"])
         self.epoch = int(common["epoch"])
         self.skipped_total = int(common.get("skipped_total", 0))
@@ -202,6 +212,46 @@ class Trainer:
             log.info("resumed from %s at step %d (epoch %d)", path, self.step, self.epoch)
         return path
 
+    def _own_shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in self.module.named_parameters()}
+        shapes.update({n: tuple(b.shape) for n, b in self.module.named_buffers() if n in self.module.state_dict()})
+        return shapes
+
+    def _try_load(self, path: Path, damaged: list[str]) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
+        """Load checkpoint ``path`` into the engine; None (its problem appended to ``damaged``) when it is
+        damaged on any rank. Raises for a checkpoint that is intact but cannot fit this run."""
+        problem = ckpt.verify(path)
+        if problem is None:
+            meta = ckpt.read_meta(path)
+            for key, now in (("zero_stage", self.zero_stage), ("precision", self.precision)):
+                if key in meta and meta[key] != now:
+                    raise UserError(
+                        f"checkpoint {path} was written with {key} {meta[key]!r} but this run uses {now!r}; "
+                        f"DeepSpeed cannot load its shards across that change. Resume with the same train.{key}, "
+                        f"or start a new run from its consolidated weights "
+                        f"(fastsupmae.engine.checkpoint.consolidated_state_dict)")
+        loaded, mismatch = None, None
+        if problem is None:
+            try:
+                mismatch = ckpt.shape_mismatch(path, self._own_shapes())
+                if mismatch is None:
+                    loaded = self.ckpt.load(self.engine, path)
+            except Exception as e:  # noqa: BLE001 - a damaged file surfaces as any error of torch.load / DeepSpeed
+                problem = f"{type(e).__name__}: {str(e).strip()[:200]}"
+        if mismatch is not None:  # the same files and model on every rank: all raise together
+            raise UserError(mismatch)
+        if not dist_utils.all_agree(problem is None):
+            damaged.append(f"{path} ({problem or 'damaged on another rank'})")
+            if self.cfg.train.resume != "auto":
+                raise ckpt.CheckpointNotFoundError(
+                    f"checkpoint {path} is damaged ({problem or 'on another rank'}); name an intact one in "
+                    f"train.resume, or use train.resume=auto to take the newest intact checkpoint of the run")
+            if self.dist.is_main:
+                log.warning("checkpoint %s is damaged (%s); trying the one before it", path,
+                            problem or "on another rank")
+            return None
+        return loaded
+
     # ------------------------------------------------------------------------------------------- checkpoints
     def save(self) -> Path:
         """Checkpoint the current step on every rank (collective)."""
@@ -213,11 +263,15 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------- the loop
     def _install_signal_handlers(self) -> None:
-        def handler(signum: int, _frame: Any) -> None:
-            log.warning("signal %d received: stopping at the next log step with a checkpoint", signum)
+        def handler(signum: int, frame: Any) -> None:
+            if signum == signal.SIGINT and self._stop_signal:
+                signal.default_int_handler(signum, frame)  # a second Ctrl-C: abort now, without a checkpoint
+            log.warning("signal %s received: stopping at the next log step with a checkpoint%s",
+                        signal.Signals(signum).name, " (Ctrl-C again aborts without one)"
+                        if signum == signal.SIGINT else "")
             self._stop_signal = True
 
-        for s in (signal.SIGTERM, signal.SIGUSR1):
+        for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             try:
                 signal.signal(s, handler)
             except ValueError:  # not the main thread (e.g. inside a notebook worker)
@@ -278,14 +332,11 @@ class Trainer:
         t = self.cfg.train
         is_main = self.dist.is_main
         if is_main:
-            try:
-                self.out_dir.mkdir(parents=True, exist_ok=True)
-                probe = self.out_dir / ".write-probe"
-                probe.write_text("ok")
-                probe.unlink()
-            except OSError as e:
-                raise UserError(f"train.output_dir '{self.out_dir}' is not writable ({e.strerror or e}); "
-                                f"choose a directory you can write to") from None
+            run_dir.check_writable(self.out_dir)
+        if is_main and (self.out_dir / STOP_FILE).exists():
+            log.warning("removing %s left from before this run started (it is read while the run trains)",
+                        self.out_dir / STOP_FILE)
+            (self.out_dir / STOP_FILE).unlink(missing_ok=True)
         self.ckpt.cleanup_stale()
         dist_utils.barrier()
         self._install_signal_handlers()
@@ -403,7 +454,8 @@ class Trainer:
             names = ["loss", "rec_loss", "cls_loss", "good", "skipped", "grad_norm", "max_consec", "consec"]
             sums.add("max_consec", max_consec / world)  # identical on every rank: divide so the SUM is the value
             sums.add("consec", consec / world)
-            vals, flags = sums.collect(names, [float(over_time), float(self._stop_signal)])
+            stop_file = is_main and (self.out_dir / STOP_FILE).exists()
+            vals, flags = sums.collect(names, [float(over_time), float(self._stop_signal), float(stop_file)])
             max_consec = zero.clone()
             good_n = vals["good"] / world
             skipped_n = round(vals["skipped"] / world)
@@ -452,7 +504,7 @@ class Trainer:
                 if prof is not None:
                     prof.__exit__(None, None, None)
                 raise TrainingDivergedError(msg)
-            stop_now = flags[0] > 0 or flags[1] > 0
+            stop_now = flags[0] > 0 or flags[1] > 0 or flags[2] > 0
             in_streak = vals["consec"] > 0
             if (want_ckpt or is_last or stop_now) and self.step != saved_at:
                 if in_streak:
@@ -462,8 +514,10 @@ class Trainer:
                     self.save()
                     saved_at = self.step
             if stop_now:
-                stopped = "time_limit" if flags[0] > 0 else "signal"
+                stopped = "time_limit" if flags[0] > 0 else "signal" if flags[1] > 0 else "stop_file"
                 if is_main:
+                    if flags[2] > 0:  # consumed: the continued run must not stop at once
+                        (self.out_dir / STOP_FILE).unlink(missing_ok=True)
                     log.warning("stopping at step %d (%s); resume with train.resume=auto", self.step, stopped)
                 break
         if prof is not None:

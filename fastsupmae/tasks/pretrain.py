@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from fastsupmae.config import Config, save_config
+from fastsupmae.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,15 @@ def _write_run_files(cfg: Config, out: Path, loader: Any, ds_config: dict[str, A
     names = list(getattr(loader, "class_names", []) or [])
     (out / "class_map.json").write_text(json.dumps({str(i): n for i, n in enumerate(names)}, indent=1))
     (out / "ds_config.json").write_text(json.dumps(ds_config, indent=1))
+
+
+def _check_classes(cfg: Config, loader: Any) -> None:
+    """A classifier with fewer outputs than the data has classes would fail at the first out-of-range label
+    (on a GPU, a device-side assert deep in the loss): say so now, with both numbers."""
+    names = list(getattr(loader, "class_names", []) or [])
+    if cfg.model.objective != "mae" and len(names) > cfg.model.num_classes:
+        raise UserError(f"the training data has {len(names)} classes but model.num_classes is "
+                        f"{cfg.model.num_classes}; set model.num_classes={len(names)}")
 
 
 def _probe(cfg: Config, module: torch.nn.Module, rank: int, world: int, device: torch.device) -> dict[str, Any]:
@@ -69,11 +79,12 @@ def run(args_or_cfg: argparse.Namespace | Config) -> dict[str, Any]:
     Args:
         args_or_cfg: parsed CLI arguments or a ready :class:`Config`.
     """
+    from fastsupmae.engine import run_dir
     from fastsupmae.engine.distributed import init_distributed, set_single_process_defaults
     from fastsupmae.engine.rng import seed_everything
     from fastsupmae.engine.trainer import Trainer
     from fastsupmae.models import build_model
-    from fastsupmae.pipelines import build_train_loader
+    from fastsupmae.pipelines import build_train_loader, check_eval_split
 
     t0 = time.time()
     set_single_process_defaults()
@@ -85,15 +96,22 @@ def run(args_or_cfg: argparse.Namespace | Config) -> dict[str, Any]:
         cfg = config_from_args(args_or_cfg)
         if getattr(args_or_cfg, "resume", None):
             cfg.train.resume = args_or_cfg.resume
+    explicit = isinstance(args_or_cfg, Config) or any(
+        o.split("=", 1)[0].strip() == "train.output_dir" for o in (getattr(args_or_cfg, "overrides", None) or []))
     info = init_distributed(cfg.train.device)
-    seed_everything(cfg.train.seed, info.rank)
+    t = cfg.train
+    out = run_dir.prepare(t.output_dir, t.resume, explicit, t.overwrite, info.rank, info.world_size)
+    t.output_dir = str(out)
+    if cfg.eval.after_train != "none":
+        check_eval_split(cfg)  # the probe's split must exist before hours of training, not after
+    seed_everything(t.seed, info.rank)
     model = build_model(cfg, device=info.device)
     loader = build_train_loader(cfg, info.rank, info.world_size, info.device)
+    _check_classes(cfg, loader)
     trainer = Trainer(cfg, model, loader, info)
-    out = Path(cfg.train.output_dir)
-    if info.is_main:
-        _write_run_files(cfg, out, loader, trainer.ds_config)
     trainer.maybe_resume()
+    if info.is_main:  # only now: a failed resume must not rewrite the run's config
+        _write_run_files(cfg, out, loader, trainer.ds_config)
     result = trainer.fit()
     train_s = time.time() - t0
     final: dict[str, Any] = {"step": result.step, "epoch": result.epoch, "stopped": result.stopped,
