@@ -7,8 +7,8 @@ import functools
 from .errors import DataError
 
 # DALI ships one wheel per CUDA major version; it must match the CUDA build of the installed torch.
-INSTALL_HINT = ("pip install 'fastsupmae[dali-cuda13]' (torch built for CUDA 13, e.g. +cu130) or "
-                "'fastsupmae[dali-cuda12]' (CUDA 12 builds)")
+INSTALL_HINT = ("pip install nvidia-dali-cuda130 (torch built for CUDA 13, e.g. +cu130) or nvidia-dali-cuda120 "
+                "(CUDA 12 builds); `pip install fastsupmae[dali-cuda13]` / `[dali-cuda12]` picks the checked version")
 
 
 @functools.lru_cache(maxsize=1)
