@@ -149,3 +149,17 @@ def test_ctrl_c_checkpoints_and_exits_75_then_resumes(tmp_path: Path) -> None:
     assert end["stopped"] == "signal" and end["last_checkpoint"], end
     tr = make_trainer(tiny_cfg(out, max_steps=end["step"] + 2, resume="auto"))
     assert tr.step == end["step"]
+
+
+def test_dependency_output_goes_to_the_run_log(tmp_path: Path) -> None:
+    """DeepSpeed's bf16 optimizer memory reports and its warnings stay off the terminal, in the run's log."""
+    out = tmp_path / "run"
+    p = _pretrain_cli(["--config", str(_tiny_yaml(tmp_path, precision="bf16", max_steps=2)),
+                       f"train.output_dir={out}"], tmp_path)
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0, stderr
+    terminal = stdout + stderr
+    for noise in ("CPU Virtual Memory", "bf16_optimizer", "untested optimizer", "Setting accelerator"):
+        assert noise not in terminal, noise
+    log = (out / "logs" / "deepspeed_rank0.log").read_text()
+    assert "bf16_optimizer" in log and "untested optimizer" in log

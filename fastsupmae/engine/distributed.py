@@ -142,8 +142,9 @@ def init_distributed(device: str = "auto") -> DistInfo:
     """
     set_single_process_defaults()
     info = rank_info(device)
-    import deepspeed
-    import deepspeed.ops
+    from fastsupmae.engine import dep_logs
+
+    deepspeed = dep_logs.import_deepspeed()  # deepspeed.ops comes with it
 
     if info.device.type == "cpu":
         # The CPU accelerator JIT-compiles a shared-memory all-reduce op (~40 s on a fresh machine) at the first

@@ -23,9 +23,9 @@ import torch
 from fastsupmae import gpus
 from fastsupmae.config import Config
 from fastsupmae.engine import checkpoint as ckpt
+from fastsupmae.engine import dep_logs, optim, run_dir
 from fastsupmae.engine import distributed as dist_utils
 from fastsupmae.engine import metrics as mx
-from fastsupmae.engine import optim, run_dir
 from fastsupmae.engine import rng as rng_utils
 from fastsupmae.engine.ds_config import build_ds_config, effective_zero_stage, grad_accum_steps, resolve_precision
 from fastsupmae.errors import UserError
@@ -112,8 +112,9 @@ class Trainer:
         # fp16 keeps DeepSpeed's loss-scaler overflow check, which skips before the client optimizer runs.
         self.guarded = isinstance(optimizer, optim.GuardedAdamW) and self.precision != "fp16"
         self.ds_config = build_ds_config(cfg, dist.world_size, self.precision, self.optimizer_name, self.device)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                                 config=self.ds_config)
+        with dep_logs.captured():  # its optimizer memory reports go to the run's DeepSpeed log, not the terminal
+            self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                                     config=self.ds_config)
         if self.zero_stage == 3 and hasattr(self.engine.module, "external_params"):
             # ZeRO-3 gathers a module's own parameters around its forward; these are read elsewhere.
             for owner, p in self.engine.module.external_params():
@@ -145,6 +146,7 @@ class Trainer:
         self.skipped_total = 0
         self.last_checkpoint: str | None = None
         self._stop_signal = False
+        self._bar: Any = None
 
     # ----------------------------------------------------------------------------------------------- resume
     def _common_state(self) -> dict[str, Any]:
@@ -327,12 +329,19 @@ class Trainer:
                     f"rank probably died or stopped responding (see its log). Restart the job with train.resume=auto "
                     f"to continue from {self.last_checkpoint or 'the start (no checkpoint yet)'}") from e
             raise
+        finally:
+            # On an error the bar is closed before the message is printed: the error stays the last thing on
+            # the terminal, not a progress bar redrawn after it.
+            if self._bar is not None:
+                self._bar.close()
 
     def _fit(self) -> TrainResult:
         t = self.cfg.train
         is_main = self.dist.is_main
         if is_main:
             run_dir.check_writable(self.out_dir)
+        dist_utils.barrier()
+        dep_logs.to_run_dir(self.out_dir, self.dist.rank)
         if is_main and (self.out_dir / STOP_FILE).exists():
             log.warning("removing %s left from before this run started (it is read while the run trains)",
                         self.out_dir / STOP_FILE)
@@ -363,6 +372,7 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(total=self.total_steps, initial=self.step, desc="pretrain", dynamic_ncols=True)
+        self._bar = bar
         prof = self._profiler()
         if prof is not None:
             prof.__enter__()
