@@ -3,8 +3,9 @@
 ``GPU_CHECK_TEST_MODE`` (comma-separated, read when called) picks what it does:
   wrong_twin   in the stage process, masked_mse's torch twin in the dispatch table returns 1.01 x the loss: the
                kernel stage must FAIL and name the op.
-  fake_stages  adds stages that crash, hang (with a child process), raise and pass, with a 30 s timeout for the
-               hanging one (the timeout covers the stage process's start-up: importing torch on a busy machine).
+  fake_stages  adds stages that crash, hang (with a child process), raise and pass; the hanging one's timeout is
+               GPU_CHECK_HANG_TIMEOUT seconds (default 30: the timeout covers the stage process's start-up,
+               importing torch, which takes seconds on a busy machine).
 Importing this module changes nothing (the runner may run inside the test process).
 """
 
@@ -50,4 +51,4 @@ def _after(ctx) -> dict:
 def patch_stages(stages: dict, timeouts: dict) -> None:
     if "fake_stages" in _mode():
         stages.update({"crash": _crash, "hang": _hang, "raise": _raise, "after": _after})
-        timeouts["hang"] = 30.0
+        timeouts["hang"] = float(os.environ.get("GPU_CHECK_HANG_TIMEOUT", "30"))
