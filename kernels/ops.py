@@ -26,6 +26,7 @@ import torch
 import triton
 from torch import Tensor
 
+from .triton_compat import fix_interpreter_index
 from .triton_masked_mse import mse_bwd_kernel, mse_partial_kernel
 from .triton_norm_pix import norm_pix_kernel
 from .triton_norm_pix_loss import norm_pix_mse_kernel
@@ -35,6 +36,8 @@ from .triton_unshuffle import unshuffle_bwd_kernel, unshuffle_fwd_kernel
 
 # The interpreter computes tl.dot on bf16 operands wrongly (triton-lang/triton#11584): upcast there only.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if _INTERPRET:  # Triton 3.6's interpreter fails on runtime loop bounds with NumPy >= 2.4: see triton_compat
+    fix_interpreter_index()
 
 # Tests set this to True so every output buffer starts as NaN (or -1 for integers): an element a kernel fails to
 # write then shows up in the comparison instead of passing by luck with whatever torch.empty returned.
