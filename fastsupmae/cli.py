@@ -80,34 +80,76 @@ def _config_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+# Global options that take a value: skipped (with their value) when looking for the command word in argv.
+GLOBAL_VALUE_OPTIONS = ("--log-level", "--local_rank", "--local-rank")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _log_level(value: str) -> str:
+    """argparse type of ``--log-level``: a level name in any case."""
+    if value.upper() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"'{value}' is not a logging level; use one of {', '.join(LOG_LEVELS)}")
+    return value.upper()
+
+
+def _command_word(argv: list[str]) -> tuple[str | None, int]:
+    """The first word of ``argv`` that is not an option or an option's value, and its index (-1 if none).
+
+    Global options may stand before the command (``fastsupmae --log-level WARNING pretrain``): their values must
+    not be taken for the command.
+    """
+    skip = False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+        elif a in GLOBAL_VALUE_OPTIONS:
+            skip = True
+        elif a == "--":
+            return (argv[i + 1], i + 1) if i + 1 < len(argv) else (None, -1)
+        elif not a.startswith("-"):
+            return a, i
+    return None, -1
+
+
+def _global_options(default: bool) -> argparse.ArgumentParser:
+    """``--log-level``, accepted before the command (top level) and after it (every subcommand)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--log-level", type=_log_level, metavar="LEVEL",
+                   default="INFO" if default else argparse.SUPPRESS,
+                   help=f"logging level: {' | '.join(LOG_LEVELS)} (rank 0; other ranks log warnings; default INFO)")
+    return p
+
+
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(
-        prog="fastsupmae", description="fastsupmae: fast SupMAE / MAE trainer (DALI + Triton + DeepSpeed)"
+        prog="fastsupmae", description="fastsupmae: fast SupMAE / MAE trainer (DALI + Triton + DeepSpeed)",
+        parents=[_global_options(default=True)],
     )
+    parser.add_argument("--version", action="version", version=f"fastsupmae {__version__}")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--log-level", default="INFO", help="logging level (rank 0; other ranks log warnings)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    common = [_global_options(default=False)]  # after the command too; SUPPRESS keeps the top level's value
     # Only the subcommand actually invoked gets its module imported (and its arguments defined).
-    wanted = next((a for a in argv if not a.startswith("-")), None)
+    wanted, at = _command_word(argv)
     for name, (module, help_) in TASKS.items():
-        sp = sub.add_parser(name, help=help_)
+        sp = sub.add_parser(name, help=help_, parents=common)
         sp.set_defaults(_module=module, _name=name)
         if name == wanted:
             add, _ = _lazy(module, name)
             add(sp)
-    bench = sub.add_parser("bench", help="benchmarks that print tables (see docs/benchmarks.md)")
+    bench = sub.add_parser("bench", help="benchmarks that print tables (see docs/benchmarks.md)", parents=common)
     bsub = bench.add_subparsers(dest="bench", metavar="BENCH")
-    wanted_b = None
-    if wanted == "bench":
-        rest = argv[argv.index("bench") + 1:]
-        wanted_b = next((a for a in rest if not a.startswith("-")), None)
+    wanted_b = _command_word(argv[at + 1:])[0] if wanted == "bench" else None
     for name, (module, help_) in BENCHES.items():
-        bp = bsub.add_parser(name, help=help_)
+        bp = bsub.add_parser(name, help=help_, parents=common)
         bp.set_defaults(_module=module, _name=f"bench {name}")
         if name == wanted_b:
             add, _ = _lazy(module, f"bench {name}")
             add(bp)
-    cp = sub.add_parser("config", help="print the resolved config (or --list every key with its help)")
+    cp = sub.add_parser("config", help="print the resolved config (or --list every key with its help)",
+                        parents=common)
     cp.add_argument("--list", action="store_true")
     add_config_args(cp)
     cp.set_defaults(_func=_config_cmd)

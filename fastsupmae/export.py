@@ -67,11 +67,11 @@ def config_for_checkpoint(src: str | os.PathLike, paths: list[str] | None = None
     Looked for, in order: the ``config`` entry of a .pth file (fine-tune and export checkpoints), ``meta.json``
     of a DeepSpeed checkpoint (the trainer stores the resolved config there), a config.yaml next to it.
     """
-    from fastsupmae.tasks.common import find_run_config
+    from fastsupmae.tasks.common import find_run_config, resolve_checkpoint
 
     if paths:
         return load_config(paths, overrides, world_size=1)
-    p = Path(src)
+    p = resolve_checkpoint(src)
     embedded: dict[str, Any] | None = None
     if p.is_file() and p.suffix in (".pth", ".pt"):
         from fastsupmae.models.checkpoint import CheckpointError, read_checkpoint_file

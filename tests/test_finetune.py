@@ -127,3 +127,23 @@ def test_finetune_end_to_end_with_every_recipe_piece(tmp_path):
     assert ck["config"]["model"]["objective"] == "supervised" and ck["ema"] is not None
     fresh = build_model(cfg, device="cpu")
     fresh.load_state_dict(ck["model"], strict=True)
+
+
+def test_checkpoint_without_config_uses_the_runs_stored_config(tmp_path):
+    """`fastsupmae finetune --checkpoint runs/demo`: the run's saved config is the base, not the defaults."""
+    from fastsupmae.config import save_config
+
+    pre = tiny_config(objective="supmae", patch_size=8)
+    pre.train.max_steps, pre.train.time_limit_min, pre.train.resume = 5, 3.0, "auto"
+    pre.train.output_dir = str(tmp_path / "runs" / "demo")
+    run = tmp_path / "runs" / "demo"
+    run.mkdir(parents=True)
+    save_config(pre, run / "config.yaml")
+    cfg = finetune_config(None, ["train.max_steps=2"], checkpoint=str(run))
+    assert cfg.model.objective == "supervised" and cfg.model.patch_size == 8 and cfg.model.embed_dim == 32
+    assert cfg.data.dataset == "synthetic" and cfg.train.global_batch == pre.train.global_batch
+    # the pretraining schedule and run directory do not carry over; the recipe's and the overrides' do
+    assert cfg.train.time_limit_min == 0.0 and cfg.train.resume == "" and cfg.train.blr == 1e-3
+    assert cfg.train.max_steps == 2 and cfg.train.output_dir == str(run / "finetune")
+    # an explicit --config still wins over the stored one
+    assert finetune_config(["demo/fashion_mnist_supmae.yaml"], checkpoint=str(run)).model.patch_size == 7

@@ -74,3 +74,17 @@ def test_linear_probe_learns_and_keeps_encoder_frozen():
                                                     optimizer="sgd"),
                         _loader(tr_i, tr_l, 100), _loader(va_i, va_l, 50))
     assert res2["steps"] == 8 and res2["top1"] > 20.0
+
+
+def test_linear_probe_obeys_train_max_steps():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.rand(5, 3, 1, 1, generator=g) * 160 + 48
+    tr_i, tr_l = _colour_classes(200, centres, g)
+    va_i, va_l = _colour_classes(50, centres, g)
+    cfg = tiny_config(objective="supmae")
+    cfg.train.max_steps = 7
+    model = build_model(cfg, device="cpu")
+    for augment in (False, True):
+        res = linear_probe(model, cfg, LinprobeOptions(epochs=50, warmup_epochs=0, batch=50, augment=augment),
+                           _loader(tr_i, tr_l, 50), _loader(va_i, va_l, 50))
+        assert res["steps"] == 7, (augment, res["steps"])

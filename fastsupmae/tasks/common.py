@@ -54,6 +54,13 @@ def find_run_config(checkpoint: str) -> str | None:
     return None
 
 
+def stored_config(checkpoint: str, overrides: list[str] | None = None) -> Config:
+    """The config saved with a checkpoint (see :func:`fastsupmae.export.config_for_checkpoint`)."""
+    from fastsupmae.export import config_for_checkpoint
+
+    return config_for_checkpoint(checkpoint, None, overrides)
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     """--config files + overrides; without --config, the config stored with --checkpoint (see
     :func:`fastsupmae.export.config_for_checkpoint`), else the defaults."""
@@ -61,9 +68,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     overrides = list(getattr(args, "overrides", []) or [])
     ckpt = getattr(args, "checkpoint", "")
     if not paths and ckpt:
-        from fastsupmae.export import config_for_checkpoint
-
-        cfg = config_for_checkpoint(ckpt, None, overrides)
+        cfg = stored_config(ckpt, overrides)
         log.info("config: the one stored with %s (objective %s)", ckpt, cfg.model.objective)
         return cfg
     return load_config(paths, overrides, world_size=1)
@@ -75,12 +80,27 @@ def _is_deepspeed_dir(p: Path) -> bool:
     return any(p.glob("*model_states.pt")) or any(p.glob("*/*model_states.pt"))
 
 
+# Checkpoint files a task writes into its output directory: that directory stands for the file.
+RUN_DIR_FILES = ("finetuned.pth",)
+
+
+def resolve_checkpoint(src: str | os.PathLike) -> Path:
+    """``src``, or the checkpoint file inside it when ``src`` is a fine-tune output directory (runs/ft)."""
+    p = Path(src)
+    if p.is_dir() and not _is_deepspeed_dir(p) and not (p / "checkpoints" / "latest").is_file():
+        for name in RUN_DIR_FILES:
+            if (p / name).is_file():
+                return p / name
+    return p
+
+
 def read_any_state_dict(src: str | os.PathLike, tag: str | None = None) -> dict[str, torch.Tensor]:
     """State dict from a checkpoint file or a DeepSpeed checkpoint directory (any ZeRO stage).
 
     Args:
         src: file (.pth/.pt/.safetensors) or directory. For a directory written by DeepSpeed's
-            ``save_checkpoint`` pass the folder holding ``latest`` (or the tag folder itself).
+            ``save_checkpoint`` pass the folder holding ``latest`` (or the tag folder itself); a fine-tune output
+            directory stands for its ``finetuned.pth``.
         tag: DeepSpeed tag (sub-folder); default: the one named in ``latest``.
 
     Returns:
@@ -92,7 +112,7 @@ def read_any_state_dict(src: str | os.PathLike, tag: str | None = None) -> dict[
     """
     from fastsupmae.models.checkpoint import CheckpointError, _first_line, read_state_dict
 
-    p = Path(src)
+    p = resolve_checkpoint(src)
     if not p.is_dir() or (not _is_deepspeed_dir(p) and not (p / "checkpoints" / "latest").is_file()):
         return read_state_dict(p)  # a file, a missing path or a foreign directory: the one reader's answers
     if (p / "checkpoints" / "latest").is_file() and not (p / "latest").is_file():

@@ -66,14 +66,38 @@ class FinetuneOptions:
 
 # ----------------------------------------------------------------------------------------------- config
 
+# train keys of a pretraining run's stored config that carry over to its fine-tuning (how the machine runs, not
+# what is trained); the rest of its train section (schedule, lr, output directory, resume) is the recipe's.
+CARRIED_TRAIN_KEYS = ("global_batch", "micro_batch", "precision", "device", "tf32", "seed", "log_every", "progress")
+
+
+def stored_run_config(checkpoint: str) -> dict[str, Any]:
+    """The config a pretraining checkpoint was trained with, as the base of its fine-tuning.
+
+    Model and data carry over; of the train section only :data:`CARRIED_TRAIN_KEYS`; the output directory
+    becomes ``<the run's output_dir>/finetune`` so the fine-tune never writes among the pretraining run's files.
+    """
+    from fastsupmae.tasks.common import stored_config
+
+    d = stored_config(checkpoint).to_dict()
+    run_dir = d["train"].get("output_dir") or "runs/default"
+    d["train"] = {k: v for k, v in d["train"].items() if k in CARRIED_TRAIN_KEYS}
+    d["train"]["output_dir"] = str(Path(run_dir) / "finetune")
+    return d
+
+
 def finetune_config(paths: list[str] | None = None, overrides: list[str] | None = None,
-                    recipe_paths: list[str] | None = None) -> Config:
+                    recipe_paths: list[str] | None = None, checkpoint: str = "") -> Config:
     """Config for fine-tuning: user configs, then :data:`RECIPE`, then --recipe files, then overrides.
 
     The model and data sections of a pretraining config carry over; its train section is replaced by the
     fine-tune recipe (the pretraining hyperparameters do not apply), unless set again in --recipe / overrides.
+    Without ``paths``, the config stored with ``checkpoint`` is the base (:func:`stored_run_config`).
     """
     d: dict[str, Any] = {}
+    if not paths and checkpoint:
+        d = stored_run_config(checkpoint)
+        log.info("config: the one stored with %s; fine-tune output in %s", checkpoint, d["train"]["output_dir"])
     for p in paths or []:
         d = _merge(d, _read_yaml(p))
     d = _merge(d, RECIPE)
@@ -362,7 +386,7 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """`fastsupmae finetune`: arguments."""
     d = FinetuneOptions()
     parser.add_argument("--config", "-c", action="append", default=[],
-                        help="YAML config(s) for model and data (e.g. the pretraining config)")
+                        help="YAML config(s) for model and data (default: the config stored with --checkpoint)")
     parser.add_argument("--recipe", action="append", default=[], help="YAML applied after the built-in recipe")
     parser.add_argument("--checkpoint", "--init", dest="init", default="",
                         help="pretrained weights: our .pth/.safetensors/DeepSpeed dir, official MAE/SupMAE, timm")
@@ -382,7 +406,7 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from fastsupmae.tasks.common import resolve_device
 
-    cfg = finetune_config(args.config, args.overrides, args.recipe)
+    cfg = finetune_config(args.config, args.overrides, args.recipe, checkpoint=args.init)
     opts = FinetuneOptions(init=args.init, layer_decay=args.layer_decay, mixup=args.mixup, cutmix=args.cutmix,
                            mixup_switch_prob=args.mixup_switch_prob, reprob=args.reprob, randaug=args.randaug,
                            ema_decay=args.ema_decay, eval_every=args.eval_every)

@@ -106,6 +106,8 @@ def linear_probe(model: nn.Module, cfg: Config, opts: LinprobeOptions, train_loa
                  device: torch.device | str = "cpu", train_eval_loader: Any = None) -> dict[str, Any]:
     """Train a probe head on ``model``'s frozen features; returns {'top1', 'top5', 'steps', 'head', ...}.
 
+    ``opts.epochs`` sets the length, unless ``cfg.train.max_steps`` > 0 (then exactly that many steps).
+
     Args:
         model: encoder with ``forward_features(imgs, pool)``; it is frozen and left in eval mode.
         train_loader: augmented training batches (used when ``opts.augment``).
@@ -138,7 +140,8 @@ def linear_probe(model: nn.Module, cfg: Config, opts: LinprobeOptions, train_loa
         steps_per_epoch = max(1, feats.shape[0] // batch)
     else:
         steps_per_epoch = max(1, len(train_loader) * train_loader.batch_size // batch)
-    total = max(1, math.ceil(opts.epochs * steps_per_epoch))
+    # train.max_steps > 0 bounds the probe like every training task (a quick check of a long recipe)
+    total = cfg.train.max_steps if cfg.train.max_steps > 0 else max(1, math.ceil(opts.epochs * steps_per_epoch))
     warmup = round(opts.warmup_epochs * steps_per_epoch)
     log.info("linear probe: %s features, %d steps, batch %d, %s lr %.3g", feature, total, batch, opts.optimizer,
              lr_peak)

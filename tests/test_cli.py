@@ -1,0 +1,51 @@
+"""The command line: global options before and after the command, --version, the command word found."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import fastsupmae
+from fastsupmae.cli import _command_word, build_parser
+
+
+@pytest.mark.parametrize(
+    "argv,word",
+    [
+        (["--log-level", "WARNING", "pretrain", "train.epochs=1"], "pretrain"),
+        (["--log-level=WARNING", "knn"], "knn"),
+        (["--local_rank=0", "pretrain"], "pretrain"),
+        (["--local_rank", "1", "--log-level", "ERROR", "config"], "config"),
+        (["--version"], None),
+    ],
+)
+def test_command_word_skips_global_options_and_their_values(argv, word):
+    assert _command_word(argv)[0] == word
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--log-level", "WARNING", "config", "train.epochs=1"],
+        ["config", "--log-level", "warning", "train.epochs=1"],
+        ["config", "train.epochs=1", "--log-level", "WARNING"],
+    ],
+)
+def test_log_level_before_or_after_the_command(argv):
+    args = build_parser(argv).parse_args(argv)
+    assert args.command == "config" and args.log_level == "WARNING" and args.overrides == ["train.epochs=1"]
+
+
+def test_default_log_level_survives_the_subcommand():
+    args = build_parser(["config"]).parse_args(["config"])
+    assert args.log_level == "INFO"
+
+
+def test_version_and_bad_log_level():
+    r = subprocess.run([sys.executable, "-m", "fastsupmae", "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == f"fastsupmae {fastsupmae.__version__}"
+    r = subprocess.run([sys.executable, "-m", "fastsupmae", "--log-level", "LOUD", "config"], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "'LOUD' is not a logging level" in r.stderr
