@@ -64,9 +64,7 @@ class BatchDecoder:
             data = self.source.read(i)
         except OSError as e:
             raise BadImage(path, f"cannot read ({type(e).__name__}: {e})") from None
-        decode_crop_resize(data, path, box_of, self.out_hw, self.interp, out=out)
-        if flip:
-            out.copy_(out.flip(-1))
+        decode_crop_resize(data, path, box_of, self.out_hw, self.interp, out=out, flip=flip)
 
     def _finetune_aug(self, x: torch.Tensor, seed: int) -> None:
         """RandAugment(n=2, m=9) + random erasing (p=0.25) in place on a uint8 [B, 3, H, W] batch."""

@@ -36,13 +36,27 @@ def _dtype(output: str) -> Any:
     return {"uint8": t.UINT8, "float": t.FLOAT, "float16": t.FLOAT16}[output]
 
 
-def _inputs(source: Any, device: str) -> tuple[Any, Any]:
+def _inputs(source: Any, device: str) -> tuple[Any, Any, Any]:
+    """The external source: per-sample ``(encoded uint8 [n], meta int64 [3] = (label, index, ok), bad uint8 [m])``.
+
+    A :class:`.dali_loader.FeedSource` runs in DALI's worker processes (``parallel=True``, per-sample mode): the
+    reads, the screening and the replacement of bad files happen there, ahead of the pipeline, never on the
+    training thread. ``bad`` is the JSON of the bad files met for that sample (empty when none).
+    """
     from nvidia.dali import fn
 
     types = _types()
-    # batch mode: the source returns (list of uint8 byte arrays, list of int64 scalars) per call
-    return fn.external_source(source=source, num_outputs=2, batch=True, dtype=[types.UINT8, types.INT64],
-                              no_copy=False)
+    parallel = getattr(source, "parallel", False)
+    kw: dict[str, Any] = {"prefetch_queue_depth": source.prefetch} if parallel else {}
+    return fn.external_source(source=source, num_outputs=3, batch=False, parallel=parallel,
+                              dtype=[types.UINT8, types.INT64, types.UINT8], **kw)
+
+
+def _decoder_kw(device: str, hints: dict[str, Any] | None) -> dict[str, Any]:
+    """nvJPEG options for ``device="mixed"`` (hardware decoder share, preallocation); the CPU decoder has none."""
+    if device != "gpu" or not hints:
+        return {}
+    return {k: v for k, v in hints.items() if v is not None}
 
 
 def _normalize(images: Any, output: str, mean: tuple[float, ...], std: tuple[float, ...], mirror: Any = 0) -> Any:
@@ -58,18 +72,20 @@ def _normalize(images: Any, output: str, mean: tuple[float, ...], std: tuple[flo
 
 def pretrain_graph(source: Any, device: str, out_hw: tuple[int, int], scale: tuple[float, float],
                    ratio: tuple[float, float], hflip: bool, interp: str, output: str, mean: tuple[float, ...],
-                   std: tuple[float, ...], gray: bool = False) -> tuple[Any, Any]:
+                   std: tuple[float, ...], gray: bool = False,
+                   decoder_hints: dict[str, Any] | None = None) -> tuple[Any, Any, Any]:
     """RandomResizedCrop through crop-only decoding (only the crop's DCT blocks are decoded), resize, flip."""
     from nvidia.dali import fn
 
     types = _types()
-    encoded, labels = _inputs(source, device)
+    encoded, meta, bad = _inputs(source, device)
     images = fn.decoders.image_random_crop(
         encoded, device="mixed" if device == "gpu" else "cpu", output_type=types.GRAY if gray else types.RGB,
-        random_area=list(scale), random_aspect_ratio=list(ratio), num_attempts=10)
+        random_area=list(scale), random_aspect_ratio=list(ratio), num_attempts=10,
+        **_decoder_kw(device, decoder_hints))
     images = fn.resize(images, resize_x=out_hw[1], resize_y=out_hw[0], interp_type=_interp(interp), antialias=True)
     mirror = fn.random.coin_flip(probability=0.5) if hflip else 0
-    return _normalize(images, output, mean, std, mirror), labels
+    return _normalize(images, output, mean, std, mirror), meta, bad
 
 
 def _random_erase(images: Any, out_hw: tuple[int, int], output: str, mean: tuple[float, ...],
@@ -108,7 +124,8 @@ def _random_erase(images: Any, out_hw: tuple[int, int], output: str, mean: tuple
 def finetune_graph(source: Any, device: str, out_hw: tuple[int, int], scale: tuple[float, float],
                    ratio: tuple[float, float], hflip: bool, interp: str, output: str, mean: tuple[float, ...],
                    std: tuple[float, ...], rand_n: int = 2, rand_m: int = 9,
-                   erase_prob: float = 0.25, gray: bool = False) -> tuple[Any, Any]:
+                   erase_prob: float = 0.25, gray: bool = False,
+                   decoder_hints: dict[str, Any] | None = None) -> tuple[Any, Any, Any]:
     """Pretraining's crop + flip, then RandAugment (DALI auto_aug) and random erasing.
 
     Needs a pipeline built with ``enable_conditionals=True`` (RandAugment and erasing branch per sample).
@@ -118,10 +135,11 @@ def finetune_graph(source: Any, device: str, out_hw: tuple[int, int], scale: tup
     from nvidia.dali.auto_aug import rand_augment
 
     types = _types()
-    encoded, labels = _inputs(source, device)
+    encoded, meta, bad = _inputs(source, device)
     images = fn.decoders.image_random_crop(
         encoded, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB,
-        random_area=list(scale), random_aspect_ratio=list(ratio), num_attempts=10)
+        random_area=list(scale), random_aspect_ratio=list(ratio), num_attempts=10,
+        **_decoder_kw(device, decoder_hints))
     images = fn.resize(images, resize_x=out_hw[1], resize_y=out_hw[0], interp_type=_interp(interp), antialias=True)
     if hflip:
         images = fn.flip(images, horizontal=fn.random.coin_flip(probability=0.5))
@@ -131,18 +149,19 @@ def finetune_graph(source: Any, device: str, out_hw: tuple[int, int], scale: tup
     images = _normalize(images, output, mean, std)
     if fn.random.coin_flip(probability=erase_prob):
         images = _random_erase(images, out_hw, output, mean, std, device=device)
-    return images, labels
+    return images, meta, bad
 
 
 def eval_graph(source: Any, device: str, out_hw: tuple[int, int], crop_ratio: float, interp: str, output: str,
-               mean: tuple[float, ...], std: tuple[float, ...], gray: bool = False) -> tuple[Any, Any]:
+               mean: tuple[float, ...], std: tuple[float, ...], gray: bool = False,
+               decoder_hints: dict[str, Any] | None = None) -> tuple[Any, Any, Any]:
     """Resize the shorter side to ``min(out) / crop_ratio``, centre-crop ``out`` (256 -> 224 at 0.875)."""
     from nvidia.dali import fn
 
     types = _types()
-    encoded, labels = _inputs(source, device)
+    encoded, meta, bad = _inputs(source, device)
     images = fn.decoders.image(encoded, device="mixed" if device == "gpu" else "cpu",
-                               output_type=types.GRAY if gray else types.RGB)
+                               output_type=types.GRAY if gray else types.RGB, **_decoder_kw(device, decoder_hints))
     images = fn.resize(images, resize_shorter=min(out_hw) / crop_ratio, interp_type=_interp(interp), antialias=True)
     if output == "uint8":
         images = fn.crop_mirror_normalize(images, dtype=_dtype(output), output_layout="CHW", crop=list(out_hw),
@@ -150,23 +169,36 @@ def eval_graph(source: Any, device: str, out_hw: tuple[int, int], crop_ratio: fl
     else:
         images = fn.crop_mirror_normalize(images, dtype=_dtype(output), output_layout="CHW", crop=list(out_hw),
                                           mean=[m * 255 for m in mean], std=[s * 255 for s in std])
-    return images, labels
+    return images, meta, bad
+
+
+def torch_cuda_initialized() -> bool:
+    """Whether this process already holds a CUDA context through torch (then DALI's workers must be spawned)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    return bool(torch is not None and torch.cuda.is_initialized())
 
 
 GRAPHS = {"pretrain": pretrain_graph, "finetune": finetune_graph, "eval": eval_graph}
 
 
 def build_pipeline(recipe: str, source: Any, *, device: str, batch_size: int, num_threads: int, seed: int,
-                   device_id: int | None = None, prefetch: int = 2, **kw: Any) -> Any:
+                   device_id: int | None = None, prefetch: int = 2, py_workers: int = 0, **kw: Any) -> Any:
     """Build (not yet run) the DALI pipeline of ``recipe`` ('pretrain', 'finetune', 'eval').
 
     Args:
-        source: the external-source callable (returns one batch of (encoded, labels)).
+        source: the per-sample external-source callable (a :class:`.dali_loader.FeedSource`).
         device: 'gpu' (mixed decoding) or 'cpu' (``device_id=None``).
         device_id: the GPU of a 'gpu' pipeline; None: the current CUDA device (never silently GPU 0).
         batch_size, num_threads, seed: DALI pipeline settings (seed it per rank).
+        prefetch: the pipeline's prefetch queue depth (batches decoded ahead).
+        py_workers: worker processes running ``source`` in parallel (0: DALI calls it in its own thread).
         **kw: the graph's options (out_hw, scale, ratio, hflip, interp, crop_ratio, output, mean, std, gray:
-            one luma channel for 1-channel models).
+            one luma channel for 1-channel models, decoder_hints: nvJPEG's hw_decoder_load and preallocation).
+
+    Returns:
+        the built pipeline; ``run()`` gives (images, meta, bad) per batch.
     """
     from nvidia.dali import pipeline_def
 
@@ -178,8 +210,12 @@ def build_pipeline(recipe: str, source: Any, *, device: str, batch_size: int, nu
         device_id = torch.cuda.current_device()
     graph = GRAPHS[recipe]
 
-    @pipeline_def(enable_conditionals=recipe == "finetune")
-    def _pipe() -> tuple[Any, Any]:
+    # fork is cheap but must not copy an initialised CUDA context; spawn (the source is picklable) is safe anywhere
+    start = "spawn" if device == "gpu" or torch_cuda_initialized() else "fork"
+    par = dict(py_num_workers=py_workers, py_start_method=start) if py_workers > 0 else {}
+
+    @pipeline_def(enable_conditionals=recipe == "finetune", **par)
+    def _pipe() -> tuple[Any, Any, Any]:
         return graph(source, device, **kw)
 
     with warnings.catch_warnings():

@@ -60,12 +60,21 @@ def image_size(data: bytes, path: str) -> tuple[int, int]:
     return h, w
 
 
+def _dct_scale(h: int, w: int, min_h: int, min_w: int) -> int:
+    """The smallest k in (1, 2, 4, 8) whose k/8-scaled decode of an ``h x w`` JPEG is at least ``min_h x min_w``."""
+    for k in (1, 2, 4):
+        if math.ceil(h * k / 8) >= min_h and math.ceil(w * k / 8) >= min_w:
+            return k
+    return 8
+
+
 def _crop_resize(arr: np.ndarray, box: Box, full: tuple[int, int], out_hw: tuple[int, int], interp: str,
-                 out: torch.Tensor | None) -> torch.Tensor:
+                 out: torch.Tensor | None, flip: bool = False) -> torch.Tensor:
     """Crop ``box`` (full-size coordinates) from a possibly reduced-size decode ``arr`` [h, w, 3] and resize.
 
     torch's uint8 antialiased resize (an AVX2 kernel on channels-last uint8 input) is ~3x faster than
-    Pillow's and matches it to within one grey level; the crop is a view, so nothing is copied before it.
+    Pillow's and matches it to within one grey level. The crop is copied to a contiguous HWC block first (the
+    kernel runs ~20 % faster on it than on a strided view), and a horizontal flip rides along with that copy.
     """
     sy, sx = arr.shape[0] / full[0], arr.shape[1] / full[1]
     top, left, h, w = box
@@ -73,7 +82,10 @@ def _crop_resize(arr: np.ndarray, box: Box, full: tuple[int, int], out_hw: tuple
     y0, x0 = int(top * sy), int(left * sx)
     y1 = max(y0 + 1, min(arr.shape[0], math.ceil((top + h) * sy)))
     x1 = max(x0 + 1, min(arr.shape[1], math.ceil((left + w) * sx)))
-    x = torch.from_numpy(arr).permute(2, 0, 1)[None, :, y0:y1, x0:x1]  # [1, 3, h', w'] channels-last view
+    crop = arr[y0:y1, x0:x1]
+    if flip:
+        crop = crop[:, ::-1]
+    x = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1)[None]  # [1, 3, h', w'] channels-last
     if (y1 - y0, x1 - x0) == tuple(out_hw):
         y = x[0]
     else:
@@ -85,7 +97,8 @@ def _crop_resize(arr: np.ndarray, box: Box, full: tuple[int, int], out_hw: tuple
 
 
 def decode_crop_resize(data: bytes, path: str, box_for: Callable[[int, int], Box], out_hw: tuple[int, int],
-                       interp: str = "bilinear", out: torch.Tensor | None = None) -> torch.Tensor:
+                       interp: str = "bilinear", out: torch.Tensor | None = None, flip: bool = False
+                       ) -> torch.Tensor:
     """Decode ``data``, crop the box ``box_for(h, w)`` picks, resize to ``out_hw``.
 
     Args:
@@ -95,6 +108,7 @@ def decode_crop_resize(data: bytes, path: str, box_for: Callable[[int, int], Box
         out_hw: (H, W) of the output.
         interp: 'bilinear' or 'bicubic'.
         out: optional uint8 ``[3, H, W]`` tensor to write into (a slot of the batch).
+        flip: mirror the crop horizontally.
 
     Returns:
         uint8 ``[3, H, W]`` (``out`` when given).
@@ -107,10 +121,15 @@ def decode_crop_resize(data: bytes, path: str, box_for: Callable[[int, int], Box
     # the decoded image must keep at least out/box pixels per original pixel for the crop to cover the output
     min_h = math.ceil(h * out_hw[0] / max(1, box[2]))
     min_w = math.ceil(w * out_hw[1] / max(1, box[3]))
+    # libjpeg-turbo has SIMD inverse DCTs only at scales 1/1, 1/2 and 1/4 (and 1/8 is DC-only): the C scaled
+    # IDCTs at 3/8 .. 7/8 cost more than a full-size decode (measured 1.05 vs 0.64 ms per 500x375 photo), so
+    # ask for the largest of those power-of-two scales that still covers the crop.
+    k = _dct_scale(h, w, min_h, min_w)
+    min_h, min_w = math.ceil(h * k / 8), math.ceil(w * k / 8)
     if simplejpeg is not None and _is_jpeg(data):
         try:
             arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=min_h, min_width=min_w, strict=True)
-            return _crop_resize(arr, box, (h, w), out_hw, interp, out)
+            return _crop_resize(arr, box, (h, w), out_hw, interp, out, flip)
         except ValueError as e:
             # valid-but-unusual JPEGs (CMYK, odd subsampling) are refused by libjpeg-turbo's simple API: Pillow
             # decodes those; truncated or corrupt data fails there too and is reported with both reasons
@@ -125,7 +144,7 @@ def decode_crop_resize(data: bytes, path: str, box_for: Callable[[int, int], Box
                     im.draft("RGB", (min_w, min_h))  # DCT-domain downscale, like simplejpeg's min_* above
                 # writable copy; handles CMYK (Adobe-inverted too), palette, alpha, 16-bit grey...
                 arr = np.array(im.convert("RGB"))
-            return _crop_resize(arr, box, (h, w), out_hw, interp, out)
+            return _crop_resize(arr, box, (h, w), out_hw, interp, out, flip)
     except BadImage:
         raise
     except Exception as e:  # truncated streams raise OSError, bad headers UnidentifiedImageError, ...
