@@ -339,13 +339,18 @@ def _tolerance(dt: torch.dtype) -> tuple[float, float]:
     return (1e-4, 1e-4) if dt == torch.float32 else (2e-2, 5e-3)
 
 
-def _allclose_err(got: torch.Tensor, ref: torch.Tensor, rtol: float, atol_frac: float) -> tuple[bool, float, float]:
+def _allclose_err(got: torch.Tensor, ref: torch.Tensor, rtol: float,
+                  atol_frac: float) -> tuple[bool, float, float, float]:
+    """Element-wise ``|got - ref| <= atol_frac max|ref| + rtol |ref|``: (passes, max abs error, max |ref|, the
+    largest error / tolerance over the elements: <= 1 passes; inf for a NaN or inf where ``ref`` is finite)."""
     d_max, scale, _ = _err(got, ref)
     got_f, ref_f = got.detach().float(), ref.detach().float()
-    excess = ((got_f - ref_f).abs() - rtol * ref_f.abs()).nan_to_num(math.inf)
-    worst = float(excess.max()) if excess.numel() else 0.0
-    ok = bool(torch.isfinite(excess).all()) and worst <= atol_frac * scale + 1e-30
-    return ok, d_max, scale
+    if got_f.numel() == 0:
+        return True, 0.0, 0.0, 0.0
+    use = ((got_f - ref_f).abs() / (atol_frac * scale + rtol * ref_f.abs() + 1e-30)).nan_to_num(math.inf)
+    use = torch.where(torch.isfinite(got_f) | ~torch.isfinite(ref_f), use, torch.full_like(use, math.inf))
+    worst = float(use.max())
+    return worst <= 1.0, d_max, scale, worst
 
 
 def check_kernel_op(name: str, op, cases: list[KCase], dt: torch.dtype, shape_label: str) -> list[dict]:
@@ -376,10 +381,11 @@ def check_kernel_op(name: str, op, cases: list[KCase], dt: torch.dtype, shape_la
             # an fp32 result (a loss, fp32 targets) is computed in fp32 from the same values on both sides, even in
             # the bf16 run: it gets the fp32 tolerance
             rtol, atol = _tolerance(t["tri"].dtype)
-            ok, d_max, scale = _allclose_err(t["tri"], t["ref"], rtol, atol)
+            ok, d_max, scale, use = _allclose_err(t["tri"], t["ref"], rtol, atol)
             _, _, rel = _err(t["tri"], t["ref"])
             row = {"op": name, "case": case.label, "shape": shape_label, "dtype": _dtype_name(dt), "what": what,
-                   "max_abs": d_max, "max_rel": rel, "ref_max": scale, "rtol": rtol, "atol": atol * scale}
+                   "max_abs": d_max, "max_rel": rel, "ref_max": scale, "rtol": rtol, "atol": atol * scale,
+                   "use_of_tol": use}
             if "twin16" in t:
                 tw, _, _ = _err(t["twin16"], t["ref"])
                 row["torch_bf16_max_abs"] = tw
@@ -440,13 +446,17 @@ def stage_kernels(ctx: StageContext) -> dict:
     if missing:
         raise RuntimeError(f"no check for op(s) {', '.join(sorted(set(missing)))} of the dispatch table: add their "
                            "cases to gpu_check.stages_compute._op_cases")
-    per_op: dict[str, dict[str, float]] = {}
+    # per op and dtype: the largest errors, and the comparison closest to its tolerance (the largest element-wise
+    # error / tolerance; <= 1 passes) with the tolerance it was held to
+    per_op: dict[str, dict[str, Any]] = {}
     for r in rows:
-        key = f"{r['op']} {r['dtype']}"
-        per_op.setdefault(key, {"max_abs": 0.0, "max_rel": 0.0, "comparisons": 0})
-        e = per_op[key]
+        e = per_op.setdefault(f"{r['op']} {r['dtype']}", {"max_abs": 0.0, "max_rel": 0.0, "comparisons": 0,
+                                                           "use_of_tol": -1.0})
         e["max_abs"], e["max_rel"] = max(e["max_abs"], r["max_abs"]), max(e["max_rel"], r["max_rel"])
         e["comparisons"] += 1
+        if r["use_of_tol"] > e["use_of_tol"]:
+            e.update(use_of_tol=r["use_of_tol"], closest=f"{r['case']} {r['shape']} {r['what']}".strip(),
+                     tol=f"{r['atol']:.2g} + {r['rtol']:.0e} |ref|")
     if bad:
         worst = "; ".join(f"{r['op']} {r['case']} {r['shape']} {r['dtype']} {r['what']}: max abs {r['max_abs']:.3g} "
                           f"> tol {r['atol']:.2g} + {r['rtol']:.0e}|ref|" for r in bad[:6])
@@ -455,7 +465,12 @@ def stage_kernels(ctx: StageContext) -> dict:
     res: dict[str, Any] = {"ops": list(table), "comparisons": rows, "per_op": per_op,
                            "shapes": [s.__dict__ for s in kernel_shapes(ctx.cpu)]}
     n_shapes = len(kernel_shapes(ctx.cpu))
-    summary = f"{len(table)} ops x fp32/bf16 x {n_shapes} shapes, fwd+bwd: {len(rows)} comparisons ok"
+    closest = max(per_op.items(), key=lambda kv: kv[1]["use_of_tol"])
+    for key, e in per_op.items():
+        ctx.log(f"{key:<26} max abs {e['max_abs']:.2e} max rel {e['max_rel']:.2e} over {e['comparisons']} "
+                f"comparisons; closest to tolerance: {e['closest']} at {e['use_of_tol']:.2f} of {e['tol']}")
+    summary = (f"{len(table)} ops x fp32/bf16 x {n_shapes} shapes, fwd+bwd: {len(rows)} comparisons ok (closest: "
+               f"{closest[0]} at {closest[1]['use_of_tol']:.2f} of its tolerance)")
     if dev.type == "cuda":
         from fastsupmae.kernels import bench
 
