@@ -82,9 +82,9 @@ def config_for_checkpoint(src: str | os.PathLike, paths: list[str] | None = None
             obj = None
         if isinstance(obj, dict) and isinstance(obj.get("config"), dict):
             embedded = obj["config"]
-    elif p.is_file() and p.suffix == ".safetensors":
-        side = p.with_name(p.name.replace("_full.safetensors", ".json").replace("_timm.safetensors", ".json"))
-        if side.is_file():
+    if p.is_file() and embedded is None:
+        side = sidecar_of(p)  # every exported file: <name>_full / _timm .safetensors / .pth, <name>.pt2
+        if side is not None:
             embedded = json.loads(side.read_text()).get("config")
     elif p.is_dir():
         for meta in [p / "meta.json", *(_tag_dir(p) / "meta.json" for _ in [0] if _tag_dir(p) is not None)]:
@@ -107,6 +107,27 @@ def config_for_checkpoint(src: str | os.PathLike, paths: list[str] | None = None
         return load_config([found], overrides, world_size=1)
     raise UserError(f"no config found for checkpoint '{src}': pass --config <the training YAML> (the model "
                     "architecture cannot be guessed reliably from the weights)")
+
+
+def sidecar_of(path: str | os.PathLike) -> Path | None:
+    """The ``<name>.json`` sidecar that :func:`export_model` wrote next to an exported file, if it is there.
+
+    ``<name>_full.safetensors``, ``<name>_full.pth``, ``<name>_timm.safetensors``, ``<name>_timm.pth`` and
+    ``<name>.pt2`` all map to ``<name>.json``.
+    """
+    p = Path(path)
+    stem = p.stem if p.suffix in (".safetensors", ".pth", ".pt", ".pt2") else None
+    if stem is None:
+        return None
+    for form in ("_full", "_timm"):
+        if p.suffix != ".pt2" and stem.endswith(form):
+            stem = stem[: -len(form)]
+            break
+    else:
+        if p.suffix != ".pt2":
+            return None
+    side = p.with_name(stem + ".json")
+    return side if side.is_file() else None
 
 
 def _tag_dir(p: Path) -> Path | None:
@@ -273,6 +294,42 @@ def _check(what: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> floa
     return d
 
 
+def _file_mode() -> int:
+    """The mode ``open()`` gives a new file under the process's umask (0o666 & ~umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _publish(files: list[Path], out: Path) -> list[Path]:
+    """Move verified files from the staging folder into ``out`` with ordinary permissions.
+
+    Writers that go through a private temporary file (safetensors) leave mode 0600: an exported model is for
+    others to read, so every file gets what a plain ``open()`` would have given it.
+    """
+    mode, moved = _file_mode(), []
+    for f in files:
+        os.chmod(f, mode)
+        os.replace(f, out / f.name)
+        moved.append(out / f.name)
+    return moved
+
+
+def _check_out_dir(out: Path) -> None:
+    """``--out`` must be a directory or creatable as one; say which path is in the way."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out '{out}' is a file, not a directory; pass a directory (it is created if missing)")
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ExportError(f"--out '{out}' cannot be created: '{parent}' is a file, not a directory")
+        if parent.exists():
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ExportError(f"--out '{out}' cannot be created: '{parent}' is not writable")
+            break
+    if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
+        raise ExportError(f"--out '{out}' is not writable")
+
+
 def _save_pair(sd: dict[str, torch.Tensor], base: Path, extra: dict[str, Any]) -> list[Path]:
     from safetensors.torch import save_file
 
@@ -309,8 +366,32 @@ def export_model(src: str | os.PathLike, out_dir: str | os.PathLike, cfg: Config
         raise ExportError(f"unknown export format(s) {bad}; choose from {', '.join(ALL_FORMATS)}")
     cfg = cfg if cfg is not None else config_for_checkpoint(src)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model = load_source(src, cfg)
+    _check_out_dir(out)
+    model = load_source(src, cfg)  # before anything is created: a checkpoint that does not load leaves no trace
+    created = next((d for d in [*reversed(out.parents), out] if not d.exists()), None)  # topmost new folder
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"--out '{out}' cannot be created: {e.strerror or e}") from None
+    # Files are written and verified in a staging folder inside out_dir and moved in only once all passed, so
+    # a failed export leaves neither half-written files nor (when it created out_dir) an empty directory.
+    stage = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=out)).resolve()
+    try:
+        side = _export_into(model, src, stage, out, cfg, name, formats, batch, tol, seed)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(stage, ignore_errors=True)
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+    stage.rmdir()
+    return side
+
+
+def _export_into(model: nn.Module, src: str | os.PathLike, stage: Path, out: Path, cfg: Config, name: str,
+                 formats: tuple[str, ...], batch: int, tol: float, seed: int) -> dict[str, Any]:
+    """Write and verify every format in ``stage``, then publish them and the sidecar into ``out``."""
     m = cfg.model
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, m.in_chans, *m.img_size, generator=g)  # normalised-image scale inputs
@@ -324,7 +405,7 @@ def export_model(src: str | os.PathLike, out_dir: str | os.PathLike, cfg: Config
 
     if "full" in formats:
         sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-        pair = _save_pair(sd, out / f"{name}_full", {"config": ecfg.to_dict()})
+        pair = _save_pair(sd, stage / f"{name}_full", {"config": ecfg.to_dict()})
         files += pair
         from fastsupmae.models import build_model
         from fastsupmae.models.checkpoint import load_checkpoint
@@ -339,7 +420,7 @@ def export_model(src: str | os.PathLike, out_dir: str | os.PathLike, cfg: Config
 
     if "timm" in formats:
         tsd = timm_state_dict(model, cfg)
-        pair = _save_pair(tsd, out / f"{name}_timm", {"timm": spec})
+        pair = _save_pair(tsd, stage / f"{name}_timm", {"timm": spec})
         files += pair
         for f, back in zip(pair, _reload_pair(pair)):
             tm = build_timm(spec).eval()
@@ -353,7 +434,7 @@ def export_model(src: str | os.PathLike, out_dir: str | os.PathLike, cfg: Config
             checks[f"timm:{f.suffix}"] = _check(f"timm {spec['arch']} ({f.name})", got, want, tol)
 
     if "pt2" in formats:
-        pt2 = out / f"{name}.pt2"
+        pt2 = stage / f"{name}.pt2"
         try:
             export_program(model, x, pt2)
         except Exception as e:  # a tracing failure is a bug to report, with the cause
@@ -382,10 +463,10 @@ def export_model(src: str | os.PathLike, out_dir: str | os.PathLike, cfg: Config
         "files": {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in files},
         "verification": {"max_abs_diff": checks, "tolerance": tol, "batch": batch},
     }
-    side_path = out / f"{name}.json"
-    tmp = side_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(side, indent=2))
-    os.replace(tmp, side_path)
+    staged_side = stage / f"{name}.json"
+    staged_side.write_text(json.dumps(side, indent=2))
+    verify_checksums(staged_side)
+    side_path = _publish([*files, staged_side], out)[-1]  # the sidecar last: it vouches for the others
     verify_checksums(side_path)
     log.info("export: wrote %s; all re-loaded exports match (max abs diff %s)", ", ".join(side["files"]),
              ", ".join(f"{k} {v:.2g}" for k, v in checks.items()))

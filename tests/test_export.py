@@ -132,7 +132,59 @@ def test_checksum_and_mismatch_fail_loudly(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ex, "timm_state_dict", broken)
     with pytest.raises(ExportError, match="differs"):
-        export_model(tmp_path / "c.pth", tmp_path / "out2", formats=("timm",))
+        export_model(tmp_path / "c.pth", tmp_path / "out2" / "deeper", formats=("timm",))
+    # nothing of the failed export is left: no files, no staging folder, no directory it created
+    assert not (tmp_path / "out2").exists()
+    before = sorted(os.listdir(tmp_path / "out"))
+    with pytest.raises(ExportError, match="differs"):
+        export_model(tmp_path / "c.pth", tmp_path / "out", name="again", formats=("timm",))
+    assert sorted(os.listdir(tmp_path / "out")) == before  # an existing directory is kept as it was
+
+
+def test_exported_files_follow_the_umask_and_out_must_be_a_directory(tmp_path):
+    cfg = tiny_config(objective="supervised")
+    _save(build_model(cfg, device="cpu"), cfg, tmp_path / "c.pth")
+    old = os.umask(0o027)
+    try:
+        export_model(tmp_path / "c.pth", tmp_path / "out", formats=("timm", "full"))
+    finally:
+        os.umask(old)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "out").iterdir()}
+    assert modes and all(m == 0o640 for m in modes.values()), modes  # safetensors alone would give 0600
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ExportError, match="is a file, not a directory"):
+        export_model(tmp_path / "c.pth", tmp_path / "file", formats=("timm",))
+    with pytest.raises(ExportError, match="'.*file' is a file, not a directory"):
+        export_model(tmp_path / "c.pth", tmp_path / "file" / "sub", formats=("timm",))
+
+
+def test_every_exported_file_finds_its_sidecar_config(tmp_path):
+    """knn / linprobe / eval read the config of an export from its sidecar, whichever file they are given."""
+    from fastsupmae.export import config_for_checkpoint, sidecar_of
+    from fastsupmae.tasks.common import load_weights
+
+    cfg = tiny_config(objective="supmae", patch_size=8)
+    model = build_model(cfg, device="cpu")
+    _randomize(model)
+    _save(model, cfg, tmp_path / "c.pth")
+    side = export_model(tmp_path / "c.pth", tmp_path / "out", name="enc")
+    assert set(side["files"]) == {"enc_timm.safetensors", "enc_timm.pth", "enc_full.safetensors", "enc_full.pth",
+                                  "enc.pt2"}
+    x = torch.randn(2, 3, 16, 16)
+    model.eval()
+    with torch.no_grad():
+        want = model.forward_features(x)
+    for fname in side["files"]:
+        f = tmp_path / "out" / fname
+        assert sidecar_of(f) == tmp_path / "out" / "enc.json", fname
+        got_cfg = config_for_checkpoint(f)
+        assert got_cfg.model.patch_size == 8 and got_cfg.model.objective == "supmae", fname
+        # the encoder of every format loads for feature use (timm / .pt2 hold no decoder or SupMAE head)
+        fresh = build_model(got_cfg, device="cpu").eval()
+        load_weights(fresh, f, encoder_only=True)
+        with torch.no_grad():
+            torch.testing.assert_close(fresh.forward_features(x), want, rtol=1e-5, atol=1e-5, msg=fname)
+    assert sidecar_of(tmp_path / "c.pth") is None
 
 
 def test_timm_spec_names_standard_sizes():

@@ -140,22 +140,50 @@ def read_any_state_dict(src: str | os.PathLike, tag: str | None = None) -> dict[
     return read_state_dict(sd)
 
 
-def load_weights(model: nn.Module, src: str | os.PathLike, strict: bool = True) -> dict[str, list[str]]:
-    """Load any checkpoint form into ``model`` (see :func:`fastsupmae.models.checkpoint.load_checkpoint`)."""
-    from fastsupmae.models.checkpoint import load_checkpoint
-
-    return load_checkpoint(model, read_any_state_dict(src), strict=strict)
+# Parts of a model that pooled encoder features (k-NN, linear probe) never use: an encoder-only checkpoint (a timm
+# export of a SupMAE / MAE encoder, a .pt2 program) may lack them.
+NOT_IN_FEATURES = ("decoder", "mask_token", "enc_mask_token", "cls_head.", "head.")
 
 
-def load_model_for_eval(args: argparse.Namespace) -> tuple[Config, nn.Module, torch.device]:
-    """Config + model with ``--checkpoint`` loaded, in eval mode on ``--device``."""
+def load_weights(model: nn.Module, src: str | os.PathLike, strict: bool = True,
+                 encoder_only: bool = False) -> dict[str, list[str]]:
+    """Load any checkpoint form into ``model`` (see :func:`fastsupmae.models.checkpoint.load_checkpoint`).
+
+    Args:
+        encoder_only: the caller uses pooled encoder features alone: the checkpoint may lack
+            :data:`NOT_IN_FEATURES` (they keep their initial values), but must hold every encoder tensor.
+    """
+    from fastsupmae.models.checkpoint import CheckpointError, describe_arch, load_checkpoint
+
+    sd = read_any_state_dict(src)
+    if not encoder_only:
+        return load_checkpoint(model, sd, strict=strict)
+    res = load_checkpoint(model, sd, strict=False)
+    needed = [k for k in res["missing"] if not k.startswith(NOT_IN_FEATURES) and not k.endswith("pos_embed")
+              and "num_batches_tracked" not in k]
+    if strict and needed:
+        raise CheckpointError(
+            f"checkpoint '{src}' lacks {len(needed)} encoder tensor(s) the model needs, e.g. {needed[:3]}; it holds "
+            f"a ViT with {describe_arch(sd)}; the model is {describe_arch(model.state_dict())}")
+    unused = sorted({k.split(".")[0] for k in res["missing"] if k.startswith(NOT_IN_FEATURES)})
+    if unused:
+        log.info("checkpoint: encoder only (%s absent: not used by the features)", ", ".join(unused))
+    return res
+
+
+def load_model_for_eval(args: argparse.Namespace, encoder_only: bool = False
+                        ) -> tuple[Config, nn.Module, torch.device]:
+    """Config + model with ``--checkpoint`` loaded, in eval mode on ``--device``.
+
+    ``encoder_only``: the task uses pooled features only (k-NN, linear probe), so an encoder-only export loads.
+    """
     from fastsupmae.models import build_model
 
     cfg = config_from_args(args)
     device = resolve_device(getattr(args, "device", "auto"))
     model = build_model(cfg, device=device)
     if args.checkpoint:
-        load_weights(model, args.checkpoint, strict=True)
+        load_weights(model, args.checkpoint, strict=True, encoder_only=encoder_only)
     else:
         log.warning("no --checkpoint given: evaluating randomly initialised weights")
     return cfg, model.to(device).eval(), device

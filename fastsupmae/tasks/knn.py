@@ -194,7 +194,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from fastsupmae.pipelines import build_eval_loader
     from fastsupmae.tasks.common import load_model_for_eval
 
-    cfg, model, device = load_model_for_eval(args)
+    cfg, model, device = load_model_for_eval(args, encoder_only=True)  # features only: exports load
     e = cfg.eval
     res = knn_eval(model, build_eval_loader(cfg, "train", device=device), build_eval_loader(cfg, "val", device=device),
                    k=args.k or e.knn_k, temperature=args.temperature or e.knn_temperature,

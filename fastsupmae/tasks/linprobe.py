@@ -211,7 +211,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from fastsupmae.pipelines import build_eval_loader, build_train_loader
     from fastsupmae.tasks.common import load_model_for_eval, write_json
 
-    cfg, model, device = load_model_for_eval(args)
+    cfg, model, device = load_model_for_eval(args, encoder_only=True)  # features only: exports load
     opts = LinprobeOptions(epochs=args.epochs, blr=args.blr, warmup_epochs=args.warmup_epochs,
                            weight_decay=args.weight_decay, optimizer=args.optimizer, batch=args.batch,
                            augment=args.augment, feature=args.feature)
