@@ -43,15 +43,16 @@ def to_run_dir(out_dir: str | Path, rank: int) -> Path:
     global _file
     path = Path(out_dir) / "logs" / f"deepspeed_rank{rank}.log"
     path.parent.mkdir(parents=True, exist_ok=True)
-    if _file is not None and Path(_file.name) != path:
-        _file.close()
-        _file = None
-    if _file is None:
-        _file = open(path, "a", buffering=1)  # noqa: SIM115 - kept open for the process; line-buffered
-        _file.write(_held.getvalue())
-        _held.seek(0)
-        _held.truncate()
-    _redirect_deepspeed_logger()
+    if _file is not None and Path(_file.name) == path:
+        return path
+    old = _file
+    _file = open(path, "a", buffering=1)  # noqa: SIM115 - kept open for the process; line-buffered
+    _file.write(_held.getvalue())
+    _held.seek(0)
+    _held.truncate()
+    _redirect_deepspeed_logger()  # before closing the old file: the handler flushes its stream when it changes
+    if old is not None:
+        old.close()
     return path
 
 

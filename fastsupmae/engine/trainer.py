@@ -4,10 +4,18 @@ One optimizer step = ``grad_accum`` micro-batches per rank (``global_batch = mic
 The loop never synchronises the device per step: losses, grad norms and the skipped-step counters are summed
 on the device and read once per log step, where the ranks also agree on whether to stop (time limit, signal,
 too many NaN/Inf steps in a row).
+
+Where to look: :meth:`Trainer.maybe_resume` (which checkpoint, and restoring it), :meth:`Trainer._start` (set-up
+of one ``fit``), :meth:`Trainer._optimizer_step` (accumulation, backward, the step) with
+:meth:`Trainer._bookkeeping` (NaN/Inf skipping and the on-device sums), :meth:`Trainer._control_point` (the log
+step: one reduction over ranks, the metrics record, divergence, the checkpoint, the agreed stop) and
+:meth:`Trainer._finish`; the profiler is a context around the loop. A task supplies its model, its data loader
+and, when it does not pretrain, its ``forward_loss``; everything else here serves every task.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -63,6 +71,35 @@ class TrainResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
+def _pretrain_forward(engine: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return engine(batch["images"], labels=batch["labels"])
+
+
+@dataclass
+class _Loop:
+    """State of one :meth:`Trainer.fit` call between its steps (the engine, model and step count live on the
+    trainer; this is what the loop accumulates and the control point reads)."""
+
+    writer: Any
+    sums: Any
+    zero: torch.Tensor
+    skip_flag: torch.Tensor  # (applied, skipped) made once: indexing picks one per step without a host copy
+    flops_per_step: float | None
+    peak: float | None
+    tokens_per_img: float
+    saved_at: int
+    consec: torch.Tensor | None = None
+    max_consec: torch.Tensor | None = None
+    it: Any = None
+    t_start: float = 0.0
+    lr: float = 0.0
+    has_grad_norm: bool = False
+    window_t0: float = 0.0
+    window_steps: int = 0
+    timers: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("data", "fwd", "bwd", "opt"), 0.0))
+    last_record: dict[str, Any] = field(default_factory=dict)
+
+
 class Trainer:
     """DeepSpeed training of a fastsupmae model on one or many ranks.
 
@@ -74,13 +111,22 @@ class Trainer:
         dist: this process's rank information (:func:`fastsupmae.engine.distributed.init_distributed`).
         loss_transform: optional ``f(step, loss) -> loss`` applied to each micro-batch loss before backward; a
             fault-injection hook for tests (forcing NaN at chosen steps).
+        forward_loss: ``f(engine, batch) -> {'loss': [], other 0-d tensors}`` for one micro-batch already on
+            the device (``batch['images']``, ``batch['labels']``, ...); the default calls the pretraining
+            model, ``engine(images, labels=labels)``. A task that trains something else supplies its own.
+        loss_keys: the entries of ``forward_loss``'s result that are averaged into the metrics (``loss`` first).
+        progress_name: the progress bar's label.
     """
 
     def __init__(self, cfg: Config, model: torch.nn.Module, loader: Any, dist: dist_utils.DistInfo,
-                 loss_transform: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> None:
+                 loss_transform: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+                 forward_loss: Callable[[Any, dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+                 loss_keys: tuple[str, ...] = LOSS_KEYS, progress_name: str = "pretrain") -> None:
         import deepspeed
 
         self.cfg, self.loader, self.dist = cfg, loader, dist
+        self.forward_loss = forward_loss or _pretrain_forward
+        self.loss_keys, self.progress_name = tuple(loss_keys), progress_name
         t = cfg.train
         self.device = dist.device
         self.out_dir = Path(t.output_dir)
@@ -291,9 +337,10 @@ class Trainer:
             except StopIteration:
                 raise RuntimeError("the training loader yielded no batch for a whole epoch") from None
 
-    def _profiler(self) -> Any:
+    def _profiling(self) -> Any:
+        """torch.profiler over a few steady-state steps (``train.profile``), or a context that does nothing."""
         if not self.cfg.train.profile:
-            return None
+            return contextlib.nullcontext()
         from torch.profiler import ProfilerActivity, profile, schedule
 
         trace_dir = self.out_dir / "profile"
@@ -336,6 +383,19 @@ class Trainer:
                 self._bar.close()
 
     def _fit(self) -> TrainResult:
+        loop = self._start()
+        stopped = None
+        with self._profiling() as prof:
+            while self.step < self.total_steps and stopped is None:
+                self._optimizer_step(loop)
+                if prof is not None:
+                    prof.step()
+                stopped = self._control_point(loop)
+        return self._finish(loop, stopped or "done")
+
+    # ----------------------------------------------------------------------------------------- set-up and end
+    def _start(self) -> _Loop:
+        """Before the first step: the run directory, signals, metrics writer, progress bar, loop state."""
         t = self.cfg.train
         is_main = self.dist.is_main
         if is_main:
@@ -349,195 +409,209 @@ class Trainer:
         self.ckpt.cleanup_stale()
         dist_utils.barrier()
         self._install_signal_handlers()
-        writer = mx.MetricsWriter(self.out_dir, enabled=is_main, tensorboard=t.tensorboard)
-        flops_per_step = mx.train_flops_per_step(self.cfg, t.global_batch)
-        peak = mx.device_peak_flops(self.device, self.precision) if flops_per_step else None
-        tokens_per_img = mx.encoder_tokens_per_image(self.cfg)
-        sums = mx.DeviceSums(self.device)
-        zero = torch.zeros((), device=self.device)
-        # (applied, skipped) flags made once: indexing picks one per step without a host -> device copy
-        skip_flag = torch.tensor([0.0, 1.0], device=self.device)
-        consec, max_consec = zero.clone(), zero.clone()
+        flops = mx.train_flops_per_step(self.cfg, t.global_batch)
+        loop = _Loop(writer=mx.MetricsWriter(self.out_dir, enabled=is_main, tensorboard=t.tensorboard),
+                     sums=mx.DeviceSums(self.device), zero=torch.zeros((), device=self.device),
+                     skip_flag=torch.tensor([0.0, 1.0], device=self.device), flops_per_step=flops,
+                     peak=mx.device_peak_flops(self.device, self.precision) if flops else None,
+                     tokens_per_img=mx.encoder_tokens_per_image(self.cfg),
+                     saved_at=self.step if self.last_checkpoint else -1)
+        loop.consec, loop.max_consec = loop.zero.clone(), loop.zero.clone()
         if is_main:
-            writer.write({"event": "start", "step": self.step, "total_steps": self.total_steps,
-                          "world_size": self.dist.world_size, "grad_accum": self.grad_accum,
-                          "precision": self.precision, "zero_stage": self.zero_stage, "optimizer": self.optimizer_name,
-                          "params": self.n_params, "peak_lr": self.peak_lr, "device": str(self.device),
-                          "peak_tflops_per_device": peak / 1e12 if peak else None})
+            loop.writer.write({"event": "start", "step": self.step, "total_steps": self.total_steps,
+                               "world_size": self.dist.world_size, "grad_accum": self.grad_accum,
+                               "precision": self.precision, "zero_stage": self.zero_stage,
+                               "optimizer": self.optimizer_name, "params": self.n_params, "peak_lr": self.peak_lr,
+                               "device": str(self.device),
+                               "peak_tflops_per_device": loop.peak / 1e12 if loop.peak else None})
             log.info("training %s params, steps %d -> %d, %d rank(s) x micro %d x accum %d = batch %d, %s, ZeRO %d",
                      f"{self.n_params:,}", self.step, self.total_steps, self.dist.world_size, t.micro_batch,
                      self.grad_accum, t.global_batch, self.precision, self.zero_stage)
-        bar = None
-        if is_main and t.progress:
-            from tqdm import tqdm
+            if t.progress:
+                from tqdm import tqdm
 
-            bar = tqdm(total=self.total_steps, initial=self.step, desc="pretrain", dynamic_ncols=True)
-        self._bar = bar
-        prof = self._profiler()
-        if prof is not None:
-            prof.__enter__()
-
+                self._bar = tqdm(total=self.total_steps, initial=self.step, desc=self.progress_name,
+                                 dynamic_ncols=True)
         self.engine.train()
         self.loader.set_epoch(self.epoch)
-        it = iter(self.loader)
-        t_start = time.time()
-        win_t0 = time.perf_counter()
-        win_steps = 0
-        timers = {"data": 0.0, "fwd": 0.0, "bwd": 0.0, "opt": 0.0}
-        stopped = "done"
-        last_record: dict[str, Any] = {}
-        saved_at = self.step if self.last_checkpoint else -1
-        while self.step < self.total_steps:
-            lr = optim.lr_at(self.step, self.total_steps, self.warmup_steps, self.peak_lr, t.min_lr)
-            optim.set_lr(self.client_opt, lr)
-            if self.guarded:
-                self.client_opt.last_found_inf = self.client_opt.last_grad_norm = None
-            for b, s in zip(self._bn_buffers, self._bn_backup):
-                s.copy_(b)
-            step_loss: dict[str, torch.Tensor] = {}
-            for _ in range(self.grad_accum):
-                t0 = time.perf_counter()
-                it, batch = self._next_batch(it)
-                imgs, labels = batch["images"], batch["labels"]
-                if imgs.device != self.device:
-                    imgs, labels = imgs.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-                if self.input_dtype is not None and imgs.is_floating_point():
-                    imgs = imgs.to(self.input_dtype)  # uint8 stays uint8: the model normalises it
-                t1 = time.perf_counter()
-                out = self.engine(imgs, labels=labels)
-                loss = out["loss"]
-                if self.loss_transform is not None:
-                    loss = self.loss_transform(self.step, loss)
-                t2 = time.perf_counter()
-                self.engine.backward(loss)
-                t3 = time.perf_counter()
-                self.engine.step()  # an optimizer step only at the accumulation boundary
-                t4 = time.perf_counter()
-                timers["data"] += t1 - t0
-                timers["fwd"] += t2 - t1
-                timers["bwd"] += t3 - t2
-                timers["opt"] += t4 - t3
-                for k in LOSS_KEYS:
-                    v = loss if k == "loss" else out.get(k)
-                    if v is not None:
-                        v = v.detach().float()
-                        step_loss[k] = v if k not in step_loss else step_loss[k] + v
-            # ---- per-step bookkeeping, all on the device
-            # DeepSpeed's own skip (ZeRO/fp16 overflow check: a host bool it has already synced) OR the guarded
-            # optimizer's on-device flag.
-            found = skip_flag[0 if self.engine.was_step_applied() else 1]
-            if self.guarded and self.client_opt.last_found_inf is not None:
-                found = torch.maximum(found, self.client_opt.last_found_inf)
-            good = 1.0 - found
-            for b, s in zip(self._bn_buffers, self._bn_backup):
-                b.copy_(torch.where(found > 0, s, b))
-            consec = (consec + found) * found
-            max_consec = torch.maximum(max_consec, consec)
-            for k, v in step_loss.items():
-                # Skipped steps are counted, not averaged into the losses (one NaN would hide the rest).
-                sums.add(k, torch.where(found > 0, zero, v / self.grad_accum))
-            sums.add("good", good)
-            sums.add("skipped", found)
-            gn = self.client_opt.last_grad_norm if self.guarded and self.zero_stage == 0 \
-                else self.engine.get_global_grad_norm()
-            if gn is not None:
-                if isinstance(gn, torch.Tensor) and (gn.device.type != "cpu" or self.device.type == "cpu"):
-                    gn_t = gn.detach().float().reshape(()).to(self.device)
-                else:  # a host value (DeepSpeed read it already): a fill kernel, no blocking host -> device copy
-                    gn_t = torch.full((), float(gn), device=self.device)
-                sums.add("grad_norm", torch.where((found > 0) | ~torch.isfinite(gn_t), zero, gn_t))
-            self.step += 1
-            win_steps += 1
-            if prof is not None:
-                prof.step()
-            if bar is not None:
-                bar.update(1)
+        loop.it = iter(self.loader)
+        loop.t_start = time.time()
+        loop.window_t0 = time.perf_counter()
+        return loop
 
-            # ---- control point: log step, checkpoint step or the last step
-            is_last = self.step >= self.total_steps
-            want_ckpt = t.ckpt_every > 0 and self.step % t.ckpt_every == 0
-            if self.step % t.log_every and not want_ckpt and not is_last:
-                continue
-            elapsed = time.time() - t_start
-            over_time = t.time_limit_min > 0 and elapsed >= t.time_limit_min * 60
-            world = self.dist.world_size
-            names = ["loss", "rec_loss", "cls_loss", "good", "skipped", "grad_norm", "max_consec", "consec"]
-            sums.add("max_consec", max_consec / world)  # identical on every rank: divide so the SUM is the value
-            sums.add("consec", consec / world)
-            stop_file = is_main and (self.out_dir / STOP_FILE).exists()
-            vals, flags = sums.collect(names, [float(over_time), float(self._stop_signal), float(stop_file)])
-            max_consec = zero.clone()
-            good_n = vals["good"] / world
-            skipped_n = round(vals["skipped"] / world)
-            self.skipped_total += skipped_n
-            win_dt = time.perf_counter() - win_t0
-            imgs_s = win_steps * t.global_batch / max(win_dt, 1e-9)
-            rec: dict[str, Any] = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "lr": lr}
-            for k in LOSS_KEYS:
-                if k in vals and (vals[k] != 0 or k == "loss"):
-                    rec[k] = vals[k] / world / good_n if good_n > 0 else float("nan")
-            rec["grad_norm"] = vals["grad_norm"] / world / good_n if good_n > 0 and gn is not None else None
-            rec.update({
-                "skipped_steps": self.skipped_total, "skipped_in_window": skipped_n,
-                "images_per_s": imgs_s, "images_per_s_per_device": imgs_s / world,
-                "visible_tokens_per_s": imgs_s * tokens_per_img,
-                "step_time_s": win_dt / win_steps,
-                "data_wait_share": timers["data"] / max(win_dt, 1e-9),
-                "time_data_s": timers["data"] / win_steps, "time_fwd_s": timers["fwd"] / win_steps,
-                "time_bwd_s": timers["bwd"] / win_steps, "time_opt_s": timers["opt"] / win_steps,
-                "peak_mem_gib": mx.peak_memory_gib(self.device), "elapsed_s": elapsed,
-            })
-            if flops_per_step:
-                tflops_dev = flops_per_step * win_steps / max(win_dt, 1e-9) / world / 1e12
-                rec["tflops_per_device"] = tflops_dev
-                rec["tflops"] = tflops_dev * world
-                if peak and self.device.type == "cpu" and not os.environ.get(mx.PEAK_ENV):
-                    peak = mx.refresh_cpu_peak(peak, tflops_dev * 1e12, self.precision)
-                rec["mfu"] = tflops_dev * 1e12 / peak if peak else None
-            writer.write(rec)
-            last_record = rec
-            if bar is not None:
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{imgs_s:.0f}", refresh=False)
-            win_t0, win_steps = time.perf_counter(), 0
-            timers = dict.fromkeys(timers, 0.0)
-
-            if vals["max_consec"] >= t.max_bad_steps:
-                msg = (f"the loss or gradients were NaN/Inf for {int(vals['max_consec'])} optimizer steps in a row "
-                       f"(train.max_bad_steps={t.max_bad_steps}) before step {self.step}; stopping. "
-                       f"Last good checkpoint: {self.last_checkpoint or 'none (no checkpoint was written yet)'}. "
-                       f"Lower train.blr, "
-                       f"keep train.clip_grad > 0, or use train.precision=bf16/fp32 and check the data")
-                if bar is not None:
-                    bar.close()
-                writer.write({"event": "diverged", "step": self.step, "message": msg})
-                writer.close()
-                if prof is not None:
-                    prof.__exit__(None, None, None)
-                raise TrainingDivergedError(msg)
-            stop_now = flags[0] > 0 or flags[1] > 0 or flags[2] > 0
-            in_streak = vals["consec"] > 0
-            if (want_ckpt or is_last or stop_now) and self.step != saved_at:
-                if in_streak:
-                    log.warning("step %d: not checkpointing inside a run of NaN/Inf steps (last good: %s)",
-                                self.step, self.last_checkpoint)
-                else:
-                    self.save()
-                    saved_at = self.step
-            if stop_now:
-                stopped = "time_limit" if flags[0] > 0 else "signal" if flags[1] > 0 else "stop_file"
-                if is_main:
-                    if flags[2] > 0:  # consumed: the continued run must not stop at once
-                        (self.out_dir / STOP_FILE).unlink(missing_ok=True)
-                    log.warning("stopping at step %d (%s); resume with train.resume=auto", self.step, stopped)
-                break
-        if prof is not None:
-            prof.__exit__(None, None, None)
-        if bar is not None:
-            bar.close()
-        if is_main:
-            writer.write({"event": "end", "step": self.step, "stopped": stopped, "skipped_steps": self.skipped_total,
-                          "elapsed_s": time.time() - t_start, "last_checkpoint": self.last_checkpoint})
-        writer.close()
+    def _finish(self, loop: _Loop, stopped: str) -> TrainResult:
+        if self._bar is not None:
+            self._bar.close()
+        if self.dist.is_main:
+            loop.writer.write({"event": "end", "step": self.step, "stopped": stopped,
+                               "skipped_steps": self.skipped_total, "elapsed_s": time.time() - loop.t_start,
+                               "last_checkpoint": self.last_checkpoint})
+        loop.writer.close()
         return TrainResult(step=self.step, epoch=self.step / self.steps_per_epoch, stopped=stopped,
                            last_checkpoint=self.last_checkpoint, skipped_steps=self.skipped_total,
-                           metrics=last_record)
+                           metrics=loop.last_record)
+
+    # ----------------------------------------------------------------------------------- one optimizer step
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        imgs, labels = batch["images"], batch["labels"]
+        if imgs.device != self.device:
+            imgs, labels = imgs.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        if self.input_dtype is not None and imgs.is_floating_point():
+            imgs = imgs.to(self.input_dtype)  # uint8 stays uint8: the model normalises it
+        return {**batch, "images": imgs, "labels": labels}
+
+    def _optimizer_step(self, loop: _Loop) -> None:
+        """``grad_accum`` micro-batches (forward, backward), one optimizer step, and the step's bookkeeping on
+        the device: NaN/Inf skipping (with the BatchNorm statistics restored), loss and grad-norm sums."""
+        t = self.cfg.train
+        loop.lr = optim.lr_at(self.step, self.total_steps, self.warmup_steps, self.peak_lr, t.min_lr)
+        optim.set_lr(self.client_opt, loop.lr)
+        if self.guarded:
+            self.client_opt.last_found_inf = self.client_opt.last_grad_norm = None
+        for b, s in zip(self._bn_buffers, self._bn_backup):
+            s.copy_(b)
+        step_loss: dict[str, torch.Tensor] = {}
+        timers = loop.timers
+        for _ in range(self.grad_accum):
+            t0 = time.perf_counter()
+            loop.it, batch = self._next_batch(loop.it)
+            batch = self._to_device(batch)
+            t1 = time.perf_counter()
+            out = self.forward_loss(self.engine, batch)
+            loss = out["loss"]
+            if self.loss_transform is not None:
+                loss = self.loss_transform(self.step, loss)
+            t2 = time.perf_counter()
+            self.engine.backward(loss)
+            t3 = time.perf_counter()
+            self.engine.step()  # an optimizer step only at the accumulation boundary
+            t4 = time.perf_counter()
+            timers["data"] += t1 - t0
+            timers["fwd"] += t2 - t1
+            timers["bwd"] += t3 - t2
+            timers["opt"] += t4 - t3
+            for k in self.loss_keys:
+                v = loss if k == "loss" else out.get(k)
+                if v is not None:
+                    v = v.detach().float()
+                    step_loss[k] = v if k not in step_loss else step_loss[k] + v
+        self._bookkeeping(loop, step_loss)
+        self.step += 1
+        loop.window_steps += 1
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def _bookkeeping(self, loop: _Loop, step_loss: dict[str, torch.Tensor]) -> None:
+        """All on the device, no host sync: was the step skipped, and the sums the next log step reads."""
+        # DeepSpeed's own skip (ZeRO/fp16 overflow check: a host bool it has already synced) OR the guarded
+        # optimizer's on-device flag.
+        found = loop.skip_flag[0 if self.engine.was_step_applied() else 1]
+        if self.guarded and self.client_opt.last_found_inf is not None:
+            found = torch.maximum(found, self.client_opt.last_found_inf)
+        for b, s in zip(self._bn_buffers, self._bn_backup):
+            b.copy_(torch.where(found > 0, s, b))
+        loop.consec = (loop.consec + found) * found
+        loop.max_consec = torch.maximum(loop.max_consec, loop.consec)
+        for k, v in step_loss.items():
+            # Skipped steps are counted, not averaged into the losses (one NaN would hide the rest).
+            loop.sums.add(k, torch.where(found > 0, loop.zero, v / self.grad_accum))
+        loop.sums.add("good", 1.0 - found)
+        loop.sums.add("skipped", found)
+        gn = self.client_opt.last_grad_norm if self.guarded and self.zero_stage == 0 \
+            else self.engine.get_global_grad_norm()
+        loop.has_grad_norm = gn is not None
+        if gn is not None:
+            if isinstance(gn, torch.Tensor) and (gn.device.type != "cpu" or self.device.type == "cpu"):
+                gn_t = gn.detach().float().reshape(()).to(self.device)
+            else:  # a host value (DeepSpeed read it already): a fill kernel, no blocking host -> device copy
+                gn_t = torch.full((), float(gn), device=self.device)
+            loop.sums.add("grad_norm", torch.where((found > 0) | ~torch.isfinite(gn_t), loop.zero, gn_t))
+
+    # ------------------------------------------------------------------------------------- the control point
+    def _control_point(self, loop: _Loop) -> str | None:
+        """On log, checkpoint and last steps: the one host sync (sums and stop flags reduced over ranks), the
+        metrics record, divergence, the checkpoint, and the agreed decision to stop. Returns why the run stops
+        ('time_limit' | 'signal' | 'stop_file'), or None to go on."""
+        t = self.cfg.train
+        is_last = self.step >= self.total_steps
+        want_ckpt = t.ckpt_every > 0 and self.step % t.ckpt_every == 0
+        if self.step % t.log_every and not want_ckpt and not is_last:
+            return None
+        elapsed = time.time() - loop.t_start
+        over_time = t.time_limit_min > 0 and elapsed >= t.time_limit_min * 60
+        world = self.dist.world_size
+        names = [*self.loss_keys, "good", "skipped", "grad_norm", "max_consec", "consec"]
+        loop.sums.add("max_consec", loop.max_consec / world)  # identical on every rank: /world so the SUM is it
+        loop.sums.add("consec", loop.consec / world)
+        stop_file = self.dist.is_main and (self.out_dir / STOP_FILE).exists()
+        vals, flags = loop.sums.collect(names, [float(over_time), float(self._stop_signal), float(stop_file)])
+        loop.max_consec = loop.zero.clone()
+        self._log_window(loop, vals, elapsed)
+        if vals["max_consec"] >= t.max_bad_steps:
+            self._diverged(loop, int(vals["max_consec"]))
+        stop_now = flags[0] > 0 or flags[1] > 0 or flags[2] > 0
+        if (want_ckpt or is_last or stop_now) and self.step != loop.saved_at:
+            if vals["consec"] > 0:
+                log.warning("step %d: not checkpointing inside a run of NaN/Inf steps (last good: %s)",
+                            self.step, self.last_checkpoint)
+            else:
+                self.save()
+                loop.saved_at = self.step
+        if not stop_now:
+            return None
+        stopped = "time_limit" if flags[0] > 0 else "signal" if flags[1] > 0 else "stop_file"
+        if self.dist.is_main:
+            if flags[2] > 0:  # consumed: the continued run must not stop at once
+                (self.out_dir / STOP_FILE).unlink(missing_ok=True)
+            log.warning("stopping at step %d (%s); resume with train.resume=auto", self.step, stopped)
+        return stopped
+
+    def _log_window(self, loop: _Loop, vals: dict[str, float], elapsed: float) -> None:
+        """One metrics record for the steps since the last control point (rank 0 writes it)."""
+        t = self.cfg.train
+        world = self.dist.world_size
+        good_n = vals["good"] / world
+        skipped_n = round(vals["skipped"] / world)
+        self.skipped_total += skipped_n
+        steps, timers = loop.window_steps, loop.timers
+        win_dt = time.perf_counter() - loop.window_t0
+        imgs_s = steps * t.global_batch / max(win_dt, 1e-9)
+        rec: dict[str, Any] = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "lr": loop.lr}
+        for k in self.loss_keys:
+            if k in vals and (vals[k] != 0 or k == "loss"):
+                rec[k] = vals[k] / world / good_n if good_n > 0 else float("nan")
+        rec["grad_norm"] = vals["grad_norm"] / world / good_n if good_n > 0 and loop.has_grad_norm else None
+        rec.update({
+            "skipped_steps": self.skipped_total, "skipped_in_window": skipped_n,
+            "images_per_s": imgs_s, "images_per_s_per_device": imgs_s / world,
+            "visible_tokens_per_s": imgs_s * loop.tokens_per_img,
+            "step_time_s": win_dt / steps,
+            "data_wait_share": timers["data"] / max(win_dt, 1e-9),
+            "time_data_s": timers["data"] / steps, "time_fwd_s": timers["fwd"] / steps,
+            "time_bwd_s": timers["bwd"] / steps, "time_opt_s": timers["opt"] / steps,
+            "peak_mem_gib": mx.peak_memory_gib(self.device), "elapsed_s": elapsed,
+        })
+        if loop.flops_per_step:
+            tflops_dev = loop.flops_per_step * steps / max(win_dt, 1e-9) / world / 1e12
+            rec["tflops_per_device"] = tflops_dev
+            rec["tflops"] = tflops_dev * world
+            if loop.peak and self.device.type == "cpu" and not os.environ.get(mx.PEAK_ENV):
+                loop.peak = mx.refresh_cpu_peak(loop.peak, tflops_dev * 1e12, self.precision)
+            rec["mfu"] = tflops_dev * 1e12 / loop.peak if loop.peak else None
+        loop.writer.write(rec)
+        loop.last_record = rec
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{loop.lr:.2e}", img_s=f"{imgs_s:.0f}",
+                                  refresh=False)
+        loop.window_t0, loop.window_steps = time.perf_counter(), 0
+        loop.timers = dict.fromkeys(loop.timers, 0.0)
+
+    def _diverged(self, loop: _Loop, streak: int) -> None:
+        t = self.cfg.train
+        msg = (f"the loss or gradients were NaN/Inf for {streak} optimizer steps in a row "
+               f"(train.max_bad_steps={t.max_bad_steps}) before step {self.step}; stopping. "
+               f"Last good checkpoint: {self.last_checkpoint or 'none (no checkpoint was written yet)'}. "
+               f"Lower train.blr, keep train.clip_grad > 0, or use train.precision=bf16/fp32 and check the data")
+        loop.writer.write({"event": "diverged", "step": self.step, "message": msg})
+        loop.writer.close()
+        raise TrainingDivergedError(msg)
