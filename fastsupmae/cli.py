@@ -55,6 +55,26 @@ def config_from_args(args: argparse.Namespace, default: str | None = DEFAULT_CON
     return load_config(paths, args.overrides)
 
 
+# Commands whose whole config comes from --config / key=value: it is validated before their module (and torch,
+# DeepSpeed) is imported, so a typo or an out-of-range value is answered in a fraction of a second.
+CONFIG_FIRST = ("pretrain",)
+
+
+def _validate_config_first(rest: list[str]) -> None:
+    """Load (and so validate) the config named by ``rest`` (the arguments after the command); other flags are
+    the command's own and are ignored here."""
+    p = argparse.ArgumentParser(add_help=False, parents=[_global_options(default=False)])
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None)
+    add_config_args(p)
+    if "-h" in rest or "--help" in rest:
+        return
+    try:
+        known, _ = p.parse_known_args(rest)
+    except SystemExit:  # a malformed argument: the command's own parser reports it, with the right usage line
+        return
+    config_from_args(known)
+
+
 def _lazy(module: str, what: str) -> tuple[Callable, Callable]:
     try:
         mod = importlib.import_module(module)
@@ -169,6 +189,9 @@ def _setup_logging(level: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        word, at = _command_word(argv)
+        if word in CONFIG_FIRST:
+            _validate_config_first(argv[at + 1:])
         parser = build_parser(argv)
         args = parser.parse_args(argv)
         _setup_logging(args.log_level)

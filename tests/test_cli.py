@@ -49,3 +49,13 @@ def test_version_and_bad_log_level():
     r = subprocess.run([sys.executable, "-m", "fastsupmae", "--log-level", "LOUD", "config"], capture_output=True,
                        text=True)
     assert r.returncode == 2 and "'LOUD' is not a logging level" in r.stderr
+
+
+@pytest.mark.parametrize("argv", [["pretrain", "train.lr=-1"], ["--log-level", "WARNING", "pretrain", "--resume",
+                                                                 "train.lr=-1"]])
+def test_pretrain_config_is_validated_before_torch_is_imported(argv):
+    code = (f"import sys; from fastsupmae.cli import main; rc = main({argv!r}); "
+            "print(rc, 'torch' in sys.modules, 'deepspeed' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.stdout.split() == ["2", "False", "False"], r.stdout + r.stderr
+    assert "train.lr: -1.0 is out of range" in r.stderr and "blr" not in r.stderr

@@ -130,15 +130,17 @@ def test_each_bound_names_its_one_key(override, key):
 
 
 def test_every_numeric_key_has_a_bound():
-    """A new numeric field must get its interval in BOUNDS (or a reason to be exempt here)."""
+    """A new numeric field must get its interval in BOUNDS (or a reason to be exempt here). Keys that also take a
+    word (``int | str``, e.g. 'auto') are checked where the word is understood."""
     exempt = {"model.in_chans", "model.img_size", "data.scale", "data.mean"}
     cfg = Config()
     numeric = set()
     for section in ("model", "data", "train", "eval"):
         hints = typing.get_type_hints(type(getattr(cfg, section)))
         for f in dataclasses.fields(getattr(cfg, section)):
-            if any(t in (int, float) for t in (hints[f.name], *typing.get_args(hints[f.name]))) or \
-                    typing.get_args(hints[f.name]) in ((int,), (float,)):
+            tp = hints[f.name]
+            parts = [a for a in (typing.get_args(tp) or (tp,)) if a is not type(None)]
+            if all(a in (int, float) for a in parts) or (typing.get_origin(tp) is list and parts[0] in (int, float)):
                 numeric.add(f"{section}.{f.name}")
     assert numeric - exempt - set(BOUNDS) == set()
     assert set(BOUNDS) <= numeric
