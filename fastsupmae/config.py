@@ -112,7 +112,17 @@ class DataConfig:
     root: str = _f("/usr/share/datasets/fashion-mnist", "dataset location (folder, list file or shard pattern)")
     val_root: str = _f("", "evaluation split location (default: derived from root where the source knows how)")
     pipeline: str = _f("auto", "auto | dali | cpu | memory (auto: DALI on GPU, else the CPU pipeline)")
-    num_workers: int = _f(2, "CPU decode workers / DALI threads")
+    num_workers: int = _f(2, "CPU pipeline: decode worker processes (DALI has its own data.dali_* keys)")
+    dali_threads: int | str = _f("auto", "DALI CPU threads per rank (host part of decoding, CPU operators); auto: "
+                                         "cores per local rank - dali_workers - 1, at most 16")
+    dali_workers: int | str = _f("auto", "DALI feeding processes per rank (read, screen, replace files off the "
+                                         "training thread; 0: in DALI's thread); auto: cores per local rank / 4, 1-8")
+    dali_prefetch: int | str = _f("auto", "batches DALI prepares ahead; auto: 2 below 8 cores per local rank, else 3")
+    dali_hw_decoder_load: float | str = _f("auto", "share of JPEGs for the GPU's hardware decoder (A100/H100/H200) in "
+                                                   "[0, 1]; auto: 0.9 below 8 cores per local rank, else 0.75")
+    dali_preallocate: str = _f("auto", "nvJPEG buffer size hint: auto (largest of a few files) | off | WIDTHxHEIGHT")
+    dali_verify: bool = _f(True, "DALI feeding checks every JPEG with a 1/8-scale CPU decode, so a file corrupt in "
+                                 "mid-stream is bad on every path (costs ~0.2 ms of a worker per JPEG)")
     bad_files: str = _f("skip", "skip (count and log once) | strict (stop naming the file)")
     scale: list[float] = _f([0.2, 1.0], "RandomResizedCrop area range")
     hflip: bool = _f(True, "random horizontal flip")
@@ -433,6 +443,23 @@ def _choice(key: str, value: str, options: tuple[str, ...] | list[str]) -> None:
         raise ConfigError(f"{key}: '{value}' is not one of {', '.join(options)}")
 
 
+def _check_dali_keys(d: DataConfig) -> None:
+    """data.dali_*: 'auto' or a value in range; the message names the key."""
+    for key, lo in (("dali_threads", 1), ("dali_workers", 0), ("dali_prefetch", 1)):
+        v = getattr(d, key)
+        if v != "auto" and (isinstance(v, str) or v < lo):
+            raise ConfigError(f"data.{key}: {v!r} is neither auto nor an integer >= {lo}")
+    v = d.dali_hw_decoder_load
+    if v != "auto" and (isinstance(v, str) or not 0.0 <= v <= 1.0):
+        raise ConfigError(f"data.dali_hw_decoder_load: {v!r} is neither auto nor a share in [0, 1]")
+    p = str(d.dali_preallocate).lower()
+    if p not in ("auto", "off"):
+        parts = p.split("x")
+        if len(parts) != 2 or not all(x.isdigit() and int(x) > 0 for x in parts):
+            raise ConfigError(f"data.dali_preallocate: {d.dali_preallocate!r} is not auto, off or WIDTHxHEIGHT "
+                              f"(e.g. 500x375)")
+
+
 def validate_config(cfg: Config, world_size: int | None = None) -> None:
     m, d, t, e = cfg.model, cfg.data, cfg.train, cfg.eval
     check_bounds(cfg)  # each key's own range first: a relation check must never be the one to report it
@@ -446,6 +473,7 @@ def validate_config(cfg: Config, world_size: int | None = None) -> None:
     _choice("data.pipeline", d.pipeline, ("auto", "dali", "cpu", "memory"))
     _choice("data.dataset", d.dataset, ("fashion_mnist", "imagefolder", "filelist", "webdataset", "synthetic"))
     _choice("data.bad_files", d.bad_files, ("skip", "strict"))
+    _check_dali_keys(d)
     _choice("train.precision", t.precision, ("auto", "bf16", "fp16", "fp32"))
     _choice("train.optimizer", t.optimizer, ("auto", "adamw", "fused_adam", "cpu_adam"))
     _choice("train.device", t.device, ("auto", "cuda", "cpu"))

@@ -71,6 +71,19 @@ def _log_choice(kind: str, choice: str, why: str) -> None:
         log.info("data pipeline (%s): %s (%s)", kind, choice, why)
 
 
+def _dali_kw(d: Any) -> dict[str, Any]:
+    """DaliLoader options from the data.dali_* keys (``auto`` resolved from the cores per local rank)."""
+    from .dali_support import dali_settings
+
+    s = dali_settings(getattr(d, "dali_threads", "auto"), getattr(d, "dali_workers", "auto"),
+                      getattr(d, "dali_prefetch", "auto"), getattr(d, "dali_hw_decoder_load", "auto"),
+                      str(getattr(d, "dali_preallocate", "auto")).lower())
+    _log_choice("dali", f"{s}", "data.dali_* keys")
+    return {"num_threads": s["threads"], "py_workers": s["workers"], "prefetch": s["prefetch"],
+            "hw_decoder_load": s["hw_decoder_load"], "preallocate": s["preallocate"],
+            "verify": bool(getattr(d, "dali_verify", True))}
+
+
 def build_train_loader(cfg: Any, rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu",
                        recipe: str = "pretrain") -> Any:
     """Training loader for ``cfg`` on ``rank`` of ``world_size``: shuffled, drop_last, augmented.
@@ -105,8 +118,8 @@ def build_train_loader(cfg: Any, rank: int = 0, world_size: int = 1, device: str
     if kind == "dali":
         from .dali_loader import DaliLoader
 
-        return DaliLoader(source, num_threads=max(1, d.num_workers), recipe=recipe, mean=tuple(d.mean),
-                          std=tuple(d.std), **common, **aug)
+        return DaliLoader(source, recipe=recipe, mean=tuple(d.mean), std=tuple(d.std), **_dali_kw(d), **common,
+                          **aug)
     from .cpu_loader import CpuLoader
 
     return CpuLoader(source, num_workers=d.num_workers, recipe=recipe, mean=tuple(d.mean), std=tuple(d.std), **common,
@@ -142,8 +155,7 @@ def build_eval_loader(cfg: Any, split: str = "val", rank: int = 0, world_size: i
     if kind == "dali":
         from .dali_loader import DaliLoader
 
-        return DaliLoader(source, num_threads=max(1, d.num_workers), recipe="eval", mean=tuple(d.mean),
-                          std=tuple(d.std), **common)
+        return DaliLoader(source, recipe="eval", mean=tuple(d.mean), std=tuple(d.std), **_dali_kw(d), **common)
     from .cpu_loader import CpuLoader
 
     return CpuLoader(source, num_workers=d.num_workers, **common)

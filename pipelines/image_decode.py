@@ -27,6 +27,8 @@ try:  # optional: the fallback path works with Pillow alone
 except ImportError:  # pragma: no cover - exercised only where simplejpeg is missing
     simplejpeg = None
 
+# libjpeg-turbo's warnings about damaged data, which simplejpeg's strict mode raises
+_CORRUPT = ("Corrupt JPEG data", "Premature end of JPEG file", "Invalid JPEG file structure")
 Box = tuple[int, int, int, int]  # (top, left, h, w) in pixels of the full-size image
 
 
@@ -131,7 +133,11 @@ def decode_crop_resize(data: bytes, path: str, box_for: Callable[[int, int], Box
             arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=min_h, min_width=min_w, strict=True)
             return _crop_resize(arr, box, (h, w), out_hw, interp, out, flip)
         except ValueError as e:
-            # valid-but-unusual JPEGs (CMYK, odd subsampling) are refused by libjpeg-turbo's simple API: Pillow
+            if str(e).startswith(_CORRUPT):
+                # libjpeg-turbo found damaged entropy data (it would fill the rest with guesses; Pillow hides
+                # that warning): a photo corrupt in mid-stream is bad on every path, DALI's included
+                raise BadImage(path, f"corrupt JPEG data ({e})") from None
+            # valid-but-unusual JPEGs (odd subsampling, ...) are refused by libjpeg-turbo's simple API: Pillow
             # decodes those; truncated or corrupt data fails there too and is reported with both reasons
             first_error = f"simplejpeg: {e}"
     else:
