@@ -133,8 +133,13 @@ def _knn_worker(rank, world, port, feats, labels, out):
             loader.append({"images": feats[:0], "labels": labels[:0]})
         f, lab = extract_features(_FlatFeatures(), loader)
         res = knn_classify(f, lab, f, lab, k=3)
+        # the bank left sharded as the loaders hand it out: this rank's part only, merged top-k lists
+        mine_f, mine_l = extract_features(_FlatFeatures(), loader, gather=False)
+        sharded = knn_classify(mine_f, mine_l, f, lab, k=3, sharded=True)
+        sharded10 = knn_classify(mine_f, mine_l, f, lab, k=10, sharded=True)  # k above rank 0's 7 rows
         if rank == 0:
-            torch.save({"f": f, "l": lab, "res": res}, out)
+            torch.save({"f": f, "l": lab, "res": res, "sharded": sharded, "sharded10": sharded10,
+                        "mine": len(mine_l)}, out)
     finally:
         dist.destroy_process_group()
 
@@ -155,3 +160,5 @@ def test_extract_features_gathers_uneven_shards_from_all_ranks(tmp_path):
     assert torch.equal(got["l"], labels)
     single = knn_classify(got["f"], labels, got["f"], labels, k=3)
     assert got["res"] == single
+    assert got["mine"] == 7 and got["sharded"] == single  # no rank held the whole bank; same votes
+    assert got["sharded10"] == knn_classify(got["f"], labels, got["f"], labels, k=10)

@@ -72,7 +72,8 @@ def _gather_variable(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def extract_features(model: nn.Module, loader: Iterable[dict[str, torch.Tensor]], feature: str = "avg",
-                     normalize: bool = True, max_batches: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                     normalize: bool = True, max_batches: int = 0, gather: bool = True,
+                     on_device: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled encoder features of every image the loader yields (gathered over ranks when distributed).
 
     Args:
@@ -81,9 +82,11 @@ def extract_features(model: nn.Module, loader: Iterable[dict[str, torch.Tensor]]
         feature: 'avg' (mean of the patch tokens, after the final norm / fc_norm) or 'cls' (the cls token).
         normalize: L2-normalise each feature vector.
         max_batches: stop after this many batches (0: all).
+        gather: concatenate every rank's features in rank order (False: this rank's shard only).
+        on_device: leave the result on the model's device (default: CPU).
 
     Returns:
-        features float32 [M, D] (on CPU) and labels int64 [M].
+        features float32 [M, D] and labels int64 [M].
     """
     if feature not in ("avg", "cls"):
         raise ValueError(f"feature '{feature}' is unknown; use 'avg' or 'cls'")
@@ -110,50 +113,92 @@ def extract_features(model: nn.Module, loader: Iterable[dict[str, torch.Tensor]]
         out_f, out_l = torch.zeros(0, d, device=device), torch.zeros(0, dtype=torch.int64, device=device)
     else:
         out_f, out_l = torch.cat(feats), torch.cat(labels).long()
-    return _gather_variable(out_f).cpu(), _gather_variable(out_l).cpu()
+    if gather:
+        out_f, out_l = _gather_variable(out_f), _gather_variable(out_l)
+    return (out_f, out_l) if on_device else (out_f.cpu(), out_l.cpu())
+
+
+def _local_topk(bank: torch.Tensor, bank_labels: torch.Tensor, q: torch.Tensor, k: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` cosine similarities of queries ``q`` [Q, D] within this rank's bank [M_r, D] and the neighbours'
+    labels, both [Q, k]; a bank shard with fewer than ``k`` rows pads with -inf (weight exp(-inf) = 0)."""
+    kk = min(k, bank.shape[0])
+    sims = torch.full((q.shape[0], k), float("-inf"), device=q.device)
+    labels = torch.zeros((q.shape[0], k), dtype=torch.int64, device=q.device)
+    if kk:
+        top_sim, top_idx = (q @ bank.T).topk(kk, dim=1)
+        sims[:, :kk], labels[:, :kk] = top_sim, bank_labels[top_idx]
+    return sims, labels
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 @torch.no_grad()
 def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
                  test_labels: torch.Tensor, k: int = 20, temperature: float = 0.07, num_classes: int | None = None,
-                 chunk: int = 1024) -> dict[str, float]:
-    """Weighted k-NN vote on L2-normalised features.
+                 chunk: int = 1024, sharded: bool = False) -> dict[str, float]:
+    """Weighted k-NN vote on L2-normalised features, on the features' device.
 
     Args:
-        train_feats: [M, D] L2-normalised; train_labels: int64 [M].
-        test_feats: [Q, D] L2-normalised; test_labels: int64 [Q].
-        k: neighbours (clipped to M).
+        train_feats: [M, D] L2-normalised memory bank; train_labels: int64 [M]. With ``sharded``, this rank's
+            part of the bank only (the ranks' parts together are the bank; any split).
+        test_feats: [Q, D] L2-normalised; test_labels: int64 [Q] (the same on every rank when sharded).
+        k: neighbours (clipped to the bank's size).
         temperature: vote weight exp(sim / T).
         num_classes: C (default: the largest label + 1).
-        chunk: test rows per similarity block (bounds memory at chunk x M).
+        chunk: test rows per similarity block (bounds memory at chunk x M per rank).
+        sharded: each rank searches its part of the bank and the ranks' top-k lists are merged (one all-gather
+            of [chunk, k] per block): no rank ever holds the whole bank. Every rank returns the same result.
 
     Returns:
         {'top1': %, 'top5': %, 'num_train': M, 'num_test': Q}; top-5 counts the top min(5, C) classes that
         received votes.
     """
-    if train_feats.shape[0] == 0 or test_feats.shape[0] == 0:
-        raise ValueError("kNN needs at least one training and one test feature")
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    c = int(num_classes or int(max(train_labels.max(), test_labels.max())) + 1)
-    k = min(int(k), train_feats.shape[0])
-    train_feats = train_feats.float()
-    correct1 = correct5 = 0
+    world = _world() if sharded else 1
+    dev = test_feats.device
+    stats = torch.tensor([float(train_feats.shape[0]), float(train_labels.max()) if train_labels.numel() else -1.0],
+                         device=dev)
+    if world > 1:  # bank size and largest label over every shard: one small collective
+        parts = [torch.zeros_like(stats) for _ in range(world)]
+        dist.all_gather(parts, stats)
+        stats = torch.stack(parts)
+        m_total, max_label = int(stats[:, 0].sum()), int(stats[:, 1].max())
+    else:
+        m_total, max_label = train_feats.shape[0], int(stats[1])
+    if m_total == 0 or test_feats.shape[0] == 0:
+        raise ValueError("kNN needs at least one training and one test feature")
+    c = int(num_classes or max(max_label, int(test_labels.max())) + 1)
+    k = min(int(k), m_total)
+    bank = train_feats.float()
+    bank_labels = train_labels.to(dev)
+    test_labels = test_labels.to(dev)
+    correct1 = torch.zeros((), dtype=torch.int64, device=dev)
+    correct5 = torch.zeros((), dtype=torch.int64, device=dev)
     for s in range(0, test_feats.shape[0], chunk):
         q = test_feats[s:s + chunk].float()
         y = test_labels[s:s + chunk]
-        sim = q @ train_feats.T  # [q, M] cosine similarity
-        top_sim, top_idx = sim.topk(k, dim=1)  # [q, k]
+        top_sim, top_lab = _local_topk(bank, bank_labels, q, k)
+        if world > 1:  # merge: the k best of every rank's k best are the k best of the whole bank
+            sims = [torch.empty_like(top_sim) for _ in range(world)]
+            labs = [torch.empty_like(top_lab) for _ in range(world)]
+            dist.all_gather(sims, top_sim)
+            dist.all_gather(labs, top_lab)
+            top_sim, pick = torch.cat(sims, dim=1).topk(k, dim=1)
+            top_lab = torch.cat(labs, dim=1).gather(1, pick)
         w = (top_sim / temperature).exp()
-        votes = torch.zeros(q.shape[0], c, dtype=torch.float32)
-        votes.scatter_add_(1, train_labels[top_idx], w)  # [q, C]
+        votes = torch.zeros(q.shape[0], c, dtype=torch.float32, device=dev)
+        votes.scatter_add_(1, top_lab, w)  # [q, C]
         top_votes, ranked = votes.topk(min(5, c), dim=1)
         # a class no neighbour voted for is never a hit (ties at zero would otherwise be broken arbitrarily)
         hit = (ranked == y[:, None]) & (top_votes > 0)
-        correct1 += int(hit[:, 0].sum())
-        correct5 += int(hit.any(dim=1).sum())
+        correct1 += hit[:, 0].sum()
+        correct5 += hit.any(dim=1).sum()
     n = test_feats.shape[0]
-    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "num_train": int(train_feats.shape[0]),
+    return {"top1": 100.0 * int(correct1) / n, "top5": 100.0 * int(correct5) / n, "num_train": m_total,
             "num_test": int(n)}
 
 
@@ -162,12 +207,13 @@ def knn_eval(model: nn.Module, train_loader: Iterable[dict[str, torch.Tensor]],
              feature: str = "avg", num_classes: int | None = None) -> dict[str, float]:
     """k-NN top-1 / top-5 (percent) of ``model``'s frozen features: train_loader is the memory bank.
 
-    The training loader should not augment (``build_eval_loader(cfg, 'train')``). Every rank computes the same
-    result from the gathered features.
+    The training loader should not augment (``build_eval_loader(cfg, 'train')``). The search runs on the model's
+    device (the GPU when there is one); the memory bank stays sharded as the loaders hand it out (each rank
+    holds its part), the validation features are gathered, and every rank computes the same result.
     """
-    tf, tl = extract_features(model, train_loader, feature)
-    vf, vl = extract_features(model, val_loader, feature)
-    res = knn_classify(tf, tl, vf, vl, k=k, temperature=temperature, num_classes=num_classes)
+    tf, tl = extract_features(model, train_loader, feature, gather=False, on_device=True)
+    vf, vl = extract_features(model, val_loader, feature, on_device=True)
+    res = knn_classify(tf, tl, vf, vl, k=k, temperature=temperature, num_classes=num_classes, sharded=True)
     log.info("kNN (k=%d, T=%g, feature %s): top-1 %.2f%%, top-5 %.2f%% (%d train / %d val images)",
              k, temperature, feature, res["top1"], res["top5"], res["num_train"], res["num_test"])
     return res
