@@ -116,12 +116,16 @@ class Trainer:
             model, ``engine(images, labels=labels)``. A task that trains something else supplies its own.
         loss_keys: the entries of ``forward_loss``'s result that are averaged into the metrics (``loss`` first).
         progress_name: the progress bar's label.
+        make_optimizer: ``f(model, sharded) -> (optimizer, name)`` for a task whose optimizer is not the
+            pretraining AdamW (default :func:`fastsupmae.engine.optim.build_optimizer` over
+            ``model.param_groups``, whose per-group ``lr_scale`` the schedule honours).
     """
 
     def __init__(self, cfg: Config, model: torch.nn.Module, loader: Any, dist: dist_utils.DistInfo,
                  loss_transform: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
                  forward_loss: Callable[[Any, dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
-                 loss_keys: tuple[str, ...] = LOSS_KEYS, progress_name: str = "pretrain") -> None:
+                 loss_keys: tuple[str, ...] = LOSS_KEYS, progress_name: str = "pretrain",
+                 make_optimizer: Callable[[torch.nn.Module, bool], tuple[Any, str]] | None = None) -> None:
         import deepspeed
 
         self.cfg, self.loader, self.dist = cfg, loader, dist
@@ -153,7 +157,11 @@ class Trainer:
         if self.zero_stage != t.zero_stage and dist.is_main:
             log.info("train.zero_stage 0 with bf16 runs as ZeRO stage 1 (DeepSpeed keeps fp32 master weights only "
                      "in its ZeRO optimizers; same math on one rank)")
-        optimizer, self.optimizer_name = optim.build_optimizer(model, cfg, self.device, sharded=self.zero_stage > 0)
+        if make_optimizer is not None:
+            optimizer, self.optimizer_name = make_optimizer(model, self.zero_stage > 0)
+        else:
+            optimizer, self.optimizer_name = optim.build_optimizer(model, cfg, self.device,
+                                                                   sharded=self.zero_stage > 0)
         self.client_opt = optimizer
         # fp16 keeps DeepSpeed's loss-scaler overflow check, which skips before the client optimizer runs.
         self.guarded = isinstance(optimizer, optim.GuardedAdamW) and self.precision != "fp16"
