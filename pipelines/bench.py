@@ -1,18 +1,21 @@
-"""``fastsupmae bench data``: images/s and data-wait share of each pipeline vs the torchvision baseline.
+"""``fastsupmae bench data``: images/s, CPU cost and data-wait share of each pipeline vs the torchvision baseline.
 
 The baseline is MAE's pretraining input pipeline: torchvision ``ImageFolder`` + ``RandomResizedCrop(size,
 scale=(0.2, 1), bicubic)`` + flip + ``ToTensor`` + ``Normalize`` in a ``DataLoader``. Every pipeline gets the
 same folder, output size, batch and worker/thread count, and they run interleaved in one process (``--repeats``
-rounds), so machine load from other processes hits all of them alike. Two numbers per pipeline:
+rounds), so machine load from other processes hits all of them alike. Per pipeline:
 
 * images/s: batches pulled as fast as possible (after ``--warmup`` batches, which include worker start-up);
-* data-wait %: the share of time a trainer whose step takes ``--step-ms`` (idle CPU, like a GPU step) waits for
-  the next batch. 0 % means the pipeline keeps up.
-* images per CPU-second: the same per-sample work run serially in this process (one thread, no workers) and
-  timed with ``time.process_time``, which counts only this process's CPU time: a cost that other jobs on a
-  shared machine do not distort, unlike wall-clock rates.
+* images per CPU-second: the same flat-out phase divided by the CPU time of this process and every process
+  it started (DataLoader workers, DALI's feeding workers), read from /proc through psutil;
+* data-wait %: the share of time a trainer whose step takes 1.5x this pipeline's own flat-out batch time
+  (idle CPU, like a GPU step) waits for the next batch; 0 % means the pipeline keeps up with such a trainer;
+* GPU MiB (``--device cuda``): device memory the DALI pipeline holds (``cudaMemGetInfo`` before / after).
 
-Wire-up (the CLI owns the sub-command): ``add_args(subparser)`` then ``run(args)``.
+Also printed: the machine's decode-only ceiling (the fastest full-size JPEG decode, simplejpeg on one core,
+no resize, times the cores), batch size, rounds, the load average, and the median over rounds of the CPU
+fallback's images/s over torchvision's (each round's ratio). Wire-up (the CLI owns the sub-command):
+``add_args(subparser)`` then ``run(args)``.
 """
 
 from __future__ import annotations
@@ -47,10 +50,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers / DALI threads for every pipeline")
     p.add_argument("--batches", type=int, default=25, help="timed batches per measurement")
     p.add_argument("--warmup", type=int, default=3, help="untimed batches first (worker start-up)")
-    p.add_argument("--repeats", type=int, default=2, help="interleaved rounds; the table shows the median")
-    p.add_argument("--step-ms", type=float, default=100.0, help="simulated trainer step for the data-wait share")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds; the table shows the median")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"),
+                   help="where DALI decodes: cuda = mixed (nvJPEG / hardware decoder), cpu = CPU operators; auto: "
+                        "cuda when a GPU is there")
     p.add_argument("--interp", default="bicubic", choices=("bicubic", "bilinear"), help="resize filter (all)")
-    p.add_argument("--cpu-images", type=int, default=320, help="images for the CPU-time measurement (0: skip)")
+    p.add_argument("--ceiling-images", type=int, default=200, help="images for the decode-only ceiling (0: skip)")
 
 
 def _torchvision_loader(root: str, a: argparse.Namespace) -> Iterable[Any]:
@@ -85,7 +90,9 @@ def _make(name: str, root: str, a: argparse.Namespace) -> Iterable[Any]:
         return CpuLoader(src, num_workers=a.workers, **kw)
     from .dali_loader import DaliLoader
 
-    return DaliLoader(src, num_threads=a.workers, **kw)
+    dev = "cuda" if a.device == "cuda" else "cpu"
+    # DALI's threads do the decoding; its feeding processes only read files (one is plenty for a local disk)
+    return DaliLoader(src, num_threads=a.workers, py_workers=1, device=dev, **kw)
 
 
 def _cycle(make: Callable[[], Iterable[Any]]) -> Iterator[Any]:
@@ -99,74 +106,95 @@ def _images(batch: Any) -> int:
     return int((batch[0] if isinstance(batch, (list, tuple)) else batch["images"]).shape[0])
 
 
-def measure(make: Callable[[], Iterable[Any]], batches: int, warmup: int, step_ms: float) -> dict[str, float]:
-    """images/s pulling flat out, then the data-wait share behind a sleeping consumer of ``step_ms`` per step."""
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process and all its live descendants (psutil; without it, this process
+    and its exited children only)."""
+    try:
+        import psutil
+    except ImportError:
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    me = psutil.Process()
+    total = 0.0
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:  # a worker that just exited
+            continue
+    return total
+
+
+def _sync(batch: Any) -> None:
+    x = batch[0] if isinstance(batch, (list, tuple)) else batch["images"]
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)  # timing only: the batch must really be there
+
+
+def measure(make: Callable[[], Iterable[Any]], batches: int, warmup: int) -> dict[str, float]:
+    """Flat-out images/s and images per CPU-second, then the data-wait share behind a consumer whose step takes
+    1.5x the flat-out batch time."""
+    free0 = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else 0
     it = _cycle(make)
     for _ in range(warmup):
-        next(it)
-    n, t0 = 0, time.perf_counter()
+        _sync(next(it))
+    gpu_mib = (free0 - torch.cuda.mem_get_info()[0]) / 2**20 if torch.cuda.is_available() else 0.0
+    n, c0, t0 = 0, _cpu_seconds(), time.perf_counter()
     for _ in range(batches):
-        n += _images(next(it))
-    rate = n / (time.perf_counter() - t0)
-    del it
-    it = _cycle(make)
-    for _ in range(warmup):
-        next(it)
+        b = next(it)
+        n += _images(b)
+    _sync(b)
+    dt, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+    rate = n / dt
+    step_s = 1.5 * dt / batches
     wait = 0.0
     t0 = time.perf_counter()
     for _ in range(batches):
         w0 = time.perf_counter()
-        next(it)
+        _sync(next(it))
         wait += time.perf_counter() - w0
-        time.sleep(step_ms / 1000)  # the accelerator's step: the CPU is free for the data workers meanwhile
+        time.sleep(step_s)  # the accelerator's step: the CPU is free for the data workers meanwhile
     share = wait / (time.perf_counter() - t0)
     del it
-    return {"images_s": rate, "wait": share}
+    return {"images_s": rate, "cpu": n / max(cpu, 1e-9), "wait": share, "step_ms": 1000 * step_s, "gpu_mib": gpu_mib}
 
 
-def cpu_cost(name: str, root: str, a: argparse.Namespace) -> float:
-    """Images per CPU-second of ``name``'s per-sample work, serial, one thread (see the module docstring)."""
-    from torch.utils.data import default_collate
+def count_images(root: str | Path) -> dict[str, int]:
+    """``{'jpeg': n, 'other': m}``: files under ``root`` by extension, case-insensitively (``.JPEG`` counts)."""
+    from .encoded_source import IMAGE_EXTENSIONS
 
-    n = a.cpu_images
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        if name == "torchvision":
-            ds = _torchvision_loader(root, a).dataset
-            idx = torch.randperm(len(ds))[:n].tolist()
-            default_collate([ds[i] for i in idx[: a.batch]])  # warm-up (imports, caches)
-            t0 = time.process_time()
-            for k in range(0, n, a.batch):
-                default_collate([ds[i] for i in idx[k:k + a.batch]])
-            return n / (time.process_time() - t0)
-        kind, _, recipe = name.partition("-")
-        if kind == "cpu":
-            from .cpu_loader import BatchDecoder
-            from .imagefolder import ImageFolderSource
+    out = {"jpeg": 0, "other": 0}
+    for p in Path(root).rglob("*"):
+        ext = p.suffix.lower()
+        if ext in (".jpg", ".jpeg"):
+            out["jpeg"] += 1
+        elif ext in IMAGE_EXTENSIONS:
+            out["other"] += 1
+    return out
 
-            dec = BatchDecoder(ImageFolderSource(root), (a.size, a.size), recipe != "eval", interp=a.interp,
-                               recipe=recipe or "pretrain")
-            idx = torch.randperm(len(dec.source))[:n].tolist()
-            dec(0, 0, idx[: a.batch])
-            t0 = time.process_time()
-            for k in range(0, n, a.batch):
-                dec(0, k, idx[k:k + a.batch])
-            return n / (time.process_time() - t0)
-        a1 = argparse.Namespace(**{**vars(a), "workers": 1})
-        it = iter(_make(name, root, a1))
-        next(it)  # pipeline build + first batch are not per-sample work
-        t0 = time.process_time()
-        got = 0
-        while got < n:
-            got += _images(next(it))
-        return got / (time.process_time() - t0)
-    finally:
-        torch.set_num_threads(threads)
+
+def decode_ceiling(root: Path, n: int) -> float:
+    """Full-size JPEG decodes per CPU-second on one core (simplejpeg = libjpeg-turbo, no resize)."""
+    import simplejpeg
+
+    files = [p for p in sorted(root.rglob("*")) if p.suffix.lower() in (".jpg", ".jpeg")][:n]
+    datas = [f.read_bytes() for f in files]
+    if not datas:
+        return 0.0
+    simplejpeg.decode_jpeg(datas[0])
+    t0 = time.process_time()
+    for d in datas:
+        simplejpeg.decode_jpeg(d)
+    return len(datas) / (time.process_time() - t0)
 
 
 def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    """Run the benchmark and print the table; returns {pipeline: {images_s, wait}} (medians)."""
+    """Run the benchmark and print the table; returns {pipeline: medians of images_s, cpu, wait, ...}."""
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench data --device cuda: no usable GPU here; use --device cpu")
     root = Path(args.data)
     if not root.exists():
         from .make_imagenet_like import make_imagenet_like
@@ -175,36 +203,42 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         make_imagenet_like(root, n_train=args.make, n_val=0)
     train = root / "train" if (root / "train").is_dir() else root
     names = [n.strip() for n in args.pipelines.split(",") if n.strip()]
+    keys = ("images_s", "cpu", "wait", "step_ms", "gpu_mib")
     results: dict[str, list[dict[str, float]]] = {n: [] for n in names}
+    loads = []
     for r in range(args.repeats):
         for n in names:
-            res = measure(lambda n=n: _make(n, str(train), args), args.batches, args.warmup, args.step_ms)
+            res = measure(lambda n=n: _make(n, str(train), args), args.batches, args.warmup)
             results[n].append(res)
-            log.info("round %d %-12s %8.1f images/s  data-wait %5.1f %%", r, n, res["images_s"], 100 * res["wait"])
-    med = {n: {k: statistics.median(x[k] for x in v) for k in ("images_s", "wait")} for n, v in results.items()}
-    if args.cpu_images > 0:
-        for r in range(args.repeats):
-            for n in names:
-                c = cpu_cost(n, str(train), args)
-                results[n][r]["cpu"] = c
-                log.info("round %d %-12s %8.1f images per CPU-second", r, n, c)
-        for n in names:
-            med[n]["cpu"] = statistics.median(x["cpu"] for x in results[n])
-    base = med.get("torchvision", {}).get("images_s")
-    base_cpu = med.get("torchvision", {}).get("cpu")
+            loads.append(os.getloadavg()[0])
+            log.info("round %d %-12s %8.1f images/s %8.1f images/CPU-s  data-wait %5.1f %% @ %.0f ms", r, n,
+                     res["images_s"], res["cpu"], 100 * res["wait"], res["step_ms"])
+    med = {n: {k: statistics.median(x[k] for x in v) for k in keys} for n, v in results.items()}
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    print(f"data pipelines on {train} ({sum(1 for _ in train.rglob('*.jpg'))} JPEGs), {args.size}x{args.size}, "
-          f"batch {args.batch}, {args.workers} workers/threads, {cores} cores, {args.interp}, "
-          f"median of {args.repeats} interleaved rounds x {args.batches} batches")
-    wait_col = f"data-wait @{args.step_ms:.0f}ms"
-    print(f"{'pipeline':<14} {'images/s':>9} {'vs tv':>6} {wait_col:>17} {'img/CPU-s':>10} {'vs tv':>6}  output")
+    ceiling = decode_ceiling(train, args.ceiling_images) if args.ceiling_images > 0 else 0.0
+    found = count_images(train)
+    print(f"data pipelines on {train} ({found['jpeg']} JPEGs, {found['other']} other images), {args.size}x{args.size}, "
+          f"batch {args.batch}, {args.workers} workers/threads, {cores} cores, {args.interp}, DALI on {args.device}, "
+          f"median of {args.repeats} interleaved rounds x {args.batches} batches, load average "
+          f"{min(loads):.1f}-{max(loads):.1f} during the rounds")
+    gpu = args.device == "cuda"
+    print(f"{'pipeline':<14} {'images/s':>9} {'vs tv':>6} {'img/CPU-s':>10} {'vs tv':>6} {'data-wait':>9} "
+          f"{'@ step':>8}{'  GPU MiB' if gpu else ''}  output")
+    base = med.get("torchvision", {})
     for n, m in med.items():
-        rel = f"{m['images_s'] / base:.2f}x" if base else "-"
-        c = m.get("cpu")
-        crel = f"{c / base_cpu:.2f}x" if c and base_cpu else "-"
-        cs = f"{c:.1f}" if c else "-"
+        rel = f"{m['images_s'] / base['images_s']:.2f}x" if base else "-"
+        crel = f"{m['cpu'] / base['cpu']:.2f}x" if base else "-"
         out = "float32 normalised" if n == "torchvision" else "uint8"
-        print(f"{n:<14} {m['images_s']:>9.1f} {rel:>6} {100 * m['wait']:>16.1f}% {cs:>10} {crel:>6}  {out}")
+        g = f" {m['gpu_mib']:>8.0f}" if gpu else ""
+        print(f"{n:<14} {m['images_s']:>9.1f} {rel:>6} {m['cpu']:>10.1f} {crel:>6} {100 * m['wait']:>8.1f}% "
+              f"{m['step_ms']:>6.0f}ms{g}  {out}")
+    if ceiling:
+        print(f"decode-only ceiling: {ceiling:.0f} full-size JPEG decodes per CPU-second (simplejpeg, one core, no "
+              f"resize) = {ceiling * cores:.0f} images/s on {cores} cores")
+    if "torchvision" in results and "cpu" in results:
+        ratios = [c["images_s"] / t["images_s"] for c, t in zip(results["cpu"], results["torchvision"])]
+        print(f"cpu / torchvision images/s per round: {', '.join(f'{x:.2f}' for x in ratios)}; median "
+              f"{statistics.median(ratios):.2f}x (load average {statistics.median(loads):.1f})")
     return med
 
 

@@ -27,6 +27,7 @@ from .errors import DataError
 from .image_decode import decode_crop_resize
 from .loader_base import LoaderBase, to_gray
 from .sampler import ShardedOrder, mix_seed
+from .transfer import to_device
 
 log = logging.getLogger(__name__)
 _MAX_REPLACEMENTS = 32  # a batch whose bad samples cannot be replaced within this many tries stops the run
@@ -199,8 +200,8 @@ class CpuLoader(LoaderBase):
             if self.in_chans == 1:
                 x = to_gray(x)
             y = b["labels"]
-            if self.device.type != "cpu":
-                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            # pinned + non-blocking on CUDA, also for num_workers=0 and the 1-channel path (unpinned there)
+            x, y = to_device(x, self.device), to_device(y, self.device)
             o.advance()
             yield {"images": x, "labels": y}
         o.finish_epoch()

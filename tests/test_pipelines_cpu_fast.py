@@ -1,0 +1,106 @@
+"""The CPU fallback's speed tricks do not cost quality, its batches cross to the GPU pinned and non-blocking,
+and ``bench data`` counts what it finds."""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastsupmae.pipelines.crop_params import sample_crop_box
+from fastsupmae.pipelines.errors import DataError
+from fastsupmae.pipelines.image_decode import decode_crop_resize
+from tests.test_gpu_paths import fake_cuda  # noqa: F401 - the fixture
+
+
+def _photos(tmp_path: Path, n: int) -> list[bytes]:
+    """ImageNet-like JPEGs: crops of the real photos of the Debian packages when installed, else textured
+    synthetic images of the same sizes (smooth shading + edges + fine noise, quality 90)."""
+    from fastsupmae.pipelines.make_imagenet_like import find_photos, make_imagenet_like
+
+    try:
+        photos = find_photos()
+    except DataError:
+        photos = []
+    if photos:
+        out = make_imagenet_like(tmp_path / "inl", n_train=n, n_val=0, photos=photos[:6], seed=1)
+        return [p.read_bytes() for p in sorted((out / "train").rglob("*.jpg"))][:n]
+    rng = np.random.default_rng(1)
+    datas = []
+    for _ in range(n):
+        h, w = 375, 500
+        base = Image.fromarray(rng.integers(0, 256, (8, 10, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+        arr = np.asarray(base).astype(np.float32)
+        yy, xx = np.mgrid[0:h, 0:w]
+        arr += 40 * ((xx // 23 + yy // 31) % 2)[..., None]  # hard edges
+        arr += rng.normal(0, 6, arr.shape)  # fine texture
+        b = io.BytesIO()
+        Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(b, "JPEG", quality=90)
+        datas.append(b.getvalue())
+    return datas
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = ((a.double() - b.double()) ** 2).mean().item()
+    return 10 * math.log10(255**2 / max(mse, 1e-12))
+
+
+def test_fallback_matches_full_decode_bicubic_reference(tmp_path):
+    """RandomResizedCrop 224 at scale (0.2, 1): reduced-size DCT decoding + torch's antialiased bicubic against
+    a full-size decode + Pillow's antialiased bicubic on the same boxes: PSNR >= 35 dB."""
+    datas = _photos(tmp_path, 16)
+    rng = random.Random(7)
+    ours, ref, cheap = [], [], []
+    for data in datas:
+        with Image.open(io.BytesIO(data)) as im:
+            full = im.convert("RGB")
+        box = sample_crop_box(full.height, full.width, (0.2, 1.0), (3 / 4, 4 / 3), rng)
+        top, left, h, w = box
+        r = full.crop((left, top, left + w, top + h)).resize((224, 224), Image.Resampling.BICUBIC)
+        ref.append(torch.from_numpy(np.asarray(r)).permute(2, 0, 1))
+        ours.append(decode_crop_resize(data, "x", lambda hh, ww, b=box: b, (224, 224), "bicubic"))
+        # what the test must catch: decoding far below the target size and upsampling
+        small = full.reduce(4).crop((left // 4, top // 4, (left + w) // 4, (top + h) // 4))
+        cheap.append(torch.from_numpy(np.asarray(small.resize((224, 224), Image.Resampling.BICUBIC))).permute(2, 0, 1))
+    ours_t, ref_t = torch.stack(ours), torch.stack(ref)
+    assert ours_t.shape == ref_t.shape == (len(datas), 3, 224, 224)
+    assert _psnr(ours_t, ref_t) >= 35.0
+    assert _psnr(torch.stack(cheap), ref_t) < 35.0  # the bound is tight enough to fail a low-resolution shortcut
+    # flipping is a pure mirror of the same crop
+    f = decode_crop_resize(datas[0], "x", lambda hh, ww: (10, 20, 200, 240), (224, 224), "bicubic", flip=True)
+    g = decode_crop_resize(datas[0], "x", lambda hh, ww: (10, 20, 200, 240), (224, 224), "bicubic")
+    assert torch.equal(f, g.flip(-1))
+
+
+@pytest.mark.parametrize("workers_chans", [(0, 3), (0, 1)])
+def test_cpu_loader_batches_cross_pinned_and_non_blocking(tmp_path, fake_cuda, workers_chans):  # noqa: F811
+    from fastsupmae.pipelines.cpu_loader import CpuLoader
+    from fastsupmae.pipelines.imagefolder import ImageFolderSource
+
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        (tmp_path / f"c{i % 2}").mkdir(exist_ok=True)
+        b = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(b, "JPEG")
+        (tmp_path / f"c{i % 2}" / f"{i}.jpg").write_bytes(b.getvalue())
+    workers, chans = workers_chans
+    loader = CpuLoader(ImageFolderSource(tmp_path), batch_size=4, out_hw=(16, 16), train=True, num_workers=workers,
+                       in_chans=chans, device="cuda:0")
+    batches = list(loader)
+    assert len(batches) == 2 and batches[0]["images"].shape == (4, chans, 16, 16)
+    assert len(fake_cuda) == 4 and all(pinned and nb for pinned, nb in fake_cuda), fake_cuda
+
+
+def test_bench_counts_jpegs_case_insensitively(tmp_path):
+    from fastsupmae.pipelines.bench import count_images
+
+    for name in ("a.JPEG", "b.jpeg", "c.jpg", "d.JPG", "e.png", "f.txt"):
+        (tmp_path / "x").mkdir(exist_ok=True)
+        (tmp_path / "x" / name).write_bytes(b"")
+    assert count_images(tmp_path) == {"jpeg": 4, "other": 1}
