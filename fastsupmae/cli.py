@@ -75,6 +75,27 @@ def _validate_config_first(rest: list[str]) -> None:
     config_from_args(known)
 
 
+# Commands that read --checkpoint (finetune: also --init): a file that is missing, empty or not a checkpoint is
+# answered before their module (and torch) is imported. Directories (DeepSpeed checkpoints, run folders) are
+# left to the command.
+CHECKPOINT_FIRST = ("knn", "linprobe", "finetune", "eval", "export", "visualize")
+
+
+def _check_checkpoint_first(rest: list[str]) -> None:
+    """Torch-free checks (:func:`fastsupmae.checkpoint_file.check_checkpoint_file`) of the checkpoint file named
+    in ``rest`` (the arguments after the command)."""
+    from pathlib import Path
+
+    from .checkpoint_file import check_checkpoint_file
+
+    for i, a in enumerate(rest):
+        name, eq, value = a.partition("=")
+        if name in ("--checkpoint", "--init"):
+            path = value if eq else (rest[i + 1] if i + 1 < len(rest) else "")
+            if path and not Path(path).is_dir():
+                check_checkpoint_file(path)
+
+
 def _lazy(module: str, what: str) -> tuple[Callable, Callable]:
     try:
         mod = importlib.import_module(module)
@@ -192,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         word, at = _command_word(argv)
         if word in CONFIG_FIRST:
             _validate_config_first(argv[at + 1:])
+        if word in CHECKPOINT_FIRST:
+            _check_checkpoint_first(argv[at + 1:])
         parser = build_parser(argv)
         args = parser.parse_args(argv)
         _setup_logging(args.log_level)

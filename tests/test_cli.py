@@ -59,3 +59,16 @@ def test_pretrain_config_is_validated_before_torch_is_imported(argv):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.stdout.split() == ["2", "False", "False"], r.stdout + r.stderr
     assert "train.lr: -1.0 is out of range" in r.stderr and "blr" not in r.stderr
+
+
+def test_a_bad_checkpoint_file_is_answered_before_torch_is_imported(tmp_path):
+    (tmp_path / "empty.pth").write_bytes(b"")
+    for argv in (["knn", "--checkpoint", str(tmp_path / "empty.pth")],
+                 ["finetune", f"--init={tmp_path / 'missing.pth'}"],
+                 ["export", "--checkpoint", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "o")]):
+        code = (f"import sys; from fastsupmae.cli import main; rc = main({argv!r}); "
+                "print(rc, 'torch' in sys.modules)")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert r.stdout.split() == ["2", "False"], r.stdout + r.stderr
+        assert ("does not exist" in r.stderr) != ("empty" in r.stderr), r.stderr
+    assert not (tmp_path / "o").exists()

@@ -17,7 +17,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from fastsupmae.errors import UserError
+from fastsupmae.checkpoint_file import (  # noqa: F401 - re-exported: the errors belong to this reader
+    EXPECTED,
+    CheckpointError,
+    CheckpointMissingError,
+    NotACheckpointError,
+    check_checkpoint_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -27,48 +33,9 @@ RENAMES = (("projection_head.", "cls_head."),)
 HEAD_PREFIXES = ("head.", "fc_norm.", "cls_head.", "decoder_", "mask_token", "enc_mask_token")
 
 
-class CheckpointError(UserError, RuntimeError):
-    """A checkpoint that cannot be loaded into this model; the message says why and what to change."""
-
-
-class CheckpointMissingError(CheckpointError):
-    """The checkpoint path names nothing."""
-
-
-class NotACheckpointError(CheckpointError):
-    """The path exists but holds no readable checkpoint (empty, text, random bytes, truncated, a directory)."""
-
-
-# What a checkpoint file may be; every "not a checkpoint" message names it.
-EXPECTED = ("expected a PyTorch checkpoint (.pth / .pt written by torch.save, holding a state dict or "
-            "{'model': state_dict}), a .safetensors file, or a DeepSpeed checkpoint directory")
 # Plain-data classes that published checkpoints pickle next to their weights (the official MAE / SupMAE files
 # keep their argparse arguments under 'args'); building them runs no code, so the safe loader may accept them.
 SAFE_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
-
-
-def _sniff(path: Path) -> str | None:
-    """The container format of ``path`` from its first bytes: 'zip' | 'pickle' | 'safetensors' | None."""
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if head[:4] == b"PK\x03\x04":
-        return "zip"  # torch.save's default format (and torch.export's .pt2)
-    if head[:1] == b"\x80":
-        return "pickle"  # torch.save's legacy format starts with a pickle protocol byte
-    if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < path.stat().st_size:
-        return "safetensors"  # little-endian u64 header length, then the JSON header
-    return None
-
-
-def _describe_bytes(path: Path) -> str:
-    """'a text file starting with ...' or 'unrecognised binary data', for the not-a-checkpoint message."""
-    with open(path, "rb") as f:
-        head = f.read(64)
-    text = head.decode("utf-8", errors="replace").rstrip("\ufffd")  # a character cut at byte 64 is not binary
-    if all(c.isprintable() or c in "\r\n\t" for c in text):
-        first = next((ln for ln in text.splitlines() if ln.strip()), text)
-        return f"it is a text file starting with {first[:40]!r}"
-    return "it holds unrecognised binary data"
 
 
 def read_checkpoint_file(src: str | os.PathLike, *, mmap: bool = False) -> Any:
@@ -87,18 +54,7 @@ def read_checkpoint_file(src: str | os.PathLike, *, mmap: bool = False) -> Any:
             objects the safe loader refuses; the message names the file and what was expected.
     """
     path = Path(src)
-    if not path.exists():
-        raise CheckpointMissingError(f"checkpoint '{path}' does not exist (check the path); {EXPECTED}")
-    if path.is_dir():
-        raise NotACheckpointError(f"'{path}' is a directory but not a DeepSpeed checkpoint (no 'latest' file and "
-                                  f"no *model_states.pt inside); {EXPECTED}")
-    if path.stat().st_size == 0:
-        raise NotACheckpointError(f"cannot read checkpoint '{path}': it is not a checkpoint (the file is empty, "
-                                  f"0 bytes: an interrupted copy or download?); {EXPECTED}")
-    kind = _sniff(path)
-    if kind is None:
-        raise NotACheckpointError(f"cannot read checkpoint '{path}': it is not a checkpoint "
-                                  f"({_describe_bytes(path)}); {EXPECTED}")
+    kind = check_checkpoint_file(path)
     try:
         if path.suffix == ".pt2" and kind == "zip":
             prog = torch.export.load(str(path))
