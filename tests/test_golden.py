@@ -1,4 +1,5 @@
-"""Numerics against the official SupMAE code (shared/golden, SPEC section 5) and a plain-torch SPEC transcription."""
+"""Numerics against the official SupMAE code (tests/fixtures/supmae_tiny_official.pt, produced by the official
+implementation) and a plain-torch transcription of the paper's equations."""
 
 from __future__ import annotations
 

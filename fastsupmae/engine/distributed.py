@@ -148,7 +148,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
 
     if info.device.type == "cpu":
         # The CPU accelerator JIT-compiles a shared-memory all-reduce op (~40 s on a fresh machine) at the first
-        # init unless told it is unavailable; gloo is fast enough for CPU runs (shared/STACK.md).
+        # init unless told it is unavailable; gloo is fast enough for CPU runs.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     else:

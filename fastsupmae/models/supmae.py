@@ -1,4 +1,4 @@
-"""SupMAE and MAE (shared/SPEC.md section 1): the encoder sees only visible patches; a light decoder
+"""SupMAE (Liang, Li, Marculescu 2022) and MAE (He et al. 2022): the encoder sees only visible patches; a light decoder
 reconstructs the masked ones; SupMAE adds a classifier on the visible tokens.
 """
 

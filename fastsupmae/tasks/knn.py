@@ -3,7 +3,8 @@
 Features of the full (unmasked) training and validation images are L2-normalised; each validation image takes
 the ``k`` training images of highest cosine similarity, and each neighbour votes for its label with weight
 ``exp(sim / T)``. Top-1 / top-5 are the fraction of validation images whose label is among the 1 / 5 classes
-with the most vote weight. Defaults k = 20, T = 0.07 (shared/SPEC.md section 1; DINO's values).
+with the most vote weight. Defaults k = 20, T = 0.07 (DINO's values, Caron et al. 2021; the MIM paper does not
+publish its own).
 """
 
 from __future__ import annotations
