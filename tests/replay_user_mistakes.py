@@ -1,0 +1,338 @@
+"""Replay a new user's mistakes against the real command line and check every answer.
+
+    python tests/replay_user_mistakes.py            # every case; exit status 0 when all pass
+    python tests/replay_user_mistakes.py -k export  # the cases whose name contains 'export'
+
+Each case runs ``python -m fastsupmae ...`` in a subprocess, in a fresh temporary working directory prepared by
+the case's ``setup``, as a user would type it, and checks: the exit status (2 for a user error: the CLI prints a
+``UserError``'s message alone and returns 2), that the expected text (the key or file at fault) is on the expected
+stream, that no Python traceback is printed, that nothing the case lists changed (sha256 of every file under
+each path; an absent path must stay absent), and an optional extra ``check``. One line per case:
+``PASS|FAIL  name  exit=N  first line of the message``, then ``N cases, M passed``.
+
+Most cases fail in config validation, before torch or DeepSpeed are imported; the few that load a checkpoint or
+train a step import torch once each. To add a case, append a :class:`Case` to :data:`CASES` (issue 14 items in
+its name); ``setup`` helpers below build config files, bad checkpoint files, a small run directory and an export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # the setups build models and exports with the checkout's fastsupmae
+DEMO = "demo/fashion_mnist_supmae.yaml"
+# A tiny SupMAE on the synthetic dataset: what the run-directory and export cases train and load (seconds on CPU).
+TINY = {
+    "model": {"objective": "supmae", "size": "micro", "embed_dim": 32, "depth": 2, "num_heads": 4,
+              "img_size": [16, 16], "patch_size": 4, "in_chans": 3, "num_classes": 5, "decoder_embed_dim": 16,
+              "decoder_depth": 1, "decoder_num_heads": 2, "cls_hidden_dim": 24, "kernels": "torch"},
+    "data": {"dataset": "synthetic", "synthetic_size": 64, "pipeline": "memory"},
+    "train": {"global_batch": 16, "micro_batch": 16, "epochs": 1.0, "output_dir": "runs/demo", "log_every": 1,
+              "progress": False},
+    "eval": {"batch": 32, "after_train": "none"},
+}
+
+
+@dataclass
+class Case:
+    """One user mistake (or README command) and what the CLI must answer.
+
+    Attributes:
+        name: 'item N: what the user did'.
+        argv: arguments after ``python -m fastsupmae``.
+        setup: prepares the working directory (its only argument) before the command runs.
+        code: expected exit status (2: user error).
+        expect: regex that must be found on ``stream`` (the key or file at fault).
+        unchanged: paths (relative to the working directory) that the command must not change, create or delete.
+        stream: 'stderr' or 'stdout'.
+        forbid: regex that must NOT be found on stdout + stderr (besides 'Traceback').
+        check: extra check after the command: returns a failure reason or None.
+        env: extra environment variables.
+        timeout: seconds before the case fails as hung.
+    """
+
+    name: str
+    argv: list[str]
+    setup: Callable[[Path], None] | None = None
+    code: int = 2
+    expect: str = ""
+    unchanged: tuple[str, ...] = ()
+    stream: str = "stderr"
+    forbid: str = ""
+    check: Callable[[Path, subprocess.CompletedProcess], str | None] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    timeout: float = 240.0
+
+
+# ----------------------------------------------------------------------------------------------- setups
+
+def write_yaml(rel: str, data: dict) -> Callable[[Path], None]:
+    def setup(d: Path) -> None:
+        import yaml
+
+        (d / rel).parent.mkdir(parents=True, exist_ok=True)
+        (d / rel).write_text(yaml.safe_dump(data))
+    return setup
+
+
+def make_dir(rel: str) -> Callable[[Path], None]:
+    return lambda d: (d / rel).mkdir(parents=True, exist_ok=True)
+
+
+def write_bytes(rel: str, data: bytes) -> Callable[[Path], None]:
+    def setup(d: Path) -> None:
+        (d / rel).parent.mkdir(parents=True, exist_ok=True)
+        (d / rel).write_bytes(data)
+    return setup
+
+
+def both(*setups: Callable[[Path], None]) -> Callable[[Path], None]:
+    def setup(d: Path) -> None:
+        for s in setups:
+            s(d)
+    return setup
+
+
+def prior_run(d: Path) -> None:
+    """A directory that looks like a finished run (what a failed command must leave alone)."""
+    run = d / "runs" / "demo"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("model: {objective: supmae}\n")
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    (run / "checkpoints" / "latest").write_text("step_00000001")
+
+
+def truncated_checkpoint(d: Path) -> None:
+    """Half of a real torch.save file (imports torch: the parent pays for it once per case)."""
+    import torch
+
+    torch.save({"model": {"w": torch.randn(64, 64)}}, d / "whole.pth")
+    data = (d / "whole.pth").read_bytes()
+    (d / "truncated.pth").write_bytes(data[: len(data) // 2])
+    (d / "whole.pth").unlink()
+
+
+def _tiny_model_state():
+    from fastsupmae.config import config_from_dict
+    from fastsupmae.models import build_model
+
+    cfg = config_from_dict(json.loads(json.dumps(TINY)))
+    return cfg, build_model(cfg, device="cpu")
+
+
+def tiny_run(d: Path) -> None:
+    """runs/demo as the trainer leaves it: config.yaml and a step folder with meta.json and the model states."""
+    import torch
+
+    cfg, model = _tiny_model_state()
+    run = d / "runs" / "demo"
+    tag = run / "checkpoints" / "step_00000004"
+    tag.mkdir(parents=True)
+    (run / "config.yaml").write_text(__import__("yaml").safe_dump(cfg.to_dict(), sort_keys=False))
+    torch.save({"module": model.state_dict()}, tag / "mp_rank_00_model_states.pt")
+    (tag / "meta.json").write_text(json.dumps({"step": 4, "config": cfg.to_dict()}))
+    (run / "checkpoints" / "latest").write_text("step_00000004")
+
+
+def tiny_export(d: Path) -> None:
+    """export/ as `fastsupmae export --formats timm,full` leaves it (timm + full files and the JSON sidecar)."""
+    import torch
+
+    cfg, model = _tiny_model_state()
+    torch.save({"model": model.state_dict(), "config": cfg.to_dict()}, d / "pre.pth")
+    from fastsupmae.export import export_model
+
+    export_model(d / "pre.pth", d / "export", cfg, formats=("timm", "full"))
+
+
+# ----------------------------------------------------------------------------------------------- checks
+
+def file_modes(rel: str, mode: int) -> Callable[[Path, subprocess.CompletedProcess], str | None]:
+    """Every file under ``rel`` has permission bits ``mode``."""
+    def check(d: Path, _: subprocess.CompletedProcess) -> str | None:
+        files = [f for f in (d / rel).rglob("*") if f.is_file()]
+        bad = {f.name: oct(f.stat().st_mode & 0o777) for f in files if f.stat().st_mode & 0o777 != mode}
+        return None if files and not bad else f"modes not {oct(mode)}: {bad or 'no files'}"
+    return check
+
+
+def exists(*rels: str) -> Callable[[Path, subprocess.CompletedProcess], str | None]:
+    def check(d: Path, _: subprocess.CompletedProcess) -> str | None:
+        missing = [r for r in rels if not (d / r).exists()]
+        return f"missing: {missing}" if missing else None
+    return check
+
+
+# ----------------------------------------------------------------------------------------------- cases
+
+NOT_TORCH_ADVICE = r"weights_only|Re-running `torch.load`"
+BAD_BOUND = r"{key}: \S+ is out of range; it must be "
+CASES: list[Case] = []
+
+# item 5: every numeric key has its bounds; the message names the one key at fault; nothing is written.
+for key, value in [("model.patch_size", "0"), ("train.weight_decay", "-0.1"), ("data.num_workers", "-1"),
+                   ("train.max_steps", "-5"), ("train.clip_grad", "-1"), ("data.limit", "-3"),
+                   ("train.time_limit_min", "-1"), ("train.lr", "-0.001"), ("train.blr", "0"),
+                   ("train.global_batch", "0"), ("train.keep_last", "0"), ("eval.knn_temperature", "0")]:
+    CASES.append(Case(f"item 5: pretrain {key}={value}", ["pretrain", f"{key}={value}"], setup=prior_run,
+                      expect="^fastsupmae: error: " + BAD_BOUND.format(key=re.escape(key)),
+                      forbid=r"train\.blr / lr|warmup_epochs and min_lr" if key == "train.lr" else "",
+                      unchanged=("runs",)))
+CASES += [
+    Case("item 5: pretrain train.betas=[0.9,1.0]", ["pretrain", "train.betas=[0.9,1.0]"], setup=prior_run,
+         expect=BAD_BOUND.format(key=r"train\.betas\[1\]"), unchanged=("runs",)),
+    Case("item 5: pretrain train.epochs=0", ["pretrain", "train.epochs=0"], setup=prior_run,
+         expect=r"train\.epochs is 0 and train\.max_steps is 0", unchanged=("runs",)),
+    Case("item 5: --config is a directory", ["pretrain", "--config", "configs"], setup=make_dir("configs"),
+         expect=r"config file 'configs' is a directory", unchanged=("configs", "runs")),
+    Case("item 5: --config in a YAML file with lr < 0", ["pretrain", "--config", "my.yaml"],
+         setup=write_yaml("my.yaml", {"train": {"lr": -1.0}}), expect=BAD_BOUND.format(key=r"train\.lr"),
+         unchanged=("my.yaml", "runs")),
+    Case("item 5: config prints no negative worker count", ["config", "data.num_workers=-2"],
+         expect=BAD_BOUND.format(key=r"data\.num_workers")),
+]
+
+# item 6: global options anywhere --help shows them, --version, README commands as written, linprobe max_steps.
+CASES += [
+    Case("item 6: --log-level before the command", ["--log-level", "WARNING", "pretrain", "model.patch_size=0"],
+         setup=prior_run, expect=BAD_BOUND.format(key=r"model\.patch_size"), forbid="invalid choice",
+         unchanged=("runs",)),
+    Case("item 6: --log-level after the command", ["pretrain", "--log-level", "WARNING", "train.lr=-1"],
+         expect=BAD_BOUND.format(key=r"train\.lr")),
+    Case("item 6: --log-level with a bad level", ["--log-level", "LOUD", "config"],
+         expect=r"'LOUD' is not a logging level"),
+    Case("item 6: --version", ["--version"], code=0, stream="stdout", expect=r"^fastsupmae \d+\.\d+"),
+    Case("item 6: --log-level WARNING config", ["--log-level", "WARNING", "config", "train.epochs=3"], code=0,
+         stream="stdout", expect=r"epochs: 3"),
+    Case("item 6: README finetune --checkpoint runs/demo reads the run's config",
+         ["finetune", "--checkpoint", "runs/demo", "train.output_dir=runs/ft", "train.max_steps=1",
+          "--no-randaug"], setup=tiny_run, code=0, stream="stdout", expect=r"fine-tune top-1 .*\(1 steps\)",
+         unchanged=("runs/demo",), check=exists("runs/ft/finetuned.pth")),
+    Case("item 6: linprobe obeys train.max_steps", ["linprobe", "--checkpoint", "runs/demo", "train.max_steps=2"],
+         setup=tiny_run, code=0, stream="stdout", expect=r"linear probe top-1 .*\(2 steps\)",
+         unchanged=("runs/demo",)),
+]
+
+# item 4: a checkpoint that is missing or not a checkpoint is named, with what was expected; never torch's advice.
+for fname, setup, why in [
+    ("missing.pth", None, r"'missing\.pth' does not exist"),
+    ("empty.pth", write_bytes("empty.pth", b""), r"'empty\.pth': it is not a checkpoint \(the file is empty"),
+    ("random.pth", write_bytes("random.pth", os.urandom(2048)), r"'random\.pth': it is not a checkpoint"),
+    ("notes.pth", write_bytes("notes.pth", b"step 100 loss 0.5\n"), r"'notes\.pth': .*text file"),
+    ("truncated.pth", truncated_checkpoint, r"'truncated\.pth': it is truncated or corrupt"),
+]:
+    CASES.append(Case(f"item 4: knn --checkpoint {fname}", ["knn", "--config", DEMO, "--checkpoint", fname],
+                      setup=setup, expect=why + r".*expected a PyTorch checkpoint", forbid=NOT_TORCH_ADVICE,
+                      unchanged=(fname,)))
+CASES.append(Case("item 4: export --checkpoint of random bytes", ["export", "--checkpoint", "w.pth", "--config",
+                                                                   DEMO, "--out", "exported"],
+                  setup=write_bytes("w.pth", os.urandom(512)), expect=r"'w\.pth': it is not a checkpoint",
+                  forbid=NOT_TORCH_ADVICE, unchanged=("w.pth", "exported")))
+
+# item 8: export writes readable files, leaves nothing on failure, says when --out is a file; knn finds sidecars.
+CASES += [
+    Case("item 8: export --out names a file", ["export", "--checkpoint", "runs/demo", "--out", "notes.txt"],
+         setup=both(tiny_run, write_bytes("notes.txt", b"mine\n")),
+         expect=r"--out 'notes\.txt' is a file, not a directory", unchanged=("notes.txt", "runs")),
+    Case("item 8: failed export leaves no directory", ["export", "--checkpoint", "runs/demo", "--out", "ex/new",
+                                                       "model.embed_dim=64"],
+         setup=tiny_run, expect=r"does not fit this model", unchanged=("ex", "runs")),
+    Case("item 8: exported files are readable (umask 022)", ["export", "--checkpoint", "runs/demo", "--out", "ex",
+                                                             "--formats", "timm,full"],
+         setup=tiny_run, code=0, stream="stdout", expect=r"model_timm\.safetensors", unchanged=("runs",),
+         check=file_modes("ex", 0o644)),
+    *[Case(f"item 8: knn finds the sidecar of {f}", ["knn", "--checkpoint", f"export/{f}"], setup=tiny_export,
+           code=0, stream="stdout", expect=r"kNN top-1", unchanged=("export",))
+      for f in ("model_timm.pth", "model_full.safetensors")],
+]
+
+
+# ----------------------------------------------------------------------------------------------- runner
+
+def _digest(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root`` (or of ``root`` itself); {} for an absent path."""
+    if not root.exists():
+        return {}
+    files = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.is_file())
+    return {str(f.relative_to(root.parent)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
+def _message(proc: subprocess.CompletedProcess, stream: str) -> str:
+    """The line a user reads first: the error line, else the first line of the expected stream."""
+    for line in proc.stderr.splitlines():
+        if line.startswith("fastsupmae") and "error" in line:
+            return line
+    lines = [ln for ln in (proc.stdout if stream == "stdout" else proc.stderr).splitlines() if ln.strip()]
+    return lines[0] if lines else ""
+
+
+def run_case(case: Case) -> tuple[bool, int, str, str]:
+    """Run one case in a fresh directory; returns (passed, exit status, first message line, why it failed)."""
+    with tempfile.TemporaryDirectory(prefix="fsm-replay-") as tmp:
+        d = Path(tmp)
+        if case.setup is not None:
+            case.setup(d)
+        before = {p: _digest(d / p) for p in case.unchanged}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **case.env}
+        try:
+            proc = subprocess.run([sys.executable, "-m", "fastsupmae", *case.argv], cwd=d, env=env,
+                                  capture_output=True, text=True, timeout=case.timeout)
+        except subprocess.TimeoutExpired:
+            return False, -1, "", f"no answer within {case.timeout:.0f} s"
+        out = proc.stdout if case.stream == "stdout" else proc.stderr
+        msg = _message(proc, case.stream)
+        why = []
+        if proc.returncode != case.code:
+            why.append(f"exit {proc.returncode}, expected {case.code}")
+        if case.expect and not re.search(case.expect, out, re.M):
+            why.append(f"{case.stream} lacks /{case.expect}/")
+        if "Traceback (most recent call last)" in proc.stdout + proc.stderr:
+            why.append("a traceback was printed")
+        if case.forbid and re.search(case.forbid, proc.stdout + proc.stderr):
+            why.append(f"output shows /{case.forbid}/")
+        changed = [p for p in case.unchanged if _digest(d / p) != before[p]]
+        if changed:
+            why.append(f"changed: {changed}")
+        if case.check is not None and (reason := case.check(d, proc)):
+            why.append(reason)
+        if why and os.environ.get("REPLAY_VERBOSE"):
+            print(proc.stdout[-2000:], proc.stderr[-4000:], sep="\n", file=sys.stderr)
+        return not why, proc.returncode, msg, "; ".join(why)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-k", default="", help="only cases whose name contains this")
+    ap.add_argument("-j", type=int, default=min(4, os.cpu_count() or 1), help="cases run at once")
+    args = ap.parse_args(argv)
+    cases = [c for c in CASES if args.k in c.name]
+    t0 = time.time()
+    os.umask(0o022)  # a usual login umask: the export case expects 0644 files (process-wide, so set once here)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.j)) as pool:
+        results = list(pool.map(run_case, cases))  # in CASES order, whatever order they finish in
+    width = max(len(c.name) for c in cases) if cases else 0
+    for case, (ok, code, msg, why) in zip(cases, results):
+        print(f"{'PASS' if ok else 'FAIL'}  {case.name:<{width}}  exit={code}  {msg[:150]}")
+        if not ok:
+            print(f"      -> {why}")
+    passed = sum(ok for ok, *_ in results)
+    print(f"{len(cases)} cases, {passed} passed ({time.time() - t0:.0f} s)")
+    return 0 if passed == len(cases) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
