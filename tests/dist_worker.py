@@ -364,10 +364,119 @@ def scenario_single_resumes(w: Path, info: Any, out: dict[str, Any]) -> None:
     out["world"] = world
 
 
+# (precision, ZeRO stage) pairs the re-sharding test covers; bf16 at ZeRO 1 is DeepSpeed's bf16 optimizer
+RESHARD_CASES = (("fp32", 1), ("fp32", 2), ("fp32", 3), ("bf16", 1))
+
+
+def _per_sample_determinism() -> None:
+    """Make a step's loss a function of its global batch alone, not of how the batch is split over ranks: masking
+    noise taken from each image's per-patch means (plus a per-patch offset that breaks ties) instead of the
+    per-rank random stream (the crops are switched off in the configs, :func:`_reshard_cfg`)."""
+
+    def noise_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        imgs = args[0]
+        p = module.patch_size if isinstance(module.patch_size, int) else module.patch_size[0]
+        b, _, h, w = imgs.shape
+        m = imgs.float().mean(1).reshape(b, h // p, p, w // p, p).mean((2, 4)).reshape(b, -1)
+        kwargs["noise"] = m + torch.arange(m.shape[1], dtype=m.dtype, device=m.device) * 1e-4
+        return args, kwargs
+
+    _per_sample_determinism.hook = noise_hook  # type: ignore[attr-defined]
+
+
+def _reshard_cfg(out: Path, **train: Any) -> Any:
+    """The tiny config without crops: area scale 1 and no flip leave the synthetic images (already the model's
+    size) as they are, whatever the loader's crop keying."""
+    c = make_cfg(out, **train)
+    c.data.scale = [1.0, 1.0]
+    c.data.hflip = False
+    return c
+
+
+def _build_deterministic(cfg: Any, info: Any) -> Trainer:
+    tr = build(cfg, info)
+    tr.engine.module.register_forward_pre_hook(_per_sample_determinism.hook, with_kwargs=True)  # type: ignore
+    return tr
+
+
+def full_optimizer_state(tr: Trainer) -> dict[str, Any]:
+    """Every parameter's full fp32 master, Adam moments and model weight as the running engine holds them
+    (gathered by DeepSpeed's safe_get_full_* API; collective), and the optimizer's step counts."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    lp = full_params(tr)
+    opt = tr.engine.optimizer
+    if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
+        # DeepSpeed 0.19.8 (ZeRO 1/2) links each parameter to its optimizer state once, right after the first
+        # parameter group's first step, when the later groups have no state yet: their safe_get_full_optimizer_state
+        # would raise. Linking again after the step makes every group's readable.
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
+    params: dict[str, dict[str, torch.Tensor]] = {}
+    for n, p in tr.engine.module.named_parameters():
+        params[n] = {"fp32": safe_get_full_fp32_param(p).float().cpu().clone(), "lp": lp[n]}
+        for k in ("exp_avg", "exp_avg_sq"):
+            params[n][k] = safe_get_full_optimizer_state(p, k).float().cpu().clone()
+    inner = tr.engine.optimizer.optimizer
+    steps = sorted({float(st["step"]) for st in inner.state.values() if "step" in st})
+    return {"params": params, "steps": steps}
+
+
+def scenario_reshard(w: Path, info: Any, out: dict[str, Any], save: bool = True, load_from: int = 0) -> None:
+    """Optimizer state across world sizes. With ``save``: train 3 steps on this world size (checkpoint at 3),
+    dump the state the engine held then, and continue the checkpoint on this world size to step 5 (the
+    uninterrupted reference). With ``load_from=W``: resume the checkpoint W ranks wrote, dump the state right
+    after loading, and train steps 4 and 5 (the loss logged at step 5 is the first one the loaded moments shape:
+    step 4's loss is computed before its update)."""
+    _per_sample_determinism()
+    ws = info.world_size
+    for prec, stage in RESHARD_CASES:
+        part = {"zero3_persistence_threshold": 0} if stage == 3 else {}
+        case = f"{prec}_z{stage}"
+        if save:
+            tr = _build_deterministic(_reshard_cfg(w / f"rs_ws{ws}_{case}", zero_stage=stage, precision=prec,
+                                              max_steps=3, ckpt_every=3, **part), info)
+            tr.fit()
+            state = full_optimizer_state(tr)
+            if info.rank == 0:
+                torch.save(state, w / f"rs_ws{ws}_{case}_saved.pt")
+            close(tr)
+            ck = w / f"rs_ws{ws}_{case}" / "checkpoints" / "step_00000003"
+            tr = _build_deterministic(_reshard_cfg(w / f"rs_ws{ws}_{case}_ref", zero_stage=stage, precision=prec,
+                                              max_steps=5, ckpt_every=0, resume=str(ck), **part), info)
+            tr.fit()
+            close(tr)
+        if load_from:
+            ck = w / f"rs_ws{load_from}_{case}" / "checkpoints" / "step_00000003"
+            tr = _build_deterministic(_reshard_cfg(w / f"rs_ws{load_from}to{ws}_{case}", zero_stage=stage,
+                                              precision=prec, max_steps=5, ckpt_every=0, resume=str(ck), **part),
+                                     info)
+            out[f"{case}_start"] = tr.step
+            state = full_optimizer_state(tr)
+            if info.rank == 0:
+                torch.save(state, w / f"rs_ws{load_from}to{ws}_{case}_loaded.pt")
+            res = tr.fit()
+            out[f"{case}_end"] = res.step
+            close(tr)
+            if case == "fp32_z1":
+                # control: the same resume with the optimizer state left out (moments and step count start
+                # afresh, the behaviour before re-sharding): the test shows its step-5 loss is told apart
+                keep = ckpt_mod.reshard.apply_full_optimizer_state
+                ckpt_mod.reshard.apply_full_optimizer_state = lambda engine, full: 0
+                try:
+                    tr = _build_deterministic(_reshard_cfg(w / f"rs_ws{load_from}to{ws}_{case}_fresh_moments",
+                                                       zero_stage=stage, precision=prec, max_steps=5, ckpt_every=0,
+                                                       resume=str(ck), **part), info)
+                finally:
+                    ckpt_mod.reshard.apply_full_optimizer_state = keep
+                tr.fit()
+                close(tr)
+
+
 SCENARIOS = {
     "main": scenario_main, "nan": scenario_nan, "long": scenario_long, "resume": scenario_resume,
     "crash_in_save": scenario_crash_in_save, "resume_world": scenario_resume_world, "offload": scenario_offload,
-    "single_resumes": scenario_single_resumes,
+    "single_resumes": scenario_single_resumes, "reshard": scenario_reshard,
 }
 
 
@@ -378,7 +487,10 @@ def main() -> int:
     out: dict[str, Any] = {"rank": info.rank, "world_size": info.world_size}
     kwargs = dict(a.split("=", 1) for a in sys.argv[3:])
     try:
-        if name == "resume" and kwargs:
+        if name == "reshard":
+            SCENARIOS[name](w, info, out, save=kwargs.get("save", "1") == "1",
+                            load_from=int(kwargs.get("load_from", 0)))
+        elif name == "resume" and kwargs:
             SCENARIOS[name](w, info, out, run=kwargs.get("run", "long"), steps=int(kwargs.get("steps", 10)),
                             stage=int(kwargs.get("stage", 2)))
         else:

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from fastsupmae.engine import distributed as dist_utils
+from fastsupmae.engine import reshard
 from fastsupmae.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -338,6 +339,11 @@ class CheckpointManager:
         """Load checkpoint ``path`` into ``engine``. Returns (common client state, this rank's state or None).
 
         This rank's state is None when the checkpoint was written by fewer ranks (world size changed).
+
+        A checkpoint of another world size under ZeRO >= 1 (its fp32 masters and optimizer state sharded by the
+        old ranks) loads the weights from its consolidated fp32 masters, then re-shards the fp32 masters, Adam
+        moments and step counts into this run's partitioning (:mod:`fastsupmae.engine.reshard`): they carry
+        over exactly.
         """
         meta_path = path / "meta.json"
         if not meta_path.exists():
@@ -346,17 +352,22 @@ class CheckpointManager:
         old_world = int(meta.get("world_size", self.world_size))
         load_opt = True
         if old_world != self.world_size and engine.zero_optimization_stage() > 0:
-            # ZeRO shards the fp32 masters and optimizer state by rank; re-sharding them is DeepSpeed's universal
-            # checkpoint conversion. Without it, the weights are taken from the consolidated fp32 masters and the
-            # optimizer moments start afresh.
+            # ZeRO shards the fp32 masters and optimizer state by rank: DeepSpeed cannot load them into another
+            # partitioning; the module alone is loaded here and the optimizer state is re-sharded below.
             load_opt = False
-        load_path, client = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=True,
-                                                   load_optimizer_states=load_opt, load_lr_scheduler_states=False,
-                                                   load_module_only=not load_opt)
-        if load_path is None:
-            raise CheckpointNotFoundError(f"DeepSpeed could not load the checkpoint {path}")
+        client: dict[str, Any] | None = None
+        if load_opt or engine.zero_optimization_stage() < 3:
+            load_path, client = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=True,
+                                                       load_optimizer_states=load_opt,
+                                                       load_lr_scheduler_states=False, load_module_only=not load_opt)
+            if load_path is None:
+                raise CheckpointNotFoundError(f"DeepSpeed could not load the checkpoint {path}")
+        # else ZeRO 3 on another world size: DeepSpeed would read this rank's own model-states file, which a run
+        # of fewer ranks did not write; the weights and buffers all come from the consolidated state below and
+        # the client state from meta.json.
         if not load_opt:
             _load_consolidated_into(engine, path)
+            reshard.apply_full_optimizer_state(engine, reshard.read_full_optimizer_state(path))
         common = (client or {}).get("fastsupmae", meta)
         rank_file = path / f"rank{self.rank}_state.pt"
         rank_state = torch.load(rank_file, map_location="cpu", weights_only=False) if rank_file.exists() else None
@@ -441,6 +452,10 @@ def _load_consolidated_into(engine: Any, path: Path) -> None:
         with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
             if torch.distributed.get_rank() == 0:
                 module.load_state_dict({k: v for k, v in sd.items()}, strict=False)
+        # buffers (BatchNorm statistics) are not partitioned: every rank loads its own copy
+        buffers = {n: sd[n] for n, _ in module.named_buffers() if n in sd}
+        if buffers:
+            module.load_state_dict(buffers, strict=False)
     else:
         with torch.no_grad():
             for n, p in module.named_parameters():
