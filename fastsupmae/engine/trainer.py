@@ -35,7 +35,9 @@ from fastsupmae.engine import dep_logs, optim, run_dir
 from fastsupmae.engine import distributed as dist_utils
 from fastsupmae.engine import metrics as mx
 from fastsupmae.engine import rng as rng_utils
+from fastsupmae.engine.best import publish_best
 from fastsupmae.engine.ds_config import build_ds_config, effective_zero_stage, grad_accum_steps, resolve_precision
+from fastsupmae.engine.ema import WeightEMA
 from fastsupmae.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -119,13 +121,23 @@ class Trainer:
         make_optimizer: ``f(model, sharded) -> (optimizer, name)`` for a task whose optimizer is not the
             pretraining AdamW (default :func:`fastsupmae.engine.optim.build_optimizer` over
             ``model.param_groups``, whose per-group ``lr_scale`` the schedule honours).
+        ema_decay: keep an EMA of the weights (:class:`fastsupmae.engine.ema.WeightEMA`, every ZeRO stage),
+            saved and resumed with the run; 0 = none.
+        evaluate: ``f(module) -> {metric: value}``, collective (every rank calls it; the task reduces over
+            ranks): run at the control point every ``eval_every`` epochs and at the last step, for the EMA too
+            (its metrics prefixed ``ema_``). Each improvement of ``best_metric`` (higher is better) is
+            checkpointed and published as ``checkpoints/best`` (:mod:`fastsupmae.engine.best`).
+        eval_every: epochs between evaluations (0: only at the last step).
+        best_metric: the key of ``evaluate``'s result that picks the best checkpoint.
     """
 
     def __init__(self, cfg: Config, model: torch.nn.Module, loader: Any, dist: dist_utils.DistInfo,
                  loss_transform: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
                  forward_loss: Callable[[Any, dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
                  loss_keys: tuple[str, ...] = LOSS_KEYS, progress_name: str = "pretrain",
-                 make_optimizer: Callable[[torch.nn.Module, bool], tuple[Any, str]] | None = None) -> None:
+                 make_optimizer: Callable[[torch.nn.Module, bool], tuple[Any, str]] | None = None,
+                 ema_decay: float = 0.0, evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+                 eval_every: float = 0.0, best_metric: str = "top1") -> None:
         import deepspeed
 
         self.cfg, self.loader, self.dist = cfg, loader, dist
@@ -193,6 +205,10 @@ class Trainer:
         self._bn_buffers = [b for m in self.module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
                             for b in m.buffers()]
         self._bn_backup = [b.detach().clone() for b in self._bn_buffers]
+        self.ema = WeightEMA(self.module, ema_decay, dist.world_size) if ema_decay > 0 else None
+        self.evaluate, self.eval_every, self.best_metric = evaluate, eval_every, best_metric
+        self.best: dict[str, Any] = {}  # {'step', metric: value} of the best evaluation so far
+        self.last_eval: dict[str, Any] = {}
 
         self.ckpt = ckpt.CheckpointManager(self.out_dir, t.keep_last, t.keep_every, dist.rank, dist.world_size)
         self.step = 0
@@ -209,11 +225,11 @@ class Trainer:
                 "micro_batch": c.train.micro_batch, "global_batch": c.train.global_batch,
                 "grad_accum": self.grad_accum, "precision": self.precision, "zero_stage": self.zero_stage,
                 "config_hash": c.hash(), "config": c.to_dict(), "skipped_total": self.skipped_total,
-                "loader": self.loader.state_dict(), "time": time.time()}
+                "loader": self.loader.state_dict(), "time": time.time(), "best": self.best}
 
     def _rank_state(self) -> dict[str, Any]:
         return {"rank": self.dist.rank, "world_size": self.dist.world_size, "rng": rng_utils.get_rng_state(),
-                "loader": self.loader.state_dict()}
+                "loader": self.loader.state_dict(), **({"ema": self.ema.state_dict()} if self.ema else {})}
 
     def maybe_resume(self) -> Path | None:
         """Load ``cfg.train.resume`` ('auto', a path, or '') and restore every piece of loop state.
@@ -240,6 +256,7 @@ class Trainer:
         self.step = int(common["step"])
         self.epoch = int(common["epoch"])
         self.skipped_total = int(common.get("skipped_total", 0))
+        self.best = dict(common.get("best") or {})
         if common.get("config_hash") != self.cfg.hash() and self.dist.is_main:
             old = common.get("config", {})
             new = self.cfg.to_dict()
@@ -263,10 +280,21 @@ class Trainer:
         else:
             rng_utils.set_rng_state(rank_state["rng"])
             self.loader.load_state_dict(rank_state["loader"])
+        if self.ema is not None:
+            self.ema.load_state_dict(self._saved_ema(path, rank_state, old_world))
         self.last_checkpoint = str(path)
         if self.dist.is_main:
             log.info("resumed from %s at step %d (epoch %d)", path, self.step, self.epoch)
         return path
+
+    def _saved_ema(self, path: Path, rank_state: dict[str, Any] | None, old_world: int) -> dict[str, Any] | None:
+        """This rank's saved EMA; after a world-size change the whole (unsharded) average of rank 0, so
+        every rank restarts from the same one."""
+        if old_world == self.dist.world_size:
+            return (rank_state or {}).get("ema")
+        if self.ema is None or self.ema.sharded or not (path / "rank0_state.pt").exists():
+            return None
+        return torch.load(path / "rank0_state.pt", map_location="cpu", weights_only=False).get("ema")
 
     def _own_shapes(self) -> dict[str, tuple[int, ...]]:
         shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in self.module.named_parameters()}
@@ -524,6 +552,8 @@ class Trainer:
             # Skipped steps are counted, not averaged into the losses (one NaN would hide the rest).
             loop.sums.add(k, torch.where(found > 0, loop.zero, v / self.grad_accum))
         loop.sums.add("good", 1.0 - found)
+        if self.ema is not None:
+            self.ema.update(found)
         loop.sums.add("skipped", found)
         gn = self.client_opt.last_grad_norm if self.guarded and self.zero_stage == 0 \
             else self.engine.get_global_grad_norm()
@@ -543,7 +573,8 @@ class Trainer:
         t = self.cfg.train
         is_last = self.step >= self.total_steps
         want_ckpt = t.ckpt_every > 0 and self.step % t.ckpt_every == 0
-        if self.step % t.log_every and not want_ckpt and not is_last:
+        want_eval = self.evaluate is not None and (is_last or self._eval_due())
+        if self.step % t.log_every and not want_ckpt and not is_last and not want_eval:
             return None
         elapsed = time.time() - loop.t_start
         over_time = t.time_limit_min > 0 and elapsed >= t.time_limit_min * 60
@@ -558,13 +589,17 @@ class Trainer:
         if vals["max_consec"] >= t.max_bad_steps:
             self._diverged(loop, int(vals["max_consec"]))
         stop_now = flags[0] > 0 or flags[1] > 0 or flags[2] > 0
-        if (want_ckpt or is_last or stop_now) and self.step != loop.saved_at:
+        improved = want_eval and self._run_evaluation(loop)
+        if (want_ckpt or is_last or stop_now or improved) and self.step != loop.saved_at:
             if vals["consec"] > 0:
                 log.warning("step %d: not checkpointing inside a run of NaN/Inf steps (last good: %s)",
                             self.step, self.last_checkpoint)
             else:
-                self.save()
+                path = self.save()
                 loop.saved_at = self.step
+                if improved and self.dist.is_main:
+                    publish_best(path, self.best)
+                dist_utils.barrier()
         if not stop_now:
             return None
         stopped = "time_limit" if flags[0] > 0 else "signal" if flags[1] > 0 else "stop_file"
@@ -613,6 +648,35 @@ class Trainer:
                                   refresh=False)
         loop.window_t0, loop.window_steps = time.perf_counter(), 0
         loop.timers = dict.fromkeys(loop.timers, 0.0)
+
+    def _eval_due(self) -> bool:
+        """True when this step crosses a multiple of ``eval_every`` epochs (the same step on every rank)."""
+        if self.eval_every <= 0:
+            return False
+        span = self.eval_every * self.steps_per_epoch
+        return math.floor(self.step / span) > math.floor((self.step - 1) / span)
+
+    def _run_evaluation(self, loop: _Loop) -> bool:
+        """Evaluate the weights (and the EMA); write the record; True when ``best_metric`` improved."""
+        self.engine.eval()
+        try:
+            res = dict(self.evaluate(self.module))
+            if self.ema is not None:
+                with self.ema.swapped():
+                    res.update({f"ema_{k}": v for k, v in self.evaluate(self.module).items()})
+        finally:
+            self.engine.train()
+        self.last_eval = {"event": "eval", "step": self.step, "epoch": self.step / self.steps_per_epoch, **res}
+        value = res.get(self.best_metric)
+        improved = value is not None and (not self.best or value > self.best[self.best_metric])
+        if improved:
+            self.best = {"step": self.step, self.best_metric: value}
+        self.last_eval["best"] = dict(self.best)
+        loop.writer.write(self.last_eval)
+        if self.dist.is_main:
+            log.info("eval at step %d: %s", self.step, ", ".join(
+                f"{k} {v:.4g}" for k, v in res.items() if isinstance(v, float)))
+        return improved
 
     def _diverged(self, loop: _Loop, streak: int) -> None:
         t = self.cfg.train
