@@ -1,7 +1,11 @@
 """A loader over a dataset held in memory as one uint8 tensor (Fashion-MNIST, synthetic data).
 
-Augmentation is batched torch (:mod:`.batch_augment`), seeded from (seed, epoch, step, rank), so a resumed
-run sees exactly the crops it would have seen without the interruption.
+Augmentation is batched torch (:mod:`.batch_augment`): one ``grid_sample`` per batch, with each sample's crop and
+flip drawn from its own generator seeded by (seed, epoch, global position of the sample in the epoch's order).
+So a resumed run sees exactly the crops it would have seen without the interruption, and a sample gets the same
+crop whichever rank and micro batch it lands in (1 process or 8, with or without accumulation). Each training
+batch also carries ``'index'`` (the samples' global positions, on the host) and ``'epoch'``, which per-sample
+keyed steps after the loader (mixup / cutmix, RandAugment) use the same way.
 """
 
 from __future__ import annotations
@@ -10,14 +14,16 @@ from collections.abc import Iterator
 
 import torch
 
-from .batch_augment import random_resized_crop_batch, resize_batch
+from .batch_augment import resize_batch, resized_crop_batch
+from .crop_params import sample_crop_boxes
 from .loader_base import LoaderBase
 from .sampler import ShardedOrder, mix_seed
 from .transfer import to_device
 
 
 class InMemoryLoader(LoaderBase):
-    """Iterable of ``{'images': uint8 [B, C, H, W], 'labels': int64 [B]}`` batches.
+    """Iterable of ``{'images': uint8 [B, C, H, W], 'labels': int64 [B]}`` batches (training batches also
+    ``'index'``: int64 [B] global positions in the epoch's order and ``'epoch'``: int64 [], both on the host).
 
     Args:
         images: uint8 ``[N, C0, h, w]`` (C0 = 1 is repeated when ``in_chans`` is 3).
@@ -58,14 +64,22 @@ class InMemoryLoader(LoaderBase):
         if idx is None:
             idx = to_device(self.order.batch_indices(epoch, step), self.device)
         x = self.images[idx]
+        extra: dict[str, torch.Tensor] = {}
         if self.train:
-            g = torch.Generator().manual_seed(mix_seed(self.order.seed, epoch, step, self.order.rank))
-            x = random_resized_crop_batch(x, self.out_hw, self.scale, self.hflip, g)
+            o = self.order
+            pos = torch.arange(len(idx)) + step * o.batch_size * o.world_size + o.rank * o.batch_size
+            boxes, flips = [], []
+            for p in pos.tolist():  # one generator per sample: its crop does not depend on the rank split
+                g = torch.Generator().manual_seed(mix_seed(o.seed, epoch, p, 0xC209))
+                boxes.append(sample_crop_boxes(x.shape[-2], x.shape[-1], 1, self.scale, generator=g))
+                flips.append(bool(torch.rand(1, generator=g) < 0.5) and self.hflip)
+            x = resized_crop_batch(x, torch.cat(boxes), self.out_hw, torch.tensor(flips) if self.hflip else None)
+            extra = {"index": pos, "epoch": torch.tensor(epoch)}
         else:
             x = resize_batch(x, self.out_hw)
         if x.shape[1] != self.in_chans:
             x = x.expand(-1, self.in_chans, -1, -1).contiguous()
-        return {"images": x, "labels": self.labels[idx]}
+        return {"images": x, "labels": self.labels[idx], **extra}
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         o = self.order

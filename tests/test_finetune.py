@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from fastsupmae.config import ConfigError
+from fastsupmae.engine.layer_decay import param_groups_lrd
 from fastsupmae.models import build_model
 from fastsupmae.models.pos_embed import sincos_2d
 from fastsupmae.tasks.finetune import (
@@ -17,7 +18,6 @@ from fastsupmae.tasks.finetune import (
     finetune,
     finetune_config,
     init_from_checkpoint,
-    param_groups_lrd,
     prepare_init_state,
     resize_pos_embed,
 )
@@ -113,20 +113,36 @@ def test_init_from_timm_weights_resizes_learned_pos_embed(tmp_path):
 
 
 def test_finetune_end_to_end_with_every_recipe_piece(tmp_path):
+    """One process through the DeepSpeed trainer: layer decay, mixup / cutmix, erasing, RandAugment, EMA, an
+    evaluation every epoch with the best checkpoint kept, and the exported finetuned.pth."""
     cfg = _ft_cfg(tmp_path)
+    cfg.train.ckpt_every, cfg.train.keep_last = 1, 1
     pre = build_model(tiny_config(objective="supmae"), device="cpu")
-    opts = FinetuneOptions(layer_decay=0.65, mixup=0.8, cutmix=1.0, reprob=0.5, randaug=True, ema_decay=0.9)
+    opts = FinetuneOptions(layer_decay=0.65, mixup=0.8, cutmix=1.0, reprob=0.5, randaug=True, ema_decay=0.9,
+                           eval_every=0.125)  # 64 samples, batch 8: 8 steps per epoch, so every step
     res = finetune(cfg, opts, "cpu", init_state=pre.state_dict())
-    assert res["steps"] == 3 and 0.0 <= res["top1"] <= 100.0 and "ema_top1" in res
+    assert res["steps"] == 3 and res["stopped"] == "done" and 0.0 <= res["top1"] <= 100.0 and "ema_top1" in res
     model = res["model"]
     # the encoder moved away from the initialisation: it was trained, not frozen
     assert not torch.equal(model.blocks[0].attn.qkv.weight, pre.blocks[0].attn.qkv.weight)
-    lines = [json.loads(x) for x in (tmp_path / "finetune_metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in lines] == [1, 2, 3] and all(r["loss"] > 0 for r in lines)
-    ck = torch.load(res["checkpoint"], weights_only=False)
-    assert ck["config"]["model"]["objective"] == "supervised" and ck["ema"] is not None
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in lines if "loss" in r and "event" not in r]
+    assert [r["step"] for r in train] == [1, 2, 3] and all(r["loss"] > 0 for r in train)
+    evals = [r for r in lines if r.get("event") == "eval"]
+    assert [r["step"] for r in evals] == [1, 2, 3] and all("ema_top1" in r for r in evals)
+    best = max(evals, key=lambda r: (r["top1"], -r["step"]))  # the first of the highest scores
+    assert res["best"] == {"step": best["step"], "top1": best["top1"]}
+    ck = tmp_path / "checkpoints"
+    assert json.loads((ck / "best" / "best.json").read_text())["step"] == best["step"]
+    assert (ck / "latest").read_text() == "step_00000003"  # keep_last 1: older steps pruned, best kept
+    assert sorted(p.name for p in ck.iterdir() if p.name.startswith("step_")) == ["step_00000003"]
+    assert (ck / "best" / "mp_rank_00_model_states.pt").stat().st_size > 0
+    exported = torch.load(res["checkpoint"], weights_only=False)
+    assert exported["config"]["model"]["objective"] == "supervised" and exported["ema"] is not None
     fresh = build_model(cfg, device="cpu")
-    fresh.load_state_dict(ck["model"], strict=True)
+    fresh.load_state_dict(exported["model"], strict=True)
+    torch.testing.assert_close(fresh.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
+    fresh.load_state_dict(exported["ema"], strict=True)  # the EMA: a full state dict of the same model
 
 
 def test_checkpoint_without_config_uses_the_runs_stored_config(tmp_path):

@@ -109,17 +109,20 @@ def resolve_optimizer(cfg: Config, device: torch.device) -> str:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device,
-                    sharded: bool) -> tuple[torch.optim.Optimizer, str]:
+                    sharded: bool, groups: list[dict[str, Any]] | None = None) -> tuple[torch.optim.Optimizer, str]:
     """Optimizer over ``model.param_groups(weight_decay)``. Returns (optimizer, resolved name).
 
-    ``sharded``: DeepSpeed hands each rank a disjoint shard of the gradients (ZeRO >= 1).
+    ``sharded``: DeepSpeed hands each rank a disjoint shard of the gradients (ZeRO >= 1). ``groups``: other
+    parameter groups (e.g. layer decay's, :mod:`fastsupmae.engine.layer_decay`; a ``names`` key is dropped).
 
     DeepSpeed's FusedAdam / DeepSpeedCPUAdam are built here as client optimizers too (their JIT build takes
     1-2 minutes the first time on a machine, so they are only used when asked for).
     """
     t = cfg.train
     name = resolve_optimizer(cfg, device)
-    groups = model.param_groups(t.weight_decay)
+    if groups is None:
+        groups = model.param_groups(t.weight_decay)
+    groups = [{k: v for k, v in g.items() if k != "names"} for g in groups]
     lr = peak_lr(cfg)
     betas = (float(t.betas[0]), float(t.betas[1]))
     if name == "adamw":

@@ -1,4 +1,4 @@
-"""Fine-tuning a pretrained encoder as a classifier: the MAE / SupMAE recipe (shared/SPEC.md section 1).
+"""Fine-tuning a pretrained encoder as a classifier: the MAE / SupMAE recipe (docs/evaluation.md).
 
 The classifier is :class:`fastsupmae.models.SupervisedViT` with ``global_pool``: mean of the patch tokens ->
 ``fc_norm`` (LayerNorm) -> ``head`` (Linear), timm's layout, so the result exports to timm unchanged.
@@ -11,14 +11,17 @@ checkpoints, or timm ViT state dicts. The decoder, SupMAE's MLP head, the final 
 ``fc_norm``) and a classifier head of another size are dropped; position embeddings are resized to the image
 size of the config (bicubic on the patch grid, MAE's rule; fixed sin-cos ones are simply recomputed).
 
-The loop is plain single-process PyTorch (not the DeepSpeed engine): fine-tuning needs per-group lr scales
-(layer decay), batch mixing and an EMA copy, which the pretraining engine does not provide.
+Training runs through the DeepSpeed trainer (:class:`fastsupmae.engine.trainer.Trainer`) like pretraining, on
+any number of processes: what fine-tuning adds are engine capabilities this task switches on: layer decay
+(:mod:`fastsupmae.engine.layer_decay`, per-group ``lr_scale``), mixup / cutmix keyed per global sample
+(:mod:`fastsupmae.engine.mixing`), soft-target cross-entropy (:mod:`fastsupmae.engine.losses`), an EMA of the
+weights at every ZeRO stage (:mod:`fastsupmae.engine.ema`) and evaluation every N epochs keeping the best
+checkpoint (:mod:`fastsupmae.engine.best`).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import math
@@ -32,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastsupmae.config import Config, ConfigError, _merge, _read_yaml, config_from_dict, parse_overrides
+from fastsupmae.config import Config, ConfigError, _merge, _read_yaml, config_from_dict, parse_overrides, save_config
 from fastsupmae.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -45,8 +48,6 @@ RECIPE: dict[str, Any] = {
               "betas": [0.9, 0.999], "clip_grad": 0.0},
     "data": {"scale": [0.08, 1.0]},
 }
-# MAE's fine-tuning excludes these from weight decay besides every 1-D parameter (timm's no_weight_decay()).
-NO_WEIGHT_DECAY = ("pos_embed", "cls_token", "dist_token")
 
 
 @dataclass
@@ -61,7 +62,7 @@ class FinetuneOptions:
     reprob: float = 0.25  # random erasing probability per image
     randaug: bool = True  # RandAugment n=2, m=9 (timm's rand-m9-mstd0.5-inc1 as the pipelines implement it)
     ema_decay: float = 0.0  # EMA of the weights (e.g. 0.9999); 0 = off
-    eval_every: int = 0  # optimizer steps between validations (0 = only at the end)
+    eval_every: float = 0.0  # epochs between validations (0 = only at the end); the best one is kept
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -175,33 +176,6 @@ def init_from_checkpoint(model: nn.Module, src: str) -> dict[str, list[str]]:
     return res
 
 
-# ----------------------------------------------------------------------------------------------- optimizer
-
-def layer_id(name: str, depth: int) -> int:
-    """Layer index for layer-wise lr decay: embeddings 0, block i -> i + 1, norms and head depth + 1."""
-    if name.startswith(("cls_token", "pos_embed", "patch_embed", "dist_token")):
-        return 0
-    if name.startswith("blocks."):
-        return int(name.split(".")[1]) + 1
-    return depth + 1
-
-
-def param_groups_lrd(model: nn.Module, weight_decay: float, layer_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups with ``lr_scale = layer_decay ** (depth + 1 - layer_id)``; 1-D, pos/cls not decayed."""
-    depth = len(model.blocks)
-    groups: dict[tuple[int, bool], dict[str, Any]] = {}
-    for n, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        no_decay = p.ndim == 1 or n in NO_WEIGHT_DECAY
-        lid = layer_id(n, depth)
-        g = groups.setdefault((lid, no_decay), {"params": [], "names": [], "weight_decay": 0.0 if no_decay else
-                                                 weight_decay, "lr_scale": layer_decay ** (depth + 1 - lid)})
-        g["params"].append(p)
-        g["names"].append(n)
-    return list(groups.values())
-
-
 # ----------------------------------------------------------------------------------------------- augmentation
 
 class InMemoryFinetuneAug:
@@ -209,174 +183,208 @@ class InMemoryFinetuneAug:
 
     The file-backed pipelines (DALI and the CPU fallback) apply both while decoding when built with
     ``recipe='finetune'``; the in-memory loader does not, so fine-tuning applies the same functions of
-    :mod:`fastsupmae.pipelines.finetune_aug` here, image by image.
+    :mod:`fastsupmae.pipelines.finetune_aug` here, image by image. Each image's draws come from a generator keyed
+    by (seed, epoch, its global position in the epoch), the batch's ``'index'``: the same image is augmented the
+    same way on any number of ranks.
     """
 
     def __init__(self, randaug: bool, reprob: float, mean: list[float], std: list[float], seed: int) -> None:
         self.randaug, self.reprob = randaug, reprob
         self.mean, self.std = tuple(mean), tuple(std)
-        self.g = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self.calls = 0  # keys the draws of batches without positions
 
-    def __call__(self, imgs: torch.Tensor) -> torch.Tensor:
-        """uint8 [B, C, H, W] -> uint8 [B, C, H, W]."""
+    def __call__(self, imgs: torch.Tensor, positions: torch.Tensor | None = None, epoch: int = 0) -> torch.Tensor:
+        """uint8 [B, C, H, W] (positions: int64 [B] on the host) -> uint8 [B, C, H, W]."""
         from fastsupmae.pipelines.finetune_aug import rand_augment_uint8, random_erase_uint8
+        from fastsupmae.pipelines.sampler import mix_seed
 
+        if positions is None:
+            positions = torch.arange(imgs.shape[0]) + (self.calls << 32)
+        self.calls += 1
         dev = imgs.device
-        x = imgs.cpu()
-        if self.randaug:
-            x = torch.stack([rand_augment_uint8(im, self.g) for im in x])
-        else:
-            x = x.clone()
-        if self.reprob > 0:
-            random_erase_uint8(x, self.mean, self.std, self.g, p=self.reprob)
+        x = imgs.cpu().clone()
+        for i, p in enumerate(positions.tolist()):
+            g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, p, 0xA06))
+            if self.randaug:
+                x[i] = rand_augment_uint8(x[i], g)
+            if self.reprob > 0:
+                random_erase_uint8(x[i:i + 1], self.mean, self.std, g, p=self.reprob)
         return x.to(dev)
 
 
-# ----------------------------------------------------------------------------------------------- EMA
+class _Resumable:
+    """A plain iterable of batches made to fit the trainer (``set_epoch``, ``state_dict``): its position is not
+    saved, so a resumed run restarts its epoch (only for loaders handed in through the Python API)."""
 
-class ModelEMA:
-    """Exponential moving average of a model's weights (and a copy of its buffers), kept on its device."""
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
 
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        self.decay = decay
-        self.module = copy.deepcopy(model).eval()
-        for p in self.module.parameters():
-            p.requires_grad_(False)
+    def __len__(self) -> int:
+        return len(self.loader)
 
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        for e, m in zip(self.module.state_dict().values(), model.state_dict().values()):
-            if e.dtype.is_floating_point:
-                e.lerp_(m.detach(), 1.0 - self.decay)
-            else:
-                e.copy_(m)
+    def __iter__(self) -> Any:
+        return iter(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.loader, "set_epoch"):
+            self.loader.set_epoch(epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        pass
 
 
 # ----------------------------------------------------------------------------------------------- training
 
-def finetune(cfg: Config, opts: FinetuneOptions, device: torch.device | str = "cpu", train_loader: Any = None,
+def make_forward_loss(mixer: Any, aug: InMemoryFinetuneAug | None) -> Any:
+    """The trainer's ``forward_loss`` for fine-tuning: (RandAugment / erasing) -> normalise -> mixup / cutmix
+    with soft targets -> the classifier -> soft-target cross-entropy. One micro batch already on the device."""
+    from fastsupmae.engine.losses import soft_target_cross_entropy
+
+    def forward_loss(engine: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        mod = engine.module
+        imgs, pos = batch["images"], batch.get("index")
+        epoch = int(batch["epoch"]) if "epoch" in batch else 0  # a host tensor: no device sync
+        if aug is not None:
+            imgs = aug(imgs, pos, epoch)
+        x = mod.normalize(imgs).float()  # mixing blends in fp32
+        x, target = mixer(x, batch["labels"], pos, epoch)
+        logits = engine(x.to(mod.param_dtype))["logits"]
+        return {"loss": soft_target_cross_entropy(logits, target)}
+
+    return forward_loss
+
+
+def evaluate_over_ranks(module: nn.Module, loader: Any) -> dict[str, float]:
+    """Top-1 / top-5 of ``module`` on this rank's shard of ``loader``, summed over every rank (collective)."""
+    from fastsupmae.engine.distributed import all_reduce_sum, comm_device
+    from fastsupmae.tasks.evaluate import evaluate_classifier
+
+    r = evaluate_classifier(module, loader)
+    t = torch.tensor([r["top1"] * r["num"] / 100.0, r["top5"] * r["num"] / 100.0, float(r["num"])],
+                     dtype=torch.float64, device=comm_device())
+    c1, c5, n = all_reduce_sum(t).tolist()
+    return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "num": int(round(n))}
+
+
+def _init_weights(model: nn.Module, opts: FinetuneOptions, init_state: dict[str, torch.Tensor] | None) -> None:
+    if init_state is not None:
+        from fastsupmae.models.checkpoint import load_checkpoint
+
+        load_checkpoint(model, prepare_init_state(init_state, model), strict=False)
+    elif opts.init:
+        init_from_checkpoint(model, opts.init)
+    # MAE: a near-zero head so the pretrained features are not disturbed by large early gradients
+    nn.init.trunc_normal_(model.head.weight, std=2e-5)
+    nn.init.zeros_(model.head.bias)
+
+
+def _export(trainer: Any, cfg: Config, opts: FinetuneOptions, res: dict[str, Any]) -> Path | None:
+    """``<output_dir>/finetuned.pth``: the fp32 weights of the last checkpoint, the EMA (gathered), the config
+    and the result. Collective (the EMA is gathered on every rank); rank 0 writes, atomically."""
+    from fastsupmae.engine.checkpoint import consolidated_state_dict
+    from fastsupmae.tasks.knn import full_params
+
+    ema_sd = None
+    if trainer.ema is not None:
+        with trainer.ema.swapped(), full_params(trainer.module):
+            ema_sd = {k: v.detach().float().cpu().clone() for k, v in trainer.module.state_dict().items()}
+    if not trainer.dist.is_main or trainer.last_checkpoint is None:
+        return None
+    model_sd = {k: v.float() if v.is_floating_point() else v
+                for k, v in consolidated_state_dict(trainer.last_checkpoint).items()}
+    out = Path(cfg.train.output_dir) / "finetuned.pth"
+    tmp = out.with_suffix(".pth.tmp")
+    torch.save({"model": model_sd, "config": cfg.to_dict(), "finetune": asdict(opts), "ema": ema_sd,
+                "result": res}, tmp)
+    os.replace(tmp, out)  # never leave a half-written file under the final name
+    return out
+
+
+def finetune(cfg: Config, opts: FinetuneOptions, device: torch.device | str | None = None, train_loader: Any = None,
              val_loader: Any = None, init_state: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
-    """Fine-tune ``cfg``'s classifier; returns {'top1', 'top5', 'steps', 'model', ('ema_top1', ...)}.
+    """Fine-tune ``cfg``'s classifier through the DeepSpeed trainer, on this process's rank (collective).
+
+    Works under every launcher (plain ``python``, torchrun, deepspeed, SLURM) with ZeRO 0-3, bf16, gradient
+    accumulation, clipping, atomic checkpoints and exact resume (``train.resume``) from the engine. Writes into
+    ``cfg.train.output_dir`` as given (the CLI picks a fresh run directory first).
 
     Args:
         cfg: a config from :func:`finetune_config` (objective 'supervised').
-        opts: recipe knobs (init checkpoint, layer decay, mixing, erasing, RandAugment, EMA).
-        train_loader, val_loader: default ``build_train_loader`` / ``build_eval_loader(cfg, 'val')``.
+        opts: recipe knobs (init checkpoint, layer decay, mixing, erasing, RandAugment, EMA, eval_every).
+        device: overrides ``cfg.train.device`` ('cpu', 'cuda', 'auto').
+        train_loader, val_loader: default ``build_train_loader(recipe='finetune')`` / ``build_eval_loader(cfg,
+            'val')``, this rank's shard. A train loader without ``state_dict`` resumes at its epoch's start.
         init_state: a state dict to start from instead of ``opts.init`` (the Python API / tests).
+
+    Returns:
+        {'top1', 'top5' (of the last evaluation, at the end of a completed run), 'steps', 'stopped', 'seconds',
+        'history' (every evaluation), 'best', 'checkpoint' (finetuned.pth, rank 0), 'model' (the engine's
+        module), ('ema_top1', 'ema_top5')}.
     """
-    from fastsupmae.engine.optim import lr_at, peak_lr
+    from fastsupmae.engine.distributed import init_distributed, set_single_process_defaults
+    from fastsupmae.engine.layer_decay import param_groups_lrd
+    from fastsupmae.engine.mixing import BatchMixer
+    from fastsupmae.engine.optim import build_optimizer
+    from fastsupmae.engine.rng import seed_everything
+    from fastsupmae.engine.trainer import Trainer
     from fastsupmae.models import build_model
     from fastsupmae.pipelines import build_eval_loader, build_train_loader
-    from fastsupmae.tasks.evaluate import evaluate_classifier
+    from fastsupmae.pipelines.memory_loader import InMemoryLoader
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError("fine-tuning runs in one process (plain PyTorch loop); start it without a launcher")
-    device = torch.device(device)
+    t0 = time.time()
+    set_single_process_defaults()
+    if device is not None:
+        cfg.train.device = str(device)
+    info = init_distributed(cfg.train.device)
     t, m = cfg.train, cfg.model
-    torch.manual_seed(t.seed)
-    gen = torch.Generator().manual_seed(t.seed + 1)
-    model = build_model(cfg, device=device)
-    head = model.head
-    if opts.init or init_state is not None:
-        if init_state is not None:
-            from fastsupmae.models.checkpoint import load_checkpoint
-
-            load_checkpoint(model, prepare_init_state(init_state, model), strict=False)
-        else:
-            init_from_checkpoint(model, opts.init)
-    # MAE: a near-zero head so the pretrained features are not disturbed by large early gradients
-    nn.init.trunc_normal_(head.weight, std=2e-5)
-    nn.init.zeros_(head.bias)
-    model.to(device)
-
+    seed_everything(t.seed, info.rank)
+    model = build_model(cfg, device=info.device)
+    _init_weights(model, opts, init_state)
     if train_loader is None:
         # file-backed pipelines apply RandAugment + random erasing themselves under the 'finetune' recipe
-        train_loader = build_train_loader(cfg, 0, 1, device, recipe="finetune")
-    val_loader = val_loader if val_loader is not None else build_eval_loader(cfg, "val", device=device)
-    accum = max(1, t.global_batch // t.micro_batch)
-    steps_per_epoch = max(1, len(train_loader) // accum)
-    total = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * steps_per_epoch)
-    warmup = round(t.warmup_epochs * steps_per_epoch)
-    peak = peak_lr(cfg)
-    groups = param_groups_lrd(model, t.weight_decay, opts.layer_decay)
-    opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=peak,
-                            betas=tuple(t.betas))
-    ema = ModelEMA(model, opts.ema_decay) if opts.ema_decay > 0 else None
-    from fastsupmae.pipelines.memory_loader import InMemoryLoader
-    from fastsupmae.pipelines.mixup import mixup_cutmix
-
+        train_loader = build_train_loader(cfg, info.rank, info.world_size, info.device, recipe="finetune")
+    if val_loader is None:
+        val_loader = build_eval_loader(cfg, "val", info.rank, info.world_size, info.device)
+    in_memory = isinstance(train_loader, InMemoryLoader)
+    if not hasattr(train_loader, "state_dict"):
+        train_loader = _Resumable(train_loader)
     aug = (InMemoryFinetuneAug(opts.randaug, opts.reprob, cfg.data.mean, cfg.data.std, t.seed + 2)
-           if isinstance(train_loader, InMemoryLoader) and (opts.randaug or opts.reprob > 0) else None)
-    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported() and t.precision in ("auto", "bf16")
-    out_dir = Path(t.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    metrics_f = open(out_dir / "finetune_metrics.jsonl", "a")
-    log.info("fine-tune: %d steps (%d per epoch, accumulation %d), peak lr %.3g, layer decay %g, %s",
-             total, steps_per_epoch, accum, peak, opts.layer_decay, "bf16 autocast" if use_bf16 else "fp32")
+           if in_memory and (opts.randaug or opts.reprob > 0) else None)
+    mixer = BatchMixer(m.num_classes, opts.mixup, opts.cutmix, opts.mixup_switch_prob,
+                       label_smoothing=m.label_smoothing, seed=t.seed + 1)
 
-    step, micro, epoch, t0 = 0, 0, 0, time.time()
-    loss_sum = torch.zeros((), device=device)
-    history: list[dict[str, float]] = []
-    model.train()
-    stop = False
-    while not stop:
-        train_loader.set_epoch(epoch)
-        for batch in train_loader:
-            imgs, labels = batch["images"].to(device), batch["labels"].to(device)
-            if aug is not None:
-                imgs = aug(imgs)
-            x = model.normalize(imgs).float()
-            x, target = mixup_cutmix(x, labels, m.num_classes, opts.mixup, opts.cutmix, opts.mixup_switch_prob,
-                                     label_smoothing=m.label_smoothing, generator=gen)
-            lr = lr_at(step, total, warmup, peak, t.min_lr)
-            for g in opt.param_groups:
-                g["lr"] = lr * g["lr_scale"]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                logits = model.forward_head(model.forward_features(x))
-            loss = torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-            (loss / accum).backward()
-            loss_sum += loss.detach()
-            micro += 1
-            if micro % accum:
-                continue
-            if t.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(model)
-            step += 1
-            if step % t.log_every == 0 or step == total:
-                rec = {"step": step, "epoch": step / steps_per_epoch, "loss": float(loss_sum) / (t.log_every * accum)
-                       if step % t.log_every == 0 else float(loss_sum) / ((step % t.log_every) * accum), "lr": lr}
-                loss_sum.zero_()
-                metrics_f.write(json.dumps(rec) + "\n")
-                metrics_f.flush()
-                log.info("fine-tune step %d/%d loss %.4f lr %.3g", step, total, rec["loss"], lr)
-            if opts.eval_every and step % opts.eval_every == 0 and step < total:
-                history.append({"step": step, **evaluate_classifier(model, val_loader)})
-                model.train()
-            limit = t.time_limit_min > 0 and time.time() - t0 > 60 * t.time_limit_min
-            if step >= total or limit:
-                stop = True
-                break
-        epoch += 1
-    metrics_f.close()
-    res: dict[str, Any] = {"steps": step, "seconds": time.time() - t0, **evaluate_classifier(model, val_loader)}
-    if ema is not None:
-        e = evaluate_classifier(ema.module, val_loader)
-        res.update({"ema_top1": e["top1"], "ema_top5": e["top5"]})
+    def make_optimizer(mod: nn.Module, sharded: bool) -> tuple[Any, str]:
+        groups = param_groups_lrd(mod, t.weight_decay, opts.layer_decay)
+        return build_optimizer(mod, cfg, info.device, sharded, groups=groups)
+
+    trainer = Trainer(cfg, model, train_loader, info, forward_loss=make_forward_loss(mixer, aug),
+                      loss_keys=("loss",), progress_name="finetune", make_optimizer=make_optimizer,
+                      ema_decay=opts.ema_decay, evaluate=lambda mod: evaluate_over_ranks(mod, val_loader),
+                      eval_every=opts.eval_every)
+    trainer.maybe_resume()
+    if info.is_main:  # only now: a failed resume must not rewrite the run's config
+        Path(t.output_dir).mkdir(parents=True, exist_ok=True)
+        save_config(cfg, Path(t.output_dir) / "config.yaml")
+        log.info("fine-tune: %d steps, peak lr %.3g, layer decay %g, mixup %g / cutmix %g, EMA %g, %d rank(s)",
+                 trainer.total_steps, trainer.peak_lr, opts.layer_decay, opts.mixup, opts.cutmix, opts.ema_decay,
+                 info.world_size)
+    result = trainer.fit()
+    history = [json.loads(x) for x in (Path(t.output_dir) / "metrics.jsonl").read_text().splitlines()
+               if '"event": "eval"' in x] if info.is_main else []
+    ev = {k: v for k, v in trainer.last_eval.items() if k not in ("event", "best")} if result.stopped == "done" else {}
+    res: dict[str, Any] = {"steps": result.step, "stopped": result.stopped, "seconds": time.time() - t0,
+                           "loss": result.metrics.get("loss"), "best": trainer.best, **ev}
+    ckpt = _export(trainer, cfg, opts, res)
     res["history"] = history
-    ckpt = out_dir / "finetuned.pth"
-    tmp = ckpt.with_suffix(".pth.tmp")
-    torch.save({"model": model.state_dict(), "config": cfg.to_dict(), "finetune": asdict(opts),
-                "ema": ema.module.state_dict() if ema is not None else None, "result": {k: v for k, v in res.items()
-                                                                                     if k != "history"}}, tmp)
-    os.replace(tmp, ckpt)  # never leave a half-written checkpoint under the final name
-    res["checkpoint"] = str(ckpt)
-    res["model"] = model
-    log.info("fine-tune done: top-1 %.2f%% top-5 %.2f%% after %d steps (%.0f s); saved %s", res["top1"],
-             res["top5"], step, res["seconds"], ckpt)
+    res["checkpoint"] = str(ckpt) if ckpt else None
+    res["model"] = trainer.module
+    if info.is_main and "top1" in res:
+        log.info("fine-tune done: top-1 %.2f%% top-5 %.2f%% after %d steps (%.0f s); saved %s", res["top1"],
+                 res["top5"], result.step, res["seconds"], ckpt)
     return res
 
 
@@ -398,22 +406,40 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--reprob", type=float, default=d.reprob, help="random erasing probability")
     parser.add_argument("--no-randaug", dest="randaug", action="store_false", help="turn RandAugment off")
     parser.add_argument("--ema-decay", type=float, default=d.ema_decay, help="weight EMA decay (0: off)")
-    parser.add_argument("--eval-every", type=int, default=d.eval_every)
+    parser.add_argument("--eval-every", type=float, default=d.eval_every,
+                        help="epochs between validations (0: only at the end); checkpoints/best keeps the best")
+    parser.add_argument("--resume", action="store_const", const="auto", default=None,
+                        help="continue the fine-tune in train.output_dir (same as train.resume=auto)")
     parser.add_argument("overrides", nargs="*", default=[], help="config overrides key.sub=value")
     return parser
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from fastsupmae.tasks.common import resolve_device
+    """`fastsupmae finetune`: under any launcher; rank 0 prints the result."""
+    from fastsupmae.engine import run_dir
+    from fastsupmae.engine.distributed import init_distributed
 
     cfg = finetune_config(args.config, args.overrides, args.recipe, checkpoint=args.init)
+    if getattr(args, "resume", None):
+        cfg.train.resume = args.resume
+    if args.device != "auto":
+        cfg.train.device = args.device
     opts = FinetuneOptions(init=args.init, layer_decay=args.layer_decay, mixup=args.mixup, cutmix=args.cutmix,
                            mixup_switch_prob=args.mixup_switch_prob, reprob=args.reprob, randaug=args.randaug,
                            ema_decay=args.ema_decay, eval_every=args.eval_every)
-    res = finetune(cfg, opts, resolve_device(args.device))
-    line = f"fine-tune top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  ({res['steps']} steps)"
-    if "ema_top1" in res:
-        line += f"  EMA top-1 {res['ema_top1']:.2f}%"
-    print(line)
-    print(f"checkpoint: {res['checkpoint']}")
+    info = init_distributed(cfg.train.device)
+    explicit = any(o.split("=", 1)[0].strip() == "train.output_dir" for o in (args.overrides or []))
+    t = cfg.train
+    out = run_dir.prepare(t.output_dir, t.resume, explicit, t.overwrite, info.rank, info.world_size)
+    t.output_dir = str(out)
+    res = finetune(cfg, opts)
+    if info.is_main:
+        if "top1" in res:
+            line = f"fine-tune top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  ({res['steps']} steps)"
+            if "ema_top1" in res:
+                line += f"  EMA top-1 {res['ema_top1']:.2f}%"
+        else:
+            line = f"fine-tune stopped at step {res['steps']} ({res['stopped']}); resume with --resume"
+        print(line)
+        print(f"checkpoint: {res['checkpoint']}")
     return {k: v for k, v in res.items() if k != "model"}
