@@ -1,13 +1,33 @@
-"""Linear probe of a frozen encoder (the MAE protocol): BatchNorm without affine + a linear classifier.
+"""Linear probe of a frozen encoder (the MAE protocol), trained by the DeepSpeed trainer on any number of ranks.
 
 The encoder's pooled feature (``eval.feature``: 'avg' = mean of the patch tokens after the final norm, the
 feature SupMAE trains; 'cls' = the cls token, MAE's choice) goes through ``BatchNorm1d(D, affine=False,
 eps=1e-6)`` and ``Linear(D, C)`` (weights N(0, 0.01)). Only the head trains: LARS (MAE) or SGD with momentum,
-weight decay 0, lr = blr * batch / 256, warmup then cosine.
+weight decay 0, lr = blr * batch / 256, warmup then cosine (MAE, He et al. 2022, appendix A.2).
+
+The head trains through :class:`fastsupmae.engine.trainer.Trainer`, so the probe has what every training task
+has: any launcher and world size, checkpoints in DeepSpeed's layout, exact resume (``train.resume=auto``),
+metrics, progress bar, STOP file and signals. The probe's own settings:
+
+- **ZeRO stage 0, fp32.** LARS scales each layer's update by ``||w|| / ||g + wd w||`` of the whole tensor.
+  DeepSpeed's ZeRO >= 1 flattens the parameters and hands each rank a shard of them to update, so the trust
+  ratio would be computed on shards (a different, world-size dependent optimizer). Stage 0 keeps every tensor
+  whole on every rank, with the gradients all-reduced before the step. bf16 in DeepSpeed needs ZeRO >= 1 in this
+  project (:func:`fastsupmae.engine.ds_config.effective_zero_stage`), so the head trains in fp32; it is
+  D x C parameters, so neither choice costs anything measurable. The frozen encoder's feature extraction still
+  runs in the run's precision (bf16 autocast where ``train.precision`` resolves to bf16).
+- **BatchNorm over the global batch.** The head's BatchNorm is synchronised over ranks (SyncBatchNorm on CUDA,
+  its CPU twin otherwise), so its statistics, and the run, do not depend on how the batch is split over ranks.
+- **Data parallel.** The global batch (``--batch``, default ``train.global_batch``) is split over the ranks:
+  each rank computes the loss of its ``batch / world`` samples of every step.
 
 Two ways to feed it:
-- ``augment=False`` (default): features of the un-augmented training images are computed once and the head
-  trains on them for all epochs: orders of magnitude cheaper, and what the tests and the demo use.
+
+- cached features (default): every rank extracts the features of the un-augmented training images of its own
+  shard once (no rank computes or holds the whole set); :class:`CachedFeatureLoader` then serves them in the
+  global shuffled order of :class:`fastsupmae.pipelines.sampler.ShardedOrder`, exchanging the rows of each step
+  between the ranks that hold them (one collective of ``batch x (D + 1)`` floats per step), so the samples of a
+  step are the same at every world size and a resumed run continues exactly where it stopped.
 - ``augment=True``: every step runs the frozen encoder on a freshly augmented batch (MAE's protocol:
   RandomResizedCrop + flip from the training pipeline).
 """
@@ -15,10 +35,10 @@ Two ways to feed it:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
-import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,9 +47,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastsupmae.config import Config
+from fastsupmae.config import Config, ConfigError, config_from_dict
 
 log = logging.getLogger(__name__)
+
+RESULT_FILE = "linprobe.json"
+HEAD_FILE = "linprobe_head.pth"
 
 
 @dataclass
@@ -41,7 +64,8 @@ class LinprobeOptions:
     warmup_epochs: float = 10.0
     weight_decay: float = 0.0
     optimizer: str = "lars"  # lars | sgd
-    batch: int = 0  # 0: cfg.train.global_batch
+    batch: int = 0  # global batch; 0: cfg.train.global_batch
+    micro_batch: int = 0  # per rank and forward; 0: batch / world size (no accumulation)
     augment: bool = False  # True: encoder forward on augmented batches every step (MAE); False: cached features
     feature: str = ""  # '' = cfg.eval.feature
 
@@ -50,7 +74,8 @@ class LARS(torch.optim.Optimizer):
     """LARS (layer-wise adaptive rate scaling) as MAE uses it for the linear probe.
 
     For every parameter with more than one dimension the update is scaled by ``trust * ||w|| / ||g + wd w||``;
-    1-D parameters (biases) take plain SGD-with-momentum steps.
+    1-D parameters (biases) take plain SGD-with-momentum steps. The norms are of whole tensors: run it where each
+    rank holds whole parameters (DeepSpeed ZeRO stage 0), never on ZeRO shards.
     """
 
     def __init__(self, params: Any, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9,
@@ -79,112 +104,295 @@ class LARS(torch.optim.Optimizer):
 
 
 class ProbeHead(nn.Module):
-    """BatchNorm1d without affine + Linear: [B, D] -> [B, C]."""
+    """BatchNorm1d without affine + Linear: [B, D] -> [B, C].
 
-    def __init__(self, dim: int, num_classes: int) -> None:
+    Args:
+        generator: draws the initial weights (the same on every rank and at every world size).
+    """
+
+    def __init__(self, dim: int, num_classes: int, generator: torch.Generator | None = None) -> None:
         super().__init__()
         self.bn = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
         self.fc = nn.Linear(dim, num_classes)
-        nn.init.trunc_normal_(self.fc.weight, std=0.01)
+        nn.init.trunc_normal_(self.fc.weight, std=0.01, generator=generator)
         nn.init.zeros_(self.fc.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.bn(x))
 
 
-def _cached_batches(feats: torch.Tensor, labels: torch.Tensor, batch: int, gen: torch.Generator
-                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Shuffled, drop-last batches over cached features (the last short batch would give BatchNorm noise)."""
-    perm = torch.randperm(feats.shape[0], generator=gen)
-    n = max(1, feats.shape[0] // batch) * batch if feats.shape[0] >= batch else feats.shape[0]
-    for s in range(0, n, batch):
-        idx = perm[s:s + batch]
-        yield feats[idx], labels[idx]
+class CachedFeatureLoader:
+    """Training loader over features cached on the device, each rank holding a contiguous shard of them.
 
+    Rank ``r`` holds rows ``[lo_r, lo_r + n_r)`` of the dataset (the shard an evaluation loader gave it, in rank
+    order). Step ``s`` of epoch ``e`` serves the global samples ``perm_e[s*B*W : (s+1)*B*W]`` of
+    :class:`~fastsupmae.pipelines.sampler.ShardedOrder`, rank ``r`` taking its ``B`` of them: every rank fills the
+    rows it owns into a zero ``[B*W, D + 1]`` buffer (features and label) and one sum over the ranks (a
+    reduce-scatter under NCCL, an all-reduce on gloo) hands each rank its ``B`` rows. Exactly one rank owns each
+    row, so the sum is exact. No host sync per batch; the epoch's order crosses to the device once.
 
-def linear_probe(model: nn.Module, cfg: Config, opts: LinprobeOptions, train_loader: Any, val_loader: Any,
-                 device: torch.device | str = "cpu", train_eval_loader: Any = None) -> dict[str, Any]:
-    """Train a probe head on ``model``'s frozen features; returns {'top1', 'top5', 'steps', 'head', ...}.
-
-    ``opts.epochs`` sets the length, unless ``cfg.train.max_steps`` > 0 (then exactly that many steps).
+    Yields ``{'images': float32 [B, D] (the features: the key the trainer moves), 'labels': int64 [B]}``; has
+    ``len``, ``set_epoch``, ``state_dict`` / ``load_state_dict`` as the trainer's loaders do.
 
     Args:
-        model: encoder with ``forward_features(imgs, pool)``; it is frozen and left in eval mode.
-        train_loader: augmented training batches (used when ``opts.augment``).
-        val_loader: evaluation batches.
-        train_eval_loader: un-augmented training batches for the cached features (default: ``train_loader``).
+        feats: float32 ``[n_r, D]`` this rank's features, on the device the head trains on.
+        labels: int64 ``[n_r]``.
+        batch_size: samples per batch on this rank (B).
+        rank, world_size, seed: as the training loaders' (the order depends on seed and epoch only).
     """
-    from fastsupmae.engine.optim import lr_at
+
+    def __init__(self, feats: torch.Tensor, labels: torch.Tensor, batch_size: int, rank: int = 0,
+                 world_size: int = 1, seed: int = 0) -> None:
+        from fastsupmae.engine.distributed import comm_device
+        from fastsupmae.pipelines.sampler import ShardedOrder
+
+        self.feats, self.labels = feats.float(), labels.long().to(feats.device)
+        self.rank, self.world_size = rank, world_size
+        counts = [int(feats.shape[0])]
+        if world_size > 1:
+            mine = torch.tensor([feats.shape[0]], dtype=torch.int64, device=comm_device())
+            parts = [torch.zeros_like(mine) for _ in range(world_size)]
+            torch.distributed.all_gather(parts, mine)
+            counts = [int(p.item()) for p in parts]  # once, at set-up
+        self.lo = sum(counts[:rank])
+        self.num_samples = sum(counts)
+        self.order = ShardedOrder(self.num_samples, batch_size, rank, world_size, seed, train=True)
+        self._nccl = world_size > 1 and "nccl" in str(torch.distributed.get_backend())
+
+    @property
+    def batch_size(self) -> int:
+        return self.order.batch_size
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.order.set_epoch(epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.order.state_dict()
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.order.load_state_dict(sd)
+
+    def _rows(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features [B, D] and labels [B] of this rank's part of the global batch ``idx`` (int64 [B*W])."""
+        b = self.order.batch_size
+        if self.world_size == 1:
+            return self.feats[idx], self.labels[idx]
+        n = self.feats.shape[0]
+        local = idx - self.lo
+        own = (local >= 0) & (local < n)
+        safe = local.clamp(0, max(n - 1, 0))
+        rows = torch.cat([self.feats[safe], self.labels[safe, None].to(self.feats.dtype)], dim=1)
+        buf = torch.where(own[:, None], rows, torch.zeros((), device=rows.device))  # [B*W, D + 1]
+        if self._nccl:
+            out = buf.new_empty((b, buf.shape[1]))
+            torch.distributed.reduce_scatter_tensor(out, buf)
+        else:  # gloo has no reduce-scatter: sum everything, keep this rank's block
+            torch.distributed.all_reduce(buf)
+            out = buf[self.rank * b:(self.rank + 1) * b]
+        # labels < 2^24 are exact in fp32
+        return out[:, :-1].contiguous(), out[:, -1].round().long()
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        from fastsupmae.pipelines.transfer import to_device
+
+        o = self.order
+        bw = o.batch_size * o.world_size
+        steps = o.remaining_steps()
+        perm = to_device(o.permutation(o.epoch)[:len(o) * bw], self.feats.device)  # the epoch's order, once
+        for step in steps:
+            x, y = self._rows(perm[step * bw:(step + 1) * bw])
+            o.advance()  # before yielding: a state saved while the trainer holds this batch resumes after it
+            yield {"images": x, "labels": y}
+        o.finish_epoch()
+
+
+def probe_config(cfg: Config, opts: LinprobeOptions, world_size: int, output_dir: str | Path) -> Config:
+    """The config the probe trains with: ``cfg`` with the probe's schedule, batch, ZeRO 0 / fp32, SyncBN.
+
+    Raises:
+        ConfigError: the batch does not split into whole micro-batches over the ranks.
+    """
+    d = cfg.to_dict()
+    t = d["train"]
+    batch = opts.batch or t["global_batch"]
+    micro = opts.micro_batch or batch // world_size
+    if micro < 1 or batch % (micro * world_size):
+        raise ConfigError(f"linear-probe batch {batch} does not split into micro-batches of {micro} over "
+                          f"{world_size} rank(s); choose --batch (and --micro-batch) so that batch is a multiple of "
+                          f"micro-batch x world size")
+    t.update(global_batch=batch, micro_batch=micro, epochs=opts.epochs, warmup_epochs=opts.warmup_epochs,
+             blr=opts.blr, lr=None, min_lr=0.0, weight_decay=opts.weight_decay, clip_grad=0.0, precision="fp32",
+             zero_stage=0, optimizer="auto", offload_optimizer=False, compile=False, output_dir=str(output_dir))
+    d["model"]["sync_batchnorm"] = True
+    d["eval"]["feature"] = opts.feature or cfg.eval.feature
+    return config_from_dict(d)
+
+
+def _autocast(device: torch.device, precision: str) -> Any:
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _probe_trainer_class() -> type:
+    from fastsupmae.engine.trainer import Trainer
+
+    class ProbeTrainer(Trainer):
+        """The trainer, reporting no FLOPs: its FLOP model is the pretraining one, not a probe head's."""
+
+        def _start(self) -> Any:
+            loop = super()._start()
+            loop.flops_per_step = loop.peak = None
+            loop.tokens_per_img = 0.0
+            return loop
+
+    return ProbeTrainer
+
+
+def linear_probe(model: nn.Module, cfg: Config, opts: LinprobeOptions, val_loader: Any, output_dir: str | Path,
+                 train_eval_loader: Any = None, train_loader: Any = None, explicit: bool = True,
+                 resume: str | None = None, info: Any = None,
+                 make_train_loader: Callable[[Config], Any] | None = None) -> dict[str, Any]:
+    """Train a probe head on ``model``'s frozen features on every rank (collective); returns the result.
+
+    The length is ``opts.epochs`` unless ``cfg.train.max_steps`` > 0 (then exactly that many steps).
+    ``cfg.train.resume`` ('auto' or a path) continues a probe run in ``output_dir``.
+
+    Args:
+        model: encoder with ``forward_features(imgs, pool)`` (plain, DeepSpeed-wrapped or ZeRO-3-partitioned); it
+            stays frozen and in eval mode.
+        cfg: the run's config (model, data, seed, logging, checkpoint cadence; the schedule comes from ``opts``).
+        val_loader: this rank's shard of the evaluation images (an evaluation loader built with rank / world).
+        output_dir: the probe's run directory (config, metrics, checkpoints, result and head files).
+        train_eval_loader: this rank's shard of the un-augmented training images (cached-feature mode).
+        train_loader: augmented training batches of this rank, ``micro_batch`` each (``opts.augment``; default:
+            ``make_train_loader(probe_cfg)``, else the training pipeline built from the probe's config).
+        explicit: the caller named ``output_dir`` (a directory holding another run is then refused, not
+            replaced by a numbered sibling; see :mod:`fastsupmae.engine.run_dir`).
+        resume: the probe run's ``train.resume`` ('auto', a checkpoint path or ''; default ``cfg.train.resume``).
+        info: this process's :class:`~fastsupmae.engine.distributed.DistInfo` (default: from
+            ``init_distributed(cfg.train.device)``).
+        make_train_loader: ``f(probe_cfg) -> loader`` for ``opts.augment`` when ``train_loader`` is None.
+
+    Returns:
+        {'top1', 'top5' (percent, every rank the same), 'steps', 'stopped', 'final_loss', 'seconds', 'feature',
+        'world_size', 'run_dir', 'head' (the trained module)}; without 'top1' / 'top5' when the run stopped early
+        (signal, STOP file, time limit), to be resumed.
+    """
+    from fastsupmae.engine import run_dir
+    from fastsupmae.engine.distributed import all_reduce_sum, init_distributed
+    from fastsupmae.engine.ds_config import resolve_precision
+    from fastsupmae.engine.rng import seed_everything
     from fastsupmae.tasks.knn import extract_features, full_params, unwrap
 
-    device = torch.device(device)
-    net = unwrap(model).to(device).eval()
+    t0 = time.time()
+    info = info or init_distributed(cfg.train.device)
+    resume = cfg.train.resume if resume is None else resume
+    net = unwrap(model).eval()
     for p in net.parameters():
         p.requires_grad_(False)
+    net.to(info.device)
     feature = opts.feature or cfg.eval.feature
-    batch = opts.batch or cfg.train.global_batch
-    c = cfg.model.num_classes
-    head = ProbeHead(net.embed_dim, c).to(device)
-    lr_peak = opts.blr * batch / 256.0
-    if opts.optimizer == "lars":
-        opt: torch.optim.Optimizer = LARS(head.parameters(), lr=lr_peak, weight_decay=opts.weight_decay)
-    elif opts.optimizer == "sgd":
-        opt = torch.optim.SGD(head.parameters(), lr=lr_peak, momentum=0.9, weight_decay=opts.weight_decay)
-    else:
-        raise ValueError(f"linear-probe optimizer '{opts.optimizer}' is unknown; use lars or sgd")
-    gen = torch.Generator().manual_seed(cfg.train.seed)
-    t0 = time.time()
-    if not opts.augment:
-        feats, labels = extract_features(net, train_eval_loader or train_loader, feature, normalize=False)
-        feats, labels = feats.to(device), labels.to(device)
-        steps_per_epoch = max(1, feats.shape[0] // batch)
-    else:
-        steps_per_epoch = max(1, len(train_loader) * train_loader.batch_size // batch)
-    # train.max_steps > 0 bounds the probe like every training task (a quick check of a long recipe)
-    total = cfg.train.max_steps if cfg.train.max_steps > 0 else max(1, math.ceil(opts.epochs * steps_per_epoch))
-    warmup = round(opts.warmup_epochs * steps_per_epoch)
-    log.info("linear probe: %s features, %d steps, batch %d, %s lr %.3g", feature, total, batch, opts.optimizer,
-             lr_peak)
+    if feature not in ("avg", "cls"):
+        raise ConfigError(f"linear-probe feature '{feature}' is unknown; use avg or cls")
+    if opts.optimizer not in ("lars", "sgd"):
+        raise ConfigError(f"linear-probe optimizer '{opts.optimizer}' is unknown; use lars or sgd")
+    # the encoder runs in the run's precision; the head trains in fp32 (see the module docstring)
+    feat_precision = resolve_precision(cfg, info.device)
+    out = run_dir.prepare(output_dir, resume, explicit, cfg.train.overwrite, info.rank, info.world_size)
+    pcfg = probe_config(cfg, LinprobeOptions(**{**asdict(opts), "feature": feature}), info.world_size, out)
+    t = pcfg.train
+    t.resume = resume
+    seed_everything(t.seed, info.rank)
 
-    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        epoch = 0
-        while True:
-            if not opts.augment:
-                yield from _cached_batches(feats, labels, batch, gen)
-            else:
-                train_loader.set_epoch(epoch)
-                for b in train_loader:
-                    with torch.no_grad(), full_params(net):
-                        f = net.forward_features(b["images"].to(device), pool=feature).float()
-                    yield f, b["labels"].to(device)
-            epoch += 1
+    def features(batch_imgs: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), full_params(net), _autocast(info.device, feat_precision):
+            return net.forward_features(batch_imgs, pool=feature).float()
 
-    head.train()
-    step, loss_v = 0, float("nan")
-    for x, y in batches():
-        if step >= total:
-            break
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, total, warmup, lr_peak, 0.0)
-        loss = F.cross_entropy(head(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        if step % 100 == 0 or step == total:
-            loss_v = float(loss.detach())
-            log.info("linear probe step %d/%d loss %.4f", step, total, loss_v)
-    head.eval()
-    vf, vl = extract_features(net, val_loader, feature, normalize=False)
-    with torch.no_grad():
-        logits = head(vf.to(device))
-    top = logits.topk(min(5, c), dim=1).indices.cpu()
-    hit = top == vl[:, None]
-    res = {"top1": 100.0 * float(hit[:, 0].float().mean()), "top5": 100.0 * float(hit.any(1).float().mean()),
-           "steps": step, "final_loss": loss_v, "seconds": time.time() - t0, "feature": feature, "head": head}
-    log.info("linear probe: top-1 %.2f%% top-5 %.2f%% (%d steps, %.0f s)", res["top1"], res["top5"], step,
-             res["seconds"])
+    if opts.augment:
+        loader = train_loader
+        if loader is None:
+            loader = make_train_loader(pcfg) if make_train_loader is not None else _default_train_loader(pcfg, info)
+
+        def forward_loss(engine: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {"loss": F.cross_entropy(engine(features(batch["images"])), batch["labels"])}
+    else:
+        if train_eval_loader is None:
+            raise ValueError("linear_probe: cached-feature mode needs train_eval_loader (this rank's shard of the "
+                             "un-augmented training images)")
+        with _autocast(info.device, feat_precision):
+            tf, tl = extract_features(net, train_eval_loader, feature, normalize=False, gather=False, on_device=True)
+        loader = CachedFeatureLoader(tf.to(info.device), tl.to(info.device), t.micro_batch, info.rank,
+                                     info.world_size, t.seed)
+
+        def forward_loss(engine: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {"loss": F.cross_entropy(engine(batch["images"]), batch["labels"])}
+
+    head = ProbeHead(net.embed_dim, pcfg.model.num_classes, torch.Generator().manual_seed(t.seed))
+
+    def make_optimizer(module: nn.Module, sharded: bool) -> tuple[torch.optim.Optimizer, str]:
+        assert not sharded, "the linear probe runs at ZeRO stage 0 (LARS needs whole tensors)"
+        from fastsupmae.engine.optim import peak_lr
+
+        if opts.optimizer == "lars":
+            return LARS(module.parameters(), lr=peak_lr(pcfg), weight_decay=opts.weight_decay), "lars"
+        return torch.optim.SGD(module.parameters(), lr=peak_lr(pcfg), momentum=0.9,
+                               weight_decay=opts.weight_decay), "sgd"
+
+    trainer = _probe_trainer_class()(pcfg, head, loader, info, forward_loss=forward_loss, loss_keys=("loss",),
+                                     progress_name="linprobe", make_optimizer=make_optimizer)
+    trainer.maybe_resume()
+    if info.is_main:  # only now: a failed resume must not rewrite the run's config
+        from fastsupmae.config import save_config
+
+        save_config(pcfg, out / "config.yaml")
+        log.info("linear probe: %s features, %d samples, batch %d over %d rank(s), %s lr %.3g, ZeRO 0 fp32 head",
+                 feature, getattr(loader, "num_samples", 0) or len(loader) * t.global_batch, t.global_batch,
+                 info.world_size, opts.optimizer, trainer.peak_lr)
+    result = trainer.fit()
+    res: dict[str, Any] = {"steps": result.step, "stopped": result.stopped,
+                           "final_loss": result.metrics.get("loss", float("nan")), "feature": feature,
+                           "world_size": info.world_size, "run_dir": str(out)}
+    trained = trainer.engine.module.eval()
+    if result.stopped == "done":
+        vf, vl = extract_features(net, val_loader, feature, normalize=False, gather=False, on_device=True)
+        c = pcfg.model.num_classes
+        hits = torch.zeros(3, dtype=torch.float64, device=info.device)
+        if vf.shape[0]:  # an evaluation shard may be empty on some ranks
+            with torch.no_grad():
+                logits = trained(vf.to(info.device))
+            top = logits.topk(min(5, c), dim=1).indices
+            hit = top == vl.to(info.device)[:, None]
+            hits[0], hits[1], hits[2] = hit[:, 0].sum(), hit.any(1).sum(), float(logits.shape[0])
+        from fastsupmae.engine.distributed import comm_device
+
+        hits = all_reduce_sum(hits.to(comm_device())).cpu()
+        n = max(float(hits[2]), 1.0)
+        res.update(top1=100.0 * float(hits[0]) / n, top5=100.0 * float(hits[1]) / n, num_val=int(hits[2]))
+    res["seconds"] = time.time() - t0
+    if info.is_main:
+        from fastsupmae.tasks.common import write_json
+
+        write_json(out / RESULT_FILE, res)
+        if result.stopped == "done":
+            torch.save({"head": {k: v.detach().cpu() for k, v in trained.state_dict().items()},
+                        "options": asdict(opts), "feature": feature}, out / HEAD_FILE)
+            log.info("linear probe: top-1 %.2f%% top-5 %.2f%% (%d steps, %.0f s); %s", res["top1"], res["top5"],
+                     result.step, res["seconds"], out / RESULT_FILE)
+    res["head"] = trained
+    if hasattr(trainer.engine, "destroy"):
+        trainer.engine.destroy()
     return res
+
+
+def _default_train_loader(pcfg: Config, info: Any) -> Any:
+    from fastsupmae.pipelines import build_train_loader
+
+    return build_train_loader(pcfg, info.rank, info.world_size, info.device)
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -200,29 +408,44 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
     parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
     parser.add_argument("--optimizer", choices=("lars", "sgd"), default=d.optimizer)
-    parser.add_argument("--batch", type=int, default=d.batch, help="0: train.global_batch")
+    parser.add_argument("--batch", type=int, default=d.batch, help="global batch (0: train.global_batch)")
+    parser.add_argument("--micro-batch", type=int, default=d.micro_batch,
+                        help="per rank and forward (0: batch / world size)")
     parser.add_argument("--augment", action="store_true", help="encoder forward on augmented batches every step")
     parser.add_argument("--feature", choices=("avg", "cls"), default="", help="default: eval.feature")
-    parser.add_argument("--output", default="", help="write the probe head (.pth) and result (.json) here")
+    parser.add_argument("--output", default="",
+                        help="the probe's run directory (default: <train.output_dir>/linprobe, the checkpoint's "
+                             "run when its config is used)")
+    parser.add_argument("--resume", action="store_const", const="auto", default=None,
+                        help="continue the probe run in its directory (same as train.resume=auto)")
     return parser
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from fastsupmae.pipelines import build_eval_loader, build_train_loader
-    from fastsupmae.tasks.common import load_model_for_eval, write_json
+    from fastsupmae.pipelines import build_eval_loader
+    from fastsupmae.tasks.common import load_model_for_eval
 
     cfg, model, device = load_model_for_eval(args, encoder_only=True)  # features only: exports load
+    if getattr(args, "resume", None):
+        cfg.train.resume = args.resume
+    from fastsupmae.engine.distributed import init_distributed
+
+    info = init_distributed(str(device))  # --device decides where the probe runs (cuda:N honoured)
     opts = LinprobeOptions(epochs=args.epochs, blr=args.blr, warmup_epochs=args.warmup_epochs,
                            weight_decay=args.weight_decay, optimizer=args.optimizer, batch=args.batch,
-                           augment=args.augment, feature=args.feature)
-    train = build_train_loader(cfg, 0, 1, device) if opts.augment else None
-    res = linear_probe(model, cfg, opts, train, build_eval_loader(cfg, "val", device=device), device,
-                       train_eval_loader=build_eval_loader(cfg, "train", device=device))
-    print(f"linear probe top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  ({res['steps']} steps)")
-    out = {k: v for k, v in res.items() if k != "head"}
-    if args.output:
-        p = Path(args.output)
-        p.mkdir(parents=True, exist_ok=True)
-        torch.save({"head": res["head"].state_dict(), "options": asdict(opts)}, p / "linprobe_head.pth")
-        write_json(p / "linprobe.json", out)
-    return out
+                           micro_batch=args.micro_batch, augment=args.augment, feature=args.feature)
+    out = Path(args.output) if args.output else Path(cfg.train.output_dir) / "linprobe"
+    val = build_eval_loader(cfg, "val", info.rank, info.world_size, info.device)
+    train_eval = None if opts.augment else build_eval_loader(cfg, "train", info.rank, info.world_size, info.device)
+    res = linear_probe(model, cfg, opts, val, out, train_eval_loader=train_eval, explicit=bool(args.output),
+                       info=info)
+    res.pop("head")
+    if info.is_main:
+        if "top1" in res:
+            print(f"linear probe top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  ({res['steps']} steps, "
+                  f"{res['world_size']} rank(s); {res['run_dir']})", flush=True)
+        else:
+            print(f"linear probe stopped at step {res['steps']} ({res['stopped']}); continue it with --resume "
+                  f"--output {res['run_dir']}", flush=True)
+    return res
+

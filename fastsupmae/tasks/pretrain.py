@@ -67,8 +67,10 @@ def _probe(cfg: Config, module: torch.nn.Module, rank: int, world: int, device: 
         return {f"knn_{k}": v for k, v in res.items()}
     from fastsupmae.tasks.linprobe import LinprobeOptions, linear_probe
 
-    # Cached features of the un-augmented training images (the probe's default); MAE's other settings.
-    res = linear_probe(module, cfg, LinprobeOptions(), train_l, val_l, device=device, train_eval_loader=train_l)
+    # Cached features of this rank's shard of the un-augmented training images (the probe's default), MAE's other
+    # settings; trained by the same engine in <run>/linprobe, continued there when the pretraining run resumes.
+    res = linear_probe(module, cfg, LinprobeOptions(), val_l, Path(cfg.train.output_dir) / "linprobe",
+                       train_eval_loader=train_l, resume="auto" if cfg.train.resume else "")
     res = {k: v for k, v in res.items() if isinstance(v, (int, float, str))}
     return {f"linprobe_{k}": v for k, v in res.items()}
 
