@@ -26,7 +26,9 @@ def _stream() -> Any:
 def _redirect_deepspeed_logger() -> None:
     ds_log = logging.getLogger("DeepSpeed")
     for h in list(ds_log.handlers):
-        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+        # Only DeepSpeed's own plain StreamHandler: other handlers on this non-propagating logger belong to
+        # someone else (pytest >= 9.2 attaches its capture handlers, StreamHandler subclasses, to such loggers).
+        if type(h) is logging.StreamHandler:
             h.setStream(_stream())
 
 
