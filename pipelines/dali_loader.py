@@ -216,9 +216,8 @@ class DaliLoader(LoaderBase):
             g["crop_ratio"] = crop_ratio
         else:
             g.update(scale=tuple(scale), ratio=tuple(ratio), hflip=hflip)
-        if self.device.type == "cuda":
-            g["decoder_hints"] = self._decoder_hints(hw_decoder_load, preallocate)
         self.graph_kw = g
+        self._hints = (hw_decoder_load, preallocate)  # nvJPEG hints, resolved at the first build (reads files)
         self._rebuilds = 0  # pipelines built by this loader (tests and logs read it)
         self._pipe: Any = None
         self._feed: FeedSource | None = None
@@ -233,7 +232,7 @@ class DaliLoader(LoaderBase):
             for i in range(0, len(self.source), max(1, len(self.source) // 16)):
                 try:
                     sizes.append(image_size(self.source.read(i), self.source.path(i)))
-                except (BadImage, OSError):
+                except Exception:  # a hint only: an unreadable file (or a source that cannot read) leaves it out
                     continue
             if sizes:
                 preallocate = (max(w for _, w in sizes), max(h for h, _ in sizes))
@@ -250,22 +249,31 @@ class DaliLoader(LoaderBase):
 
     def _start(self, epoch: int, step: int) -> None:
         """(Re)build the pipeline so that its first batch is ``step`` of ``epoch``."""
-        from .dali_pipelines import build_pipeline
-
         self._close()
-        on_gpu = self.device.type == "cuda"
         o = self.order
         self._feed = FeedSource(self.source, o, (epoch, step), self.known_bad, self.transcode, verify=self.verify,
                                 strict=self.policy.mode == "strict", prefetch=self.prefetch)
         self._feed.parallel = self.py_workers > 0
-        seed = mix_seed(o.seed, epoch, step, o.rank, self._rebuilds)
-        self._pipe = build_pipeline(self.recipe, self._feed, device="gpu" if on_gpu else "cpu",
-                                    batch_size=o.batch_size, num_threads=self.num_threads, seed=seed,
-                                    device_id=self.device.index if on_gpu else None, prefetch=self.prefetch,
-                                    py_workers=self.py_workers, **self.graph_kw)
+        self._pipe = self._build(self._feed, mix_seed(o.seed, epoch, step, o.rank, self._rebuilds))
         self._rebuilds += 1
         self._k = 0
         self._next = (epoch, step)
+
+    def _build(self, feeder: Any, seed: int | None = None) -> Any:
+        """Build the pipeline of this loader's recipe and device around ``feeder``."""
+        from .dali_pipelines import build_pipeline
+
+        on_gpu = self.device.type == "cuda"
+        if on_gpu and "decoder_hints" not in self.graph_kw:
+            self.graph_kw["decoder_hints"] = self._decoder_hints(*self._hints)
+        if seed is None:
+            o = self.order
+            seed = mix_seed(o.seed, o.epoch, o.position, o.rank, self._rebuilds)
+        return build_pipeline(self.recipe, feeder, device="gpu" if on_gpu else "cpu",
+                              batch_size=self.order.batch_size, num_threads=self.num_threads, seed=seed,
+                              device_id=self.device.index if on_gpu else None, prefetch=self.prefetch,
+                              py_workers=self.py_workers if getattr(feeder, "parallel", False) else 0,
+                              **self.graph_kw)
 
     def _close(self) -> None:
         if self._pipe is not None:

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from fastsupmae.pipelines.crop_params import sample_crop_box
 from fastsupmae.pipelines.errors import DataError
 from fastsupmae.pipelines.image_decode import decode_crop_resize
+from PIL import Image
+
 from tests.test_gpu_paths import fake_cuda  # noqa: F401 - the fixture
 
 
