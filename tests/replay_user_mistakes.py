@@ -226,6 +226,22 @@ CASES += [
          unchanged=("runs/demo/checkpoints", "runs/demo/config.yaml")),  # the probe writes runs/demo/linprobe
 ]
 
+# items 1 and 2: a run never destroys another run; an unusable output directory is one message before training.
+TINY_YAML = write_yaml("tiny.yaml", TINY)
+CASES += [
+    Case("item 1: a fresh run into a named directory that holds a run", ["pretrain", "--config", "tiny.yaml",
+                                                                          "train.output_dir=runs/demo"],
+         setup=both(TINY_YAML, prior_run), expect=r"'runs/demo' already holds a run.*train\.resume=auto.*"
+         r"train\.overwrite=true", unchanged=("runs",)),
+    Case("item 2: train.output_dir under a file", ["pretrain", "--config", "tiny.yaml",
+                                                    "train.output_dir=notes.txt/run"],
+         setup=both(TINY_YAML, write_bytes("notes.txt", b"mine\n")),
+         expect=r"train\.output_dir 'notes\.txt/run' cannot be used", unchanged=("notes.txt",)),
+    Case("item 2: train.output_dir under /proc", ["pretrain", "--config", "tiny.yaml",
+                                                   "train.output_dir=/proc/fastsupmae_run"],
+         setup=TINY_YAML, expect=r"train\.output_dir '/proc/fastsupmae_run' cannot be used"),
+]
+
 # item 4: a checkpoint that is missing or not a checkpoint is named, with what was expected; never torch's advice.
 for fname, setup, why in [
     ("missing.pth", None, r"'missing\.pth' does not exist"),
