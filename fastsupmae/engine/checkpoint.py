@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
+from fastsupmae.engine import dep_logs, reshard
 from fastsupmae.engine import distributed as dist_utils
-from fastsupmae.engine import reshard
 from fastsupmae.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -396,7 +396,8 @@ def consolidated_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if masters is None and (any(path.glob("zero_pp_rank_*optim_states.pt")) or bf16_files):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        masters = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+        with dep_logs.captured():  # zero_to_fp32 prints its progress: the run's DeepSpeed log, not the terminal
+            masters = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
     sd = {**module, **(masters or {})}
     return {k: v.float() if v.is_floating_point() else v for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
