@@ -387,7 +387,7 @@ def _per_sample_determinism() -> None:
 def _reshard_cfg(out: Path, **train: Any) -> Any:
     """The tiny config without crops: area scale 1 and no flip leave the synthetic images (already the model's
     size) as they are, whatever the loader's crop keying."""
-    c = make_cfg(out, **train)
+    c = make_cfg(out, **{"blr": 1e-2, **train})  # lr large enough that the moments move the weights visibly
     c.data.scale = [1.0, 1.0]
     c.data.hflip = False
     return c

@@ -276,8 +276,8 @@ def test_resume_on_other_world_size_keeps_optimizer_state(reshard_runs: Path, ca
     got = losses(w / f"rs_ws{saved_on}to{resumed_on}_{case}")
     assert sorted(ref) == sorted(got) == [4, 5]
     # other world size: the same global batches and masks (per-sample keyed in the worker), another reduction
-    # order; bf16 rounds the weights after the step-4 update, so it gets bf16's tolerance
-    tol = 2e-2 if case.startswith("bf16") else 1e-5
+    # order (measured: <= 1.6e-7 relative in fp32, <= 4e-5 in bf16, where the step-4 update is rounded to bf16)
+    tol = 1e-3 if case.startswith("bf16") else 1e-6
     for step in (4, 5):
         assert abs(got[step][0] - ref[step][0]) <= tol * abs(ref[step][0]), (step, ref[step], got[step])
     assert ref[5][0] != ref[4][0]
