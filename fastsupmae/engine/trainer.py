@@ -268,13 +268,13 @@ class Trainer:
         if old_world != self.dist.world_size or rank_state is None:
             if self.dist.is_main:
                 log.warning(
-                    "resuming a %d-rank checkpoint on %d ranks: weights and the data position carry over; "
-                    "gradient accumulation is now %d (was %d), per-rank random streams (masking, drop path) are "
-                    "re-derived from train.seed and the step, so the run is no longer bit-identical to an "
-                    "uninterrupted one%s", old_world, self.dist.world_size, self.grad_accum,
-                    int(common.get("grad_accum", 0)),
-                    "" if self.engine.zero_optimization_stage() == 0 else
-                    "; ZeRO optimizer moments restart from zero (they are sharded by rank)")
+                    "resuming a %d-rank checkpoint on %d ranks: weights, fp32 master weights, optimizer moments "
+                    "and step counts%s and the data position carry over; gradient accumulation is now %d (was "
+                    "%d), per-rank random streams (masking, drop path) are re-derived from train.seed and the "
+                    "step, so the run is no longer bit-identical to an uninterrupted one", old_world,
+                    self.dist.world_size,
+                    "" if self.engine.zero_optimization_stage() == 0 else " (re-sharded over the new ranks)",
+                    self.grad_accum, int(common.get("grad_accum", 0)))
             rng_utils.seed_everything(self.cfg.train.seed + self.step, self.dist.rank)
             self.loader.load_state_dict(common["loader"])
         else:
