@@ -425,6 +425,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from fastsupmae.pipelines import build_eval_loader
     from fastsupmae.tasks.common import load_model_for_eval
 
+    # Without --checkpoint the encoder keeps its random initialisation: the same one on every rank and every run.
+    torch.manual_seed(0)
     cfg, model, device = load_model_for_eval(args, encoder_only=True)  # features only: exports load
     if getattr(args, "resume", None):
         cfg.train.resume = args.resume
