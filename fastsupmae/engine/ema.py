@@ -4,7 +4,8 @@ Under ZeRO 0-2 every rank holds the whole module, so each rank keeps the whole a
 rank). Under ZeRO-3 a rank holds only its partition of each parameter (``param.ds_tensor``, flat and padded):
 it keeps the average of exactly that partition, so the EMA costs ``4 / world`` bytes per parameter per rank and
 the update needs no communication. Evaluating or exporting the average swaps it into the module's storage
-(:meth:`WeightEMA.swapped`); ZeRO-3's usual gathering then assembles the averaged full tensors.
+(:meth:`WeightEMA.swapped`); ZeRO-3's usual gathering then assembles the averaged full tensors (the small
+parameters ZeRO-3 keeps gathered for good are re-gathered at the swap).
 
 The average is taken in fp32 over the weights the forward uses (the bf16 module weights under bf16), after every
 optimizer step; a step that was skipped (NaN/Inf) leaves it unchanged, decided on the device without a sync.
@@ -63,12 +64,28 @@ class WeightEMA:
                 t = _local(p)
                 saved.append(t.detach().clone())
                 t.copy_(s.to(t.dtype))
+            self._refresh_persistent()
         try:
             yield
         finally:
             with torch.no_grad():
                 for b, (_, p) in zip(saved, self.params):
                     _local(p).copy_(b)
+                self._refresh_persistent()
+
+    def _refresh_persistent(self) -> None:
+        """ZeRO-3 keeps small parameters gathered for good (``ds_persist``): their full copy is re-assembled
+        from the partitions just written, as DeepSpeed does after an optimizer step (collective)."""
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        for _, p in self.params:
+            if not getattr(p, "ds_persist", False) or p.data.numel() != p.ds_numel:
+                continue  # released: the next gather reads the partition just written
+            part = p.ds_tensor.detach().contiguous()
+            if world > 1:  # DeepSpeed's own all_gather skips a parameter it counts as available already
+                parts = [torch.empty_like(part) for _ in range(world)]
+                torch.distributed.all_gather(parts, part)
+                part = torch.cat(parts)
+            p.data.copy_(part[:p.ds_numel].view(p.ds_shape))
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's average (for ``rank<r>_state.pt``): names, local tensors on the CPU, the decay."""

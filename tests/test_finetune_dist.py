@@ -1,0 +1,126 @@
+"""Multi-process fine-tuning through the DeepSpeed engine (CPU, gloo, 2 ranks started as torchrun would).
+
+Layer decay, mixup / cutmix, RandAugment, random erasing, drop path and an EMA, at ZeRO 1 and ZeRO 3: a run
+resumed from its middle ends where the uninterrupted one does; a run whose rank is killed with SIGKILL resumes
+with ``train.resume=auto`` and ends there too; and the first steps on 2 processes equal those on 1 process with
+the same global batch, with the per-global-sample keyed augmentation on and off. Scenarios live in
+tests/finetune_worker.py; several share a launch because start-up dominates.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests import test_distributed_engine as dist_tests
+
+pytestmark = pytest.mark.dist
+
+WORKER = Path(__file__).with_name("finetune_worker.py")
+
+
+def start(scenario: str, w: Path, world: int = 2, timeout_s: int = 60) -> list[Any]:
+    old = dist_tests.WORKER
+    dist_tests.WORKER = WORKER  # the same launcher, this file's worker
+    try:
+        return dist_tests.start(scenario, w, world=world, timeout_s=timeout_s)
+    finally:
+        dist_tests.WORKER = old
+
+
+def losses(run: Path) -> dict[int, float]:
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs if "loss" in r and "event" not in r}
+
+
+def exported(run: Path) -> dict[str, Any]:
+    return torch.load(run / "finetuned.pth", map_location="cpu", weights_only=False)
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].detach().float() - b[k].detach().float()).abs().max()) for k in a
+               if a[k].is_floating_point())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    w = tmp_path_factory.mktemp("ft_dist")
+    procs = start("main", w) + start("single", w, world=1)
+    codes = dist_tests.wait(procs, timeout=900)
+    r = dist_tests.result(w, "main", 0)
+    dist_tests.result(w, "main", 1)
+    r["single"] = dist_tests.result(w, "single", 0)
+    assert codes == [0, 0, 0]
+    return w, r
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_resumed_finetune_equals_uninterrupted(runs: tuple[Path, dict[str, Any]], stage: int) -> None:
+    w, r = runs
+    ref, res = w / f"z{stage}_ref", w / f"z{stage}_res"
+    assert r[f"z{stage}_ref"]["steps"] == 6 and r[f"z{stage}_res"]["steps"] == 6
+    a, b = losses(ref), losses(res)
+    assert sorted(a) == [1, 2, 3, 4, 5, 6] and sorted(b) == [3, 4, 5, 6]
+    assert len(set(a.values())) == 6  # the losses move: the comparison is not between constants
+    for s in (3, 4, 5, 6):  # fp32 on CPU: float noise at most
+        assert abs(a[s] - b[s]) <= 1e-6 * abs(a[s]), (s, a[s], b[s])
+    ea, eb = exported(ref), exported(res)
+    assert max_diff(ea["model"], eb["model"]) <= 1e-6
+    assert max_diff(ea["ema"], eb["ema"]) <= 1e-6  # the EMA (ZeRO-3: each rank's partition) resumed too
+    assert max_diff(ea["ema"], ea["model"]) > 1e-4  # and it is an average, not the weights
+    # evaluation every half epoch (4 steps) and at the end: both ranks' shards add up to the whole split that
+    # the 1-process run evaluated
+    whole = r["single"]["eq_off"]["num"]
+    evals = [json.loads(x) for x in (ref / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert [e["step"] for e in evals] == [4, 6] and all(e["num"] == whole and "ema_top1" in e for e in evals)
+    assert (ref / "checkpoints" / "best" / "best.json").exists()
+    assert {p.name for p in (ref / "checkpoints" / "step_00000004").glob("rank*_state.pt")} == {
+        "rank0_state.pt", "rank1_state.pt"}
+
+
+@pytest.mark.parametrize("case", ["off", "on"])
+def test_two_processes_equal_one_with_the_same_global_batch(runs: tuple[Path, dict[str, Any]], case: str) -> None:
+    """Global batch 16 = 2 ranks x 4 x accumulation 2 = 1 rank x 4 x accumulation 4. 'off': no mixing,
+    RandAugment or erasing; 'on': all three, keyed per global sample (drop path off: its masks are per rank)."""
+    w, _ = runs
+    one, two = w / f"eq_{case}_w1", w / f"eq_{case}_w2"
+    a, b = losses(one), losses(two)
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for s in a:
+        assert abs(a[s] - b[s]) <= 1e-5 * abs(a[s]), (s, a[s], b[s])
+    ea, eb = exported(one), exported(two)
+    assert max_diff(ea["model"], eb["model"]) <= 1e-5
+    init = exported(one)["model"]["blocks.0.attn.qkv.weight"]
+    assert not torch.equal(init, torch.zeros_like(init))
+
+
+def test_finetune_survives_kill9_and_resumes_exactly(runs: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    w, _ = runs
+    procs = start("long", tmp_path, timeout_s=30)
+    ck = tmp_path / "long" / "checkpoints"
+    deadline = time.time() + 300
+    while not (ck / "step_00000002").exists():
+        assert time.time() < deadline, "no checkpoint appeared"
+        assert all(p.poll() is None for p in procs), (tmp_path / "long.r0.log").read_text()[-3000:]
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGKILL)
+    assert procs[0].wait(timeout=120) != 0  # bounded: a dead peer does not hang the survivor
+    procs[1].wait()
+    err = json.loads((tmp_path / "long_rank0.json").read_text())["error"]
+    assert "PeerFailureError" in err and "train.resume=auto" in err
+    step = int((ck / "latest").read_text().split("_")[1])
+    assert 2 <= step < 6
+    codes = dist_tests.wait(start("resume", tmp_path), timeout=600)
+    assert codes == [0, 0], dist_tests.result(tmp_path, "resume")
+    ref, res = losses(w / "z3_ref"), losses(tmp_path / "long")
+    for s in range(step + 1, 7):
+        assert abs(ref[s] - res[s]) <= 1e-6 * abs(ref[s]), (s, ref[s], res[s])
+    ea, eb = exported(w / "z3_ref"), exported(tmp_path / "long")
+    assert max_diff(ea["model"], eb["model"]) <= 1e-6 and max_diff(ea["ema"], eb["ema"]) <= 1e-6
