@@ -190,7 +190,8 @@ class CpuLoader(LoaderBase):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         o = self.order
         epoch = o.epoch
-        for b in self._batches(epoch, o.remaining_steps()):
+        steps = o.remaining_steps()
+        for step, b in zip(steps, self._batches(epoch, steps)):
             if b.get("error"):
                 raise DataError(b["error"] + " (data.bad_files=strict stops here; skip skips such files)"
                                 if "bad image file" in b["error"] else b["error"])
@@ -203,5 +204,7 @@ class CpuLoader(LoaderBase):
             # pinned + non-blocking on CUDA, also for num_workers=0 and the 1-channel path (unpinned there)
             x, y = to_device(x, self.device), to_device(y, self.device)
             o.advance()
-            yield {"images": x, "labels": y}
+            # global positions in the epoch's order (host): keys for per-sample augmentation after the loader
+            pos = torch.arange(len(b["labels"])) + step * o.batch_size * o.world_size + o.rank * o.batch_size
+            yield {"images": x, "labels": y, "index": pos, "epoch": torch.tensor(epoch)}
         o.finish_epoch()
