@@ -163,3 +163,51 @@ def test_checkpoint_without_config_uses_the_runs_stored_config(tmp_path):
     assert cfg.train.max_steps == 2 and cfg.train.output_dir == str(run / "finetune")
     # an explicit --config still wins over the stored one
     assert finetune_config(["demo/fashion_mnist_supmae.yaml"], checkpoint=str(run)).model.patch_size == 7
+
+
+def test_mixing_is_keyed_per_global_sample_pair():
+    """The same samples at the same global positions get the same mixing whatever the split into batches;
+    targets stay distributions; the Beta draws have Beta's moments."""
+    import numpy as np
+
+    from fastsupmae.engine.mixing import BatchMixer, beta_symmetric, uniforms
+
+    mixer = BatchMixer(5, mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, seed=int(torch.randint(0, 99, ())))
+    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 5, (16,))
+    pos = torch.arange(32, 48)
+    whole, t_whole = mixer(x, y, pos, epoch=3)
+    parts = [mixer(x[i:i + 4], y[i:i + 4], pos[i:i + 4], epoch=3) for i in range(0, 16, 4)]
+    assert torch.equal(torch.cat([p[0] for p in parts]), whole)
+    assert torch.equal(torch.cat([p[1] for p in parts]), t_whole)
+    torch.testing.assert_close(t_whole.sum(1), torch.ones(16))
+    assert not torch.equal(whole, x)  # it mixed something
+    other_epoch, _ = mixer(x, y, pos, epoch=4)
+    assert not torch.equal(other_epoch, whole)
+    # a sample whose partner is missing from the batch stays as it is, with its smoothed label
+    lone, t_lone = mixer(x[1:4], y[1:4], pos[1:4], epoch=3)
+    assert torch.equal(lone[0], x[1]) and float(t_lone[0].max()) == pytest.approx(0.92)
+    u = uniforms(7, np.arange(100000, dtype=np.uint64), 50)
+    for a in (0.8, 1.0):
+        b = beta_symmetric(a, u)
+        assert abs(b.mean() - 0.5) < 0.01 and abs(b.var() - 1 / (4 * (2 * a + 1))) < 0.005
+
+
+def test_weight_ema_skips_skipped_steps_and_round_trips():
+    from fastsupmae.engine.ema import WeightEMA
+
+    model = torch.nn.Linear(3, 2)
+    ema = WeightEMA(model, 0.5, world_size=1)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(torch.tensor(1.0))  # a skipped step: unchanged
+    torch.testing.assert_close(ema.shadow[0], start)
+    ema.update(torch.tensor(0.0))
+    torch.testing.assert_close(ema.shadow[0], start + 0.5)
+    with ema.swapped():
+        torch.testing.assert_close(model.weight, start + 0.5)
+    torch.testing.assert_close(model.weight, start + 1.0)
+    other = WeightEMA(model, 0.5, world_size=1)
+    assert other.load_state_dict(ema.state_dict())
+    torch.testing.assert_close(other.shadow[0], start + 0.5)
+    assert not other.load_state_dict(None)  # restarts (with a warning) instead of failing
