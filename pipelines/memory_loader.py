@@ -67,14 +67,15 @@ class InMemoryLoader(LoaderBase):
         extra: dict[str, torch.Tensor] = {}
         if self.train:
             o = self.order
-            pos = torch.arange(len(idx)) + step * o.batch_size * o.world_size + o.rank * o.batch_size
+            first = step * o.batch_size * o.world_size + o.rank * o.batch_size
             boxes, flips = [], []
-            for p in pos.tolist():  # one generator per sample: its crop does not depend on the rank split
+            for p in range(first, first + len(idx)):  # a generator per sample: its crop ignores the rank split
                 g = torch.Generator().manual_seed(mix_seed(o.seed, epoch, p, 0xC209))
                 boxes.append(sample_crop_boxes(x.shape[-2], x.shape[-1], 1, self.scale, generator=g))
-                flips.append(bool(torch.rand(1, generator=g) < 0.5) and self.hflip)
-            x = resized_crop_batch(x, torch.cat(boxes), self.out_hw, torch.tensor(flips) if self.hflip else None)
-            extra = {"index": pos, "epoch": torch.tensor(epoch)}
+                flips.append(torch.rand(1, generator=g))
+            flip = torch.cat(flips) < 0.5 if self.hflip else None
+            x = resized_crop_batch(x, torch.cat(boxes), self.out_hw, flip)
+            extra = {"index": torch.arange(first, first + len(idx)), "epoch": torch.tensor(epoch)}
         else:
             x = resize_batch(x, self.out_hw)
         if x.shape[1] != self.in_chans:
