@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from .models import build_model
-from .models.checkpoint import CheckpointError, load_checkpoint
+from .weights import CheckpointError, load_checkpoint
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """What a checkpoint file is, decided from its first bytes without importing torch.
 
-The first checks of :func:`fastsupmae.models.checkpoint.read_checkpoint_file` (the one reader of checkpoint
+The first checks of :func:`fastsupmae.weights.read_checkpoint_file` (the one reader of checkpoint
 files) live here so that the command line can answer a missing, empty or foreign ``--checkpoint`` before torch is
 imported; the errors are every reader's.
 """

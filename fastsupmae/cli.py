@@ -13,9 +13,9 @@ import os
 import sys
 from collections.abc import Callable
 
+from .config import add_config_args, config_from_args
 from .errors import UserError
 
-DEFAULT_CONFIG = "demo/fashion_mnist_supmae.yaml"
 # Exit status of a run stopped early on request (SIGTERM / SIGINT / SIGUSR1, or the run directory's STOP file)
 # after writing its checkpoint: EX_TEMPFAIL, "try again" - rerun with train.resume=auto to continue. A run that
 # ends as planned (its steps, or train.time_limit_min) exits 0; user errors exit 2.
@@ -28,8 +28,8 @@ TASKS: dict[str, tuple[str, str]] = {
     "linprobe": ("fastsupmae.tasks.linprobe", "linear probe on a frozen encoder"),
     "knn": ("fastsupmae.tasks.knn", "k-NN classification on frozen features"),
     "eval": ("fastsupmae.tasks.evaluate", "top-1/top-5 and robustness sets (IN-A, -R, -Sketch, -V2, -C)"),
-    "export": ("fastsupmae.export", "export weights to timm / plain PyTorch / torch.export"),
-    "visualize": ("fastsupmae.visualize", "reconstruction pictures and loss curves"),
+    "export": ("fastsupmae.tasks.export", "export weights to timm / plain PyTorch / torch.export"),
+    "visualize": ("fastsupmae.tasks.visualize", "reconstruction pictures and loss curves"),
     "gpu-check": ("fastsupmae.tasks.gpu_check", "GPU self-test: env, kernels, attention, model, trainer, ... (--cpu)"),
 }
 BENCHES: dict[str, tuple[str, str]] = {
@@ -38,21 +38,6 @@ BENCHES: dict[str, tuple[str, str]] = {
     "model": ("fastsupmae.bench.perf_model", "PREDICTED step time / MFU / scaling on a named device"),
     "train": ("fastsupmae.bench.train", "training-step throughput vs the unfused reference path"),
 }
-
-
-def add_config_args(p: argparse.ArgumentParser, default: str | None = DEFAULT_CONFIG) -> None:
-    """``--config`` overlays (repeatable) and trailing ``key.sub=value`` overrides."""
-    p.add_argument("--config", "-c", action="append", default=None,
-                   help=f"YAML overlay(s), applied in order (paths or names under configs/; default: {default})")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.epochs=2")
-
-
-def config_from_args(args: argparse.Namespace, default: str | None = DEFAULT_CONFIG):
-    """Load and validate the config named by ``args`` (used by every config-driven subcommand)."""
-    from .config import load_config
-
-    paths = args.config if args.config else ([default] if default else [])
-    return load_config(paths, args.overrides)
 
 
 # Commands whose whole config comes from --config / key=value: it is validated before their module (and torch,

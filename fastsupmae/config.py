@@ -556,3 +556,21 @@ def describe(cls: type = Config, prefix: str = "") -> list[str]:
             bound = f" [{_interval_text(BOUNDS[key])}]" if key in BOUNDS else ""
             lines.append(f"{key} = {v!r}: {f.metadata.get('help', '')}{bound}")
     return lines
+
+
+# ----------------------------------------------------------------------------------------------- command line
+
+DEFAULT_CONFIG = "demo/fashion_mnist_supmae.yaml"  # the embedded default: what `fastsupmae pretrain` trains
+
+
+def add_config_args(p: Any, default: str | None = DEFAULT_CONFIG) -> None:
+    """``--config`` overlays (repeatable) and trailing ``key.sub=value`` overrides on an argparse parser."""
+    p.add_argument("--config", "-c", action="append", default=None,
+                   help=f"YAML overlay(s), applied in order (paths or names under configs/; default: {default})")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.epochs=2")
+
+
+def config_from_args(args: Any, default: str | None = DEFAULT_CONFIG) -> Config:
+    """Load and validate the config that ``--config`` / overrides name (``default`` when no --config is given)."""
+    paths = args.config if args.config else ([default] if default else [])
+    return load_config(paths, args.overrides)

@@ -176,7 +176,7 @@ def run_one(method: str, budget: float, seed: int, args: argparse.Namespace, pro
     pre_s = time.time() - t0
     state = consolidated_state_dict(final["last_checkpoint"])  # fp32 weights, any ZeRO stage
     model = build_model(cfg, device="cpu")
-    from fastsupmae.models.checkpoint import load_checkpoint
+    from fastsupmae.weights import load_checkpoint
 
     load_checkpoint(model, {"model": state}, strict=False)
     t1 = time.time()

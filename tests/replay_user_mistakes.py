@@ -153,7 +153,7 @@ def tiny_export(d: Path) -> None:
 
     cfg, model = _tiny_model_state()
     torch.save({"model": model.state_dict(), "config": cfg.to_dict()}, d / "pre.pth")
-    from fastsupmae.export import export_model
+    from fastsupmae.tasks.export import export_model
 
     export_model(d / "pre.pth", d / "export", cfg, formats=("timm", "full"))
 

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from fastsupmae.errors import UserError
-from fastsupmae.models.checkpoint import (
+from fastsupmae.weights import (
     CheckpointMissingError,
     NotACheckpointError,
+    read_any_state_dict,
     read_checkpoint_file,
     read_state_dict,
 )
-from fastsupmae.tasks.common import read_any_state_dict
 
 
 class Opaque:

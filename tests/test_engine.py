@@ -355,7 +355,7 @@ def test_cli_pretrain_then_resume_flag(tmp_path: Path, capsys: pytest.CaptureFix
 def test_bf16_run_directory_reads_back_as_fp32_masters(tmp_path: Path) -> None:
     """A bf16 run (DeepSpeed's bf16 optimizer, whose files zero_to_fp32 refuses) read by the path every
     evaluation / export command uses: the fp32 masters, which round exactly to the engine's bf16 weights."""
-    from fastsupmae.tasks.common import read_any_state_dict
+    from fastsupmae.weights import read_any_state_dict
 
     out = tmp_path / "run"
     tr = make_trainer(tiny_cfg(out, precision="bf16", max_steps=2, ckpt_every=2))

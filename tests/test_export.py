@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 
-from fastsupmae.export import ExportError, export_model, timm_spec, verify_checksums
 from fastsupmae.models import build_model
+from fastsupmae.tasks.export import ExportError, export_model, timm_spec, verify_checksums
 from tests.helpers import tiny_config
 
 
@@ -101,7 +101,7 @@ def test_pt2_check_process_cannot_import_fastsupmae(tmp_path):
     import subprocess
     import sys
 
-    from fastsupmae.export import _CHECK_SCRIPT
+    from fastsupmae.tasks.export import _CHECK_SCRIPT
 
     script = tmp_path / "probe.py"
     script.write_text(_CHECK_SCRIPT.split("import torch")[0] + "import fastsupmae\n")
@@ -121,7 +121,7 @@ def test_checksum_and_mismatch_fail_loudly(tmp_path, monkeypatch):
     with pytest.raises(ExportError, match="sha256"):
         verify_checksums(tmp_path / "out" / "model.json")
     # a timm export that does not reproduce the model must not report success
-    import fastsupmae.export as ex
+    import fastsupmae.tasks.export as ex
 
     real = ex.timm_state_dict
 
@@ -160,8 +160,8 @@ def test_exported_files_follow_the_umask_and_out_must_be_a_directory(tmp_path):
 
 def test_every_exported_file_finds_its_sidecar_config(tmp_path):
     """knn / linprobe / eval read the config of an export from its sidecar, whichever file they are given."""
-    from fastsupmae.export import config_for_checkpoint, sidecar_of
-    from fastsupmae.tasks.common import load_weights
+    from fastsupmae.tasks.export import config_for_checkpoint, sidecar_of
+    from fastsupmae.weights import load_weights
 
     cfg = tiny_config(objective="supmae", patch_size=8)
     model = build_model(cfg, device="cpu")

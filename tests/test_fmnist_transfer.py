@@ -23,10 +23,10 @@ from fastsupmae.pipelines.memory_loader import InMemoryLoader
 
 from fastsupmae.config import load_config
 from fastsupmae.models import build_model
-from fastsupmae.models.checkpoint import load_checkpoint
 from fastsupmae.tasks.finetune import FinetuneOptions, finetune, finetune_config
 from fastsupmae.tasks.knn import knn_eval
-from fastsupmae.visualize import plot_loss_curves
+from fastsupmae.tasks.visualize import plot_loss_curves
+from fastsupmae.weights import load_checkpoint
 
 
 @pytest.fixture(autouse=True)
@@ -65,8 +65,8 @@ def test_pretrained_encoder_beats_random_init_on_knn_and_finetune(tmp_path):
 
 
 def _run(tmp_path):
-    from fastsupmae.tasks.common import read_any_state_dict
     from fastsupmae.tasks.pretrain import run as pretrain
+    from fastsupmae.weights import read_any_state_dict
 
     cfg = load_config(None, {
         "model": MODEL,

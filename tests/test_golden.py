@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from fastsupmae.config import load_config
 from fastsupmae.models import build_model
-from fastsupmae.models.checkpoint import load_checkpoint
+from fastsupmae.weights import load_checkpoint
 
 from .helpers import GOLDEN_MODEL
 

@@ -9,7 +9,7 @@ import torch
 
 from fastsupmae.models import attention as attn_mod
 from fastsupmae.models import build_model, random_masking, select_attn_backend
-from fastsupmae.models.checkpoint import CheckpointError, load_checkpoint
+from fastsupmae.weights import CheckpointError, load_checkpoint
 
 from .helpers import tiny_config
 

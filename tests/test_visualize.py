@@ -12,7 +12,7 @@ from PIL import Image
 
 from fastsupmae.errors import UserError
 from fastsupmae.models import build_model
-from fastsupmae.visualize import numeric_series, plot_loss_curves, reconstruction_panels, save_reconstruction_grid
+from fastsupmae.tasks.visualize import numeric_series, plot_loss_curves, reconstruction_panels, save_reconstruction_grid
 from tests.helpers import tiny_config
 
 

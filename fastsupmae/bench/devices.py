@@ -2,7 +2,8 @@
 
 The GPU rows are :data:`fastsupmae.gpus.DEVICES` (the table the trainer's MFU uses too): datasheet numbers
 (dense, no sparsity), never a measurement. The CPU figures are measured in the same run that uses them (a large
-matrix product for the peak, a large copy for the memory bandwidth), because a CPU's vendor peak says little about what torch reaches on it.
+matrix product for the peak, a large copy for the memory bandwidth), because a CPU's vendor peak says little
+about what torch reaches on it.
 """
 
 from __future__ import annotations

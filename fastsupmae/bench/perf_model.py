@@ -228,7 +228,7 @@ def scaling_table(cfg, step: StepPrediction, comm_bytes: int, gpus_per_node: int
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    from fastsupmae.cli import add_config_args
+    from fastsupmae.config import add_config_args
 
     add_config_args(p, default=None)
     p.add_argument("--device", default="h100", choices=[*DEVICES, "cpu"],

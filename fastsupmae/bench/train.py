@@ -479,7 +479,7 @@ def _csv(kind: type):
 
 def add_args(p: argparse.ArgumentParser) -> None:
     """Arguments of ``fastsupmae bench train``."""
-    from fastsupmae.cli import add_config_args
+    from fastsupmae.config import add_config_args
 
     add_config_args(p, default=None)
     p.add_argument("--sizes", type=_csv(str), default=["small", "base"], help="model sizes (comma-separated)")

@@ -78,9 +78,9 @@ def stored_run_config(checkpoint: str) -> dict[str, Any]:
     Model and data carry over; of the train section only :data:`CARRIED_TRAIN_KEYS`; the output directory
     becomes ``<the run's output_dir>/finetune`` so the fine-tune never writes among the pretraining run's files.
     """
-    from fastsupmae.tasks.common import stored_config
+    from fastsupmae.weights import config_for_checkpoint
 
-    d = stored_config(checkpoint).to_dict()
+    d = config_for_checkpoint(checkpoint).to_dict()
     run_dir = d["train"].get("output_dir") or "runs/default"
     d["train"] = {k: v for k, v in d["train"].items() if k in CARRIED_TRAIN_KEYS}
     d["train"]["output_dir"] = str(Path(run_dir) / "finetune")
@@ -162,8 +162,7 @@ def prepare_init_state(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[st
 
 def init_from_checkpoint(model: nn.Module, src: str) -> dict[str, list[str]]:
     """Load pretrained weights into the fine-tuning classifier; the head (and fc_norm) may start fresh."""
-    from fastsupmae.models.checkpoint import load_checkpoint
-    from fastsupmae.tasks.common import read_any_state_dict
+    from fastsupmae.weights import load_checkpoint, read_any_state_dict
 
     sd = prepare_init_state(read_any_state_dict(src), model)
     res = load_checkpoint(model, sd, strict=False)
@@ -272,7 +271,7 @@ def evaluate_over_ranks(module: nn.Module, loader: Any) -> dict[str, float]:
 
 def _init_weights(model: nn.Module, opts: FinetuneOptions, init_state: dict[str, torch.Tensor] | None) -> None:
     if init_state is not None:
-        from fastsupmae.models.checkpoint import load_checkpoint
+        from fastsupmae.weights import load_checkpoint
 
         load_checkpoint(model, prepare_init_state(init_state, model), strict=False)
     elif opts.init:

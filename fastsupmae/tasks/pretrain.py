@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """`fastsupmae pretrain --config A.yaml [--config B.yaml] [key.sub=value ...]`."""
-    from fastsupmae.cli import add_config_args
+    from fastsupmae.config import add_config_args
 
     add_config_args(parser)
     # A flag, not an optional value: `--resume train.epochs=5` must keep the override as an override.
@@ -93,7 +93,7 @@ def run(args_or_cfg: argparse.Namespace | Config) -> dict[str, Any]:
     if isinstance(args_or_cfg, Config):
         cfg = args_or_cfg
     else:
-        from fastsupmae.cli import config_from_args
+        from fastsupmae.config import config_from_args
 
         cfg = config_from_args(args_or_cfg)
         if getattr(args_or_cfg, "resume", None):

@@ -40,8 +40,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from fastsupmae.config import Config, config_from_dict, load_config
+from fastsupmae.config import Config
 from fastsupmae.errors import UserError
+from fastsupmae.weights import config_for_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -60,83 +61,6 @@ class ExportError(UserError, RuntimeError):
 
 # ----------------------------------------------------------------------------------------------- source
 
-def config_for_checkpoint(src: str | os.PathLike, paths: list[str] | None = None,
-                          overrides: list[str] | None = None) -> Config:
-    """The config of a checkpoint: explicit ``paths`` first, else the one stored with it.
-
-    Looked for, in order: the ``config`` entry of a .pth file (fine-tune and export checkpoints), ``meta.json``
-    of a DeepSpeed checkpoint (the trainer stores the resolved config there), a config.yaml next to it.
-    """
-    from fastsupmae.tasks.common import find_run_config, resolve_checkpoint
-
-    if paths:
-        return load_config(paths, overrides, world_size=1)
-    p = resolve_checkpoint(src)
-    embedded: dict[str, Any] | None = None
-    if p.is_file() and p.suffix in (".pth", ".pt"):
-        from fastsupmae.models.checkpoint import CheckpointError, read_checkpoint_file
-
-        try:  # the one safe reader; a file it refuses fails with its message when the weights are read
-            obj = read_checkpoint_file(p, mmap=True)
-        except CheckpointError:
-            obj = None
-        if isinstance(obj, dict) and isinstance(obj.get("config"), dict):
-            embedded = obj["config"]
-    if p.is_file() and embedded is None:
-        side = sidecar_of(p)  # every exported file: <name>_full / _timm .safetensors / .pth, <name>.pt2
-        if side is not None:
-            embedded = json.loads(side.read_text()).get("config")
-    elif p.is_dir():
-        for meta in [p / "meta.json", *(_tag_dir(p) / "meta.json" for _ in [0] if _tag_dir(p) is not None)]:
-            if meta.is_file():
-                embedded = json.loads(meta.read_text()).get("config")
-                if embedded:
-                    break
-    if embedded:
-        from fastsupmae.config import _apply, validate_config
-
-        cfg = config_from_dict(embedded, validate=False)
-        if overrides:
-            from fastsupmae.config import parse_overrides
-
-            _apply(cfg, parse_overrides(list(overrides)))
-        validate_config(cfg, world_size=1)
-        return cfg
-    found = find_run_config(str(src))
-    if found:
-        return load_config([found], overrides, world_size=1)
-    raise UserError(f"no config found for checkpoint '{src}': pass --config <the training YAML> (the model "
-                    "architecture cannot be guessed reliably from the weights)")
-
-
-def sidecar_of(path: str | os.PathLike) -> Path | None:
-    """The ``<name>.json`` sidecar that :func:`export_model` wrote next to an exported file, if it is there.
-
-    ``<name>_full.safetensors``, ``<name>_full.pth``, ``<name>_timm.safetensors``, ``<name>_timm.pth`` and
-    ``<name>.pt2`` all map to ``<name>.json``.
-    """
-    p = Path(path)
-    stem = p.stem if p.suffix in (".safetensors", ".pth", ".pt", ".pt2") else None
-    if stem is None:
-        return None
-    for form in ("_full", "_timm"):
-        if p.suffix != ".pt2" and stem.endswith(form):
-            stem = stem[: -len(form)]
-            break
-    else:
-        if p.suffix != ".pt2":
-            return None
-    side = p.with_name(stem + ".json")
-    return side if side.is_file() else None
-
-
-def _tag_dir(p: Path) -> Path | None:
-    for root in (p, p / "checkpoints"):
-        if (root / "latest").is_file():
-            return root / (root / "latest").read_text().strip()
-    return None
-
-
 def _export_config(cfg: Config) -> Config:
     """A copy of ``cfg`` whose model uses the plain-torch kernels and SDPA (what every export is traced with)."""
     c = copy.deepcopy(cfg)
@@ -149,8 +73,7 @@ def _export_config(cfg: Config) -> Config:
 def load_source(src: str | os.PathLike, cfg: Config) -> nn.Module:
     """Build the model of ``cfg`` on the CPU in fp32 and load ``src`` strictly."""
     from fastsupmae.models import build_model
-    from fastsupmae.models.checkpoint import load_checkpoint
-    from fastsupmae.tasks.common import read_any_state_dict
+    from fastsupmae.weights import load_checkpoint, read_any_state_dict
 
     model = build_model(_export_config(cfg), device="cpu")
     sd = {k: (v.float() if v.is_floating_point() else v) for k, v in read_any_state_dict(src).items()}
@@ -341,7 +264,7 @@ def _save_pair(sd: dict[str, torch.Tensor], base: Path, extra: dict[str, Any]) -
 
 def _reload_pair(files: list[Path]) -> list[dict[str, torch.Tensor]]:
     """Read an exported pair back the way every user of it does: through the one checkpoint reader."""
-    from fastsupmae.models.checkpoint import read_checkpoint_file
+    from fastsupmae.weights import read_checkpoint_file
 
     st, pth = files
     return [read_checkpoint_file(st), read_checkpoint_file(pth)["model"]]
@@ -408,7 +331,7 @@ def _export_into(model: nn.Module, src: str | os.PathLike, stage: Path, out: Pat
         pair = _save_pair(sd, stage / f"{name}_full", {"config": ecfg.to_dict()})
         files += pair
         from fastsupmae.models import build_model
-        from fastsupmae.models.checkpoint import load_checkpoint
+        from fastsupmae.weights import load_checkpoint
 
         for f, back in zip(pair, _reload_pair(pair)):
             if back.keys() != sd.keys() or any(not torch.equal(back[k], sd[k]) for k in sd):

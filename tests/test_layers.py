@@ -1,0 +1,110 @@
+"""Imports go one way: cli -> tasks -> engine -> models / pipelines -> kernels -> foundation.
+
+An AST walk over every module of the package (kernels/ and pipelines/ install as fastsupmae.kernels and
+fastsupmae.pipelines) finds each ``import`` of a fastsupmae module, including imports inside functions, and
+checks it points to the same layer or one below. A back-edge (a pipeline importing the trainer, a task importing
+the CLI) fails with the importing file, line and both layers.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = {"fastsupmae": ROOT / "fastsupmae", "fastsupmae.kernels": ROOT / "kernels",
+            "fastsupmae.pipelines": ROOT / "pipelines"}
+
+# Highest first; a module may import its own layer and any layer below it. Matched by the longest prefix.
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    ("cli", ("fastsupmae.cli", "fastsupmae.__main__")),
+    ("tasks", ("fastsupmae.tasks", "fastsupmae.bench")),
+    # the engine trains whatever model and loader a task hands it; weights (and the API over them) read our runs
+    # through the engine's checkpoint code and load into models
+    ("engine", ("fastsupmae.engine", "fastsupmae.weights", "fastsupmae.api")),
+    ("models / pipelines", ("fastsupmae.models", "fastsupmae.pipelines")),
+    ("kernels", ("fastsupmae.kernels",)),
+    ("foundation", ("fastsupmae.config", "fastsupmae.errors", "fastsupmae.flops", "fastsupmae.gpus",
+                    "fastsupmae.data", "fastsupmae.checkpoint_file", "=fastsupmae")),
+]
+
+
+def layer_of(module: str) -> int:
+    best, rank = -1, None
+    for i, (_, prefixes) in enumerate(LAYERS):
+        for p in prefixes:
+            exact = p.startswith("=")
+            hit = module == p[1:] if exact else module == p or module.startswith(p + ".")
+            if hit and len(p) > best:
+                best, rank = len(p), i
+    assert rank is not None, f"{module} belongs to no layer: add it to LAYERS"
+    return rank
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for base, d in PACKAGES.items():
+        for f in d.rglob("*.py"):
+            rel = f.relative_to(d).with_suffix("")
+            if base == "fastsupmae" and rel.parts[0] in ("kernels", "pipelines"):
+                continue  # not part of the package (a stray folder)
+            parts = [p for p in rel.parts if p != "__init__"]
+            out[".".join([base, *parts])] = f
+    return out
+
+
+def imports(module: str, path: Path, known: set[str]) -> list[tuple[int, str]]:
+    """(line, imported fastsupmae module) for every import in ``path``; ``from pkg import name`` counts as
+    importing ``pkg.name`` when that is a module."""
+    out = []
+    pkg = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names if a.name.startswith("fastsupmae")]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = ".".join(pkg[: len(pkg) - (node.level - 1)] + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            if not base.startswith("fastsupmae"):
+                continue
+            for a in node.names:
+                sub = f"{base}.{a.name}"
+                out.append((node.lineno, sub if sub in known else base))
+    return out
+
+
+def violations() -> list[str]:
+    mods = modules()
+    bad = []
+    for mod, path in sorted(mods.items()):
+        if mod == "fastsupmae":
+            continue  # the package's __init__ is the public facade (it re-exports the API); importing the package
+            # itself, for its version or location, is importing the foundation
+        mine = layer_of(mod)
+        for line, target in imports(mod, path, set(mods)):
+            theirs = layer_of(target)
+            if theirs < mine:
+                where = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+                bad.append(f"{where}:{line}: {mod} ({LAYERS[mine][0]}) imports {target} "
+                           f"({LAYERS[theirs][0]}), a higher layer")
+    return bad
+
+
+def test_imports_go_one_way() -> None:
+    bad = violations()
+    assert not bad, "imports against the layer order:\n" + "\n".join(bad)
+
+
+def test_a_planted_back_edge_is_found(tmp_path: Path, monkeypatch) -> None:
+    """The check itself: a pipeline module that imports the trainer is reported."""
+    fake = tmp_path / "pipelines"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("")
+    (fake / "planted.py").write_text("from fastsupmae.models import build_model\n")
+    monkeypatch.setitem(PACKAGES, "fastsupmae.pipelines", fake)
+    bad = violations()
+    assert not any("planted.py" in b for b in bad), bad  # the same layer: allowed
+    (fake / "planted.py").write_text("def f():\n    from fastsupmae.engine.trainer import Trainer\n")
+    bad = violations()
+    assert any("planted.py:2" in b and "fastsupmae.engine.trainer" in b for b in bad), bad
