@@ -67,7 +67,7 @@ def read_checkpoint_file(src: str | os.PathLike, *, mmap: bool = False) -> Any:
     try:
         if path.suffix == ".pt2" and kind == "zip":
             prog = torch.export.load(str(path))
-            # the exported module wraps the model as `model` (fastsupmae.export.InferenceModule)
+            # the exported module wraps the model as `model` (fastsupmae.tasks.export.InferenceModule)
             return {(k[len("model."):] if k.startswith("model.") else k): v for k, v in prog.state_dict.items()}
         if kind == "safetensors":
             from safetensors.torch import load_file
