@@ -1,9 +1,9 @@
 """CPU pipeline without DALI: simplejpeg / Pillow reduced-size decoding in torch DataLoader workers.
 
-Where the time goes (measured, docs/data.md): decoding a ~500x375 JPEG costs ~1 ms with libjpeg-turbo and
-Pillow's resize about 2-3 ms, float conversion and normalisation more again. So each worker builds a *whole
-batch* per call (one task per batch instead of per sample), decodes each file only as large as its crop needs,
-and crops + resizes it with torch's uint8 antialiased kernel (~3x Pillow's speed) straight into one
+Where the time goes (per-image costs: docs/data.md): JPEG decoding, then Pillow's resize, then float conversion
+and normalisation. So each worker builds a *whole batch* per call (one task per batch instead of per sample),
+decodes each file only as large as its crop needs, and crops + resizes it with torch's uint8 antialiased
+kernel (faster than Pillow's resize) straight into one
 preallocated uint8 ``[B, 3, H, W]`` batch. No float conversion and no normalisation on the CPU: the trainer
 gets uint8 and normalises on the device.
 

@@ -2,9 +2,9 @@
 
 The DALI pipeline uses ``nvidia.dali.auto_aug.rand_augment`` and ``fn.erase``; this is the same recipe for the
 path without DALI: the paper's ``rand-m9-mstd0.5-inc1`` through timm's own transform when timm is installed
-(1.7 ms per 224 image through PIL), else the form both libraries share (n=2 operations drawn uniformly,
-magnitude 9 of 30, random sign) in torchvision ops (~4 ms per image); random erasing ``reprob 0.25, remode
-pixel``. Every draw is seeded, so batches are reproducible.
+(through PIL), else the form both libraries share (n=2 operations drawn uniformly, magnitude 9 of 30, random
+sign) in torchvision ops (per-image costs: docs/data.md); random erasing ``reprob 0.25, remode pixel``.
+Every draw is seeded, so batches are reproducible.
 """
 
 from __future__ import annotations

@@ -1,13 +1,11 @@
 """``Linear``: ``nn.Linear`` (same parameters, same state dict) with a fast bf16 path for CPUs without bf16 units.
 
 On x86 CPUs without AVX512-BF16 / AMX, torch multiplies bf16 matrices with a generic fallback whose speed
-depends enormously on the operands' memory layout. Measured on the 2-core AMD EPYC dev machine (1 thread,
-[784, 384] x [384, 1536]): ``x @ w.t()`` (a transposed view, what the forward uses) 6.6 GFLOP/s, but the
-default backward's ``g @ w`` 1.8 GFLOP/s, while the same product with ``w`` handed over in column-major form
-runs at 10, and the weight gradient as ``(x.t() @ g).t()`` at 22 (fp32 runs ~75 in every layout). So on such
-a CPU a bf16 linear layer computes its two backward products in the fast layouts: the same products, the same
-bf16 inputs and outputs, only the operands' strides differ (one copy of the weight per backward). A bf16 ViT
-training step gets ~2.8x faster there. Everywhere else (fp32, GPUs, CPUs with native bf16) it is ``F.linear``.
+depends strongly on the operands' memory layout, and the default backward's products fall in its slow layouts
+(measurements: docs/benchmarks.md, "bf16"). So on such a CPU a bf16 linear layer computes its two backward
+products in the fast layouts (``g @ w`` with ``w`` handed over column-major, the weight gradient as
+``(x.t() @ g).t()``): the same products, the same bf16 inputs and outputs, only the operands' strides differ
+(one copy of the weight per backward). Everywhere else (fp32, GPUs, CPUs with native bf16) it is ``F.linear``.
 """
 
 from __future__ import annotations
