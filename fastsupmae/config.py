@@ -49,6 +49,27 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 OBJECTIVES = ("supmae", "mae", "supervised", "mim_supervised")
 
 
+def num_keep(num_patches: int, mask_ratio: float) -> int:
+    """K, the patches a masked model keeps visible: ``int(N * (1 - mask_ratio))`` (MAE's rounding, He et al. 2022).
+
+    The one place this rule is written: the models, the FLOP count, the benchmarks and the config check call it.
+    """
+    return int(num_patches * (1 - mask_ratio))
+
+
+def micro_batches_per_step(global_batch: int, micro_batch: int, world_size: int) -> int:
+    """Micro-batches each rank accumulates per optimizer step: ``global_batch / (micro_batch * world_size)``.
+
+    Raises:
+        ConfigError: the global batch is not a multiple of ``micro_batch * world_size`` (the message gives the fix).
+    """
+    if global_batch % (micro_batch * world_size):
+        raise ConfigError(
+            f"train.global_batch {global_batch} is not divisible by train.micro_batch {micro_batch} x world size "
+            f"{world_size}; set train.global_batch to a multiple of {micro_batch * world_size}")
+    return global_batch // (micro_batch * world_size)
+
+
 @dataclass
 class ModelConfig:
     objective: str = _f("supmae", "supmae | mae | supervised | mim_supervised")
@@ -99,7 +120,7 @@ class ModelConfig:
 
     @property
     def num_keep(self) -> int:
-        return int(self.num_patches * (1 - self.mask_ratio))
+        return num_keep(self.num_patches, self.mask_ratio)
 
     @property
     def uses_masking(self) -> bool:
@@ -526,12 +547,7 @@ def validate_config(cfg: Config, world_size: int | None = None) -> None:
     if len(d.scale) != 2 or not 0 < d.scale[0] <= d.scale[1] <= 1:
         raise ConfigError(f"data.scale: expected [lo, hi] with 0 < lo <= hi <= 1, got {d.scale}")
     ws = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
-    if t.global_batch % (t.micro_batch * ws):
-        raise ConfigError(
-            f"train.global_batch {t.global_batch} is not divisible by train.micro_batch {t.micro_batch} "
-            f"x world size {ws}; "
-            f"set train.global_batch to a multiple of {t.micro_batch * ws}"
-        )
+    micro_batches_per_step(t.global_batch, t.micro_batch, ws)
     if t.epochs <= 0 and t.max_steps <= 0:
         raise ConfigError("train.epochs is 0 and train.max_steps is 0: set train.epochs (or train.max_steps) "
                           "to a positive number")

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fastsupmae.config import num_keep
+
 from . import reference as ref
 
 log = logging.getLogger(__name__)
@@ -75,7 +77,7 @@ class Shapes:
 
 def shapes_from_args(args: argparse.Namespace, act_bytes: int) -> Shapes:
     n = (args.img_size // args.patch) ** 2
-    k = int(n * (1 - args.mask_ratio))
+    k = num_keep(n, args.mask_ratio)
     if not 1 <= k <= n - 1:
         raise ValueError(f"--mask-ratio {args.mask_ratio} keeps {k} of {n} patches; it must keep 1..N-1")
     return Shapes(args.batch, args.channels, args.img_size, args.patch, n, k, args.embed_dim, args.decoder_dim,

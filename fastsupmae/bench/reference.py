@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
-from fastsupmae.config import Config
+from fastsupmae.config import Config, num_keep
 from fastsupmae.models.pos_embed import sincos_2d
 
 __all__ = ["ReferenceMAE", "ReferenceViT", "build_reference", "reference_optimizer", "ReferenceStep"]
@@ -97,7 +97,7 @@ class ReferenceMAE(nn.Module):
     def random_masking(self, x: torch.Tensor, noise: torch.Tensor | None):
         """x [B, N, D] -> visible [B, K, D], mask [B, N] (1 = masked), ids_restore [B, N]."""
         b, n, d = x.shape
-        keep = int(n * (1 - self.mask_ratio))
+        keep = num_keep(n, self.mask_ratio)
         if noise is None:
             noise = torch.rand(b, n, device=x.device)
         ids_shuffle = torch.argsort(noise, dim=1)

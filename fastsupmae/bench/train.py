@@ -47,6 +47,7 @@ import torch
 from fastsupmae.bench.reference import ReferenceStep, build_reference, reference_optimizer
 from fastsupmae.config import Config, ConfigError, load_config
 from fastsupmae.errors import UserError
+from fastsupmae.models.linear import cpu_has_fast_bf16
 
 log = logging.getLogger(__name__)
 
@@ -529,7 +530,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     with contextlib.suppress(OSError):
         info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
                            platform.processor())
-        info["cpu_flags_bf16"] = any(f in open("/proc/cpuinfo").read() for f in ("avx512_bf16", "amx_bf16"))
+    info["cpu_flags_bf16"] = cpu_has_fast_bf16()
     with contextlib.suppress(OSError):
         info["loadavg_start"] = os.getloadavg()
     if device.type == "cuda":

@@ -10,27 +10,16 @@ from typing import Any
 
 import torch
 
-from fastsupmae.config import Config, ConfigError
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True when the CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX).
-
-    Without it, bf16 runs (DeepSpeed's bf16 mode works on any x86 CPU) but matmuls are emulated: on the 2-core
-    AMD EPYC dev machines a 512x512 bf16 matmul reaches ~0.6 GFLOP/s against ~8 GFLOP/s in fp32.
-    """
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+from fastsupmae.config import Config, ConfigError, micro_batches_per_step
+from fastsupmae.models.linear import cpu_has_fast_bf16
 
 
 def resolve_precision(cfg: Config, device: torch.device) -> str:
     """'bf16', 'fp16' or 'fp32' for ``cfg.train.precision`` on ``device``.
 
     'auto' is the fastest mode that trains well: bf16 on GPUs that support it (fp16 with loss scaling on older
-    ones); on CPU bf16 only with hardware bf16 matmuls, fp32 otherwise (see :func:`cpu_has_fast_bf16`).
+    ones); on CPU bf16 only with hardware bf16 matmuls, fp32 otherwise (see
+    :func:`fastsupmae.models.linear.cpu_has_fast_bf16`).
     """
     p = cfg.train.precision
     if device.type == "cuda":
@@ -61,12 +50,9 @@ def effective_zero_stage(cfg: Config, precision: str) -> int:
 
 
 def grad_accum_steps(cfg: Config, world_size: int) -> int:
+    """Micro-batches per optimizer step on each rank (the check is :func:`fastsupmae.config.micro_batches_per_step`)."""
     t = cfg.train
-    if t.global_batch % (t.micro_batch * world_size):
-        raise ConfigError(
-            f"train.global_batch {t.global_batch} is not divisible by train.micro_batch {t.micro_batch} x world size "
-            f"{world_size}; set train.global_batch to a multiple of {t.micro_batch * world_size}")
-    return t.global_batch // (t.micro_batch * world_size)
+    return micro_batches_per_step(t.global_batch, t.micro_batch, world_size)
 
 
 def build_ds_config(cfg: Config, world_size: int, precision: str, optimizer_name: str,

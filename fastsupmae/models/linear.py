@@ -18,8 +18,13 @@ import torch.nn.functional as F
 
 
 @functools.lru_cache(maxsize=1)
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU has bf16 matrix instructions (AVX512-BF16 or AMX): torch's bf16 gemm is then fast."""
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU has bf16 matrix instructions (AVX512-BF16 or AMX): torch's bf16 gemm is then fast.
+
+    The one probe of this: the layer below and the precision choice (:func:`fastsupmae.engine.ds_config.
+    resolve_precision`: 'auto' on CPU is bf16 only with these units) read it. Without them bf16 still runs, with
+    emulated matrix products.
+    """
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()
@@ -58,6 +63,6 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.bfloat16 and x.device.type == "cpu" and self.weight.dtype == torch.bfloat16 \
-                and not cpu_has_native_bf16():
+                and not cpu_has_fast_bf16():
             return _CpuBf16Linear.apply(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastsupmae.config import num_keep
 from fastsupmae.kernels import dispatch as K
 
 from .decoder import (
@@ -80,7 +81,7 @@ class MIMSupervisedViT(SupervisedViT):
                  norm_pix_loss: bool = True, **kw) -> None:
         super().__init__(**kw)
         self.mask_ratio = mask_ratio
-        self.num_keep = int(self.num_patches * (1 - mask_ratio))
+        self.num_keep = num_keep(self.num_patches, mask_ratio)
         self.encoder_input, self.cls_view, self.target = encoder_input, cls_view, target
         self.mim_loss_weight = mim_loss_weight
         self.norm_pix_loss = norm_pix_loss

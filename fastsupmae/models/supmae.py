@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastsupmae.config import num_keep
 from fastsupmae.kernels import dispatch as K
 
 from .decoder import build_decoder, decode_and_predict
@@ -32,7 +33,7 @@ class MaskedAutoencoderViT(ViTBackbone):
                  cls_temperature: float = 10.0, **enc) -> None:
         super().__init__(final_norm=True, **enc)
         self.mask_ratio = mask_ratio
-        self.num_keep = int(self.num_patches * (1 - mask_ratio))
+        self.num_keep = num_keep(self.num_patches, mask_ratio)
         self.norm_pix_loss = norm_pix_loss
         self.supervised = supervised
         self.global_pool = global_pool
