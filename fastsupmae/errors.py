@@ -5,8 +5,12 @@ class UserError(Exception):
     """Base of every user-facing error: bad config, missing or corrupt data, unusable checkpoint, missing package."""
 
 
-class DataError(UserError):
-    """A dataset that is missing, unreadable or corrupt; the message names the file and the fix."""
+class DataError(UserError, RuntimeError):
+    """A dataset that is missing, unreadable or corrupt; the message names the file and the fix.
+
+    The one data error class (the pipelines raise it; ``fastsupmae.pipelines`` re-exports it). Also a
+    ``RuntimeError``, so a handler for a DALI or DataLoader failure (both raise RuntimeError) sees it too.
+    """
 
 
 class MissingDependency(UserError):

@@ -3,6 +3,7 @@
 Public entry points (the trainer and the evaluation tasks use only these):
     build_train_loader(cfg, rank, world_size, device) -> loader
     build_eval_loader(cfg, split, rank, world_size, device) -> loader
+    build_folder_loader(cfg, root, device, crop_ratio, interp) -> loader over an image folder outside the config
     check_eval_split(cfg) -> number of samples (fails early when the evaluation split is missing)
 
 A loader yields ``{'images': uint8 [B, C, H, W], 'labels': int64 [B]}`` (the model normalises uint8 with
@@ -13,10 +14,11 @@ cfg.data.mean/std on the device), and has ``len()`` (batches per epoch on this r
 
 from __future__ import annotations
 
+from fastsupmae.errors import DataError
+
 from .class_map import check_class_map, load_class_map, save_class_map
-from .errors import DataError
-from .factory import build_eval_loader, build_train_loader, check_eval_split
+from .factory import build_eval_loader, build_folder_loader, build_train_loader, check_eval_split
 from .mixup import mixup_cutmix
 
-__all__ = ["DataError", "build_eval_loader", "build_train_loader", "check_class_map", "check_eval_split",
-           "load_class_map", "mixup_cutmix", "save_class_map"]
+__all__ = ["DataError", "build_eval_loader", "build_folder_loader", "build_train_loader", "check_class_map",
+           "check_eval_split", "load_class_map", "mixup_cutmix", "save_class_map"]

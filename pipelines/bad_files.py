@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from .errors import DataError
+from fastsupmae.errors import DataError
 
 log = logging.getLogger(__name__)
 _LOGGED: set[str] = set()  # paths already reported in this process (all loaders share it: one line per file)

@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from .errors import DataError
+from fastsupmae.errors import DataError
 
 CLASS_MAP_FILE = "classes.json"
 

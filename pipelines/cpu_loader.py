@@ -20,10 +20,11 @@ from typing import Any
 
 import torch
 
+from fastsupmae.errors import DataError
+
 from .bad_files import BadFilePolicy, BadImage
 from .crop_params import DEFAULT_RATIO, center_crop_box, sample_crop_box
 from .encoded_source import EncodedSource
-from .errors import DataError
 from .image_decode import decode_crop_resize
 from .loader_base import LoaderBase, to_gray
 from .sampler import ShardedOrder, mix_seed

@@ -30,10 +30,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from fastsupmae.errors import DataError
+
 from .bad_files import BadFilePolicy, BadImage
 from .crop_params import DEFAULT_RATIO
 from .encoded_source import EncodedSource
-from .errors import DataError
 from .image_decode import decode_crop_resize, image_size
 from .loader_base import LoaderBase
 from .sampler import ShardedOrder, mix_seed

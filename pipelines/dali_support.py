@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 
-from .errors import DataError
+from fastsupmae.errors import DataError
 
 # DALI ships one wheel per CUDA major version; it must match the CUDA build of the installed torch.
 INSTALL_HINT = ("pip install nvidia-dali-cuda130 (torch built for CUDA 13, e.g. +cu130) or nvidia-dali-cuda120 "

@@ -54,7 +54,7 @@ def class_index(names: Sequence[str], known: Sequence[str] | None, where: str) -
     Raises:
         DataError: a class of this split is absent from the training classes.
     """
-    from .errors import DataError
+    from fastsupmae.errors import DataError
 
     if known is None:
         return {c: i for i, c in enumerate(sorted(set(names)))}
@@ -73,7 +73,7 @@ def canonical_labels(raw: Sequence[str]) -> list[str]:
 
 def classes_from_labels(raw: Sequence[str], where: str) -> list[str]:
     """Class names from raw labels: ``'0'..'K-1'`` when all are integers, else the sorted names."""
-    from .errors import DataError
+    from fastsupmae.errors import DataError
 
     raw = canonical_labels(raw)
     if all(r.lstrip("-").isdigit() for r in raw):

@@ -9,11 +9,13 @@ the reason and the fix.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
 
-from .errors import DataError
+from fastsupmae.errors import DataError
+
 from .sources import ENCODED_DATASETS, open_source
 
 log = logging.getLogger(__name__)
@@ -53,12 +55,18 @@ def resolve_pipeline(cfg: Any, device: str | torch.device) -> str:
     if d.pipeline == "memory":
         raise DataError(f"data.pipeline=memory is only for fashion_mnist / synthetic; data.dataset={d.dataset} "
                         f"needs data.pipeline=auto, dali or cpu")
-    if d.pipeline in ("dali", "cpu"):
-        if d.pipeline == "dali":
+    return _file_pipeline(d.pipeline, device)
+
+
+def _file_pipeline(requested: str, device: str | torch.device) -> str:
+    """'dali' or 'cpu' for encoded image files: an explicit choice (DALI checked), else DALI on a CUDA device
+    with DALI installed."""
+    if requested in ("dali", "cpu"):
+        if requested == "dali":
             from .dali_support import require_dali
 
             require_dali()
-        return d.pipeline
+        return requested
     from .dali_support import dali_available
 
     on_gpu = torch.device(device).type == "cuda"
@@ -152,6 +160,38 @@ def build_eval_loader(cfg: Any, split: str = "val", rank: int = 0, world_size: i
     common = dict(batch_size=cfg.eval.batch, out_hw=out_hw, train=False, rank=rank, world_size=world_size,
                   seed=cfg.train.seed, policy=d.bad_files, device=device, in_chans=cfg.model.in_chans,
                   crop_ratio=d.eval_crop_ratio, interp=d.interpolation)
+    if kind == "dali":
+        from .dali_loader import DaliLoader
+
+        return DaliLoader(source, recipe="eval", mean=tuple(d.mean), std=tuple(d.std), **_dali_kw(d), **common)
+    from .cpu_loader import CpuLoader
+
+    return CpuLoader(source, num_workers=d.num_workers, **common)
+
+
+def build_folder_loader(cfg: Any, root: str | os.PathLike, device: str | torch.device = "cpu",
+                        crop_ratio: float = 0.875, interp: str = "bicubic") -> Any:
+    """Evaluation loader over an image folder that is not the config's dataset (``root/<class>/<image>``, e.g. a
+    robustness set such as ImageNet-R or one ImageNet-C severity), for one process, in order.
+
+    The pipeline is chosen as for the config's own files: ``data.pipeline`` dali or cpu if the config names one,
+    else (auto, or memory for an in-memory training set) DALI on a CUDA device with DALI installed, else the CPU
+    pipeline. Batch size, workers, bad-file policy and normalisation come from ``cfg``.
+
+    Args:
+        root: the folder (class folders sorted by name give the labels).
+        crop_ratio: centre crop as a fraction of the shorter side after resizing (1.0: resize only).
+        interp: resize interpolation, 'bicubic' or 'bilinear'.
+    """
+    from .imagefolder import ImageFolderSource
+
+    d = cfg.data
+    kind = _file_pipeline(d.pipeline if d.pipeline in ("dali", "cpu") else "auto", device)
+    _log_choice("folder", kind, f"data.pipeline={d.pipeline}, device={device}")
+    source = ImageFolderSource(root)
+    common = dict(batch_size=cfg.eval.batch, out_hw=(int(cfg.model.img_size[0]), int(cfg.model.img_size[1])),
+                  train=False, rank=0, world_size=1, seed=cfg.train.seed, policy=d.bad_files, device=device,
+                  in_chans=cfg.model.in_chans, crop_ratio=crop_ratio, interp=interp)
     if kind == "dali":
         from .dali_loader import DaliLoader
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import DataError
+from fastsupmae.errors import DataError
 
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]

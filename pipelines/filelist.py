@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
+from fastsupmae.errors import DataError
+
 from .encoded_source import EncodedSource, canonical_labels, class_index, classes_from_labels
-from .errors import DataError
 
 
 def _parse(list_file: Path) -> tuple[list[str], list[str]]:

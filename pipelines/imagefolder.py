@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
+from fastsupmae.errors import DataError
+
 from .encoded_source import IMAGE_EXTENSIONS, EncodedSource, class_index
-from .errors import DataError
 
 
 def list_classes(root: str | os.PathLike) -> list[str]:

@@ -57,7 +57,7 @@ class LoaderBase:
         return save_class_map(run_dir, self.class_names)
 
     def check_class_map(self, run_dir: str | os.PathLike, missing_ok: bool = True) -> None:
-        """Raise :class:`.errors.DataError` if this data's classes differ from the run's saved map."""
+        """Raise :class:`fastsupmae.errors.DataError` if this data's classes differ from the run's saved map."""
         check_class_map(run_dir, self.class_names, missing_ok=missing_ok)
 
 

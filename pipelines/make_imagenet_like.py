@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .errors import DataError
+from fastsupmae.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import DataError
+from fastsupmae.errors import DataError
 
 
 def mix_seed(*parts: int) -> int:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from fastsupmae.errors import DataError
+
 from .encoded_source import EncodedSource
-from .errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,9 @@ import tarfile
 
 import numpy as np
 
+from fastsupmae.errors import DataError
+
 from .encoded_source import EncodedSource, canonical_labels, class_index, classes_from_labels
-from .errors import DataError
 
 _IMAGE_EXT = ("jpg", "jpeg", "png", "webp")
 _LABEL_EXT = ("cls", "txt", "label")

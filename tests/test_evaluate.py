@@ -133,3 +133,30 @@ def test_imagenet_c_tree(tmp_path):
     out = evaluate_imagenet_c(model, _cfg(), tmp_path / "c", torch.device("cpu"))
     assert out["errors"]["gaussian_noise"] == [0.0, 1.0]
     assert out["ce"]["gaussian_noise"] == pytest.approx(100 * 0.5 / alexnet_errors()["gaussian_noise"])
+
+
+def test_folder_loader_comes_from_the_pipelines_factory(tmp_path):
+    """The loader choice lives in the pipelines' factory only: evaluate imports nothing but the package's public
+    entry points, and the folder loader honours data.pipeline as the config's own loaders do."""
+    import ast
+    from pathlib import Path
+
+    from fastsupmae.pipelines import DataError, build_folder_loader
+    from fastsupmae.pipelines.cpu_loader import CpuLoader
+
+    import fastsupmae.tasks.evaluate as ev
+    from fastsupmae import errors
+
+    tree = ast.parse(Path(ev.__file__).read_text())
+    reached = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+               and (n.module or "").startswith("fastsupmae.pipelines.")]
+    assert not reached, f"evaluate reaches into loader internals: {reached}"
+    for cls, lv in (("a", 40), ("b", 200)):
+        _write(tmp_path / cls, lv)
+    cfg = _cfg()
+    for pipeline in ("auto", "memory", "cpu"):  # memory: the run trained in memory; the folder is still files
+        cfg.data.pipeline = pipeline
+        loader = build_folder_loader(cfg, tmp_path, torch.device("cpu"), crop_ratio=1.0)
+        assert isinstance(loader, CpuLoader) and list(loader.class_names) == ["a", "b"]
+        assert sum(int(b["labels"].numel()) for b in loader) == 6
+    assert DataError is errors.DataError and issubclass(DataError, UserError)  # one DataError class

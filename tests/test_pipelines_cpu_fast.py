@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fastsupmae.pipelines import DataError
 from fastsupmae.pipelines.crop_params import sample_crop_box
-from fastsupmae.pipelines.errors import DataError
 from fastsupmae.pipelines.image_decode import decode_crop_resize
 from PIL import Image
 

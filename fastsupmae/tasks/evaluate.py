@@ -11,8 +11,9 @@ Robustness sets (each given as its folder; the model is a 1000-class ImageNet cl
   better; SupMAE reports 48.1). Extra corruptions present in the folder are reported but not averaged.
 
 The class lists and AlexNet's errors ship in ``fastsupmae/data`` with their sources named in the files.
-Images are decoded by the pipelines (DALI on GPU, else the CPU fallback): resize the shorter side to
-img / 0.875, centre crop (bicubic); ImageNet-C images are already 224 crops and are only centre cropped.
+Images are decoded by the pipeline the pipelines' factory picks (DALI on GPU, else the CPU fallback): resize the
+shorter side to img / 0.875, centre crop (bicubic); ImageNet-C images are already 224 crops and are only centre
+cropped.
 """
 
 from __future__ import annotations
@@ -147,26 +148,6 @@ def folder_label_map(folders: list[str], naming: str) -> list[int]:
     return [pos[f] for f in folders]
 
 
-def folder_loader(cfg: Any, root: str | os.PathLike, device: torch.device, crop_ratio: float = 0.875) -> Any:
-    """Evaluation loader over an image folder (DALI on GPU when available, else the CPU pipeline)."""
-    from fastsupmae.pipelines.cpu_loader import CpuLoader
-    from fastsupmae.pipelines.imagefolder import ImageFolderSource
-
-    src = ImageFolderSource(root)
-    common = dict(batch_size=cfg.eval.batch, out_hw=tuple(cfg.model.img_size), train=False, rank=0, world_size=1,
-                  seed=cfg.train.seed, policy=cfg.data.bad_files, device=device, in_chans=cfg.model.in_chans,
-                  crop_ratio=crop_ratio, interp="bicubic")
-    if device.type == "cuda":
-        from fastsupmae.pipelines.dali_support import dali_available
-
-        if dali_available():
-            from fastsupmae.pipelines.dali_loader import DaliLoader
-
-            return DaliLoader(src, num_threads=max(1, cfg.data.num_workers), recipe="eval",
-                              mean=tuple(cfg.data.mean), std=tuple(cfg.data.std), **common)
-    return CpuLoader(src, num_workers=cfg.data.num_workers, **common)
-
-
 def _remapped(loader: Any, table: torch.Tensor) -> Iterable[dict[str, torch.Tensor]]:
     for b in loader:
         yield {"images": b["images"], "labels": table.to(b["labels"].device)[b["labels"]]}
@@ -180,7 +161,9 @@ def evaluate_folder(model: nn.Module, cfg: Any, root: str | os.PathLike, kind: s
         kind: 'imagenet_a' | 'imagenet_r' (200-class subsets), 'imagenet_sketch' | 'imagenet_c' (wnid folders),
             'imagenet_v2' (index folders).
     """
-    loader = folder_loader(cfg, root, device, crop_ratio)
+    from fastsupmae.pipelines import build_folder_loader
+
+    loader = build_folder_loader(cfg, root, device, crop_ratio)
     idx1k = folder_label_map(list(loader.class_names), "index" if kind == "imagenet_v2" else "wnid")
     if kind in ("imagenet_a", "imagenet_r"):
         subset = subset_indices(kind)
