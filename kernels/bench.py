@@ -38,7 +38,6 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--channels", type=int, default=3)
     parser.add_argument("--mask-ratio", type=float, default=0.75)
     parser.add_argument("--embed-dim", type=int, default=768)
-    parser.add_argument("--decoder-dim", type=int, default=512)
     parser.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                         help="activation dtype (auto: bf16 on GPU, fp32 on CPU)")
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
@@ -63,7 +62,6 @@ class Shapes:
     n: int
     k: int
     d: int
-    dd: int
     act_bytes: int  # bytes per activation element (2 for bf16, 4 for fp32)
 
     @property
@@ -80,8 +78,7 @@ def shapes_from_args(args: argparse.Namespace, act_bytes: int) -> Shapes:
     k = num_keep(n, args.mask_ratio)
     if not 1 <= k <= n - 1:
         raise ValueError(f"--mask-ratio {args.mask_ratio} keeps {k} of {n} patches; it must keep 1..N-1")
-    return Shapes(args.batch, args.channels, args.img_size, args.patch, n, k, args.embed_dim, args.decoder_dim,
-                  act_bytes)
+    return Shapes(args.batch, args.channels, args.img_size, args.patch, n, k, args.embed_dim, act_bytes)
 
 
 def floor_bytes(s: Shapes) -> dict[str, tuple[int, int]]:
@@ -102,9 +99,6 @@ def floor_bytes(s: Shapes) -> dict[str, tuple[int, int]]:
                                 s.b * s.k * s.d * a + vis_px + w),
         # uint8 pixels of the masked patches in, fp32 targets (+ per-patch rstd) out; no backward (constants)
         "norm_pix_targets": (msk_px + msk_px * 4 + s.b * s.m * 4, 0),
-        # y [B, 1+K, Dd] + pos in, [B, 1+N, Dd] out; backward: dOut in, dY out (mask-token partials negligible)
-        "unshuffle_tokens": (s.b * (1 + s.k) * s.dd * a + (1 + s.n) * s.dd * 4 + s.b * (1 + s.n) * s.dd * a,
-                             s.b * (1 + s.n) * s.dd * a + s.b * (1 + s.k) * s.dd * a),
         # pred [B, M, P] + fp32 target in; backward: both in again, dPred out
         "masked_mse": (msk_px * (a + 4), msk_px * (a + 4) + msk_px * a),
         # pred + uint8 masked pixels in (targets recomputed in registers); backward: both in again, dPred out
@@ -113,8 +107,8 @@ def floor_bytes(s: Shapes) -> dict[str, tuple[int, int]]:
 
 
 # The fused ops one SupMAE/MAE training step runs, with the loss as two ops or as the fused loss-from-pixels.
-STEP_TWO_OP = ("patch_embed_visible", "unshuffle_tokens", "norm_pix_targets", "masked_mse")
-STEP_FUSED_LOSS = ("patch_embed_visible", "unshuffle_tokens", "norm_pix_mse")
+STEP_TWO_OP = ("patch_embed_visible", "norm_pix_targets", "masked_mse")
+STEP_FUSED_LOSS = ("patch_embed_visible", "norm_pix_mse")
 
 
 def step_floor(floors: dict[str, tuple[int, int]], names: tuple[str, ...]) -> int:
@@ -144,9 +138,6 @@ def _build_cases(s: Shapes, device: torch.device, dtype: torch.dtype, fused_ops)
     w = (torch.randn(s.d, s.c, s.p, s.p, generator=g) * 0.02).to(device, dtype).requires_grad_(True)
     bias = torch.zeros(s.d, device=device, dtype=dtype, requires_grad=True)
     pos = torch.randn(1, s.n, s.d, generator=g).to(device)
-    y = torch.randn(s.b, 1 + s.k, s.dd, generator=g).to(device, dtype).requires_grad_(True)
-    mask_token = torch.zeros(1, 1, s.dd, device=device, requires_grad=True)
-    dpos = torch.randn(1, 1 + s.n, s.dd, generator=g).to(device)
     pred_m = torch.randn(s.b, s.m, s.psz, generator=g).to(device, dtype).requires_grad_(True)
     pred_full = torch.randn(s.b, s.n, s.psz, generator=g).to(device, dtype).requires_grad_(True)
     target_m = torch.randn(s.b, s.m, s.psz, generator=g).to(device)
@@ -173,8 +164,6 @@ def _build_cases(s: Shapes, device: torch.device, dtype: torch.dtype, fused_ops)
              lambda: fused_ops.patch_embed_visible(imgs, keep, s.p, w, bias, pos, mean, std, dtype), mae_embed, True),
         Case("norm_pix_targets", lambda: fused_ops.norm_pix_targets(imgs, masked, s.p, True, mean, std),
              mae_targets, False),
-        Case("unshuffle_tokens", lambda: fused_ops.unshuffle_tokens(y, mask_token, ids_restore, dpos),
-             lambda: ref.unshuffle_tokens(y, mask_token, ids_restore, dpos), True),
         Case("masked_mse", lambda: fused_ops.masked_mse(pred_m, target_m),
              lambda: ref.masked_mse_full(pred_full, target_full, mask), True),
         Case("norm_pix_mse", lambda: fused_ops.norm_pix_mse(pred_m, imgs, masked, s.p, True, mean, std),
@@ -187,7 +176,6 @@ class _TorchTwin:
 
     patchify_gather = staticmethod(ref.patchify_gather)
     norm_pix_targets = staticmethod(ref.norm_pix_targets)
-    unshuffle_tokens = staticmethod(ref.unshuffle_tokens)
     masked_mse = staticmethod(ref.masked_mse)
     norm_pix_mse = staticmethod(ref.norm_pix_mse)
 
@@ -253,7 +241,7 @@ def check(device: torch.device, b: int = 4) -> int:
     from . import ops
 
     fails = 0
-    p, c, g, k, d, dd = 16, 3, 14, 49, 72, 40
+    p, c, g, k, d = 16, 3, 14, 49, 72
     n = g * g
     mean = torch.tensor(IMAGENET_MEAN, device=device)
     std = torch.tensor(IMAGENET_STD, device=device)
@@ -295,16 +283,6 @@ def check(device: torch.device, b: int = 4) -> int:
             report(f"patch_embed_visible grad {name} {dn}", gg, ge, **tol)
         report(f"norm_pix_targets {dn} image", ops.norm_pix_targets(x.detach(), ids[:, k:], p),
                ref.norm_pix_targets(x.detach(), ids[:, k:], p), rtol=1e-4, atol=1e-4)
-        y = torch.randn(b, k + 1, dd, device=device, dtype=dtype, requires_grad=True)
-        mt = torch.randn(1, 1, dd, device=device, requires_grad=True)
-        dpos = torch.randn(1, n + 1, dd, device=device)
-        ir = ids.argsort(1)
-        out, exp = ops.unshuffle_tokens(y, mt, ir, dpos), ref.unshuffle_tokens(y, mt, ir, dpos)
-        report(f"unshuffle_tokens {dn}", out, exp)
-        go = torch.randn_like(out)
-        (gy, gm), (gye, gme) = torch.autograd.grad(out, [y, mt], go), torch.autograd.grad(exp, [y, mt], go)
-        report(f"unshuffle_tokens grad y {dn}", gy, gye)
-        report(f"unshuffle_tokens grad mask_token {dn}", gm, gme, rtol=1e-2, atol=1e-3)
         pred = torch.randn(b, n - k, p * p * c, device=device, dtype=dtype, requires_grad=True)
         tgt = ref.norm_pix_targets(u8, ids[:, k:], p, True, mean, std)
         losses = (("masked_mse", ops.masked_mse(pred, tgt), ref.masked_mse(pred, tgt)),
@@ -326,7 +304,6 @@ def _aot_variants() -> list[tuple[str, object, dict[str, str], dict[str, object]
     from .triton_norm_pix_loss import norm_pix_mse_kernel
     from .triton_patch import patch_gather_kernel, patch_scatter_kernel
     from .triton_patch_embed import patch_embed_kernel
-    from .triton_unshuffle import unshuffle_bwd_kernel, unshuffle_fwd_kernel
 
     strides = {"s_b": "i32", "s_c": "i32", "s_h": "i32", "s_w": "i32"}
     patch = {"C": 3, "P": 16, "PSZ": 768, "BLOCK": 1024, "ROWS_PER_PROG": 4}
@@ -360,13 +337,6 @@ def _aot_variants() -> list[tuple[str, object, dict[str, str], dict[str, object]
                  "HAS_BIAS": True, "DOT_FP32": False, "INPUT_PRECISION": prec, "IDX64": False}
         out.append((f"patch_embed u8->{dt}", patch_embed_kernel, sig, const, 8))
         out.append((f"patch_embed u8->{dt} idx64", patch_embed_kernel, sig, {**const, "IDX64": True}, 8))
-    blk = {"BLOCK_R": 16, "BLOCK_D": 128}
-    sig = {"y_ptr": "*bf16", "mask_ptr": "*fp32", "ids_ptr": "*i64", "pos_ptr": "*fp32", "out_ptr": "*bf16",
-           "K": "i32", "N": "i32", "D": "i32", **cx(*blk)}
-    out.append(("unshuffle fwd bf16", unshuffle_fwd_kernel, sig, dict(blk), 4))
-    sig = {"g_ptr": "*bf16", "ids_ptr": "*i64", "gy_ptr": "*bf16", "gmask_ptr": "*fp32", "K": "i32", "N": "i32",
-           "D": "i32", **cx(*blk)}
-    out.append(("unshuffle bwd bf16", unshuffle_bwd_kernel, sig, dict(blk), 4))
     sig = {"pred_ptr": "*bf16", "target_ptr": "*fp32", "partial_ptr": "*fp32", "numel": "i32", **cx("BLOCK", "CHUNKS")}
     out.append(("masked_mse fwd bf16/fp32", mse_partial_kernel, sig, {"BLOCK": 1024, "CHUNKS": 8}, 4))
     sig = {"grad_ptr": "*fp32", "pred_ptr": "*bf16", "target_ptr": "*fp32", "gpred_ptr": "*bf16",
@@ -477,7 +447,7 @@ def run(args: argparse.Namespace) -> int:
     copy_bw = res["copy_gbs"]
     side = "triton" if on_gpu else "torch twin"
     print(f"bench kernels: device={device} dtype={str(dtype).split('.')[-1]} B={s.b} img={s.img} p={s.p} "
-          f"N={s.n} K={s.k} D={s.d} Dd={s.dd}; fused side = {side}; median of {args.iters}, interleaved")
+          f"N={s.n} K={s.k} D={s.d}; fused side = {side}; median of {args.iters}, interleaved")
     if copy_bw is not None:
         print(f"device-to-device copy: {copy_bw:.1f} GB/s (read + write)")
     hdr = f"{'kernel':<22}{'pass':<9}{'MAE-style ms':>13}{side + ' ms':>15}{'speedup':>9}{'floor MB':>10}"

@@ -79,28 +79,18 @@ class KernelOp:
         return self.triton if backend == "triton" else self.torch
 
 
-# Every op the model dispatches to, by name. The functions below look their implementation up here, so a checker
-# that walks this table covers exactly what runs (a new op added here without a check makes gpu-check FAIL).
+# Every op that runs in the model, by name: the three the model calls through the functions below
+# (patch_embed_visible, masked_mse, norm_pix_mse) and the two the Triton ones are built from, each its own kernel:
+# patchify_gather (patch_embed_visible's backward re-gathers the patches with it) and norm_pix_targets
+# (norm_pix_mse takes it for images that need a gradient). A checker that walks this table covers exactly what
+# runs (a new op added here without a check makes gpu-check FAIL).
 KERNEL_OPS: dict[str, KernelOp] = {op.name: op for op in (
     KernelOp("patchify_gather", ref.patchify_gather),
     KernelOp("patch_embed_visible", _torch_patch_embed_visible),
     KernelOp("norm_pix_targets", ref.norm_pix_targets),
-    KernelOp("unshuffle_tokens", ref.unshuffle_tokens),
     KernelOp("masked_mse", ref.masked_mse),
     KernelOp("norm_pix_mse", ref.norm_pix_mse),
 )}
-
-
-def patchify_gather(imgs, ids, p, mean=None, std=None, out_dtype=None, backend: str = "torch"):
-    return KERNEL_OPS["patchify_gather"].impl(backend)(imgs, ids, p, mean, std, out_dtype)
-
-
-def norm_pix_targets(imgs, ids, p, norm_pix=True, mean=None, std=None, backend: str = "torch"):
-    return KERNEL_OPS["norm_pix_targets"].impl(backend)(imgs, ids, p, norm_pix, mean, std)
-
-
-def unshuffle_tokens(y, mask_token, ids_restore, pos, backend: str = "torch"):
-    return KERNEL_OPS["unshuffle_tokens"].impl(backend)(y, mask_token, ids_restore, pos)
 
 
 def masked_mse(pred, target, backend: str = "torch"):

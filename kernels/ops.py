@@ -8,7 +8,6 @@ Public functions (what :mod:`fastsupmae.kernels.dispatch` calls):
     patchify_gather(imgs, ids, p, mean, std, out_dtype) -> [B, K, p*p*C]
     patch_embed_visible(imgs, ids, p, weight, bias, pos, mean, std, out_dtype) -> [B, K, D]
     norm_pix_targets(imgs, ids, p, norm_pix, mean, std) -> [B, M, p*p*C] fp32
-    unshuffle_tokens(y, mask_token, ids_restore, pos) -> [B, 1+N, Dd]
     masked_mse(pred, target) -> [] fp32
     norm_pix_mse(pred, imgs, ids, p, norm_pix, mean, std) -> [] fp32 (the two above fused: targets never written)
 
@@ -32,7 +31,6 @@ from .triton_norm_pix import norm_pix_kernel
 from .triton_norm_pix_loss import norm_pix_mse_kernel
 from .triton_patch import patch_gather_kernel, patch_scatter_kernel
 from .triton_patch_embed import patch_embed_kernel
-from .triton_unshuffle import unshuffle_bwd_kernel, unshuffle_fwd_kernel
 
 # The interpreter computes tl.dot on bf16 operands wrongly (triton-lang/triton#11584): upcast there only.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -337,78 +335,6 @@ def _norm_pix_bwd(ctx, gt, _grstd):
 _norm_pix_targets.register_autograd(_norm_pix_bwd, setup_context=_norm_pix_setup)
 
 
-# ---------------------------------------------------------------------------------------------- unshuffle_tokens
-# Rows per tile: 16 on GPUs (16 x 128 elements per program); the interpreter pays per program and per loop trip.
-_UNSHUFFLE_BLOCK_R = 64 if _INTERPRET else 16
-
-
-def _unshuffle_block_d(d: int) -> int:
-    return min(_block(d), 128)
-
-
-@torch.library.custom_op("fastsupmae::unshuffle_tokens", mutates_args=())
-def _unshuffle_tokens(y: Tensor, mask_token: Tensor, ids_restore: Tensor, pos: Tensor) -> Tensor:
-    b, k1, d = y.shape
-    n = ids_restore.shape[1]
-    out = _empty((b, n + 1, d), y.dtype, y.device)
-    if out.numel():
-        bd = _unshuffle_block_d(d)
-        grid = (b, triton.cdiv(n + 1, _UNSHUFFLE_BLOCK_R), triton.cdiv(d, bd))
-        unshuffle_fwd_kernel[grid](
-            y.contiguous(), mask_token.reshape(-1).contiguous(), ids_restore.contiguous(),
-            pos.reshape(-1, d).contiguous(), out, k1 - 1, n, d, BLOCK_R=_UNSHUFFLE_BLOCK_R, BLOCK_D=bd, num_warps=4,
-        )
-    return out
-
-
-@_unshuffle_tokens.register_fake
-def _(y, mask_token, ids_restore, pos):
-    return y.new_empty((y.shape[0], ids_restore.shape[1] + 1, y.shape[2]))
-
-
-@torch.library.custom_op("fastsupmae::unshuffle_tokens_backward", mutates_args=())
-def _unshuffle_tokens_backward(grad: Tensor, ids_restore: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """grad [B, 1+N, Dd] -> (grad_y [B, 1+K, Dd], per-image mask-token gradient [B, Dd] fp32)."""
-    b, n1, d = grad.shape
-    gy = _empty((b, k + 1, d), grad.dtype, grad.device)
-    gmask = _empty((b, d), torch.float32, grad.device)
-    if grad.numel():
-        bd = _unshuffle_block_d(d)
-        unshuffle_bwd_kernel[(b, triton.cdiv(d, bd))](
-            grad.contiguous(), ids_restore.contiguous(), gy, gmask, k, n1 - 1, d,
-            BLOCK_R=_UNSHUFFLE_BLOCK_R, BLOCK_D=bd, num_warps=4,
-        )
-    return gy, gmask
-
-
-@_unshuffle_tokens_backward.register_fake
-def _(grad, ids_restore, k):
-    return grad.new_empty((grad.shape[0], k + 1, grad.shape[2])), grad.new_empty(
-        (grad.shape[0], grad.shape[2]), dtype=torch.float32
-    )
-
-
-def _unshuffle_setup(ctx, inputs, output):
-    y, mask_token, ids_restore, pos = inputs
-    ctx.save_for_backward(ids_restore)
-    ctx.k = y.shape[1] - 1
-    ctx.mask_shape, ctx.mask_dtype = list(mask_token.shape), mask_token.dtype
-    ctx.pos_shape, ctx.pos_dtype = list(pos.shape), pos.dtype
-
-
-def _unshuffle_bwd(ctx, grad):
-    (ids_restore,) = ctx.saved_tensors
-    gy, gmask_b = _unshuffle_tokens_backward(grad.contiguous(), ids_restore, ctx.k)
-    gmask = gmask_b.sum(0).to(ctx.mask_dtype).reshape(ctx.mask_shape) if ctx.needs_input_grad[1] else None
-    gpos = None
-    if ctx.needs_input_grad[3]:  # the decoder pos-embed is usually a frozen buffer
-        gpos = grad.sum(0, keepdim=True).to(ctx.pos_dtype).reshape(ctx.pos_shape)
-    return gy, gmask, None, gpos
-
-
-_unshuffle_tokens.register_autograd(_unshuffle_bwd, setup_context=_unshuffle_setup)
-
-
 # ---------------------------------------------------------------------------------------------------- masked_mse
 # GPU: 8 x 1024 elements per program (~3.5k partial sums at ViT-B/16 batch 256). Interpreter: one big chunk.
 _MSE_BLOCK = 16384 if _INTERPRET else 1024
@@ -595,14 +521,6 @@ def norm_pix_targets(
     _check_ids(ids, "ids", imgs.shape[0])
     t, _ = _norm_pix_targets(imgs, ids, p, norm_pix, *_channel_stats(imgs, mean, std), eps)
     return t
-
-
-def unshuffle_tokens(y: Tensor, mask_token: Tensor, ids_restore: Tensor, pos: Tensor) -> Tensor:
-    """[B, 1+K, Dd] (cls first) + mask token [1, 1, Dd] -> [B, 1+N, Dd] in patch order, plus pos [1, 1+N, Dd]."""
-    if y.dim() != 3:
-        raise ValueError(f"y must be [B, 1+K, Dd], got {tuple(y.shape)}")
-    _check_ids(ids_restore, "ids_restore", y.shape[0])
-    return _unshuffle_tokens(y, mask_token, ids_restore, pos)
 
 
 def masked_mse(pred: Tensor, target: Tensor) -> Tensor:

@@ -122,20 +122,6 @@ def norm_pix_targets(
     return t
 
 
-def unshuffle_tokens(
-    y: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor, pos: torch.Tensor
-) -> torch.Tensor:
-    """Decoder input: [B, 1+K, Dd] visible (cls first) + mask token -> [B, 1+N, Dd] in patch order + pos.
-
-    ``ids_restore`` [B, N] maps each original patch to its index in the shuffled order; pos is [1, 1+N, Dd].
-    """
-    b, k1, dd = y.shape
-    n = ids_restore.shape[1]
-    toks = torch.cat([y[:, 1:], mask_token.to(y.dtype).expand(b, n + 1 - k1, dd)], dim=1)
-    toks = torch.gather(toks, 1, ids_restore.unsqueeze(-1).expand(-1, -1, dd))
-    return torch.cat([y[:, :1], toks], dim=1) + pos.to(y.dtype)
-
-
 def masked_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error over the masked patches only.
 

@@ -3,8 +3,8 @@
 Triton 3.6 (the version of torch 2.11's wheels) converts a runtime scalar to a Python int inside the interpreter
 with ``int(handle.data)``, where ``handle.data`` is a 1-element 1-d array. NumPy 2.4 turned that deprecated
 conversion into ``TypeError: only 0-dimensional arrays can be converted to Python scalars``
-(triton-lang/triton#9171), so every kernel whose loop bound is a runtime value (``range(0, N + 1, BLOCK_R)`` in
-the unshuffle backward) fails under the interpreter. Later Triton releases convert ``handle.data.squeeze()``.
+(triton-lang/triton#9171), so any kernel whose loop bound is a runtime value (``range(0, N, BLOCK)`` with ``N``
+an argument) fails under the interpreter. Later Triton releases convert ``handle.data.squeeze()``.
 Compiled GPU kernels never take this path; only CPU runs under the interpreter (tests, ``gpu_check --cpu``) do.
 """
 

@@ -8,7 +8,7 @@ from fastsupmae.kernels import bench
 
 
 def test_floor_bytes_vit_b16():
-    s = bench.Shapes(b=256, c=3, img=224, p=16, n=196, k=49, d=768, dd=512, act_bytes=2)
+    s = bench.Shapes(b=256, c=3, img=224, p=16, n=196, k=49, d=768, act_bytes=2)
     fl = bench.floor_bytes(s)
     kept_px = 256 * 49 * 768
     assert fl["patchify_gather"] == (kept_px * 3, 0)  # 1 byte in, 2 bytes out per kept pixel
@@ -21,10 +21,10 @@ def test_bench_kernels_runs_on_cpu(capsys):
     parser = argparse.ArgumentParser()
     bench.add_args(parser)
     args = parser.parse_args(["--batch", "2", "--img-size", "32", "--patch", "8", "--embed-dim", "24",
-                              "--decoder-dim", "16", "--iters", "2", "--warmup", "1", "--device", "cpu"])
+                              "--iters", "2", "--warmup", "1", "--device", "cpu"])
     assert bench.run(args) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.split()[:1] and line.split()[0] in bench.floor_bytes(
         bench.shapes_from_args(args, 4))]
-    assert len(rows) == 10  # 6 forward rows + 4 forward+backward rows
+    assert len(rows) == 8  # 5 forward rows + 3 forward+backward rows
     assert out.count("floor per training step") == 2

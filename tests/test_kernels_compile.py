@@ -16,16 +16,15 @@ def _poison(monkeypatch):
     monkeypatch.setattr(ops, "POISON_OUTPUTS", True)
 
 
-def _inputs(b=2, c=3, p=4, grid=(3, 5), k=4, d=24, dd=16):
+def _inputs(b=2, c=3, p=4, grid=(3, 5), k=4, d=24):
     n = grid[0] * grid[1]
     ids = torch.rand(b, n).argsort(1)
     return dict(
         imgs=torch.randn(b, c, grid[0] * p, grid[1] * p, requires_grad=True),
         u8=torch.randint(0, 256, (b, c, grid[0] * p, grid[1] * p), dtype=torch.uint8),
-        ids=ids, ids_restore=ids.argsort(1), p=p, k=k,
+        ids=ids, p=p, k=k,
         w=torch.randn(d, c, p, p, requires_grad=True) * 0.1, bias=torch.randn(d, requires_grad=True),
-        pos=torch.randn(1, n, d), y=torch.randn(b, k + 1, dd, requires_grad=True),
-        mask_token=torch.randn(1, 1, dd, requires_grad=True), dpos=torch.randn(1, n + 1, dd),
+        pos=torch.randn(1, n, d),
         mean=torch.tensor([0.4, 0.5, 0.6]), std=torch.tensor([0.2, 0.25, 0.3]),
     )
 
@@ -41,8 +40,6 @@ def test_opcheck_registrations():
         (ops._patch_scatter, (pg.detach(), x["ids"][:, :k], p, list(x["imgs"].shape), torch.float32)),
         (ops._patch_embed_visible, (x["imgs"], x["ids"][:, :k], p, x["w"], x["bias"], x["pos"], None, None, None)),
         (ops._norm_pix_targets, (x["imgs"], x["ids"][:, k:], p, True, None, None, 1e-6)),
-        (ops._unshuffle_tokens, (x["y"], x["mask_token"], x["ids_restore"], x["dpos"])),
-        (ops._unshuffle_tokens_backward, (torch.randn(2, 16, 16), x["ids_restore"], k)),
         (ops._masked_mse, (pg, torch.randn_like(pg))),
         (ops._masked_mse_backward, (torch.tensor(1.0), pg.detach(), torch.randn_like(pg), True)),
         (ops._norm_pix_mse, (pg, x["u8"], x["ids"][:, :k], p, True, x["mean"], x["std"], 1e-6)),
@@ -64,18 +61,16 @@ def test_torch_compile_inductor_traces_fused_ops():
     k, p = x["k"], x["p"]
     pred = torch.randn(2, 15 - k, p * p * 3, requires_grad=True)
 
-    def step(imgs, ids, ids_restore, w, bias, pos, y, mask_token, dpos, pred):
+    def step(imgs, ids, w, bias, pos, pred):
         tok = ops.patch_embed_visible(imgs, ids[:, :k], p, w, bias, pos)  # [B, K, D]
         vis = ops.patchify_gather(imgs, ids[:, :k], p)  # [B, K, P]
-        dec = ops.unshuffle_tokens(y, mask_token, ids_restore, dpos)  # [B, 1+N, Dd]
         target = ops.norm_pix_targets(imgs.detach(), ids[:, k:], p)  # [B, N-K, P]
-        return tok, vis, dec, ops.masked_mse(pred, target), ops.norm_pix_mse(pred, imgs.detach(), ids[:, k:], p)
+        return tok, vis, ops.masked_mse(pred, target), ops.norm_pix_mse(pred, imgs.detach(), ids[:, k:], p)
 
-    args = (x["imgs"], x["ids"], x["ids_restore"], x["w"], x["bias"], x["pos"], x["y"], x["mask_token"], x["dpos"],
-            pred)
-    params = [x["imgs"], x["w"], x["bias"], x["y"], x["mask_token"], pred]
+    args = (x["imgs"], x["ids"], x["w"], x["bias"], x["pos"], pred)
+    params = [x["imgs"], x["w"], x["bias"], pred]
     outs = step(*args)
-    gouts = [torch.randn_like(o) for o in outs[:3]] + [torch.rand(()), torch.rand(())]
+    gouts = [torch.randn_like(o) for o in outs[:2]] + [torch.rand(()), torch.rand(())]
     grads = torch.autograd.grad(outs, params, gouts)
     outs_c = torch.compile(step, backend="inductor", fullgraph=True)(*args)
     grads_c = torch.autograd.grad(outs_c, params, gouts)

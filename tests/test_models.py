@@ -87,6 +87,17 @@ def test_masked_loss_equals_full_prediction_loss():
     torch.testing.assert_close(out["rec_loss"], ref, rtol=1e-5, atol=1e-6)
 
 
+def unshuffle_tokens(y: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor,
+                     pos: torch.Tensor) -> torch.Tensor:
+    """The official MAE decoder input (He et al. 2022): [B, 1+K, Dd] visible (cls first) + mask tokens -> [B, 1+N, Dd]
+    in patch order, plus pos [1, 1+N, Dd]; ``ids_restore`` [B, N] maps each patch to its place in the shuffle."""
+    b, k1, dd = y.shape
+    n = ids_restore.shape[1]
+    toks = torch.cat([y[:, 1:], mask_token.to(y.dtype).expand(b, n + 1 - k1, dd)], dim=1)
+    toks = torch.gather(toks, 1, ids_restore.unsqueeze(-1).expand(-1, -1, dd))
+    return torch.cat([y[:, :1], toks], dim=1) + pos.to(y.dtype)
+
+
 @pytest.mark.parametrize("kw", [dict(objective="supmae"), dict(objective="mae", decoder_depth=2),
                                 dict(objective="mim_supervised")], ids=lambda kw: "-".join(map(str, kw.values())))
 def test_shuffled_order_decoder_equals_patch_order_decoder(kw):
@@ -94,9 +105,8 @@ def test_shuffled_order_decoder_equals_patch_order_decoder(kw):
     masked queries only; and its return_pred variant) equals the official decoder (unshuffle to patch order,
     every token through every block, predict all): predictions and every gradient."""
 
-    from fastsupmae.kernels.reference import unshuffle_tokens
-
     from fastsupmae.models.decoder import decode_and_predict, decoder_blocks_forward, predict
+
     cfg = tiny_config(**kw)
     model = build_model(cfg, device="cpu").train()
     torch.nn.init.normal_(model.mask_token, std=0.5)  # the zero init would hide a wrong mask-token path

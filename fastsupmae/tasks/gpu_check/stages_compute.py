@@ -217,7 +217,7 @@ def stage_env(ctx: StageContext) -> dict:
 # ====================================================================================================== kernels
 @dataclass
 class KShapes:
-    """Inputs of one kernel comparison: B images [C, H, W], patch p, K kept of N patches, widths D and Dd."""
+    """Inputs of one kernel comparison: B images [C, H, W], patch p, K kept of N patches, width D."""
 
     label: str
     b: int
@@ -227,7 +227,6 @@ class KShapes:
     p: int
     k: int
     d: int
-    dd: int
 
     @property
     def n(self) -> int:
@@ -241,11 +240,11 @@ class KShapes:
 def kernel_shapes(cpu: bool) -> list[KShapes]:
     """ViT-B/16 at batch 256 plus odd shapes on a GPU; tiny ones (same variety) under the interpreter."""
     if cpu:
-        return [KShapes("tiny", 2, 3, 16, 12, 4, 3, 24, 20),
-                KShapes("odd", 3, 1, 9, 15, 3, 5, 10, 6)]
-    return [KShapes("vit_b16_b256", 256, 3, 224, 224, 16, 49, 768, 512),
-            KShapes("odd_b3_k35", 3, 3, 224, 160, 16, 35, 768, 512),
-            KShapes("odd_c1_p7", 3, 1, 28, 21, 7, 5, 100, 72)]
+        return [KShapes("tiny", 2, 3, 16, 12, 4, 3, 24),
+                KShapes("odd", 3, 1, 9, 15, 3, 5, 10)]
+    return [KShapes("vit_b16_b256", 256, 3, 224, 224, 16, 49, 768),
+            KShapes("odd_b3_k35", 3, 3, 224, 160, 16, 35, 768),
+            KShapes("odd_c1_p7", 3, 1, 28, 21, 7, 5, 100)]
 
 
 @dataclass
@@ -271,7 +270,7 @@ def _op_cases(name: str, s: KShapes, dt: torch.dtype, dev: torch.device, g: torc
     u8 = torch.randint(0, 256, (s.b, s.c, s.h, s.w), generator=g, device=dev, dtype=torch.uint8)
     xf = rnd(s.b, s.c, s.h, s.w)
     perm = torch.rand(s.b, s.n, generator=g, device=dev).argsort(1)
-    keep, masked, restore = perm[:, : s.k], perm[:, s.k:], perm.argsort(1)
+    keep, masked = perm[:, : s.k], perm[:, s.k:]
     m = s.n - s.k
     if name == "patchify_gather":
         return [KCase("uint8", (u8, keep, s.p, mean, std, dt)),
@@ -285,9 +284,6 @@ def _op_cases(name: str, s: KShapes, dt: torch.dtype, dev: torch.device, g: torc
         return [KCase("uint8", (u8, masked, s.p, True, mean, std)),
                 KCase("uint8 no norm_pix", (u8, masked, s.p, False, mean, std)),
                 KCase("float", (xf, masked, s.p, True, None, None), (0,), {0: "imgs"})]
-    if name == "unshuffle_tokens":
-        return [KCase("", (rnd(s.b, 1 + s.k, s.dd), rnd(1, 1, s.dd), restore, rnd(1, 1 + s.n, s.dd)), (0, 1, 3),
-                      {0: "y", 1: "mask_token", 3: "pos"})]
     if name == "masked_mse":
         return [KCase("", (rnd(s.b, m, s.psz), rnd(s.b, m, s.psz, dtype=torch.float32)), (0, 1),
                       {0: "pred", 1: "target"})]
@@ -475,7 +471,7 @@ def stage_kernels(ctx: StageContext) -> dict:
         from fastsupmae.kernels import bench
 
         ops.POISON_OUTPUTS = False  # timing: no fills
-        s = bench.Shapes(b=256, c=3, img=224, p=16, n=196, k=49, d=768, dd=512, act_bytes=2)
+        s = bench.Shapes(b=256, c=3, img=224, p=16, n=196, k=49, d=768, act_bytes=2)
         timed = bench.measure(s, dev, torch.bfloat16, ops, iters=10, warmup=3)
         res["timings"] = {"shapes": s.__dict__, "dtype": "bf16", **timed}
         for r in timed["rows"]:
