@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .crop_params import DEFAULT_RATIO, sample_crop_boxes
 from .transfer import to_device
 
 
@@ -63,16 +62,6 @@ def crop_theta(boxes: torch.Tensor, height: int, width: int, flip: torch.Tensor 
     theta = torch.zeros(boxes.shape[0], 2, 3, device=boxes.device)
     theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx, cx, sy, cy
     return theta
-
-
-def random_resized_crop_batch(images: torch.Tensor, out_hw: tuple[int, int], scale: tuple[float, float],
-                              hflip: bool, generator: torch.Generator,
-                              ratio: tuple[float, float] = DEFAULT_RATIO) -> torch.Tensor:
-    """RandomResizedCrop(out_hw, scale, ratio) + RandomHorizontalFlip(0.5) on a uint8 batch ``[B, C, H, W]``."""
-    b, _, h, w = images.shape
-    boxes = sample_crop_boxes(h, w, b, scale, ratio, generator=generator)
-    flip = torch.rand(b, generator=generator) < 0.5 if hflip else None
-    return resized_crop_batch(images, boxes, out_hw, flip)
 
 
 def resize_batch(images: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:

@@ -179,7 +179,10 @@ def test_crop_maps_cross_to_the_device_once_per_batch(monkeypatch) -> None:
     monkeypatch.setattr(ba, "to_device", lambda t, d: calls.append((t.device.type, tuple(t.shape))) or real(t, d))
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, 256, (4, 3, 10, 12), dtype=torch.uint8, generator=g)
-    out = ba.random_resized_crop_batch(x, (6, 6), (0.3, 1.0), True, g)
+    from fastsupmae.pipelines.crop_params import DEFAULT_RATIO, sample_crop_boxes
+
+    boxes = sample_crop_boxes(10, 12, 4, (0.3, 1.0), DEFAULT_RATIO, generator=g)
+    out = ba.resized_crop_batch(x, boxes, (6, 6), torch.rand(4, generator=g) < 0.5)
     assert out.shape == (4, 3, 6, 6) and calls == [("cpu", (4, 2, 3))]
     # the maps: the full box without flip is the identity
     full = torch.tensor([[0, 0, 10, 12]] * 2)
