@@ -11,7 +11,3 @@ class DataError(UserError, RuntimeError):
     The one data error class (the pipelines raise it; ``fastsupmae.pipelines`` re-exports it). Also a
     ``RuntimeError``, so a handler for a DALI or DataLoader failure (both raise RuntimeError) sees it too.
     """
-
-
-class MissingDependency(UserError):
-    """An optional package a chosen backend needs is not installed; the message gives the install command."""

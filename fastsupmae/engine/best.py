@@ -52,9 +52,3 @@ def publish_best(step_dir: Path, info: dict[str, Any]) -> Path:
     shutil.rmtree(old, ignore_errors=True)
     log.info("best checkpoint: %s (%s)", step_dir.name, ", ".join(f"{k} {v}" for k, v in info.items()))
     return final
-
-
-def read_best(ckpt_dir: Path) -> dict[str, Any] | None:
-    """``best.json`` of the run's best checkpoint, or None."""
-    f = Path(ckpt_dir) / BEST / "best.json"
-    return json.loads(f.read_text()) if f.exists() else None

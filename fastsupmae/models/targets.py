@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from fastsupmae.kernels.reference import normalize_images, patchify
+from fastsupmae.kernels.reference import normalize_images
 
 HOG_BINS = 9
 
@@ -62,9 +62,3 @@ def load_tokenizer(spec: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return fn
 
 
-def pixel_targets_full(imgs: torch.Tensor, p: int, norm_pix: bool, mean=None, std=None) -> torch.Tensor:
-    """Full [B, N, p*p*C] normalised-pixel targets (for evaluation and pictures; training uses masked-only)."""
-    t = patchify(normalize_images(imgs, mean, std).float(), p)
-    if norm_pix:
-        t = (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True, unbiased=True) + 1e-6) ** 0.5
-    return t
