@@ -18,7 +18,6 @@ from fastsupmae.errors import DataError
 
 from .class_map import check_class_map, load_class_map, save_class_map
 from .factory import build_eval_loader, build_folder_loader, build_train_loader, check_eval_split
-from .mixup import mixup_cutmix
 
 __all__ = ["DataError", "build_eval_loader", "build_folder_loader", "build_train_loader", "check_class_map",
-           "check_eval_split", "load_class_map", "mixup_cutmix", "save_class_map"]
+           "check_eval_split", "load_class_map", "save_class_map"]

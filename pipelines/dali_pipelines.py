@@ -129,7 +129,7 @@ def finetune_graph(source: Any, device: str, out_hw: tuple[int, int], scale: tup
     """Pretraining's crop + flip, then RandAugment (DALI auto_aug) and random erasing.
 
     Needs a pipeline built with ``enable_conditionals=True`` (RandAugment and erasing branch per sample).
-    Mixup / cutmix act on whole batches and run on the device afterwards (:func:`.mixup.mixup_cutmix`).
+    Mixup / cutmix act on whole batches and run on the device afterwards (:mod:`fastsupmae.engine.mixing`).
     """
     from nvidia.dali import fn
     from nvidia.dali.auto_aug import rand_augment

@@ -102,7 +102,8 @@ def build_train_loader(cfg: Any, rank: int = 0, world_size: int = 1, device: str
         rank, world_size: data-parallel position.
         device: where batches are produced / handed out.
         recipe: 'pretrain' (RandomResizedCrop + flip) or 'finetune' (+ RandAugment and random erasing on the
-            file-backed pipelines; mixup / cutmix are applied by the caller with :func:`.mixup.mixup_cutmix`).
+            file-backed pipelines; mixup / cutmix are applied on the device by
+            :mod:`fastsupmae.engine.mixing`).
 
     Returns:
         a loader yielding ``{'images': uint8 [B, C, H, W], 'labels': int64 [B]}``.

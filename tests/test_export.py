@@ -160,8 +160,7 @@ def test_exported_files_follow_the_umask_and_out_must_be_a_directory(tmp_path):
 
 def test_every_exported_file_finds_its_sidecar_config(tmp_path):
     """knn / linprobe / eval read the config of an export from its sidecar, whichever file they are given."""
-    from fastsupmae.tasks.export import config_for_checkpoint, sidecar_of
-    from fastsupmae.weights import load_weights
+    from fastsupmae.weights import config_for_checkpoint, load_weights, sidecar_of
 
     cfg = tiny_config(objective="supmae", patch_size=8)
     model = build_model(cfg, device="cpu")

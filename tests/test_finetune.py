@@ -192,6 +192,34 @@ def test_mixing_is_keyed_per_global_sample_pair():
         assert abs(b.mean() - 0.5) < 0.01 and abs(b.var() - 1 / (4 * (2 * a + 1))) < 0.005
 
 
+def test_mixup_and_cutmix_pixels_and_targets():
+    """Each pair (global positions 2k, 2k+1) is either blended (mixup: every pixel the same blend) or gets a box of
+    its partner's pixels (cutmix: lam = the kept share); the targets are the same blend of the smoothed labels."""
+    from fastsupmae.engine.losses import smooth_one_hot
+    from fastsupmae.engine.mixing import BatchMixer
+
+    mixer = BatchMixer(5, mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, seed=int(torch.randint(0, 99, ())))
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 5, (8,))
+    t1 = smooth_one_hot(y, 5, 0.1)
+    kinds = set()
+    for epoch in range(30):
+        xm, t = mixer(x, y, torch.arange(8), epoch=epoch)
+        changed = (xm != x).any(1)[0].float().mean().item()  # share of pixels of sample 0 that changed
+        if changed == 1.0:  # mixup: every pixel is the same blend of sample 0 and its partner 1
+            lam = ((xm[0] - x[1]) / (x[0] - x[1])).flatten()
+            torch.testing.assert_close(lam, lam[:1].expand_as(lam), atol=1e-3, rtol=1e-3)
+            lam = lam.median().item()
+            kinds.add("mixup")
+        else:  # cutmix: the pasted box holds the partner's pixels exactly; lam is the kept share
+            m = (xm != x).any(1)[0]
+            assert torch.equal(xm[0][:, m], x[1][:, m])
+            lam = 1 - changed
+            kinds.add("cutmix")
+        torch.testing.assert_close(t[0], lam * t1[0] + (1 - lam) * t1[1], atol=1e-3, rtol=1e-3)
+        torch.testing.assert_close(t.sum(1), torch.ones(8))
+    assert kinds == {"mixup", "cutmix"}  # both methods are used with switch probability 0.5
+
+
 def test_weight_ema_skips_skipped_steps_and_round_trips():
     from fastsupmae.engine.ema import WeightEMA
 

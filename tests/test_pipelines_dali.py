@@ -19,7 +19,6 @@ from fastsupmae.pipelines import DataError  # noqa: E402
 from fastsupmae.pipelines.cpu_loader import CpuLoader  # noqa: E402
 from fastsupmae.pipelines.dali_loader import DaliLoader  # noqa: E402
 from fastsupmae.pipelines.imagefolder import ImageFolderSource  # noqa: E402
-from fastsupmae.pipelines.mixup import mixup_cutmix  # noqa: E402
 
 # DALI 2.4's own auto_aug module calls two operators by deprecated names: not this project's code
 pytestmark = pytest.mark.filterwarnings("ignore:.*nvidia.dali.fn.experimental:DeprecationWarning")
@@ -191,36 +190,6 @@ def test_dali_finetune_pipeline_runs(tmp_path):
     assert x["images"].shape == (8, 3, 32, 32) and x["images"].dtype == torch.uint8
     y = next(iter(DaliLoader(src, batch_size=8, out_hw=(32, 32), train=True, recipe="finetune", output="float")))
     assert y["images"].dtype == torch.float32 and torch.isfinite(y["images"]).all()
-
-
-def test_mixup_cutmix_targets_and_pixels():
-    from fastsupmae.pipelines.mixup import smooth_one_hot
-
-    x = torch.randn(8, 3, 16, 16)
-    y = torch.randint(0, 5, (8,))
-    t1 = smooth_one_hot(y, 5, 0.1)
-    g = torch.Generator().manual_seed(int(torch.randint(0, 1000, (1,))))
-    kinds = set()
-    for _ in range(30):
-        xm, t = mixup_cutmix(x, y, 5, label_smoothing=0.1, generator=g)
-        changed = (xm != x).any(1)[0].float().mean().item()  # share of pixels of sample 0 that changed
-        if changed == 1.0:  # mixup: every pixel is the same blend of the sample and its mirror
-            lam = ((xm[0] - x[7]) / (x[0] - x[7])).flatten()
-            torch.testing.assert_close(lam, lam[:1].expand_as(lam), atol=1e-3, rtol=1e-3)
-            lam = lam.median().item()
-            kinds.add("mixup")
-        else:  # cutmix: the pasted box holds the mirror's pixels exactly; lam is the kept share
-            m = (xm != x).any(1)[0]
-            assert torch.equal(xm[0][:, m], x[7][:, m])
-            lam = 1 - changed
-            kinds.add("cutmix")
-        torch.testing.assert_close(t, lam * t1 + (1 - lam) * t1.flip(0), atol=1e-3, rtol=1e-3)
-        torch.testing.assert_close(t.sum(1), torch.ones(8))
-    assert kinds == {"mixup", "cutmix"}  # both methods are used with switch_prob 0.5
-    with pytest.raises(ValueError, match="even"):
-        mixup_cutmix(x[:3], y[:3], 5)
-    with pytest.raises(ValueError, match="normalise"):
-        mixup_cutmix(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), y[:2], 5, cutmix_alpha=0.0, generator=g)
 
 
 @pytest.mark.gpu
