@@ -8,26 +8,21 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests import multirank
+
 pytestmark = pytest.mark.dist
 
 WORKER = Path(__file__).with_name("fake_nccl_worker.py")
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_checkpoint_and_control_point_on_a_group_that_rejects_cpu_tensors(tmp_path: Path) -> None:
-    port = _port()
+    port = multirank.free_port()
     procs = []
     for r in range(2):
         env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",

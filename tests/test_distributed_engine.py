@@ -7,54 +7,25 @@ kill one of them. Scenarios are grouped into few launches (tests/dist_worker.py)
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests import multirank
+
 pytestmark = pytest.mark.dist
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start(scenario: str, w: Path, world: int = 2, args: tuple[str, ...] = (), timeout_s: int = 60) -> list[Any]:
-    w.mkdir(parents=True, exist_ok=True)
-    port = _port()
-    procs = []
-    for r in range(world):
-        env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
-                   FASTSUPMAE_DIST_TIMEOUT_S=str(timeout_s))
-        env.pop("TRITON_INTERPRET", None)
-        log = open(w / f"{scenario}.r{r}.log", "w")  # noqa: SIM115 - closed with the process
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), scenario, str(w), *args], env=env, stdout=log,
-                                      stderr=subprocess.STDOUT))
-    return procs
+    return multirank.start(WORKER, scenario, w, world, args, timeout_s)
 
 
-def wait(procs: list[Any], timeout: float) -> list[int]:
-    deadline = time.time() + timeout
-    codes = []
-    for p in procs:
-        try:
-            codes.append(p.wait(timeout=max(1.0, deadline - time.time())))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise AssertionError(f"rank did not finish within {timeout} s") from None
-    return codes
+wait = multirank.wait
 
 
 def result(w: Path, scenario: str, rank: int = 0) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 
+from tests import multirank
 from tests import test_distributed_engine as dist_tests
 
 pytestmark = pytest.mark.dist
@@ -26,12 +27,7 @@ WORKER = Path(__file__).with_name("finetune_worker.py")
 
 
 def start(scenario: str, w: Path, world: int = 2, timeout_s: int = 60) -> list[Any]:
-    old = dist_tests.WORKER
-    dist_tests.WORKER = WORKER  # the same launcher, this file's worker
-    try:
-        return dist_tests.start(scenario, w, world=world, timeout_s=timeout_s)
-    finally:
-        dist_tests.WORKER = old
+    return multirank.start(WORKER, scenario, w, world, timeout_s=timeout_s)
 
 
 def losses(run: Path) -> dict[int, float]:
@@ -53,7 +49,7 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     w = tmp_path_factory.mktemp("ft_dist")
     procs = start("main", w) + start("single", w, world=1)
-    codes = dist_tests.wait(procs, timeout=900)
+    codes = multirank.wait(procs, timeout=900)
     r = dist_tests.result(w, "main", 0)
     dist_tests.result(w, "main", 1)
     r["single"] = dist_tests.result(w, "single", 0)
@@ -117,7 +113,7 @@ def test_finetune_survives_kill9_and_resumes_exactly(runs: tuple[Path, dict[str,
     assert "PeerFailureError" in err and "train.resume=auto" in err
     step = int((ck / "latest").read_text().split("_")[1])
     assert 2 <= step < 6
-    codes = dist_tests.wait(start("resume", tmp_path), timeout=600)
+    codes = multirank.wait(start("resume", tmp_path), timeout=600)
     assert codes == [0, 0], dist_tests.result(tmp_path, "resume")
     ref, res = losses(w / "z3_ref"), losses(tmp_path / "long")
     for s in range(step + 1, 7):
