@@ -41,3 +41,8 @@ class BadFilePolicy:
         if err.path not in _LOGGED:
             _LOGGED.add(err.path)
             log.warning("skipping bad image file '%s': %s", err.path, err.reason)
+
+
+def seen_paths() -> list[str]:
+    """Every bad file this process has met (and skipped), sorted: what a run lists at its end."""
+    return sorted(_LOGGED)

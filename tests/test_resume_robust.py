@@ -163,3 +163,26 @@ def test_dependency_output_goes_to_the_run_log(tmp_path: Path) -> None:
         assert noise not in terminal, noise
     log = (out / "logs" / "deepspeed_rank0.log").read_text()
     assert "bf16_optimizer" in log and "untested optimizer" in log
+
+
+def test_end_of_run_reports_skipped_bad_files(tmp_path: Path) -> None:
+    """A folder with one unreadable file trains in skip mode; the end of the run says how many files were
+    skipped and where they are listed."""
+    from PIL import Image
+
+    root = tmp_path / "data" / "train"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(8):
+            Image.new("RGB", (20, 20), (40 * i, 100 if c == "a" else 200, 30)).save(root / c / f"{i}.jpg")
+    (root / "a" / "broken.jpg").write_bytes(b"not a jpeg at all")
+    out = tmp_path / "run"
+    p = _pretrain_cli(["--config", str(_tiny_yaml(tmp_path, max_steps=3, micro_batch=8, global_batch=16)),
+                       f"train.output_dir={out}", "data.dataset=imagefolder", f"data.root={root}",
+                       "data.pipeline=cpu", "data.num_workers=0", "model.num_classes=2"], tmp_path)
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0, stderr
+    final = json.loads((out / "final_metrics.json").read_text())
+    assert final["bad_files_skipped"] >= 1
+    assert (out / "bad_files_rank0.txt").read_text().splitlines() == [str(root / "a" / "broken.jpg")]
+    assert "bad image file(s) skipped, listed in" in stdout

@@ -41,6 +41,20 @@ def _write_run_files(cfg: Config, out: Path, loader: Any, ds_config: dict[str, A
     (out / "ds_config.json").write_text(json.dumps(ds_config, indent=1))
 
 
+def _report_bad_files(loader: Any, out: Path, rank: int) -> dict[str, Any]:
+    """How many bad files this rank skipped, and the list of them in ``<run>/bad_files_rank<r>.txt``."""
+    from fastsupmae.pipelines import seen_bad_files
+
+    n = int(getattr(loader, "bad_files", 0) or 0)
+    paths = seen_bad_files()
+    if not n and not paths:
+        return {}
+    listed = out / f"bad_files_rank{rank}.txt"
+    listed.write_text("".join(f"{p}\n" for p in paths))
+    log.warning("%d bad image file(s) skipped on rank %d (%d distinct), listed in %s", n, rank, len(paths), listed)
+    return {"bad_files_skipped": n, "bad_files_list": str(listed)}
+
+
 def _check_classes(cfg: Config, loader: Any) -> None:
     """A classifier with fewer outputs than the data has classes would fail at the first out-of-range label
     (on a GPU, a device-side assert deep in the loss): say so now, with both numbers."""
@@ -122,6 +136,7 @@ def run(args_or_cfg: argparse.Namespace | Config) -> dict[str, Any]:
     for k in ("loss", "rec_loss", "cls_loss", "images_per_s", "mfu"):
         if k in result.metrics:
             final[k] = result.metrics[k]
+    final.update(_report_bad_files(loader, out, info.rank))
     if result.stopped == "done":
         t1 = time.time()
         trainer.engine.eval()
@@ -134,6 +149,8 @@ def run(args_or_cfg: argparse.Namespace | Config) -> dict[str, Any]:
         line = f"pretrain: step {result.step} ({result.stopped}) in {train_s:.0f} s"
         if "loss" in final and final["loss"] is not None:
             line += f", loss {final['loss']:.4f}"
+        if final.get("bad_files_skipped"):
+            line += f"; {final['bad_files_skipped']} bad image file(s) skipped, listed in {final['bad_files_list']}"
         if "knn_top1" in final:
             line += f", kNN top-1 {final['knn_top1']:.2f}% (k={cfg.eval.knn_k})"
         print(line, flush=True)
