@@ -34,6 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # the setups build models and exports with the checkout's fastsupmae
 DEMO = "demo/fashion_mnist_supmae.yaml"
+LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TRITON_INTERPRET")
 # A tiny SupMAE on the synthetic dataset: what the run-directory and export cases train and load (seconds on CPU).
 TINY = {
     "model": {"objective": "supmae", "size": "micro", "embed_dim": 32, "depth": 2, "num_heads": 4,
@@ -302,7 +303,10 @@ def run_case(case: Case) -> tuple[bool, int, str, str]:
         if case.setup is not None:
             case.setup(d)
         before = {p: _digest(d / p) for p in case.unchanged}
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        # A user's shell has no rendezvous variables; a test process that ran the trainer in-process has them
+        # (MASTER_PORT above all: cases running side by side would then all bind the same port).
+        inherited = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+        env = {**inherited, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **case.env}
         try:
             proc = subprocess.run([sys.executable, "-m", "fastsupmae", *case.argv], cwd=d, env=env,
