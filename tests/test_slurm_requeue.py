@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -39,7 +40,7 @@ def _env(tmp_path: Path, run: Path, cfg: Path, extra: str = "") -> dict[str, str
     env = dict(os.environ, PATH=f"{FAKES}:{os.environ['PATH']}", FAKE_SLURM_LOG=str(tmp_path / "scontrol.log"),
                SLURM_JOB_ID="4242", SLURM_NNODES="1", SLURM_JOB_NODELIST="node1", RUN_DIR=str(run),
                PRETRAIN_ARGS=f"--config {cfg} {extra}".strip(), GPUS_PER_NODE="1",
-               OMP_NUM_THREADS="1")
+               OMP_NUM_THREADS="1", FAKE_SLURM_PYTHON=sys.executable)  # the test's interpreter, not PATH's
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "TRITON_INTERPRET"):
         env.pop(k, None)
     return env
