@@ -298,7 +298,8 @@ class Trainer:
 
     def _own_shapes(self) -> dict[str, tuple[int, ...]]:
         shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in self.module.named_parameters()}
-        shapes.update({n: tuple(b.shape) for n, b in self.module.named_buffers() if n in self.module.state_dict()})
+        saved = set(self.module.state_dict())  # persistent buffers only (built once, not per buffer)
+        shapes.update({n: tuple(b.shape) for n, b in self.module.named_buffers() if n in saved})
         return shapes
 
     def _try_load(self, path: Path, damaged: list[str]) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
