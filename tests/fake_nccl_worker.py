@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -66,12 +67,19 @@ def install_fake_nccl() -> None:
 
 
 class StubEngine:
-    """The part of a DeepSpeed engine CheckpointManager.save uses: writes one file per rank, no collectives."""
+    """The part of a DeepSpeed engine CheckpointManager.save uses: writes one file per rank, no collectives.
 
-    def __init__(self, rank: int) -> None:
-        self.rank = rank
+    Rank 1 writes late (rank 0 must not commit before it) and, with ``fail``, raises instead of writing.
+    """
+
+    def __init__(self, rank: int, fail: bool = False) -> None:
+        self.rank, self.fail = rank, fail
 
     def save_checkpoint(self, save_dir: str, tag: str, client_state: dict[str, Any], save_latest: bool) -> None:
+        if self.rank == 1:
+            time.sleep(0.5)
+            if self.fail:
+                raise OSError(28, "No space left on device")
         torch.save({"client": client_state}, Path(save_dir) / tag / f"stub_rank{self.rank}.pt")
 
 
@@ -110,6 +118,12 @@ def main(w: Path) -> dict[str, Any]:
         out["failure_error"] = None
     except CheckpointWriteError as e:
         out["failure_error"] = str(e)
+    # a failure inside the write on rank 1 only: every rank raises, the committed checkpoint stays the latest
+    try:
+        mgr.save(StubEngine(rank, fail=True), 5, {"step": 5}, {"rank": rank})
+        out["write_error"] = None
+    except CheckpointWriteError as e:
+        out["write_error"] = str(e)
     dist_utils.barrier()
     out["comm_device"] = str(dist_utils.comm_device())
     return out

@@ -269,6 +269,44 @@ class CheckpointManager:
         return CheckpointWriteError(f"could not write checkpoint: {msg}; {keep}. Free space or fix the path "
                                     f"(train.output_dir), then resume with train.resume=auto")
 
+    def _agree_or_fail(self, tmp: Path, err: str | None) -> None:
+        """Raise CheckpointWriteError on every rank when ``err`` is set on any rank, naming the first failing rank."""
+        if dist_utils.all_agree(err is None):
+            return
+        msgs = [err]
+        if self.world_size > 1:
+            msgs = [None] * self.world_size
+            torch.distributed.all_gather_object(msgs, err)
+        first = next((f"rank {r}: {m}" for r, m in enumerate(msgs) if m), "another rank failed")
+        raise self._fail(tmp, first if self.world_size > 1 else str(err))
+
+    def _commit(self, tmp: Path, final: Path, tag: str, common: dict[str, Any]) -> str | None:
+        """Rank 0: write meta.json, move ``tmp`` to its final name, point ``latest`` at it, prune. Returns an error
+        message or None."""
+        try:
+            meta = {**common, "files": _file_sizes(tmp)}  # sizes: a resume can tell a damaged copy
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
+            _fsync_tree(tmp)
+            if final.exists():  # the same step saved again (e.g. a final save after a time limit): replace it
+                old = final.with_name(f"{TMP_PREFIX}old-{tag}")
+                os.rename(final, old)
+                os.rename(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, final)
+            _fsync_dir(self.dir)
+            atomic_write_text(self.dir / "latest", tag)
+        except OSError as e:
+            return f"{type(e).__name__}: {e.strerror or e}"
+        try:
+            removed = self.prune()
+        except OSError as e:  # the new checkpoint is committed; an old one left behind is only disk space
+            log.warning("could not prune old checkpoints in %s: %s", self.dir, e)
+        else:
+            if removed:
+                log.debug("pruned %s", ", ".join(p.name for p in removed))
+        return None
+
     def save(self, engine: Any, step: int, common: dict[str, Any], rank_state: dict[str, Any],
              estimate_bytes: int = 0) -> Path:
         """Write a checkpoint for optimizer step ``step`` on every rank and commit it atomically.
@@ -290,47 +328,23 @@ class CheckpointManager:
         tmp = self.dir / tmp_tag
         final = self.dir / tag
         t0 = time.perf_counter()
-        err = self._preflight(tmp, int(estimate_bytes * 1.05))
-        ok = dist_utils.all_agree(err is None)
-        if not ok:
-            msgs = [err]
-            if self.world_size > 1:
-                msgs = [None] * self.world_size
-                torch.distributed.all_gather_object(msgs, err)
-            first = next((f"rank {r}: {m}" for r, m in enumerate(msgs) if m), "another rank failed")
-            raise self._fail(tmp, first if self.world_size > 1 else str(err))
+        self._agree_or_fail(tmp, self._preflight(tmp, int(estimate_bytes * 1.05)))
+        err = None
         try:
             torch.save(rank_state, tmp / f"rank{self.rank}_state.pt")
             # DeepSpeed writes its files under the temporary tag; no rank writes anything under the final name.
             engine.save_checkpoint(str(self.dir), tag=tmp_tag, client_state={"fastsupmae": common},
                                    save_latest=False)
         except Exception as e:  # noqa: BLE001 - any failure of the write must leave the old checkpoint alone
-            # Other ranks may now wait in DeepSpeed's closing barrier; raising ends this process, which makes
-            # theirs fail within the process-group timeout (or at once on a closed socket).
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-            raise self._fail(tmp, f"rank {self.rank}: {type(e).__name__}: {reason}") from e
+            err = f"{type(e).__name__}: {reason}"
+        # Rank 0 commits only once every rank's files are written (and all ranks raise together when one could
+        # not write, rather than one dying while the others wait in a collective).
+        self._agree_or_fail(tmp, err)
         if before_commit_hook is not None:
             before_commit_hook(tmp)
-        if self.rank == 0:
-            try:
-                meta = {**common, "files": _file_sizes(tmp)}  # sizes: a resume can tell a damaged copy
-                (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
-                _fsync_tree(tmp)
-                if final.exists():  # the same step saved again (e.g. a final save after a time limit): replace it
-                    old = final.with_name(f"{TMP_PREFIX}old-{tag}")
-                    os.rename(final, old)
-                    os.rename(tmp, final)
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    os.rename(tmp, final)
-                _fsync_dir(self.dir)
-                atomic_write_text(self.dir / "latest", tag)
-                removed = self.prune()
-                if removed:
-                    log.debug("pruned %s", ", ".join(p.name for p in removed))
-            except OSError as e:
-                raise self._fail(tmp, f"{type(e).__name__}: {e.strerror or e}") from e
-        dist_utils.barrier()
+        err = self._commit(tmp, final, tag, common) if self.rank == 0 else None
+        self._agree_or_fail(tmp, err)  # also the barrier: no rank returns before the commit
         log.debug("checkpoint %s written in %.2f s", final, time.perf_counter() - t0)
         return final
 
