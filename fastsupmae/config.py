@@ -326,6 +326,19 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def override_sets(items: list[str] | None, key: str) -> bool:
+    """Whether the overrides ``items`` (as :func:`parse_overrides` reads them) give the dotted ``key``.
+
+    Lets a task tell a value the user chose (``train.output_dir=runs/x``) from the config's default.
+    """
+    node: Any = parse_overrides(list(items or []))
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
 def _read_yaml(path: str | Path, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     """Read a YAML overlay; ``base: other.yaml`` (relative to the file) is applied first."""
     p = Path(path)

@@ -54,3 +54,19 @@ def test_unusable_output_directory_is_one_message(tmp_path: Path, kind: str) -> 
         d = Path(f"/{kind if kind == 'proc' else 'sys'}/fastsupmae_run")
     with pytest.raises(run_dir.RunDirError, match="train.output_dir .* cannot be used"):
         run_dir.prepare(d, "", explicit=True, overwrite=False)
+
+
+@pytest.mark.parametrize(("overrides", "given"), [
+    (["train.output_dir=runs/mine"], True),
+    ([" train.output_dir = runs/mine"], True),  # spaces around the key, as parse_overrides reads it
+    (["train.output_dir="], True),  # an empty value is still the user's choice
+    (["train.epochs=2", "model.size=small"], False),
+    (["train.output_dir_old=x"], False),  # a longer key is another key
+    ([], False),
+    (None, False),
+])
+def test_an_output_dir_override_is_explicit(overrides: list[str] | None, given: bool) -> None:
+    """What tasks use to tell a directory the user named (refused when it holds a run) from the default."""
+    from fastsupmae.config import override_sets
+
+    assert override_sets(overrides, "train.output_dir") is given

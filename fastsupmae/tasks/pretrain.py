@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from fastsupmae.config import Config, save_config
+from fastsupmae.config import Config, override_sets, save_config
 from fastsupmae.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -112,8 +112,8 @@ def run(args_or_cfg: argparse.Namespace | Config) -> dict[str, Any]:
         cfg = config_from_args(args_or_cfg)
         if getattr(args_or_cfg, "resume", None):
             cfg.train.resume = args_or_cfg.resume
-    explicit = isinstance(args_or_cfg, Config) or any(
-        o.split("=", 1)[0].strip() == "train.output_dir" for o in (getattr(args_or_cfg, "overrides", None) or []))
+    explicit = isinstance(args_or_cfg, Config) or override_sets(getattr(args_or_cfg, "overrides", None),
+                                                                "train.output_dir")
     info = init_distributed(cfg.train.device)
     t = cfg.train
     out = run_dir.prepare(t.output_dir, t.resume, explicit, t.overwrite, info.rank, info.world_size)
