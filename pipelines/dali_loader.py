@@ -281,7 +281,9 @@ class DaliLoader(LoaderBase):
             pipe, self._pipe = self._pipe, None
             del pipe  # the pipeline's destructor stops its worker processes and threads
 
-    def _to_torch(self, images: Any, meta: Any, bad: Any) -> dict[str, torch.Tensor]:
+    def _to_torch(self, images: Any, meta: Any, bad: Any, epoch: int, step: int) -> dict[str, torch.Tensor]:
+        """One DALI output as the trainer's batch; ``'index'`` and ``'epoch'`` (host tensors) as the CPU loader's:
+        each sample's global position in epoch ``epoch``'s order, the key of per-sample augmentation downstream."""
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         m = np.array(meta.as_tensor()).reshape(-1, 3)
@@ -301,7 +303,10 @@ class DaliLoader(LoaderBase):
             x = x.index_select(0, to_device(torch.from_numpy(np.flatnonzero(ok)), self.device))
         if self.output == "bf16":
             x = x.to(torch.bfloat16)
-        return {"images": x, "labels": to_device(y, self.device)}  # pinned and non-blocking on CUDA
+        o = self.order
+        pos = torch.from_numpy(np.flatnonzero(ok)) + step * o.batch_size * o.world_size + o.rank * o.batch_size
+        return {"images": x, "labels": to_device(y, self.device),  # labels pinned and non-blocking on CUDA
+                "index": pos, "epoch": torch.tensor(epoch)}
 
     def _probe(self, data: bytes) -> str:
         """'' if DALI decodes ``data`` alone with this loader's decoder, else DALI's message."""
@@ -384,7 +389,8 @@ class DaliLoader(LoaderBase):
                 self._recover(e)
                 continue
             # trailing short / empty evaluation batches come as dropped slots: ranks stay in step
-            batch = self._to_torch(images, meta, bad)
+            assert self._next is not None
+            batch = self._to_torch(images, meta, bad, *self._next)
             self._k += 1
             assert self._feed is not None
             self._next = self._feed.where(self._k)

@@ -192,6 +192,36 @@ def test_mixing_is_keyed_per_global_sample_pair():
         assert abs(b.mean() - 0.5) < 0.01 and abs(b.var() - 1 / (4 * (2 * a + 1))) < 0.005
 
 
+def test_drop_path_is_keyed_per_global_sample(tmp_path):
+    """With keyed draws a sample's drop-path masks depend on (seed, epoch, its global position, module) only: a
+    batch split into micro batches gives the same outputs; another epoch drops other branches; the keep rate is
+    1 - rate; without positions the modules draw their own masks."""
+    from fastsupmae.models.layers import active_drop_paths, keyed_drop_path
+    from fastsupmae.tasks.finetune import drop_path_draws
+
+    model = build_model(_ft_cfg(tmp_path, drop_path=0.5).model).train()
+    paths = active_drop_paths(model)
+    assert len(paths) == 2 * len(model.blocks) - 2  # the first block's rate is 0 (linear from 0 to 0.5)
+    x = torch.randn(8, TINY_MODEL["in_chans"], *TINY_MODEL["img_size"])
+    pos = torch.arange(100, 108)
+
+    def fwd(xs, ps, epoch):
+        with keyed_drop_path(paths, drop_path_draws(11, epoch, ps, len(paths), xs.device)):
+            return model(xs)["logits"]
+
+    whole = fwd(x, pos, 2)
+    parts = torch.cat([fwd(x[i:i + 2], pos[i:i + 2], 2) for i in range(0, 8, 2)])
+    torch.testing.assert_close(parts, whole, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(fwd(x, pos, 3), whole)  # other masks in another epoch
+    assert all(p.draws is None for p in paths)  # cleared after the block
+    u = drop_path_draws(11, 2, torch.arange(20000), 4, torch.device("cpu"))
+    assert abs(float((u < 0.5).float().mean()) - 0.5) < 0.02
+    assert drop_path_draws(11, 2, None, 4, torch.device("cpu")) is None
+    with pytest.raises(ValueError, match="columns"):
+        with keyed_drop_path(paths, u):
+            pass
+
+
 def test_mixup_and_cutmix_pixels_and_targets():
     """Each pair (global positions 2k, 2k+1) is either blended (mixup: every pixel the same blend) or gets a box of
     its partner's pixels (cutmix: lam = the kept share); the targets are the same blend of the smoothed labels."""

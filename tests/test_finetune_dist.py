@@ -3,7 +3,7 @@
 Layer decay, mixup / cutmix, RandAugment, random erasing, drop path and an EMA, at ZeRO 1 and ZeRO 3: a run
 resumed from its middle ends where the uninterrupted one does; a run whose rank is killed with SIGKILL resumes
 with ``train.resume=auto`` and ends there too; and the first steps on 2 processes equal those on 1 process with
-the same global batch, with the per-global-sample keyed augmentation on and off. Scenarios live in
+the same global batch, with the per-global-sample keyed augmentation and drop path on and off. Scenarios live in
 tests/finetune_worker.py; several share a launch because start-up dominates.
 """
 
@@ -84,7 +84,7 @@ def test_resumed_finetune_equals_uninterrupted(runs: tuple[Path, dict[str, Any]]
 @pytest.mark.parametrize("case", ["off", "on"])
 def test_two_processes_equal_one_with_the_same_global_batch(runs: tuple[Path, dict[str, Any]], case: str) -> None:
     """Global batch 16 = 2 ranks x 4 x accumulation 2 = 1 rank x 4 x accumulation 4. 'off': no mixing,
-    RandAugment or erasing; 'on': all three, keyed per global sample (drop path off: its masks are per rank)."""
+    RandAugment, erasing or drop path; 'on': all four, keyed per global sample."""
     w, _ = runs
     one, two = w / f"eq_{case}_w1", w / f"eq_{case}_w2"
     a, b = losses(one), losses(two)

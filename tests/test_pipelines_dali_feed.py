@@ -310,3 +310,25 @@ def test_gif_trains_in_skip_and_strict_mode_on_dali(tmp_path):
         loader = DaliLoader(src, batch_size=8, out_hw=(16, 16), train=True, policy=policy, py_workers=1)
         (b,) = list(loader)
         assert b["images"].shape == (8, 3, 16, 16) and loader.bad_files == 0
+
+
+def test_batches_carry_each_samples_global_position(tmp_path):
+    """'index' / 'epoch' as the CPU loader gives them: the key of per-sample augmentation (mixup / cutmix, drop
+    path) must name the same sample on either loader, on every rank."""
+    src = ImageFolderSource(_folder(tmp_path, 14, one_class_per_file=True))  # label == sample index
+    for rank in (0, 1):
+        dali = DaliLoader(src, batch_size=3, out_hw=(16, 16), train=True, seed=5, rank=rank, world_size=2,
+                          py_workers=1)
+        cpu = CpuLoader(src, batch_size=3, out_hw=(16, 16), train=True, seed=5, rank=rank, world_size=2,
+                        num_workers=0)
+        for epoch in (0, 1):
+            dali.set_epoch(epoch)
+            cpu.set_epoch(epoch)
+            perm = dali.order.permutation(epoch)
+            for a, b in zip(dali, cpu, strict=True):
+                assert torch.equal(a["index"], b["index"]) and int(a["epoch"]) == int(b["epoch"]) == epoch
+                assert torch.equal(a["labels"], src_labels(src, perm[a["index"]]))
+
+
+def src_labels(src, idx):
+    return torch.from_numpy(src.labels[idx.numpy()])

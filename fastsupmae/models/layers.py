@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn as nn
 
@@ -10,18 +13,54 @@ from .linear import Linear
 
 
 class DropPath(nn.Module):
-    """Stochastic depth per sample (identity at eval or rate 0)."""
+    """Stochastic depth per sample (identity at eval or rate 0).
+
+    Each call draws its own Bernoulli mask unless ``draws`` is set: uniforms ``[B]`` on the device, one per
+    sample, and the sample's branch is kept where its draw is below 1 - rate. A caller that keys those draws by
+    the sample (:func:`keyed_drop_path`) makes the masks independent of how samples are split over ranks and
+    micro batches.
+    """
 
     def __init__(self, rate: float = 0.0) -> None:
         super().__init__()
         self.rate = rate
+        self.draws: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.rate == 0.0 or not self.training:
             return x
         keep = 1.0 - self.rate
-        m = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        if self.draws is not None:
+            m = (self.draws < keep).to(x.dtype).view(shape)
+        else:
+            m = x.new_empty(shape).bernoulli_(keep)
         return x * m / keep
+
+
+def active_drop_paths(model: nn.Module) -> list[DropPath]:
+    """The model's DropPath modules with a rate > 0, in module order (column j of the draws goes to the j-th)."""
+    return [m for m in model.modules() if isinstance(m, DropPath) and m.rate > 0]
+
+
+@contextlib.contextmanager
+def keyed_drop_path(paths: list[DropPath], draws: torch.Tensor | None) -> Iterator[None]:
+    """Within the block, ``paths[j]`` uses ``draws[:, j]`` (uniforms ``[B, len(paths)]`` on the device).
+
+    ``draws`` None leaves the modules drawing their own masks.
+    """
+    if draws is None or not paths:
+        yield
+        return
+    if draws.shape[1] != len(paths):
+        raise ValueError(f"{draws.shape[1]} columns of drop-path draws for {len(paths)} drop-path modules")
+    for j, m in enumerate(paths):
+        m.draws = draws[:, j]
+    try:
+        yield
+    finally:
+        for m in paths:
+            m.draws = None
 
 
 class Attention(nn.Module):
@@ -76,7 +115,9 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads, backend)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.drop_path = DropPath(drop_path)
+        # one module per residual branch: each branch drops independently (and takes its own column of keyed draws)
+        self.drop_path1 = DropPath(drop_path)
+        self.drop_path2 = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor, qkv: torch.Tensor | None = None, q_start: int = 0) -> torch.Tensor:
         """x: [B, L, D] -> [B, L - q_start, D].
@@ -87,5 +128,5 @@ class Block(nn.Module):
         """
         if qkv is None:
             qkv = self.attn.qkv(self.norm1(x))
-        x = x[:, q_start:] + self.drop_path(self.attn.attend(qkv, q_start))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = x[:, q_start:] + self.drop_path1(self.attn.attend(qkv, q_start))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -238,10 +239,18 @@ class _Resumable:
 
 # ----------------------------------------------------------------------------------------------- training
 
-def make_forward_loss(mixer: Any, aug: InMemoryFinetuneAug | None) -> Any:
+def make_forward_loss(mixer: Any, aug: InMemoryFinetuneAug | None, drop_path_seed: int = 0) -> Any:
     """The trainer's ``forward_loss`` for fine-tuning: (RandAugment / erasing) -> normalise -> mixup / cutmix
-    with soft targets -> the classifier -> soft-target cross-entropy. One micro batch already on the device."""
+    with soft targets -> the classifier (drop path keyed per sample) -> soft-target cross-entropy. One micro
+    batch already on the device.
+
+    Every random choice is a function of (seed, epoch, the sample's global position), the batch's ``'index'``,
+    so a sample is augmented, mixed and drop-pathed the same way on any number of ranks and micro batches.
+    """
     from fastsupmae.engine.losses import soft_target_cross_entropy
+    from fastsupmae.models.layers import active_drop_paths, keyed_drop_path
+
+    paths: dict[int, list[Any]] = {}  # the model's active DropPath modules, found once
 
     def forward_loss(engine: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         mod = engine.module
@@ -251,10 +260,28 @@ def make_forward_loss(mixer: Any, aug: InMemoryFinetuneAug | None) -> Any:
             imgs = aug(imgs, pos, epoch)
         x = mod.normalize(imgs).float()  # mixing blends in fp32
         x, target = mixer(x, batch["labels"], pos, epoch)
-        logits = engine(x.to(mod.param_dtype))["logits"]
+        dp = paths.setdefault(id(mod), active_drop_paths(mod))
+        with keyed_drop_path(dp, drop_path_draws(drop_path_seed, epoch, pos, len(dp), x.device)):
+            logits = engine(x.to(mod.param_dtype))["logits"]
         return {"loss": soft_target_cross_entropy(logits, target)}
 
     return forward_loss
+
+
+def drop_path_draws(seed: int, epoch: int, positions: torch.Tensor | None, n: int,
+                    device: torch.device) -> torch.Tensor | None:
+    """Uniforms ``[B, n]`` on ``device`` for ``n`` drop-path modules, each a pure function of (seed, epoch, the
+    sample's global position, module); None without positions (the modules then draw their own masks)."""
+    if positions is None or n == 0:
+        return None
+    from fastsupmae.engine.mixing import uniforms
+    from fastsupmae.pipelines.sampler import mix_seed
+
+    u = uniforms(mix_seed(seed, epoch, 0xD9), positions.cpu().numpy(), n)
+    host = torch.from_numpy(u.astype(np.float32))
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
 
 
 def evaluate_over_ranks(module: nn.Module, loader: Any) -> dict[str, float]:
@@ -360,7 +387,7 @@ def finetune(cfg: Config, opts: FinetuneOptions, device: torch.device | str | No
         groups = param_groups_lrd(mod, t.weight_decay, opts.layer_decay)
         return build_optimizer(mod, cfg, info.device, sharded, groups=groups)
 
-    trainer = Trainer(cfg, model, train_loader, info, forward_loss=make_forward_loss(mixer, aug),
+    trainer = Trainer(cfg, model, train_loader, info, forward_loss=make_forward_loss(mixer, aug, t.seed + 3),
                       loss_keys=("loss",), progress_name="finetune", make_optimizer=make_optimizer,
                       ema_decay=opts.ema_decay, evaluate=lambda mod: evaluate_over_ranks(mod, val_loader),
                       eval_every=opts.eval_every)
