@@ -54,6 +54,63 @@ def test_lars_matches_its_definition():
     torch.testing.assert_close(b.detach(), b0 - 0.5 * gb)  # 1-D: no weight decay, no trust ratio
 
 
+def test_lars_skips_non_finite_steps_and_sgd_mode_is_torch_sgd():
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    w, b = torch.randn(4, 3, requires_grad=True), torch.randn(4, requires_grad=True)
+    opt = LARS([w, b], lr=0.5, weight_decay=0.1, momentum=0.9, trust_coefficient=0.01)
+    w.grad, b.grad = torch.randn(4, 3), torch.randn(4)
+    opt.step()
+    assert float(opt.last_found_inf) == 0.0
+    kept = [t.detach().clone() for t in (w, b, opt.state[w]["mu"], opt.state[b]["mu"])]
+    w.grad, b.grad = torch.randn(4, 3), torch.full((4,), float("nan"))  # one NaN anywhere: the whole step skips
+    opt.step()
+    assert float(opt.last_found_inf) == 1.0 and not torch.isfinite(opt.last_grad_norm)
+    for a, k in zip((w, b, opt.state[w]["mu"], opt.state[b]["mu"]), kept):
+        assert torch.equal(a.detach(), k)
+    # adaptive=False: torch.optim.SGD(momentum, weight_decay) step for step
+    p1, p2 = torch.randn(5, 2, requires_grad=True), torch.randn(5, 2)
+    p2 = p2.copy_(p1.detach()).requires_grad_()
+    ours = LARS([p1], lr=0.3, weight_decay=0.05, momentum=0.9, adaptive=False)
+    ref = torch.optim.SGD([p2], lr=0.3, weight_decay=0.05, momentum=0.9)
+    for _ in range(3):
+        g = torch.randn(5, 2)
+        p1.grad, p2.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+        torch.testing.assert_close(p1.detach(), p2.detach())
+
+
+def test_probe_skips_a_nan_step_and_counts_it(tmp_path, monkeypatch):
+    """A NaN loss in the probe is skipped by the trainer like any other task's (LARS reports it)."""
+    import types
+
+    import torch.nn.functional as F
+
+    from fastsupmae.tasks import linprobe as lp
+
+    calls = {"n": 0}
+
+    def cross_entropy(*a, **kw):
+        calls["n"] += 1
+        loss = F.cross_entropy(*a, **kw)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    fake = types.SimpleNamespace(**{k: getattr(F, k) for k in dir(F) if not k.startswith("__")})
+    fake.cross_entropy = cross_entropy
+    monkeypatch.setattr(lp, "F", fake)
+    g = torch.Generator().manual_seed(1)
+    centres = torch.rand(5, 3, 1, 1, generator=g) * 160 + 48
+    tr_i, tr_l = _colour_classes(200, centres, g)
+    va_i, va_l = _colour_classes(50, centres, g)
+    cfg = _cfg(tmp_path, max_steps=5, log_every=1, ckpt_every=0)
+    res = linear_probe(build_model(cfg, device="cpu"), cfg, LinprobeOptions(epochs=50, warmup_epochs=0, batch=50),
+                       _loader(va_i, va_l, 50), tmp_path / "nan", train_eval_loader=_loader(tr_i, tr_l, 50))
+    assert res["steps"] == 5 and calls["n"] == 5
+    recs = [r for r in _records(tmp_path / "nan") if "loss" in r]
+    assert recs[-1]["skipped_steps"] == 1
+    assert all(torch.isfinite(v).all() for v in res["head"].state_dict().values() if v.is_floating_point())
+
+
 def test_probe_head_has_no_affine_batchnorm():
     h = ProbeHead(8, 3)
     assert h.bn.weight is None and h.bn.bias is None and h.bn.eps == 1e-6

@@ -61,6 +61,8 @@ class GuardedAdamW(torch.optim.AdamW):
         last_grad_norm: 0-d float tensor, gradient norm before clipping (global when unsharded), or None.
     """
 
+    guards_steps = True  # the trainer reads last_found_inf / last_grad_norm after each step
+
     def __init__(self, params: Any, max_grad_norm: float = 0.0, sharded: bool = False, **kw: Any) -> None:
         kw.setdefault("fused", True)
         super().__init__(params, **kw)

@@ -71,27 +71,44 @@ class LinprobeOptions:
 
 
 class LARS(torch.optim.Optimizer):
-    """LARS (layer-wise adaptive rate scaling) as MAE uses it for the linear probe.
+    """LARS (layer-wise adaptive rate scaling) as MAE uses it for the linear probe, skipping non-finite steps.
 
     For every parameter with more than one dimension the update is scaled by ``trust * ||w|| / ||g + wd w||``;
     1-D parameters (biases) take plain SGD-with-momentum steps. The norms are of whole tensors: run it where each
-    rank holds whole parameters (DeepSpeed ZeRO stage 0), never on ZeRO shards.
+    rank holds whole parameters (DeepSpeed ZeRO stage 0), never on ZeRO shards. ``adaptive=False`` is plain SGD
+    with momentum and weight decay on every parameter (``torch.optim.SGD``'s update).
+
+    A step whose gradients hold a NaN/Inf leaves the parameters and momenta as they were, decided on the device
+    (no host sync); like :class:`fastsupmae.engine.optim.GuardedAdamW` it reports ``last_found_inf`` and
+    ``last_grad_norm`` for the trainer's skipped-step accounting.
     """
 
+    guards_steps = True  # the trainer reads last_found_inf / last_grad_norm after each step
+
     def __init__(self, params: Any, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9,
-                 trust_coefficient: float = 0.001) -> None:
+                 trust_coefficient: float = 0.001, adaptive: bool = True) -> None:
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
                                       trust_coefficient=trust_coefficient))
+        self.adaptive = adaptive
+        self.last_found_inf: torch.Tensor | None = None
+        self.last_grad_norm: torch.Tensor | None = None
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return
+        norm = torch.stack([n.float() for n in torch._foreach_norm(grads)]).square().sum().sqrt()
+        ok = torch.isfinite(norm)
+        self.last_found_inf, self.last_grad_norm = (~ok).float(), norm
         for g in self.param_groups:
             for p in g["params"]:
                 if p.grad is None:
                     continue
                 d = p.grad
-                if p.ndim > 1:
+                if p.ndim > 1 or not self.adaptive:
                     d = d.add(p, alpha=g["weight_decay"])
+                if p.ndim > 1 and self.adaptive:
                     pn, un = torch.norm(p), torch.norm(d)
                     q = torch.where((pn > 0) & (un > 0), g["trust_coefficient"] * pn / un, torch.ones_like(pn))
                     d = d.mul(q)
@@ -99,8 +116,9 @@ class LARS(torch.optim.Optimizer):
                 if "mu" not in st:
                     st["mu"] = torch.zeros_like(p)
                 mu = st["mu"]
-                mu.mul_(g["momentum"]).add_(d)
-                p.add_(mu, alpha=-g["lr"])
+                # where(), not arithmetic masking: a NaN update must not leak into the kept values
+                mu.copy_(torch.where(ok, mu * g["momentum"] + d, mu))
+                p.copy_(torch.where(ok, p - g["lr"] * mu, p))
 
 
 class ProbeHead(nn.Module):
@@ -338,10 +356,8 @@ def linear_probe(model: nn.Module, cfg: Config, opts: LinprobeOptions, val_loade
         assert not sharded, "the linear probe runs at ZeRO stage 0 (LARS needs whole tensors)"
         from fastsupmae.engine.optim import peak_lr
 
-        if opts.optimizer == "lars":
-            return LARS(module.parameters(), lr=peak_lr(pcfg), weight_decay=opts.weight_decay), "lars"
-        return torch.optim.SGD(module.parameters(), lr=peak_lr(pcfg), momentum=0.9,
-                               weight_decay=opts.weight_decay), "sgd"
+        return LARS(module.parameters(), lr=peak_lr(pcfg), weight_decay=opts.weight_decay,
+                    adaptive=opts.optimizer == "lars"), opts.optimizer
 
     trainer = _probe_trainer_class()(pcfg, head, loader, info, forward_loss=forward_loss, loss_keys=("loss",),
                                      progress_name="linprobe", make_optimizer=make_optimizer)
