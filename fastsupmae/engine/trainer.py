@@ -176,7 +176,8 @@ class Trainer:
                                                                    sharded=self.zero_stage > 0)
         self.client_opt = optimizer
         # fp16 keeps DeepSpeed's loss-scaler overflow check, which skips before the client optimizer runs.
-        self.guarded = isinstance(optimizer, optim.GuardedAdamW) and self.precision != "fp16"
+        # A guarded optimizer (GuardedAdamW, the probe's LARS) skips non-finite steps itself and reports them.
+        self.guarded = getattr(optimizer, "guards_steps", False) and self.precision != "fp16"
         self.ds_config = build_ds_config(cfg, dist.world_size, self.precision, self.optimizer_name, self.device)
         with dep_logs.captured():  # its optimizer memory reports go to the run's DeepSpeed log, not the terminal
             self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
