@@ -95,8 +95,14 @@ def scenario_resume(w: Path, info: Any, out: dict[str, Any]) -> None:
     out["resume"] = run(w / "long", FULL, zero_stage=3, resume="auto")
 
 
+def scenario_reshard(w: Path, info: Any, out: dict[str, Any]) -> None:
+    """The 2-rank ZeRO-3 run of ``main`` continued from its step-2 checkpoint on this world size (1)."""
+    out["reshard"] = run(w / f"z3_w{info.world_size}", FULL, zero_stage=3,
+                         resume=str(w / "z3_ref" / "checkpoints" / "step_00000002"))
+
+
 SCENARIOS = {"main": scenario_main, "single": scenario_equivalence, "long": scenario_long,
-             "resume": scenario_resume}
+             "resume": scenario_resume, "reshard": scenario_reshard}
 
 
 def main() -> int:

@@ -120,3 +120,19 @@ def test_finetune_survives_kill9_and_resumes_exactly(runs: tuple[Path, dict[str,
         assert abs(ref[s] - res[s]) <= 1e-6 * abs(ref[s]), (s, ref[s], res[s])
     ea, eb = exported(w / "z3_ref"), exported(tmp_path / "long")
     assert max_diff(ea["model"], eb["model"]) <= 1e-6 and max_diff(ea["ema"], eb["ema"]) <= 1e-6
+
+
+def test_zero3_run_resumed_on_one_process_keeps_its_ema(runs: tuple[Path, dict[str, Any]]) -> None:
+    """The 2-rank ZeRO-3 run's step-2 checkpoint resumed on 1 process: its EMA partitions are reassembled (not
+    restarted), so weights, EMA and losses end where the 2-rank run's do (same global batch; float noise)."""
+    w, _ = runs
+    assert multirank.wait(start("reshard", w, world=1), timeout=600) == [0], dist_tests.result(w, "reshard", 0)
+    ref, res = w / "z3_ref", w / "z3_w1"
+    a, b = losses(ref), losses(res)
+    assert sorted(b) == [3, 4, 5, 6]
+    for s in b:
+        assert abs(a[s] - b[s]) <= 1e-5 * abs(a[s]), (s, a[s], b[s])
+    ea, eb = exported(ref), exported(res)
+    assert max_diff(ea["model"], eb["model"]) <= 1e-5
+    assert max_diff(ea["ema"], eb["ema"]) <= 1e-5
+    assert max_diff(ea["ema"], ea["model"]) > 1e-4  # an average, not the weights

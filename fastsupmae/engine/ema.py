@@ -112,3 +112,34 @@ class WeightEMA:
             s.copy_(saved.to(s.device))
         self.updates = int(sd.get("updates", 0))
         return True
+
+    def load_from_ranks(self, states: list[dict[str, Any] | None]) -> bool:
+        """Restore the average saved by a run of another world size: ``states`` are the old ranks' saved EMAs in
+        rank order (only rank 0's when it was not partitioned). A ZeRO-3 average is reassembled from the old
+        partitions and cut into this run's; an unpartitioned one is taken whole. Returns False (the average
+        restarts from the current weights, with a warning) when it does not fit."""
+        names = [n for n, _ in self.params]
+        why = None
+        if not states or any(sd is None for sd in states):
+            why = "the checkpoint holds no EMA (saved without one)"
+        elif any(sd["names"] != names for sd in states):
+            why = "the checkpoint's EMA covers other parameters"
+        elif states[0]["sharded"] and len(states) != states[0]["world_size"]:
+            why = f"{len(states)} of its {states[0]['world_size']} EMA partitions are readable"
+        if why is not None:
+            log.warning("EMA restarts from the resumed weights: %s", why)
+            return False
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        for i, (s, (_, p)) in enumerate(zip(self.shadow, self.params)):
+            numel = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+            # a ZeRO-3 partition is the rank's slice of the flattened, zero-padded parameter
+            flat = torch.cat([sd["shadow"][i].reshape(-1) for sd in states])[:numel].to(s.device, torch.float32)
+            if self.sharded:
+                part = s.numel()
+                seg = flat[rank * part:(rank + 1) * part]
+                s.zero_()
+                s.view(-1)[:seg.numel()].copy_(seg)
+            else:
+                s.copy_(flat.view(s.shape))
+        self.updates = int(states[0].get("updates", 0))
+        return True

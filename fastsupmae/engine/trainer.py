@@ -282,20 +282,27 @@ class Trainer:
             rng_utils.set_rng_state(rank_state["rng"])
             self.loader.load_state_dict(rank_state["loader"])
         if self.ema is not None:
-            self.ema.load_state_dict(self._saved_ema(path, rank_state, old_world))
+            self._restore_ema(path, rank_state, old_world)
         self.last_checkpoint = str(path)
         if self.dist.is_main:
             log.info("resumed from %s at step %d (epoch %d)", path, self.step, self.epoch)
         return path
 
-    def _saved_ema(self, path: Path, rank_state: dict[str, Any] | None, old_world: int) -> dict[str, Any] | None:
-        """This rank's saved EMA; after a world-size change the whole (unsharded) average of rank 0, so
-        every rank restarts from the same one."""
+    def _restore_ema(self, path: Path, rank_state: dict[str, Any] | None, old_world: int) -> None:
+        """This rank's saved EMA; after a world-size change, reassembled from the old ranks' files (every old
+        rank's partition under ZeRO-3, rank 0's whole average otherwise)."""
+        assert self.ema is not None
         if old_world == self.dist.world_size:
-            return (rank_state or {}).get("ema")
-        if self.ema is None or self.ema.sharded or not (path / "rank0_state.pt").exists():
-            return None
-        return torch.load(path / "rank0_state.pt", map_location="cpu", weights_only=False).get("ema")
+            self.ema.load_state_dict((rank_state or {}).get("ema"))
+            return
+
+        def saved(r: int) -> dict[str, Any] | None:
+            f = path / f"rank{r}_state.pt"
+            return torch.load(f, map_location="cpu", weights_only=False).get("ema") if f.exists() else None
+
+        first = saved(0)
+        states = [first] + ([saved(r) for r in range(1, old_world)] if first and first.get("sharded") else [])
+        self.ema.load_from_ranks(states)
 
     def _own_shapes(self) -> dict[str, tuple[int, ...]]:
         shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in self.module.named_parameters()}
