@@ -18,7 +18,7 @@ from fastsupmae.errors import DataError
 
 from .bad_files import seen_paths as seen_bad_files
 from .class_map import check_class_map, load_class_map, save_class_map
-from .factory import build_eval_loader, build_folder_loader, build_train_loader, check_eval_split
+from .factory import build_eval_loader, build_folder_loader, build_train_loader, check_eval_split, check_num_classes
 
 __all__ = ["DataError", "build_eval_loader", "build_folder_loader", "build_train_loader", "check_class_map",
-           "check_eval_split", "load_class_map", "save_class_map", "seen_bad_files"]
+           "check_eval_split", "check_num_classes", "load_class_map", "save_class_map", "seen_bad_files"]

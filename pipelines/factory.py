@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from fastsupmae.errors import DataError
+from fastsupmae.errors import DataError, UserError
 
 from .sources import ENCODED_DATASETS, open_source
 
@@ -34,6 +34,35 @@ def _memory_source(cfg: Any, split: str) -> tuple[torch.Tensor, torch.Tensor, li
     from .synthetic import make_synthetic
 
     return make_synthetic(cfg, split)
+
+
+def check_num_classes(class_names: Any, num_classes: int) -> None:
+    """Refuse training data with more classes than the classifier has outputs.
+
+    Such a classifier would fail at the first out-of-range label (on a GPU, a device-side assert deep in the
+    loss), after the model and the loader were built. The one check of the data's classes against
+    ``model.num_classes``: :func:`build_train_loader` runs it for every objective that trains on labels
+    (pretraining's supmae / supervised ones, fine-tuning), and the linear probe runs it on the images its
+    head trains on.
+
+    Args:
+        class_names: the training data's class names (a loader's or a source's ``class_names``); ``None`` or
+            empty (a loader that does not know them) checks nothing.
+        num_classes: ``model.num_classes``, the classifier's outputs.
+
+    Raises:
+        UserError: naming both numbers and the override that fixes it.
+    """
+    n = len(class_names or ())
+    if n > num_classes:
+        raise UserError(f"the training data has {n} classes but model.num_classes is {num_classes}; "
+                        f"set model.num_classes={n}")
+
+
+def _check_labels(cfg: Any, class_names: Any) -> None:
+    """:func:`check_num_classes` for the objectives whose training reads the labels (not MAE's)."""
+    if cfg.model.objective != "mae":
+        check_num_classes(class_names, cfg.model.num_classes)
 
 
 def _limit(images: torch.Tensor, labels: torch.Tensor, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,6 +136,10 @@ def build_train_loader(cfg: Any, rank: int = 0, world_size: int = 1, device: str
 
     Returns:
         a loader yielding ``{'images': uint8 [B, C, H, W], 'labels': int64 [B]}``.
+
+    Raises:
+        UserError: the objective trains on labels and the data has more classes than ``model.num_classes``
+            (:func:`check_num_classes`).
     """
     d = cfg.data
     kind = resolve_pipeline(cfg, device)
@@ -116,11 +149,13 @@ def build_train_loader(cfg: Any, rank: int = 0, world_size: int = 1, device: str
         from .memory_loader import InMemoryLoader
 
         images, labels, names = _memory_source(cfg, "train")
+        _check_labels(cfg, names)
         images, labels = _limit(images, labels, d.limit)
         return InMemoryLoader(images, labels, names, cfg.train.micro_batch, out_hw, cfg.model.in_chans, train=True,
                               scale=tuple(d.scale), hflip=d.hflip, rank=rank, world_size=world_size,
                               seed=cfg.train.seed, device=device)
     source = open_source(cfg, "train")
+    _check_labels(cfg, source.class_names)  # before a decoding pipeline is started
     common = dict(batch_size=cfg.train.micro_batch, out_hw=out_hw, train=True, rank=rank, world_size=world_size,
                   seed=cfg.train.seed, policy=d.bad_files, device=device, in_chans=cfg.model.in_chans)
     aug = dict(scale=tuple(d.scale), hflip=d.hflip, interp=d.interpolation)

@@ -177,6 +177,14 @@ def exists(*rels: str) -> Callable[[Path, subprocess.CompletedProcess], str | No
     return check
 
 
+def absent(*rels: str) -> Callable[[Path, subprocess.CompletedProcess], str | None]:
+    """None of ``rels`` exists after the command (e.g. nothing was trained)."""
+    def check(d: Path, _: subprocess.CompletedProcess) -> str | None:
+        there = [r for r in rels if (d / r).exists()]
+        return f"exists: {there}" if there else None
+    return check
+
+
 # ----------------------------------------------------------------------------------------------- cases
 
 NOT_TORCH_ADVICE = r"weights_only|Re-running `torch.load`"
@@ -274,6 +282,23 @@ CASES += [
     *[Case(f"item 8: knn finds the sidecar of {f}", ["knn", "--checkpoint", f"export/{f}"], setup=tiny_export,
            code=0, stream="stdout", expect=r"kNN top-1", unchanged=("export",))
       for f in ("model_timm.pth", "model_full.safetensors")],
+]
+
+
+# classes: data with more classes than model.num_classes is one message before anything trains, in every task
+# that trains a classifier (the pipelines' check_num_classes; Fashion-MNIST has 10 classes).
+FEWER_CLASSES = r"the training data has 10 classes but model\.num_classes is 3; set model\.num_classes=10"
+CASES += [
+    Case("classes: finetune with model.num_classes=3 on 10 classes",
+         ["finetune", "--config", DEMO, "model.num_classes=3", "train.output_dir=runs/ft", "train.max_steps=1"],
+         expect=FEWER_CLASSES, check=absent("runs/ft/checkpoints", "runs/ft/finetuned.pth")),
+    Case("classes: linprobe (cached features) with model.num_classes=3 on 10 classes",
+         ["linprobe", "--config", DEMO, "model.num_classes=3", "train.max_steps=1", "--output", "runs/lp"],
+         expect=FEWER_CLASSES, check=absent("runs/lp/checkpoints")),
+    Case("classes: linprobe --augment of an MAE encoder with model.num_classes=3 on 10 classes",
+         ["linprobe", "--augment", "--config", DEMO, "model.objective=mae", "model.num_classes=3",
+          "train.max_steps=1", "--output", "runs/lp"],
+         expect=FEWER_CLASSES, check=absent("runs/lp/checkpoints")),
 ]
 
 

@@ -188,3 +188,23 @@ def test_resized_crop_batch_geometry():
     # an integer sub-box at its own size is a plain crop
     box = torch.tensor([[2, 3, 6, 4]] * 3)
     assert torch.equal(resized_crop_batch(x, box, (6, 4)), x[:, :, 2:8, 3:7])
+
+
+@needs_fmnist
+@pytest.mark.parametrize("objective", ["supmae", "supervised", "mae"])
+def test_train_loader_refuses_more_classes_than_the_classifier_has(objective: str):
+    """Fashion-MNIST's 10 classes against model.num_classes=3: one message naming both, for every objective
+    that trains on labels; MAE reads no labels, so its loader is built."""
+    from fastsupmae.pipelines import check_num_classes
+
+    from fastsupmae.errors import UserError
+
+    cfg = _cfg(**{"model.num_classes": 3, "model.objective": objective})
+    if objective == "mae":
+        assert build_train_loader(cfg).class_names[9] == "Ankle boot"
+    else:
+        with pytest.raises(UserError, match=r"10 classes but model\.num_classes is 3; set model\.num_classes=10"):
+            build_train_loader(cfg)
+    check_num_classes(["a", "b", "c"], 3)  # as many outputs as classes, or more, or unknown names: fine
+    check_num_classes(["a"], 3)
+    check_num_classes(None, 3)

@@ -331,10 +331,14 @@ def linear_probe(model: nn.Module, cfg: Config, opts: LinprobeOptions, val_loade
         with torch.no_grad(), full_params(net), _autocast(info.device, feat_precision):
             return net.forward_features(batch_imgs, pool=feature).float()
 
+    # The head classifies into model.num_classes whatever the pretraining objective was (MAE's included).
+    from fastsupmae.pipelines import check_num_classes
+
     if opts.augment:
         loader = train_loader
         if loader is None:
             loader = make_train_loader(pcfg) if make_train_loader is not None else _default_train_loader(pcfg, info)
+        check_num_classes(getattr(loader, "class_names", None), pcfg.model.num_classes)
 
         def forward_loss(engine: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             return {"loss": F.cross_entropy(engine(features(batch["images"])), batch["labels"])}
@@ -342,6 +346,7 @@ def linear_probe(model: nn.Module, cfg: Config, opts: LinprobeOptions, val_loade
         if train_eval_loader is None:
             raise ValueError("linear_probe: cached-feature mode needs train_eval_loader (this rank's shard of the "
                              "un-augmented training images)")
+        check_num_classes(getattr(train_eval_loader, "class_names", None), pcfg.model.num_classes)
         with _autocast(info.device, feat_precision):
             tf, tl = extract_features(net, train_eval_loader, feature, normalize=False, gather=False, on_device=True)
         loader = CachedFeatureLoader(tf.to(info.device), tl.to(info.device), t.micro_batch, info.rank,

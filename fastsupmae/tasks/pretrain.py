@@ -16,7 +16,6 @@ from typing import Any
 import torch
 
 from fastsupmae.config import Config, override_sets, save_config
-from fastsupmae.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +52,6 @@ def _report_bad_files(loader: Any, out: Path, rank: int) -> dict[str, Any]:
     listed.write_text("".join(f"{p}\n" for p in paths))
     log.warning("%d bad image file(s) skipped on rank %d (%d distinct), listed in %s", n, rank, len(paths), listed)
     return {"bad_files_skipped": n, "bad_files_list": str(listed)}
-
-
-def _check_classes(cfg: Config, loader: Any) -> None:
-    """A classifier with fewer outputs than the data has classes would fail at the first out-of-range label
-    (on a GPU, a device-side assert deep in the loss): say so now, with both numbers."""
-    names = list(getattr(loader, "class_names", []) or [])
-    if cfg.model.objective != "mae" and len(names) > cfg.model.num_classes:
-        raise UserError(f"the training data has {len(names)} classes but model.num_classes is "
-                        f"{cfg.model.num_classes}; set model.num_classes={len(names)}")
 
 
 def _probe(cfg: Config, module: torch.nn.Module, rank: int, world: int, device: torch.device) -> dict[str, Any]:
@@ -122,8 +112,7 @@ def run(args_or_cfg: argparse.Namespace | Config) -> dict[str, Any]:
         check_eval_split(cfg)  # the probe's split must exist before hours of training, not after
     seed_everything(t.seed, info.rank)
     model = build_model(cfg, device=info.device)
-    loader = build_train_loader(cfg, info.rank, info.world_size, info.device)
-    _check_classes(cfg, loader)
+    loader = build_train_loader(cfg, info.rank, info.world_size, info.device)  # checks the data's classes
     trainer = Trainer(cfg, model, loader, info)
     trainer.maybe_resume()
     if info.is_main:  # only now: a failed resume must not rewrite the run's config
