@@ -16,6 +16,7 @@ and, when it does not pretrain, its ``forward_loss``; everything else here serve
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -35,6 +36,7 @@ from fastsupmae.engine import dep_logs, optim, run_dir
 from fastsupmae.engine import distributed as dist_utils
 from fastsupmae.engine import metrics as mx
 from fastsupmae.engine import rng as rng_utils
+from fastsupmae.engine import time_plan as tp
 from fastsupmae.engine.best import publish_best
 from fastsupmae.engine.ds_config import build_ds_config, effective_zero_stage, grad_accum_steps, resolve_precision
 from fastsupmae.engine.ema import WeightEMA
@@ -71,6 +73,7 @@ class TrainResult:
     last_checkpoint: str | None
     skipped_steps: int
     metrics: dict[str, Any] = field(default_factory=dict)
+    time_plan: dict[str, Any] | None = None  # the planned length of a run with train.time_limit_min
 
 
 def _pretrain_forward(engine: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -98,6 +101,7 @@ class _Loop:
     has_grad_norm: bool = False
     window_t0: float = 0.0
     window_steps: int = 0
+    meter: tp.RateMeter | None = None  # measuring the step rate until the time plan is fixed
     timers: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("data", "fwd", "bwd", "opt"), 0.0))
     last_record: dict[str, Any] = field(default_factory=dict)
 
@@ -216,6 +220,8 @@ class Trainer:
         self.epoch = 0
         self.skipped_total = 0
         self.last_checkpoint: str | None = None
+        # train.time_limit_min > 0: the planned length, fixed after measuring the step rate (or restored)
+        self.plan: tp.TimePlan | None = None
         self._stop_signal = False
         self._bar: Any = None
 
@@ -226,7 +232,8 @@ class Trainer:
                 "micro_batch": c.train.micro_batch, "global_batch": c.train.global_batch,
                 "grad_accum": self.grad_accum, "precision": self.precision, "zero_stage": self.zero_stage,
                 "config_hash": c.hash(), "config": c.to_dict(), "skipped_total": self.skipped_total,
-                "loader": self.loader.state_dict(), "time": time.time(), "best": self.best}
+                "loader": self.loader.state_dict(), "time": time.time(), "best": self.best,
+                "total_steps": self.total_steps, "time_plan": self.plan.state_dict() if self.plan else None}
 
     def _rank_state(self) -> dict[str, Any]:
         return {"rank": self.dist.rank, "world_size": self.dist.world_size, "rng": rng_utils.get_rng_state(),
@@ -283,10 +290,34 @@ class Trainer:
             self.loader.load_state_dict(rank_state["loader"])
         if self.ema is not None:
             self._restore_ema(path, rank_state, old_world)
+        self._restore_plan(common.get("time_plan"))
         self.last_checkpoint = str(path)
         if self.dist.is_main:
             log.info("resumed from %s at step %d (epoch %d)", path, self.step, self.epoch)
         return path
+
+    def _restore_plan(self, saved: dict[str, Any] | None) -> None:
+        """Continue a planned run with its saved plan (the same length and schedule, no new measurement)."""
+        t = self.cfg.train
+        if not saved:
+            return
+        plan = tp.TimePlan.from_state(saved)
+        if t.time_limit_min <= 0:
+            if self.dist.is_main:
+                log.info("train.time_limit_min is 0: the checkpoint's time plan (%d steps) is dropped; the run "
+                         "continues to its configured %d steps", plan.total_steps, self.total_steps)
+            return
+        if plan.total_steps > self.total_steps:  # the config now asks for fewer steps: the plan never exceeds it
+            if self.dist.is_main:
+                log.warning("the checkpoint's time plan has %d steps but the config now asks for %d; ending at %d "
+                            "(the cosine is cut there)", plan.total_steps, self.total_steps, self.total_steps)
+            plan = dataclasses.replace(plan, total_steps=self.total_steps)
+        elif plan.limit_min != t.time_limit_min and self.dist.is_main:
+            log.warning("train.time_limit_min is %g but the run was planned for %g min: the saved plan is kept "
+                        "(%d steps); start a new run to plan another length", t.time_limit_min, plan.limit_min,
+                        plan.total_steps)
+        self.plan = plan
+        self.total_steps = plan.total_steps
 
     def _restore_ema(self, path: Path, rank_state: dict[str, Any] | None, old_world: int) -> None:
         """This rank's saved EMA; after a world-size change, reassembled from the old ranks' files (every old
@@ -468,7 +499,9 @@ class Trainer:
                                "precision": self.precision, "zero_stage": self.zero_stage,
                                "optimizer": self.optimizer_name, "params": self.n_params, "peak_lr": self.peak_lr,
                                "device": str(self.device),
-                               "peak_tflops_per_device": loop.peak / 1e12 if loop.peak else None})
+                               "peak_tflops_per_device": loop.peak / 1e12 if loop.peak else None,
+                               "time_limit_min": t.time_limit_min,
+                               "time_plan": self.plan.state_dict() if self.plan else None})
             log.info("training %s params, steps %d -> %d, %d rank(s) x micro %d x accum %d = batch %d, %s, ZeRO %d",
                      f"{self.n_params:,}", self.step, self.total_steps, self.dist.world_size, t.micro_batch,
                      self.grad_accum, t.global_batch, self.precision, self.zero_stage)
@@ -480,21 +513,34 @@ class Trainer:
         self.engine.train()
         self.loader.set_epoch(self.epoch)
         loop.it = iter(self.loader)
-        loop.t_start = time.time()
+        loop.t_start = self._clock()
         loop.window_t0 = time.perf_counter()
+        if t.time_limit_min > 0 and self.plan is None and self.step < self.total_steps:
+            loop.meter = tp.RateMeter(self.step, t.time_limit_min * 60, self._clock, self.device)
         return loop
+
+    def _clock(self) -> float:
+        """Seconds on the clock the time budget is measured with (a method, so a test can replace it)."""
+        return tp.default_clock()
+
+    def _lr(self, step: int) -> float:
+        """The learning rate of optimizer step ``step``: the configured schedule, or the time plan's."""
+        t = self.cfg.train
+        if self.plan is not None:
+            return self.plan.lr(step, self.peak_lr, t.min_lr)
+        return optim.lr_at(step, self.total_steps, self.warmup_steps, self.peak_lr, t.min_lr)
 
     def _finish(self, loop: _Loop, stopped: str) -> TrainResult:
         if self._bar is not None:
             self._bar.close()
         if self.dist.is_main:
             loop.writer.write({"event": "end", "step": self.step, "stopped": stopped,
-                               "skipped_steps": self.skipped_total, "elapsed_s": time.time() - loop.t_start,
-                               "last_checkpoint": self.last_checkpoint})
+                               "total_steps": self.total_steps, "skipped_steps": self.skipped_total,
+                               "elapsed_s": self._clock() - loop.t_start, "last_checkpoint": self.last_checkpoint})
         loop.writer.close()
         return TrainResult(step=self.step, epoch=self.step / self.steps_per_epoch, stopped=stopped,
                            last_checkpoint=self.last_checkpoint, skipped_steps=self.skipped_total,
-                           metrics=loop.last_record)
+                           metrics=loop.last_record, time_plan=self.plan.state_dict() if self.plan else None)
 
     # ----------------------------------------------------------------------------------- one optimizer step
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -508,8 +554,7 @@ class Trainer:
     def _optimizer_step(self, loop: _Loop) -> None:
         """``grad_accum`` micro-batches (forward, backward), one optimizer step, and the step's bookkeeping on
         the device: NaN/Inf skipping (with the BatchNorm statistics restored), loss and grad-norm sums."""
-        t = self.cfg.train
-        loop.lr = optim.lr_at(self.step, self.total_steps, self.warmup_steps, self.peak_lr, t.min_lr)
+        loop.lr = self._lr(self.step)
         optim.set_lr(self.client_opt, loop.lr)
         if self.guarded:
             self.client_opt.last_found_inf = self.client_opt.last_grad_norm = None
@@ -543,6 +588,8 @@ class Trainer:
         self._bookkeeping(loop, step_loss)
         self.step += 1
         loop.window_steps += 1
+        if loop.meter is not None:
+            loop.meter.after_step(self.step)
         if self._bar is not None:
             self._bar.update(1)
 
@@ -577,26 +624,37 @@ class Trainer:
     # ------------------------------------------------------------------------------------- the control point
     def _control_point(self, loop: _Loop) -> str | None:
         """On log, checkpoint and last steps: the one host sync (sums and stop flags reduced over ranks), the
-        metrics record, divergence, the checkpoint, and the agreed decision to stop. Returns why the run stops
-        ('time_limit' | 'signal' | 'stop_file'), or None to go on."""
+        metrics record, divergence, the time plan, the checkpoint, and the agreed decision to stop. Returns why
+        the run stops ('time_limit' | 'signal' | 'stop_file'), or None to go on."""
         t = self.cfg.train
         is_last = self.step >= self.total_steps
         want_ckpt = t.ckpt_every > 0 and self.step % t.ckpt_every == 0
         want_eval = self.evaluate is not None and (is_last or self._eval_due())
         if self.step % t.log_every and not want_ckpt and not is_last and not want_eval:
             return None
-        elapsed = time.time() - loop.t_start
-        over_time = t.time_limit_min > 0 and elapsed >= t.time_limit_min * 60
+        elapsed = self._clock() - loop.t_start
+        # Without a plan (yet) the limit itself stops the run; a planned run ends 'done' at its planned step and
+        # is stopped only if it overruns badly.
+        limit_s = t.time_limit_min * 60 * (tp.OVERRUN if self.plan is not None else 1.0)
+        over_time = t.time_limit_min > 0 and elapsed >= limit_s
         world = self.dist.world_size
         names = [*self.loss_keys, "good", "skipped", "grad_norm", "max_consec", "consec"]
         loop.sums.add("max_consec", loop.max_consec / world)  # identical on every rank: /world so the SUM is it
         loop.sums.add("consec", loop.consec / world)
         stop_file = self.dist.is_main and (self.out_dir / STOP_FILE).exists()
-        vals, flags = loop.sums.collect(names, [float(over_time), float(self._stop_signal), float(stop_file)])
+        # The measurement is long enough on some rank (its step count is the same on every rank, only the time
+        # differs): the plan is fixed at this control point, on every rank.
+        plan_due = loop.meter is not None and not is_last and loop.meter.ready(self.step, self._clock())
+        vals, flags = loop.sums.collect(names, [float(over_time), float(self._stop_signal), float(stop_file),
+                                                float(plan_due)])
         loop.max_consec = loop.zero.clone()
         self._log_window(loop, vals, elapsed)
         if vals["max_consec"] >= t.max_bad_steps:
             self._diverged(loop, int(vals["max_consec"]))
+        if flags[3] > 0 and flags[0] == 0:
+            self._fix_plan(loop, self._clock())  # after the reduction's sync: the clock covers the device work
+            is_last = self.step >= self.total_steps  # a plan that ends here still evaluates and checkpoints
+            want_eval = self.evaluate is not None and (is_last or self._eval_due())
         stop_now = flags[0] > 0 or flags[1] > 0 or flags[2] > 0
         improved = want_eval and self._run_evaluation(loop)
         if (want_ckpt or is_last or stop_now or improved) and self.step != loop.saved_at:
@@ -617,6 +675,39 @@ class Trainer:
                 (self.out_dir / STOP_FILE).unlink(missing_ok=True)
             log.warning("stopping at step %d (%s); resume with train.resume=auto", self.step, stopped)
         return stopped
+
+    def _fix_plan(self, loop: _Loop, now: float) -> None:
+        """Fix the run's length from the measured rate (collective: one all-reduce; every rank keeps the smallest
+        total any rank computed, i.e. the plan every rank can finish in time)."""
+        t = self.cfg.train
+        meter, step = loop.meter, self.step
+        sec_per_step = meter.sec_per_step(step, now)
+        elapsed = now - loop.t_start
+        mine = tp.plan_total(step, elapsed, sec_per_step, t.time_limit_min * 60, self.total_steps)
+        # MAX of (-total, s/step): the smallest total and the slowest rate, identical on every rank.
+        agreed = torch.tensor([-float(mine), sec_per_step], dtype=torch.float64, device=dist_utils.comm_device())
+        neg_total, slowest = dist_utils.all_reduce_max(agreed).tolist()
+        total = int(-neg_total)
+        self.plan = tp.TimePlan(
+            total_steps=total, warmup_steps=tp.planned_warmup(self.warmup_steps, self.total_steps, step, total),
+            fixed_at=step, configured_steps=self.total_steps, configured_warmup=self.warmup_steps,
+            steps_per_s=1.0 / slowest, measured_steps=meter.measured(step), limit_min=t.time_limit_min)
+        self.total_steps = total
+        loop.meter = None
+        end_min = (elapsed + (total - step) * slowest) / 60
+        loop.writer.write({"event": "time_plan", "step": step, "elapsed_s": elapsed, "planned_end_min": end_min,
+                           "total_epochs": total / self.steps_per_epoch, **self.plan.state_dict()})
+        if self._bar is not None:
+            self._bar.total = total
+            self._bar.refresh()
+        if self.dist.is_main:
+            fits = "the configured length fits" if total == self.plan.configured_steps else \
+                f"configured {self.plan.configured_steps}"
+            log.info("time plan: %.3g steps/s measured over %d steps -> %d total steps (%.2f epochs; %s) to end at "
+                     "%.1f min (train.time_limit_min %g)", self.plan.steps_per_s, self.plan.measured_steps, total,
+                     total / self.steps_per_epoch, fits, end_min, t.time_limit_min)
+            if total <= step:
+                log.warning("the time limit leaves no steps after the measurement: the run ends at step %d", step)
 
     def _log_window(self, loop: _Loop, vals: dict[str, float], elapsed: float) -> None:
         """One metrics record for the steps since the last control point (rank 0 writes it)."""

@@ -1,0 +1,163 @@
+"""A time budget as a planned length: measure the step rate, fix the total number of steps, finish the schedule.
+
+With ``train.time_limit_min`` > 0 a run does not stop wherever the clock runs out (its cosine cut off mid-way):
+it measures its optimizer steps per second over its first steps, fixes its total number of steps so that it ends
+within the limit, and then runs that many steps, its warmup + cosine schedule laid out over them, and ends as
+``done``. The plan (:class:`TimePlan`) is saved in every checkpoint, so the lr stays a function of the step and a
+resumed run continues the same schedule without measuring again.
+
+The measurement (:class:`RateMeter`, one per rank): the clock starts at the end of optimizer step
+``first_step + SKIP_STEPS`` (start-up, compilation, allocator warm-up and the first data loading are left out;
+on a GPU the device is synchronised there, once) and stops at the first control point (a log step, whose
+reduction synchronises) where at least ``MIN_MEASURED_STEPS`` steps were timed and at least
+``MEASURE_SHARE`` of the budget (at most ``MEASURE_MAX_S``) has passed since the clock started on some rank.
+Each rank then computes the total that fits (:func:`plan_total`: the time already spent counts, and
+``MARGIN_SHARE`` of the budget is kept for the final checkpoint and the end of the run) and one collective takes
+the smallest, so every rank runs the same number of steps.
+
+The schedule (:meth:`TimePlan.lr`): the steps before the plan ran the configured schedule (warmup and cosine over
+the configured length). From the plan on, a warmup still in progress continues linearly from the lr it had
+reached to the peak, over the rest of the warmup scaled as the rest of the run was (:func:`planned_warmup`);
+then the half-cycle cosine runs from the end of the warmup to the planned last step. When the configured length
+fits in the budget, the planned schedule is the configured one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fastsupmae.engine.optim import lr_at
+
+# Steps left out of the measurement: the first ones pay for compilation, lazy initialisation and the first
+# batches, and would make the rate look slower than the run is.
+SKIP_STEPS = 2
+MIN_MEASURED_STEPS = 3
+# The measurement lasts this share of the budget (at least MIN_MEASURED_STEPS steps, at most MEASURE_MAX_S):
+# long enough to average over a few log windows, short enough that the plan comes early in the run.
+MEASURE_SHARE = 0.02
+MEASURE_MAX_S = 120.0
+# Kept free at the end of the budget for what the rate does not include: the final checkpoint, the last
+# control point, checkpoints and evaluations after the plan.
+MARGIN_SHARE = 0.03
+# The hard safety stop of a planned run (checkpoint, stopped 'time_limit') at this multiple of the limit: a run
+# whose steps became much slower after the plan (a shared machine, a slower data source) still ends.
+OVERRUN = 1.25
+
+
+def planned_warmup(configured_warmup: int, configured_steps: int, fixed_at: int, total: int) -> int:
+    """The warmup length (in steps) of the planned schedule.
+
+    A warmup already over at the plan (``configured_warmup <= fixed_at``) is kept: the cosine starts where the
+    ramp ended. A warmup in progress keeps its steps done so far; its remaining steps are scaled as the rest of
+    the run was, ``(total - fixed_at) / (configured_steps - fixed_at)`` (at least one, so the ramp reaches the
+    peak). Equal to ``configured_warmup`` when ``total == configured_steps``.
+    """
+    if configured_warmup <= fixed_at or total <= fixed_at:
+        return min(configured_warmup, max(total, fixed_at))
+    rest = configured_warmup - fixed_at
+    scale = (total - fixed_at) / max(1, configured_steps - fixed_at)
+    return fixed_at + max(1, round(rest * scale))
+
+
+def plan_total(step: int, elapsed_s: float, sec_per_step: float, limit_s: float, configured_steps: int) -> int:
+    """The total number of optimizer steps that ends within ``limit_s``, from ``step`` after ``elapsed_s``.
+
+    ``(1 - MARGIN_SHARE) * limit_s - elapsed_s`` seconds are left for steps at ``sec_per_step``; the result is
+    never more than ``configured_steps`` (the config's epochs / max_steps) and never less than ``step`` (a budget
+    already spent ends the run at once).
+    """
+    left = (1.0 - MARGIN_SHARE) * limit_s - elapsed_s
+    fit = math.floor(left / sec_per_step) if left > 0 and sec_per_step > 0 else 0
+    return max(step, min(configured_steps, step + fit))
+
+
+@dataclass(frozen=True)
+class TimePlan:
+    """A run's planned length and the schedule laid out over it (saved in the checkpoint's client state).
+
+    Attributes:
+        total_steps: the planned number of optimizer steps (the run ends 'done' there).
+        warmup_steps: the planned warmup (:func:`planned_warmup`).
+        fixed_at: the step at which the plan was fixed; the steps before it ran the configured schedule.
+        configured_steps: the length the config asked for (epochs / max_steps).
+        configured_warmup: the warmup the config asked for, in steps.
+        steps_per_s: the measured rate (the slowest rank's).
+        measured_steps: how many steps the rate was measured over.
+        limit_min: ``train.time_limit_min`` the plan was made for.
+    """
+
+    total_steps: int
+    warmup_steps: int
+    fixed_at: int
+    configured_steps: int
+    configured_warmup: int
+    steps_per_s: float
+    measured_steps: int
+    limit_min: float
+
+    def lr(self, step: int, peak: float, min_lr: float) -> float:
+        """The learning rate of optimizer step ``step`` (0-based) under this plan."""
+        if step < self.fixed_at:
+            return lr_at(step, self.configured_steps, self.configured_warmup, peak, min_lr)
+        if step < self.warmup_steps:
+            # Continue the ramp from where the configured schedule had brought it (no jump at the plan).
+            start = lr_at(self.fixed_at - 1, self.configured_steps, self.configured_warmup, peak, min_lr) \
+                if self.fixed_at > 0 else 0.0
+            return start + (peak - start) * (step - self.fixed_at + 1) / (self.warmup_steps - self.fixed_at)
+        return lr_at(step, self.total_steps, self.warmup_steps, peak, min_lr)
+
+    def state_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> TimePlan:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in state.items() if k in names})
+
+
+class RateMeter:
+    """One rank's measurement of its optimizer steps per second before the plan.
+
+    Args:
+        first_step: the step the run (or the resumed run) starts at; the clock starts ``SKIP_STEPS`` later.
+        limit_s: the time budget in seconds (sets the measuring window).
+        clock: the trainer's clock (seconds).
+        device: the training device; a CUDA device is synchronised once, when the clock starts, so the time
+            stamp is not taken while earlier steps are still queued.
+    """
+
+    def __init__(self, first_step: int, limit_s: float, clock: Callable[[], float], device: torch.device) -> None:
+        self.start_step = first_step + SKIP_STEPS
+        self.window_s = min(MEASURE_SHARE * limit_s, MEASURE_MAX_S)
+        self.clock, self.device = clock, device
+        self.t0: float | None = None
+
+    def after_step(self, step: int) -> None:
+        """Called after each optimizer step (``step`` = steps done): starts the clock at ``start_step``."""
+        if step == self.start_step and self.t0 is None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.t0 = self.clock()
+
+    def measured(self, step: int) -> int:
+        """Steps timed so far (the same on every rank: it depends on the step count only)."""
+        return step - self.start_step if self.t0 is not None else 0
+
+    def ready(self, step: int, now: float) -> bool:
+        """Enough steps and enough time measured (called at a control point, after its synchronisation)."""
+        return self.measured(step) >= MIN_MEASURED_STEPS and now - self.t0 >= self.window_s
+
+    def sec_per_step(self, step: int, now: float) -> float:
+        return (now - self.t0) / max(1, self.measured(step))
+
+
+def default_clock() -> float:
+    """The clock the budget is measured with: monotonic (a wall-clock change does not move it)."""
+    return time.monotonic()

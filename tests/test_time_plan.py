@@ -1,0 +1,196 @@
+"""train.time_limit_min as a planned length (fastsupmae.engine.time_plan): the run measures its step rate, fixes
+its total, completes its cosine and ends 'done' (then probes); the plan is saved and a resumed run keeps it; it
+never exceeds the configured length; a bad overrun still stops; two ranks agree on one total.
+
+The trainer's clock is stubbed as a function of the step (``Trainer._clock``), so every plan is deterministic.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fastsupmae.engine import optim
+from fastsupmae.engine import time_plan as tp
+from fastsupmae.engine.trainer import Trainer
+from tests import multirank
+from tests.test_engine import make_trainer, records, tiny_cfg
+
+
+def stub_clock(monkeypatch: pytest.MonkeyPatch, sec_per_step: Any) -> None:
+    """The trainer's clock reads ``sum of sec_per_step(s) over the steps s done`` (a number: a constant rate)."""
+    rate = sec_per_step if callable(sec_per_step) else (lambda s: sec_per_step)
+    monkeypatch.setattr(Trainer, "_clock", lambda self: 1000.0 + sum(rate(s) for s in range(self.step)))
+
+
+def lrs(out: Path) -> dict[int, float]:
+    """The lr of each optimizer step (0-based), from the per-step records (log_every=1)."""
+    return {r["step"] - 1: r["lr"] for r in records(out) if "lr" in r}
+
+
+def plan_event(out: Path) -> dict[str, Any]:
+    (ev,) = [r for r in records(out) if r.get("event") == "time_plan"]
+    return ev
+
+
+# --------------------------------------------------------------------------------------------- the arithmetic
+
+def test_plan_total_counts_spent_time_keeps_a_margin_and_is_capped() -> None:
+    # 100 s budget, 10 s spent at step 10, 0.5 s/step: (97 - 10) / 0.5 = 174 more steps
+    assert tp.plan_total(10, 10.0, 0.5, 100.0, 10_000) == 10 + math.floor(((1 - tp.MARGIN_SHARE) * 100 - 10) / 0.5)
+    assert tp.plan_total(10, 10.0, 0.5, 100.0, 50) == 50  # never more than the config asks for
+    assert tp.plan_total(10, 120.0, 0.5, 100.0, 50) == 10  # budget already spent: end at once
+
+
+def test_planned_schedule_equals_the_configured_one_when_the_length_fits() -> None:
+    peak, lo, total, warm = 2e-3, 1e-6, 60, 12
+    for fixed_at in (5, 12, 20):
+        w = tp.planned_warmup(warm, total, fixed_at, total)
+        assert w == warm
+        plan = tp.TimePlan(total, w, fixed_at, total, warm, 1.0, 3, 1.0)
+        for s in range(total + 1):
+            assert plan.lr(s, peak, lo) == pytest.approx(optim.lr_at(s, total, warm, peak, lo), rel=1e-12, abs=1e-15)
+        assert tp.TimePlan.from_state(json.loads(json.dumps(plan.state_dict()))) == plan
+
+
+def test_shortened_warmup_continues_the_ramp_without_a_jump() -> None:
+    peak, lo = 1.0, 0.0
+    plan_w = tp.planned_warmup(40, 400, 10, 100)  # the rest of the warmup (30 steps) scaled by 90 / 390
+    assert plan_w == 10 + round(30 * 90 / 390)
+    plan = tp.TimePlan(100, plan_w, 10, 400, 40, 1.0, 3, 1.0)
+    seq = [plan.lr(s, peak, lo) for s in range(100)]
+    assert seq[:10] == [optim.lr_at(s, 400, 40, peak, lo) for s in range(10)]  # before the plan: as configured
+    ramp = seq[: plan_w]
+    assert all(b > a for a, b in zip(ramp, ramp[1:])) and seq[plan_w - 1] == pytest.approx(peak)
+    # from the lr reached before the plan, one straight line to the peak (steeper: the run is 390/90 x shorter)
+    step_up = (peak - seq[9]) / (plan_w - 10)
+    assert all(b - a == pytest.approx(step_up) for a, b in zip(ramp[9:], ramp[10:]))
+    assert seq[-1] == pytest.approx(optim.lr_at(99, 100, plan_w, peak, lo)) and seq[-1] < 0.01 * peak
+
+
+# ----------------------------------------------------------------------------------------- single-rank runs
+
+def test_planned_run_ends_done_with_its_cosine_completed_then_probes(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastsupmae.tasks.pretrain import run
+
+    stub_clock(monkeypatch, 1.0)
+    out = tmp_path / "run"
+    # 8 steps per epoch; the configured 100 steps would take 100 s, the budget is 30 s
+    cfg = tiny_cfg(out, max_steps=100, log_every=1, ckpt_every=0, warmup_epochs=2, time_limit_min=0.5)
+    cfg.eval.after_train, cfg.eval.knn_k = "knn", 5
+    final = run(cfg)
+    ev = plan_event(out)
+    p = ev["fixed_at"]
+    assert p == tp.SKIP_STEPS + tp.MIN_MEASURED_STEPS and ev["measured_steps"] == tp.MIN_MEASURED_STEPS
+    assert ev["steps_per_s"] == pytest.approx(1.0)
+    total = p + math.floor((1 - tp.MARGIN_SHARE) * 30 - p * 1.0)  # p seconds already spent, at 1 s/step
+    assert ev["total_steps"] == total < 100 and ev["configured_steps"] == 100
+    assert final["step"] == total and final["stopped"] == "done"
+    assert 0.0 <= final["knn_top1"] <= 100.0 and "probe_wall_s" in final  # the probe ran
+    end = [r for r in records(out) if r.get("event") == "end"][-1]
+    assert end["stopped"] == "done" and end["total_steps"] == total
+    assert (out / "checkpoints" / "latest").read_text() == f"step_{total:08d}"
+    lr = lrs(out)
+    assert sorted(lr) == list(range(total))
+    peak, warm = optim.peak_lr(cfg), ev["warmup_steps"]
+    assert ev["configured_warmup"] == 16 and p < warm < 16  # the warmup was in progress and is shortened
+    assert [lr[s] for s in range(p)] == [optim.lr_at(s, 100, 16, peak, 0.0) for s in range(p)]
+    assert all(lr[s + 1] > lr[s] for s in range(warm - 1)) and lr[warm - 1] == pytest.approx(peak)
+    assert all(lr[s + 1] < lr[s] for s in range(warm, total - 1))
+    # the last step is the last step of a completed cosine (the configured schedule would still be near its peak)
+    assert lr[total - 1] == pytest.approx(optim.lr_at(total - 1, total, warm, peak, 0.0), rel=1e-12)
+    assert lr[total - 1] < 0.02 * peak < 0.5 * optim.lr_at(total - 1, 100, 16, peak, 0.0)
+    meta = json.loads((out / "checkpoints" / f"step_{total:08d}" / "meta.json").read_text())
+    assert meta["time_plan"]["total_steps"] == total == meta["total_steps"]
+
+
+def test_resume_keeps_the_saved_plan_and_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    over = dict(max_steps=100, log_every=1, ckpt_every=0, warmup_epochs=2, time_limit_min=0.25)
+    stub_clock(monkeypatch, 1.0)
+    a = tmp_path / "a"
+    res_a = make_trainer(tiny_cfg(a, **over)).fit()
+    total = res_a.time_plan["total_steps"]
+    assert res_a.stopped == "done" and res_a.step == total and 8 < total < 100
+
+    b = tmp_path / "b"
+    holder: dict[str, Any] = {}
+
+    def stop_at_8(step: int, loss: Any) -> Any:
+        if step == 8:
+            holder["tr"]._stop_signal = True  # as SIGTERM would: stop at the next control point, checkpointed
+        return loss
+
+    holder["tr"] = make_trainer(tiny_cfg(b, **over), loss_transform=stop_at_8)
+    res_b = holder["tr"].fit()
+    assert res_b.stopped == "signal" and res_b.step == 9 and res_b.time_plan == res_a.time_plan
+    # resumed on a clock 4x faster: a new measurement would plan more steps; the saved plan is kept
+    stub_clock(monkeypatch, 0.25)
+    tr = make_trainer(tiny_cfg(b, resume="auto", **over))
+    assert tr.step == 9 and tr.total_steps == total
+    res_b2 = tr.fit()
+    assert res_b2.stopped == "done" and res_b2.step == total and res_b2.time_plan == res_a.time_plan
+    recs_b = records(b)
+    assert len([r for r in recs_b if r.get("event") == "time_plan"]) == 1  # measured once, before the stop
+    starts = [r for r in recs_b if r.get("event") == "start"]
+    assert starts[-1]["step"] == 9 and starts[-1]["time_plan"] == res_a.time_plan
+    by_a = {r["step"]: r for r in records(a) if "loss" in r}
+    by_b = {r["step"]: r for r in recs_b if "loss" in r and r["step"] > 9}
+    assert sorted(by_b) == list(range(10, total + 1))
+    for s, r in by_b.items():  # fp32 on the CPU: the continued run is the uninterrupted one, bit for bit
+        assert (r["lr"], r["loss"], r["rec_loss"], r["cls_loss"]) == \
+            (by_a[s]["lr"], by_a[s]["loss"], by_a[s]["rec_loss"], by_a[s]["cls_loss"]), s
+
+
+def test_plan_never_exceeds_the_configured_epochs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    stub_clock(monkeypatch, 0.1)  # 0.1 s/step in a 60 s budget: ~580 steps would fit
+    out = tmp_path / "run"
+    cfg = tiny_cfg(out, max_steps=0, epochs=2.5, log_every=1, ckpt_every=0, time_limit_min=1.0)
+    res = make_trainer(cfg).fit()  # 2.5 epochs of 8 steps
+    ev = plan_event(out)
+    assert ev["total_steps"] == ev["configured_steps"] == 20 and res.step == 20 and res.stopped == "done"
+    assert ev["fixed_at"] < 20
+    peak, warm = optim.peak_lr(cfg), 4
+    lr = lrs(out)
+    assert sorted(lr) == list(range(20))
+    for s in range(20):  # the configured schedule, unchanged
+        assert lr[s] == pytest.approx(optim.lr_at(s, 20, warm, peak, 0.0), rel=1e-12)
+
+
+def test_bad_overrun_after_the_plan_stops_with_a_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    stub_clock(monkeypatch, lambda s: 1.0 if s < 6 else 10.0)  # steps become 10x slower after the plan
+    out = tmp_path / "run"
+    res = make_trainer(tiny_cfg(out, max_steps=100, log_every=1, ckpt_every=0, time_limit_min=0.5)).fit()
+    ev = plan_event(out)
+    assert ev["fixed_at"] == 5 and ev["total_steps"] > 20
+    # elapsed = 6 + 10 (s - 6) reaches OVERRUN x 30 s first after step s:
+    first_over = next(s for s in range(6, 100) if 6 + 10 * (s - 6) >= tp.OVERRUN * 30)
+    assert res.stopped == "time_limit" and res.step == first_over < ev["total_steps"]
+    assert (out / "checkpoints" / "latest").read_text() == f"step_{first_over:08d}"
+
+
+# --------------------------------------------------------------------------------------------- two ranks
+
+@pytest.mark.dist
+def test_two_ranks_measuring_different_rates_agree_on_one_total(tmp_path: Path) -> None:
+    worker = Path(__file__).with_name("time_plan_worker.py")
+    codes = multirank.wait(multirank.start(worker, "plan", tmp_path), timeout=300)
+    res = []
+    for r in range(2):
+        f = tmp_path / f"plan_rank{r}.json"
+        assert f.exists(), (tmp_path / f"plan.r{r}.log").read_text()[-3000:]
+        res.append(json.loads(f.read_text()))
+        assert res[-1]["ok"], res[-1].get("traceback")
+    assert codes == [0, 0]
+    p = res[0]["plan"]["fixed_at"]
+    # what each rank alone would have planned: its own rate, its own time spent
+    own = [tp.plan_total(p, p * r["sec_per_step"], r["sec_per_step"], r["limit_s"], r["configured"]) for r in res]
+    assert own[0] > own[1]  # the ranks measured different rates ...
+    for r in res:  # ... and both keep the smaller total (and the slower rate)
+        assert r["plan"] == res[0]["plan"]
+        assert r["plan"]["total_steps"] == min(own) == r["step"] and r["stopped"] == "done"
+        assert r["plan"]["steps_per_s"] == pytest.approx(1 / res[1]["sec_per_step"])
