@@ -18,7 +18,8 @@ from .errors import UserError
 
 # Exit status of a run stopped early on request (SIGTERM / SIGINT / SIGUSR1, or the run directory's STOP file)
 # after writing its checkpoint: EX_TEMPFAIL, "try again" - rerun with train.resume=auto to continue. A run that
-# ends as planned (its steps, or train.time_limit_min) exits 0; user errors exit 2.
+# ends as planned (its steps, or the length train.time_limit_min planned) exits 0, and so does the safety stop of
+# a planned run that overruns its limit badly ('time_limit', checkpointed); user errors exit 2.
 EXIT_STOPPED_EARLY = 75
 
 # name -> (module, help); each module provides add_args(parser) and run(args)

@@ -90,7 +90,7 @@ def test_planned_run_ends_done_with_its_cosine_completed_then_probes(tmp_path: P
     assert ev["steps_per_s"] == pytest.approx(1.0)
     total = p + math.floor((1 - tp.MARGIN_SHARE) * 30 - p * 1.0)  # p seconds already spent, at 1 s/step
     assert ev["total_steps"] == total < 100 and ev["configured_steps"] == 100
-    assert final["step"] == total and final["stopped"] == "done"
+    assert final["step"] == total and final["stopped"] == "done" and final["time_plan"]["total_steps"] == total
     assert 0.0 <= final["knn_top1"] <= 100.0 and "probe_wall_s" in final  # the probe ran
     end = [r for r in records(out) if r.get("event") == "end"][-1]
     assert end["stopped"] == "done" and end["total_steps"] == total

@@ -8,7 +8,8 @@ too many NaN/Inf steps in a row).
 Where to look: :meth:`Trainer.maybe_resume` (which checkpoint, and restoring it), :meth:`Trainer._start` (set-up
 of one ``fit``), :meth:`Trainer._optimizer_step` (accumulation, backward, the step) with
 :meth:`Trainer._bookkeeping` (NaN/Inf skipping and the on-device sums), :meth:`Trainer._control_point` (the log
-step: one reduction over ranks, the metrics record, divergence, the checkpoint, the agreed stop) and
+step: one reduction over ranks, the metrics record, divergence, the checkpoint, the agreed stop),
+:meth:`Trainer._fix_plan` (``train.time_limit_min``: the planned length, :mod:`fastsupmae.engine.time_plan`) and
 :meth:`Trainer._finish`; the profiler is a context around the loop. A task supplies its model, its data loader
 and, when it does not pretrain, its ``forward_loss``; everything else here serves every task.
 """

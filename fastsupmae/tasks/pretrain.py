@@ -125,6 +125,8 @@ def run(args_or_cfg: argparse.Namespace | Config) -> dict[str, Any]:
     for k in ("loss", "rec_loss", "cls_loss", "images_per_s", "mfu"):
         if k in result.metrics:
             final[k] = result.metrics[k]
+    if result.time_plan:  # train.time_limit_min: the planned length the run ended at
+        final["time_plan"] = result.time_plan
     final.update(_report_bad_files(loader, out, info.rank))
     if result.stopped == "done":
         t1 = time.time()
