@@ -1,27 +1,50 @@
 #!/usr/bin/env python
-"""SupMAE's central claim at small scale: accuracy per unit of pretraining compute, on Fashion-MNIST.
+"""SupMAE's and supervised + MIM's claims at small scale: accuracy per unit of pretraining compute, on Fashion-MNIST.
 
-``supmae``, ``mae`` and ``supervised`` are pretrained with the same budgets counted in analytic training FLOPs
-(:func:`fastsupmae.flops.train_flops`: matmul FLOPs of forward + backward, the quantity the claim is about), each
-through ``fastsupmae.tasks.pretrain.run`` (the real trainer: DeepSpeed engine, in-memory Fashion-MNIST
-pipeline, warmup + cosine schedule fitted to the run's own length). Every pretrained encoder is then evaluated
-two ways on a fixed subset of the real Fashion-MNIST test set:
+``supmae``, ``mae``, ``supervised`` and ``mim_supervised`` (supervised ViT + a masked-image-modeling decoder,
+arXiv 2312.00950; docs/objectives.md) are pretrained with the same budgets counted in analytic training FLOPs
+(:func:`fastsupmae.flops.train_flops` of the official algorithm, ``fused=False``: matmul FLOPs of forward +
+backward, the quantity the claims are about), each through ``fastsupmae.tasks.pretrain.run`` (the real trainer:
+DeepSpeed engine, in-memory Fashion-MNIST pipeline, warmup + cosine schedule fitted to the run's own length).
+Every pretrained encoder is then evaluated three ways:
 
 - linear probe: frozen encoder, mean of the patch tokens (the feature SupMAE trains; fc_norm-ed for the
-  supervised ViT), BatchNorm without affine + a linear layer trained with AdamW on cached features;
+  supervised ViT and mim_supervised), BatchNorm without affine + a linear layer trained with AdamW on cached
+  features of a fixed random subset of the training images, tested on a fixed random subset of the eval images;
 - a short fine-tune: ``fastsupmae.tasks.finetune.finetune`` (AdamW, layer-wise lr decay) for a fixed number
-  of steps, the same for every encoder, without mixup / cutmix / RandAugment (too short a run for them).
+  of steps, the same for every encoder, without mixup / cutmix / RandAugment (too short a run for them);
+- kNN retrieval (``fastsupmae.tasks.knn``: the same average-pooled feature, L2-normalised, cosine similarity,
+  k = 20, T = 0.07): bank = the FIRST 20,000 training images in file order, queries = every eval image.
 
-Writes a JSON with every run (budget, steps, images seen, the FLOPs actually spent, wall time, losses, top-1),
-a table on screen, and a PNG plot of top-1 against pretraining compute. Regenerate the committed results with::
+Which images (``--eval-split``):
 
-    python scripts/compute_budget_study.py --seeds 0 --out-json s0.json &   # one process per core
-    python scripts/compute_budget_study.py --seeds 1 --out-json s1.json
+- ``test`` (default, for results): pretraining on all 60,000 training images; probe / fine-tune training images
+  a fixed random subset of the 60,000; eval images = the 10,000 images of the test split (the probe and the
+  fine-tune test on a fixed random subset of them, the kNN queries are all 10,000).
+- ``val`` (for choosing between variants; never choose on the test set): the eval images are the LAST 10,000
+  training images (file indices 50,000-59,999); pretraining (``data.limit=50000``), the probe / fine-tune
+  training subset and the kNN bank use only the first 50,000 (the bank, indices 0-19,999, lies inside them).
+  The test split is not read.
+
+Methods (``--methods``): ``supmae`` (1-block decoder), ``mae`` (MAE's published 8-block decoder), ``mae1`` (MAE
+with a 1-block decoder), ``supervised``, ``mim_supervised`` (the project's defaults: encoder on the visible
+tokens, classifier on the masked view, pixel targets, 1-block decoder, reconstruction weight 1.0) and its
+variants ``mims-<v>[+<v>...]`` with ``<v>`` from :data:`MIM_VARIANTS` (``mims-full``, ``mims-hog``, ``mims-d2``,
+``mims-full+hog``, ...; ``--mim-variants full,hog,d2`` appends those methods). A variant's FLOPs per step are
+its own (``full`` encoder input costs a full encoder pass, ``d2`` a second decoder block), so at equal budget it
+takes fewer steps.
+
+Writes a JSON with every run (budget, steps, images seen, the FLOPs actually spent, wall time, losses, top-1s)
+and the commit it ran on, tables on screen (mean +- sample std over seeds and every seed's value; paired
+per-seed differences of mim_supervised against supervised and of each variant against mim_supervised), and a
+PNG plot of top-1 against pretraining compute. The grid may be split across processes and merged::
+
+    python scripts/compute_budget_study.py --seeds 0 --out-json s0.json --out-png s0.png &   # one per core
+    python scripts/compute_budget_study.py --seeds 1 --out-json s1.json --out-png s1.png
     python scripts/compute_budget_study.py --merge s0.json s1.json       # -> docs/compute_budget/
 
-(``--seeds 0,1`` runs them one after the other instead.)
-
-``--tiny`` runs the whole pipeline on a toy setting in a minute (used to check the script, not for results).
+(``--seeds 0,1`` runs them one after the other instead; ``--merge`` refuses files of different commits or
+settings.) ``--tiny`` runs the whole pipeline on a toy setting in a minute (to check the script, not results).
 """
 
 from __future__ import annotations
@@ -33,6 +56,7 @@ import logging
 import math
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -49,22 +73,67 @@ log = logging.getLogger("compute_budget_study")
 MODEL = {"size": "micro", "embed_dim": 96, "depth": 4, "num_heads": 3, "img_size": [28, 28], "patch_size": 4,
          "in_chans": 1, "num_classes": 10, "decoder_embed_dim": 64, "decoder_num_heads": 4, "cls_hidden_dim": 256,
          "mask_ratio": 0.75, "kernels": "torch"}
-# Decoder depth per method: SupMAE's recommended 1 block; MAE's published default of 8 (what the paper's
-# compute comparison is against). ``mae1`` (MAE with SupMAE's 1-block decoder) isolates the supervised branch.
-METHODS = {"supmae": ("supmae", 1), "mae": ("mae", 8), "mae1": ("mae", 1), "supervised": ("supervised", 1)}
+# model.* overrides per method. Decoder depth: SupMAE's recommended 1 block; MAE's published default of 8 (what
+# the paper's compute comparison is against). ``mae1`` (MAE with SupMAE's 1-block decoder) isolates the
+# supervised branch. ``mim_supervised``: the project's defaults (fastsupmae/config.py), spelled out so a change
+# of those defaults cannot silently change what this study measures.
+METHODS: dict[str, dict[str, Any]] = {
+    "supmae": {"objective": "supmae", "decoder_depth": 1},
+    "mae": {"objective": "mae", "decoder_depth": 8},
+    "mae1": {"objective": "mae", "decoder_depth": 1},
+    "supervised": {"objective": "supervised"},
+    "mim_supervised": {"objective": "mim_supervised", "mim_encoder_input": "visible", "mim_cls_view": "masked",
+                       "mim_target": "pixels", "decoder_depth": 1, "mim_loss_weight": 1.0},
+}
+# The interpretation choices of mim_supervised the paper leaves open (docs/objectives.md), as overrides of the
+# ``mim_supervised`` method; method ``mims-<v>[+<v>...]`` applies them left to right.
+MIM_VARIANTS: dict[str, dict[str, Any]] = {
+    "full": {"mim_encoder_input": "full"},  # SimMIM-style: all N tokens, masked ones as enc_mask_token
+    "hog": {"mim_target": "hog"},  # HOG histograms of the masked patches instead of normalised pixels
+    "d2": {"decoder_depth": 2},  # a 2-block decoder (the ViT-B recipe's)
+    "unmasked": {"mim_cls_view": "unmasked"},  # classifier on a second, unmasked encoder pass
+    "w05": {"mim_loss_weight": 0.5},
+    "w2": {"mim_loss_weight": 2.0},
+}
+MIM_PREFIX = "mims-"
 DATA = {"dataset": "fashion_mnist", "root": "/usr/share/datasets/fashion-mnist", "pipeline": "memory",
         "mean": [0.2860], "std": [0.3530], "scale": [0.35, 1.0]}
+N_TRAIN = 60000
+VAL_SIZE = 10000  # --eval-split val: the last 10,000 training images are the eval images
+EVALS = (("linprobe_top1", "linear probe"), ("finetune_top1", "short fine-tune"), ("knn_top1", "kNN"))
+
+
+def method_overrides(method: str) -> dict[str, Any]:
+    """model.* overrides of ``method`` (a key of METHODS or ``mims-<variant>[+<variant>...]``).
+
+    Raises:
+        ValueError: unknown method or variant (the message lists the choices).
+    """
+    if method in METHODS:
+        return dict(METHODS[method])
+    if method.startswith(MIM_PREFIX):
+        out = dict(METHODS["mim_supervised"])
+        for v in method[len(MIM_PREFIX):].split("+"):
+            if v not in MIM_VARIANTS:
+                raise ValueError(f"method '{method}': mim_supervised variant '{v}' is unknown; choose from "
+                                 f"{', '.join(MIM_VARIANTS)}")
+            out.update(MIM_VARIANTS[v])
+        return out
+    raise ValueError(f"method '{method}' is unknown; choose from {', '.join(METHODS)} or "
+                     f"{MIM_PREFIX}<variant>[+<variant>...] with variants {', '.join(MIM_VARIANTS)}")
 
 
 def pretrain_config(method: str, budget_flops: float, batch: int, blr: float, out_dir: Path, model: dict,
-                    seed: int, warmup_frac: float):
-    """The pretraining config of ``method`` whose step count spends ``budget_flops`` (analytic training FLOPs)."""
+                    seed: int, warmup_frac: float, train_limit: int = 0):
+    """The pretraining config of ``method`` whose step count spends ``budget_flops`` (analytic training FLOPs).
+
+    ``train_limit`` > 0 pretrains on the first ``train_limit`` training images only (``data.limit``).
+    """
     from fastsupmae.config import load_config
     from fastsupmae.flops import train_flops
 
-    objective, dec_depth = METHODS[method]
-    m = {**model, "objective": objective, "decoder_depth": dec_depth}
-    d = {"model": m, "data": DATA,
+    m = {**model, **method_overrides(method)}
+    d = {"model": m, "data": {**DATA, "limit": train_limit},
          "train": {"global_batch": batch, "micro_batch": batch, "blr": blr, "weight_decay": 0.05,
                    "clip_grad": 1.0, "precision": "auto", "zero_stage": 0, "epochs": 1.0, "seed": seed,
                    "warmup_epochs": 0.0, "log_every": 25, "ckpt_every": 0, "progress": False,
@@ -76,21 +145,16 @@ def pretrain_config(method: str, budget_flops: float, batch: int, blr: float, ou
     per_step = train_flops(cfg, batch, fused=False)
     steps = max(1, round(budget_flops / per_step))
     cfg.train.max_steps = steps
-    # warmup as a fraction of the run, in epochs (the trainer counts warmup in epochs of 60,000 images)
-    cfg.train.warmup_epochs = warmup_frac * steps * batch / 60000
+    # warmup as a fraction of the run, in epochs (the trainer counts warmup in epochs of the training set)
+    cfg.train.warmup_epochs = warmup_frac * steps * batch / (train_limit or N_TRAIN)
     return cfg, steps, per_step
 
 
 class Subset:
-    """Fixed random subset of a Fashion-MNIST split, served in order as {'images', 'labels'} batches."""
+    """Images served in order as {'images', 'labels'} batches (shuffled per epoch when ``shuffle``)."""
 
-    def __init__(self, split: str, n: int, batch: int, seed: int) -> None:
-        from fastsupmae.pipelines.fashion_mnist import load_fashion_mnist
-
-        imgs, labels = load_fashion_mnist(DATA["root"], split)
-        g = torch.Generator().manual_seed(seed)
-        idx = torch.randperm(imgs.shape[0], generator=g)[: min(n, imgs.shape[0])]
-        self.images, self.labels = imgs[idx].clone(), labels[idx].clone()
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch: int) -> None:
+        self.images, self.labels = images, labels
         self.batch = batch
         self.epoch = 0
         self.shuffle = False
@@ -107,6 +171,52 @@ class Subset:
         for i in range(0, len(order), self.batch):
             j = order[i:i + self.batch]
             yield {"images": self.images[j], "labels": self.labels[j]}
+
+
+def random_subset(images: torch.Tensor, labels: torch.Tensor, n: int, seed: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed random subset of ``n`` of the images (all of them, permuted, if there are fewer)."""
+    idx = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))[: min(n, images.shape[0])]
+    return images[idx].clone(), labels[idx].clone()
+
+
+def eval_data(split: str, probe_train: int, probe_test: int, knn_bank: int, knn_queries: int, ft_batch: int
+              ) -> dict[str, Any]:
+    """The evaluation sets of ``split`` ('test' or 'val'; see the module docstring for exactly which images).
+
+    Returns:
+        {'probe_train', 'probe_test', 'ft_train', 'knn_bank', 'knn_queries': Subset, 'train_limit': images
+        pretraining may use (0: all), 'describe': the images in words (stored in the JSON)}.
+    """
+    from fastsupmae.pipelines.fashion_mnist import load_fashion_mnist
+
+    tr_img, tr_lab = load_fashion_mnist(DATA["root"], "train")
+    if tr_img.shape[0] != N_TRAIN:
+        raise SystemExit(f"compute_budget_study: {DATA['root']} has {tr_img.shape[0]} training images, expected "
+                         f"{N_TRAIN} (the Fashion-MNIST training split)")
+    if split == "test":
+        ev_img, ev_lab = load_fashion_mnist(DATA["root"], "test")
+        pool_img, pool_lab, limit = tr_img, tr_lab, 0
+        what = "eval = Fashion-MNIST test split (10,000); training images = all 60,000 of the training split"
+    elif split == "val":
+        n = N_TRAIN - VAL_SIZE
+        ev_img, ev_lab = tr_img[n:], tr_lab[n:]
+        pool_img, pool_lab, limit = tr_img[:n], tr_lab[:n], n
+        what = (f"eval = training images {n}-{N_TRAIN - 1} (file order, held out); pretraining, probe / fine-tune "
+                f"training and the kNN bank use only training images 0-{n - 1}; the test split is not read")
+    else:
+        raise SystemExit(f"compute_budget_study: --eval-split '{split}' is unknown; use test or val")
+    if knn_bank > pool_img.shape[0]:
+        raise SystemExit(f"compute_budget_study: --knn-bank {knn_bank} is more than the {pool_img.shape[0]} "
+                         f"training images of --eval-split {split}; lower it")
+    nq = knn_queries or ev_img.shape[0]
+    # the probe / fine-tune subsets are drawn exactly as before the val split existed (seeds 1 and 2), so the
+    # 'test' numbers stay comparable with the committed results
+    ptr, pte = random_subset(pool_img, pool_lab, probe_train, 1), random_subset(ev_img, ev_lab, probe_test, 2)
+    return {"probe_train": Subset(*ptr, 512), "probe_test": Subset(*pte, 512), "ft_train": Subset(*ptr, ft_batch),
+            "knn_bank": Subset(pool_img[:knn_bank], pool_lab[:knn_bank], 512),
+            "knn_queries": Subset(ev_img[:nq], ev_lab[:nq], 512), "train_limit": limit,
+            "describe": f"{what}; kNN bank = training images 0-{knn_bank - 1}, queries = the first {nq} eval images"}
 
 
 def linear_probe(model: nn.Module, train: Subset, test: Subset, epochs: int, seed: int) -> dict[str, float]:
@@ -138,13 +248,25 @@ def linear_probe(model: nn.Module, train: Subset, test: Subset, epochs: int, see
     return {"linprobe_top1": acc, "linprobe_train_top1": tr_acc}
 
 
+def knn_retrieval(model: nn.Module, bank: Subset, queries: Subset, k: int, temperature: float) -> dict[str, Any]:
+    """fastsupmae's kNN protocol (tasks/knn.py) on the average-pooled feature: cosine similarity, vote
+    weight exp(sim / T) over the ``k`` nearest bank images."""
+    from fastsupmae.tasks.knn import extract_features, knn_classify
+
+    bf, bl = extract_features(model, bank, feature="avg", normalize=True)
+    qf, ql = extract_features(model, queries, feature="avg", normalize=True)
+    res = knn_classify(bf, bl, qf, ql, k=k, temperature=temperature, num_classes=MODEL["num_classes"])
+    return {"knn_top1": res["top1"], "knn_top5": res["top5"], "knn_bank": res["num_train"],
+            "knn_queries": res["num_test"]}
+
+
 def short_finetune(state: dict[str, torch.Tensor], model_cfg: dict, train: Subset, test: Subset, steps: int,
                    batch: int, blr: float, out_dir: Path, seed: int) -> dict[str, float]:
     """``fastsupmae.tasks.finetune.finetune`` for ``steps`` steps from ``state`` (no mixing / RandAugment)."""
     from fastsupmae.tasks.finetune import FinetuneOptions, finetune, finetune_config
 
     dropped = ("mask_ratio", "cls_hidden_dim")  # pretraining-only keys
-    m = {k: v for k, v in model_cfg.items() if not k.startswith("decoder") and k not in dropped}
+    m = {k: v for k, v in model_cfg.items() if not k.startswith(("decoder", "mim_")) and k not in dropped}
     over = [f"model.{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in m.items()]
     over += [f"data.{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in DATA.items()]
     over += [f"train.micro_batch={batch}", f"train.global_batch={batch}", f"train.max_steps={steps}",
@@ -159,16 +281,16 @@ def short_finetune(state: dict[str, torch.Tensor], model_cfg: dict, train: Subse
     return {"finetune_top1": res["top1"], "finetune_steps": res["steps"], "finetune_s": res["seconds"]}
 
 
-def run_one(method: str, budget: float, seed: int, args: argparse.Namespace, probe_train: Subset,
-            probe_test: Subset, ft_train: Subset) -> dict[str, Any]:
+def run_one(method: str, budget: float, seed: int, args: argparse.Namespace, data: dict[str, Any]) -> dict[str, Any]:
     from fastsupmae.engine.checkpoint import consolidated_state_dict
     from fastsupmae.flops import train_flops
     from fastsupmae.models import build_model
     from fastsupmae.tasks import pretrain
+    from fastsupmae.weights import load_checkpoint
 
-    out = Path(args.work_dir) / f"{method}_{budget / 1e12:g}T_seed{seed}"
+    out = Path(args.work_dir) / f"{method}_{budget / 1e12:g}T_seed{seed}_{args.eval_split}"
     cfg, steps, per_step = pretrain_config(method, budget, args.batch, args.blr, out, args.model, seed,
-                                           args.warmup_frac)
+                                           args.warmup_frac, data["train_limit"])
     log.info("%s @ %.3g TFLOP: %d steps x %d images (%.3f GFLOP per step)", method, budget / 1e12, steps,
              args.batch, per_step / 1e9)
     t0 = time.time()
@@ -176,25 +298,34 @@ def run_one(method: str, budget: float, seed: int, args: argparse.Namespace, pro
     pre_s = time.time() - t0
     state = consolidated_state_dict(final["last_checkpoint"])  # fp32 weights, any ZeRO stage
     model = build_model(cfg, device="cpu")
-    from fastsupmae.weights import load_checkpoint
-
     load_checkpoint(model, {"model": state}, strict=False)
     t1 = time.time()
-    rec: dict[str, Any] = {"method": method, "seed": seed, "objective": cfg.model.objective,
-                           "decoder_depth": cfg.model.decoder_depth if method != "supervised" else None,
+    mc = cfg.model
+    n_pre = data["train_limit"] or N_TRAIN
+    rec: dict[str, Any] = {"method": method, "seed": seed, "objective": mc.objective, "eval_split": args.eval_split,
+                           "model_overrides": method_overrides(method),
+                           "decoder_depth": mc.decoder_depth if mc.objective != "supervised" else None,
                            "budget_tflop": budget / 1e12, "steps": final["step"],
-                           "images_seen": final["step"] * args.batch, "epochs": final["step"] * args.batch / 60000,
+                           "images_seen": final["step"] * args.batch, "epochs": final["step"] * args.batch / n_pre,
                            "gflop_per_image": per_step / args.batch / 1e9,
                            "fastsupmae_gflop_per_image": train_flops(cfg, args.batch) / args.batch / 1e9,
                            "spent_tflop": final["step"] * per_step / 1e12, "pretrain_s": pre_s,
                            "final_loss": final.get("loss"), "pretrain_images_per_s": final.get("images_per_s")}
-    rec.update(linear_probe(model, probe_train, probe_test, args.probe_epochs, seed))
+    rec.update(linear_probe(model, data["probe_train"], data["probe_test"], args.probe_epochs, seed))
     rec["linprobe_s"] = time.time() - t1
-    rec.update(short_finetune(state, args.model, ft_train, probe_test, args.ft_steps, args.ft_batch, args.ft_blr,
-                              out / "finetune", seed))
-    log.info("seed %d, %s @ %.3g TFLOP: linear probe %.2f%%, fine-tune %.2f%% (pretrain %.0f s)", seed, method,
-             budget / 1e12, rec["linprobe_top1"], rec["finetune_top1"], pre_s)
+    t2 = time.time()
+    rec.update(knn_retrieval(model, data["knn_bank"], data["knn_queries"], args.knn_k, args.knn_t))
+    rec["knn_s"] = time.time() - t2
+    rec.update(short_finetune(state, args.model, data["ft_train"], data["probe_test"], args.ft_steps, args.ft_batch,
+                              args.ft_blr, out / "finetune", seed))
+    log.info("seed %d, %s @ %.3g TFLOP: linear probe %.2f%%, fine-tune %.2f%%, kNN %.2f%% (pretrain %.0f s)", seed,
+             method, budget / 1e12, rec["linprobe_top1"], rec["finetune_top1"], rec["knn_top1"], pre_s)
     return rec
+
+
+def _evals(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The evaluations every record has (results of older versions have no kNN)."""
+    return [(k, name) for k, name in EVALS if all(k in r for r in records)]
 
 
 def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -203,8 +334,9 @@ def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
-    for ax, key, name in ((axes[0], "linprobe_top1", "linear probe"), (axes[1], "finetune_top1", "short fine-tune")):
+    evals = _evals(records)
+    fig, axes = plt.subplots(1, len(evals), figsize=(5 * len(evals), 4), sharex=True, squeeze=False)
+    for ax, (key, name) in zip(axes[0], evals):
         for method, pts in _by_method_budget(records).items():
             xs = [p["spent_tflop"] for p in pts]
             ys = [p[key]["mean"] for p in pts]
@@ -218,7 +350,7 @@ def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
         ax.set_ylabel(f"{name} top-1 (%)")
         ax.set_title(name)
         ax.grid(True, alpha=0.3)
-    axes[0].legend()
+    axes[0][0].legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -226,59 +358,140 @@ def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _stats(v: list[float]) -> dict[str, Any]:
+    """mean, sample standard deviation (n - 1; 0 for one value), min, max and every value."""
+    mean = sum(v) / len(v)
+    std = math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
+    return {"mean": mean, "std": std, "min": min(v), "max": max(v), "each": v}
+
+
 def _by_method_budget(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """method -> points sorted by budget, each with the mean / min / max over seeds of the two top-1s."""
+    """method -> points sorted by budget, each with mean / std / min / max / every value over seeds (in seed
+    order) of each evaluation's top-1."""
     out: dict[str, list[dict[str, Any]]] = {}
+    evals = _evals(records)
     for method in dict.fromkeys(r["method"] for r in records):
         pts = []
         for budget in sorted({r["budget_tflop"] for r in records if r["method"] == method}):
-            rs = [r for r in records if r["method"] == method and r["budget_tflop"] == budget]
-            pt: dict[str, Any] = {"budget_tflop": budget, "seeds": sorted(r.get("seed", 0) for r in rs),
+            rs = sorted((r for r in records if r["method"] == method and r["budget_tflop"] == budget),
+                        key=lambda r: r.get("seed", 0))
+            pt: dict[str, Any] = {"budget_tflop": budget, "seeds": [r.get("seed", 0) for r in rs],
                                   "spent_tflop": sum(r["spent_tflop"] for r in rs) / len(rs)}
-            for key in ("linprobe_top1", "finetune_top1"):
-                v = [r[key] for r in rs]
-                pt[key] = {"mean": sum(v) / len(v), "min": min(v), "max": max(v), "each": v}
+            for key, _ in evals:
+                pt[key] = _stats([r[key] for r in rs])
             pts.append(pt)
         out[method] = pts
     return out
 
 
+def _pairs(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(method, baseline) pairs to compare seed by seed: every mim_supervised method against supervised, and
+    every mim_supervised variant against the default mim_supervised."""
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    out = []
+    for m in methods:
+        if m == "mim_supervised" or m.startswith(MIM_PREFIX):
+            if "supervised" in methods:
+                out.append((m, "supervised"))
+            if m != "mim_supervised" and "mim_supervised" in methods:
+                out.append((m, "mim_supervised"))
+    return out
+
+
+def paired_differences(records: list[dict[str, Any]], method: str, baseline: str) -> list[dict[str, Any]]:
+    """Per budget and evaluation: ``method`` - ``baseline`` top-1 for every seed both ran, and whether every
+    difference has the same sign (the difference is beyond the seed spread; a zero difference is no sign)."""
+    by = {(r["method"], r["budget_tflop"], r.get("seed", 0)): r for r in records}
+    out = []
+    for budget in sorted({r["budget_tflop"] for r in records}):
+        seeds = sorted(s for (m, b, s) in by if m == method and b == budget and (baseline, b, s) in by)
+        if not seeds:
+            continue
+        for key, name in _evals(records):
+            d = [by[(method, budget, s)][key] - by[(baseline, budget, s)][key] for s in seeds]
+            same = all(x > 0 for x in d) or all(x < 0 for x in d)
+            out.append({"method": method, "baseline": baseline, "budget_tflop": budget, "eval": name, "key": key,
+                        "seeds": seeds, "diff": d, "mean": sum(d) / len(d), "same_sign": same})
+    return out
+
+
 def summary(records: list[dict[str, Any]]) -> str:
-    """Mean over seeds (and every seed's value) per method and budget."""
-    lines = [f"{'method':11s} {'budget TF':>9s} {'seeds':>5s} {'linprobe mean':>13s} {'(each)':24s} "
-             f"{'finetune mean':>13s} (each)"]
+    """Mean +- sample std over seeds (and every seed's value, in seed order) per method, budget and evaluation;
+    then the paired per-seed differences."""
+    evals = _evals(records)
+    w = 18
+    hdr = f"{'method':16s} {'budget TF':>9s} {'seeds':>7s} " + " ".join(f"{name[:w]:>{w}s} {'(each)':24s}"
+                                                                       for _, name in evals)
+    lines = ["top-1 (%): mean +- sample std over seeds (each seed's value, in seed order)", hdr]
     for method, pts in _by_method_budget(records).items():
         for p in pts:
-            lp, ft = p["linprobe_top1"], p["finetune_top1"]
-            lines.append(f"{method:11s} {p['budget_tflop']:9.3g} {len(p['seeds']):5d} {lp['mean']:12.2f}% "
-                         f"{' / '.join(f'{v:.2f}' for v in lp['each']):24s} {ft['mean']:12.2f}% "
-                         f"{' / '.join(f'{v:.2f}' for v in ft['each'])}")
+            cells = " ".join(f"{p[k]['mean']:>{w - 8}.2f} +- {p[k]['std']:4.2f} "
+                             f"{' / '.join(f'{v:.2f}' for v in p[k]['each']):24s}" for k, _ in evals)
+            lines.append(f"{method:16s} {p['budget_tflop']:9.3g} {','.join(map(str, p['seeds'])):>7s} {cells}")
+    pairs = [d for a, b in _pairs(records) for d in paired_differences(records, a, b)]
+    if pairs:
+        lines += ["", "paired per-seed differences (points of top-1; 'beyond spread': every seed's difference has "
+                  "the same sign)", f"{'method - baseline':36s} {'budget TF':>9s} {'eval':16s} {'mean':>7s} "
+                  f"{'beyond spread':>13s}  per seed"]
+        for d in pairs:
+            verdict = "yes" if d["same_sign"] and len(d["seeds"]) > 1 else ("n/a (1 seed)" if len(d["seeds"]) < 2
+                                                                             else "no")
+            each = ", ".join(f"s{s} {x:+.2f}" for s, x in zip(d["seeds"], d["diff"]))
+            lines.append(f"{d['method'] + ' - ' + d['baseline']:36s} {d['budget_tflop']:9.3g} {d['eval']:16s} "
+                         f"{d['mean']:+7.2f} {verdict:>13s}  {each}")
     return "\n".join(lines)
 
 
 def table(records: list[dict[str, Any]]) -> str:
-    hdr = (f"{'method':11s} {'seed':>4s} {'budget TF':>9s} {'spent TF':>9s} {'steps':>6s} {'images':>7s} "
-           f"{'GF/img':>7s} {'loss':>7s} {'pre s':>6s} {'linprobe':>9s} {'finetune':>9s}")
+    knn = all("knn_top1" in r for r in records)
+    hdr = (f"{'method':16s} {'seed':>4s} {'budget TF':>9s} {'spent TF':>9s} {'steps':>6s} {'images':>7s} "
+           f"{'GF/img':>7s} {'loss':>7s} {'pre s':>6s} {'linprobe':>9s} {'finetune':>9s}" + (f" {'kNN':>9s}"
+                                                                                             if knn else ""))
     lines = [hdr]
     for r in records:
         loss = f"{r['final_loss']:.4f}" if r.get("final_loss") is not None else "n/a"
-        lines.append(f"{r['method']:11s} {r.get('seed', 0):4d} {r['budget_tflop']:9.3g} {r['spent_tflop']:9.3f} "
+        lines.append(f"{r['method']:16s} {r.get('seed', 0):4d} {r['budget_tflop']:9.3g} {r['spent_tflop']:9.3f} "
                      f"{r['steps']:6d} {r['images_seen']:7d} {r['gflop_per_image']:7.4f} {loss:>7s} "
-                     f"{r['pretrain_s']:6.0f} {r['linprobe_top1']:8.2f}% {r['finetune_top1']:8.2f}%")
+                     f"{r['pretrain_s']:6.0f} {r['linprobe_top1']:8.2f}% {r['finetune_top1']:8.2f}%"
+                     + (f" {r['knn_top1']:8.2f}%" if knn else ""))
     return "\n".join(lines)
+
+
+def git_state() -> dict[str, Any]:
+    """The commit this code runs on and whether the working tree differs from it (which paths)."""
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        changed = [ln[3:] for ln in git("status", "--porcelain", "--untracked-files=no").splitlines()]
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(changed), "dirty_paths": changed}
+    except (OSError, subprocess.CalledProcessError) as e:
+        return {"commit": None, "dirty": None, "error": str(e)}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--budgets-tflop", default="1.5,4.5",
-                   help="pretraining budgets, analytic training TFLOP of the official algorithm")
-    p.add_argument("--methods", default="supmae,mae,supervised", help=f"of {', '.join(METHODS)}")
+    p.add_argument("--budgets-tflop", default=None,
+                   help="pretraining budgets, analytic training TFLOP of the official algorithm (default 1.5,4.5; "
+                   "with --tiny 0.001)")
+    p.add_argument("--methods", default="supmae,mae,supervised",
+                   help=f"comma-separated, of {', '.join(METHODS)} and {MIM_PREFIX}<variant>[+<variant>...]")
+    p.add_argument("--mim-variants", default="",
+                   help=f"append method {MIM_PREFIX}<v> for each of these comma-separated mim_supervised variants "
+                   f"({'; '.join(f'{k}: {v}' for k, v in MIM_VARIANTS.items())})")
+    p.add_argument("--eval-split", choices=("test", "val"), default="test",
+                   help="test: evaluate on the test split (results); val: on the last 10,000 training images, "
+                   "pretraining and probes on the first 50,000 (choosing between variants)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--blr", type=float, default=1.5e-3, help="base lr (lr = blr * batch / 256)")
     p.add_argument("--warmup-frac", type=float, default=0.05)
     p.add_argument("--probe-train", type=int, default=4000, help="training images of the linear probe / fine-tune")
-    p.add_argument("--probe-test", type=int, default=4000, help="test images (real Fashion-MNIST test split)")
+    p.add_argument("--probe-test", type=int, default=4000, help="eval images the linear probe / fine-tune test on")
     p.add_argument("--probe-epochs", type=int, default=20)
+    p.add_argument("--knn-bank", type=int, default=20000, help="kNN bank: the first N training images (file order)")
+    p.add_argument("--knn-queries", type=int, default=0, help="kNN queries: the first N eval images (0: all)")
+    p.add_argument("--knn-k", type=int, default=20)
+    p.add_argument("--knn-t", type=float, default=0.07, help="kNN vote temperature")
     p.add_argument("--ft-steps", type=int, default=50)
     p.add_argument("--ft-blr", type=float, default=4e-3, help="fine-tune base lr (lr = blr * batch / 256)")
     p.add_argument("--threads", type=int, default=1,
@@ -288,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
                    "the same for every seed")
     p.add_argument("--merge", nargs="+", metavar="JSON",
                    help="run nothing: combine the records of these result files (e.g. seeds run in parallel) "
-                   "into --out-json / --out-png")
+                   "into --out-json / --out-png; they must come from one commit and the same settings")
     p.add_argument("--work-dir", default="runs/compute_budget")
     p.add_argument("--out-json", default=str(REPO / "docs" / "compute_budget" / "results.json"))
     p.add_argument("--out-png", default=str(REPO / "docs" / "compute_budget" / "top1_vs_compute.png"))
@@ -300,37 +513,50 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("fastsupmae", "DeepSpeed", "deepspeed"):
         logging.getLogger(name).setLevel(logging.WARNING)
     args.model = dict(MODEL)
+    if args.budgets_tflop is None:
+        args.budgets_tflop = "0.001" if args.tiny else "1.5,4.5"
     if args.tiny:
         args.model.update(embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=16, decoder_num_heads=2,
                           cls_hidden_dim=32)
         args.batch, args.probe_train, args.probe_test, args.probe_epochs = 32, 256, 256, 2
         args.ft_steps, args.ft_batch = 3, 32
+        args.knn_bank, args.knn_queries = 1000, 500
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        p.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    methods += [MIM_PREFIX + v.strip() for v in args.mim_variants.split(",") if v.strip()]
+    methods = list(dict.fromkeys(methods))
+    for m in methods:
+        try:
+            method_overrides(m)
+        except ValueError as e:
+            p.error(str(e))
+    args.methods = ",".join(methods)
     if args.merge:
         return merge(args)
     budgets = sorted(float(b) * 1e12 for b in args.budgets_tflop.split(","))
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    git = git_state()
+    if git.get("dirty"):
+        log.warning("the working tree differs from commit %s (%s): the results are recorded as dirty", git["commit"],
+                    ", ".join(git["dirty_paths"][:5]))
     t0 = time.time()
     start = dt.datetime.now(dt.timezone.utc)
-    probe_train = Subset("train", args.probe_train, 512, 1)
-    probe_test = Subset("test", args.probe_test, 512, 2)
-    ft_train = Subset("train", args.probe_train, args.ft_batch, 1)
+    data = eval_data(args.eval_split, args.probe_train, args.probe_test, args.knn_bank, args.knn_queries,
+                     args.ft_batch)
+    log.info("images: %s", data["describe"])
     records = []
     for seed in seeds:
         for budget in budgets:
             for method in methods:
-                records.append(run_one(method, budget, seed, args, probe_train, probe_test, ft_train))
+                records.append(run_one(method, budget, seed, args, data))
                 print(table(records[-1:]).splitlines()[-1], flush=True)
     total_s = time.time() - t0
     machine = {"cpu": next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
                            platform.processor()), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "gpu": None, "loadavg_end": os.getloadavg()}
-    result = {"what": "SupMAE vs MAE vs supervised at equal pretraining compute (analytic training FLOPs), "
-                      "Fashion-MNIST", "date_utc": start.isoformat(timespec="seconds"), "wall_s": total_s,
-              "machine": machine, "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
+    result = {"what": "SupMAE vs MAE vs supervised vs supervised + MIM at equal pretraining compute (analytic "
+                      "training FLOPs), Fashion-MNIST", "date_utc": start.isoformat(timespec="seconds"),
+              "wall_s": total_s, "git": git, "images": data["describe"], "machine": machine,
+              "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
               "settings": {k: v for k, v in vars(args).items()}, "records": records}
     print(f"total {total_s / 60:.1f} min")
     write(result, args)
@@ -338,36 +564,55 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write(result: dict[str, Any], args: argparse.Namespace) -> None:
-    """Print the tables, write the JSON (with the per-seed summary) and the plot."""
+    """Print the tables, write the JSON (with the per-seed summary and paired differences) and the plot."""
     records = result["records"]
     result["summary"] = _by_method_budget(records)
+    result["paired_differences"] = [d for a, b in _pairs(records) for d in paired_differences(records, a, b)]
     print(table(records))
     print(summary(records))
     Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out_json).write_text(json.dumps(result, indent=1, default=str))
     seeds = sorted({r.get("seed", 0) for r in records})
-    m = result["settings"]["model"]
+    s = result["settings"]
+    m = s["model"]
+    split = s.get("eval_split", "test")
     plot(records, Path(args.out_png),
          f"Fashion-MNIST, ViT D{m['embed_dim']}x{m['depth']} p4, {result['date_utc'][:10]}, "
-         f"{result['machine']['cores']}-core CPU; probe on {result['settings']['probe_test']} test images; "
-         f"mean (bars: min-max) of seeds {seeds}")
+         f"{result['machine']['cores']}-core CPU; eval on {split} split (probe {s['probe_test']} images"
+         + (f", kNN bank {s['knn_bank']}" if "knn_bank" in s else "") + f"); mean (bars: min-max) of seeds {seeds}")
     log.info("wrote %s and %s", args.out_json, args.out_png)
 
 
 def merge(args: argparse.Namespace) -> int:
-    """Combine result files (one per seed, say) into one; their settings must agree but for the seeds."""
+    """Combine result files (one per seed, say) into one; they must come from one commit and their settings
+    must agree but for the seeds, budgets and methods."""
     parts = [json.loads(Path(f).read_text()) for f in args.merge]
     base = parts[0]
+    commits = {f: (part.get("git") or {}).get("commit") for f, part in zip(args.merge, parts)}
+    if len(set(commits.values())) > 1 or None in commits.values():
+        raise SystemExit("compute_budget_study: the files come from different (or unrecorded) commits ("
+                         + ", ".join(f"{f}: {c or 'unrecorded'}" for f, c in commits.items())
+                         + "); rerun the cells on one commit, then merge")
     # per-record facts (seed, budget, method) may differ between the parts; the training settings may not
-    ignore = {"seeds", "budgets_tflop", "methods", "work_dir", "out_json", "out_png", "merge", "threads"}
+    ignore = {"seeds", "budgets_tflop", "methods", "mim_variants", "work_dir", "out_json", "out_png", "merge",
+              "threads"}
     for f, part in zip(args.merge[1:], parts[1:]):
-        diff = [k for k in base["settings"] if k not in ignore and part["settings"].get(k) != base["settings"][k]]
+        keys = set(base["settings"]) | set(part["settings"])
+        diff = sorted(k for k in keys if k not in ignore and part["settings"].get(k) != base["settings"].get(k))
         if diff:
             raise SystemExit(f"compute_budget_study: {f} was run with other settings ({', '.join(diff)}); not merged")
-    result = {**base, "records": [r for part in parts for r in part["records"]],
+    records = [r for part in parts for r in part["records"]]
+    cells = [(r["method"], r["budget_tflop"], r.get("seed", 0)) for r in records]
+    dup = sorted({c for c in cells if cells.count(c) > 1})
+    if dup:
+        raise SystemExit(f"compute_budget_study: the files hold the same run twice {dup[:3]}; merge each once")
+    dirty = sorted({p for part in parts for p in (part.get("git") or {}).get("dirty_paths", [])})
+    git = {"commit": base["git"]["commit"], "dirty": any(part["git"].get("dirty") for part in parts),
+           "dirty_paths": dirty}
+    result = {**base, "records": records, "git": git,
               "wall_s": sum(part["wall_s"] for part in parts),
               "command": " + ".join(part["command"] for part in parts) + " ; merged with --merge",
-              "runs": [{k: part[k] for k in ("date_utc", "wall_s", "machine", "command")} for part in parts]}
+              "runs": [{k: part.get(k) for k in ("date_utc", "wall_s", "machine", "command", "git")} for part in parts]}
     write(result, args)
     return 0
 
