@@ -16,6 +16,7 @@ import pytest
 
 from fastsupmae.engine import optim
 from fastsupmae.engine import time_plan as tp
+from fastsupmae.engine.metrics import PEAK_ENV
 from fastsupmae.engine.trainer import Trainer
 from tests import multirank
 from tests.test_engine import make_trainer, records, tiny_cfg
@@ -24,6 +25,7 @@ from tests.test_engine import make_trainer, records, tiny_cfg
 def stub_clock(monkeypatch: pytest.MonkeyPatch, sec_per_step: Any) -> None:
     """The trainer's clock reads ``sum of sec_per_step(s) over the steps s done`` (a number: a constant rate)."""
     rate = sec_per_step if callable(sec_per_step) else (lambda s: sec_per_step)
+    monkeypatch.setenv(PEAK_ENV, "1")  # no CPU matmul timing for the MFU at every (per-step) log record
     monkeypatch.setattr(Trainer, "_clock", lambda self: 1000.0 + sum(rate(s) for s in range(self.step)))
 
 
@@ -80,15 +82,15 @@ def test_planned_run_ends_done_with_its_cosine_completed_then_probes(tmp_path: P
 
     stub_clock(monkeypatch, 1.0)
     out = tmp_path / "run"
-    # 8 steps per epoch; the configured 100 steps would take 100 s, the budget is 30 s
-    cfg = tiny_cfg(out, max_steps=100, log_every=1, ckpt_every=0, warmup_epochs=2, time_limit_min=0.5)
+    # 8 steps per epoch; the configured 100 steps would take 100 s, the budget is 18 s
+    cfg = tiny_cfg(out, max_steps=100, log_every=1, ckpt_every=0, warmup_epochs=2, time_limit_min=0.3)
     cfg.eval.after_train, cfg.eval.knn_k = "knn", 5
     final = run(cfg)
     ev = plan_event(out)
     p = ev["fixed_at"]
     assert p == tp.SKIP_STEPS + tp.MIN_MEASURED_STEPS and ev["measured_steps"] == tp.MIN_MEASURED_STEPS
     assert ev["steps_per_s"] == pytest.approx(1.0)
-    total = p + math.floor((1 - tp.MARGIN_SHARE) * 30 - p * 1.0)  # p seconds already spent, at 1 s/step
+    total = p + math.floor((1 - tp.MARGIN_SHARE) * 18 - p * 1.0)  # p seconds already spent, at 1 s/step
     assert ev["total_steps"] == total < 100 and ev["configured_steps"] == 100
     assert final["step"] == total and final["stopped"] == "done" and final["time_plan"]["total_steps"] == total
     assert 0.0 <= final["knn_top1"] <= 100.0 and "probe_wall_s" in final  # the probe ran
@@ -104,7 +106,7 @@ def test_planned_run_ends_done_with_its_cosine_completed_then_probes(tmp_path: P
     assert all(lr[s + 1] < lr[s] for s in range(warm, total - 1))
     # the last step is the last step of a completed cosine (the configured schedule would still be near its peak)
     assert lr[total - 1] == pytest.approx(optim.lr_at(total - 1, total, warm, peak, 0.0), rel=1e-12)
-    assert lr[total - 1] < 0.02 * peak < 0.5 * optim.lr_at(total - 1, 100, 16, peak, 0.0)
+    assert lr[total - 1] < 0.05 * peak < 0.5 * optim.lr_at(total - 1, 100, 16, peak, 0.0)
     meta = json.loads((out / "checkpoints" / f"step_{total:08d}" / "meta.json").read_text())
     assert meta["time_plan"]["total_steps"] == total == meta["total_steps"]
 
@@ -147,18 +149,18 @@ def test_resume_keeps_the_saved_plan_and_is_exact(tmp_path: Path, monkeypatch: p
 
 
 def test_plan_never_exceeds_the_configured_epochs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    stub_clock(monkeypatch, 0.1)  # 0.1 s/step in a 60 s budget: ~580 steps would fit
+    stub_clock(monkeypatch, 0.2)  # 0.2 s/step in a 30 s budget: ~140 steps would fit
     out = tmp_path / "run"
-    cfg = tiny_cfg(out, max_steps=0, epochs=2.5, log_every=1, ckpt_every=0, time_limit_min=1.0)
-    res = make_trainer(cfg).fit()  # 2.5 epochs of 8 steps
+    cfg = tiny_cfg(out, max_steps=0, epochs=1.5, log_every=1, ckpt_every=0, time_limit_min=0.5)
+    res = make_trainer(cfg).fit()  # 1.5 epochs of 8 steps
     ev = plan_event(out)
-    assert ev["total_steps"] == ev["configured_steps"] == 20 and res.step == 20 and res.stopped == "done"
-    assert ev["fixed_at"] < 20
+    assert ev["total_steps"] == ev["configured_steps"] == 12 and res.step == 12 and res.stopped == "done"
+    assert ev["fixed_at"] < 12 and ev["steps_per_s"] == pytest.approx(5.0)
     peak, warm = optim.peak_lr(cfg), 4
     lr = lrs(out)
-    assert sorted(lr) == list(range(20))
-    for s in range(20):  # the configured schedule, unchanged
-        assert lr[s] == pytest.approx(optim.lr_at(s, 20, warm, peak, 0.0), rel=1e-12)
+    assert sorted(lr) == list(range(12))
+    for s in range(12):  # the configured schedule, unchanged
+        assert lr[s] == pytest.approx(optim.lr_at(s, 12, warm, peak, 0.0), rel=1e-12)
 
 
 def test_bad_overrun_after_the_plan_stops_with_a_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
