@@ -1,6 +1,6 @@
-"""The compute-budget study script's bookkeeping: per-seed summary and the merge of runs made in parallel.
-
-(The study itself takes ~40 minutes; `--tiny` exercises it end to end by hand. These tests run no training.)
+"""The compute-budget study script: per-seed summary, paired differences, the merge of runs made in parallel,
+the methods' overrides and FLOP budgets, the val split's images, and one `--tiny` run end to end (mim_supervised
+and supervised on the val split with the kNN evaluation, ~20 s).
 """
 
 from __future__ import annotations
@@ -8,9 +8,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import statistics
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "compute_budget_study.py"
 
@@ -28,12 +30,13 @@ def _record(method: str, budget: float, seed: int, rng: random.Random) -> dict:
             "linprobe_top1": rng.uniform(50, 70), "finetune_top1": rng.uniform(30, 60)}
 
 
-def _result(records: list[dict], seeds: str, settings: dict | None = None) -> dict:
+def _result(records: list[dict], seeds: str, settings: dict | None = None, commit: str = "a" * 40) -> dict:
     s = {"seeds": seeds, "probe_test": 4000, "batch": 128, "model": {"embed_dim": 96, "depth": 4},
          "work_dir": f"/tmp/w{seeds}", "out_json": "x", "out_png": "y", "merge": None, "threads": 1}
     s.update(settings or {})
     return {"what": "t", "date_utc": "2026-11-25T10:00:00+00:00", "wall_s": 60.0, "command": f"study --seeds {seeds}",
-            "machine": {"cores": 2}, "settings": s, "records": records}
+            "machine": {"cores": 2}, "settings": s, "records": records,
+            "git": {"commit": commit, "dirty": False, "dirty_paths": []}}
 
 
 def test_summary_is_mean_min_max_over_seeds() -> None:
@@ -70,3 +73,109 @@ def test_merge_combines_seeds_and_refuses_other_settings(tmp_path: Path) -> None
     with pytest.raises(SystemExit, match="batch"):
         study.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "c.json"), "--out-json", str(out_json),
                     "--out-png", str(out_png)])
+
+
+def test_merge_refuses_other_commits_and_duplicate_cells(tmp_path: Path) -> None:
+    study, rng = _study(), random.Random()
+    a = _result([_record("supmae", 1.5, 0, rng)], "0")
+    b = _result([_record("supmae", 1.5, 1, rng)], "1", commit="b" * 40)
+    old = _result([_record("supmae", 1.5, 2, rng)], "2")
+    del old["git"]  # a result of the script before it recorded its commit
+    for name, r in (("a", a), ("b", b), ("old", old)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(r))
+    out = ["--out-json", str(tmp_path / "m.json"), "--out-png", str(tmp_path / "m.png")]
+    with pytest.raises(SystemExit, match="different .*commits"):
+        study.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), *out])
+    with pytest.raises(SystemExit, match="unrecorded"):
+        study.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "old.json"), *out])
+    with pytest.raises(SystemExit, match="same run twice"):
+        study.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "a.json"), *out])
+
+
+def test_paired_differences_same_sign_and_std() -> None:
+    study = _study()
+    recs = []
+    for seed, (sup, mim) in enumerate(((60.0, 61.0), (62.0, 62.5), (58.0, 60.0))):
+        for method, v in (("supervised", sup), ("mim_supervised", mim), ("mims-hog", sup - 1 + 2 * (seed == 1))):
+            r = _record(method, 1.5, seed, random.Random(seed))
+            r.update(linprobe_top1=v, finetune_top1=v, knn_top1=v)
+            recs.append(r)
+    diffs = study.paired_differences(recs, "mim_supervised", "supervised")
+    assert {d["eval"] for d in diffs} == {"linear probe", "short fine-tune", "kNN"}
+    lp = next(d for d in diffs if d["key"] == "linprobe_top1")
+    assert lp["diff"] == pytest.approx([1.0, 0.5, 2.0]) and lp["same_sign"] and lp["seeds"] == [0, 1, 2]
+    hog = study.paired_differences(recs, "mims-hog", "supervised")
+    assert all(not d["same_sign"] for d in hog)  # -1, +1, -1
+    assert ("mims-hog", "mim_supervised") in study._pairs(recs) and ("mims-hog", "supervised") in study._pairs(recs)
+    pt = study._by_method_budget(recs)["mim_supervised"][0]["knn_top1"]
+    assert pt["each"] == [61.0, 62.5, 60.0] and pt["std"] == pytest.approx(statistics.stdev([61.0, 62.5, 60.0]))
+    text = study.summary(recs)
+    assert "mim_supervised - supervised" in text and "kNN" in text
+
+
+def test_methods_overrides_and_budgets() -> None:
+    from fastsupmae.flops import train_flops
+
+    study = _study()
+    assert study.method_overrides("mim_supervised")["mim_encoder_input"] == "visible"
+    combo = study.method_overrides("mims-full+hog")
+    assert combo["mim_encoder_input"] == "full" and combo["mim_target"] == "hog" and combo["decoder_depth"] == 1
+    assert study.method_overrides("mims-d2")["decoder_depth"] == 2
+    with pytest.raises(ValueError, match="variant 'nope'"):
+        study.method_overrides("mims-nope")
+    with pytest.raises(ValueError, match="unknown"):
+        study.method_overrides("bert")
+    with pytest.raises(SystemExit):  # argparse error naming the choices
+        study.main(["--methods", "mims-nope", "--merge", "x.json"])
+    steps, per = {}, {}
+    for m in ("supervised", "mim_supervised", "mims-full", "mims-d2", "mims-hog"):
+        cfg, steps[m], per[m] = study.pretrain_config(m, 1e12, 128, 1.5e-3, Path("/tmp/x"), study.MODEL, 0, 0.05,
+                                                      50000)
+        assert cfg.model.objective == ("supervised" if m == "supervised" else "mim_supervised")
+        assert cfg.data.limit == 50000 and per[m] == train_flops(cfg, 128, fused=False)
+        assert steps[m] == round(1e12 / per[m])
+    # a full encoder input costs a full encoder pass (more than supervised, which has no decoder); the masked
+    # default far less; a second decoder block more than one
+    assert per["mims-full"] > per["supervised"] > per["mims-d2"] > per["mim_supervised"]
+    assert steps["mim_supervised"] > steps["mims-full"]
+
+
+def test_val_split_holds_out_the_last_training_images() -> None:
+    study = _study()
+    from fastsupmae.pipelines.fashion_mnist import load_fashion_mnist
+
+    tr, tl = load_fashion_mnist(study.DATA["root"], "train")
+    d = study.eval_data("val", 300, 200, 1000, 0, 32)
+    assert d["train_limit"] == 50000
+    assert torch.equal(d["knn_queries"].images, tr[50000:]) and torch.equal(d["knn_queries"].labels, tl[50000:])
+    assert torch.equal(d["knn_bank"].images, tr[:1000])
+    # probe / fine-tune images: from the first 50,000 only; probe test images: from the held-out 10,000
+    rows = [bytes(x) for x in tr.flatten(1).numpy()]
+    for sub, lo, hi in ((d["probe_train"], 0, 50000), (d["probe_test"], 50000, 60000)):
+        part = set(rows[lo:hi])
+        assert all(bytes(x) in part for x in sub.images.flatten(1).numpy()), "an image from outside its part"
+    t = study.eval_data("test", 300, 200, 20000, 0, 32)
+    te, _ = load_fashion_mnist(study.DATA["root"], "test")
+    assert t["train_limit"] == 0 and torch.equal(t["knn_queries"].images, te) and torch.equal(t["knn_bank"].images,
+                                                                                               tr[:20000])
+    with pytest.raises(SystemExit, match="knn-bank"):
+        study.eval_data("val", 300, 200, 50001, 0, 32)
+
+
+def test_tiny_run_mim_supervised_knn_on_val(tmp_path: Path) -> None:
+    study = _study()
+    out = tmp_path / "r.json"
+    argv = ["--tiny", "--methods", "mim_supervised,supervised", "--seeds", "0", "--eval-split", "val",
+            "--work-dir", str(tmp_path / "w"), "--out-json", str(out), "--out-png", str(tmp_path / "r.png")]
+    assert study.main(argv) == 0
+    res = json.loads(out.read_text())
+    assert res["git"]["commit"] and "50000-59999" in res["images"]
+    by = {r["method"]: r for r in res["records"]}
+    assert set(by) == {"mim_supervised", "supervised"}
+    assert by["mim_supervised"]["objective"] == "mim_supervised"
+    for r in by.values():
+        assert r["eval_split"] == "val" and r["knn_bank"] == 1000 and r["knn_queries"] == 500
+        assert r["steps"] == round(1e9 / (r["gflop_per_image"] * 1e9 * 32))
+        # an encoder barely trained still retrieves far above chance (10 %) on Fashion-MNIST
+        assert 20.0 < r["knn_top1"] <= r["knn_top5"] <= 100.0
+    assert {d["method"] for d in res["paired_differences"]} == {"mim_supervised"}
