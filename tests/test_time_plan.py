@@ -196,3 +196,12 @@ def test_two_ranks_measuring_different_rates_agree_on_one_total(tmp_path: Path) 
         assert r["plan"] == res[0]["plan"]
         assert r["plan"]["total_steps"] == min(own) == r["step"] and r["stopped"] == "done"
         assert r["plan"]["steps_per_s"] == pytest.approx(1 / res[1]["sec_per_step"])
+
+
+def test_planned_last_step_ends_done_even_past_the_overrun(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    total = 5 + math.floor((1 - tp.MARGIN_SHARE) * 15 - 5)  # planned at step 5 after 5 s, 1 s/step, 15 s budget
+    stub_clock(monkeypatch, lambda s: 1.0 if s < total - 1 else 100.0)  # the last step alone takes 100 s
+    out = tmp_path / "run"
+    res = make_trainer(tiny_cfg(out, max_steps=100, log_every=1, ckpt_every=0, time_limit_min=0.25)).fit()
+    assert plan_event(out)["total_steps"] == total
+    assert res.stopped == "done" and res.step == total  # the schedule is complete: not a safety stop

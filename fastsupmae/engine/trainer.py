@@ -635,9 +635,9 @@ class Trainer:
             return None
         elapsed = self._clock() - loop.t_start
         # Without a plan (yet) the limit itself stops the run; a planned run ends 'done' at its planned step and
-        # is stopped only if it overruns badly.
+        # is stopped only if it overruns badly. A run at its last step has completed its schedule: 'done'.
         limit_s = t.time_limit_min * 60 * (tp.OVERRUN if self.plan is not None else 1.0)
-        over_time = t.time_limit_min > 0 and elapsed >= limit_s
+        over_time = t.time_limit_min > 0 and elapsed >= limit_s and not is_last
         world = self.dist.world_size
         names = [*self.loss_keys, "good", "skipped", "grad_norm", "max_consec", "consec"]
         loop.sums.add("max_consec", loop.max_consec / world)  # identical on every rank: /world so the SUM is it
