@@ -201,6 +201,7 @@ class EvalConfig:
     after_train: str = _f("knn", "probe run after pretraining: knn | linprobe | none")
     knn_k: int = _f(20, "k of the k-NN classifier")
     knn_temperature: float = _f(0.07, "vote weights exp(sim / T)")
+    knn_bank: int = _f(0, "k-NN memory bank: the first N training images in file order (0: all, or data.limit)")
     feature: str = _f("avg", "avg (mean of patch tokens after the final norm) | cls")
     batch: int = _f(256, "evaluation batch")
 
@@ -426,7 +427,7 @@ BOUNDS: dict[str, str] = {
     "train.zero_stage": "[0, 3]", "train.zero3_persistence_threshold": "[0, inf)", "train.seed": "[0, inf)",
     "train.log_every": "[1, inf)", "train.ckpt_every": "[0, inf)", "train.keep_last": "[1, inf)",
     "train.keep_every": "[0, inf)", "train.max_bad_steps": "[1, inf)",
-    "eval.knn_k": "[1, inf)", "eval.knn_temperature": "(0, inf)", "eval.batch": "[1, inf)",
+    "eval.knn_k": "[1, inf)", "eval.knn_temperature": "(0, inf)", "eval.knn_bank": "[0, inf)", "eval.batch": "[1, inf)",
 }
 # What a bound means where the interval alone does not say it: appended to the message.
 BOUND_HINTS: dict[str, str] = {

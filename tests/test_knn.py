@@ -162,3 +162,20 @@ def test_extract_features_gathers_uneven_shards_from_all_ranks(tmp_path):
     assert got["res"] == single
     assert got["mine"] == 7 and got["sharded"] == single  # no rank held the whole bank; same votes
     assert got["sharded10"] == knn_classify(got["f"], labels, got["f"], labels, k=10)
+
+
+def test_knn_bank_is_the_first_n_training_images():
+    """eval.knn_bank: the bank is the first N training images in file order, within data.limit."""
+    from fastsupmae.pipelines import build_eval_loader
+    from fastsupmae.tasks.knn import bank_loader
+
+    cfg = tiny_config()
+    cfg.data.synthetic_size = 40
+    cfg.eval.batch = 16
+    full = torch.cat([b["images"] for b in build_eval_loader(cfg, "train")])
+    assert full.shape[0] == 40
+    for bank, limit, expect in ((0, 0, 40), (25, 0, 25), (25, 10, 10), (10, 25, 10)):
+        cfg.eval.knn_bank, cfg.data.limit = bank, limit
+        got = torch.cat([b["images"] for b in bank_loader(cfg)])
+        assert torch.equal(got, full[:expect]), (bank, limit)
+    assert cfg.data.limit == 25  # the caller's config is left alone

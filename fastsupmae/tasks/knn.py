@@ -220,6 +220,20 @@ def knn_eval(model: nn.Module, train_loader: Iterable[dict[str, torch.Tensor]],
     return res
 
 
+def bank_loader(cfg: Any, rank: int = 0, world_size: int = 1, device: Any = "cpu") -> Any:
+    """The memory bank's loader: the un-augmented training images, the first ``eval.knn_bank`` of them (in file
+    order) when it is set, within ``data.limit``."""
+    import copy
+
+    from fastsupmae.pipelines import build_eval_loader
+
+    n = cfg.eval.knn_bank
+    if n > 0 and (cfg.data.limit == 0 or n < cfg.data.limit):
+        cfg = copy.deepcopy(cfg)
+        cfg.data.limit = n
+    return build_eval_loader(cfg, "train", rank, world_size, device)
+
+
 # ----------------------------------------------------------------------------------------------- CLI
 
 def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -243,7 +257,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     cfg, model, device = load_model_for_eval(args, encoder_only=True)  # features only: exports load
     e = cfg.eval
-    res = knn_eval(model, build_eval_loader(cfg, "train", device=device), build_eval_loader(cfg, "val", device=device),
+    res = knn_eval(model, bank_loader(cfg, device=device), build_eval_loader(cfg, "val", device=device),
                    k=args.k or e.knn_k, temperature=args.temperature or e.knn_temperature,
                    feature=args.feature or e.feature, num_classes=cfg.model.num_classes)
     print(f"kNN top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  ({res['num_train']} train, {res['num_test']} val)")

@@ -61,18 +61,18 @@ def _probe(cfg: Config, module: torch.nn.Module, rank: int, world: int, device: 
         return {}
     from fastsupmae.pipelines import build_eval_loader
 
-    train_l = build_eval_loader(cfg, "train", rank, world, device)
     val_l = build_eval_loader(cfg, "val", rank, world, device)
     if e.after_train == "knn":
-        from fastsupmae.tasks.knn import knn_eval
+        from fastsupmae.tasks.knn import bank_loader, knn_eval
 
-        res = knn_eval(module, train_l, val_l, k=e.knn_k, temperature=e.knn_temperature, feature=e.feature,
-                       num_classes=cfg.model.num_classes)
+        res = knn_eval(module, bank_loader(cfg, rank, world, device), val_l, k=e.knn_k,
+                       temperature=e.knn_temperature, feature=e.feature, num_classes=cfg.model.num_classes)
         return {f"knn_{k}": v for k, v in res.items()}
     from fastsupmae.tasks.linprobe import LinprobeOptions, linear_probe
 
     # Cached features of this rank's shard of the un-augmented training images (the probe's default), MAE's other
     # settings; trained by the same engine in <run>/linprobe, continued there when the pretraining run resumes.
+    train_l = build_eval_loader(cfg, "train", rank, world, device)
     res = linear_probe(module, cfg, LinprobeOptions(), val_l, Path(cfg.train.output_dir) / "linprobe",
                        train_eval_loader=train_l, resume="auto" if cfg.train.resume else "")
     res = {k: v for k, v in res.items() if isinstance(v, (int, float, str))}
