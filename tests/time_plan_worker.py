@@ -14,24 +14,22 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from fastsupmae.pipelines import build_train_loader
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: `tests.test_engine` importable
+
+from fastsupmae.pipelines import build_train_loader  # noqa: E402
 
 from fastsupmae.config import load_config
 from fastsupmae.engine.distributed import init_distributed
 from fastsupmae.engine.rng import seed_everything
 from fastsupmae.engine.trainer import Trainer
 from fastsupmae.models import build_model
+from tests.test_engine import TINY as ENGINE_TINY
 
-TINY = {
-    "model": {"objective": "supmae", "size": "micro", "embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": [16, 16],
-              "patch_size": 4, "in_chans": 3, "num_classes": 4, "decoder_embed_dim": 16, "decoder_num_heads": 2,
-              "cls_hidden_dim": 32, "kernels": "torch", "attn_backend": "sdpa"},
-    "data": {"dataset": "synthetic", "synthetic_size": 256},
-    "train": {"global_batch": 16, "micro_batch": 4, "blr": 1e-3, "warmup_epochs": 0.5, "epochs": 100, "max_steps": 100,
-              "precision": "fp32", "zero_stage": 1, "log_every": 2, "ckpt_every": 0, "progress": False,
-              "time_limit_min": 0.5},
-    "eval": {"after_train": "none"},
-}
+# test_engine's tiny SupMAE, trained longer on more samples, with a time limit to plan
+TINY = json.loads(json.dumps(ENGINE_TINY))
+TINY["data"]["synthetic_size"] = 256
+TINY["train"].update(micro_batch=4, max_steps=100, zero_stage=1, ckpt_every=0, time_limit_min=0.5)
+TINY["eval"] = {"after_train": "none"}
 
 
 def rate(rank: int) -> float:
