@@ -14,6 +14,7 @@ flip with probability 0.5; evaluation = shorter-side resize + centre crop (:func
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -81,7 +82,7 @@ class BatchDecoder:
         g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, step, self.rank))
         u = torch.rand(n, generator=g)  # flips; drawn first so they do not depend on image sizes
         sub_seeds = torch.randint(0, 2**62, (n,), generator=g).tolist()
-        out = torch.empty((n, 3, *self.out_hw), dtype=torch.uint8)
+        out = _batch_tensor((n, 3, *self.out_hw))
         labels = self.source.labels
         keep_idx: list[int] = []
         bad: list[tuple[str, str]] = []
@@ -116,6 +117,15 @@ class BatchDecoder:
             self._finetune_aug(out[:m], mix_seed(self.seed, epoch, step, self.rank, 0xF7))
         return {"images": out[:m], "labels": torch.from_numpy(labels[keep_idx]), "bad": bad,
                 "error": ""}
+
+
+def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised uint8 batch; in a DataLoader worker it is allocated in shared memory straight away, so
+    handing it to the main process copies nothing (torch would otherwise move it there with a copy)."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape))
+    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
 
 
 class _Steps(torch.utils.data.Dataset):

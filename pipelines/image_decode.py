@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import math
+import threading
 import warnings
 from collections.abc import Callable
 
@@ -70,6 +71,18 @@ def _dct_scale(h: int, w: int, min_h: int, min_w: int) -> int:
     return 8
 
 
+_local = threading.local()
+
+
+def _decode_buffer(nbytes: int) -> np.ndarray:
+    """This thread's reusable decode buffer, grown to ``nbytes``: a fresh array per image would be page-faulted in
+    (and often returned to the OS) every time, which showed up as system time in the workers."""
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.nbytes < nbytes:
+        buf = _local.buf = np.empty(max(nbytes, 1 << 20), np.uint8)
+    return buf
+
+
 def _crop_resize(arr: np.ndarray, box: Box, full: tuple[int, int], out_hw: tuple[int, int], interp: str,
                  out: torch.Tensor | None, flip: bool = False) -> torch.Tensor:
     """Crop ``box`` (full-size coordinates) from a possibly reduced-size decode ``arr`` [h, w, 3] and resize.
@@ -92,8 +105,8 @@ def _crop_resize(arr: np.ndarray, box: Box, full: tuple[int, int], out_hw: tuple
         y = F.interpolate(x, size=out_hw, mode=interp, antialias=True, align_corners=False)[0]
     if flip:  # the resize's taps are mirror-symmetric, so flipping its small output equals resizing a flipped crop
         y = y.flip(-1)
-    if out is None:
-        return y.contiguous()
+    if out is None:  # a copy in every case: ``y`` may be a view of the reused decode buffer
+        return y.clone(memory_format=torch.contiguous_format)
     out.copy_(y)
     return out
 
@@ -130,7 +143,8 @@ def decode_crop_resize(data: bytes, path: str, box_for: Callable[[int, int], Box
     min_h, min_w = math.ceil(h * k / 8), math.ceil(w * k / 8)
     if simplejpeg is not None and _is_jpeg(data):
         try:
-            arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=min_h, min_width=min_w, strict=True)
+            arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=min_h, min_width=min_w, strict=True,
+                                         buffer=_decode_buffer(min_h * min_w * 3))
             return _crop_resize(arr, box, (h, w), out_hw, interp, out, flip)
         except ValueError as e:
             if str(e).startswith(_CORRUPT):
