@@ -9,24 +9,25 @@ because process start-up (torch + DeepSpeed imports) dominates the cost of these
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: `tests.*` importable
+
 from fastsupmae.pipelines import build_train_loader
 
 from fastsupmae.config import load_config
 from fastsupmae.engine import checkpoint as ckpt_mod
 from fastsupmae.engine.checkpoint import consolidated_state_dict
-from fastsupmae.engine.distributed import init_distributed
 from fastsupmae.engine.rng import seed_everything
 from fastsupmae.engine.trainer import Trainer, TrainingDivergedError
 from fastsupmae.models import build_model
+from tests.multirank import run_worker
 
 TINY = {
     "model": {"objective": "supmae", "size": "micro", "embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": [16, 16],
@@ -473,35 +474,26 @@ def scenario_reshard(w: Path, info: Any, out: dict[str, Any], save: bool = True,
                 close(tr)
 
 
+def _resume_args(w: Path, info: Any, out: dict[str, Any], run: str = "long", steps: str = "10",
+                 stage: str = "2") -> None:
+    """``resume [run=NAME] [steps=N] [stage=S]``: :func:`scenario_resume` with the command line's values."""
+    scenario_resume(w, info, out, run=run, steps=int(steps), stage=int(stage))
+
+
+def _reshard_args(w: Path, info: Any, out: dict[str, Any], save: str = "1", load_from: str = "0") -> None:
+    """``reshard [save=0|1] [load_from=W]``: :func:`scenario_reshard` with the command line's values."""
+    scenario_reshard(w, info, out, save=save == "1", load_from=int(load_from))
+
+
 SCENARIOS = {
-    "main": scenario_main, "nan": scenario_nan, "long": scenario_long, "resume": scenario_resume,
+    "main": scenario_main, "nan": scenario_nan, "long": scenario_long, "resume": _resume_args,
     "crash_in_save": scenario_crash_in_save, "resume_world": scenario_resume_world, "offload": scenario_offload,
-    "single_resumes": scenario_single_resumes, "reshard": scenario_reshard,
+    "single_resumes": scenario_single_resumes, "reshard": _reshard_args,
 }
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s [r%(process)d] %(levelname)s %(name)s: %(message)s")
-    name, w = sys.argv[1], Path(sys.argv[2])
-    info = init_distributed()
-    out: dict[str, Any] = {"rank": info.rank, "world_size": info.world_size}
-    kwargs = dict(a.split("=", 1) for a in sys.argv[3:])
-    try:
-        if name == "reshard":
-            SCENARIOS[name](w, info, out, save=kwargs.get("save", "1") == "1",
-                            load_from=int(kwargs.get("load_from", 0)))
-        elif name == "resume" and kwargs:
-            SCENARIOS[name](w, info, out, run=kwargs.get("run", "long"), steps=int(kwargs.get("steps", 10)),
-                            stage=int(kwargs.get("stage", 2)))
-        else:
-            SCENARIOS[name](w, info, out)
-        out["ok"] = True
-    except Exception as e:  # noqa: BLE001 - reported to the test through the result file
-        out["ok"] = False
-        out["error"] = f"{type(e).__name__}: {e}"
-        out["traceback"] = traceback.format_exc()
-    (w / f"{name}_rank{info.rank}.json").write_text(json.dumps(out, indent=1, default=str))
-    return 0 if out["ok"] else 1
+    return run_worker(SCENARIOS)
 
 
 if __name__ == "__main__":

@@ -10,23 +10,20 @@ success or the error.
 
 from __future__ import annotations
 
-import json
-import logging
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: `tests.helpers` importable
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: `tests.*` importable
 
-from fastsupmae.engine.distributed import init_distributed
 from fastsupmae.models import build_model
 from fastsupmae.tasks import finetune as ft
 from fastsupmae.tasks.finetune import FinetuneOptions, finetune, finetune_config
 from tests.helpers import TINY_MODEL, tiny_config
+from tests.multirank import run_worker
 
 FULL = dict(layer_decay=0.65, mixup=0.8, cutmix=1.0, reprob=0.25, randaug=True, ema_decay=0.9, eval_every=0.5)
 PLAIN = dict(layer_decay=0.65, mixup=0.0, cutmix=0.0, reprob=0.0, randaug=False, ema_decay=0.9)
@@ -106,19 +103,7 @@ SCENARIOS = {"main": scenario_main, "single": scenario_equivalence, "long": scen
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s [r%(process)d] %(levelname)s %(name)s: %(message)s")
-    name, w = sys.argv[1], Path(sys.argv[2])
-    info = init_distributed("cpu")
-    out: dict[str, Any] = {"rank": info.rank, "world_size": info.world_size}
-    try:
-        SCENARIOS[name](w, info, out)
-        out["ok"] = True
-    except Exception as e:  # noqa: BLE001 - reported to the test through the result file
-        out["ok"] = False
-        out["error"] = f"{type(e).__name__}: {e}"
-        out["traceback"] = traceback.format_exc()
-    (w / f"{name}_rank{info.rank}.json").write_text(json.dumps(out, indent=1, default=str))
-    return 0 if out["ok"] else 1
+    return run_worker(SCENARIOS, "cpu")
 
 
 if __name__ == "__main__":

@@ -13,22 +13,22 @@ Each finished scenario writes ``WORKDIR/<run>_<scenario>_rank<r>.json`` (the res
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 import sys
-import traceback
 from pathlib import Path
 from typing import Any
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: `tests.*` importable
+
 from fastsupmae.pipelines.memory_loader import InMemoryLoader
 
 from fastsupmae.config import load_config
 from fastsupmae.engine import trainer as trainer_mod
-from fastsupmae.engine.distributed import init_distributed
 from fastsupmae.models import build_model
 from fastsupmae.tasks.linprobe import LinprobeOptions, linear_probe
+from tests.multirank import run_worker
 
 MODEL = {"objective": "supmae", "size": "micro", "embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": [16, 16],
          "patch_size": 4, "in_chans": 3, "num_classes": 4, "decoder_embed_dim": 16, "decoder_num_heads": 2,
@@ -69,31 +69,32 @@ def run_probe(w: Path, info: Any, run: str, resume: str) -> dict[str, Any]:
     return res
 
 
+def scenario_probe(w: Path, info: Any, out: dict[str, Any], run: str = "probe", resume: str = "") -> None:
+    """Train (or, with ``resume=auto``, continue) the probe ``run`` to its end."""
+    out.update(run_probe(w, info, run, resume))
+
+
+def scenario_kill(w: Path, info: Any, out: dict[str, Any], run: str = "kill", resume: str = "") -> None:
+    """:func:`scenario_probe`, but the rank SIGKILLs itself right after the step-``KILL_AT`` checkpoint."""
+    save = trainer_mod.Trainer.save
+
+    def save_then_die(self: Any) -> Any:
+        path = save(self)
+        if self.step == KILL_AT:
+            os.kill(os.getpid(), 9)  # as a node loss would: no handler, no later checkpoint
+        return path
+
+    trainer_mod.Trainer.save = save_then_die
+    scenario_probe(w, info, out, run, resume)
+
+
+SCENARIOS = {"probe": scenario_probe, "kill": scenario_kill}
+
+
 def main() -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s [r%(process)d] %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(1)
-    scenario, w = sys.argv[1], Path(sys.argv[2])
-    kw = dict(a.split("=", 1) for a in sys.argv[3:])
-    run = kw.get("run", scenario)
-    info = init_distributed("cpu")
-    out: dict[str, Any] = {"rank": info.rank, "world_size": info.world_size}
-    if scenario == "kill":
-        save = trainer_mod.Trainer.save
-
-        def save_then_die(self: Any) -> Any:
-            path = save(self)
-            if self.step == KILL_AT:
-                os.kill(os.getpid(), 9)  # as a node loss would: no handler, no later checkpoint
-            return path
-
-        trainer_mod.Trainer.save = save_then_die
-    try:
-        out.update(run_probe(w, info, run, kw.get("resume", "")))
-        out["ok"] = True
-    except Exception as e:  # noqa: BLE001 - reported to the test through the result file
-        out.update(ok=False, error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
-    (w / f"{run}_{scenario}_rank{info.rank}.json").write_text(json.dumps(out, default=str))
-    return 0 if out["ok"] else 1
+    # <run>_<scenario>_rank<r>.json: one workdir holds several runs of the same scenario
+    return run_worker(SCENARIOS, "cpu", result_stem=lambda scenario, kw: f"{kw.get('run', scenario)}_{scenario}")
 
 
 if __name__ == "__main__":

@@ -2,16 +2,21 @@
 
 Each rank is ``python WORKER SCENARIO WORKDIR [args...]`` with RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR /
 MASTER_PORT in its environment, gloo through DeepSpeed's CPU accelerator, one thread, and a bounded collective
-timeout; its output goes to a log file in WORKDIR that the tests quote when a rank fails.
+timeout; its output goes to a log file in WORKDIR that the tests quote when a rank fails. The test side is
+:func:`start` and :func:`wait`; the worker side, every worker's ``main()``, is :func:`run_worker`.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import socket
 import subprocess
 import sys
 import time
+import traceback
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -51,3 +56,35 @@ def wait(procs: list[Any], timeout: float) -> list[int]:
                 q.kill()
             raise AssertionError(f"rank did not finish within {timeout} s") from None
     return codes
+
+
+def run_worker(scenarios: Mapping[str, Callable[..., Any]], device: str = "auto",
+               result_stem: Callable[[str, dict[str, str]], str] | None = None) -> int:
+    """A worker's ``main()``: run the scenario its command line names on this rank and report it in a file.
+
+    Reads ``SCENARIO WORKDIR [key=value ...]`` from ``sys.argv``, joins the process group
+    (``init_distributed(device)``; the launcher's variables say the rank), calls
+    ``scenarios[SCENARIO](WORKDIR, info, out, **{key: value})`` (values as the strings given; ``out`` starts as
+    ``{'rank', 'world_size'}`` and the scenario adds its results) and writes ``out`` with ``ok`` (and, on an
+    exception, ``error`` and ``traceback``) to ``WORKDIR/<stem>_rank<r>.json``, ``stem`` being
+    ``result_stem(SCENARIO, kwargs)`` or the scenario's name. The test reads that file: a rank's failure is
+    its traceback there, not only an exit code.
+
+    Returns:
+        the process exit status: 0 when the scenario finished, 1 when it raised.
+    """
+    from fastsupmae.engine.distributed import init_distributed
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s [r%(process)d] %(levelname)s %(name)s: %(message)s")
+    name, w = sys.argv[1], Path(sys.argv[2])
+    kwargs = dict(a.split("=", 1) for a in sys.argv[3:])
+    info = init_distributed(device)
+    out: dict[str, Any] = {"rank": info.rank, "world_size": info.world_size}
+    try:
+        scenarios[name](w, info, out, **kwargs)
+        out["ok"] = True
+    except Exception as e:  # noqa: BLE001 - reported to the test through the result file
+        out.update(ok=False, error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+    stem = result_stem(name, kwargs) if result_stem is not None else name
+    (w / f"{stem}_rank{info.rank}.json").write_text(json.dumps(out, indent=1, default=str))
+    return 0 if out["ok"] else 1
