@@ -1,4 +1,5 @@
-"""The analytic cost model (fastsupmae.flops) against torch's FlopCounterMode on the real model, and against SPEC.
+"""The analytic cost model (fastsupmae.flops) against torch's FlopCounterMode on the real model, and against the
+published per-image counts.
 
 FlopCounterMode counts mm / addmm / bmm / convolution and the SDPA ops it has formulas for (2 FLOPs per
 multiply-add, biases and every non-matmul op ignored): the same convention as ``forward_flops`` /
@@ -171,9 +172,9 @@ def _vit_b(*overrides: str):
     return load_config(None, ["data.dataset=synthetic", "model.size=base", *overrides], world_size=1)
 
 
-def test_spec_reference_numbers() -> None:
-    """SPEC section 4, ViT-B/16 at 224, forward multiply-adds per image (matmuls only): full ViT 17.6 G,
-    SupMAE 5.2 G, MAE (8-block decoder) 9.8 G. The SPEC figures follow MAE's unfused algorithm (conv on all
+def test_published_reference_numbers() -> None:
+    """Published figures for ViT-B/16 at 224, forward multiply-adds per image (matmuls only): full ViT 17.6 G,
+    SupMAE 5.2 G, MAE (8-block decoder) 9.8 G. Those figures follow MAE's unfused algorithm (conv on all
     196 patches, prediction on every decoder token), so the unfused count is held to 1 %; the fused one
     saves the 147 masked patches' embedding and the 50 visible tokens' prediction, about 2 % less."""
     g = 2e9  # FLOPs per giga multiply-add

@@ -78,7 +78,8 @@ def test_position_embeddings_are_the_official_sincos(golden):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# SPEC section 1, transcribed with plain torch only (no project imports), applied to the project's weights.
+# The SupMAE forward as the paper defines it (Liang et al. 2022, with MAE's conventions), transcribed with plain
+# torch only (no project imports), applied to the project's weights.
 
 def _spec_block(sd, pre, x, heads):
     def ln(t, name):

@@ -75,8 +75,8 @@ def test_fused_path_is_predicted_faster_on_every_gpu() -> None:
         rf = pm.roofline(dev, "bf16")
         f, r = pm.predict_step(cfg, 256, rf, 2, True), pm.predict_step(cfg, 256, rf, 2, False)
         assert 1.0 < r.step_s / f.step_s < 3.0, dev.name
-        # SPEC: ~31 GFLOP per image; at 100 % of the H100 peak that is ~32k images/s, so a roofline can
-        # never predict more than that
+        # ~31 GFLOP per training image (published estimate); at 100 % of the H100 peak that is ~32k images/s, so a
+        # roofline can never predict more than that
         assert f.images_per_s < dev.matmul_tflops["bf16"] * 1e12 / train_flops(cfg, 1)
 
 
