@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 from fastsupmae.pipelines import build_train_loader  # noqa: E402
 
 from fastsupmae.config import load_config
-from fastsupmae.engine.distributed import init_distributed
 from fastsupmae.engine.rng import seed_everything
 from fastsupmae.engine.trainer import Trainer
 from fastsupmae.models import build_model
+from tests.multirank import run_worker
 from tests.test_engine import TINY as ENGINE_TINY
 
 # test_engine's tiny SupMAE, trained longer on more samples, with a time limit to plan
@@ -54,12 +53,4 @@ def scenario_plan(w: Path, info: Any, out: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    scenario, workdir = sys.argv[1], Path(sys.argv[2])
-    rank = int(os.environ["RANK"])
-    result: dict[str, Any] = {"ok": True}
-    try:
-        info = init_distributed("cpu")
-        globals()[f"scenario_{scenario}"](workdir, info, result)
-    except Exception as e:  # noqa: BLE001 - reported to the test
-        result = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
-    (workdir / f"{scenario}_rank{rank}.json").write_text(json.dumps(result))
+    sys.exit(run_worker({"plan": scenario_plan}, device="cpu"))
