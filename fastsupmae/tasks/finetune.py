@@ -36,7 +36,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastsupmae.config import Config, ConfigError, _merge, _read_yaml, config_from_dict, parse_overrides, save_config
+from fastsupmae.config import (
+    Config,
+    ConfigError,
+    _merge,
+    _read_yaml,
+    config_from_dict,
+    override_sets,
+    parse_overrides,
+    save_config,
+)
 from fastsupmae.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -454,7 +463,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                            mixup_switch_prob=args.mixup_switch_prob, reprob=args.reprob, randaug=args.randaug,
                            ema_decay=args.ema_decay, eval_every=args.eval_every)
     info = init_distributed(cfg.train.device)
-    explicit = any(o.split("=", 1)[0].strip() == "train.output_dir" for o in (args.overrides or []))
+    explicit = override_sets(args.overrides, "train.output_dir")
     t = cfg.train
     out = run_dir.prepare(t.output_dir, t.resume, explicit, t.overwrite, info.rank, info.world_size)
     t.output_dir = str(out)
