@@ -24,6 +24,15 @@ def _fresh_torch_rng():
     print(f"torch seed of this test: {seed}")
 
 
+def _centres(g, n=5, min_dist=60.0):
+    """``n`` random colour centres [n, 3, 1, 1] at least ``min_dist`` grey levels apart (redrawn until they are):
+    with pixel noise of std 25, two centres drawn close together would make the classes overlap."""
+    while True:
+        c = torch.rand(n, 3, generator=g) * 160 + 48
+        if torch.pdist(c).min() >= min_dist:
+            return c.view(n, 3, 1, 1)
+
+
 def _colour_classes(n, centres, g):
     labels = torch.randint(0, centres.shape[0], (n,), generator=g)
     imgs = (centres[labels] + torch.randn(n, 3, 16, 16, generator=g) * 25).round().clamp(0, 255).to(torch.uint8)
@@ -99,7 +108,7 @@ def test_probe_skips_a_nan_step_and_counts_it(tmp_path, monkeypatch):
     fake.cross_entropy = cross_entropy
     monkeypatch.setattr(lp, "F", fake)
     g = torch.Generator().manual_seed(1)
-    centres = torch.rand(5, 3, 1, 1, generator=g) * 160 + 48
+    centres = _centres(g)
     tr_i, tr_l = _colour_classes(200, centres, g)
     va_i, va_l = _colour_classes(50, centres, g)
     cfg = _cfg(tmp_path, max_steps=5, log_every=1, ckpt_every=0)
@@ -138,7 +147,7 @@ def _records(run):
 
 def test_linear_probe_learns_and_keeps_encoder_frozen(tmp_path):
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
-    centres = torch.rand(5, 3, 1, 1, generator=g) * 160 + 48
+    centres = _centres(g)
     tr_i, tr_l = _colour_classes(400, centres, g)
     va_i, va_l = _colour_classes(100, centres, g)
     cfg = _cfg(tmp_path, log_every=10, ckpt_every=0)
@@ -176,7 +185,7 @@ def test_linear_probe_learns_and_keeps_encoder_frozen(tmp_path):
 
 def test_linear_probe_obeys_train_max_steps_and_resumes(tmp_path):
     g = torch.Generator().manual_seed(0)
-    centres = torch.rand(5, 3, 1, 1, generator=g) * 160 + 48
+    centres = _centres(g)
     tr_i, tr_l = _colour_classes(200, centres, g)
     va_i, va_l = _colour_classes(50, centres, g)
     cfg = _cfg(tmp_path, max_steps=7, log_every=1, ckpt_every=0)
