@@ -167,6 +167,7 @@ def test_extract_features_gathers_uneven_shards_from_all_ranks(tmp_path):
 def test_knn_bank_is_the_first_n_training_images():
     """eval.knn_bank: the bank is the first N training images in file order, within data.limit."""
     from fastsupmae.pipelines import build_eval_loader
+
     from fastsupmae.tasks.knn import bank_loader
 
     cfg = tiny_config()
