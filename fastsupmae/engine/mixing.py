@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from fastsupmae.engine.losses import smooth_one_hot
+from fastsupmae.pipelines.transfer import to_device
 
 log = logging.getLogger(__name__)
 
@@ -146,9 +147,7 @@ class BatchMixer:
         draws = self.pair_draws(epoch, (pos >> 1).astype(np.uint64), tuple(images.shape[-2:]))
         draws[~paired, 0], draws[~paired, 1] = 1.0, 0.0
         host = torch.from_numpy(np.concatenate([draws, partner[:, None]], axis=1).astype(np.float32))
-        if images.device.type == "cuda":
-            host = host.pin_memory()
-        d = host.to(images.device, non_blocking=True)
+        d = to_device(host, images.device)  # pinned and non-blocking on CUDA
         lam, is_cut = d[:, 0], d[:, 1] > 0
         idx = d[:, 6].long()
         other = images[idx]

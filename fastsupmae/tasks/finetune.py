@@ -285,12 +285,10 @@ def drop_path_draws(seed: int, epoch: int, positions: torch.Tensor | None, n: in
         return None
     from fastsupmae.engine.mixing import uniforms
     from fastsupmae.pipelines.sampler import mix_seed
+    from fastsupmae.pipelines.transfer import to_device
 
     u = uniforms(mix_seed(seed, epoch, 0xD9), positions.cpu().numpy(), n)
-    host = torch.from_numpy(u.astype(np.float32))
-    if device.type == "cuda":
-        host = host.pin_memory()
-    return host.to(device, non_blocking=True)
+    return to_device(torch.from_numpy(u.astype(np.float32)), device)  # pinned and non-blocking on CUDA
 
 
 def evaluate_over_ranks(module: nn.Module, loader: Any) -> dict[str, float]:
