@@ -398,6 +398,11 @@ def load_config(
     return cfg
 
 
+def with_overrides(cfg: Config, items: list[str], world_size: int | None = None) -> Config:
+    """A copy of ``cfg`` with the ``key.sub=value`` overrides ``items`` applied, validated again."""
+    return load_config(None, _merge(cfg.to_dict(), parse_overrides(items)), world_size=world_size)
+
+
 def config_from_dict(d: dict[str, Any], validate: bool = True) -> Config:
     cfg = Config()
     _apply(cfg, d)

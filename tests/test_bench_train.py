@@ -10,6 +10,7 @@ import torch
 
 from fastsupmae.bench import train as bench_train
 from fastsupmae.bench.reference import ReferenceStep, build_reference, reference_optimizer
+from fastsupmae.errors import UserError
 from fastsupmae.models import build_model
 
 from .helpers import tiny_config
@@ -180,9 +181,22 @@ def test_bench_train_real_pipeline(tmp_path) -> None:
     assert list(rec["paths"]) == ["fastsupmae"] and "speedup" not in rec
 
 
-def test_bad_arguments_are_user_errors(tmp_path) -> None:
-    from fastsupmae.errors import UserError
+def test_bench_train_variant_path(tmp_path, capsys) -> None:
+    """--variant times the fastsupmae path with overrides beside it, interleaved, with the same weights."""
+    args = _args(tmp_path, paths="fastsupmae", variant="model.attn_backend=sdpa")
+    assert bench_train.run(args) == 0
+    rec = json.loads((tmp_path / "out.json").read_text())["records"][0]
+    assert list(rec["paths"]) == ["fastsupmae", "variant"] and "speedup" not in rec
+    v = rec["variant"]
+    assert v["overrides"] == ["model.attn_backend=sdpa"] and len(v["speedup_reps"]) == 2
+    f, var = rec["paths"]["fastsupmae"], rec["paths"]["variant"]
+    assert v["speedup"] == pytest.approx(f["images_per_s"] / var["images_per_s"])
+    assert "fastsupmae / variant (model.attn_backend=sdpa)" in capsys.readouterr().out
+    with pytest.raises(UserError, match="--variant.*attn_backend"):
+        bench_train.run(_args(tmp_path, paths="fastsupmae", variant="model.attn_backend=flash9"))
 
+
+def test_bad_arguments_are_user_errors(tmp_path) -> None:
     with pytest.raises(UserError, match="dtypes"):
         bench_train.run(_args(tmp_path, dtypes="fp16"))
     with pytest.raises(UserError, match="mask_ratio"):

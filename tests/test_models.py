@@ -191,10 +191,11 @@ def test_sdpa_equals_math_forward_and_backward(dtype):
 
 def test_attention_backend_selection(monkeypatch):
     attn_mod.probe_xformers.cache_clear()
-    # on this CPU machine xformers' attention cannot run: auto falls back to sdpa, explicit xformers fails loudly
+    # on this CPU machine xformers' attention cannot run: auto takes the CPU rule, explicit xformers fails loudly
     ok, why = attn_mod.probe_xformers("cpu")
     assert not ok and why
-    assert select_attn_backend("auto", "cpu") == "sdpa"
+    assert select_attn_backend("auto", "cpu") == "cpu_auto"
+    assert select_attn_backend("sdpa", "cpu") == "sdpa"
     with pytest.raises(RuntimeError, match="xformers cannot run here"):
         select_attn_backend("xformers", "cpu")
     assert select_attn_backend("math", "cpu") == "math"
@@ -204,6 +205,30 @@ def test_attention_backend_selection(monkeypatch):
     monkeypatch.setattr(attn_mod, "probe_xformers", lambda device_type, dtype=None: (True, "probe call succeeded"))
     assert select_attn_backend("auto", "cuda") == "xformers"
     assert select_attn_backend("xformers", "cuda") == "xformers"
+
+
+@pytest.mark.parametrize("keys", [5, attn_mod.CPU_MATH_MAX_KEYS, attn_mod.CPU_MATH_MAX_KEYS + 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_auto_attention_picks_by_length_and_matches_sdpa(monkeypatch, keys, dtype):
+    """cpu_auto: the math path for short fp32 sequences, SDPA otherwise; the same values and gradients either way."""
+    calls = []
+    for name in ("attention_math", "attention_sdpa"):
+        fn = getattr(attn_mod, name)
+        monkeypatch.setattr(attn_mod, name, lambda q, k, v, fn=fn, name=name: calls.append(name) or fn(q, k, v))
+    g = torch.Generator().manual_seed(keys)
+    q, k, v = (torch.randn(3, 2, keys, 16, generator=g).to(dtype).requires_grad_() for _ in range(3))
+    out = attn_mod.attention(q, k, v, "cpu_auto")
+    expect = "attention_math" if keys <= attn_mod.CPU_MATH_MAX_KEYS and dtype == torch.float32 else "attention_sdpa"
+    assert calls == [expect]
+    w = torch.randn(out.shape, generator=g).to(dtype)
+    grads = torch.autograd.grad((out.float() * w.float()).sum(), (q, k, v))
+    q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    ref = torch.nn.functional.scaled_dot_product_attention(q2, k2, v2)
+    ref_grads = torch.autograd.grad((ref.float() * w.float()).sum(), (q2, k2, v2))
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out, ref, **tol)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, **tol)
 
 
 def test_xformers_probe_reports_a_failing_call(monkeypatch):

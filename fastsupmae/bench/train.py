@@ -45,13 +45,14 @@ from typing import Any
 import torch
 
 from fastsupmae.bench.reference import ReferenceStep, build_reference, reference_optimizer
-from fastsupmae.config import Config, ConfigError, load_config
+from fastsupmae.config import Config, ConfigError, load_config, with_overrides
 from fastsupmae.errors import UserError
 from fastsupmae.models.linear import cpu_has_fast_bf16
 
 log = logging.getLogger(__name__)
 
 PATHS = ("fastsupmae", "reference")
+VARIANT = "variant"  # the fastsupmae path with --variant's overrides (an A/B of one change, same run)
 PHASES = ("data", "forward", "backward", "optimizer")
 
 
@@ -427,9 +428,20 @@ def bench_point(base: Config, p: Point, args: argparse.Namespace, device: torch.
             steps["reference"].model = torch.compile(ref)
     if "fastsupmae" in paths:
         steps["fastsupmae"] = FastStep(model, cfg, p.dtype, compile_model=args.compile in ("fastsupmae", "both"))
+    if args.variant:
+        try:
+            vcfg = with_overrides(cfg, args.variant, world_size=1)
+        except ConfigError as e:
+            raise UserError(f"--variant: {e}") from None
+        vmodel = build_model(vcfg, device=device).to(device).train()
+        vmodel.load_state_dict(model.state_dict(), strict=True)  # the same weights as the fastsupmae path
+        paths.append(VARIANT)
+        steps[VARIANT] = FastStep(vmodel, vcfg, p.dtype, compile_model=args.compile in ("fastsupmae", "both"))
     data = PipelineBatches(cfg, device) if args.data == "pipeline" else SyntheticBatches(cfg, p.batch, device)
 
     flops = {"fastsupmae": train_flops(cfg, p.batch, fused=True), "reference": train_flops(cfg, p.batch, fused=False)}
+    if args.variant:
+        flops[VARIANT] = train_flops(vcfg, p.batch, fused=True)
     model_flops = flops["fastsupmae"]
     mem = {}
     for name in paths:  # warm-up (allocator, thread pools, compilation), then one step for the memory figure
@@ -455,7 +467,11 @@ def bench_point(base: Config, p: Point, args: argparse.Namespace, device: torch.
             rec["paths"][name]["profile"] = profile_step(steps[name], data, device)
     if args.predict:
         rec["predicted"] = predict_point(p, args, device)
-    if len(paths) == 2:
+    if VARIANT in paths and "fastsupmae" in paths:
+        f, v = rec["paths"]["fastsupmae"], rec["paths"][VARIANT]
+        rec["variant"] = {"overrides": list(args.variant), "speedup": f["images_per_s"] / v["images_per_s"],
+                          "speedup_reps": [b["step"] / a["step"] for a, b in zip(reps["fastsupmae"], reps[VARIANT])]}
+    if "fastsupmae" in paths and "reference" in paths:
         # ratio of the median images/s (as the table shows), and the per-repetition paired ratios for spread
         rec["speedup"] = rec["paths"]["fastsupmae"]["images_per_s"] / rec["paths"]["reference"]["images_per_s"]
         rec["speedup_reps"] = [r_["step"] / f["step"] for f, r_ in zip(reps["fastsupmae"], reps["reference"])]
@@ -490,6 +506,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtypes", type=_csv(str), default=["fp32"], help="fp32,bf16 (both paths in that dtype)")
     p.add_argument("--img-size", type=int, default=224, help="square image side")
     p.add_argument("--paths", type=_csv(str), default=list(PATHS), help="fastsupmae,reference")
+    p.add_argument("--variant", type=_csv(str), default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="also time the fastsupmae path with these config overrides, interleaved with the others, "
+                        "same weights (an A/B of one change, e.g. model.attn_backend=sdpa)")
     p.add_argument("--data", default="synthetic", choices=["synthetic", "pipeline"],
                    help="fixed random uint8 batches, or the configured real pipeline (data.* keys)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -682,6 +701,11 @@ def run(args: argparse.Namespace) -> int:
           f"median of {args.reps} interleaved reps x {args.steps} steps; peak "
           + ", ".join(f"{d} {peaks[d] / 1e12:.4f} TFLOP/s" for d in peaks) + " ==")
     print(format_table(records))
+    for r in records:
+        if "variant" in r:
+            v = r["variant"]
+            print(f"{r['point']}: fastsupmae / variant ({', '.join(v['overrides'])}) = {v['speedup']:.3f}x images/s "
+                  f"(per repetition: {', '.join(f'{x:.3f}' for x in v['speedup_reps'])})")
     if args.predict:
         print("\n-- measured vs PREDICTED (fastsupmae bench model, same process and load; error = predicted / "
               "measured - 1) --")
@@ -692,6 +716,8 @@ def run(args: argparse.Namespace) -> int:
             if not pr:
                 continue
             for name, s in r["paths"].items():
+                if name not in pr["paths"]:  # the --variant path has no prediction of its own
+                    continue
                 q = pr["paths"][name]
                 sp = (f"{r['speedup']:6.3f}x {pr['speedup']:6.3f}x" if name == "fastsupmae" and "speedup" in r
                       else "")
