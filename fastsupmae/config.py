@@ -94,7 +94,8 @@ class ModelConfig:
     sync_batchnorm: bool = _f(False, "SyncBatchNorm in the supmae head (statistics over all ranks)")
     drop_path: float = _f(0.0, "stochastic depth rate (linearly increasing over blocks)")
     grad_checkpointing: bool = _f(False, "recompute encoder blocks in backward to save activation memory")
-    attn_backend: str = _f("auto", "auto | sdpa | math | xformers")
+    attn_backend: str = _f("auto", "auto | sdpa | math | xformers (auto: xformers where its probe call works, else "
+                                   "SDPA; on a CPU, math for fp32 sequences of up to 64 keys)")
     kernels: str = _f("auto", "auto | triton | torch: fused patch gather + embedding, masked targets / loss")
     # mim_supervised (arXiv 2312.00950) options; the paper leaves these open, see docs/objectives.md
     mim_encoder_input: str = _f("visible", "mim_supervised: encoder sees 'visible' tokens or 'full' with mask tokens")
@@ -597,7 +598,7 @@ def describe(cls: type = Config, prefix: str = "") -> list[str]:
 
 # ----------------------------------------------------------------------------------------------- command line
 
-DEFAULT_CONFIG = "demo/fashion_mnist_supmae.yaml"  # the embedded default: what `fastsupmae pretrain` trains
+DEFAULT_CONFIG = "demo/fashion_mnist_5min.yaml"  # the embedded default: what `fastsupmae pretrain` trains
 
 
 def add_config_args(p: Any, default: str | None = DEFAULT_CONFIG) -> None:

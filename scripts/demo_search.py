@@ -25,6 +25,7 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -114,14 +115,16 @@ def run_variant(name: str, overrides: list[str], args: argparse.Namespace, sets:
     return {"variant": name, "overrides": overrides, "steps": final["step"],
             "epochs": final["step"] * cfg.train.global_batch / n_pre, "pretrain_s": pre_s,
             "images_per_s": final.get("images_per_s"), "final_loss": final.get("loss"),
-            "knn_top1": res["top1"], "knn_top5": res["top5"], "eval_split": args.eval_split}
+            "knn_top1": res["top1"], "knn_top5": res["top5"], "knn_bank": res["num_train"],
+            "knn_queries": res["num_test"], "eval_split": args.eval_split}
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
     name, _, rest = text.partition("=")
     if not name:
         raise SystemExit(f"demo_search: --variant '{text}' has no name; write NAME=key=value,key=value")
-    return name, [o for o in rest.split(",") if o]
+    # a comma starts the next override only before 'key.sub=' (lists like data.scale=[0.6,1.0] keep theirs)
+    return name, [o for o in re.split(r",(?=[A-Za-z_][\w.]*=)", rest) if o]
 
 
 def main(argv: list[str] | None = None) -> int:
