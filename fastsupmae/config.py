@@ -100,7 +100,8 @@ class ModelConfig:
     # mim_supervised (arXiv 2312.00950) options; the paper leaves these open, see docs/objectives.md
     mim_encoder_input: str = _f("visible", "mim_supervised: encoder sees 'visible' tokens or 'full' with mask tokens")
     mim_cls_view: str = _f("masked", "mim_supervised: classifier sees the 'masked' view or an 'unmasked' second pass")
-    mim_target: str = _f("pixels", "mim_supervised: pixels | hog | tokens")
+    mim_target: str = _f("hog", "mim_supervised: hog | pixels | tokens (hog: chosen on a held-out split, "
+                                "docs/objectives.md)")
     mim_tokenizer: str = _f("", "mim_supervised, target=tokens: 'module:callable' mapping imgs -> [B, N] ids")
     mim_vocab_size: int = _f(8192, "mim_supervised, target=tokens: vocabulary size of the tokenizer")
     mim_loss_weight: float = _f(1.0, "mim_supervised: weight of the reconstruction loss")
