@@ -12,11 +12,12 @@ import random
 import torch
 
 DEFAULT_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+CROP_TRIES = 10  # torchvision's attempts before the centre-crop fallback
 
 
 def sample_crop_boxes(height: torch.Tensor | int, width: torch.Tensor | int, n: int, scale: tuple[float, float],
                       ratio: tuple[float, float] = DEFAULT_RATIO, generator: torch.Generator | None = None,
-                      tries: int = 10) -> torch.Tensor:
+                      tries: int = CROP_TRIES) -> torch.Tensor:
     """Sample ``n`` RandomResizedCrop boxes.
 
     Like torchvision: up to ``tries`` draws of area fraction U(scale) and log-uniform aspect ratio; the first
@@ -32,10 +33,18 @@ def sample_crop_boxes(height: torch.Tensor | int, width: torch.Tensor | int, n: 
     Returns:
         int64 ``[n, 4]`` boxes ``(top, left, h, w)`` in pixels.
     """
+    u = torch.rand(n, tries, 4, generator=generator, dtype=torch.float64)
+    return crop_boxes_from_uniforms(height, width, u, scale, ratio)
+
+
+def crop_boxes_from_uniforms(height: torch.Tensor | int, width: torch.Tensor | int, u: torch.Tensor,
+                             scale: tuple[float, float], ratio: tuple[float, float] = DEFAULT_RATIO) -> torch.Tensor:
+    """The boxes of :func:`sample_crop_boxes` from its uniform draws ``u`` (float64 ``[n, tries, 4]``: area, log
+    aspect, top, left per try), so draws made per sample (keyed generators) are turned into boxes in one pass."""
+    n = u.shape[0]
     H = torch.as_tensor(height, dtype=torch.float64).expand(n)
     W = torch.as_tensor(width, dtype=torch.float64).expand(n)
     area = (H * W)[:, None]
-    u = torch.rand(n, tries, 4, generator=generator, dtype=torch.float64)
     target = area * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
     lr0, lr1 = math.log(ratio[0]), math.log(ratio[1])
     aspect = torch.exp(lr0 + (lr1 - lr0) * u[..., 1])
@@ -77,7 +86,7 @@ def center_crop_box(height: int, width: int, crop_ratio: float, out_h: int, out_
 
 
 def sample_crop_box(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
-                    rng: random.Random, tries: int = 10) -> tuple[int, int, int, int]:
+                    rng: random.Random, tries: int = CROP_TRIES) -> tuple[int, int, int, int]:
     """One box of :func:`sample_crop_boxes` in plain Python (per-sample workers: ~100x cheaper than torch ops).
 
     Returns:
