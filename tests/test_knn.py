@@ -180,3 +180,19 @@ def test_knn_bank_is_the_first_n_training_images():
         got = torch.cat([b["images"] for b in bank_loader(cfg)])
         assert torch.equal(got, full[:expect]), (bank, limit)
     assert cfg.data.limit == 25  # the caller's config is left alone
+
+
+def test_eval_tasks_without_config_or_checkpoint_use_the_embedded_default():
+    """`fastsupmae knn` alone evaluates the model `fastsupmae pretrain` trains (not a 224-pixel ViT-B/16)."""
+    import argparse
+
+    from fastsupmae.config import DEFAULT_CONFIG, load_config
+    from fastsupmae.tasks import knn
+    from fastsupmae.tasks.common import eval_config
+
+    p = argparse.ArgumentParser()
+    knn.add_args(p)
+    cfg = eval_config(p.parse_args(["eval.knn_k=5"]))
+    expect = load_config([DEFAULT_CONFIG], ["eval.knn_k=5"], world_size=1)
+    assert cfg.hash() == expect.hash() and cfg.model.img_size == [28, 28] and cfg.eval.knn_k == 5
+    assert eval_config(p.parse_args(["--config", "models/vit_small.yaml"])).model.img_size == [224, 224]

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from fastsupmae.config import Config, load_config
+from fastsupmae.config import DEFAULT_CONFIG, Config, load_config
 from fastsupmae.weights import config_for_checkpoint, load_weights
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """--config (YAML overlays), key=value overrides, --checkpoint, --device."""
     parser.add_argument("--config", action="append", default=[],
                         help="YAML config (repeatable; later files override earlier ones). Default: the config "
-                             "saved next to --checkpoint, if any")
+                             "saved next to --checkpoint, if any, else the embedded default "
+                             "(demo/fashion_mnist_5min.yaml)")
     parser.add_argument("--checkpoint", default="", help="weights: .pth/.safetensors file or DeepSpeed checkpoint dir")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("overrides", nargs="*", default=[], help="config overrides key.sub=value")
@@ -41,7 +42,8 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def eval_config(args: argparse.Namespace) -> Config:
     """--config files + overrides; without --config, the config stored with --checkpoint (see
-    :func:`fastsupmae.weights.config_for_checkpoint`), else the defaults."""
+    :func:`fastsupmae.weights.config_for_checkpoint`), else the embedded default (what ``fastsupmae pretrain``
+    trains), so that ``fastsupmae knn`` alone evaluates that model rather than a ViT-B/16 at 224 pixels."""
     paths = list(getattr(args, "config", []) or [])
     overrides = list(getattr(args, "overrides", []) or [])
     ckpt = getattr(args, "checkpoint", "")
@@ -49,7 +51,7 @@ def eval_config(args: argparse.Namespace) -> Config:
         cfg = config_for_checkpoint(ckpt, None, overrides)
         log.info("config: the one stored with %s (objective %s)", ckpt, cfg.model.objective)
         return cfg
-    return load_config(paths, overrides, world_size=1)
+    return load_config(paths or [DEFAULT_CONFIG], overrides, world_size=1)
 
 
 def load_model_for_eval(args: argparse.Namespace, encoder_only: bool = False
