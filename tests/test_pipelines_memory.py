@@ -208,3 +208,19 @@ def test_train_loader_refuses_more_classes_than_the_classifier_has(objective: st
     check_num_classes(["a", "b", "c"], 3)  # as many outputs as classes, or more, or unknown names: fine
     check_num_classes(["a"], 3)
     check_num_classes(None, 3)
+
+
+def test_crop_boxes_from_per_sample_draws_equal_sample_crop_boxes():
+    """The loader's fast path (keyed draws per sample, boxes in one pass) gives exactly the boxes of drawing
+    each sample's box with sample_crop_boxes from the same generator, fallback rows included."""
+    from fastsupmae.pipelines.crop_params import CROP_TRIES, crop_boxes_from_uniforms, sample_crop_boxes
+
+    seeds = torch.randint(0, 2**62, (64,)).tolist()
+    for h, w, scale in ((28, 28, (0.35, 1.0)), (40, 7, (0.9, 1.0)), (375, 500, (0.08, 1.0))):
+        u = torch.empty(len(seeds), CROP_TRIES, 4, dtype=torch.float64)
+        ref = []
+        for j, s in enumerate(seeds):
+            ref.append(sample_crop_boxes(h, w, 1, scale, generator=torch.Generator().manual_seed(s)))
+            torch.rand(1, CROP_TRIES, 4, generator=torch.Generator().manual_seed(s), dtype=torch.float64,
+                       out=u[j:j + 1])
+        assert torch.equal(crop_boxes_from_uniforms(h, w, u, scale), torch.cat(ref)), (h, w, scale)

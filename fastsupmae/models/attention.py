@@ -20,9 +20,9 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "xformers", "sdpa", "math")
 # Up to this many keys, 'auto' on a CPU runs fp32 attention as matmul-softmax-matmul instead of SDPA: SDPA's CPU
 # kernel (blocked, online softmax) has a fixed cost per (batch, head) that dominates short sequences. Measured
-# forward + backward, fp32, 1 thread (docs/benchmarks.md, "Attention on CPUs"): 5 keys 2.7x, 17 keys 1.8x, 50 keys
-# 1.1x faster than SDPA; 197 keys (ViT-B/16 unmasked) 0.85x, so long sequences keep SDPA. bf16 keeps SDPA: the
-# math path would take its softmax in bf16.
+# forward + backward, fp32, 1 thread (docs/benchmarks.md, "Attention on CPUs"): 5 keys 1.6x, 17 keys 1.8x, 50 keys
+# 1.2x faster than SDPA, 65 and 100 keys even; 197 keys (ViT-B/16 unmasked) 0.81x, so long sequences keep SDPA.
+# bf16 keeps SDPA: the math path would take its softmax in bf16.
 CPU_MATH_MAX_KEYS = 64
 
 
