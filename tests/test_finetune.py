@@ -224,7 +224,13 @@ def test_drop_path_is_keyed_per_global_sample(tmp_path):
 
 def test_mixup_and_cutmix_pixels_and_targets():
     """Each pair (global positions 2k, 2k+1) is either blended (mixup: every pixel the same blend) or gets a box of
-    its partner's pixels (cutmix: lam = the kept share); the targets are the same blend of the smoothed labels."""
+    its partner's pixels (cutmix: lam = the kept share); the targets are the same blend of the smoothed labels.
+
+    The pair's draws (``pair_draws``) say which method and which lambda / box; the pixels are checked against
+    them directly (no per-pixel division by ``x0 - x1``, which is ill-conditioned where two pixels nearly agree).
+    """
+    import numpy as np
+
     from fastsupmae.engine.losses import smooth_one_hot
     from fastsupmae.engine.mixing import BatchMixer
 
@@ -234,18 +240,19 @@ def test_mixup_and_cutmix_pixels_and_targets():
     kinds = set()
     for epoch in range(30):
         xm, t = mixer(x, y, torch.arange(8), epoch=epoch)
-        changed = (xm != x).any(1)[0].float().mean().item()  # share of pixels of sample 0 that changed
-        if changed == 1.0:  # mixup: every pixel is the same blend of sample 0 and its partner 1
-            lam = ((xm[0] - x[1]) / (x[0] - x[1])).flatten()
-            torch.testing.assert_close(lam, lam[:1].expand_as(lam), atol=1e-3, rtol=1e-3)
-            lam = lam.median().item()
-            kinds.add("mixup")
-        else:  # cutmix: the pasted box holds the partner's pixels exactly; lam is the kept share
-            m = (xm != x).any(1)[0]
-            assert torch.equal(xm[0][:, m], x[1][:, m])
-            lam = 1 - changed
+        lam, cut, y0, y1, x0, x1 = mixer.pair_draws(epoch, np.array([0], dtype=np.uint64), (16, 16))[0]
+        if cut:  # the box holds the partner's pixels exactly, the rest is sample 0 untouched
+            box = torch.zeros(16, 16, dtype=torch.bool)
+            box[int(y0):int(y1), int(x0):int(x1)] = True
+            assert torch.equal(xm[0][:, box], x[1][:, box]) and torch.equal(xm[0][:, ~box], x[0][:, ~box])
+            assert lam == pytest.approx(1 - box.float().mean().item())  # lam is the share actually kept
             kinds.add("cutmix")
-        torch.testing.assert_close(t[0], lam * t1[0] + (1 - lam) * t1[1], atol=1e-3, rtol=1e-3)
+        else:  # mixup: every pixel is the same blend of sample 0 and its partner 1
+            assert 0 < lam < 1
+            torch.testing.assert_close(xm[0], lam * x[0] + (1 - lam) * x[1], atol=1e-5, rtol=1e-5)
+            kinds.add("mixup")
+        torch.testing.assert_close(t[0], lam * t1[0] + (1 - lam) * t1[1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(t[1], lam * t1[1] + (1 - lam) * t1[0], atol=1e-5, rtol=1e-5)  # same pair draws
         torch.testing.assert_close(t.sum(1), torch.ones(8))
     assert kinds == {"mixup", "cutmix"}  # both methods are used with switch probability 0.5
 
