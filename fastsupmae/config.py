@@ -162,8 +162,9 @@ class TrainConfig:
     epochs: float = _f(400.0, "training epochs (fractional allowed)")
     max_steps: int = _f(0, "stop after this many optimizer steps (0: from epochs)")
     time_limit_min: float = _f(0.0, "planned length in minutes (0: none): the run measures its step rate, fixes its "
-                                    "total steps (at most epochs / max_steps) to end within it, completes its cosine "
-                                    "and ends 'done'; a checkpointed stop only past 1.25x (docs/training.md)")
+                                    "total steps (at most epochs / max_steps) to end within it, re-plans if its steps "
+                                    "get slower or faster, completes its cosine and ends 'done'; a checkpointed stop "
+                                    "only past 1.25x (docs/training.md)")
     global_batch: int = _f(4096, "images per optimizer step over all ranks")
     micro_batch: int = _f(64, "images per forward on one rank; accumulation = global / (micro * world)")
     blr: float = _f(1.5e-4, "base lr; lr = blr * global_batch / 256 unless lr is set")

@@ -74,6 +74,56 @@ def test_shortened_warmup_continues_the_ramp_without_a_jump() -> None:
     assert seq[-1] == pytest.approx(optim.lr_at(99, 100, plan_w, peak, lo)) and seq[-1] < 0.01 * peak
 
 
+def test_replanned_schedule_is_continuous_and_ends_as_the_one_it_replaced() -> None:
+    peak, lo = 1.0, 0.0
+    plan = tp.TimePlan(100, 10, 5, 400, 40, 1.0, 3, 1.0)
+    for at, total in ((30, 60), (30, 160), (95, 99)):  # squeezed, stretched, squeezed near the end
+        new = plan.replanned(at, total)
+        assert new.total_steps == total and new.first_total == 100 and new.replans == ((at, 100),)
+        assert [new.lr(s, peak, lo) for s in range(at)] == [plan.lr(s, peak, lo) for s in range(at)]
+        # continuous: at the re-plan the lr moves by no more than one step of the old or the new schedule
+        jump = abs(new.lr(at, peak, lo) - plan.lr(at, peak, lo))
+        assert jump <= 1.01 * max(abs(new.lr(at + 1, peak, lo) - new.lr(at, peak, lo)),
+                                  abs(plan.lr(at + 1, peak, lo) - plan.lr(at, peak, lo)))
+        assert new.lr(total - 1, peak, lo) == pytest.approx(plan.lr(99, peak, lo), rel=1e-12)  # same last lr
+        tail = [new.lr(s, peak, lo) for s in range(at, total)]
+        assert all(b < a for a, b in zip(tail, tail[1:]))  # still the cosine, only faster or slower
+        assert tp.TimePlan.from_state(json.loads(json.dumps(new.state_dict()))) == new
+    twice = plan.replanned(30, 60).replanned(40, 50)  # a re-plan of a re-plan: through both mappings
+    assert twice.replans == ((30, 100), (40, 60)) and twice.first_total == 100
+    assert twice.lr(49, peak, lo) == pytest.approx(plan.lr(99, peak, lo), rel=1e-12)
+    assert [twice.lr(s, peak, lo) for s in range(40)] == [plan.replanned(30, 60).lr(s, peak, lo) for s in range(40)]
+
+
+def test_replan_is_due_only_beyond_the_margin_and_where_it_can_move_the_end() -> None:
+    limit, m = 100.0, tp.MARGIN_SHARE * 100.0
+    target = 100.0 - m  # the planned end
+    # 50 s spent at step 50 of 100, the end projected at the planned end: no re-plan
+    assert not tp.replan_due(50, 50.0, (target - 50.0) / 50, limit, 100, 1000)
+    assert not tp.replan_due(50, 50.0, (target + 0.99 * m - 50.0) / 50, limit, 100, 1000)  # inside the margin
+    assert tp.replan_due(50, 50.0, (target + 1.01 * m - 50.0) / 50, limit, 100, 1000)  # slower: ends too late
+    assert tp.replan_due(50, 50.0, (target - 1.01 * m - 50.0) / 50, limit, 100, 1000)  # faster: room for more
+    assert not tp.replan_due(50, 50.0, (target - 1.01 * m - 50.0) / 50, limit, 100, 100)  # ... but capped
+    assert not tp.replan_due(99, 50.0, 10.0, limit, 100, 1000)  # the last step: nothing left to move
+
+
+def test_step_window_leaves_the_control_points_out() -> None:
+    now = [0.0]
+    w = tp.StepWindow(100.0, lambda: now[0], step=10)  # full after 5 s and 3 steps
+    now[0] = 2.0
+    assert not w.full(12) and w.sec_per_step(12) == 1.0  # read while running: the running span counts
+    w.pause(12)
+    now[0] = 30.0  # an evaluation and a checkpoint: not step time
+    w.resume(12)
+    now[0] = 34.0
+    assert w.full(14) and w.sec_per_step(14) == pytest.approx(6.0 / 4)
+    w.pause(14)
+    now[0] = 99.0
+    assert w.sec_per_step(14) == pytest.approx(6.0 / 4)  # paused: the clock does not count
+    w.clear()
+    assert not w.full(14)
+
+
 # ----------------------------------------------------------------------------------------- single-rank runs
 
 def test_planned_run_ends_done_with_its_cosine_completed_then_probes(tmp_path: Path,
@@ -148,6 +198,30 @@ def test_resume_keeps_the_saved_plan_and_is_exact(tmp_path: Path, monkeypatch: p
             (by_a[s]["lr"], by_a[s]["loss"], by_a[s]["rec_loss"], by_a[s]["cls_loss"]), s
 
 
+def test_resume_with_fewer_configured_steps_cuts_the_planned_schedule(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    over = dict(log_every=1, ckpt_every=0, warmup_epochs=2, time_limit_min=0.25)
+    stub_clock(monkeypatch, 1.0)
+    a = tmp_path / "a"
+    res_a = make_trainer(tiny_cfg(a, max_steps=100, **over)).fit()
+    total = res_a.time_plan["total_steps"]
+    b = tmp_path / "b"
+    holder: dict[str, Any] = {}
+
+    def stop_at_8(step: int, loss: Any) -> Any:
+        if step == 8:
+            holder["tr"]._stop_signal = True
+        return loss
+
+    holder["tr"] = make_trainer(tiny_cfg(b, max_steps=100, **over), loss_transform=stop_at_8)
+    assert holder["tr"].fit().stopped == "signal"
+    cut = total - 2
+    res_b = make_trainer(tiny_cfg(b, resume="auto", max_steps=cut, **over)).fit()
+    assert res_b.stopped == "done" and res_b.step == cut and res_b.time_plan == res_a.time_plan
+    lr_a, lr_b = lrs(a), lrs(b)
+    assert [lr_b[s] for s in range(9, cut)] == [lr_a[s] for s in range(9, cut)]  # the same schedule, cut
+
+
 def test_plan_never_exceeds_the_configured_epochs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     stub_clock(monkeypatch, 0.2)  # 0.2 s/step in a 30 s budget: ~140 steps would fit
     out = tmp_path / "run"
@@ -163,14 +237,71 @@ def test_plan_never_exceeds_the_configured_epochs(tmp_path: Path, monkeypatch: p
         assert lr[s] == pytest.approx(optim.lr_at(s, 12, warm, peak, 0.0), rel=1e-12)
 
 
+def test_steps_slower_after_the_plan_replan_and_still_end_done_in_time(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    stub_clock(monkeypatch, lambda s: 1.0 if s < 6 else 2.0)  # steps become 2x slower right after the plan
+    out = tmp_path / "run"
+    cfg = tiny_cfg(out, max_steps=100, log_every=1, ckpt_every=0, time_limit_min=0.5)
+    res = make_trainer(cfg).fit()
+    ev = plan_event(out)
+    assert ev["fixed_at"] == 5 and ev["total_steps"] == 5 + math.floor((1 - tp.MARGIN_SHARE) * 30 - 5)
+    replans = [r for r in records(out) if r.get("event") == "time_replan"]
+    assert replans and replans[0]["previous_total"] == ev["total_steps"]
+    assert all(r["total_steps"] < r["previous_total"] for r in replans)  # each one shortened the run
+    end = [r for r in records(out) if r.get("event") == "end"][-1]
+    assert res.stopped == "done" and res.step == end["total_steps"] == replans[-1]["total_steps"]
+    assert end["elapsed_s"] <= 30.0  # the first plan would have ended at 5 + 2 x 24 = 53 s
+    # the lr of every step is the saved plan's, whose last step has the first plan's last lr
+    plan = tp.TimePlan.from_state(res.time_plan)
+    assert plan.replans == tuple((r["step"], r["previous_total"]) for r in replans)
+    peak = optim.peak_lr(cfg)
+    lr = lrs(out)
+    assert sorted(lr) == list(range(res.step))
+    for s in range(res.step):
+        assert lr[s] == pytest.approx(plan.lr(s, peak, 0.0), rel=1e-12)
+    first = tp.TimePlan.from_state({**res.time_plan, "total_steps": ev["total_steps"], "replans": []})
+    assert lr[res.step - 1] == pytest.approx(first.lr(ev["total_steps"] - 1, peak, 0.0), rel=1e-9)
+
+
+def test_resume_after_a_replan_keeps_it_and_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    over = dict(max_steps=100, log_every=1, ckpt_every=0, time_limit_min=0.5)
+    stub_clock(monkeypatch, lambda s: 1.0 if s < 6 else 2.0)
+    a = tmp_path / "a"
+    res_a = make_trainer(tiny_cfg(a, **over)).fit()
+    assert res_a.time_plan["replans"]
+    stop = res_a.time_plan["replans"][-1][0] + 1  # after the last re-plan, before the end
+    assert stop < res_a.step
+    b = tmp_path / "b"
+    holder: dict[str, Any] = {}
+
+    def stop_there(step: int, loss: Any) -> Any:
+        if step == stop - 1:
+            holder["tr"]._stop_signal = True  # as SIGTERM would: stop at the next control point, checkpointed
+        return loss
+
+    holder["tr"] = make_trainer(tiny_cfg(b, **over), loss_transform=stop_there)
+    assert holder["tr"].fit().stopped == "signal"
+    stub_clock(monkeypatch, 5.0)  # resumed on a much slower clock: the saved plan is kept, no new re-plan
+    tr = make_trainer(tiny_cfg(b, resume="auto", **over))
+    assert tr.step == stop and tr.total_steps == res_a.step
+    res_b = tr.fit()
+    assert res_b.stopped == "done" and res_b.step == res_a.step and res_b.time_plan == res_a.time_plan
+    by_a = {r["step"]: r for r in records(a) if "loss" in r}
+    by_b = {r["step"]: r for r in records(b) if "loss" in r and r["step"] > stop}
+    assert sorted(by_b) == list(range(stop + 1, res_a.step + 1))
+    for s, r in by_b.items():  # fp32 on the CPU: bit for bit
+        assert (r["lr"], r["loss"]) == (by_a[s]["lr"], by_a[s]["loss"]), s
+
+
 def test_bad_overrun_after_the_plan_stops_with_a_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    stub_clock(monkeypatch, lambda s: 1.0 if s < 6 else 10.0)  # steps become 10x slower after the plan
+    # steps become 100x slower after the plan: the first one already passes the overrun, before a re-plan can
+    stub_clock(monkeypatch, lambda s: 1.0 if s < 6 else 100.0)
     out = tmp_path / "run"
     res = make_trainer(tiny_cfg(out, max_steps=100, log_every=1, ckpt_every=0, time_limit_min=0.5)).fit()
     ev = plan_event(out)
     assert ev["fixed_at"] == 5 and ev["total_steps"] > 20
-    # elapsed = 6 + 10 (s - 6) reaches OVERRUN x 30 s first after step s:
-    first_over = next(s for s in range(6, 100) if 6 + 10 * (s - 6) >= tp.OVERRUN * 30)
+    # elapsed = 6 + 100 (s - 6) reaches OVERRUN x 30 s first after step s:
+    first_over = next(s for s in range(6, 100) if 6 + 100 * (s - 6) >= tp.OVERRUN * 30)
     assert res.stopped == "time_limit" and res.step == first_over < ev["total_steps"]
     assert (out / "checkpoints" / "latest").read_text() == f"step_{first_over:08d}"
 

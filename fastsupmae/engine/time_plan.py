@@ -20,6 +20,15 @@ the configured length). From the plan on, a warmup still in progress continues l
 reached to the peak, over the rest of the warmup scaled as the rest of the run was (:func:`planned_warmup`);
 then the half-cycle cosine runs from the end of the warmup to the planned last step. When the configured length
 fits in the budget, the planned schedule is the configured one.
+
+The re-plan (:class:`StepWindow`, :func:`replan_due`): after the plan the run keeps timing its steps (evaluations
+and checkpoints at the control points left out) over windows of ``REPLAN_WINDOW_SHARE`` of the budget. When the
+end projected from the last window misses the planned end by more than ``MARGIN_SHARE`` of the budget (the
+machine became slower or faster: another job, thermal or frequency changes, a slower data source), the ranks
+agree on a new total the same way (never above the configured length) and the rest of the schedule is stretched
+or squeezed over it (:meth:`TimePlan.replanned`): the lr is continuous at the re-plan and the cosine still ends
+at the last step. The re-plans are part of the saved plan, so the lr stays a function of the step; a resumed run
+keeps the saved plan and does not re-plan (the budget spent before the interruption is not known to it).
 """
 
 from __future__ import annotations
@@ -49,6 +58,10 @@ MARGIN_SHARE = 0.03
 # The hard safety stop of a planned run (checkpoint, stopped 'time_limit') at this multiple of the limit: a run
 # whose steps became much slower after the plan (a shared machine, a slower data source) still ends.
 OVERRUN = 1.25
+# After the plan, the step rate is re-measured over windows of this share of the budget (at most MEASURE_MAX_S):
+# longer than the first measurement, so that one slow log window (a page-cache miss, a neighbour's burst) does
+# not move the plan, short enough to follow a machine that stays slower.
+REPLAN_WINDOW_SHARE = 0.05
 
 
 def planned_warmup(configured_warmup: int, configured_steps: int, fixed_at: int, total: int) -> int:
@@ -91,6 +104,9 @@ class TimePlan:
         steps_per_s: the measured rate (the slowest rank's).
         measured_steps: how many steps the rate was measured over.
         limit_min: ``train.time_limit_min`` the plan was made for.
+        replans: ``(step, total before)`` per re-plan, oldest first: from ``step`` on, the schedule that was to end
+            at ``total before`` is stretched or squeezed to end at the next re-plan's total (the last one's:
+            ``total_steps``).
     """
 
     total_steps: int
@@ -101,9 +117,31 @@ class TimePlan:
     steps_per_s: float
     measured_steps: int
     limit_min: float
+    replans: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def first_total(self) -> int:
+        """The total the first plan fixed (the schedule the re-plans stretch or squeeze)."""
+        return self.replans[0][1] if self.replans else self.total_steps
+
+    def replanned(self, step: int, total: int) -> TimePlan:
+        """This plan with its rest, from ``step`` on, laid out over ``total`` steps instead of ``total_steps``."""
+        return dataclasses.replace(self, total_steps=total, replans=(*self.replans, (step, self.total_steps)))
 
     def lr(self, step: int, peak: float, min_lr: float) -> float:
         """The learning rate of optimizer step ``step`` (0-based) under this plan."""
+        # Each re-plan maps the steps done after it linearly onto those of the schedule it replaced (newest
+        # first), down to a (fractional) step of the first plan's schedule: a re-plan's last step gets the lr the
+        # replaced schedule had at its last step, and the lr is continuous where the re-plan was made.
+        done: float = step + 1
+        after = self.total_steps
+        for at, before in reversed(self.replans):
+            if done > at:
+                done = at + (done - at) * (before - at) / max(1, after - at)
+            after = before
+        return self._first_lr(done - 1, peak, min_lr)
+
+    def _first_lr(self, step: float, peak: float, min_lr: float) -> float:
         if step < self.fixed_at:
             return lr_at(step, self.configured_steps, self.configured_warmup, peak, min_lr)
         if step < self.warmup_steps:
@@ -111,15 +149,17 @@ class TimePlan:
             start = lr_at(self.fixed_at - 1, self.configured_steps, self.configured_warmup, peak, min_lr) \
                 if self.fixed_at > 0 else 0.0
             return start + (peak - start) * (step - self.fixed_at + 1) / (self.warmup_steps - self.fixed_at)
-        return lr_at(step, self.total_steps, self.warmup_steps, peak, min_lr)
+        return lr_at(step, self.first_total, self.warmup_steps, peak, min_lr)
 
     def state_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "replans": [list(r) for r in self.replans]}  # as JSON reads it back
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> TimePlan:
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in state.items() if k in names})
+        kept = {k: v for k, v in state.items() if k in names}
+        kept["replans"] = tuple((int(a), int(b)) for a, b in kept.get("replans", ()))  # JSON / torch.save: lists
+        return cls(**kept)
 
 
 class RateMeter:
@@ -156,6 +196,58 @@ class RateMeter:
 
     def sec_per_step(self, step: int, now: float) -> float:
         return (now - self.t0) / max(1, self.measured(step))
+
+
+class StepWindow:
+    """One rank's timing of its steps after the plan, control-point extras (evaluations, checkpoints) left out.
+
+    The window runs from the end of one control point (:meth:`resume`) to the synchronisation of a later one
+    (:meth:`pause`), possibly over several such spans; a read before the pause includes the running span. It is
+    full after ``REPLAN_WINDOW_SHARE`` of the budget (at most ``MEASURE_MAX_S``) and ``MIN_MEASURED_STEPS``
+    steps; :meth:`clear` starts a new one.
+    """
+
+    def __init__(self, limit_s: float, clock: Callable[[], float], step: int) -> None:
+        self.window_s = min(REPLAN_WINDOW_SHARE * limit_s, MEASURE_MAX_S)
+        self.clock = clock
+        self.seconds, self.steps = 0.0, 0
+        self.t0: float | None = None
+        self.step0 = step
+        self.resume(step)
+
+    def resume(self, step: int) -> None:
+        self.t0, self.step0 = self.clock(), step
+
+    def pause(self, step: int) -> None:
+        self.seconds, self.steps = self._read(step)
+        self.t0 = None
+
+    def _read(self, step: int) -> tuple[float, int]:
+        if self.t0 is None:
+            return self.seconds, self.steps
+        return self.seconds + self.clock() - self.t0, self.steps + step - self.step0
+
+    def full(self, step: int) -> bool:
+        seconds, steps = self._read(step)
+        return steps >= MIN_MEASURED_STEPS and seconds >= self.window_s
+
+    def sec_per_step(self, step: int) -> float:
+        seconds, steps = self._read(step)
+        return seconds / max(1, steps)
+
+    def clear(self) -> None:
+        self.seconds, self.steps = 0.0, 0
+
+
+def replan_due(step: int, elapsed_s: float, sec_per_step: float, limit_s: float, total: int,
+               configured_steps: int) -> bool:
+    """True when steps at ``sec_per_step`` from ``step`` to ``total`` would end more than ``MARGIN_SHARE`` of the
+    budget away from the planned end, ``(1 - MARGIN_SHARE) * limit_s``, either way, and a re-plan could move it
+    (steps are left; a longer plan only below ``configured_steps``)."""
+    if step >= total - 1:
+        return False
+    miss = elapsed_s + (total - step) * sec_per_step - (1.0 - MARGIN_SHARE) * limit_s
+    return miss > MARGIN_SHARE * limit_s or (miss < -MARGIN_SHARE * limit_s and total < configured_steps)
 
 
 def default_clock() -> float:

@@ -17,7 +17,6 @@ and, when it does not pretrain, its ``forward_loss``; everything else here serve
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import os
@@ -103,6 +102,7 @@ class _Loop:
     window_t0: float = 0.0
     window_steps: int = 0
     meter: tp.RateMeter | None = None  # measuring the step rate until the time plan is fixed
+    window: tp.StepWindow | None = None  # timing the steps after the plan, for a re-plan
     timers: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("data", "fwd", "bwd", "opt"), 0.0))
     last_record: dict[str, Any] = field(default_factory=dict)
 
@@ -308,16 +308,17 @@ class Trainer:
                 log.info("train.time_limit_min is 0: the checkpoint's time plan (%d steps) is dropped; the run "
                          "continues to its configured %d steps", plan.total_steps, self.total_steps)
             return
+        self.plan = plan
         if plan.total_steps > self.total_steps:  # the config now asks for fewer steps: the plan never exceeds it
             if self.dist.is_main:
                 log.warning("the checkpoint's time plan has %d steps but the config now asks for %d; ending at %d "
-                            "(the cosine is cut there)", plan.total_steps, self.total_steps, self.total_steps)
-            plan = dataclasses.replace(plan, total_steps=self.total_steps)
-        elif plan.limit_min != t.time_limit_min and self.dist.is_main:
+                            "(the planned schedule is cut there)", plan.total_steps, self.total_steps,
+                            self.total_steps)
+            return
+        if plan.limit_min != t.time_limit_min and self.dist.is_main:
             log.warning("train.time_limit_min is %g but the run was planned for %g min: the saved plan is kept "
                         "(%d steps); start a new run to plan another length", t.time_limit_min, plan.limit_min,
                         plan.total_steps)
-        self.plan = plan
         self.total_steps = plan.total_steps
 
     def _restore_ema(self, path: Path, rank_state: dict[str, Any] | None, old_world: int) -> None:
@@ -646,16 +647,24 @@ class Trainer:
         # The measurement is long enough on some rank (its step count is the same on every rank, only the time
         # differs): the plan is fixed at this control point, on every rank.
         plan_due = loop.meter is not None and not is_last and loop.meter.ready(self.step, self._clock())
+        replan_due = self._replan_due(loop, elapsed, is_last)
         vals, flags = loop.sums.collect(names, [float(over_time), float(self._stop_signal), float(stop_file),
-                                                float(plan_due)])
+                                                float(plan_due), float(replan_due)])
         loop.max_consec = loop.zero.clone()
         self._log_window(loop, vals, elapsed)
         if vals["max_consec"] >= t.max_bad_steps:
             self._diverged(loop, int(vals["max_consec"]))
-        if flags[3] > 0 and flags[0] == 0:
-            self._fix_plan(loop, self._clock())  # after the reduction's sync: the clock covers the device work
+        if loop.window is not None:
+            loop.window.pause(self.step)  # after the reduction's sync: the window covers the device work
+        if flags[0] == 0 and (flags[3] > 0 or flags[4] > 0):
+            if flags[3] > 0:
+                self._fix_plan(loop, self._clock())  # after the sync, as the window
+            else:
+                self._replan(loop, self._clock())
             is_last = self.step >= self.total_steps  # a plan that ends here still evaluates and checkpoints
             want_eval = self.evaluate is not None and (is_last or self._eval_due())
+        if loop.window is not None and loop.window.full(self.step):
+            loop.window.clear()
         stop_now = flags[0] > 0 or flags[1] > 0 or flags[2] > 0
         improved = want_eval and self._run_evaluation(loop)
         if (want_ckpt or is_last or stop_now or improved) and self.step != loop.saved_at:
@@ -668,6 +677,8 @@ class Trainer:
                 if improved and self.dist.is_main:
                     publish_best(path, self.best)
                 dist_utils.barrier()
+        if loop.window is not None:
+            loop.window.resume(self.step)  # the evaluation and the checkpoint above are not step time
         if not stop_now:
             return None
         stopped = "time_limit" if flags[0] > 0 else "signal" if flags[1] > 0 else "stop_file"
@@ -678,29 +689,24 @@ class Trainer:
         return stopped
 
     def _fix_plan(self, loop: _Loop, now: float) -> None:
-        """Fix the run's length from the measured rate (collective: one all-reduce; every rank keeps the smallest
-        total any rank computed, i.e. the plan every rank can finish in time)."""
+        """Fix the run's length from the measured rate (collective: every rank keeps the smallest total any rank
+        computed, i.e. the plan every rank can finish in time)."""
         t = self.cfg.train
         meter, step = loop.meter, self.step
-        sec_per_step = meter.sec_per_step(step, now)
         elapsed = now - loop.t_start
-        mine = tp.plan_total(step, elapsed, sec_per_step, t.time_limit_min * 60, self.total_steps)
-        # MAX of (-total, s/step): the smallest total and the slowest rate, identical on every rank.
-        agreed = torch.tensor([-float(mine), sec_per_step], dtype=torch.float64, device=dist_utils.comm_device())
-        neg_total, slowest = dist_utils.all_reduce_max(agreed).tolist()
-        total = int(-neg_total)
+        mine = tp.plan_total(step, elapsed, meter.sec_per_step(step, now), t.time_limit_min * 60, self.total_steps)
+        total, slowest = self._agree_total(mine, meter.sec_per_step(step, now))
         self.plan = tp.TimePlan(
             total_steps=total, warmup_steps=tp.planned_warmup(self.warmup_steps, self.total_steps, step, total),
             fixed_at=step, configured_steps=self.total_steps, configured_warmup=self.warmup_steps,
             steps_per_s=1.0 / slowest, measured_steps=meter.measured(step), limit_min=t.time_limit_min)
         self.total_steps = total
         loop.meter = None
+        loop.window = tp.StepWindow(t.time_limit_min * 60, self._clock, step)
         end_min = (elapsed + (total - step) * slowest) / 60
-        loop.writer.write({"event": "time_plan", "step": step, "elapsed_s": elapsed, "planned_end_min": end_min,
-                           "total_epochs": total / self.steps_per_epoch, **self.plan.state_dict()})
-        if self._bar is not None:
-            self._bar.total = total
-            self._bar.refresh()
+        self._plan_changed(loop, {"event": "time_plan", "step": step, "elapsed_s": elapsed,
+                                  "planned_end_min": end_min, "total_epochs": total / self.steps_per_epoch,
+                                  **self.plan.state_dict()})
         if self.dist.is_main:
             fits = "the configured length fits" if total == self.plan.configured_steps else \
                 f"configured {self.plan.configured_steps}"
@@ -709,6 +715,48 @@ class Trainer:
                      total / self.steps_per_epoch, fits, end_min, t.time_limit_min)
             if total <= step:
                 log.warning("the time limit leaves no steps after the measurement: the run ends at step %d", step)
+
+    def _replan_due(self, loop: _Loop, elapsed: float, is_last: bool) -> bool:
+        """This rank's window after the plan is full and its rate would end the run far from the planned end."""
+        w = loop.window
+        if w is None or is_last or self.plan is None or not w.full(self.step):
+            return False
+        return tp.replan_due(self.step, elapsed, w.sec_per_step(self.step), self.cfg.train.time_limit_min * 60,
+                             self.total_steps, self.plan.configured_steps)
+
+    def _replan(self, loop: _Loop, now: float) -> None:
+        """Lay the rest of the schedule over the total the last window's rate fits in the budget (collective,
+        as the plan: the smallest total of any rank); nothing changes when the ranks agree on the same total."""
+        assert self.plan is not None and loop.window is not None
+        t, step = self.cfg.train, self.step
+        elapsed, sec = now - loop.t_start, loop.window.sec_per_step(step)
+        mine = tp.plan_total(step, elapsed, sec, t.time_limit_min * 60, self.plan.configured_steps)
+        total, slowest = self._agree_total(mine, sec)
+        if total == self.total_steps:
+            return
+        before = self.total_steps
+        self.plan = self.plan.replanned(step, total)
+        self.total_steps = total
+        end_min = (elapsed + (total - step) * slowest) / 60
+        self._plan_changed(loop, {"event": "time_replan", "step": step, "elapsed_s": elapsed,
+                                  "sec_per_step": slowest, "previous_total": before, "total_steps": total,
+                                  "planned_end_min": end_min, "total_epochs": total / self.steps_per_epoch})
+        if self.dist.is_main:
+            log.info("time re-plan at step %d: %.3g steps/s over the last %.0f s -> %d total steps instead of %d, "
+                     "to end at %.1f min (train.time_limit_min %g)", step, 1.0 / slowest, loop.window.seconds,
+                     total, before, end_min, t.time_limit_min)
+
+    def _agree_total(self, mine: int, sec_per_step: float) -> tuple[int, float]:
+        """(smallest total, slowest seconds per step) over the ranks: one all-reduce (MAX of -total, s/step)."""
+        agreed = torch.tensor([-float(mine), sec_per_step], dtype=torch.float64, device=dist_utils.comm_device())
+        neg_total, slowest = dist_utils.all_reduce_max(agreed).tolist()
+        return int(-neg_total), slowest
+
+    def _plan_changed(self, loop: _Loop, event: dict[str, Any]) -> None:
+        loop.writer.write(event)
+        if self._bar is not None:
+            self._bar.total = self.total_steps
+            self._bar.refresh()
 
     def _log_window(self, loop: _Loop, vals: dict[str, float], elapsed: float) -> None:
         """One metrics record for the steps since the last control point (rank 0 writes it)."""
