@@ -14,14 +14,6 @@ from fastsupmae.tasks.export import ExportError, export_model, timm_spec, verify
 from tests.helpers import tiny_config
 
 
-@pytest.fixture(autouse=True)
-def _fresh_torch_rng():
-    """Fresh random inputs every run (torch's default generator starts from a fixed seed)."""
-    seed = torch.seed()
-    yield
-    print(f"torch seed of this test: {seed}")
-
-
 def _randomize(model: torch.nn.Module) -> None:
     """Non-trivial values everywhere (fresh each run), BatchNorm statistics included."""
     with torch.no_grad():

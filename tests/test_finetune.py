@@ -24,14 +24,6 @@ from fastsupmae.tasks.finetune import (
 from tests.helpers import TINY_MODEL, tiny_config
 
 
-@pytest.fixture(autouse=True)
-def _fresh_torch_rng():
-    """Fresh random inputs every run (torch's default generator starts from a fixed seed)."""
-    seed = torch.seed()
-    yield
-    print(f"torch seed of this test: {seed}")
-
-
 def _ft_cfg(tmp_path, **model):
     m = {k: v for k, v in TINY_MODEL.items() if k not in ("decoder_embed_dim", "decoder_depth",
                                                            "decoder_num_heads", "cls_hidden_dim")}

@@ -16,7 +16,6 @@ import logging
 import os
 import time
 
-import pytest
 import torch
 from fastsupmae.pipelines.fashion_mnist import load_fashion_mnist
 from fastsupmae.pipelines.memory_loader import InMemoryLoader
@@ -27,15 +26,6 @@ from fastsupmae.tasks.finetune import FinetuneOptions, finetune, finetune_config
 from fastsupmae.tasks.knn import knn_eval
 from fastsupmae.tasks.visualize import plot_loss_curves
 from fastsupmae.weights import load_checkpoint
-
-
-@pytest.fixture(autouse=True)
-def _fresh_torch_rng():
-    """Fresh random inputs every run (torch's default generator starts from a fixed seed)."""
-    seed = torch.seed()
-    yield
-    print(f"torch seed of this test: {seed}")
-
 
 log = logging.getLogger(__name__)
 

@@ -14,14 +14,11 @@ from tests.helpers import tiny_config
 
 
 @pytest.fixture(autouse=True)
-def _fresh_torch_rng():
-    """Fresh random inputs every run (torch's default generator starts from a fixed seed)."""
-    seed = torch.seed()
+def _one_thread():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: threads only add contention on a shared machine (10x here)
     yield
     torch.set_num_threads(threads)
-    print(f"torch seed of this test: {seed}")
 
 
 def _centres(g, n=5, min_dist=60.0):

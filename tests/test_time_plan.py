@@ -107,9 +107,9 @@ def test_replan_is_due_only_beyond_the_margin_and_where_it_can_move_the_end() ->
     assert not tp.replan_due(99, 50.0, 10.0, limit, 100, 1000)  # the last step: nothing left to move
 
 
-def test_step_window_leaves_the_control_points_out() -> None:
+def test_step_window_averages_since_the_plan_and_leaves_the_control_points_out() -> None:
     now = [0.0]
-    w = tp.StepWindow(100.0, lambda: now[0], step=10)  # full after 5 s and 3 steps
+    w = tp.StepWindow(100.0, lambda: now[0], step=10)  # a window: 5 s and 3 steps
     now[0] = 2.0
     assert not w.full(12) and w.sec_per_step(12) == 1.0  # read while running: the running span counts
     w.pause(12)
@@ -120,8 +120,11 @@ def test_step_window_leaves_the_control_points_out() -> None:
     w.pause(14)
     now[0] = 99.0
     assert w.sec_per_step(14) == pytest.approx(6.0 / 4)  # paused: the clock does not count
-    w.clear()
+    w.next_window(14)
     assert not w.full(14)
+    w.resume(14)
+    now[0] = 99.0 + 12.0  # 3 slower steps: a new window, the rate still over every step since the plan
+    assert w.full(17) and w.sec_per_step(17) == pytest.approx(18.0 / 7)
 
 
 # ----------------------------------------------------------------------------------------- single-rank runs

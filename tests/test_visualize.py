@@ -16,14 +16,6 @@ from fastsupmae.tasks.visualize import numeric_series, plot_loss_curves, reconst
 from tests.helpers import tiny_config
 
 
-@pytest.fixture(autouse=True)
-def _fresh_torch_rng():
-    """Fresh random inputs every run (torch's default generator starts from a fixed seed)."""
-    seed = torch.seed()
-    yield
-    print(f"torch seed of this test: {seed}")
-
-
 def test_reconstruction_panels_and_grid(tmp_path):
     cfg = tiny_config(objective="supmae")
     model = build_model(cfg, device="cpu")

@@ -22,13 +22,14 @@ then the half-cycle cosine runs from the end of the warmup to the planned last s
 fits in the budget, the planned schedule is the configured one.
 
 The re-plan (:class:`StepWindow`, :func:`replan_due`): after the plan the run keeps timing its steps (evaluations
-and checkpoints at the control points left out) over windows of ``REPLAN_WINDOW_SHARE`` of the budget. When the
-end projected from the last window misses the planned end by more than ``MARGIN_SHARE`` of the budget (the
-machine became slower or faster: another job, thermal or frequency changes, a slower data source), the ranks
-agree on a new total the same way (never above the configured length) and the rest of the schedule is stretched
-or squeezed over it (:meth:`TimePlan.replanned`): the lr is continuous at the re-plan and the cosine still ends
-at the last step. The re-plans are part of the saved plan, so the lr stays a function of the step; a resumed run
-keeps the saved plan and does not re-plan (the budget spent before the interruption is not known to it).
+and checkpoints at the control points left out). Each time another ``REPLAN_WINDOW_SHARE`` of the budget has
+passed, it projects its end from its average rate since the plan; when that misses the planned end by more than
+``MARGIN_SHARE`` of the budget (the machine became slower or faster: another job, frequency changes, a slower
+data source, or a first measurement taken at an odd moment), the ranks agree on a new total the same way (never
+above the configured length) and the rest of the schedule is stretched or squeezed over it
+(:meth:`TimePlan.replanned`): the lr is continuous at the re-plan and the cosine still ends at the last step.
+The re-plans are part of the saved plan, so the lr stays a function of the step; a resumed run keeps the saved
+plan and does not re-plan (the budget spent before the interruption is not known to it).
 """
 
 from __future__ import annotations
@@ -58,9 +59,9 @@ MARGIN_SHARE = 0.03
 # The hard safety stop of a planned run (checkpoint, stopped 'time_limit') at this multiple of the limit: a run
 # whose steps became much slower after the plan (a shared machine, a slower data source) still ends.
 OVERRUN = 1.25
-# After the plan, the step rate is re-measured over windows of this share of the budget (at most MEASURE_MAX_S):
-# longer than the first measurement, so that one slow log window (a page-cache miss, a neighbour's burst) does
-# not move the plan, short enough to follow a machine that stays slower.
+# After the plan, a re-plan is considered each time this share of the budget has passed (at most MEASURE_MAX_S),
+# with the average rate since the plan: often enough to follow a machine that stays slower, rarely enough that
+# the schedule is not reshaped at every log step.
 REPLAN_WINDOW_SHARE = 0.05
 
 
@@ -201,16 +202,20 @@ class RateMeter:
 class StepWindow:
     """One rank's timing of its steps after the plan, control-point extras (evaluations, checkpoints) left out.
 
-    The window runs from the end of one control point (:meth:`resume`) to the synchronisation of a later one
-    (:meth:`pause`), possibly over several such spans; a read before the pause includes the running span. It is
-    full after ``REPLAN_WINDOW_SHARE`` of the budget (at most ``MEASURE_MAX_S``) and ``MIN_MEASURED_STEPS``
-    steps; :meth:`clear` starts a new one.
+    Time runs from the end of one control point (:meth:`resume`) to the synchronisation of a later one
+    (:meth:`pause`); a read before the pause includes the running span. The rate a re-plan uses
+    (:meth:`sec_per_step`) is over every step since the plan: a machine whose speed wobbles by 10-20 % from one
+    window to the next (a shared VM) is predicted by its average, not by its last window, and a lasting change
+    still moves the average as it goes on. A re-plan is considered each time a window of
+    ``REPLAN_WINDOW_SHARE`` of the budget (at most ``MEASURE_MAX_S``, at least ``MIN_MEASURED_STEPS`` steps)
+    has filled (:meth:`full`; :meth:`next_window` starts the next one).
     """
 
     def __init__(self, limit_s: float, clock: Callable[[], float], step: int) -> None:
         self.window_s = min(REPLAN_WINDOW_SHARE * limit_s, MEASURE_MAX_S)
         self.clock = clock
-        self.seconds, self.steps = 0.0, 0
+        self.seconds, self.steps = 0.0, 0  # since the plan, up to the last pause
+        self.window_from = (0.0, 0)  # (seconds, steps) where the current window began
         self.t0: float | None = None
         self.step0 = step
         self.resume(step)
@@ -229,14 +234,14 @@ class StepWindow:
 
     def full(self, step: int) -> bool:
         seconds, steps = self._read(step)
-        return steps >= MIN_MEASURED_STEPS and seconds >= self.window_s
+        return steps - self.window_from[1] >= MIN_MEASURED_STEPS and seconds - self.window_from[0] >= self.window_s
 
     def sec_per_step(self, step: int) -> float:
         seconds, steps = self._read(step)
         return seconds / max(1, steps)
 
-    def clear(self) -> None:
-        self.seconds, self.steps = 0.0, 0
+    def next_window(self, step: int) -> None:
+        self.window_from = self._read(step)
 
 
 def replan_due(step: int, elapsed_s: float, sec_per_step: float, limit_s: float, total: int,

@@ -664,7 +664,7 @@ class Trainer:
             is_last = self.step >= self.total_steps  # a plan that ends here still evaluates and checkpoints
             want_eval = self.evaluate is not None and (is_last or self._eval_due())
         if loop.window is not None and loop.window.full(self.step):
-            loop.window.clear()
+            loop.window.next_window(self.step)
         stop_now = flags[0] > 0 or flags[1] > 0 or flags[2] > 0
         improved = want_eval and self._run_evaluation(loop)
         if (want_ckpt or is_last or stop_now or improved) and self.step != loop.saved_at:
@@ -717,7 +717,8 @@ class Trainer:
                 log.warning("the time limit leaves no steps after the measurement: the run ends at step %d", step)
 
     def _replan_due(self, loop: _Loop, elapsed: float, is_last: bool) -> bool:
-        """This rank's window after the plan is full and its rate would end the run far from the planned end."""
+        """Another window has passed on this rank, and its rate since the plan would end the run far from the
+        planned end."""
         w = loop.window
         if w is None or is_last or self.plan is None or not w.full(self.step):
             return False
@@ -725,8 +726,8 @@ class Trainer:
                              self.total_steps, self.plan.configured_steps)
 
     def _replan(self, loop: _Loop, now: float) -> None:
-        """Lay the rest of the schedule over the total the last window's rate fits in the budget (collective,
-        as the plan: the smallest total of any rank); nothing changes when the ranks agree on the same total."""
+        """Lay the rest of the schedule over the total that the rate since the plan fits in the budget
+        (collective, as the plan: the smallest total of any rank); nothing changes when that is the same total."""
         assert self.plan is not None and loop.window is not None
         t, step = self.cfg.train, self.step
         elapsed, sec = now - loop.t_start, loop.window.sec_per_step(step)
@@ -742,9 +743,9 @@ class Trainer:
                                   "sec_per_step": slowest, "previous_total": before, "total_steps": total,
                                   "planned_end_min": end_min, "total_epochs": total / self.steps_per_epoch})
         if self.dist.is_main:
-            log.info("time re-plan at step %d: %.3g steps/s over the last %.0f s -> %d total steps instead of %d, "
-                     "to end at %.1f min (train.time_limit_min %g)", step, 1.0 / slowest, loop.window.seconds,
-                     total, before, end_min, t.time_limit_min)
+            log.info("time re-plan at step %d: %.3g steps/s since the plan -> %d total steps instead of %d, to end "
+                     "at %.1f min (train.time_limit_min %g)", step, 1.0 / slowest, total, before, end_min,
+                     t.time_limit_min)
 
     def _agree_total(self, mine: int, sec_per_step: float) -> tuple[int, float]:
         """(smallest total, slowest seconds per step) over the ranks: one all-reduce (MAX of -total, s/step)."""
