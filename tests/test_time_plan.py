@@ -332,6 +332,23 @@ def test_two_ranks_measuring_different_rates_agree_on_one_total(tmp_path: Path) 
         assert r["plan"]["steps_per_s"] == pytest.approx(1 / res[1]["sec_per_step"])
 
 
+@pytest.mark.dist
+def test_two_ranks_slowing_differently_agree_on_every_replan(tmp_path: Path) -> None:
+    worker = Path(__file__).with_name("time_plan_worker.py")
+    codes = multirank.wait(multirank.start(worker, "replan", tmp_path), timeout=300)
+    res = []
+    for r in range(2):
+        f = tmp_path / f"replan_rank{r}.json"
+        assert f.exists(), (tmp_path / f"replan.r{r}.log").read_text()[-3000:]
+        res.append(json.loads(f.read_text()))
+        assert res[-1]["ok"], res[-1].get("traceback")
+    assert codes == [0, 0]
+    assert res[0]["plan"] == res[1]["plan"] and res[0]["plan"]["replans"]  # the same re-plans on both ranks
+    assert res[0]["step"] == res[1]["step"] == res[0]["plan"]["total_steps"]
+    assert all(r["stopped"] == "done" for r in res)
+    assert res[1]["elapsed_s"] <= res[1]["limit_s"]  # the slower rank ends in time too
+
+
 def test_planned_last_step_ends_done_even_past_the_overrun(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     total = 5 + math.floor((1 - tp.MARGIN_SHARE) * 15 - 5)  # planned at step 5 after 5 s, 1 s/step, 15 s budget
     stub_clock(monkeypatch, lambda s: 1.0 if s < total - 1 else 100.0)  # the last step alone takes 100 s
