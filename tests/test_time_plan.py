@@ -1,6 +1,7 @@
 """train.time_limit_min as a planned length (fastsupmae.engine.time_plan): the run measures its step rate, fixes
-its total, completes its cosine and ends 'done' (then probes); the plan is saved and a resumed run keeps it; it
-never exceeds the configured length; a bad overrun still stops; two ranks agree on one total.
+its total, completes its cosine and ends 'done' (then probes); steps that become slower or faster re-plan the
+rest of the schedule; the plan (re-plans included) is saved and a resumed run keeps it; it never exceeds the
+configured length; a bad overrun still stops; two ranks agree on one total and on every re-plan.
 
 The trainer's clock is stubbed as a function of the step (``Trainer._clock``), so every plan is deterministic.
 """
