@@ -312,17 +312,23 @@ def test_bad_overrun_after_the_plan_stops_with_a_checkpoint(tmp_path: Path, monk
 
 # --------------------------------------------------------------------------------------------- two ranks
 
-@pytest.mark.dist
-def test_two_ranks_measuring_different_rates_agree_on_one_total(tmp_path: Path) -> None:
+def two_ranks(scenario: str, w: Path) -> list[dict[str, Any]]:
+    """Run ``scenario`` of tests/time_plan_worker.py on 2 ranks; each rank's result (its log shown on failure)."""
     worker = Path(__file__).with_name("time_plan_worker.py")
-    codes = multirank.wait(multirank.start(worker, "plan", tmp_path), timeout=300)
+    codes = multirank.wait(multirank.start(worker, scenario, w), timeout=300)
     res = []
     for r in range(2):
-        f = tmp_path / f"plan_rank{r}.json"
-        assert f.exists(), (tmp_path / f"plan.r{r}.log").read_text()[-3000:]
+        f = w / f"{scenario}_rank{r}.json"
+        assert f.exists(), (w / f"{scenario}.r{r}.log").read_text()[-3000:]
         res.append(json.loads(f.read_text()))
         assert res[-1]["ok"], res[-1].get("traceback")
     assert codes == [0, 0]
+    return res
+
+
+@pytest.mark.dist
+def test_two_ranks_measuring_different_rates_agree_on_one_total(tmp_path: Path) -> None:
+    res = two_ranks("plan", tmp_path)
     p = res[0]["plan"]["fixed_at"]
     # what each rank alone would have planned: its own rate, its own time spent
     own = [tp.plan_total(p, p * r["sec_per_step"], r["sec_per_step"], r["limit_s"], r["configured"]) for r in res]
@@ -335,15 +341,7 @@ def test_two_ranks_measuring_different_rates_agree_on_one_total(tmp_path: Path) 
 
 @pytest.mark.dist
 def test_two_ranks_slowing_differently_agree_on_every_replan(tmp_path: Path) -> None:
-    worker = Path(__file__).with_name("time_plan_worker.py")
-    codes = multirank.wait(multirank.start(worker, "replan", tmp_path), timeout=300)
-    res = []
-    for r in range(2):
-        f = tmp_path / f"replan_rank{r}.json"
-        assert f.exists(), (tmp_path / f"replan.r{r}.log").read_text()[-3000:]
-        res.append(json.loads(f.read_text()))
-        assert res[-1]["ok"], res[-1].get("traceback")
-    assert codes == [0, 0]
+    res = two_ranks("replan", tmp_path)
     assert res[0]["plan"] == res[1]["plan"] and res[0]["plan"]["replans"]  # the same re-plans on both ranks
     assert res[0]["step"] == res[1]["step"] == res[0]["plan"]["total_steps"]
     assert all(r["stopped"] == "done" for r in res)
