@@ -693,9 +693,9 @@ class Trainer:
         computed, i.e. the plan every rank can finish in time)."""
         t = self.cfg.train
         meter, step = loop.meter, self.step
-        elapsed = now - loop.t_start
-        mine = tp.plan_total(step, elapsed, meter.sec_per_step(step, now), t.time_limit_min * 60, self.total_steps)
-        total, slowest = self._agree_total(mine, meter.sec_per_step(step, now))
+        elapsed, sec = now - loop.t_start, meter.sec_per_step(step, now)
+        mine = tp.plan_total(step, elapsed, sec, t.time_limit_min * 60, self.total_steps)
+        total, slowest = self._agree_total(mine, sec)
         self.plan = tp.TimePlan(
             total_steps=total, warmup_steps=tp.planned_warmup(self.warmup_steps, self.total_steps, step, total),
             fixed_at=step, configured_steps=self.total_steps, configured_warmup=self.warmup_steps,
