@@ -40,6 +40,20 @@ def plan_event(out: Path) -> dict[str, Any]:
     return ev
 
 
+def fit_stopped_after(cfg: Any, step: int) -> Any:
+    """Train ``cfg`` and stop it as SIGTERM would once optimizer step ``step`` (0-based) has run: at the next
+    control point, checkpointed. Returns the trainer's result."""
+    holder: dict[str, Any] = {}
+
+    def stop_there(s: int, loss: Any) -> Any:
+        if s == step:
+            holder["tr"]._stop_signal = True
+        return loss
+
+    holder["tr"] = make_trainer(cfg, loss_transform=stop_there)
+    return holder["tr"].fit()
+
+
 # --------------------------------------------------------------------------------------------- the arithmetic
 
 def test_plan_total_counts_spent_time_keeps_a_margin_and_is_capped() -> None:
@@ -174,15 +188,7 @@ def test_resume_keeps_the_saved_plan_and_is_exact(tmp_path: Path, monkeypatch: p
     assert res_a.stopped == "done" and res_a.step == total and 8 < total < 100
 
     b = tmp_path / "b"
-    holder: dict[str, Any] = {}
-
-    def stop_at_8(step: int, loss: Any) -> Any:
-        if step == 8:
-            holder["tr"]._stop_signal = True  # as SIGTERM would: stop at the next control point, checkpointed
-        return loss
-
-    holder["tr"] = make_trainer(tiny_cfg(b, **over), loss_transform=stop_at_8)
-    res_b = holder["tr"].fit()
+    res_b = fit_stopped_after(tiny_cfg(b, **over), 8)
     assert res_b.stopped == "signal" and res_b.step == 9 and res_b.time_plan == res_a.time_plan
     # resumed on a clock 4x faster: a new measurement would plan more steps; the saved plan is kept
     stub_clock(monkeypatch, 0.25)
@@ -210,15 +216,7 @@ def test_resume_with_fewer_configured_steps_cuts_the_planned_schedule(tmp_path: 
     res_a = make_trainer(tiny_cfg(a, max_steps=100, **over)).fit()
     total = res_a.time_plan["total_steps"]
     b = tmp_path / "b"
-    holder: dict[str, Any] = {}
-
-    def stop_at_8(step: int, loss: Any) -> Any:
-        if step == 8:
-            holder["tr"]._stop_signal = True
-        return loss
-
-    holder["tr"] = make_trainer(tiny_cfg(b, max_steps=100, **over), loss_transform=stop_at_8)
-    assert holder["tr"].fit().stopped == "signal"
+    assert fit_stopped_after(tiny_cfg(b, max_steps=100, **over), 8).stopped == "signal"
     cut = total - 2
     res_b = make_trainer(tiny_cfg(b, resume="auto", max_steps=cut, **over)).fit()
     assert res_b.stopped == "done" and res_b.step == cut and res_b.time_plan == res_a.time_plan
@@ -276,15 +274,7 @@ def test_resume_after_a_replan_keeps_it_and_is_exact(tmp_path: Path, monkeypatch
     stop = res_a.time_plan["replans"][-1][0] + 1  # after the last re-plan, before the end
     assert stop < res_a.step
     b = tmp_path / "b"
-    holder: dict[str, Any] = {}
-
-    def stop_there(step: int, loss: Any) -> Any:
-        if step == stop - 1:
-            holder["tr"]._stop_signal = True  # as SIGTERM would: stop at the next control point, checkpointed
-        return loss
-
-    holder["tr"] = make_trainer(tiny_cfg(b, **over), loss_transform=stop_there)
-    assert holder["tr"].fit().stopped == "signal"
+    assert fit_stopped_after(tiny_cfg(b, **over), stop - 1).stopped == "signal"
     stub_clock(monkeypatch, 5.0)  # resumed on a much slower clock: the saved plan is kept, no new re-plan
     tr = make_trainer(tiny_cfg(b, resume="auto", **over))
     assert tr.step == stop and tr.total_steps == res_a.step
