@@ -55,7 +55,6 @@ import json
 import logging
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -65,6 +64,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from fastsupmae.cpu import cpu_facts
 
 REPO = Path(__file__).resolve().parent.parent
 log = logging.getLogger("compute_budget_study")
@@ -550,8 +551,8 @@ def main(argv: list[str] | None = None) -> int:
                 records.append(run_one(method, budget, seed, args, data))
                 print(table(records[-1:]).splitlines()[-1], flush=True)
     total_s = time.time() - t0
-    machine = {"cpu": next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-                           platform.processor()), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+    machine = {"cpu": cpu_facts().model, "cpu_isa": cpu_facts().isa_text(),
+               "cores": os.cpu_count(), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "gpu": None, "loadavg_end": os.getloadavg()}
     result = {"what": "SupMAE vs MAE vs supervised vs supervised + MIM at equal pretraining compute (analytic "
                       "training FLOPs), Fashion-MNIST", "date_utc": start.isoformat(timespec="seconds"),

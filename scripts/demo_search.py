@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from fastsupmae.cpu import cpu_facts
+
 REPO = Path(__file__).resolve().parent.parent
 log = logging.getLogger("demo_search")
 N_TRAIN, VAL_SIZE, BANK = 60000, 10000, 20000
@@ -164,8 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out_json:
         commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True).stdout.strip()
-        flags = sorted({f for ln in open("/proc/cpuinfo") if ln.startswith("flags") for f in ln.split()
-                        if f.startswith(("avx512_bf16", "avx512f", "amx", "avx2"))})
+        flags = cpu_facts().isa_text().split()
         with open(args.out_json, "w") as f:
             json.dump({"date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                        "commit": commit, "command": " ".join(sys.argv), "cpu_flags": flags,

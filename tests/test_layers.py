@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("engine", ("fastsupmae.engine", "fastsupmae.weights", "fastsupmae.api")),
     ("models / pipelines", ("fastsupmae.models", "fastsupmae.pipelines")),
     ("kernels", ("fastsupmae.kernels",)),
-    ("foundation", ("fastsupmae.config", "fastsupmae.errors", "fastsupmae.flops", "fastsupmae.gpus",
+    ("foundation", ("fastsupmae.config", "fastsupmae.cpu", "fastsupmae.errors", "fastsupmae.flops", "fastsupmae.gpus",
                     "fastsupmae.data", "fastsupmae.checkpoint_file", "=fastsupmae")),
 ]
 

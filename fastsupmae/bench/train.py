@@ -46,8 +46,8 @@ import torch
 
 from fastsupmae.bench.reference import ReferenceStep, build_reference, reference_optimizer
 from fastsupmae.config import Config, ConfigError, load_config, with_overrides
+from fastsupmae.cpu import cpu_facts, cpu_has_fast_bf16
 from fastsupmae.errors import UserError
-from fastsupmae.models.linear import cpu_has_fast_bf16
 
 log = logging.getLogger(__name__)
 
@@ -546,9 +546,8 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {"date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                             "host": platform.node(), "python": platform.python_version(), "torch": torch.__version__,
                             "device": str(device), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
-    with contextlib.suppress(OSError):
-        info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-                           platform.processor())
+    info["cpu"] = cpu_facts().model
+    info["cpu_isa"] = cpu_facts().isa_text()
     info["cpu_flags_bf16"] = cpu_has_fast_bf16()
     with contextlib.suppress(OSError):
         info["loadavg_start"] = os.getloadavg()

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from fastsupmae.config import Config, ConfigError, micro_batches_per_step
-from fastsupmae.models.linear import cpu_has_fast_bf16
+from fastsupmae.cpu import cpu_has_fast_bf16
 
 
 def resolve_precision(cfg: Config, device: torch.device) -> str:
@@ -19,7 +19,7 @@ def resolve_precision(cfg: Config, device: torch.device) -> str:
 
     'auto' is the fastest mode that trains well: bf16 on GPUs that support it (fp16 with loss scaling on older
     ones); on CPU bf16 only with hardware bf16 matmuls, fp32 otherwise (see
-    :func:`fastsupmae.models.linear.cpu_has_fast_bf16`).
+    :func:`fastsupmae.cpu.cpu_has_fast_bf16`, which ``FASTSUPMAE_CPU_BF16`` overrides).
     """
     p = cfg.train.precision
     if device.type == "cuda":
@@ -29,7 +29,11 @@ def resolve_precision(cfg: Config, device: torch.device) -> str:
     if p == "auto":
         if device.type == "cuda":
             return "bf16" if bf16_ok else "fp16"
-        return "bf16" if cpu_has_fast_bf16() else "fp32"
+        try:
+            fast = cpu_has_fast_bf16()
+        except ValueError as e:  # a bad FASTSUPMAE_CPU_BF16 value
+            raise ConfigError(str(e)) from None
+        return "bf16" if fast else "fp32"
     if p == "bf16" and not bf16_ok:
         raise ConfigError(f"train.precision bf16: this device ({torch.cuda.get_device_name(device)}) has no bf16; "
                           "use train.precision=fp16 or fp32")

@@ -10,27 +10,11 @@ products in the fast layouts (``g @ w`` with ``w`` handed over column-major, the
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-@functools.lru_cache(maxsize=1)
-def cpu_has_fast_bf16() -> bool:
-    """True when the CPU has bf16 matrix instructions (AVX512-BF16 or AMX): torch's bf16 gemm is then fast.
-
-    The one probe of this: the layer below and the precision choice (:func:`fastsupmae.engine.ds_config.
-    resolve_precision`: 'auto' on CPU is bf16 only with these units) read it. Without them bf16 still runs, with
-    emulated matrix products.
-    """
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+from fastsupmae.cpu import cpu_has_fast_bf16
 
 
 class _CpuBf16Linear(torch.autograd.Function):

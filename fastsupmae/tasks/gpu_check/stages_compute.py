@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from fastsupmae.cpu import cpu_facts
+
 from .context import Skip, StageContext
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -78,22 +80,9 @@ def package_versions() -> dict[str, dict[str, str]]:
 
 
 def cpu_flags() -> dict[str, Any]:
-    """The CPU's model name and the ISA flags the CPU paths care about (from /proc/cpuinfo, Linux)."""
-    flags: set[str] = set()
-    model = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags") and not flags:
-                    flags = set(line.split(":", 1)[1].split())
-                elif line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                if flags and model:
-                    break
-    except OSError:
-        pass
-    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
-    return {"model": model, "cores": os.cpu_count(), **{f: f in flags for f in wanted}}
+    """The CPU's model name, core count and the ISA flags the CPU paths care about."""
+    facts = cpu_facts()
+    return {"model": facts.model, "cores": facts.cores, **facts.isa()}
 
 
 def _nvidia_smi() -> dict[str, Any]:
