@@ -133,7 +133,10 @@ def test_finetune_end_to_end_with_every_recipe_piece(tmp_path):
     assert exported["config"]["model"]["objective"] == "supervised" and exported["ema"] is not None
     fresh = build_model(cfg, device="cpu")
     fresh.load_state_dict(exported["model"], strict=True)
-    torch.testing.assert_close(fresh.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
+    # the export holds the fp32 (master) weights; the trained module holds them in its training precision
+    # (bf16 where `precision: auto` picks it): rounded to that precision, the two agree
+    w = model.blocks[0].attn.qkv.weight
+    torch.testing.assert_close(fresh.blocks[0].attn.qkv.weight.to(w.dtype), w)
     fresh.load_state_dict(exported["ema"], strict=True)  # the EMA: a full state dict of the same model
 
 
