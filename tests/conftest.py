@@ -19,3 +19,22 @@ def _fresh_torch_rng():
     seed = torch.seed()
     yield
     print(f"torch seed of this test: {seed}")
+
+
+# The setup failures already reported in full, by exception: a module-scoped fixture that fails (a 2-rank launch,
+# say) is re-raised by pytest for every test that uses it; the first test shows the whole report (every rank's
+# log), the others one line that points to it, so the one failure is not read as a dozen.
+_SETUP_FAILURES: dict[int, str] = {}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if call.when != "setup" or call.excinfo is None or not rep.failed:
+        return
+    exc = call.excinfo.value
+    first = _SETUP_FAILURES.setdefault(id(exc), item.nodeid)
+    if first != item.nodeid:
+        head = (call.excinfo.exconly().splitlines() or ["?"])[0][:300]
+        rep.longrepr = f"the same fixture failure as {first} (reported in full there): {head}"

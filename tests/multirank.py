@@ -27,9 +27,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(worker: Path, scenario: str, w: Path, world: int = 2, args: tuple[str, ...] = (), timeout_s: int = 60,
-          log_stem: str | None = None) -> list[Any]:
-    """Start ``world`` ranks of ``worker``; logs ``WORKDIR/<log_stem or scenario>.r<rank>.log``."""
+# How long a rank waits in a collective for its peers. Sized for a loaded machine: on 2 shared cores one rank's
+# start-up (imports, DeepSpeed's set-up) can take minutes while its peer already waits at the first barrier.
+# The tests of a dead peer pass their own short timeout (that bound is what they test).
+COLLECTIVE_TIMEOUT_S = 900
+# How long :func:`wait` lets a launch run before it kills the ranks: a bound against hangs, not a speed check.
+HANG_BOUND_S = 1800
+
+
+def start(worker: Path, scenario: str, w: Path, world: int = 2, args: tuple[str, ...] = (),
+          timeout_s: int = COLLECTIVE_TIMEOUT_S, log_stem: str | None = None) -> list[Any]:
+    """Start ``world`` ranks of ``worker``; logs ``WORKDIR/<log_stem or scenario>.r<rank>.log``.
+
+    ``timeout_s`` is each rank's collective timeout (``FASTSUPMAE_DIST_TIMEOUT_S``)."""
     w.mkdir(parents=True, exist_ok=True)
     port = free_port()
     procs = []
@@ -39,13 +49,27 @@ def start(worker: Path, scenario: str, w: Path, world: int = 2, args: tuple[str,
                    FASTSUPMAE_DIST_TIMEOUT_S=str(timeout_s))
         env.pop("TRITON_INTERPRET", None)
         log = open(w / f"{log_stem or scenario}.r{r}.log", "w")  # noqa: SIM115 - closed with the process
-        procs.append(subprocess.Popen([sys.executable, str(worker), scenario, str(w), *args], env=env, stdout=log,
-                                      stderr=subprocess.STDOUT))
+        p = subprocess.Popen([sys.executable, str(worker), scenario, str(w), *args], env=env, stdout=log,
+                             stderr=subprocess.STDOUT)
+        p.log_path = Path(log.name)  # type: ignore[attr-defined]  # read by log_tails
+        procs.append(p)
     return procs
 
 
-def wait(procs: list[Any], timeout: float) -> list[int]:
-    """Exit codes of every rank; all are killed (and the test fails) if they do not finish within ``timeout``."""
+def log_tails(procs: list[Any], chars: int = 2500) -> str:
+    """The end of every rank's log, each under its own heading: the rank that fails first is often not the one
+    whose log explains why (a peer that crashed, or was still starting)."""
+    out = []
+    for p in procs:
+        path = getattr(p, "log_path", None)
+        text = path.read_text(errors="replace")[-chars:] if path is not None and path.exists() else "(no log)"
+        out.append(f"----- {path.name if path else '?'} (exit {p.returncode}) -----\n{text}")
+    return "\n".join(out)
+
+
+def wait(procs: list[Any], timeout: float = HANG_BOUND_S) -> list[int]:
+    """Exit codes of every rank; all are killed (and the test fails, quoting every rank's log) if they do not
+    finish within ``timeout`` seconds, a bound against hangs that a loaded machine does not reach."""
     deadline = time.time() + timeout
     codes = []
     for p in procs:
@@ -54,7 +78,16 @@ def wait(procs: list[Any], timeout: float) -> list[int]:
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
-            raise AssertionError(f"rank did not finish within {timeout} s") from None
+            for q in procs:
+                q.wait()
+            raise AssertionError(f"ranks did not finish within {timeout} s\n{log_tails(procs)}") from None
+    return codes
+
+
+def wait_ok(procs: list[Any], timeout: float = HANG_BOUND_S) -> list[int]:
+    """:func:`wait`, and fail quoting every rank's log unless every rank exited 0."""
+    codes = wait(procs, timeout)
+    assert all(c == 0 for c in codes), f"exit codes {codes}\n{log_tails(procs)}"
     return codes
 
 

@@ -67,6 +67,7 @@ def test_reference_loss_equals_model_in_bf16_autocast() -> None:
     torch.testing.assert_close(loss, want, rtol=3e-2, atol=3e-2)
 
 
+@pytest.mark.precision
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_one_training_step_matches(dtype: str) -> None:
     """After one optimizer step with the same lr, both paths hold (nearly) the same weights."""

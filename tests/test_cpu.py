@@ -13,6 +13,8 @@ from fastsupmae.engine.ds_config import resolve_precision
 from fastsupmae.models import linear
 from tests.test_engine import tiny_cfg
 
+pytestmark = pytest.mark.precision
+
 
 def test_facts_read_the_host() -> None:
     facts = cpu.cpu_facts()

@@ -21,7 +21,8 @@ pytestmark = pytest.mark.dist
 WORKER = Path(__file__).with_name("dist_worker.py")
 
 
-def start(scenario: str, w: Path, world: int = 2, args: tuple[str, ...] = (), timeout_s: int = 60) -> list[Any]:
+def start(scenario: str, w: Path, world: int = 2, args: tuple[str, ...] = (),
+          timeout_s: int = multirank.COLLECTIVE_TIMEOUT_S) -> list[Any]:
     return multirank.start(WORKER, scenario, w, world, args, timeout_s)
 
 
@@ -30,7 +31,9 @@ wait = multirank.wait
 
 def result(w: Path, scenario: str, rank: int = 0) -> dict[str, Any]:
     f = w / f"{scenario}_rank{rank}.json"
-    assert f.exists(), f"no result from rank {rank}: " + (w / f"{scenario}.r{rank}.log").read_text()[-3000:]
+    logs = "\n".join(f"----- {p.name} -----\n{p.read_text(errors='replace')[-2500:]}"
+                     for p in sorted(w.glob(f"{scenario}.r*.log")))
+    assert f.exists(), f"no result from rank {rank}:\n{logs}"
     d = json.loads(f.read_text())
     assert d["ok"], d.get("traceback") or d.get("error")
     return d
@@ -48,10 +51,9 @@ def losses(run: Path) -> dict[int, tuple[float, float, float]]:
 @pytest.fixture(scope="module")
 def main_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     w = tmp_path_factory.mktemp("dist_main")
-    codes = wait(start("main", w), timeout=400)
+    multirank.wait_ok(start("main", w))
     r0 = result(w, "main", 0)
     result(w, "main", 1)
-    assert codes == [0, 0]
     return w, r0
 
 
@@ -149,24 +151,24 @@ def test_nan_streak_stops_with_last_good_checkpoint(main_run: tuple[Path, dict[s
 def test_kill9_rank_then_others_exit_and_resume(tmp_path: Path) -> None:
     procs = start("long", tmp_path, timeout_s=30)
     ck = tmp_path / "long" / "checkpoints"
-    deadline = time.time() + 120
+    deadline = time.time() + 600  # a bound against hangs, not a speed check
     while not (ck / "step_00000004").exists():
-        assert time.time() < deadline, "no checkpoint appeared"
-        assert all(p.poll() is None for p in procs), (tmp_path / "long.r0.log").read_text()[-3000:]
+        assert time.time() < deadline, "no checkpoint appeared\n" + multirank.log_tails(procs)
+        assert all(p.poll() is None for p in procs), multirank.log_tails(procs)
         time.sleep(0.2)
     procs[1].send_signal(signal.SIGKILL)
-    t0 = time.time()
-    code0 = procs[0].wait(timeout=60)  # bounded: a dead peer must not hang the survivor
-    assert code0 != 0 and time.time() - t0 < 60
+    # bounded: a dead peer must not hang the survivor (its collective timeout is 30 s; the rest is slack for a
+    # loaded machine, far below a hang)
+    code0 = procs[0].wait(timeout=300)
+    assert code0 != 0
     procs[1].wait()
     err = json.loads((tmp_path / "long_rank0.json").read_text())["error"]
     assert err.startswith("PeerFailureError: rank 0: a collective operation failed") and "train.resume=auto" in err
     latest = (ck / "latest").read_text()
     step = int(latest.split("_")[1])
     assert step >= 4 and (ck / latest / "meta.json").exists()
-    codes = wait(start("resume", tmp_path, args=(f"steps={step + 3}",)), timeout=120)
+    multirank.wait_ok(start("resume", tmp_path, args=(f"steps={step + 3}",)))
     r = result(tmp_path, "resume")
-    assert codes == [0, 0]
     assert r["start_step"] == step and r["end_step"] == step + 3
     assert not [p for p in ck.iterdir() if p.name.startswith(".tmp-")]
 
@@ -176,11 +178,11 @@ def single_rank_runs(main_run: tuple[Path, dict[str, Any]]) -> tuple[Path, int, 
     """A 1-rank run SIGKILLed inside its step-4 checkpoint write, then one 1-rank launch that resumes it and also
     resumes the 2-rank ZeRO-2 run of ``main_run`` (one start-up for both)."""
     w, _ = main_run
-    codes = wait(start("crash_in_save", w, world=1), timeout=120)
+    codes = wait(start("crash_in_save", w, world=1))
     ck = w / "crash" / "checkpoints"
     state = {"latest": (ck / "latest").read_text(), "tmp4": (ck / ".tmp-step_00000004").is_dir(),
              "final4": (ck / "step_00000004").exists()}
-    codes += wait(start("single_resumes", w, world=1), timeout=180)
+    codes += wait(start("single_resumes", w, world=1))
     return w, codes[0], {**result(w, "single_resumes"), "before_resume": state, "resume_code": codes[1]}
 
 
@@ -213,9 +215,8 @@ def reshard_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     checkpoints, then resumes the 2-rank checkpoints; 2 ranks resume the 1-rank checkpoints."""
     w = tmp_path_factory.mktemp("reshard")
     for world, args in ((2, ("save=1",)), (1, ("save=1", "load_from=2")), (2, ("save=0", "load_from=1"))):
-        codes = wait(start("reshard", w, world=world, args=args), timeout=600)
+        multirank.wait_ok(start("reshard", w, world=world, args=args))
         r = result(w, "reshard", 0)
-        assert codes == [0] * world
         if any(a.startswith("load_from") for a in args):
             for case in RESHARD_CASES:
                 assert r[f"{case}_start"] == 3 and r[f"{case}_end"] == 5, r
@@ -263,9 +264,8 @@ def test_resume_on_other_world_size_keeps_optimizer_state(reshard_runs: Path, ca
 @pytest.mark.slow
 def test_zero_offload_cpu_adam(tmp_path: Path) -> None:
     """The one offload test: DeepSpeed CPU Adam JIT-compiles for 1-2 minutes on a fresh machine."""
-    codes = wait(start("offload", tmp_path), timeout=600)
+    multirank.wait_ok(start("offload", tmp_path))
     r = result(tmp_path, "offload")
-    assert codes == [0, 0]
     assert r["optimizer"] == "cpu_adam" and r["a_steps"] == 3
     assert r["consolidated_diff"] == 0.0
     assert r["b_start"] == 3 and r["b_steps"] == 5 and r["b_loss"] is not None

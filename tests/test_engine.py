@@ -73,6 +73,7 @@ def test_ds_config_from_config(tmp_path: Path) -> None:
         grad_accum_steps(cfg, 3)
 
 
+@pytest.mark.precision
 def test_precision_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = torch.device("cpu")
     cfg = tiny_cfg(tmp_path, precision="fp16")
@@ -352,6 +353,7 @@ def test_cli_pretrain_then_resume_flag(tmp_path: Path, capsys: pytest.CaptureFix
     assert "no complete checkpoint there" in capsys.readouterr().err
 
 
+@pytest.mark.precision
 def test_bf16_run_directory_reads_back_as_fp32_masters(tmp_path: Path) -> None:
     """A bf16 run (DeepSpeed's bf16 optimizer, whose files zero_to_fp32 refuses) read by the path every
     evaluation / export command uses: the fp32 masters, which round exactly to the engine's bf16 weights."""

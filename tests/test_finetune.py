@@ -104,6 +104,7 @@ def test_init_from_timm_weights_resizes_learned_pos_embed(tmp_path):
     assert torch.equal(model.fc_norm.weight, sd["fc_norm.weight"])  # timm avg-pool ViTs have fc_norm too
 
 
+@pytest.mark.precision
 def test_finetune_end_to_end_with_every_recipe_piece(tmp_path):
     """One process through the DeepSpeed trainer: layer decay, mixup / cutmix, erasing, RandAugment, EMA, an
     evaluation every epoch with the best checkpoint kept, and the exported finetuned.pth."""

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.dist
 WORKER = Path(__file__).with_name("finetune_worker.py")
 
 
-def start(scenario: str, w: Path, world: int = 2, timeout_s: int = 60) -> list[Any]:
+def start(scenario: str, w: Path, world: int = 2, timeout_s: int = multirank.COLLECTIVE_TIMEOUT_S) -> list[Any]:
     return multirank.start(WORKER, scenario, w, world, timeout_s=timeout_s)
 
 
@@ -49,11 +49,10 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     w = tmp_path_factory.mktemp("ft_dist")
     procs = start("main", w) + start("single", w, world=1)
-    codes = multirank.wait(procs, timeout=900)
+    multirank.wait_ok(procs)
     r = dist_tests.result(w, "main", 0)
     dist_tests.result(w, "main", 1)
     r["single"] = dist_tests.result(w, "single", 0)
-    assert codes == [0, 0, 0]
     return w, r
 
 
@@ -101,20 +100,20 @@ def test_finetune_survives_kill9_and_resumes_exactly(runs: tuple[Path, dict[str,
     w, _ = runs
     procs = start("long", tmp_path, timeout_s=30)
     ck = tmp_path / "long" / "checkpoints"
-    deadline = time.time() + 300
+    deadline = time.time() + 600  # a bound against hangs, not a speed check
     while not (ck / "step_00000002").exists():
-        assert time.time() < deadline, "no checkpoint appeared"
-        assert all(p.poll() is None for p in procs), (tmp_path / "long.r0.log").read_text()[-3000:]
+        assert time.time() < deadline, "no checkpoint appeared\n" + multirank.log_tails(procs)
+        assert all(p.poll() is None for p in procs), multirank.log_tails(procs)
         time.sleep(0.2)
     procs[1].send_signal(signal.SIGKILL)
-    assert procs[0].wait(timeout=120) != 0  # bounded: a dead peer does not hang the survivor
+    # bounded: a dead peer does not hang the survivor (collective timeout 30 s, plus slack for a loaded machine)
+    assert procs[0].wait(timeout=300) != 0
     procs[1].wait()
     err = json.loads((tmp_path / "long_rank0.json").read_text())["error"]
     assert "PeerFailureError" in err and "train.resume=auto" in err
     step = int((ck / "latest").read_text().split("_")[1])
     assert 2 <= step < 6
-    codes = multirank.wait(start("resume", tmp_path), timeout=600)
-    assert codes == [0, 0], dist_tests.result(tmp_path, "resume")
+    multirank.wait_ok(start("resume", tmp_path))
     ref, res = losses(w / "z3_ref"), losses(tmp_path / "long")
     for s in range(step + 1, 7):
         assert abs(ref[s] - res[s]) <= 1e-6 * abs(ref[s]), (s, ref[s], res[s])
@@ -126,7 +125,7 @@ def test_zero3_run_resumed_on_one_process_keeps_its_ema(runs: tuple[Path, dict[s
     """The 2-rank ZeRO-3 run's step-2 checkpoint resumed on 1 process: its EMA partitions are reassembled (not
     restarted), so weights, EMA and losses end where the 2-rank run's do (same global batch; float noise)."""
     w, _ = runs
-    assert multirank.wait(start("reshard", w, world=1), timeout=600) == [0], dist_tests.result(w, "reshard", 0)
+    multirank.wait_ok(start("reshard", w, world=1))
     ref, res = w / "z3_ref", w / "z3_w1"
     a, b = losses(ref), losses(res)
     assert sorted(b) == [3, 4, 5, 6]

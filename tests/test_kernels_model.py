@@ -52,6 +52,7 @@ def test_model_triton_kernels_equal_torch(objective, input_dtype):
         torch.testing.assert_close(g_k[name], g_t[name], rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.mark.precision
 def test_model_triton_kernels_equal_torch_bf16():
     """bf16 weights and activations (DeepSpeed's bf16 mode): the kernels' bf16 paths inside the model.
 

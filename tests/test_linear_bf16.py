@@ -9,6 +9,8 @@ import torch.nn.functional as F
 
 from fastsupmae.models.linear import Linear, _CpuBf16Linear
 
+pytestmark = pytest.mark.precision
+
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(5, 24), (3, 7, 24)])

@@ -20,7 +20,8 @@ pytestmark = pytest.mark.dist
 WORKER = Path(__file__).with_name("linprobe_worker.py")
 
 
-def start(scenario: str, w: Path, world: int = 2, args: tuple[str, ...] = (), timeout_s: int = 60) -> list[Any]:
+def start(scenario: str, w: Path, world: int = 2, args: tuple[str, ...] = (),
+          timeout_s: int = multirank.COLLECTIVE_TIMEOUT_S) -> list[Any]:
     stem = f"{scenario}{'_'.join(('', *args))}.w{world}"
     return multirank.start(WORKER, scenario, w, world, args, timeout_s, log_stem=stem)
 
@@ -51,10 +52,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     one = start("probe", w, world=1, args=("run=one",))
     two = start("probe", w, world=2, args=("run=two",))
     killed = start("kill", w, args=("run=killed",))
-    codes = wait(one + two + killed, timeout=500)
-    assert codes[:3] == [0, 0, 0], f"probe runs failed ({codes}): see the logs in {w}"
-    assert codes[3:] == [-9, -9], codes  # both ranks died by SIGKILL right after the step-4 checkpoint
-    assert wait(start("probe", w, args=("run=killed", "resume=auto")), timeout=300) == [0, 0]
+    codes = wait(one + two + killed)
+    assert codes[:3] == [0, 0, 0], f"probe runs failed ({codes})\n{multirank.log_tails(one + two)}"
+    # both ranks died by SIGKILL right after the step-4 checkpoint
+    assert codes[3:] == [-9, -9], f"{codes}\n{multirank.log_tails(killed)}"
+    multirank.wait_ok(start("probe", w, args=("run=killed", "resume=auto")))
     return w
 
 
