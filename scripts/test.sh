@@ -8,5 +8,5 @@ for v in 1 0; do
   echo "[test] tests marked 'precision' with FASTSUPMAE_CPU_BF16=$v"
   FASTSUPMAE_CPU_BF16=$v python -m pytest tests -q -p no:cacheprovider -m precision
 done
-echo "[test] the whole suite (FASTSUPMAE_CPU_BF16=${FASTSUPMAE_CPU_BF16:-unset: this CPU's flags decide})"
+echo "[test] the whole suite (FASTSUPMAE_CPU_BF16=${FASTSUPMAE_CPU_BF16:-unset, the CPU flags decide})"
 python -m pytest tests -q -p no:cacheprovider "$@"
