@@ -16,6 +16,7 @@ Estimates (bytes per rank; every rank of a node shares the mount):
 
 from __future__ import annotations
 
+import itertools
 import os
 
 from fastsupmae.errors import DataError
@@ -71,13 +72,21 @@ def shm_problem(per_rank: int, local_ranks: int, what: str, space: tuple[int, in
             f"smaller batch")
 
 
+def ranks_per_node() -> int:
+    """Processes of this job on this node: ``LOCAL_WORLD_SIZE`` (torchrun), else ``SLURM_NTASKS_PER_NODE`` (srun;
+    '4' or '4(x2)'), else 1."""
+    raw = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE") or "1"
+    digits = "".join(itertools.takewhile(str.isdigit, raw.strip()))
+    return max(1, int(digits or 1))
+
+
 def check_shm(per_rank: int, what: str, local_ranks: int | None = None, path: str = SHM_PATH) -> None:
     """Raise :class:`DataError` (one line with the fix) when /dev/shm cannot hold what the loader will put there.
 
-    ``local_ranks`` defaults to ``LOCAL_WORLD_SIZE`` (torchrun sets it), else 1.
+    ``local_ranks`` defaults to :func:`ranks_per_node`.
     """
     if local_ranks is None:
-        local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+        local_ranks = ranks_per_node()
     why = shm_problem(per_rank, local_ranks, what, shm_space(path))
     if why:
         raise DataError(why)
