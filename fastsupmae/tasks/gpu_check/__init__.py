@@ -1,13 +1,15 @@
 """``fastsupmae gpu-check``: the GPU self-test (docs/gpu_check.md).
 
-Stages run in a fixed order (:data:`STAGE_ORDER`), each in its own process (``python -m
-fastsupmae.tasks.gpu_check.stage NAME ...``) with its own timeout, so a crash, a hang or a CUDA error that poisons
-the process makes that stage FAIL and the next one still runs. After each stage its record is added to the JSON
-file (rewritten atomically, so a killed run keeps what it did); at the end a table goes to the terminal and the
-exit status is 1 when a stage FAILed.
+Stages run in a fixed order (:data:`STAGE_ORDER`; ``--quick``: :data:`QUICK_CAPS`, each stage capped and
+:data:`QUICK_TOTAL_S` in all), each in its own process (``python -m fastsupmae.tasks.gpu_check.stage NAME ...``)
+with its own timeout, so a crash, a hang or a CUDA error that poisons the process makes that stage FAIL and the
+next one still runs. Every stage but the preflight runs without the launcher variables (SLURM_PROCID, RANK,
+MASTER_PORT, ...: :mod:`.nodes`). After each stage its record is added to the JSON file (rewritten atomically,
+so a killed run keeps what it did); at the end a table goes to the terminal, then each problem line of a stage
+that reported several (the preflight), and the exit status is 1 when a stage FAILed.
 
-The stage functions come from :mod:`.stages_compute` (env, kernels, attention, model) and :mod:`.stages_train`
-(trainer, throughput, syncs, data); the contract they follow is in :mod:`.context`.
+The stage functions come from :mod:`.preflight`, :mod:`.stages_compute` (env, kernels, attention, model) and
+:mod:`.stages_train` (trainer, throughput, compile, syncs, data); the contract they follow is in :mod:`.context`.
 
 Tests reach into the stage processes through one environment variable, :data:`HOOK_ENV`: it names a module with
 two optional functions: ``patch_stages(stages, timeouts)`` (runner and stage processes) may add or replace stages

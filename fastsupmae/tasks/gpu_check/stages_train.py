@@ -1,4 +1,4 @@
-"""The GPU self-test's training-side stages: trainer, throughput, syncs, data.
+"""The GPU self-test's training-side stages: trainer, throughput, compile, syncs, data.
 
 Each stage is ``stage(ctx: StageContext) -> dict`` (see :mod:`.context`): it returns what it checked plus a
 one-line ``summary``, raises :class:`~.context.Skip` when it cannot run here, and raises anything else to FAIL.
@@ -7,20 +7,20 @@ one-line ``summary``, raises :class:`~.context.Skip` when it cannot run here, an
   (:mod:`.train_worker`) on synthetic images (ViT-B/16 at 224 px on GPUs, a tiny ViT at 16 px on the CPU), bf16,
   ZeRO 1 and ZeRO 3 with every parameter partitioned (``train.zero3_persistence_threshold=0``): a few steps and
   a checkpoint, then a second launch with ``train.resume=auto`` continuing from it, and the consolidated fp32
-  weights read back and compared with the trained ones; SyncBatchNorm when there is more than one rank.
+  weights read back and compared with the trained ones; SyncBatchNorm when there is more than one rank. ``--quick``:
+  ZeRO 3 only (Triton kernels on a GPU), trained and resumed in one launch.
 - ``throughput``: ``fastsupmae bench train``'s functions on ViT-B/16 at the largest batch up to 256 that fits,
-  bf16, eager and ``torch.compile``: images/s, MFU, the step breakdown, fastsupmae vs the reference path.
+  bf16, eager: images/s, MFU, the step breakdown, fastsupmae vs the reference path; ``compile``: the same with
+  ``train.compile`` (fastsupmae's path only).
 - ``syncs``: trainer steps under ``torch.cuda.set_sync_debug_mode("warn")``: synchronising calls per step in
   fastsupmae's own code (must be 0) and inside DeepSpeed (counted).
 - ``data``: DALI ``mixed`` decoding of real JPEGs at batch 256 checked against the CPU loader on the same files;
   without DALI, the CPU loader feeding the GPU (with the reason).
 
 Trainer stage on several nodes: run ``fastsupmae gpu-check --only trainer`` on every node at the same time with
-
-    FASTSUPMAE_GPU_CHECK_NNODES=<nodes> FASTSUPMAE_GPU_CHECK_NODE_RANK=<0..nodes-1>
-    FASTSUPMAE_GPU_CHECK_MASTER_ADDR=<host of node 0> FASTSUPMAE_GPU_CHECK_MASTER_PORT=<free port, default 29500>
-    FASTSUPMAE_GPU_CHECK_SHARED_DIR=<an empty directory on a file system every node sees, same path everywhere>
-
+the node count, this node's rank, node 0's address and a port (options, ``FASTSUPMAE_GPU_CHECK_*``, or
+``MASTER_ADDR`` / ``MASTER_PORT`` / ``SLURM_NODEID``: :mod:`.nodes`, which refuses several nodes without them) and
+``FASTSUPMAE_GPU_CHECK_SHARED_DIR=<an empty directory on a file system every node sees, same path everywhere>``
 (torchrun's ``--nnodes / --node_rank / --master_addr / --master_port``; the shared directory holds the
 checkpoints, which rank 0 reads back whole). Node 0 reports the consolidated-weights check; every node reports
 its own ranks. Photos for the data stage: ``FASTSUPMAE_GPU_CHECK_PHOTOS=<dir of JPEGs>`` (a few MB suffice).
