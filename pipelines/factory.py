@@ -121,6 +121,31 @@ def _dali_kw(d: Any) -> dict[str, Any]:
             "verify": bool(getattr(d, "dali_verify", True))}
 
 
+def _check_shared_memory(d: Any, batch: int, out_hw: tuple[int, int], in_chans: int,
+                         dali: dict[str, Any] | None) -> None:
+    """/dev/shm against what the loader about to start puts there (:mod:`.shared_memory`): one DataError with
+    the fix before any work, instead of a SIGBUS in a worker later."""
+    from .shared_memory import check_shm, cpu_loader_bytes, dali_feed_bytes
+
+    if dali is not None:
+        check_shm(dali_feed_bytes(batch, dali["py_workers"], dali["prefetch"]),
+                  f"DALI's feeders ({dali['py_workers']} of them, prefetch {dali['prefetch']}, batch {batch})")
+    else:
+        check_shm(cpu_loader_bytes(batch, out_hw, in_chans, d.num_workers),
+                  f"the CPU loader (data.num_workers={d.num_workers}, batch {batch} at {out_hw[0]}x{out_hw[1]})")
+
+
+def check_shared_memory(cfg: Any, device: str | torch.device, batch: int | None = None) -> None:
+    """/dev/shm against what the training loader for ``cfg`` on ``device`` will put there (a DataError with the
+    fix); the training tasks call it right after the process group is up, before any model is built."""
+    if cfg.data.dataset in MEMORY_DATASETS:
+        return
+    kind = resolve_pipeline(cfg, device)
+    out_hw = (int(cfg.model.img_size[0]), int(cfg.model.img_size[1]))
+    _check_shared_memory(cfg.data, batch or cfg.train.micro_batch, out_hw, cfg.model.in_chans,
+                         _dali_kw(cfg.data) if kind == "dali" else None)
+
+
 def build_train_loader(cfg: Any, rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu",
                        recipe: str = "pretrain") -> Any:
     """Training loader for ``cfg`` on ``rank`` of ``world_size``: shuffled, drop_last, augmented.
@@ -159,11 +184,12 @@ def build_train_loader(cfg: Any, rank: int = 0, world_size: int = 1, device: str
     common = dict(batch_size=cfg.train.micro_batch, out_hw=out_hw, train=True, rank=rank, world_size=world_size,
                   seed=cfg.train.seed, policy=d.bad_files, device=device, in_chans=cfg.model.in_chans)
     aug = dict(scale=tuple(d.scale), hflip=d.hflip, interp=d.interpolation)
-    if kind == "dali":
+    dali = _dali_kw(d) if kind == "dali" else None
+    _check_shared_memory(d, cfg.train.micro_batch, out_hw, cfg.model.in_chans, dali)
+    if dali is not None:
         from .dali_loader import DaliLoader
 
-        return DaliLoader(source, recipe=recipe, mean=tuple(d.mean), std=tuple(d.std), **_dali_kw(d), **common,
-                          **aug)
+        return DaliLoader(source, recipe=recipe, mean=tuple(d.mean), std=tuple(d.std), **dali, **common, **aug)
     from .cpu_loader import CpuLoader
 
     return CpuLoader(source, num_workers=d.num_workers, recipe=recipe, mean=tuple(d.mean), std=tuple(d.std), **common,
@@ -196,10 +222,12 @@ def build_eval_loader(cfg: Any, split: str = "val", rank: int = 0, world_size: i
     common = dict(batch_size=cfg.eval.batch, out_hw=out_hw, train=False, rank=rank, world_size=world_size,
                   seed=cfg.train.seed, policy=d.bad_files, device=device, in_chans=cfg.model.in_chans,
                   crop_ratio=d.eval_crop_ratio, interp=d.interpolation)
-    if kind == "dali":
+    dali = _dali_kw(d) if kind == "dali" else None
+    _check_shared_memory(d, cfg.eval.batch, out_hw, cfg.model.in_chans, dali)
+    if dali is not None:
         from .dali_loader import DaliLoader
 
-        return DaliLoader(source, recipe="eval", mean=tuple(d.mean), std=tuple(d.std), **_dali_kw(d), **common)
+        return DaliLoader(source, recipe="eval", mean=tuple(d.mean), std=tuple(d.std), **dali, **common)
     from .cpu_loader import CpuLoader
 
     return CpuLoader(source, num_workers=d.num_workers, **common)
@@ -228,10 +256,12 @@ def build_folder_loader(cfg: Any, root: str | os.PathLike, device: str | torch.d
     common = dict(batch_size=cfg.eval.batch, out_hw=(int(cfg.model.img_size[0]), int(cfg.model.img_size[1])),
                   train=False, rank=0, world_size=1, seed=cfg.train.seed, policy=d.bad_files, device=device,
                   in_chans=cfg.model.in_chans, crop_ratio=crop_ratio, interp=interp)
-    if kind == "dali":
+    dali = _dali_kw(d) if kind == "dali" else None
+    _check_shared_memory(d, cfg.eval.batch, common["out_hw"], cfg.model.in_chans, dali)
+    if dali is not None:
         from .dali_loader import DaliLoader
 
-        return DaliLoader(source, recipe="eval", mean=tuple(d.mean), std=tuple(d.std), **_dali_kw(d), **common)
+        return DaliLoader(source, recipe="eval", mean=tuple(d.mean), std=tuple(d.std), **dali, **common)
     from .cpu_loader import CpuLoader
 
     return CpuLoader(source, num_workers=d.num_workers, **common)

@@ -6,6 +6,10 @@
   fake_stages  adds stages that crash, hang (with a child process), raise and pass; the hanging one's timeout is
                GPU_CHECK_HANG_TIMEOUT seconds (default 30: the timeout covers the stage process's start-up,
                importing torch, which takes seconds on a busy machine).
+  overrun      adds a stage that sleeps past its cap ('sleeper', cap GPU_CHECK_SLEEP_CAP seconds, default 10) and
+               'after'; both get --quick caps, so `--quick --only sleeper,after` runs them.
+  dist_probe   adds 'dist_probe': a single-process stage that starts the process group as the syncs stage does
+               (init_distributed) and reports the rank and world size it got.
 Importing this module changes nothing (the runner may run inside the test process).
 """
 
@@ -48,7 +52,33 @@ def _after(ctx) -> dict:
     return {"summary": "ran after the others", "value": 42}
 
 
+def _sleeper(ctx) -> dict:
+    (ctx.workdir.parent / "sleeper.started").write_text(str(os.getpid()))
+    time.sleep(600)
+    return {"summary": "never"}
+
+
+def _dist_probe(ctx) -> dict:
+    import torch
+
+    from fastsupmae.engine.distributed import init_distributed
+
+    info = init_distributed()
+    try:
+        return {"summary": f"rank {info.rank} of {info.world_size}", "rank": info.rank, "world": info.world_size,
+                "slurm_procid": os.environ.get("SLURM_PROCID"), "master_port": os.environ.get("MASTER_PORT")}
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def patch_stages(stages: dict, timeouts: dict) -> None:
-    if "fake_stages" in _mode():
+    mode = _mode()
+    if "fake_stages" in mode:
         stages.update({"crash": _crash, "hang": _hang, "raise": _raise, "after": _after})
         timeouts["hang"] = float(os.environ.get("GPU_CHECK_HANG_TIMEOUT", "30"))
+    if "overrun" in mode:
+        stages.update({"sleeper": _sleeper, "after": _after})
+        timeouts.update(sleeper=float(os.environ.get("GPU_CHECK_SLEEP_CAP", "10")), after=120.0)
+    if "dist_probe" in mode:
+        stages["dist_probe"] = _dist_probe
+        timeouts["dist_probe"] = 300.0

@@ -1,6 +1,9 @@
-"""train.device / --device resolution: a GPU that CUDA cannot use stops the run instead of a silent CPU run."""
+"""train.device / --device resolution: a GPU that CUDA cannot use stops the run instead of a silent CPU run; one
+GPU bound per task (SLURM GPU binding) with LOCAL_RANK >= 1 becomes LOCAL_RANK 0 before DeepSpeed starts."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -61,3 +64,30 @@ def test_gpus_visible_honours_cuda_visible_devices(monkeypatch: pytest.MonkeyPat
     assert d.gpus_visible() is False
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
     assert d.gpus_visible() is False
+
+
+def _one_gpu(monkeypatch, count: int) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+
+
+def test_one_bound_gpu_with_local_rank_1_becomes_local_rank_0(monkeypatch):
+    """SLURM with --gpus-per-task=1: each task sees cuda:0 only, LOCAL_RANK is 0..n-1 (before: DeepSpeed was left
+    LOCAL_RANK=3 and asked for cuda:3, an invalid ordinal)."""
+    _one_gpu(monkeypatch, 1)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    info = d.rank_info()
+    assert info.local_rank == 0 and os.environ["LOCAL_RANK"] == "0" and info.device == torch.device("cuda", 0)
+
+
+def test_local_rank_beyond_the_visible_gpus_is_one_error_naming_cuda_visible_devices(monkeypatch):
+    _one_gpu(monkeypatch, 2)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    with pytest.raises(UserError, match=r"LOCAL_RANK=3 but this process sees 2 GPUs \(CUDA_VISIBLE_DEVICES=4,5\)"):
+        d.rank_info()
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert d.rank_info().local_rank == 1  # a consistent layout is left alone
+    assert d.rank_info("cpu").device == torch.device("cpu")

@@ -118,10 +118,50 @@ def select_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def rank_info(device: str = "auto") -> DistInfo:
-    """Rank, local rank, world size and the device this process drives (without initialising anything)."""
-    rank = int(os.environ.get("RANK", "0"))
+def local_rank_problem(local_rank: int, devices: int) -> str | None:
+    """Why ``LOCAL_RANK`` cannot name one of the ``devices`` GPUs this process sees (None when it can, or when one
+    GPU is bound to the process: :func:`bind_local_rank` maps it to 0). One line naming CUDA_VISIBLE_DEVICES."""
+    if devices <= 1 or local_rank < devices:
+        return None
+    cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return (f"LOCAL_RANK={local_rank} but this process sees {devices} GPUs (CUDA_VISIBLE_DEVICES="
+            f"{cvd if cvd is not None else 'unset'}): give each rank one GPU (SLURM: --gpus-per-task=1 or "
+            f"--gpu-bind=single:1; then LOCAL_RANK is mapped to 0) or all of the node's GPUs (unset "
+            f"CUDA_VISIBLE_DEVICES), not a subset smaller than the ranks per node")
+
+
+def bind_local_rank(requested: str = "auto") -> int:
+    """LOCAL_RANK as the index of this rank's GPU among the ones it sees, fixed in the environment before DeepSpeed
+    reads it.
+
+    Under SLURM with GPU binding (one task per GPU, ``--gpus-per-task=1``) every rank sees one device, cuda:0,
+    while LOCAL_RANK is 0..n-1: DeepSpeed would set ``cuda:LOCAL_RANK`` (an invalid ordinal from 1 on). With one
+    visible GPU, LOCAL_RANK becomes 0. A layout with several visible GPUs but fewer than LOCAL_RANK + 1 is an error.
+
+    Raises:
+        UserError: LOCAL_RANK does not name a visible GPU (:func:`local_rank_problem`).
+    """
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if requested == "cpu" or requested.startswith("cuda:") or not torch.cuda.is_available():
+        return local_rank
+    devices = torch.cuda.device_count()
+    why = local_rank_problem(local_rank, devices)
+    if why:
+        raise UserError(why)
+    if devices == 1 and local_rank != 0:
+        log.info("LOCAL_RANK=%d with one visible GPU (bound by the launcher): using it as LOCAL_RANK=0", local_rank)
+        os.environ["LOCAL_RANK"] = "0"
+        local_rank = 0
+    return local_rank
+
+
+def rank_info(device: str = "auto") -> DistInfo:
+    """Rank, local rank, world size and the device this process drives (without initialising anything).
+
+    LOCAL_RANK is checked against the visible GPUs and set to 0 when one GPU is bound to the rank
+    (:func:`bind_local_rank`)."""
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = bind_local_rank(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=select_device(device, local_rank))
 

@@ -372,7 +372,11 @@ def finetune(cfg: Config, opts: FinetuneOptions, device: torch.device | str | No
     set_single_process_defaults()
     if device is not None:
         cfg.train.device = str(device)
-    info = init_distributed(cfg.train.device)
+    info = init_distributed(cfg.train.device)  # also checks the GPU layout (LOCAL_RANK vs the visible GPUs)
+    if train_loader is None:
+        from fastsupmae.pipelines.factory import check_shared_memory
+
+        check_shared_memory(cfg, info.device)  # /dev/shm for the loader: one clear error before any work
     t, m = cfg.train, cfg.model
     seed_everything(t.seed, info.rank)
     model = build_model(cfg, device=info.device)

@@ -91,6 +91,7 @@ def run(args_or_cfg: argparse.Namespace | Config) -> dict[str, Any]:
     from fastsupmae.engine.trainer import Trainer
     from fastsupmae.models import build_model
     from fastsupmae.pipelines import build_train_loader, check_eval_split
+    from fastsupmae.pipelines.factory import check_shared_memory
 
     t0 = time.time()
     set_single_process_defaults()
@@ -104,7 +105,8 @@ def run(args_or_cfg: argparse.Namespace | Config) -> dict[str, Any]:
             cfg.train.resume = args_or_cfg.resume
     explicit = isinstance(args_or_cfg, Config) or override_sets(getattr(args_or_cfg, "overrides", None),
                                                                 "train.output_dir")
-    info = init_distributed(cfg.train.device)
+    info = init_distributed(cfg.train.device)  # also checks the GPU layout (LOCAL_RANK vs the visible GPUs)
+    check_shared_memory(cfg, info.device)  # /dev/shm for the loader: one clear error before any work
     t = cfg.train
     out = run_dir.prepare(t.output_dir, t.resume, explicit, t.overwrite, info.rank, info.world_size)
     t.output_dir = str(out)

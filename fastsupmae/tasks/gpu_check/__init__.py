@@ -1,13 +1,15 @@
 """``fastsupmae gpu-check``: the GPU self-test (docs/gpu_check.md).
 
-Stages run in a fixed order (:data:`STAGE_ORDER`), each in its own process (``python -m
-fastsupmae.tasks.gpu_check.stage NAME ...``) with its own timeout, so a crash, a hang or a CUDA error that poisons
-the process makes that stage FAIL and the next one still runs. After each stage its record is added to the JSON
-file (rewritten atomically, so a killed run keeps what it did); at the end a table goes to the terminal and the
-exit status is 1 when a stage FAILed.
+Stages run in a fixed order (:data:`STAGE_ORDER`; ``--quick``: :data:`QUICK_CAPS`, each stage capped and
+:data:`QUICK_TOTAL_S` in all), each in its own process (``python -m fastsupmae.tasks.gpu_check.stage NAME ...``)
+with its own timeout, so a crash, a hang or a CUDA error that poisons the process makes that stage FAIL and the
+next one still runs. Every stage but the preflight runs without the launcher variables (SLURM_PROCID, RANK,
+MASTER_PORT, ...: :mod:`.nodes`). After each stage its record is added to the JSON file (rewritten atomically,
+so a killed run keeps what it did); at the end a table goes to the terminal, then each problem line of a stage
+that reported several (the preflight), and the exit status is 1 when a stage FAILed.
 
-The stage functions come from :mod:`.stages_compute` (env, kernels, attention, model) and :mod:`.stages_train`
-(trainer, throughput, syncs, data); the contract they follow is in :mod:`.context`.
+The stage functions come from :mod:`.preflight`, :mod:`.stages_compute` (env, kernels, attention, model) and
+:mod:`.stages_train` (trainer, throughput, compile, syncs, data); the contract they follow is in :mod:`.context`.
 
 Tests reach into the stage processes through one environment variable, :data:`HOOK_ENV`: it names a module with
 two optional functions: ``patch_stages(stages, timeouts)`` (runner and stage processes) may add or replace stages
@@ -35,18 +37,38 @@ from typing import Any
 
 from fastsupmae.errors import UserError
 
+from . import nodes as nodes_mod
+from .nodes import ENV as NODES_ENV
+
 log = logging.getLogger(__name__)
 
-STAGE_ORDER = ("env", "kernels", "attention", "model", "trainer", "throughput", "syncs", "data")
-TRAIN_STAGES = ("trainer", "throughput", "syncs", "data")
+STAGE_ORDER = ("preflight", "env", "kernels", "attention", "model", "trainer", "throughput", "compile", "syncs",
+               "data")
+TRAIN_STAGES = ("trainer", "throughput", "compile", "syncs", "data")
 
 # Seconds per stage before it is killed (times --timeout-scale). Generous upper bounds, not budgets: on one H200
 # the whole check takes a few minutes; the CPU twins (Triton interpreter, 2 gloo ranks) fit in the same numbers.
 DEFAULT_TIMEOUTS: dict[str, float] = {
-    "env": 120, "kernels": 420, "attention": 180, "model": 300,
-    "trainer": 600, "throughput": 600, "syncs": 300, "data": 300,
+    "preflight": 120, "env": 120, "kernels": 420, "attention": 180, "model": 300,
+    "trainer": 600, "throughput": 600, "compile": 600, "syncs": 300, "data": 300,
 }
 FALLBACK_TIMEOUT = 300.0
+
+# --quick: the most informative facts first, each stage capped, QUICK_TOTAL_S in all (GPU seconds, estimates
+# until a GPU has run them; each cap includes the stage process's start-up). The trainer stage is one torchrun
+# launch (ZeRO 3, Triton kernels: train, save, resume, read the consolidated weights back), the kernels stage
+# checks bf16 at the ViT-B shapes only, throughput is eager, compile comes last.
+QUICK_CAPS: dict[str, float] = {
+    "preflight": 15, "env": 15, "trainer": 80, "kernels": 45, "attention": 20, "throughput": 30, "compile": 35,
+}
+QUICK_TOTAL_S = 240.0
+# With --cpu the same caps times this: the Triton interpreter and 2 gloo ranks on a small shared machine.
+QUICK_CPU_SCALE = 2.5
+QUICK_SKIPS: dict[str, str] = {
+    "model": "ViT-B fp32 reference step vs the bf16 Triton and torch paths (run --only model)",
+    "syncs": "per-step synchronisation count (run --only syncs)",
+    "data": "DALI vs CPU loader on JPEGs (run --only data)",
+}
 
 # With --cpu these stages run the Triton kernels under the interpreter, which must be switched on in the
 # environment before the kernel modules are imported, i.e. before the stage process starts.
@@ -73,6 +95,14 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default="",
                         help="keep each stage's scratch files and log under this directory (default: a temporary "
                              "directory, removed at the end)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"the capped profile: {', '.join(QUICK_CAPS)} in {QUICK_TOTAL_S:.0f} s in all, each "
+                             "stage capped (docs/gpu_check.md); the table lists what it skipped")
+    nodes = parser.add_argument_group("several nodes (the trainer stage; docs/gpu_check.md)")
+    nodes.add_argument("--nnodes", default="", help=f"nodes training together (default 1; env {NODES_ENV['nnodes']})")
+    nodes.add_argument("--node-rank", default="", help="this node's rank (default: SLURM_NODEID)")
+    nodes.add_argument("--master-addr", default="", help="node 0's host (default: $MASTER_ADDR)")
+    nodes.add_argument("--master-port", default="", help="a free port, the same on every node (default: $MASTER_PORT)")
 
 
 # ----------------------------------------------------------------------------------------------------- registry
@@ -89,15 +119,17 @@ def load_hook() -> Any:
     return importlib.import_module(name) if name else None
 
 
-def stage_registry() -> tuple[dict[str, StageFn], dict[str, float]]:
+def stage_registry(quick: bool = False) -> tuple[dict[str, StageFn], dict[str, float]]:
     """Every stage by name, in run order, and each stage's timeout in seconds (before --timeout-scale).
+
+    With ``quick``: only the stages of :data:`QUICK_CAPS`, in its order, with those caps.
 
     The training stages live in :mod:`.stages_train`; when that module is missing or cannot be imported, those
     stages are still listed and FAIL with the reason, so the table always shows the whole check.
     """
-    from . import stages_compute
+    from . import preflight, stages_compute
 
-    stages: dict[str, StageFn] = dict(stages_compute.STAGES)
+    stages: dict[str, StageFn] = {**preflight.STAGES, **stages_compute.STAGES}
     try:
         from . import stages_train
     except ModuleNotFoundError as e:
@@ -111,13 +143,30 @@ def stage_registry() -> tuple[dict[str, StageFn], dict[str, float]]:
         stages.update(stages_train.STAGES)
     for n in STAGE_ORDER:
         stages.setdefault(n, _failing_stage("not implemented"))
-    timeouts = dict(DEFAULT_TIMEOUTS)
+    timeouts = dict(QUICK_CAPS if quick else DEFAULT_TIMEOUTS)
     hook = load_hook()
     if hook is not None and hasattr(hook, "patch_stages"):
         hook.patch_stages(stages, timeouts)
-    ordered = {n: stages[n] for n in STAGE_ORDER if n in stages}
-    ordered.update({n: fn for n, fn in stages.items() if n not in ordered})
+    order = [n for n in (QUICK_CAPS if quick else STAGE_ORDER) if n in stages]
+    ordered = {n: stages[n] for n in order}
+    ordered.update({n: fn for n, fn in stages.items() if n not in ordered and (not quick or n in timeouts)})
     return ordered, timeouts
+
+
+def stage_environment(name: str, env: dict[str, str]) -> dict[str, str]:
+    """A stage process's environment: the launcher variables (SLURM_PROCID, RANK, MASTER_PORT, ...) kept away from
+    every stage but the preflight (which reports them); the trainer stage keeps the rendezvous settings
+    (:mod:`.nodes`)."""
+    if name == "preflight":
+        return dict(env)
+    if name == "trainer":
+        return nodes_mod.trainer_env(env)
+    return nodes_mod.single_process_env(env)
+
+
+def stage_timeout(cap: float, deadline: float | None, now: float) -> float:
+    """Seconds a stage may run: its cap, or less when the --quick total ends first (<= 0: no time left)."""
+    return cap if deadline is None else min(cap, deadline - now)
 
 
 # ------------------------------------------------------------------------------------------------------- device
@@ -178,14 +227,16 @@ def _tail(path: Path, chars: int = 3000) -> str:
     return text[-chars:]
 
 
-def run_stage(name: str, *, cpu: bool, device: str, gpus: int, workdir: Path, timeout: float) -> dict:
+def run_stage(name: str, *, cpu: bool, device: str, gpus: int, workdir: Path, timeout: float, quick: bool = False,
+              stages: tuple[str, ...] = ()) -> dict:
     """Run stage ``name`` in its own process group; returns its record (status ok | FAIL | skipped)."""
     workdir.mkdir(parents=True, exist_ok=True)
     out = workdir / "result.json"
     logf = workdir / "stage.log"
     cmd = [sys.executable, "-m", "fastsupmae.tasks.gpu_check.stage", name, "--out", str(out),
-           "--workdir", str(workdir), "--device", device, "--gpus", str(gpus)] + (["--cpu"] if cpu else [])
-    env = dict(os.environ)
+           "--workdir", str(workdir), "--device", device, "--gpus", str(gpus), "--stages", ",".join(stages)]
+    cmd += (["--cpu"] if cpu else []) + (["--quick"] if quick else [])
+    env = stage_environment(name, dict(os.environ))
     if cpu and name in INTERPRET_ON_CPU:
         env["TRITON_INTERPRET"] = "1"
     elif not cpu:
@@ -204,7 +255,9 @@ def run_stage(name: str, *, cpu: bool, device: str, gpus: int, workdir: Path, ti
             raise
     rec["seconds"] = round(time.perf_counter() - t0, 2)
     if rc is None:
-        rec["reason"] = f"timed out after {timeout:.0f} s (killed; raise --timeout-scale if the machine is slow)"
+        what = "its --quick cap" if quick else "its timeout"
+        rec["reason"] = (f"timed out after {timeout:.0f} s ({what}; killed, the next stage runs; raise "
+                         f"--timeout-scale if the machine is slow)")
     elif out.exists():
         try:
             res = json.loads(out.read_text())
@@ -240,61 +293,105 @@ def format_table(records: list[dict], width: int = 150) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------- run
-def run(args: argparse.Namespace) -> int:
-    """Run the selected stages; print the table; 1 if any stage FAILed, else 0."""
-    stages, timeouts = stage_registry()
+def _select(args: argparse.Namespace, stages: dict[str, StageFn]) -> list[str]:
     names = list(stages)
     if args.only:
         wanted = [s.strip() for s in args.only.split(",") if s.strip()]
         unknown = [s for s in wanted if s not in stages]
         if unknown:
-            raise UserError(f"--only: unknown stage(s) {', '.join(unknown)}; the stages are {', '.join(stages)}")
+            prof = " in the --quick profile" if args.quick else ""
+            raise UserError(f"--only: unknown stage(s) {', '.join(unknown)}; the stages{prof} are {', '.join(stages)}")
         names = [n for n in stages if n in wanted]
     if args.timeout_scale <= 0:
         raise UserError(f"--timeout-scale must be > 0, got {args.timeout_scale}")
+    return names
+
+
+def _device(args: argparse.Namespace) -> tuple[str, int]:
     if args.cpu:
-        device, gpus = "cpu", 0
-    else:
-        gpus, vis = _gpus()
-        if gpus == 0 and not vis["visible"]:
-            raise UserError("gpu-check: no GPU here (nvidia-smi lists none, no /dev/nvidia*, torch sees none); on a "
-                            "machine without GPUs run the CPU twin: fastsupmae gpu-check --cpu")
-        # GPUs visible but unusable: run anyway, the env stage FAILs with the reason
-        device = args.device
-        if not device.startswith("cuda"):
-            raise UserError(f"--device {device}: give a CUDA device (cuda or cuda:N), or use --cpu")
+        return "cpu", 0
+    gpus, vis = _gpus()
+    if gpus == 0 and not vis["visible"]:
+        raise UserError("gpu-check: no GPU here (nvidia-smi lists none, no /dev/nvidia*, torch sees none); on a "
+                        "machine without GPUs run the CPU twin: fastsupmae gpu-check --cpu")
+    # GPUs visible but unusable: run anyway, the env stage FAILs with the reason
+    if not args.device.startswith("cuda"):
+        raise UserError(f"--device {args.device}: give a CUDA device (cuda or cuda:N), or use --cpu")
+    return args.device, gpus
+
+
+def _node_options(args: argparse.Namespace) -> None:
+    """--nnodes / --node-rank / --master-addr / --master-port into the variables the stages read (:mod:`.nodes`)."""
+    for key, value in (("nnodes", args.nnodes), ("node_rank", args.node_rank), ("master_addr", args.master_addr),
+                       ("master_port", args.master_port)):
+        if str(value).strip():
+            os.environ[NODES_ENV[key]] = str(value).strip()
+
+
+def _quick_skipped(names: list[str]) -> list[dict]:
+    """Table rows for the full profile's stages that --quick does not run."""
+    return [{"stage": n, "status": "skipped", "seconds": 0.0, "summary": f"--quick skips: {why}"}
+            for n, why in QUICK_SKIPS.items() if n not in names]
+
+
+def _print_end(this: dict, path: Path) -> list[str]:
+    print(format_table(this["stages"]))
+    for r in this["stages"]:
+        for line in r.get("problems", []):
+            print(f"FAIL {r['stage']}: {line}")
+    print(f"results: {path}")
+    failed = [r["stage"] for r in this["stages"] if r["status"] == "FAIL"]
+    if failed:
+        print(f"FAILED: {', '.join(failed)} (rerun them with --only {','.join(failed)})")
+    return failed
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the selected stages; print the table; 1 if any stage FAILed, else 0."""
+    stages, timeouts = stage_registry(args.quick)
+    names = _select(args, stages)
+    device, gpus = _device(args)
+    _node_options(args)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = Path(args.json) if args.json else _default_json(out_dir, args.cpu)
     runs = _load_runs(path)
     this = {"started": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
             "host": socket.gethostname(), "argv": sys.argv[1:], "cpu": args.cpu, "device": device, "gpus": gpus,
-            "stages": []}
+            "quick": args.quick, "stages": []}
     runs.append(this)
     doc = {"format": "fastsupmae gpu-check", "runs": runs}
     _write_json(path, doc)
     keep = bool(args.workdir)
     root = Path(args.workdir) if keep else Path(tempfile.mkdtemp(prefix="gpu_check_"))
-    log.info("gpu-check: %d stage(s) on %s; results -> %s", len(names), device, path)
+    scale = args.timeout_scale * (QUICK_CPU_SCALE if args.quick and args.cpu else 1.0)
+    deadline = time.perf_counter() + QUICK_TOTAL_S * scale if args.quick else None
+    log.info("gpu-check: %d stage(s) on %s%s; results -> %s", len(names), device, " (--quick)" if args.quick else "",
+             path)
     try:
         for i, name in enumerate(names, 1):
-            timeout = timeouts.get(name, FALLBACK_TIMEOUT) * args.timeout_scale
+            timeout = stage_timeout(timeouts.get(name, FALLBACK_TIMEOUT) * scale, deadline, time.perf_counter())
             log.info("gpu-check [%d/%d] %s (timeout %.0f s)", i, len(names), name, timeout)
-            rec = run_stage(name, cpu=args.cpu, device=device, gpus=gpus, workdir=root / name, timeout=timeout)
+            if timeout < 1:
+                rec = {"stage": name, "status": "FAIL", "seconds": 0.0,
+                       "reason": f"not started: the --quick total of {QUICK_TOTAL_S * scale:.0f} s is spent"}
+                rec["summary"] = rec["reason"]
+            else:
+                rec = run_stage(name, cpu=args.cpu, device=device, gpus=gpus, workdir=root / name, timeout=timeout,
+                                quick=args.quick, stages=tuple(names))
             if not keep:
                 rec.pop("log", None)
             this["stages"].append(rec)
             _write_json(path, doc)
             log.info("gpu-check %s: %s in %.1f s%s", name, rec["status"], rec["seconds"],
                      f": {rec.get('reason', '')}" if rec["status"] != "ok" else "")
+        if args.quick and not args.only:
+            this["stages"] += _quick_skipped(names)
+            _write_json(path, doc)
     finally:
         if not keep:
             import shutil
 
             shutil.rmtree(root, ignore_errors=True)
-    print(format_table(this["stages"]))
-    print(f"results: {path}")
-    failed = [r["stage"] for r in this["stages"] if r["status"] == "FAIL"]
-    if failed:
-        print(f"FAILED: {', '.join(failed)} (rerun them with --only {','.join(failed)})")
+    failed = _print_end(this, path)
     return 1 if failed else 0

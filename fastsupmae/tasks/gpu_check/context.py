@@ -19,6 +19,14 @@ class Skip(Exception):  # noqa: N818 - a verdict, not an error
     """The stage cannot run on this machine; the message says why (shown in the table and the JSON)."""
 
 
+class Problems(Exception):  # noqa: N818 - a verdict, not an error
+    """FAIL with several problems, each one line naming the fix (the runner prints each under the table)."""
+
+    def __init__(self, lines: list[str], details: dict | None = None) -> None:
+        super().__init__("; ".join(lines))
+        self.lines, self.details = list(lines), dict(details or {})
+
+
 @dataclass
 class StageContext:
     """Inputs of one stage.
@@ -30,6 +38,8 @@ class StageContext:
         gpus: GPUs visible on this node (0 with ``--cpu``).
         workdir: an empty scratch directory that belongs to this stage.
         log: progress messages (stderr of the stage process; the runner shows them on failure).
+        stages: the stages of this run, in order (the preflight checks what they need).
+        quick: ``--quick``: the capped profile; stages do their reduced version (docs/gpu_check.md).
     """
 
     cpu: bool
@@ -37,3 +47,5 @@ class StageContext:
     gpus: int
     workdir: Path
     log: Callable[[str], None] = field(default=print)
+    stages: tuple[str, ...] = ()
+    quick: bool = False

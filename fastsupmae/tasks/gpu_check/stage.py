@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--gpus", type=int, default=0)
     ap.add_argument("--cpu", action="store_true")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--stages", default="", help="the stages of this run, comma-separated")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -38,22 +40,29 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from . import load_hook, stage_registry
-    from .context import Skip, StageContext
+    from .context import Problems, Skip, StageContext
 
     hook = load_hook()
     if hook is not None and hasattr(hook, "patch_stage_process"):
         hook.patch_stage_process()
     out = Path(args.out)
-    stages, _ = stage_registry()
+    stages, _ = stage_registry(args.quick)
     fn = stages[args.name]
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     ctx = StageContext(cpu=args.cpu, device=torch.device(args.device), gpus=args.gpus, workdir=workdir,
-                       log=lambda msg: print(msg, file=sys.stderr, flush=True))
+                       log=lambda msg: print(msg, file=sys.stderr, flush=True),
+                       stages=tuple(s for s in args.stages.split(",") if s), quick=args.quick)
     t0 = time.perf_counter()
     try:
         details = dict(fn(ctx) or {})
         res = {"status": "ok", "summary": str(details.pop("summary", "")), "details": details}
+    except Problems as e:
+        for line in e.lines:
+            print(f"FAIL {args.name}: {line}", file=sys.stderr, flush=True)
+        first = e.lines[0] if e.lines else ""
+        res = {"status": "FAIL", "reason": str(e), "problems": e.lines, "details": e.details,
+               "summary": f"{len(e.lines)} problem(s): {first}" + (" ..." if len(e.lines) > 1 else "")}
     except Skip as e:
         res = {"status": "skipped", "reason": str(e), "summary": str(e)}
     except Exception as e:  # any other exception is the stage's verdict: FAIL with the reason

@@ -226,14 +226,17 @@ class KShapes:
         return self.p * self.p * self.c
 
 
-def kernel_shapes(cpu: bool) -> list[KShapes]:
-    """ViT-B/16 at batch 256 plus odd shapes on a GPU; tiny ones (same variety) under the interpreter."""
+def kernel_shapes(cpu: bool, quick: bool = False) -> list[KShapes]:
+    """ViT-B/16 at batch 256 plus odd shapes on a GPU; tiny ones (same variety) under the interpreter. ``quick``:
+    the first (the ViT-B shapes on a GPU) only."""
     if cpu:
-        return [KShapes("tiny", 2, 3, 16, 12, 4, 3, 24),
-                KShapes("odd", 3, 1, 9, 15, 3, 5, 10)]
-    return [KShapes("vit_b16_b256", 256, 3, 224, 224, 16, 49, 768),
-            KShapes("odd_b3_k35", 3, 3, 224, 160, 16, 35, 768),
-            KShapes("odd_c1_p7", 3, 1, 28, 21, 7, 5, 100)]
+        shapes = [KShapes("tiny", 2, 3, 16, 12, 4, 3, 24),
+                  KShapes("odd", 3, 1, 9, 15, 3, 5, 10)]
+    else:
+        shapes = [KShapes("vit_b16_b256", 256, 3, 224, 224, 16, 49, 768),
+                  KShapes("odd_b3_k35", 3, 3, 224, 160, 16, 35, 768),
+                  KShapes("odd_c1_p7", 3, 1, 28, 21, 7, 5, 100)]
+    return shapes[:1] if quick else shapes
 
 
 @dataclass
@@ -416,8 +419,11 @@ def stage_kernels(ctx: StageContext) -> dict:
         torch.backends.cudnn.allow_tf32 = False
     rows: list[dict] = []
     missing = []
-    for si, s in enumerate(kernel_shapes(ctx.cpu)):
-        for dt in (torch.float32, torch.bfloat16):
+    shapes = kernel_shapes(ctx.cpu, ctx.quick)
+    # --quick: bf16 at the ViT-B shapes, what training runs (fp32, the odd shapes and the timings: the full check)
+    dtypes = (torch.bfloat16,) if ctx.quick else (torch.float32, torch.bfloat16)
+    for si, s in enumerate(shapes):
+        for dt in dtypes:
             for name, op in table.items():
                 g = torch.Generator(device=dev).manual_seed(1000 * si + len(name))  # inputs made on the device
                 cases = _op_cases(name, s, dt, dev, g)
@@ -448,15 +454,17 @@ def stage_kernels(ctx: StageContext) -> dict:
         failed_ops = ", ".join(sorted({r["op"] for r in bad}))
         raise RuntimeError(f"{len(bad)} of {len(rows)} comparisons FAIL (ops {failed_ops}): {worst}")
     res: dict[str, Any] = {"ops": list(table), "comparisons": rows, "per_op": per_op,
-                           "shapes": [s.__dict__ for s in kernel_shapes(ctx.cpu)]}
-    n_shapes = len(kernel_shapes(ctx.cpu))
+                           "shapes": [s.__dict__ for s in shapes]}
+    n_shapes = len(shapes)
     closest = max(per_op.items(), key=lambda kv: kv[1]["use_of_tol"])
     for key, e in per_op.items():
         ctx.log(f"{key:<26} max abs {e['max_abs']:.2e} max rel {e['max_rel']:.2e} over {e['comparisons']} "
                 f"comparisons; closest to tolerance: {e['closest']} at {e['use_of_tol']:.2f} of {e['tol']}")
-    summary = (f"{len(table)} ops x fp32/bf16 x {n_shapes} shapes, fwd+bwd: {len(rows)} comparisons ok (closest: "
-               f"{closest[0]} at {closest[1]['use_of_tol']:.2f} of its tolerance)")
-    if dev.type == "cuda":
+    summary = (f"{len(table)} ops x {'bf16' if ctx.quick else 'fp32/bf16'} x {n_shapes} shape(s), fwd+bwd: "
+               f"{len(rows)} comparisons ok (closest: {closest[0]} at {closest[1]['use_of_tol']:.2f} of its tolerance)")
+    if ctx.quick:
+        summary += " (--quick: fp32, odd shapes and timings skipped)"
+    elif dev.type == "cuda":
         from fastsupmae.kernels import bench
 
         ops.POISON_OUTPUTS = False  # timing: no fills

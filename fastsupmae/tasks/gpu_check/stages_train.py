@@ -1,4 +1,4 @@
-"""The GPU self-test's training-side stages: trainer, throughput, syncs, data.
+"""The GPU self-test's training-side stages: trainer, throughput, compile, syncs, data.
 
 Each stage is ``stage(ctx: StageContext) -> dict`` (see :mod:`.context`): it returns what it checked plus a
 one-line ``summary``, raises :class:`~.context.Skip` when it cannot run here, and raises anything else to FAIL.
@@ -7,20 +7,20 @@ one-line ``summary``, raises :class:`~.context.Skip` when it cannot run here, an
   (:mod:`.train_worker`) on synthetic images (ViT-B/16 at 224 px on GPUs, a tiny ViT at 16 px on the CPU), bf16,
   ZeRO 1 and ZeRO 3 with every parameter partitioned (``train.zero3_persistence_threshold=0``): a few steps and
   a checkpoint, then a second launch with ``train.resume=auto`` continuing from it, and the consolidated fp32
-  weights read back and compared with the trained ones; SyncBatchNorm when there is more than one rank.
+  weights read back and compared with the trained ones; SyncBatchNorm when there is more than one rank. ``--quick``:
+  ZeRO 3 only (Triton kernels on a GPU), trained and resumed in one launch.
 - ``throughput``: ``fastsupmae bench train``'s functions on ViT-B/16 at the largest batch up to 256 that fits,
-  bf16, eager and ``torch.compile``: images/s, MFU, the step breakdown, fastsupmae vs the reference path.
+  bf16, eager: images/s, MFU, the step breakdown, fastsupmae vs the reference path; ``compile``: the same with
+  ``train.compile`` (fastsupmae's path only).
 - ``syncs``: trainer steps under ``torch.cuda.set_sync_debug_mode("warn")``: synchronising calls per step in
   fastsupmae's own code (must be 0) and inside DeepSpeed (counted).
 - ``data``: DALI ``mixed`` decoding of real JPEGs at batch 256 checked against the CPU loader on the same files;
   without DALI, the CPU loader feeding the GPU (with the reason).
 
 Trainer stage on several nodes: run ``fastsupmae gpu-check --only trainer`` on every node at the same time with
-
-    FASTSUPMAE_GPU_CHECK_NNODES=<nodes> FASTSUPMAE_GPU_CHECK_NODE_RANK=<0..nodes-1>
-    FASTSUPMAE_GPU_CHECK_MASTER_ADDR=<host of node 0> FASTSUPMAE_GPU_CHECK_MASTER_PORT=<free port, default 29500>
-    FASTSUPMAE_GPU_CHECK_SHARED_DIR=<an empty directory on a file system every node sees, same path everywhere>
-
+the node count, this node's rank, node 0's address and a port (options, ``FASTSUPMAE_GPU_CHECK_*``, or
+``MASTER_ADDR`` / ``MASTER_PORT`` / ``SLURM_NODEID``: :mod:`.nodes`, which refuses several nodes without them) and
+``FASTSUPMAE_GPU_CHECK_SHARED_DIR=<an empty directory on a file system every node sees, same path everywhere>``
 (torchrun's ``--nnodes / --node_rank / --master_addr / --master_port``; the shared directory holds the
 checkpoints, which rank 0 reads back whole). Node 0 reports the consolidated-weights check; every node reports
 its own ranks. Photos for the data stage: ``FASTSUPMAE_GPU_CHECK_PHOTOS=<dir of JPEGs>`` (a few MB suffice).
@@ -46,12 +46,12 @@ from typing import Any
 import torch
 
 from fastsupmae.pipelines.encoded_source import EncodedSource
+from fastsupmae.tasks.gpu_check import nodes as nodes_mod
 from fastsupmae.tasks.gpu_check.context import Skip, StageContext
 
 PHOTOS_ENV = "FASTSUPMAE_GPU_CHECK_PHOTOS"
-NODES_ENV = {"nnodes": "FASTSUPMAE_GPU_CHECK_NNODES", "node_rank": "FASTSUPMAE_GPU_CHECK_NODE_RANK",
-             "master_addr": "FASTSUPMAE_GPU_CHECK_MASTER_ADDR", "master_port": "FASTSUPMAE_GPU_CHECK_MASTER_PORT"}
-SHARED_DIR_ENV = "FASTSUPMAE_GPU_CHECK_SHARED_DIR"
+NODES_ENV = nodes_mod.ENV
+SHARED_DIR_ENV = nodes_mod.SHARED_DIR_ENV
 
 # A tiny SupMAE (as the engine's 2-rank tests use) for --cpu; the GPU runs ViT-B/16 at 224 px.
 TINY_MODEL = {"objective": "supmae", "size": "micro", "embed_dim": 32, "depth": 2, "num_heads": 2,
@@ -76,21 +76,13 @@ def _need_gpu(ctx: StageContext) -> None:
 
 
 def _nodes() -> dict[str, Any]:
-    """torchrun's multi-node settings from the environment (see the module docstring)."""
-    try:
-        n = {"nnodes": int(os.environ.get(NODES_ENV["nnodes"], "1")),
-             "node_rank": int(os.environ.get(NODES_ENV["node_rank"], "0")),
-             "master_addr": os.environ.get(NODES_ENV["master_addr"], "127.0.0.1"),
-             "master_port": int(os.environ.get(NODES_ENV["master_port"], "0"))}
-    except ValueError as e:
-        raise RuntimeError(f"bad multi-node setting ({e}); {NODES_ENV['nnodes']}, {NODES_ENV['node_rank']} and "
-                           f"{NODES_ENV['master_port']} are integers") from None
-    if not 0 <= n["node_rank"] < n["nnodes"]:
-        raise RuntimeError(f"{NODES_ENV['node_rank']}={n['node_rank']} is not in [0, {n['nnodes']})")
-    if n["nnodes"] > 1 and not os.environ.get(SHARED_DIR_ENV):
-        raise RuntimeError(f"{n['nnodes']} nodes need {SHARED_DIR_ENV}: an empty directory on a file system every "
-                           f"node sees (the checkpoints are read back whole by rank 0)")
-    return n
+    """torchrun's multi-node settings (:mod:`.nodes`); several nodes without an address, a port or a node rank are
+    refused here, with the fix, rather than left to a rendezvous that never forms."""
+    settings, problems = nodes_mod.resolve(os.environ)
+    if problems:
+        raise RuntimeError("; ".join(problems))
+    return {"nnodes": settings.nnodes, "node_rank": settings.node_rank, "master_addr": settings.master_addr,
+            "master_port": settings.master_port or 0}
 
 
 def trainer_spec(ctx: StageContext, world: int) -> dict[str, Any]:
@@ -98,21 +90,25 @@ def trainer_spec(ctx: StageContext, world: int) -> dict[str, Any]:
 
     The synthetic set holds at least two global batches, so every rank gets whole batches however many there are.
     """
+    # --quick: ZeRO 3 only (it partitions, gathers and consolidates: the most that can go wrong), with the Triton
+    # kernels on a GPU
+    zero = [3] if ctx.quick else [1, 3]
     if ctx.cpu:
         return {"model": TINY_MODEL, "data": {"dataset": "synthetic", "synthetic_size": max(64, 8 * world)},
-                "micro_batch": 4, "precision": "bf16", "steps": 3, "more": 2, "zero_stages": [1, 3]}
-    return {"model": VIT_B, "data": {"dataset": "synthetic", "synthetic_size": max(256, 64 * world)},
-            "micro_batch": 32, "precision": "bf16", "steps": 3, "more": 2, "zero_stages": [1, 3]}
+                "micro_batch": 4, "precision": "bf16", "steps": 3, "more": 2, "zero_stages": zero}
+    model = dict(VIT_B, kernels="triton") if ctx.quick else VIT_B
+    return {"model": model, "data": {"dataset": "synthetic", "synthetic_size": max(256, 64 * world)},
+            "micro_batch": 32, "precision": "bf16", "steps": 3, "more": 2, "zero_stages": zero}
 
 
 def _launch(ctx: StageContext, phase: str, runs: Path, spec: dict[str, Any], nproc: int, nodes: dict[str, Any],
-            timeout_s: float) -> tuple[int, str]:
-    """One ``torchrun`` of the worker; returns (exit code, the tail of its output). Kills the whole process group
-    on timeout so no rank outlives the stage."""
-    port = nodes["master_port"] + (1 if phase == "resume" else 0) if nodes["master_port"] else _free_port()
+            timeout_s: float, worker: str = "fastsupmae.tasks.gpu_check.train_worker") -> tuple[int, str]:
+    """One ``torchrun`` of the worker module (``python -m worker PHASE RUNS SPEC``); returns (exit code, the tail
+    of its output). Kills the whole process group on timeout so no rank outlives the stage."""
+    port = nodes["master_port"] + (1 if phase.startswith("resume") else 0) if nodes["master_port"] else _free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--nnodes={nodes['nnodes']}",
            f"--node_rank={nodes['node_rank']}", f"--master_addr={nodes['master_addr']}", f"--master_port={port}",
-           "-m", "fastsupmae.tasks.gpu_check.train_worker", phase, str(runs), json.dumps(spec)]
+           "-m", worker, phase, str(runs), json.dumps(spec)]
     env = dict(os.environ, FASTSUPMAE_DIST_TIMEOUT_S="120", PYTHONUNBUFFERED="1")
     if ctx.cpu:
         # gloo on CPU; one thread per rank (2 ranks share the cores); no GPU even where one is visible
@@ -189,13 +185,18 @@ def stage_trainer(ctx: StageContext) -> dict[str, Any]:
         for stage in spec["zero_stages"]:
             shutil.rmtree(runs / f"z{stage}", ignore_errors=True)
     phases = {}
-    for phase in ("train", "resume"):
-        for r in local:  # an earlier run's result must not stand in for a rank that died this time
+    for r in local:  # an earlier run's result must not stand in for a rank that died this time
+        for phase in ("train", "resume"):
             (runs / f"{phase}_rank{r}.json").unlink(missing_ok=True)
+    # --quick: one launch trains, saves and resumes in the same processes (a second torchrun start costs tens of
+    # seconds); the full check resumes in a fresh launch, as a requeued job does
+    for launch in (["train+resume"] if ctx.quick else ["train", "resume"]):
         t0 = time.time()
-        code, tail = _launch(ctx, phase, runs, spec, nproc, nodes, timeout)
-        phases[phase] = _rank_results(runs, phase, local, code, tail)
-        res[f"{phase}_wall_s"] = round(time.time() - t0, 1)
+        code, tail = _launch(ctx, launch, runs, spec, nproc, nodes, timeout)
+        for phase in launch.split("+"):
+            phases[phase] = _rank_results(runs, phase, local, code, tail)
+        res[f"{launch}_wall_s"] = round(time.time() - t0, 1)
+    res["launches"] = 1 if ctx.quick else 2
     steps, more = spec["steps"], spec["more"]
     lines = []
     for stage in spec["zero_stages"]:
@@ -244,6 +245,8 @@ def stage_trainer(ctx: StageContext) -> dict[str, Any]:
                      f"{diff}{part}")
     res["summary"] = (f"{world} rank(s) {res['backend']}, {res['model']}, {spec['precision']}"
                       f"{', SyncBN' if world > 1 else ''}: " + "; ".join(lines))
+    if ctx.quick:
+        res["summary"] += " (--quick: one launch, ZeRO 1 skipped)"
     return res
 
 
@@ -273,83 +276,86 @@ def _free_device_memory(device: torch.device) -> None:
 
 
 def stage_throughput(ctx: StageContext) -> dict[str, Any]:
-    """``bench train``'s measurement: fastsupmae vs the reference path, eager and compiled (GPU)."""
+    """``bench train``'s measurement, eager: fastsupmae vs the reference path (compiled: the compile stage)."""
     _need_gpu(ctx)
     threads = torch.get_num_threads()
     try:
-        return _throughput(ctx)
+        return _throughput(ctx, compiled=False)
     finally:
         torch.set_num_threads(threads)
 
 
-def _throughput(ctx: StageContext) -> dict[str, Any]:
+def stage_compile(ctx: StageContext) -> dict[str, Any]:
+    """fastsupmae's step under ``train.compile`` (torch.compile of the model, forward + backward): images/s.
+
+    Last in --quick: compiling ViT-B takes about a minute and says least about whether training works."""
+    _need_gpu(ctx)
+    if ctx.cpu:
+        raise Skip("torch.compile is checked on a GPU (the CPU twin's throughput stays eager)")
+    return _throughput(ctx, compiled=True)
+
+
+def _bench_setup(ctx: StageContext) -> tuple[str, int, str, list[int], list[str], list[str]]:
+    """(size, image px, dtype, batches to try, config overrides, timing options) of the throughput stages."""
+    if ctx.cpu:
+        # one thread: on a small shared machine two spinning intra-op threads make tiny steps ~100x slower
+        torch.set_num_threads(1)
+        over = ["model.patch_size=8", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
+                "model.decoder_embed_dim=16", "model.decoder_num_heads=2", "model.cls_hidden_dim=32",
+                "model.num_classes=10", "model.kernels=torch"]
+        return "micro", 32, "fp32", [4], over, ["--warmup", "1", "--steps", "2", "--reps", "2", "--peak-size", "256"]
+    torch.cuda.set_device(ctx.device)
+    return "base", 224, "bf16", [256, 128, 64, 32], [], ["--warmup", "2", "--steps", "4", "--reps", "3"]
+
+
+def _throughput(ctx: StageContext, compiled: bool) -> dict[str, Any]:
     from fastsupmae.bench import train as bench_train
     from fastsupmae.config import load_config
 
     device = ctx.device
-    if ctx.cpu:
-        # one thread: on a small shared machine two spinning intra-op threads make tiny steps ~100x slower
-        torch.set_num_threads(1)
-        size, img, dtype, batches = "micro", 32, "fp32", [4]
-        over = ["model.patch_size=8", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
-                "model.decoder_embed_dim=16", "model.decoder_num_heads=2", "model.cls_hidden_dim=32",
-                "model.num_classes=10", "model.kernels=torch"]
-        timing = ["--warmup", "1", "--steps", "2", "--reps", "2", "--peak-size", "256"]
-    else:
-        torch.cuda.set_device(device)
-        size, img, dtype, batches = "base", 224, "bf16", [256, 128, 64, 32]
-        over = []
-        timing = ["--warmup", "2", "--steps", "4", "--reps", "3"]
+    size, img, dtype, batches, over, timing = _bench_setup(ctx)
     argv = ["--sizes", size, "--img-size", str(img), "--dtypes", dtype, "--device", str(device), "--json", "",
             *timing, *over]
+    if compiled:
+        argv += ["--compile", "fastsupmae", "--paths", "fastsupmae"]
     base = load_config(None, [f"model.img_size=[{img},{img}]", "data.dataset=synthetic", *over], world_size=1)
     peak, peak_src = bench_train.measure_peak_flops(device, dtype, 256 if ctx.cpu else 1536)
-    eager = None
+    rec = None
     for b in batches:  # the largest batch up to 256 that fits (halved on out-of-memory)
         args = _bench_args([*argv, "--batches", str(b)])
         try:
-            eager = bench_train.bench_point(base, bench_train.Point(size, b, "supmae", 0.75, dtype), args, device)
+            rec = bench_train.bench_point(base, bench_train.Point(size, b, "supmae", 0.75, dtype), args, device)
             break
         except torch.OutOfMemoryError:
-            ctx.log(f"throughput: batch {b} does not fit, halving")
+            ctx.log(f"{'compile' if compiled else 'throughput'}: batch {b} does not fit, halving")
+        except Exception as e:
+            if not compiled:
+                raise
+            msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            raise RuntimeError(f"train.compile (torch.compile of the fastsupmae model) failed: {type(e).__name__}: "
+                               f"{msg}") from e
         _free_device_memory(device)  # outside the except block: its traceback no longer holds the tensors
-    if eager is None:
+    if rec is None:
         raise RuntimeError(f"out of memory even at batch {batches[-1]}")
-    batch = eager["batch"]
-    records = [eager]
-    compiled, compile_error = None, None
-    if not ctx.cpu:  # compiling ViT-B takes about a minute; the CPU smoke run stays eager
-        _free_device_memory(device)
-        args = _bench_args([*argv, "--batches", str(batch), "--compile", "fastsupmae", "--paths", "fastsupmae"])
-        try:
-            compiled = bench_train.bench_point(base, bench_train.Point(size, batch, "supmae", 0.75, dtype), args,
-                                               device)
-            records.append(compiled)
-        except Exception as e:  # noqa: BLE001 - reported below, with the eager figures it does not invalidate
-            compile_error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
-    bench_train.set_mfu(records, {dtype: peak})
+    bench_train.set_mfu([rec], {dtype: peak})
+    batch = rec["batch"]
     res: dict[str, Any] = {"model": f"{size} {img}px supmae mask 0.75", "batch": batch, "dtype": dtype,
-                           "device": str(device), "peak_tflops": peak / 1e12, "peak_source": peak_src,
-                           "fastsupmae": _bench_record(eager, "fastsupmae"),
-                           "reference": _bench_record(eager, "reference"), "speedup": eager.get("speedup")}
-    for path in ("fastsupmae", "reference"):
-        if not res[path]["images_per_s"] or res[path]["images_per_s"] <= 0:
-            raise RuntimeError(f"{path} path measured {res[path]['images_per_s']} images/s")
-    if compiled is not None:
-        res["fastsupmae_compiled"] = _bench_record(compiled, "fastsupmae")
-    f, r = res["fastsupmae"], res["reference"]
+                           "device": str(device), "peak_tflops": peak / 1e12, "peak_source": peak_src}
+    f = res["fastsupmae_compiled" if compiled else "fastsupmae"] = _bench_record(rec, "fastsupmae")
+    paths = ["fastsupmae"]
+    if not compiled:
+        res["reference"], res["speedup"] = _bench_record(rec, "reference"), rec.get("speedup")
+        paths.append("reference")
+    for path in paths:
+        r = _bench_record(rec, path)
+        if not r["images_per_s"] or r["images_per_s"] <= 0:
+            raise RuntimeError(f"{path} path measured {r['images_per_s']} images/s")
     mfu = f"MFU {f['mfu'] * 100:.1f}%, " if f.get("mfu") else ""
-    line = (f"{size} b{batch} {dtype}: fastsupmae {f['images_per_s']:.1f} img/s ({mfu}fwd {f['forward_ms']:.0f} / "
-            f"bwd {f['backward_ms']:.0f} / opt {f['optimizer_ms']:.0f} ms), reference {r['images_per_s']:.1f} "
-            f"img/s, {res['speedup']:.2f}x")
-    if compiled is not None:
-        line += f"; compiled {res['fastsupmae_compiled']['images_per_s']:.1f} img/s"
-    if ctx.cpu:
-        line = "CPU smoke figure, not a benchmark: " + line
-    res["summary"] = line
-    if compile_error:
-        raise RuntimeError(f"train.compile (torch.compile of the fastsupmae model) failed: {compile_error}; "
-                           f"eager: {line}")
+    line = (f"{size} b{batch} {dtype}: fastsupmae{' compiled' if compiled else ''} {f['images_per_s']:.1f} img/s "
+            f"({mfu}fwd {f['forward_ms']:.0f} / bwd {f['backward_ms']:.0f} / opt {f['optimizer_ms']:.0f} ms)")
+    if not compiled:
+        line += f", reference {res['reference']['images_per_s']:.1f} img/s, {res['speedup']:.2f}x"
+    res["summary"] = ("CPU smoke figure, not a benchmark: " if ctx.cpu else "") + line
     return res
 
 
@@ -626,6 +632,22 @@ def compare_batches(a: torch.Tensor, b: torch.Tensor) -> dict[str, Any]:
     return res
 
 
+def data_stage_settings(cpu: bool, gpus: int) -> tuple[int, int]:
+    """(batch, loader workers) of the data stage; the preflight sizes /dev/shm from them."""
+    if cpu:
+        return 8, 2
+    return 256, max(2, min(16, (os.cpu_count() or 4) // max(1, gpus)))
+
+
+def data_stage_shm_bytes(cpu: bool, gpus: int) -> int:
+    """/dev/shm the data stage's loaders hold at most: the CPU loader's workers and DALI's one feeding process
+    (prefetch 2), as :mod:`fastsupmae.pipelines.shared_memory` estimates them."""
+    from fastsupmae.pipelines.shared_memory import cpu_loader_bytes, dali_feed_bytes
+
+    batch, workers = data_stage_settings(cpu, gpus)
+    return cpu_loader_bytes(batch, (224, 224), 3, workers) + dali_feed_bytes(batch, 1, 2)
+
+
 def stage_data(ctx: StageContext) -> dict[str, Any]:
     """DALI (mixed on GPU / CPU operators with --cpu) vs the CPU loader on real JPEGs; images/s."""
     _need_gpu(ctx)
@@ -636,9 +658,8 @@ def stage_data(ctx: StageContext) -> dict[str, Any]:
     device = torch.device("cpu") if ctx.cpu else ctx.device
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    batch = 8 if ctx.cpu else 256
+    batch, workers = data_stage_settings(ctx.cpu, ctx.gpus)
     timed = 2 if ctx.cpu else 8
-    workers = 2 if ctx.cpu else max(2, min(16, (os.cpu_count() or 4) // max(1, ctx.gpus)))
     photos, where = find_photos()
     origin = f"{len(photos)} photos from {where}"
     if not photos:
@@ -689,7 +710,8 @@ def stage_data(ctx: StageContext) -> dict[str, Any]:
     return res
 
 
-STAGES = {"trainer": stage_trainer, "throughput": stage_throughput, "syncs": stage_syncs, "data": stage_data}
+STAGES = {"trainer": stage_trainer, "throughput": stage_throughput, "compile": stage_compile, "syncs": stage_syncs,
+          "data": stage_data}
 
 
 def main(argv: list[str] | None = None) -> int:

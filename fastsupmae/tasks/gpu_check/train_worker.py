@@ -1,7 +1,8 @@
 """One rank of the GPU self-test's trainer stage: ``torchrun ... -m fastsupmae.tasks.gpu_check.train_worker``.
 
 ``python -m fastsupmae.tasks.gpu_check.train_worker PHASE RUNS_DIR SPEC_JSON`` with the rendezvous variables
-(RANK / LOCAL_RANK / WORLD_SIZE / MASTER_*) set by torchrun. The stage (:mod:`.stages_train`) launches it twice:
+(RANK / LOCAL_RANK / WORLD_SIZE / MASTER_*) set by torchrun. The stage (:mod:`.stages_train`) launches it twice
+(with ``--quick`` once, as PHASE ``train+resume``: both phases in the same processes):
 
 - ``train``: for each ZeRO stage of the spec, a fresh run in ``RUNS_DIR/z<stage>``: build the model, loader and
   :class:`~fastsupmae.engine.trainer.Trainer` exactly as ``fastsupmae pretrain`` does, check that ZeRO 3 really
@@ -196,29 +197,34 @@ PHASES = {"train": phase_train, "resume": phase_resume}
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    phase, runs, spec = argv[0], Path(argv[1]), json.loads(argv[2])
+    phases, runs, spec = argv[0].split("+"), Path(argv[1]), json.loads(argv[2])
     import os
 
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [r{rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    out: dict[str, Any] = {"phase": phase, "rank": rank}
-    t0 = time.time()
-    try:
-        from fastsupmae.engine.distributed import init_distributed
+    ok = True
+    for phase in phases:  # 'train+resume': both in this process, one result file each
+        out: dict[str, Any] = {"phase": phase, "rank": rank}
+        t0 = time.time()
+        try:
+            from fastsupmae.engine.distributed import init_distributed
 
-        info = init_distributed()
-        out.update(world_size=info.world_size, device=str(info.device))
-        PHASES[phase](spec, runs, info, out)
-        out["ok"] = True
-    except Exception as e:  # noqa: BLE001 - reported to the stage through the result file
-        out["ok"] = False
-        out["error"] = f"{type(e).__name__}: {e}"
-        out["traceback"] = traceback.format_exc()
-    out["wall_s"] = time.time() - t0
-    runs.mkdir(parents=True, exist_ok=True)
-    (runs / f"{phase}_rank{rank}.json").write_text(json.dumps(out, indent=1, default=str))
-    return 0 if out["ok"] else 1
+            info = init_distributed()
+            out.update(world_size=info.world_size, device=str(info.device))
+            PHASES[phase](spec, runs, info, out)
+            out["ok"] = True
+        except Exception as e:  # noqa: BLE001 - reported to the stage through the result file
+            out["ok"] = False
+            out["error"] = f"{type(e).__name__}: {e}"
+            out["traceback"] = traceback.format_exc()
+        out["wall_s"] = time.time() - t0
+        runs.mkdir(parents=True, exist_ok=True)
+        (runs / f"{phase}_rank{rank}.json").write_text(json.dumps(out, indent=1, default=str))
+        ok = ok and out["ok"]
+        if not out["ok"]:
+            break
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
