@@ -11,7 +11,8 @@ from fastsupmae.config import Config, ModelConfig, config_from_dict, load_config
 
 from .attention import select_attn_backend
 from .masking import Masking, random_masking
-from .supervised import MIMSupervisedViT, SupervisedViT
+from .mim_supervised import MIMSupervisedViT
+from .supervised import SupervisedViT
 from .supmae import MaskedAutoencoderViT
 from .vit import ViTBackbone
 

@@ -1,7 +1,9 @@
 """The light MAE decoder: decoder_embed -> (+ positions, mask tokens) -> blocks -> decoder_norm -> decoder_pred.
 
-A mixin so its parameters sit at the top level under the official names (decoder_embed, mask_token,
-decoder_pos_embed, decoder_blocks.N.*, decoder_norm, decoder_pred).
+Free functions over the model that owns the decoder: :func:`attach_decoder` registers the decoder's layers as
+attributes of that model, so its parameters sit at the top level under the official names (decoder_embed,
+mask_token, decoder_pos_embed, decoder_blocks.N.*, decoder_norm, decoder_pred) and the official checkpoints load
+without renaming; the other functions run those layers.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from .masking import Masking
 from .pos_embed import sincos_2d
 
 
-def build_decoder(module: nn.Module, embed_dim: int, dec_dim: int, depth: int, heads: int, mlp_ratio: float,
+def attach_decoder(module: nn.Module, embed_dim: int, dec_dim: int, depth: int, heads: int, mlp_ratio: float,
                   grid: tuple[int, int], out_dim: int, attn_backend: str, mask_token: bool = True) -> None:
-    """Attach the decoder's parameters to ``module`` under the official names."""
+    """Register the decoder's layers as attributes of ``module`` (the owning model) under the official names."""
     module.decoder_embed = Linear(embed_dim, dec_dim, bias=True)
     if mask_token:
         module.mask_token = nn.Parameter(torch.zeros(1, 1, dec_dim))

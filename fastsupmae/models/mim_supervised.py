@@ -1,8 +1,8 @@
-"""The supervised ViT baseline, and supervised training + masked image modeling (arXiv 2312.00950).
+"""Supervised training + masked image modeling (Chen, Salz et al. 2023, arXiv 2312.00950): the supervised ViT of
+:mod:`.supervised` plus a shallow decoder that reconstructs masked patches during training only.
 
-Both classify with timm's head layout: with ``global_pool`` the mean of the patch tokens goes through
-``fc_norm`` and ``head`` (the encoder has no final ``norm``, as timm's avg-pool ViT); otherwise the cls token
-after ``norm``. The MIM decoder is training-only; the encoder and head export unchanged to timm.
+The decoder is dropped at inference: the encoder and head export to timm exactly as the supervised ViT's. What
+the paper leaves open (encoder input, classifier view, target, depth, weight) are options; docs/objectives.md.
 """
 
 from __future__ import annotations
@@ -14,53 +14,10 @@ import torch.nn.functional as F
 from fastsupmae.config import num_keep
 from fastsupmae.kernels import dispatch as K
 
-from .decoder import (
-    build_decoder,
-    decode_and_predict,
-    decoder_blocks_forward,
-    predict,
-)
-from .linear import Linear
+from .decoder import attach_decoder, decode_and_predict, decoder_blocks_forward, predict
 from .masking import random_masking
+from .supervised import SupervisedViT
 from .targets import hog_dim, hog_targets, load_tokenizer
-from .vit import ViTBackbone
-
-
-class SupervisedViT(ViTBackbone):
-    """Plain ViT classifier on the full image (no masking, no decoder)."""
-
-    def __init__(self, *, num_classes: int, global_pool: bool = True, label_smoothing: float = 0.0, **enc) -> None:
-        super().__init__(final_norm=not global_pool, **enc)
-        self.global_pool = global_pool
-        self.label_smoothing = label_smoothing
-        self.fc_norm = nn.LayerNorm(self.embed_dim, eps=1e-6) if global_pool else nn.Identity()
-        self.head = Linear(self.embed_dim, num_classes)
-        self.init_weights()
-
-    def forward_features(self, imgs: torch.Tensor, pool: str | None = None) -> torch.Tensor:
-        """Full image -> pooled (and fc_norm-ed) features [B, D]."""
-        return self.pool_head_input(self.forward_tokens(self.embed_all(imgs)), pool)
-
-    def pool_head_input(self, lat: torch.Tensor, pool: str | None = None) -> torch.Tensor:
-        use_avg = self.global_pool if pool is None else pool == "avg"
-        return self.fc_norm(lat[:, 1:].mean(1)) if use_avg else lat[:, 0]
-
-    def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.head(feats)
-
-    def classification_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if labels.ndim == 2:  # soft targets (mixup / cutmix)
-            return torch.sum(-labels * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-        return F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
-
-    def forward(self, imgs: torch.Tensor, labels: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-                return_pred: bool = False) -> dict[str, torch.Tensor]:
-        """imgs [B, C, H, W] -> dict(logits [B, C], loss = CE when labels are given)."""
-        logits = self.head(self.forward_features(imgs))
-        out = {"logits": logits}
-        if labels is not None:
-            out["cls_loss"] = out["loss"] = self.classification_loss(logits, labels)
-        return out
 
 
 class MIMSupervisedViT(SupervisedViT):
@@ -92,7 +49,7 @@ class MIMSupervisedViT(SupervisedViT):
             self.enc_mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
         # the encoder has no final norm under global_pool (timm layout): normalise the decoder's input itself
         self.decoder_input_norm = nn.LayerNorm(self.embed_dim, eps=1e-6) if self.global_pool else nn.Identity()
-        build_decoder(self, self.embed_dim, decoder_embed_dim, decoder_depth, decoder_num_heads,
+        attach_decoder(self, self.embed_dim, decoder_embed_dim, decoder_depth, decoder_num_heads,
                       kw.get("mlp_ratio", 4.0), self.grid, out_dim, kw.get("attn_backend", "sdpa"),
                       mask_token=encoder_input == "visible")
         self.init_weights()
@@ -111,13 +68,12 @@ class MIMSupervisedViT(SupervisedViT):
 
     def forward(self, imgs: torch.Tensor, labels: torch.Tensor | None = None, noise: torch.Tensor | None = None,
                 return_pred: bool = False) -> dict[str, torch.Tensor]:
-        b = imgs.shape[0]
-        m = random_masking(b, self.num_patches, self.num_keep, imgs.device, noise)
         if self.encoder_input == "visible":
-            lat = self.forward_tokens(self.embed_visible(imgs, m.ids_keep))  # [B, 1+K, D]
+            lat, m = self.forward_encoder(imgs, self.num_keep, noise)  # [B, 1+K, D]
             y = self.decoder_embed(self.decoder_input_norm(lat))
             pred_m, pred = decode_and_predict(self, y, m, full=return_pred)
         else:
+            m = random_masking(imgs.shape[0], self.num_patches, self.num_keep, imgs.device, noise)
             x = self.embed_all(imgs, with_pos=False)
             w = m.mask.unsqueeze(-1).to(x.dtype)
             x = x * (1 - w) + self.enc_mask_token.to(x.dtype) * w + self.pos_embed[:, 1:].to(x.dtype)

@@ -11,9 +11,8 @@ import torch.nn.functional as F
 from fastsupmae.config import num_keep
 from fastsupmae.kernels import dispatch as K
 
-from .decoder import build_decoder, decode_and_predict
+from .decoder import attach_decoder, decode_and_predict
 from .linear import Linear
-from .masking import random_masking
 from .vit import ViTBackbone
 
 
@@ -40,7 +39,7 @@ class MaskedAutoencoderViT(ViTBackbone):
         self.cls_loss_ratio = cls_loss_ratio
         self.cls_temperature = cls_temperature
         p, c = self.patch_size, self.in_chans
-        build_decoder(self, self.embed_dim, decoder_embed_dim, decoder_depth, decoder_num_heads,
+        attach_decoder(self, self.embed_dim, decoder_embed_dim, decoder_depth, decoder_num_heads,
                       enc.get("mlp_ratio", 4.0), self.grid, p * p * c, enc.get("attn_backend", "sdpa"))
         if supervised:
             self.cls_head = nn.Sequential(
@@ -73,9 +72,7 @@ class MaskedAutoencoderViT(ViTBackbone):
                 patches and skips the rest).
         Returns: dict with loss, rec_loss, mask [B, N] and, for SupMAE, logits [B, C] and cls_loss.
         """
-        b = imgs.shape[0]
-        m = random_masking(b, self.num_patches, self.num_keep, imgs.device, noise)
-        lat = self.forward_tokens(self.embed_visible(imgs, m.ids_keep))  # [B, 1+K, D]
+        lat, m = self.forward_encoder(imgs, self.num_keep, noise)  # [B, 1+K, D]
         out: dict[str, torch.Tensor] = {"mask": m.mask}
         # [B, N-K, P] in ids_masked order (+ [B, N, P] in patch order with return_pred)
         pred_m, pred = decode_and_predict(self, self.decoder_embed(lat), m, full=return_pred)

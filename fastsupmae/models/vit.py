@@ -14,6 +14,7 @@ from fastsupmae.kernels import dispatch as K
 from fastsupmae.kernels.reference import normalize_images
 
 from .layers import Block
+from .masking import Masking, random_masking
 from .pos_embed import sincos_2d
 
 
@@ -130,6 +131,22 @@ class ViTBackbone(nn.Module):
         """All patches through the convolution: [B, C, H, W] -> [B, N, D] (+ position embedding)."""
         x = self.patch_embed(self.normalize(imgs))
         return x + self.pos_embed[:, 1:].to(x.dtype) if with_pos else x
+
+    def forward_encoder(self, imgs: torch.Tensor, num_keep: int,
+                        noise: torch.Tensor | None = None) -> tuple[torch.Tensor, Masking]:
+        """The masked encoder pass (MAE's ``forward_encoder``): draw the mask, embed only the visible patches,
+        run the blocks on them.
+
+        Args:
+            imgs: [B, C, H, W] uint8 (normalised inside) or normalised float.
+            num_keep: K, the visible patches per image.
+            noise: [B, N] masking noise (ascending argsort keeps the smallest); drawn when None.
+        Returns:
+            the latent [B, 1+K, D] (cls token first, then the visible tokens in ``ids_keep`` order) and the
+            :class:`Masking` (ids_keep, ids_masked, ids_restore, mask [B, N] with 1 = masked).
+        """
+        m = random_masking(imgs.shape[0], self.num_patches, num_keep, imgs.device, noise)
+        return self.forward_tokens(self.embed_visible(imgs, m.ids_keep)), m
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Patch tokens [B, L, D] -> cls + blocks + final norm -> [B, 1+L, D]."""
