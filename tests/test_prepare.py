@@ -327,3 +327,31 @@ def test_two_ranks_from_prepared_shards_killed_and_resumed_see_the_same_batches(
         assert len(resumed) >= 3 * accum and resumed[:3 * accum] == ref[step * accum:(step + 3) * accum]
         # 3 steps per epoch: the resumed part crosses an epoch boundary
         assert {b["epoch"] for b in resumed[:3 * accum]} == {step // 3, step // 3 + 1}
+
+
+def test_bench_data_rows_for_prepared_shards(tmp_path: Path, capsys) -> None:
+    """`fastsupmae bench data` prepares the folder once per format, reads the shards with the CPU fallback, and
+    prints the per-stage breakdown and the crop-and-resize ceiling."""
+    import argparse
+
+    from fastsupmae.pipelines import bench
+
+    rng = np.random.default_rng()
+    for i in range(16):
+        d = tmp_path / "data" / f"c{i % 2}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{i}.jpg").write_bytes(_encode(_smooth(rng, 300, 400), "JPEG", quality=90))
+    p = argparse.ArgumentParser()
+    bench.add_args(p)
+    a = p.parse_args(["--data", str(tmp_path / "data"), "--pipelines", "cpu,cpu-shards,cpu-raw", "--batch", "4",
+                      "--workers", "0", "--batches", "2", "--warmup", "1", "--repeats", "1", "--size", "64",
+                      "--ceiling-images", "4", "--breakdown-images", "4"])
+    med = bench.run(a)
+    assert set(med) == {"cpu", "cpu-shards", "cpu-raw"} and all(m["images_s"] > 0 for m in med.values())
+    out = capsys.readouterr().out
+    for line in ("cpu-shards / cpu images per CPU-second", "crop-and-resize ceiling", "\nraw "):
+        assert line in out, out
+    assert (tmp_path / "data_prepared_raw_256" / "train.manifest.json").exists()
+    assert bench.parse_name("dali-raw-eval") == ("dali", "raw", "eval")
+    with pytest.raises(SystemExit):
+        bench.parse_name("cpu-nope")
