@@ -81,6 +81,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     bad = [s for s in splits if s not in ("train", "val")]
     if bad or not splits:
         raise UserError(f"--splits {args.splits}: use train, val or train,val")
+    sources = {}
+    for split in splits:  # every split opened first: a missing val split fails before hours of training images
+        try:
+            sources[split] = open_any_source(cfg, split)
+        except UserError as e:
+            raise UserError(f"{e}" + (" (or --splits train to prepare the training split alone)" if split == "val"
+                                      else "")) from None
     results = {}
     for split in splits:
         size = args.size
@@ -89,7 +96,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         opts = PrepareOptions(size=size, quality=args.quality, fmt=args.format, subsampling=args.subsampling,
                               shard_size=args.shard_size, seed=args.seed, reduced=args.reduced)
         opts.check()
-        src = open_any_source(cfg, split)
+        src = sources[split]
         desc = {"dataset": args.dataset, "root": split_root(cfg, split) if args.dataset in ENCODED_DATASETS
                 else str(cfg.data.root)}
         r = prepare_split(src, args.out, split, opts, workers=workers, shards=shards, desc=desc,
