@@ -135,17 +135,17 @@ def report(name: str, n_files: int, areas: list[float], res: dict[str, list]) ->
     edges = np.quantile(a, np.linspace(0, 1, 11))
     specs = list(res)
     print(f"\n{name}: {n_files} photos, {len(a)} crops; PSNR dB (p10 / median) of the prepared crop vs the original's")
-    print(f"{'area decile':<14}" + "".join(f"{s:>18}" for s in specs))
+    print(f"{'area decile':<14}" + "".join(f"{s:>20}" for s in specs))
     for d in range(10):
         sel = (a >= edges[d]) & ((a < edges[d + 1]) if d < 9 else (a <= edges[d + 1]))
         row = f"{edges[d]:.2f}-{edges[d + 1]:.2f}".ljust(14)
         for s in specs:
             v = np.asarray(res[s][0])[sel]
-            row += f"{_p10(list(v)):>10.1f} / {np.median(v):>4.1f}"
+            row += f"{_p10(list(v)):>12.1f} / {np.median(v):>4.1f}"
         print(row)
     big = a >= 0.6
-    print(f"{'area >= 0.6':<14}" + "".join(f"{_p10(list(np.asarray(res[s][0])[big])):>10.1f} p10    " for s in specs))
-    print(f"{'bytes/image':<14}" + "".join(f"{statistics.mean(res[s][1]):>12.0f}      " for s in specs))
+    print(f"{'area >= 0.6':<14}" + "".join(f"{_p10(list(np.asarray(res[s][0])[big])):>12.1f} p10    " for s in specs))
+    print(f"{'bytes/image':<14}" + "".join(f"{statistics.mean(res[s][1]):>14.0f}      " for s in specs))
 
 
 def main(argv: list[str] | None = None) -> None:
