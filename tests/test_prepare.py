@@ -152,6 +152,11 @@ def test_raw_format_holds_the_resized_pixels(prepared, tmp_path: Path) -> None:
                                  reduced=False)
         got = decode_crop_resize(data, "x", lambda h, w: (0, 0, h, w), tuple(ref.shape[1:]))  # no resize
         assert torch.equal(got, ref)
+    # DALI decodes the PPM members as they are (its feeding hands them over unscreened)
+    loader = dl.DaliLoader(wd, 4, (32, 32), False, py_workers=0)
+    b = next(iter(loader))
+    loader.close()
+    assert b["images"].shape == (4, 3, 32, 32) and b["labels"].tolist() == wd.labels[:4].tolist()
 
 
 def test_dali_webdataset_reader_reads_shards_with_their_index(prepared) -> None:
