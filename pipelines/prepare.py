@@ -327,6 +327,7 @@ def _run_shards(job: dict[str, Any], todo: list[int], n_img: int, workers: int, 
                     write_shard(k)
             finally:
                 torch.set_num_threads(threads)
+                _W.clear()  # the job holds the source: not kept past the run
             return
         import multiprocessing as mp
 
