@@ -31,6 +31,7 @@ TASKS: dict[str, tuple[str, str]] = {
     "eval": ("fastsupmae.tasks.evaluate", "top-1/top-5 and robustness sets (IN-A, -R, -Sketch, -V2, -C)"),
     "export": ("fastsupmae.tasks.export", "export weights to timm / plain PyTorch / torch.export"),
     "visualize": ("fastsupmae.tasks.visualize", "reconstruction pictures and loss curves"),
+    "prepare": ("fastsupmae.tasks.prepare", "decode once: any source -> verified, pre-resized tar shards + manifest"),
     "gpu-check": ("fastsupmae.tasks.gpu_check", "GPU self-test: env, kernels, attention, model, trainer, ... (--cpu)"),
 }
 BENCHES: dict[str, tuple[str, str]] = {

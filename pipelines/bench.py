@@ -25,6 +25,7 @@ import logging
 import os
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,10 @@ import torch
 log = logging.getLogger(__name__)
 DEFAULT_DATA = "/tmp/fastsupmae_imagenet_like"
 PIPELINES = ("torchvision", "cpu", "dali")
-EXTRA = ("cpu-finetune", "dali-finetune", "cpu-eval", "dali-eval")  # other recipes, on request
+# other recipes, and the same pipelines reading prepared shards (fastsupmae prepare: JPEG or raw pixels)
+EXTRA = ("cpu-finetune", "dali-finetune", "cpu-eval", "dali-eval", "cpu-shards", "cpu-raw", "dali-shards", "dali-raw")
+DATA = ("folder", "shards", "raw")
+PREPARED_SIZE = 256
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -56,6 +60,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "cuda when a GPU is there")
     p.add_argument("--interp", default="bicubic", choices=("bicubic", "bilinear"), help="resize filter (all)")
     p.add_argument("--ceiling-images", type=int, default=200, help="images for the decode-only ceiling (0: skip)")
+    p.add_argument("--breakdown-images", type=int, default=200,
+                   help="images for the per-stage CPU time breakdown of each kind of data read (0: skip)")
 
 
 def _torchvision_loader(root: str, a: argparse.Namespace) -> Iterable[Any]:
@@ -70,16 +76,53 @@ def _torchvision_loader(root: str, a: argparse.Namespace) -> Iterable[Any]:
                                        persistent_workers=False)
 
 
-def _make(name: str, root: str, a: argparse.Namespace) -> Iterable[Any]:
-    from .imagefolder import ImageFolderSource
+def prepared_dir(root: str | Path, fmt: str) -> Path:
+    """Where the benchmark keeps ``root`` prepared as shards (beside it; made once, kept for later runs)."""
+    root = Path(root)
+    return root.parent / f"{root.name}_prepared_{fmt}_{PREPARED_SIZE}"
 
+
+def ensure_prepared(root: str | Path, fmt: str, workers: int) -> Path:
+    """``root`` (an image folder) as prepared shards (``fastsupmae prepare``, S = 256, q = 90); a finished set is
+    reused (the writer keeps finished shards)."""
+    from .imagefolder import ImageFolderSource
+    from .prepare import PrepareOptions, prepare_split
+
+    out = prepared_dir(root, fmt)
+    if not (out / "train.manifest.json").exists():
+        log.info("preparing %s as %s shards under %s", root, fmt, out)
+        prepare_split(ImageFolderSource(root), out, "train", PrepareOptions(size=PREPARED_SIZE, fmt=fmt),
+                      workers=workers, progress=False)
+    return out
+
+
+def _source(data: str, root: str, a: argparse.Namespace) -> Any:
+    if data == "folder":
+        from .imagefolder import ImageFolderSource
+
+        return ImageFolderSource(root)
+    from .webdataset import WebDatasetSource
+
+    return WebDatasetSource(str(ensure_prepared(root, "jpeg" if data == "shards" else "raw", a.workers) /
+                                "train-*.tar"))
+
+
+def parse_name(name: str) -> tuple[str, str, str]:
+    """``'cpu-shards'`` -> ('cpu', 'shards', 'pretrain'); kinds cpu / dali, data folder / shards / raw, recipes
+    pretrain / finetune / eval (``'dali-eval'``, ``'cpu-raw-finetune'``, ...)."""
+    kind, *rest = name.split("-")
+    data = rest.pop(0) if rest and rest[0] in DATA else "folder"
+    recipe = rest.pop(0) if rest else "pretrain"
+    if kind not in ("cpu", "dali") or recipe not in ("pretrain", "finetune", "eval") or rest:
+        raise SystemExit(f"unknown pipeline '{name}'; choose from {', '.join(PIPELINES + EXTRA)}")
+    return kind, data, recipe
+
+
+def _make(name: str, root: str, a: argparse.Namespace) -> Iterable[Any]:
     if name == "torchvision":
         return _torchvision_loader(root, a)
-    src = ImageFolderSource(root)
-    kind, _, recipe = name.partition("-")
-    recipe = recipe or "pretrain"
-    if kind not in ("cpu", "dali") or recipe not in ("pretrain", "finetune", "eval"):
-        raise SystemExit(f"unknown pipeline '{name}'; choose from {', '.join(PIPELINES + EXTRA)}")
+    kind, data, recipe = parse_name(name)
+    src = _source(data, root, a)
     kw: dict[str, Any] = dict(batch_size=a.batch, out_hw=(a.size, a.size), train=recipe != "eval", interp=a.interp,
                               seed=int(time.time()) & 0xFFFF)
     if recipe == "finetune":
@@ -189,6 +232,86 @@ def decode_ceiling(root: Path, n: int) -> float:
     return len(datas) / (time.process_time() - t0)
 
 
+def stage_times(src: Any, n: int, size: int, interp: str, seed: int = 0) -> dict[str, float]:
+    """CPU milliseconds per image of each stage of the CPU fallback, one process, one thread.
+
+    The stages of :func:`.image_decode.decode_crop_resize` done one by one on ``n`` samples, with the
+    training crop rule (RandomResizedCrop 0.2-1, every image flipped so the flip is timed): read (the source's
+    ``read``), decode (header + the reduced-size decode the fallback asks for; raw PPM: none), crop + resize
+    (torch's uint8 antialiased kernel on a view of the decode), flip, copy into the batch slot.
+    """
+    import math
+    import random
+
+    import simplejpeg
+    import torch.nn.functional as F
+
+    from .crop_params import DEFAULT_RATIO, sample_crop_box
+    from .image_decode import _dct_scale, image_size, pnm_pixels
+
+    rng, threads = random.Random(seed), torch.get_num_threads()
+    torch.set_num_threads(1)
+    t = dict.fromkeys(("read", "decode", "crop+resize", "flip", "copy"), 0.0)
+    slot = torch.empty(3, size, size, dtype=torch.uint8)
+    m = min(n, len(src))
+    try:
+        for i in range(m):
+            c0 = time.process_time()
+            data = src.read(i)
+            c1 = time.process_time()
+            h, w = image_size(data, "")
+            top, left, bh, bw = sample_crop_box(h, w, (0.2, 1.0), DEFAULT_RATIO, rng)
+            arr = pnm_pixels(data)
+            if arr is None:
+                k = _dct_scale(h, w, math.ceil(h * size / bh), math.ceil(w * size / bw))
+                arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=math.ceil(h * k / 8),
+                                             min_width=math.ceil(w * k / 8))
+            c2 = time.process_time()
+            sy, sx = arr.shape[0] / h, arr.shape[1] / w
+            y0, x0 = int(top * sy), int(left * sx)
+            y1, x1 = max(y0 + 1, math.ceil((top + bh) * sy)), max(x0 + 1, math.ceil((left + bw) * sx))
+            with warnings.catch_warnings():  # raw pixels: a read-only view of the file's bytes, never written
+                warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+                x = torch.from_numpy(arr).permute(2, 0, 1)[None][:, :, y0:y1, x0:x1]
+            c3 = time.process_time()
+            y = F.interpolate(x, size=(size, size), mode=interp, antialias=True, align_corners=False)[0]
+            c4 = time.process_time()
+            y = y.flip(-1)
+            c5 = time.process_time()
+            slot.copy_(y)
+            c6 = time.process_time()
+            for key, dt in zip(t, (c1 - c0, c2 - c1, c4 - c3, c5 - c4, c6 - c5)):
+                t[key] += dt
+    finally:
+        torch.set_num_threads(threads)
+    return {k: 1000 * v / max(1, m) for k, v in t.items()}
+
+
+def _breakdown(names: list[str], med: dict[str, dict[str, float]], root: str, a: argparse.Namespace) -> None:
+    """Print :func:`stage_times` for each kind of data the run read, beside the pipelines' measured CPU ms per
+    image (the difference: hand-over to the main process, worker and loader overhead), and the
+    crop-and-resize-only ceiling (the pixels already decoded in memory: crop + resize + flip + copy)."""
+    datas = sorted({parse_name(n)[1] for n in names if n != "torchvision"}, key=DATA.index)
+    if not datas or a.breakdown_images <= 0:
+        return
+    print(f"CPU ms per image by stage (one process, one thread, {a.breakdown_images} images, the same crop rule; "
+          f"'pipeline' = 1000 / its images per CPU-second above; 'rest' = pipeline - stages: hand-over, workers)")
+    print(f"{'data':<8} {'read':>6} {'decode':>7} {'crop+resize':>12} {'flip':>6} {'copy':>6} {'stages':>7}  "
+          f"{'pipeline':<11}{'ms':>7} {'rest':>7}")
+    for d in datas:
+        st = stage_times(_source(d, root, a), a.breakdown_images, a.size, a.interp)
+        total = sum(st.values())
+        cpu = f"cpu{'' if d == 'folder' else '-' + d}"
+        pipe = 1000 / med[cpu]["cpu"] if cpu in med else float("nan")
+        print(f"{d:<8} {st['read']:>6.3f} {st['decode']:>7.3f} {st['crop+resize']:>12.3f} {st['flip']:>6.3f} "
+              f"{st['copy']:>6.3f} {total:>7.3f}  {cpu:<11}{pipe:>7.3f} {pipe - total:>7.3f}")
+        if d == "raw":
+            ceil = 1000 / (st["crop+resize"] + st["flip"] + st["copy"])
+            print(f"crop-and-resize ceiling (raw pixels in memory: crop + resize + flip + copy): {ceil:.0f} images "
+                  f"per CPU-second" + (f"; cpu-raw reaches {med['cpu-raw']['cpu'] / ceil:.0%} of it"
+                                       if "cpu-raw" in med else ""))
+
+
 def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     """Run the benchmark and print the table; returns {pipeline: medians of images_s, cpu, wait, ...}."""
     if args.device == "auto":
@@ -235,6 +358,12 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     if ceiling:
         print(f"decode-only ceiling: {ceiling:.0f} full-size JPEG decodes per CPU-second (simplejpeg, one core, no "
               f"resize) = {ceiling * cores:.0f} images/s on {cores} cores")
+    base_cpu = med.get("cpu", {}).get("cpu")
+    if base_cpu:
+        for n in names:
+            if n.startswith("cpu-") and parse_name(n)[2] == "pretrain":
+                print(f"{n} / cpu images per CPU-second: {med[n]['cpu'] / base_cpu:.2f}x")
+    _breakdown(names, med, str(train), args)
     if "torchvision" in results and "cpu" in results:
         ratios = [c["images_s"] / t["images_s"] for c, t in zip(results["cpu"], results["torchvision"])]
         print(f"cpu / torchvision images/s per round: {', '.join(f'{x:.2f}' for x in ratios)}; median "

@@ -67,7 +67,9 @@ class BatchDecoder:
             data = self.source.read(i)
         except OSError as e:
             raise BadImage(path, f"cannot read ({type(e).__name__}: {e})") from None
-        decode_crop_resize(data, path, box_of, self.out_hw, self.interp, out=out, flip=flip)
+        # prepared (verified) data were screened when written: libjpeg-turbo's corrupt-data check is not repeated
+        decode_crop_resize(data, path, box_of, self.out_hw, self.interp, out=out, flip=flip,
+                           strict=not self.source.verified)
 
     def _finetune_aug(self, x: torch.Tensor, seed: int) -> None:
         """RandAugment(n=2, m=9) + random erasing (p=0.25) in place on a uint8 [B, 3, H, W] batch."""

@@ -13,7 +13,8 @@ rejects a file: the loader then finds the file by decoding that batch's files on
 (a file the CPU decodes is fed to DALI as raw pixels from then on; one the CPU rejects too is bad), logs the one
 rebuild and continues at the same position. Under ``data.bad_files=skip`` that never stops a run.
 
-Screening in the workers, so that every path agrees on what is bad: empty, unreadable header, JPEG without its
+Screening in the workers (none for data ``fastsupmae prepare`` verified: its manifest says every image was
+decoded once when written), so that every path agrees on what is bad: empty, unreadable header, JPEG without its
 end marker, and (``verify``, default on) a 1/8-scale decode with the CPU fallback's own decoder, which rejects
 a JPEG corrupt in mid-stream that libjpeg / nvJPEG would otherwise decode into garbage. Formats DALI cannot
 decode (GIF, ...) are decoded on the CPU in the worker and handed over as raw pixels (PNM).
@@ -118,6 +119,8 @@ class FeedSource:
             data = src.read(i)
         except OSError as e:
             raise BadImage(path, f"cannot read ({type(e).__name__}: {e})") from None
+        if src.verified:  # decoded once when written (fastsupmae prepare): no screening, DALI reads it as is
+            return to_pnm(data, path) if i in self.transcode or not dali_reads(data) else data
         screen(data, path)
         if self.verify and data[:3] == b"\xff\xd8\xff":
             # the CPU fallback's own decoder at 1/8 scale: the same files are bad on every path
@@ -206,6 +209,9 @@ class DaliLoader(LoaderBase):
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.in_chans, self.output, self.num_threads, self.prefetch = in_chans, output, num_threads, prefetch
         self.py_workers, self.verify = py_workers, verify
+        if source.verified:
+            log.info("DALI loader: the data were verified when prepared (%s); the per-sample screening is off",
+                     getattr(source, "manifest", {}).get("path", "manifest"))
         if in_chans not in (1, 3):
             raise DataError(f"in_chans {in_chans} is not supported; use 1 or 3")
         # mean/std per output channel (a single value is used for every channel)

@@ -19,6 +19,8 @@ class EncodedSource:
 
     class_names: list[str]
     labels: np.ndarray
+    # every sample was decoded once when the data were written (``fastsupmae prepare``): no per-sample screening
+    verified: bool = False
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -38,7 +40,7 @@ class EncodedSource:
 
 class _Subset(EncodedSource):
     def __init__(self, base: EncodedSource, n: int) -> None:
-        self.base, self.class_names = base, base.class_names
+        self.base, self.class_names, self.verified = base, base.class_names, base.verified
         self.labels = base.labels[: max(0, n)]
 
     def read(self, i: int) -> bytes:

@@ -5,11 +5,18 @@ Each sample is one image member (jpg / jpeg / png / webp) plus a label member (`
 sizes), then samples are read by index with one seek + read, so the sharded random order and mid-epoch resume
 work exactly as for folders. Shard patterns: ``data/train-{000000..000127}.tar`` (brace range), a glob, or a
 comma-separated list.
+
+Shards written by ``fastsupmae prepare`` come with ``<split>.manifest.json`` beside them: when every shard read
+is listed there with its recorded size, the source takes its class names from the manifest (the original
+source's, even for classes with no sample left) and is marked ``verified``: every image in it was decoded once
+when it was written, so the loaders skip their per-sample screening.
 """
 
 from __future__ import annotations
 
 import glob
+import json
+import logging
 import os
 import re
 import tarfile
@@ -20,8 +27,10 @@ from fastsupmae.errors import DataError
 
 from .encoded_source import EncodedSource, canonical_labels, class_index, classes_from_labels
 
-_IMAGE_EXT = ("jpg", "jpeg", "png", "webp")
+_IMAGE_EXT = ("jpg", "jpeg", "png", "webp", "ppm")
 _LABEL_EXT = ("cls", "txt", "label")
+_PREPARED = re.compile(r"^(.*)-\d+\.tar$")
+log = logging.getLogger(__name__)
 
 
 def expand_shards(pattern: str) -> list[str]:
@@ -85,6 +94,35 @@ def index_shards(shards: list[str]) -> tuple[list[tuple[int, int, int, str]], li
     return samples, raw_labels
 
 
+def load_manifest(shards: list[str]) -> dict | None:
+    """The ``fastsupmae prepare`` manifest that lists every one of ``shards`` with its current size, else None.
+
+    A shard whose size differs from the manifest's record (changed since it was written) makes the whole set
+    unverified, with a warning: the loaders then screen every sample again.
+    """
+    found = {os.path.join(os.path.dirname(s), m.group(1) + ".manifest.json")
+             for s in shards if (m := _PREPARED.match(os.path.basename(s)))}
+    if len(found) != 1 or not os.path.isfile(next(iter(found))):
+        return None
+    path = found.pop()
+    try:
+        with open(path) as f:
+            m = json.load(f)
+        sizes = {e["name"]: int(e["bytes"]) for e in m["shards"]}
+        m["classes"] = list(m["classes"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("manifest '%s' cannot be read (%s); its shards are screened as any others", path, e)
+        return None
+    for s in shards:
+        name = os.path.basename(s)
+        if name not in sizes or os.path.getsize(s) != sizes[name]:
+            log.warning("shard '%s' is not as the manifest '%s' records it (missing or another size); the shards "
+                        "are screened as any others", s, path)
+            return None
+    m["path"] = path
+    return m
+
+
 class WebDatasetSource(EncodedSource):
     """Indexed tar shards.
 
@@ -97,6 +135,18 @@ class WebDatasetSource(EncodedSource):
         self.shards = expand_shards(pattern)
         self.samples, raw = index_shards(self.shards)
         raw = canonical_labels(raw)
+        self.manifest = load_manifest(self.shards)
+        self.verified = bool(self.manifest and self.manifest.get("verified"))
+        if self.manifest is not None:  # labels index the original source's classes, which the manifest lists
+            names = self.manifest["classes"]
+            try:
+                raw = [names[int(r)] for r in raw]
+            except (ValueError, IndexError):
+                raise DataError(f"tar shards '{pattern}' hold labels that are not indices into the classes of "
+                                f"their manifest '{self.manifest['path']}'; write them again with fastsupmae "
+                                f"prepare") from None
+            if classes is None:
+                classes = names
         if classes is None:
             classes = classes_from_labels(raw, f"tar shards '{pattern}'")
         self.class_names = list(classes)
