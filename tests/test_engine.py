@@ -66,7 +66,8 @@ def test_ds_config_from_config(tmp_path: Path) -> None:
     assert ds["zero_optimization"]["stage"] == 2 and ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert ds["bf16"]["enabled"] and ds["gradient_clipping"] == 0.5
     cfg.train.zero_stage = 0
-    assert effective_zero_stage(cfg, "bf16") == 1 and effective_zero_stage(cfg, "fp32") == 0
+    assert effective_zero_stage(cfg, "bf16", 1) == 1 and effective_zero_stage(cfg, "fp32", 1) == 0
+    assert effective_zero_stage(cfg, "bf16", 2) == 2 and effective_zero_stage(cfg, "fp32", 2) == 0
     ds0 = build_ds_config(cfg, 1, "fp32", "adamw", torch.device("cpu"))
     assert ds0["gradient_clipping"] == 0.0  # stage 0: GuardedAdamW clips on the device
     with pytest.raises(ConfigError, match="global_batch 64 is not divisible"):

@@ -1,0 +1,107 @@
+"""Which DeepSpeed optimizer, ZeRO stage and gradient reduction each setting produces (the table in
+docs/training.md, "ZeRO stage and gradient reduction"), asserted against real DeepSpeed engines on the CPU (gloo):
+one rank in this process, two through tests/multirank.py. The engines come from fastsupmae's own
+``build_ds_config``; tests/ds_plan_worker.py records the collectives one optimizer step issues.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from fastsupmae.config import load_config
+from fastsupmae.engine.ds_config import build_ds_config, engine_plan
+from tests import multirank
+
+WORKER = Path(__file__).with_name("ds_plan_worker.py")
+
+ZERO = "DeepSpeedZeroOptimizer"
+Z3 = "DeepSpeedZeroOptimizer_Stage3"
+# (precision, train.zero_stage, world size) -> (optimizer DeepSpeed steps with, stage it runs, when gradients are
+# reduced on the CPU). The accumulation (1 or 2 micro-steps) changes none of these; it is probed too.
+EXPECTED = {
+    ("fp32", 0, 1): ("AdamW", 0, "after_backward"), ("fp32", 0, 2): ("AdamW", 0, "after_backward"),
+    ("fp32", 1, 1): (ZERO, 1, "after_backward"), ("fp32", 1, 2): (ZERO, 1, "after_backward"),
+    ("fp32", 2, 1): (ZERO, 2, "every_micro_step"), ("fp32", 2, 2): (ZERO, 2, "every_micro_step"),
+    ("fp32", 3, 1): (Z3, 3, "every_micro_step"), ("fp32", 3, 2): (Z3, 3, "every_micro_step"),
+    ("bf16", 0, 1): ("BF16_Optimizer", 1, "after_backward"), ("bf16", 0, 2): (ZERO, 2, "every_micro_step"),
+    ("bf16", 1, 1): ("BF16_Optimizer", 1, "after_backward"), ("bf16", 1, 2): (ZERO, 2, "every_micro_step"),
+    ("bf16", 2, 1): (ZERO, 2, "every_micro_step"), ("bf16", 2, 2): (ZERO, 2, "every_micro_step"),
+    ("bf16", 3, 1): (Z3, 3, "every_micro_step"), ("bf16", 3, 2): (Z3, 3, "every_micro_step"),
+}
+
+
+def _check(rows: list[dict[str, Any]], world: int) -> None:
+    seen = set()
+    for r in rows:
+        if r["before"]:
+            continue
+        key = (r["precision"], r["requested"], world)
+        seen.add((*key, r["accum"]))
+        opt, stage, reduction = EXPECTED[key]
+        assert (r["optimizer"], r["stage"]) == (opt, stage), r
+        # the plan fastsupmae logs and records names what DeepSpeed built
+        assert (r["plan_optimizer"] if r["plan_optimizer"] != "client" else "AdamW", r["plan_stage"]) == (opt, stage)
+        assert r["plan_reduction"] == reduction, r
+        assert r["grad_dtypes"] == ["bfloat16" if r["precision"] == "bf16" else "float32"], r
+        if reduction == "every_micro_step":  # issued from the gradient hooks while each backward still ran
+            assert r["in_backward"] >= 2 * r["accum"], r
+        else:  # all after the (last) backward
+            assert r["in_backward"] == 0 and r["after_backward"] >= 1, r
+    assert len(seen) == 2 * 4 * 2, sorted(seen)  # precision x stage x accumulation
+
+
+def test_plan_table_one_rank() -> None:
+    from fastsupmae.engine.distributed import init_distributed
+    from tests.ds_plan_worker import probe_all
+
+    init_distributed("cpu")
+    if torch.distributed.get_world_size() != 1:
+        pytest.fail("this process's group has more than one rank")
+    _check(probe_all(1), 1)
+
+
+def test_plan_table_two_ranks(tmp_path: Path) -> None:
+    multirank.wait_ok(multirank.start(WORKER, "probe", tmp_path, world=2))
+    rows = json.loads((tmp_path / "probe_rank0.json").read_text())["rows"]
+    _check(rows, 2)
+    # what fastsupmae asked for before: bf16 at stage 1 is DeepSpeed's BF16_Optimizer, whose reduction (in bf16:
+    # DeepSpeed casts the fp32 accumulated gradients to communication_data_type) waits for the whole backward
+    before = [r for r in rows if r["before"]]
+    assert len(before) == 2
+    for r in before:
+        assert r["optimizer"] == "BF16_Optimizer" and r["stage"] == 1, r
+        assert r["in_backward"] == 0 and r["grad_dtypes"] == ["bfloat16"], r
+
+
+def _cfg(**train: Any) -> Any:
+    t = {"precision": "bf16", "zero_stage": 1, "micro_batch": 4, "global_batch": 64, "output_dir": "/nonexistent"}
+    t.update(train)
+    return load_config(None, {"train": t}, world_size=2)
+
+
+def test_gpu_plan_overlaps_without_per_bucket_host_sync() -> None:
+    """On GPUs, several ranks: ZeRO 1/2 reduce from the hooks on a side stream (overlap_comm) as one all-reduce per
+    bucket (reduce_scatter off: DeepSpeed synchronises the device before each per-rank reduce of that path)."""
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")  # a device object only: nothing runs on it
+    for stage in (0, 1, 2):
+        plan = engine_plan(_cfg(zero_stage=stage), 2, "bf16", gpu)
+        assert (plan.zero_stage, plan.optimizer, plan.reduction, plan.overlap) == (2, ZERO, "every_micro_step", True)
+        assert (plan.grad_accum, plan.comm_dtype, plan.accum_dtype) == (8, "bf16", "fp32")
+        assert ("ZeRO stage 2" in plan.why) == (stage != 2)
+        z = build_ds_config(_cfg(zero_stage=stage), 2, "bf16", "adamw", gpu)["zero_optimization"]
+        assert z["stage"] == 2 and z["overlap_comm"] and not z["reduce_scatter"] and z["contiguous_gradients"]
+        assert z["reduce_bucket_size"] <= 2e7  # several buckets per ViT-B backward, the last one exposed
+    fp32 = engine_plan(_cfg(precision="fp32", zero_stage=1), 2, "fp32", gpu)
+    assert (fp32.zero_stage, fp32.reduction, fp32.overlap, fp32.comm_dtype) == (1, "last_micro_step", True, "fp32")
+    assert engine_plan(_cfg(precision="fp32", zero_stage=1), 2, "fp32", cpu).reduction == "after_backward"
+    one = engine_plan(_cfg(global_batch=32), 1, "bf16", gpu)  # one rank: nothing to overlap, bf16 optimizer
+    assert (one.zero_stage, one.optimizer, one.overlap) == (1, "BF16_Optimizer", False)
+    z3 = build_ds_config(_cfg(zero_stage=3), 2, "bf16", "adamw", gpu)
+    assert z3["zero_optimization"]["stage"] == 3 and z3["communication_data_type"] == "bf16"
+    assert build_ds_config(_cfg(precision="fp32", zero_stage=0), 2, "fp32", "adamw", gpu)[
+        "communication_data_type"] == "fp32"
