@@ -88,24 +88,31 @@ class EnginePlan:
     why: str = ""
 
 
+# Most micro-steps per optimizer step at which bf16 on several ranks reduces every micro-step (ZeRO 2) rather than
+# once per step after the backward (the bf16 optimizer). Each micro-step's reduction exposes its last bucket and
+# costs the bytes of a whole reduction: `a` of them beat one exposed reduction only for small `a`, and on a slow
+# network with a short backward only for a = 1 (fastsupmae bench model --accum; docs/training.md).
+OVERLAP_MAX_ACCUM = 2
+
+
 def _stage(cfg: Config, precision: str, world_size: int) -> tuple[int, str]:
     """(ZeRO stage DeepSpeed runs, why it differs from ``train.zero_stage``)."""
     asked = cfg.train.zero_stage
-    if precision != "bf16" or asked == 3:
+    if precision != "bf16" or asked >= 2:
         return asked, ""
-    if world_size > 1:
+    accum = grad_accum_steps(cfg, world_size)
+    if world_size > 1 and accum <= OVERLAP_MAX_ACCUM:
         # bf16 + fp32 accumulation at stage 1 is DeepSpeed's BF16_Optimizer (engine._do_optimizer_sanity_check):
         # it all-reduces the gradients after the backward, with no overlap (overlap_comm does not apply to it).
         # ZeRO 2 reduces each bucket from the gradient hooks while the backward goes on, in bf16, and sums the
         # micro-steps into this rank's fp32 gradient partition (stage_1_and_2.py, the compact fp32 partition).
-        why = (f"train.zero_stage {asked} with bf16 on {world_size} ranks runs as ZeRO stage 2: gradients are "
-               f"reduced in bf16 while the backward runs and accumulated in fp32 (stage 1 would all-reduce them "
-               f"after the backward; docs/training.md)")
-        return 2, why if asked != 2 else ""
+        return 2, (f"train.zero_stage {asked} with bf16 on {world_size} ranks and {accum} micro-step(s) per step runs "
+                   f"as ZeRO stage 2: gradients are reduced in bf16 while the backward runs and accumulated in fp32 "
+                   f"(stage 1 would all-reduce them after the backward; docs/training.md)")
     if asked == 0:
-        # DeepSpeed keeps fp32 masters in bf16 only in its ZeRO optimizers; on one rank stage 1 is the same math.
+        # DeepSpeed keeps fp32 masters in bf16 only in its ZeRO optimizers; stage 1 is the same math.
         return 1, ("train.zero_stage 0 with bf16 runs as ZeRO stage 1 (DeepSpeed keeps fp32 master weights only "
-                   "in its ZeRO optimizers; same math on one rank)")
+                   "in its ZeRO optimizers; the same math)")
     return asked, ""
 
 
