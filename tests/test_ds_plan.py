@@ -103,7 +103,8 @@ def test_gpu_plan_overlaps_without_per_bucket_host_sync() -> None:
         # more micro-steps: one reduction per step (after the backward) beats one per micro-step
         many = engine_plan(_cfg(zero_stage=stage, global_batch=24), 2, "bf16", gpu)
         assert (many.grad_accum, many.zero_stage) == (3, 1 if stage < 2 else 2), many
-        assert many.optimizer == ("BF16_Optimizer" if stage < 2 else ZERO)
+        assert many.optimizer == ("BF16_Optimizer" if stage < 2 else ZERO) and many.overlap == (stage == 2)
+        assert many.reduction == (AFTER if stage < 2 else EVERY)
     fp32 = engine_plan(_cfg(precision="fp32", zero_stage=1), 2, "fp32", gpu)
     assert (fp32.zero_stage, fp32.reduction, fp32.overlap, fp32.comm_dtype) == (1, "last_micro_step", True, "fp32")
     assert engine_plan(_cfg(precision="fp32", zero_stage=1), 2, "fp32", cpu).reduction == AFTER

@@ -130,7 +130,8 @@ def engine_plan(cfg: Config, world_size: int, precision: str, device: torch.devi
         optimizer = "BF16_Optimizer"
     else:
         optimizer = "DeepSpeedZeroOptimizer"
-    overlap = device.type == "cuda" and world_size > 1 and stage > 0
+    # overlap_comm needs a CUDA side stream and gradient hooks: the bf16 optimizer has neither (it ignores the key)
+    overlap = device.type == "cuda" and world_size > 1 and stage > 0 and optimizer != "BF16_Optimizer"
     if stage >= 2:
         reduction = "every_micro_step"
     elif optimizer == "DeepSpeedZeroOptimizer" and overlap:
