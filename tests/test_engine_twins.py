@@ -50,8 +50,10 @@ def test_zero3_with_the_triton_patch_embedding(tmp_path: Path) -> None:
     assert torch.equal(w0, torch.tensor(ref["init"]["patch_embed.proj.weight"]))
     w_tri = torch.tensor(tri["params"]["patch_embed.proj.weight"])
     w_ref = torch.tensor(ref["params"]["patch_embed.proj.weight"])
-    moved = float((w_ref - w0).abs().max())
-    assert float((w_tri - w_ref).abs().max()) < 0.01 * moved, (float((w_tri - w_ref).abs().max()), moved)
+    moved = float((w_ref - w0).abs().max())  # measured 1.6e-4 in 3 steps; the two runs 2.3e-6 apart (Adam's
+    # normalised update amplifies the ops' different fp32 summation orders); a missing gradient would leave w0
+    assert float((w_tri - w0).abs().max()) > 0.5 * moved
+    assert float((w_tri - w_ref).abs().max()) < 0.05 * moved, (float((w_tri - w_ref).abs().max()), moved)
 
 
 def test_compile_through_the_deepspeed_engine(tmp_path: Path) -> None:
