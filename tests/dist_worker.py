@@ -205,17 +205,35 @@ def pretrain_z3(w: Path, info: Any, out: dict[str, Any]) -> None:
     out["pretrain_z3_step"] = final["step"]
 
 
+def _stage_before_overlap(cfg: Any, precision: str, world_size: int) -> tuple[int, str]:
+    """The ZeRO stage rule before multi-rank bf16 moved to ZeRO 2: bf16 at stage 0/1 was DeepSpeed's bf16
+    optimizer (stage 1) on any number of ranks."""
+    return (1 if precision == "bf16" and cfg.train.zero_stage == 0 else cfg.train.zero_stage), ""
+
+
 def bf16_check(w: Path, info: Any, out: dict[str, Any]) -> None:
     # bf16: the consolidated fp32 masters round to exactly the bf16 weights the engine trains with. ZeRO 2 writes
-    # regular ZeRO shards (zero_to_fp32); ZeRO 1 in bf16 runs DeepSpeed's bf16 optimizer, whose files zero_to_fp32
-    # refuses: fastsupmae reassembles their per-rank fp32 partitions itself (a parameter may span both ranks)
+    # regular ZeRO shards (zero_to_fp32); the checkpoints of the earlier rule (bf16 at ZeRO 1 on 2 ranks: DeepSpeed's
+    # bf16 optimizer, whose files zero_to_fp32 refuses) are reassembled by fastsupmae itself (a parameter may span
+    # both ranks), and resume under today's rule (ZeRO 2) with the optimizer state re-sharded exactly.
+    from fastsupmae.engine import ds_config
+
     for stage in (2, 1):
         c = make_cfg(w / f"bf16_z{stage}", zero_stage=stage, precision="bf16", max_steps=3)
-        tr = build(c, info)
+        keep = ds_config._stage
+        if stage == 1:
+            ds_config._stage = _stage_before_overlap
+        try:
+            tr = build(c, info)
+        finally:
+            ds_config._stage = keep
         res = tr.fit()
         mod_params = {n: p.detach().clone() for n, p in tr.engine.module.named_parameters()}
+        key = "bf16" if stage == 2 else "bf16_z1"
+        if stage == 1:
+            out["bf16_z1_optimizer"] = type(tr.engine.optimizer).__name__
+            saved = full_optimizer_state(tr)
         if info.rank == 0:
-            key = "bf16" if stage == 2 else "bf16_z1"
             files = sorted(p.name for p in Path(res.last_checkpoint).glob("*optim_states.pt"))
             out[f"{key}_files"] = files
             cons = consolidated_state_dict(res.last_checkpoint)
@@ -226,6 +244,20 @@ def bf16_check(w: Path, info: Any, out: dict[str, Any]) -> None:
                                                       for n, p in mod_params.items())
             out[f"{key}_buffers"] = sorted(k for k in cons if "running_mean" in k)
         close(tr)
+    # the earlier rule's checkpoint (step 3) resumed under today's: ZeRO 2, state equal to the saved one
+    c = make_cfg(w / "bf16_z1_resumed", zero_stage=1, precision="bf16", max_steps=5, ckpt_every=0,
+                 resume=str(w / "bf16_z1" / "checkpoints" / "step_00000003"))
+    tr = build(c, info)
+    out["bf16_z1_resumed_optimizer"] = type(tr.engine.optimizer).__name__
+    out["bf16_z1_resumed_stage"], out["bf16_z1_resumed_start"] = tr.zero_stage, tr.step
+    loaded = full_optimizer_state(tr)
+    out["bf16_z1_resumed_state_diff"] = max(
+        float((s[k] - loaded["params"][n][k]).abs().max()) for n, s in saved["params"].items() for k in s)
+    out["bf16_z1_resumed_steps"] = (saved["steps"], loaded["steps"])
+    out["bf16_z1_resumed_moments_max"] = max(float(s["exp_avg_sq"].abs().max()) for s in saved["params"].values())
+    res = tr.fit()
+    out["bf16_z1_resumed_end"], out["bf16_z1_resumed_loss"] = res.step, res.metrics.get("loss")
+    close(tr)
 
 
 def nan_once(w: Path, info: Any, out: dict[str, Any], stage: int) -> None:
@@ -365,7 +397,8 @@ def scenario_single_resumes(w: Path, info: Any, out: dict[str, Any]) -> None:
     out["world"] = world
 
 
-# (precision, ZeRO stage) pairs the re-sharding test covers; bf16 at ZeRO 1 is DeepSpeed's bf16 optimizer
+# (precision, ZeRO stage) pairs the re-sharding test covers; bf16 at ZeRO 1 is DeepSpeed's bf16 optimizer on one
+# rank and ZeRO 2 on two (engine_plan), so its cases also cross between the two optimizers' files
 RESHARD_CASES = (("fp32", 1), ("fp32", 2), ("fp32", 3), ("bf16", 1))
 
 

@@ -91,13 +91,21 @@ def test_bf16_consolidated_matches_bf16_weights(main_run: tuple[Path, dict[str, 
     assert r["bf16_dtype"] == "torch.bfloat16"
     assert r["bf16_consolidated_diff"] == 0.0  # fp32 masters round to the engine's bf16 weights
     assert r["bf16_master_minus_bf16_max"] > 0.0  # and they are real fp32 masters, not bf16 copies
-    # ZeRO 1 in bf16: DeepSpeed's bf16-optimizer files, one per rank, reassembled by fastsupmae
+    # ZeRO 1 in bf16 on 2 ranks as it ran before it moved to ZeRO 2: DeepSpeed's bf16-optimizer files, one per
+    # rank, reassembled by fastsupmae
+    assert r["bf16_z1_optimizer"] == "BF16_Optimizer"
     assert r["bf16_z1_files"] == ["bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
                                   "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"]
     assert r["bf16_z1_dtype"] == "torch.bfloat16"
     assert r["bf16_z1_consolidated_diff"] == 0.0
     assert r["bf16_z1_master_minus_bf16_max"] > 0.0
     assert r["bf16_z1_buffers"]  # BatchNorm statistics come along from the model-states file
+    # ... and such a checkpoint resumes under today's rule (bf16 on 2 ranks: ZeRO 2), fp32 masters, moments and
+    # step counts re-sharded bit for bit
+    assert r["bf16_z1_resumed_optimizer"] == "DeepSpeedZeroOptimizer" and r["bf16_z1_resumed_stage"] == 2
+    assert r["bf16_z1_resumed_start"] == 3 and r["bf16_z1_resumed_end"] == 5 and r["bf16_z1_resumed_loss"] is not None
+    assert r["bf16_z1_resumed_state_diff"] == 0.0 and r["bf16_z1_resumed_moments_max"] > 0.0
+    assert r["bf16_z1_resumed_steps"] == [[3.0], [3.0]]
 
 
 def test_sync_batchnorm_cpu_twin(main_run: tuple[Path, dict[str, Any]]) -> None:

@@ -66,7 +66,12 @@ def test_ds_config_from_config(tmp_path: Path) -> None:
     assert ds["zero_optimization"]["stage"] == 2 and ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert ds["bf16"]["enabled"] and ds["gradient_clipping"] == 0.5
     cfg.train.zero_stage = 0
-    assert effective_zero_stage(cfg, "bf16") == 1 and effective_zero_stage(cfg, "fp32") == 0
+    assert effective_zero_stage(cfg, "bf16", 1) == 1 and effective_zero_stage(cfg, "fp32", 1) == 0
+    # 2 ranks: 4 micro-steps per step keep the bf16 optimizer (stage 1); at most 2 run ZeRO 2 (tests/test_ds_plan.py)
+    assert effective_zero_stage(cfg, "bf16", 2) == 1 and effective_zero_stage(cfg, "fp32", 2) == 0
+    cfg.train.global_batch = 32
+    assert effective_zero_stage(cfg, "bf16", 2) == 2
+    cfg.train.global_batch = 64
     ds0 = build_ds_config(cfg, 1, "fp32", "adamw", torch.device("cpu"))
     assert ds0["gradient_clipping"] == 0.0  # stage 0: GuardedAdamW clips on the device
     with pytest.raises(ConfigError, match="global_batch 64 is not divisible"):

@@ -1,8 +1,8 @@
 """The PREDICTED performance model (fastsupmae.bench.perf_model): step-time arithmetic, scaling table, CLI.
 
 The op list itself is checked against FlopCounterMode in test_flops.py; here the roofline arithmetic built on
-it is recomputed independently, and the ZeRO scaling table is checked for the properties any sane model of
-it has (bounded, monotonic in node count, more traffic for ZeRO-3, overlap never hurts).
+it is recomputed independently, and the data-parallel scaling table is checked for the properties any sane model
+of it has (bounded, monotonic in node count, the stated bytes per configuration, overlap never hurts).
 """
 
 from __future__ import annotations
@@ -84,19 +84,32 @@ def test_collective_formula_by_hand() -> None:
     s = 1e9  # bytes
     # one node of 8: ring over NVLink (450 GB/s); latency 5 us x ceil(log2 8) = 15 us per collective
     assert pm.collective_seconds(s, 8, 8, 450, 50, 5.0) == pytest.approx(7 / 8 * s / 450e9 + 15e-6)
-    # 4 nodes: bus limited by 8 NICs x 50 GB/s = 400 GB/s
+    # 4 nodes: bus limited by 8 NICs x 50 GB/s = 400 GB/s; an all-reduce moves twice a reduce-scatter's bytes
     assert pm.collective_seconds(s, 32, 8, 450, 50, 0.0) == pytest.approx(31 / 32 * s / 400e9)
+    assert pm.collective_seconds(s, 32, 8, 450, 50, 0.0, kind="all-reduce") == pytest.approx(2 * 31 / 32 * s / 400e9)
     assert pm.collective_seconds(s, 1, 8, 450, 50, 5.0) == 0.0
 
 
-def test_zero_bytes_follow_the_stated_formulas() -> None:
+def test_overlapped_buckets_by_hand() -> None:
+    # reductions faster than the backward: only the last bucket shows
+    assert pm.overlapped_buckets(8.0, 5.0, 10) == pytest.approx(0.5)
+    # slower: the backward waits for each previous bucket; exposed = comm - backward + one bucket of backward
+    assert pm.overlapped_buckets(8.0, 10.0, 10) == pytest.approx(10.0 - 8.0 + 0.8)
+    assert pm.overlapped_buckets(8.0, 0.0, 10) == 0.0
+    assert pm.overlapped_buckets(8.0, 3.0, 1) == pytest.approx(3.0)  # one bucket: nothing hides
+
+
+@pytest.mark.parametrize("accum", [1, 3])
+def test_bytes_per_step_follow_the_stated_formulas(accum: int) -> None:
     cfg = _cfg("model.objective=supmae")
     psi = param_count(cfg)
-    total = lambda st: sum(c[1] for c in pm.zero_collectives(cfg, st, 2))  # noqa: E731
-    assert total(0) == total(1) == total(2) == 2 * psi * 2
-    assert total(3) == 3 * psi * 2
-    with pytest.raises(ValueError, match="stage 4"):
-        pm.zero_collectives(cfg, 4, 2)
+    step = pm.predict_step(cfg, 32, pm.roofline(DEVICES["h100"], "bf16"), 2, True)
+    rows = pm.scaling_table(cfg, step, 2, 8, 450, 50, 5.0, True, (2,), accum=accum)
+    ring = 15 / 16 * psi * 2  # (n-1)/n Psi b at 16 ranks
+    want = {"z0": 2, "z1-after": 3, "z1-overlap": 3, "z2-overlap": 2 * accum + 1, "z3": 3 * accum}
+    assert {r["config"]: r["comm_bytes_per_rank"] / ring for r in rows} == pytest.approx(want)
+    with pytest.raises(ValueError, match="z4"):
+        pm.zero_collectives(cfg, "z4", 2)
 
 
 @pytest.mark.parametrize("device", ["h100", "a100", "h200"])
@@ -105,19 +118,18 @@ def test_scaling_table_is_monotonic_and_sane(device: str) -> None:
     dev = DEVICES[device]
     b = random.choice([32, 64, 256])
     step = pm.predict_step(cfg, b, pm.roofline(dev, "bf16"), 2, True)
-    net = random.uniform(10, 100)
-    rows = {ov: pm.scaling_table(cfg, step, 2, 8, dev.intra_gbs, net, 5.0, ov) for ov in (False, True)}
+    net = random.uniform(5, 100)
+    nodes = (1, 2, 4, 8, 16, 64)
+    rows = {ov: pm.scaling_table(cfg, step, 2, 8, dev.intra_gbs, net, 5.0, ov, nodes) for ov in (False, True)}
     for ov, table in rows.items():
-        by = {(r["nodes"], r["zero_stage"]): r for r in table}
-        for st in (0, 1, 2, 3):
+        by = {(r["nodes"], r["config"]): r for r in table}
+        for conf in pm.CONFIGS:
             prev = None
-            for nn in pm.NODES:
-                r = by[nn, st]
+            for nn in nodes:
+                r = by[nn, conf]
                 assert 0 < r["efficiency"] <= 1.0
                 assert r["step_ms"] >= step.step_s * 1e3 * (1 - 1e-12)
-                n = nn * 8
-                assert r["comm_bytes_per_rank"] == pytest.approx((n - 1) / n * (3 if st == 3 else 2) * 2
-                                                                 * param_count(cfg))
+                assert r["exposed_comm_ms"] <= r["comm_ms"] * (1 + 1e-12)
                 if prev is not None:  # more nodes: never more efficient
                     assert r["efficiency"] <= prev["efficiency"] + 1e-12
                     # ... and, once the network is in the path (2+ nodes), always more images/s. From 1 node (NVLink
@@ -125,11 +137,33 @@ def test_scaling_table_is_monotonic_and_sane(device: str) -> None:
                     if prev["nodes"] >= 2:
                         assert r["images_per_s"] > prev["images_per_s"]
                 prev = r
-        for nn in pm.NODES:
-            if not ov:  # serial: ZeRO-3 moves 1.5x the bytes of ZeRO-1/2 and so is slower
-                assert by[nn, 3]["step_ms"] > by[nn, 1]["step_ms"] == pytest.approx(by[nn, 2]["step_ms"])
+        for nn in nodes:
+            z2, z1 = by[nn, "z2-overlap"], by[nn, "z1-after"]
+            assert z2["comm_bytes_per_rank"] == pytest.approx(z1["comm_bytes_per_rank"])  # the same bytes, moved
+            if not ov:  # serial: all exposed, and the smaller buckets pay more latency
+                assert z2["step_ms"] >= z1["step_ms"]
+            elif nn > 1 or b > 32:  # the point of ZeRO 2: less exposed than the bf16 optimizer's reduction (not
+                # where latency of its 10 buckets outweighs one NVLink all-reduce of a short step)
+                assert z2["exposed_comm_ms"] < z1["exposed_comm_ms"], (nn, b, net)
     for a, b_ in zip(rows[False], rows[True]):
         assert b_["efficiency"] >= a["efficiency"] - 1e-12  # overlap never hurts
+
+
+def test_accumulation_multiplies_the_overlapped_reductions() -> None:
+    """ZeRO 2 reduces every micro-step, the bf16 optimizer once per step: with 8 micro-steps the once-per-step
+    reduction exposes less, by far on a slow network with a short backward, and slightly even on a fast one with a
+    long backward (each micro-step exposes its last bucket): why bf16 uses ZeRO 2 only up to 2 micro-steps."""
+    cfg = _cfg("model.objective=supmae")
+    rf = pm.roofline(DEVICES["h100"], "bf16")
+    short, long = pm.predict_step(cfg, 32, rf, 2, True), pm.predict_step(cfg, 256, rf, 2, True)
+    by = {r["config"]: r for r in pm.scaling_table(cfg, short, 2, 8, 450, 6.25, 5.0, True, (8,), accum=8)}
+    assert by["z2-overlap"]["exposed_comm_ms"] > by["z1-after"]["exposed_comm_ms"]
+    fast = {r["config"]: r for r in pm.scaling_table(cfg, long, 2, 8, 450, 50, 5.0, True, (8,), accum=8)}
+    assert fast["z2-overlap"]["exposed_comm_ms"] > fast["z1-after"]["exposed_comm_ms"]
+    for accum in (1, 2):  # where the plan picks ZeRO 2, it exposes less, on either network
+        for net, st in ((6.25, long), (50, long), (50, short)):
+            by = {r["config"]: r for r in pm.scaling_table(cfg, st, 2, 8, 450, net, 5.0, True, (8,), accum=accum)}
+            assert by["z2-overlap"]["exposed_comm_ms"] < by["z1-after"]["exposed_comm_ms"], (accum, net, st.batch)
 
 
 def test_cpu_measurement_is_positive_and_fast() -> None:
@@ -160,7 +194,9 @@ def test_cli_prints_predicted_tables_and_writes_json(tmp_path, capsys) -> None:
     rep = json.loads(out.read_text())
     assert rep["label"].startswith("PREDICTED")
     assert rep["model"]["decoder_depth"] == 8 and rep["model"]["batch"] == 64
-    assert {r["nodes"] for r in rep["scaling"]} == {1, 2, 4}
+    assert {r["nodes"] for r in rep["scaling"]} == {1, 2}  # of 1, 2, 8, 64
+    assert {r["config"] for r in rep["scaling"]} == set(pm.CONFIGS)
+    assert "ring bandwidth per GPU" in text and "exposed communication ms per step" in text
     fast, ref = rep["summary"]
     assert fast["path"] == "fastsupmae" and ref["path"] == "reference"
     assert rep["speedup"] == pytest.approx(ref["step_ms"] / fast["step_ms"])

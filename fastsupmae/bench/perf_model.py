@@ -9,21 +9,25 @@ The step is the sum of its ops (kernels run one after another); images/s = B / s
 matmul FLOPs (``train_flops``, fastsupmae's count for both paths, so MFU is proportional to images/s) over
 step time x peak. The same for the unfused MAE-style reference path shows each fused kernel's predicted gain.
 
-ZeRO communication per step and rank, with Psi parameters sent at ``b`` bytes each (bf16: 2) and ring
-collectives (each rank moves (n-1)/n of the collective's size S):
+Data-parallel communication per optimizer step and rank, for each configuration DeepSpeed runs (``CONFIGS``;
+docs/training.md says which setting runs which), with Psi parameters sent at ``b`` bytes each (bf16: 2) and ring
+collectives (a reduce-scatter or all-gather of size S moves (n-1)/n S per rank, an all-reduce twice that):
 
-    stage 0 (plain DDP): all-reduce of gradients = reduce-scatter + all-gather: 2 Psi b, during backward
-    stage 1, 2:          reduce-scatter of gradients Psi b (during backward) + all-gather of updated
-                         parameters Psi b (after the optimizer step, nothing to overlap it with)
-    stage 3:             all-gather of parameters in forward Psi b + again in backward Psi b + reduce-scatter
-                         of gradients Psi b
+    z0          all-reduce of the gradients after the backward, once per step              exposed
+    z1-after    the same, then an all-gather of the updated parameters (DeepSpeed's bf16 optimizer)   exposed
+    z1-overlap  all-reduce from the gradient hooks of the last micro-step + all-gather     bucketed overlap
+    z2-overlap  all-reduce from the gradient hooks of every micro-step + all-gather        bucketed overlap
+    z3          all-gather of the parameters in forward and again in backward, reduce-scatter of the gradients
+                in backward, every micro-step                                               max(0, comm - pass)
 
-    t_collective = (n-1)/n * S / bus_bw + collectives * latency * ceil(log2 n)
+    t_collective = passes * (n-1)/n * S / bus_bw + collectives * latency * ceil(log2 n)
     bus_bw = intra-node link (n <= GPUs per node) else min(intra-node link, GPUs per node * NIC per GPU)
 
-(a ring across nodes uses every NIC of a node at once, one channel per GPU). With overlap, communication that
-can run during the forward / backward hides behind it: exposed = max(0, comm - compute) per phase; without,
-it all adds to the step. Scaling efficiency = single-GPU step time / step time at n GPUs (per-GPU batch fixed).
+(a ring across nodes uses every NIC of a node at once, one channel per GPU). The all-gather after the optimizer
+step has nothing to overlap with. A bucketed overlap follows DeepSpeed's stream order (:func:`overlapped_buckets`):
+each gradient bucket is reduced when the backward has filled it, the compute waits for the previous bucket's
+reduction before the next, and the last bucket is exposed. ``--no-overlap`` exposes everything. Scaling efficiency
+= single-GPU step time / step time at n GPUs (per-GPU batch fixed).
 """
 
 from __future__ import annotations
@@ -36,13 +40,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from fastsupmae.bench.devices import DEVICES, NET_GBS_DEFAULT, Device, get_device
+from fastsupmae.engine.ds_config import ALLGATHER_BUCKET_ELEMENTS, REDUCE_BUCKET_ELEMENTS
 from fastsupmae.flops import Op, ops, param_count, train_flops
 
 log = logging.getLogger(__name__)
 
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
-BUCKET_ELEMENTS = 5e8  # DeepSpeed's default reduce_bucket_size / allgather_bucket_size (elements)
-NODES = (1, 2, 4, 8, 16, 32, 64)
+NODES = (1, 2, 8, 64)
 
 # which fastsupmae kernel / choice is responsible for the difference in each stage
 STAGE_KERNEL = {
@@ -170,57 +174,135 @@ def _ridge(rf: Roofline, op: Op) -> float:
 # ----------------------------------------------------------------------------------------------- ZeRO scaling
 
 
-def zero_collectives(cfg, stage: int, comm_bytes: int) -> list[tuple[str, float, str, int]]:
-    """(name, size S in bytes per rank, phase 'fwd' | 'bwd' | 'post', number of collectives) for one step."""
+@dataclass(frozen=True)
+class Collective:
+    """One kind of collective of a training step, per rank.
+
+    Attributes:
+        name: what it moves.
+        kind: 'all-reduce' (a ring moves 2 (n-1)/n of its size per rank) or 'reduce-scatter' / 'all-gather'
+            ((n-1)/n).
+        size: bytes of the whole tensor (S).
+        when: 'fwd' / 'bwd' (issued while that pass runs: can overlap it), 'after_bwd' (after the backward,
+            before the optimizer: exposed), 'after_step' (after the optimizer step: exposed).
+        per_micro_step: issued every micro-step (else once per optimizer step, with the last micro-step).
+        count: collectives it is split into (buckets).
+    """
+
+    name: str
+    kind: str
+    size: float
+    when: str
+    per_micro_step: bool
+    count: int
+
+
+# The data-parallel configurations DeepSpeed runs (docs/training.md, "ZeRO stage and gradient reduction"): key ->
+# what runs it.
+CONFIGS = {
+    "z0": "ZeRO 0: all-reduce after the backward (fp32 / fp16 at stage 0)",
+    "z1-after": "ZeRO 1, DeepSpeed's bf16 optimizer: all-reduce after the backward (bf16 at stage 0/1 with more "
+                "than 2 micro-steps per step, or on one rank)",
+    "z1-overlap": "ZeRO 1: all-reduce from the hooks of the last micro-step's backward (fp32 / fp16 at stage 1)",
+    "z2-overlap": "ZeRO 2: all-reduce from the hooks of every micro-step's backward (bf16 on several ranks with "
+                  "at most 2 micro-steps; any precision at stage 2)",
+    "z3": "ZeRO 3: parameter gathers in forward and backward, gradient reduce-scatter in backward",
+}
+
+
+def zero_collectives(cfg, config: str, comm_bytes: int, bucket: float = REDUCE_BUCKET_ELEMENTS) -> list[Collective]:
+    """The collectives of one optimizer step under ``config`` (a key of :data:`CONFIGS`), ``bucket`` elements per
+    gradient bucket (ZeRO 1/2's reduce_bucket_size)."""
     psi = float(param_count(cfg))
     s = psi * comm_bytes
-    buckets = max(1, math.ceil(psi / BUCKET_ELEMENTS))
-    if stage == 0:
-        return [("all-reduce grads (RS+AG)", 2 * s, "bwd", 2 * buckets)]
-    if stage in (1, 2):
-        return [("reduce-scatter grads", s, "bwd", buckets), ("all-gather params", s, "post", buckets)]
-    if stage == 3:
+    grads = max(1, math.ceil(psi / bucket))
+    gather = Collective("all-gather params", "all-gather", s, "after_step", False,
+                        max(1, math.ceil(psi / ALLGATHER_BUCKET_ELEMENTS)))
+    if config == "z0":  # engine.allreduce_gradients: buffered_allreduce_fallback, 5e8-element buffers
+        return [Collective("all-reduce grads", "all-reduce", s, "after_bwd", False, max(1, math.ceil(psi / 5e8)))]
+    if config == "z1-after":  # BF16_Optimizer: the same fallback on its fp32 buffers, cast to bf16 on the wire
+        return [Collective("all-reduce grads", "all-reduce", s, "after_bwd", False, max(1, math.ceil(psi / 5e8))),
+                gather]
+    if config == "z1-overlap":
+        return [Collective("all-reduce grads", "all-reduce", s, "bwd", False, grads), gather]
+    if config == "z2-overlap":
+        return [Collective("all-reduce grads", "all-reduce", s, "bwd", True, grads), gather]
+    if config == "z3":
         m = cfg.model
         gathers = m.resolved_dims()[1] + m.decoder_depth + 4  # one per block + embed / decoder_embed / pred / head
-        return [("all-gather params (fwd)", s, "fwd", gathers), ("all-gather params (bwd)", s, "bwd", gathers),
-                ("reduce-scatter grads", s, "bwd", buckets)]
-    raise ValueError(f"ZeRO stage {stage} is not 0, 1, 2 or 3")
+        return [Collective("all-gather params (fwd)", "all-gather", s, "fwd", True, gathers),
+                Collective("all-gather params (bwd)", "all-gather", s, "bwd", True, gathers),
+                Collective("reduce-scatter grads", "reduce-scatter", s, "bwd", True, grads)]
+    raise ValueError(f"configuration {config!r} is not one of {', '.join(CONFIGS)}")
 
 
 def collective_seconds(size: float, n: int, gpus_per_node: int, intra_gbs: float, net_gbs: float,
-                       latency_us: float, count: int = 1) -> float:
-    """Ring collective of ``size`` bytes over ``n`` ranks (see the module docstring)."""
+                       latency_us: float, count: int = 1, kind: str = "reduce-scatter") -> float:
+    """Ring collective of ``size`` bytes over ``n`` ranks (see the module docstring); an all-reduce moves twice
+    the bytes of a reduce-scatter."""
     if n <= 1:
         return 0.0
     bus = intra_gbs if n <= gpus_per_node else min(intra_gbs, gpus_per_node * net_gbs)
-    return (n - 1) / n * size / (bus * 1e9) + count * latency_us * 1e-6 * math.ceil(math.log2(n))
+    passes = 2 if kind == "all-reduce" else 1
+    return passes * (n - 1) / n * size / (bus * 1e9) + count * latency_us * 1e-6 * math.ceil(math.log2(n))
+
+
+def overlapped_buckets(backward_s: float, comm_s: float, buckets: int) -> float:
+    """Exposed seconds of a backward of ``backward_s`` whose gradients are reduced in ``buckets`` equal buckets,
+    each reduced on a side stream as soon as it is full, taking ``comm_s`` in all.
+
+    DeepSpeed's ZeRO 1/2 (``average_tensor`` under overlap_comm) makes the compute stream wait for the previous
+    bucket's reduction before it queues the next one, and synchronises at the end of the backward: the last
+    bucket is never hidden, and a reduction slower than the compute of the next bucket stalls the backward."""
+    t = comm_free = 0.0
+    for _ in range(buckets):
+        t += backward_s / buckets  # the backward fills this bucket
+        t = max(t, comm_free)  # the compute stream waits for the previous bucket's reduction
+        comm_free = t + comm_s / buckets
+    return max(0.0, max(t, comm_free) - backward_s)
+
+
+def exposed_seconds(colls: list[Collective], times: list[float], step: StepPrediction, accum: int,
+                    overlap: bool) -> float:
+    """Communication time a step cannot hide: ``times[i]`` is one issue of ``colls[i]``."""
+    per = {"fwd": 0.0, "bwd": 0.0}
+    exposed = 0.0
+    buckets = 1
+    for c, t in zip(colls, times):
+        issues = accum if c.per_micro_step else 1
+        if not overlap or c.when in ("after_bwd", "after_step"):
+            exposed += issues * t
+        elif c.when == "fwd" or c.kind != "all-reduce":  # ZeRO-3: prefetched gathers, reduce-scatter
+            per[c.when] += t
+        else:  # ZeRO 1/2: bucketed all-reduce from the gradient hooks
+            buckets = c.count
+            exposed += issues * overlapped_buckets(step.backward_s, t, buckets)
+    if per["fwd"] or per["bwd"]:
+        exposed += accum * (max(0.0, per["fwd"] - step.forward_s) + max(0.0, per["bwd"] - step.backward_s))
+    return exposed
 
 
 def scaling_table(cfg, step: StepPrediction, comm_bytes: int, gpus_per_node: int, intra_gbs: float,
                   net_gbs: float, latency_us: float = 5.0, overlap: bool = True, nodes=NODES,
-                  stages=(0, 1, 2, 3)) -> list[dict]:
-    """Predicted step time, images/s and scaling efficiency for each node count and ZeRO stage."""
+                  configs=tuple(CONFIGS), accum: int = 1, bucket: float = REDUCE_BUCKET_ELEMENTS) -> list[dict]:
+    """Predicted exposed communication, step time, images/s and scaling efficiency per node count and
+    configuration; ``step`` is one micro-step (its optimizer time counted once per step of ``accum``)."""
     out = []
-    base = step.step_s
+    base = accum * (step.forward_s + step.backward_s) + step.optimizer_s
     for nn in nodes:
         n = nn * gpus_per_node
-        for st in stages:
-            phase = {"fwd": 0.0, "bwd": 0.0, "post": 0.0}
-            sent = 0.0
-            for _, size, ph, count in zero_collectives(cfg, st, comm_bytes):
-                phase[ph] += collective_seconds(size, n, gpus_per_node, intra_gbs, net_gbs, latency_us, count)
-                sent += (n - 1) / n * size
-            comm = sum(phase.values())
-            if overlap:
-                exposed = (max(0.0, phase["fwd"] - step.forward_s) + max(0.0, phase["bwd"] - step.backward_s)
-                           + phase["post"])
-            else:
-                exposed = comm
+        for conf in configs:
+            colls = zero_collectives(cfg, conf, comm_bytes, bucket)
+            times = [collective_seconds(c.size, n, gpus_per_node, intra_gbs, net_gbs, latency_us, c.count, c.kind)
+                     for c in colls]
+            mult = [accum if c.per_micro_step else 1 for c in colls]
+            comm = sum(m * t for m, t in zip(mult, times))
+            sent = sum(m * (2 if c.kind == "all-reduce" else 1) * (n - 1) / n * c.size for m, c in zip(mult, colls))
+            exposed = exposed_seconds(colls, times, step, accum, overlap)
             t = base + exposed
-            out.append({"nodes": nn, "gpus": n, "zero_stage": st, "overlap": overlap,
-                        "comm_bytes_per_rank": sent, "comm_ms": comm * 1e3,
-                        "exposed_comm_ms": exposed * 1e3, "step_ms": t * 1e3, "images_per_s": n * step.batch / t,
-                        "efficiency": base / t})
+            out.append({"nodes": nn, "gpus": n, "config": conf, "overlap": overlap, "accum": accum,
+                        "comm_bytes_per_rank": sent, "comm_ms": comm * 1e3, "exposed_comm_ms": exposed * 1e3,
+                        "step_ms": t * 1e3, "images_per_s": n * step.batch * accum / t, "efficiency": base / t})
     return out
 
 
@@ -253,9 +335,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-nodes", type=int, default=64)
     p.add_argument("--net-latency-us", type=float, default=5.0, help="latency per collective step, microseconds")
     p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True,
-                   help="images/s column: overlap gradient communication with backward (and ZeRO-3 gathers with "
-                        "forward); the efficiency columns show both")
-    p.add_argument("--zero-stage", type=int, default=1, choices=[0, 1, 2, 3], help="stage of the images/s column")
+                   help="overlap what can overlap (gradient buckets with the backward, ZeRO-3 gathers with the "
+                        "passes); --no-overlap: every collective adds to the step")
+    p.add_argument("--dp-config", default="z2-overlap", choices=list(CONFIGS),
+                   help="data-parallel configuration of the images/s column (z2-overlap: bf16 on several ranks)")
+    p.add_argument("--accum", type=int, default=1, help="micro-steps per optimizer step (--batch images each)")
+    p.add_argument("--bucket-elements", type=float, default=REDUCE_BUCKET_ELEMENTS,
+                   help="gradient bucket of ZeRO 1/2, elements (the trainer's reduce_bucket_size)")
     p.add_argument("--ops", default="all", choices=["all", "none"], help="print the per-op tables")
     p.add_argument("--json", default=None, metavar="PATH", help="also write everything to this JSON file")
 
@@ -316,8 +402,11 @@ def model_report(args: argparse.Namespace) -> dict:
               for s in dict.fromkeys([*st_r, *st_f])]
     intra = args.intra_gbs if args.intra_gbs is not None else dev.intra_gbs
     nodes = tuple(n for n in NODES if n <= args.max_nodes)
+    if args.accum < 1 or args.bucket_elements < 1:
+        raise ValueError("--accum and --bucket-elements must be at least 1")
     scaling = [row for ov in (False, True) for row in
-               scaling_table(cfg, fast, db, args.gpus_per_node, intra, args.net_gbs, args.net_latency_us, ov, nodes)]
+               scaling_table(cfg, fast, db, args.gpus_per_node, intra, args.net_gbs, args.net_latency_us, ov, nodes,
+                             accum=args.accum, bucket=args.bucket_elements)]
     m = cfg.model
     d, depth, heads = m.resolved_dims()
     return {
@@ -335,7 +424,10 @@ def model_report(args: argparse.Namespace) -> dict:
         "stages": stages,
         "ops": {"fastsupmae": fast.rows, "reference": ref.rows},
         "network": {"net_gbs_per_gpu": args.net_gbs, "intra_gbs": intra, "gpus_per_node": args.gpus_per_node,
-                    "latency_us": args.net_latency_us, "comm_bytes_per_param": db},
+                    "inter_node_bus_gbs": min(intra, args.gpus_per_node * args.net_gbs),
+                    "latency_us": args.net_latency_us, "comm_bytes_per_param": db, "accum": args.accum,
+                    "bucket_elements": args.bucket_elements},
+        "configs": CONFIGS,
         "scaling": scaling,
         "_preds": (fast, ref),
     }
@@ -371,27 +463,34 @@ def run(args: argparse.Namespace) -> int:
               f"{s['optimizer_ms']:7.2f} {s['images_per_s']:10.1f} {s['model_tflop_per_step']:10.3f} "
               f"{s['mfu'] * 100:5.1f}% {s['matmul_time_share'] * 100:7.1f}%")
     print(f"{P} speedup of fastsupmae over the reference: {rep['speedup']:.2f}x")
-    net = rep["network"]
-    print(f"\n-- {P} ZeRO data-parallel scaling: {args.gpus_per_node} GPUs/node, {net['intra_gbs']:.0f} GB/s "
-          f"intra-node, {net['net_gbs_per_gpu']:.0f} GB/s per GPU inter-node, {net['latency_us']:.0f} us/step "
-          f"latency --")
-    psi = mdl["params"]
-    b = net["comm_bytes_per_param"]
-    print(f"   bytes per step per rank before the (n-1)/n ring factor, Psi = {psi / 1e6:.1f} M params x {b} B: "
-          f"ZeRO-0 {2 * psi * b / 1e6:.0f} MB (2 Psi b), ZeRO-1/2 {2 * psi * b / 1e6:.0f} MB (2 Psi b), "
-          f"ZeRO-3 {3 * psi * b / 1e6:.0f} MB (3 Psi b)")
-    stages = sorted({r["zero_stage"] for r in rep["scaling"]})
-    zs = args.zero_stage
-    mode = "overlapped" if args.overlap else "serial"
-    print(f"{'':11s} scaling efficiency vs 1 GPU, serial comm / overlapped comm   images/s (ZeRO-{zs}, {mode})")
-    print(f"{'nodes':>5s} {'GPUs':>5s} " + " ".join(f"{'ZeRO-' + str(s):>13s}" for s in stages) + f" {'images/s':>12s}")
-    by = {(r["nodes"], r["zero_stage"], r["overlap"]): r for r in rep["scaling"]}
-    for nn in sorted({r["nodes"] for r in rep["scaling"]}):
-        cells = " ".join(f"{by[nn, s, False]['efficiency'] * 100:6.1f}/{by[nn, s, True]['efficiency'] * 100:5.1f}%"
-                         for s in stages)
-        print(f"{nn:5d} {by[nn, stages[0], False]['gpus']:5d} {cells} {by[nn, zs, args.overlap]['images_per_s']:12.0f}")
+    _print_scaling(rep, args)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rep, indent=1, default=float))
         log.info("wrote %s", args.json)
     return 0
+
+
+def _print_scaling(rep: dict, args: argparse.Namespace) -> None:
+    """The exposed communication per optimizer step and the scaling efficiency, per node count and configuration."""
+    P = "PREDICTED"
+    net, psi = rep["network"], rep["model"]["params"]
+    print(f"\n-- {P} data-parallel communication per optimizer step: Psi = {psi / 1e6:.1f} M params x "
+          f"{net['comm_bytes_per_param']} B, accumulation {net['accum']}, gradient buckets of "
+          f"{net['bucket_elements']:.3g} elements --")
+    print(f"   assumed ring bandwidth per GPU: {net['intra_gbs']:.0f} GB/s within a node; across nodes "
+          f"min({net['intra_gbs']:.0f}, {net['gpus_per_node']} GPUs x {net['net_gbs_per_gpu']:g} GB/s NIC) = "
+          f"{net['inter_node_bus_gbs']:.0f} GB/s; {net['latency_us']:g} us x ceil(log2 n) per collective")
+    for key, text in rep["configs"].items():
+        print(f"   {key:11s} {text}")
+    confs = list(rep["configs"])
+    mode = "overlapped" if args.overlap else "serial"
+    print(f"exposed communication ms per step (scaling efficiency vs 1 GPU), overlapped; images/s: {args.dp_config}, "
+          f"{mode}")
+    print(f"{'nodes':>5s} {'GPUs':>5s} " + " ".join(f"{c:>17s}" for c in confs) + f" {'images/s':>11s}")
+    by = {(r["nodes"], r["config"], r["overlap"]): r for r in rep["scaling"]}
+    for nn in sorted({r["nodes"] for r in rep["scaling"]}):
+        cells = " ".join(f"{by[nn, c, True]['exposed_comm_ms']:8.2f} ({by[nn, c, True]['efficiency'] * 100:5.1f}%)"
+                         for c in confs)
+        print(f"{nn:5d} {by[nn, confs[0], True]['gpus']:5d} {cells} "
+              f"{by[nn, args.dp_config, args.overlap]['images_per_s']:11.0f}")

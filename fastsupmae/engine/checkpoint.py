@@ -365,9 +365,11 @@ class CheckpointManager:
         meta = json.loads(meta_path.read_text())
         old_world = int(meta.get("world_size", self.world_size))
         load_opt = True
-        if old_world != self.world_size and engine.zero_optimization_stage() > 0:
+        stage = engine.zero_optimization_stage()
+        if stage > 0 and (old_world != self.world_size or int(meta.get("zero_stage", stage)) != stage):
             # ZeRO shards the fp32 masters and optimizer state by rank: DeepSpeed cannot load them into another
-            # partitioning; the module alone is loaded here and the optimizer state is re-sharded below.
+            # partitioning, nor a stage-1 bf16-optimizer checkpoint into ZeRO 2; the module alone is loaded here
+            # and the optimizer state is re-sharded below.
             load_opt = False
         client: dict[str, Any] | None = None
         if load_opt or engine.zero_optimization_stage() < 3:

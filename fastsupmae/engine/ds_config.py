@@ -6,6 +6,7 @@ from ``cfg.train``; the dict built here is written next to the resolved config f
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,14 +44,108 @@ def resolve_precision(cfg: Config, device: torch.device) -> str:
     return p
 
 
-def effective_zero_stage(cfg: Config, precision: str) -> int:
-    """The ZeRO stage DeepSpeed runs: stage 0 in bf16 becomes stage 1.
+# Elements per gradient bucket of ZeRO 1/2 (DeepSpeed's reduce_bucket_size). Under overlap_comm the compute stream
+# waits for the previous bucket's reduction before the next starts, and the last bucket of a backward cannot
+# overlap anything: small buckets expose little (1e7 bf16 elements = 20 MB, near a ring's full bandwidth; ViT-B's
+# 95 M gradients make ~10 buckets), very small ones pay the per-collective latency many times.
+REDUCE_BUCKET_ELEMENTS = int(1e7)
+ALLGATHER_BUCKET_ELEMENTS = int(5e7)
 
-    DeepSpeed keeps fp32 master weights in bf16 mode only through its ZeRO optimizers (stage 0 + bf16 would train
-    the bf16 weights directly). On one rank stage 1 is the same computation; on several it also shards the
-    optimizer state, which only saves memory.
+
+@dataclass(frozen=True)
+class EnginePlan:
+    """What DeepSpeed will run for a config on ``world_size`` ranks (decided by :func:`engine_plan`).
+
+    Attributes:
+        precision: 'bf16' | 'fp16' | 'fp32'.
+        world_size: data-parallel ranks.
+        requested_stage: ``train.zero_stage``.
+        zero_stage: the ZeRO stage DeepSpeed runs (recorded in checkpoints).
+        grad_accum: micro-batches per optimizer step on each rank.
+        optimizer: the class that steps the weights, as DeepSpeed's ``_configure_optimizer`` picks it:
+            'BF16_Optimizer', 'FP16_Optimizer', 'DeepSpeedZeroOptimizer' (ZeRO 1/2),
+            'DeepSpeedZeroOptimizer_Stage3', or 'client' (the client optimizer itself, fp32 at stage 0).
+        reduction: when the gradient reductions are issued (on one rank too, over a group of one):
+            'after_backward' (once per optimizer step, after the last micro-step's backward: nothing left to
+            overlap with), 'last_micro_step' (once per step, from the gradient hooks during the last micro-step's
+            backward) or 'every_micro_step' (from the hooks during every micro-step's backward).
+        overlap: the reductions run on a side stream while the backward goes on (``overlap_comm``, GPUs).
+        comm_dtype: dtype of the reduction on the wire ('bf16' | 'fp16' | 'fp32').
+        accum_dtype: dtype the micro-steps' gradients are summed in.
+        why: one line on a stage that differs from the requested one ('' when it does not).
     """
-    return 1 if precision == "bf16" and cfg.train.zero_stage == 0 else cfg.train.zero_stage
+
+    precision: str
+    world_size: int
+    requested_stage: int
+    zero_stage: int
+    grad_accum: int
+    optimizer: str
+    reduction: str
+    overlap: bool
+    comm_dtype: str
+    accum_dtype: str
+    why: str = ""
+
+
+# Most micro-steps per optimizer step at which bf16 on several ranks reduces every micro-step (ZeRO 2) rather than
+# once per step after the backward (the bf16 optimizer). Each micro-step's reduction exposes its last bucket and
+# costs the bytes of a whole reduction: `a` of them beat one exposed reduction only for small `a`, and on a slow
+# network with a short backward only for a = 1 (fastsupmae bench model --accum; docs/training.md).
+OVERLAP_MAX_ACCUM = 2
+
+
+def _stage(cfg: Config, precision: str, world_size: int) -> tuple[int, str]:
+    """(ZeRO stage DeepSpeed runs, why it differs from ``train.zero_stage``)."""
+    asked = cfg.train.zero_stage
+    if precision != "bf16" or asked >= 2:
+        return asked, ""
+    accum = grad_accum_steps(cfg, world_size)
+    if world_size > 1 and accum <= OVERLAP_MAX_ACCUM:
+        # bf16 + fp32 accumulation at stage 1 is DeepSpeed's BF16_Optimizer (engine._do_optimizer_sanity_check):
+        # it all-reduces the gradients after the backward, with no overlap (overlap_comm does not apply to it).
+        # ZeRO 2 reduces each bucket from the gradient hooks while the backward goes on, in bf16, and sums the
+        # micro-steps into this rank's fp32 gradient partition (stage_1_and_2.py, the compact fp32 partition).
+        return 2, (f"train.zero_stage {asked} with bf16 on {world_size} ranks and {accum} micro-step(s) per step runs "
+                   f"as ZeRO stage 2: gradients are reduced in bf16 while the backward runs and accumulated in fp32 "
+                   f"(stage 1 would all-reduce them after the backward; docs/training.md)")
+    if asked == 0:
+        # DeepSpeed keeps fp32 masters in bf16 only in its ZeRO optimizers; stage 1 is the same math.
+        return 1, ("train.zero_stage 0 with bf16 runs as ZeRO stage 1 (DeepSpeed keeps fp32 master weights only "
+                   "in its ZeRO optimizers; the same math)")
+    return asked, ""
+
+
+def engine_plan(cfg: Config, world_size: int, precision: str, device: torch.device) -> EnginePlan:
+    """The one place that decides the ZeRO stage, accumulation and gradient reduction (docs/training.md, "ZeRO
+    stage and gradient reduction", has the table a test asserts against real DeepSpeed engines)."""
+    stage, why = _stage(cfg, precision, world_size)
+    accum = "fp32" if precision == "bf16" else precision
+    offload = cfg.train.offload_optimizer
+    if stage == 0:
+        optimizer = {"bf16": "BF16_Optimizer", "fp16": "FP16_Optimizer"}.get(precision, "client")
+    elif stage == 3:
+        optimizer = "DeepSpeedZeroOptimizer_Stage3"
+    elif stage == 1 and precision == "bf16" and not offload:
+        optimizer = "BF16_Optimizer"
+    else:
+        optimizer = "DeepSpeedZeroOptimizer"
+    # overlap_comm needs a CUDA side stream and gradient hooks: the bf16 optimizer has neither (it ignores the key)
+    overlap = device.type == "cuda" and world_size > 1 and stage > 0 and optimizer != "BF16_Optimizer"
+    if stage >= 2:
+        reduction = "every_micro_step"
+    elif optimizer == "DeepSpeedZeroOptimizer" and overlap:
+        reduction = "last_micro_step"
+    else:
+        reduction = "after_backward"
+    return EnginePlan(precision=precision, world_size=world_size, requested_stage=cfg.train.zero_stage,
+                      zero_stage=stage, grad_accum=grad_accum_steps(cfg, world_size), optimizer=optimizer,
+                      reduction=reduction, overlap=overlap, comm_dtype=precision, accum_dtype=accum, why=why)
+
+
+def effective_zero_stage(cfg: Config, precision: str, world_size: int) -> int:
+    """The ZeRO stage DeepSpeed runs (:func:`engine_plan`'s)."""
+    return _stage(cfg, precision, world_size)[0]
 
 
 def grad_accum_steps(cfg: Config, world_size: int) -> int:
@@ -72,13 +167,17 @@ def build_ds_config(cfg: Config, world_size: int, precision: str, optimizer_name
         device: the device of this rank.
     """
     t = cfg.train
-    gas = grad_accum_steps(cfg, world_size)
+    plan = engine_plan(cfg, world_size, precision, device)
+    gas, stage = plan.grad_accum, plan.zero_stage
     on_gpu = device.type == "cuda"
-    stage = effective_zero_stage(cfg, precision)
     zero: dict[str, Any] = {"stage": stage}
     if stage >= 1:
-        zero.update(contiguous_gradients=True, overlap_comm=on_gpu, reduce_scatter=True,
-                    reduce_bucket_size=int(5e7), allgather_bucket_size=int(5e7))
+        # reduce_scatter=False at ZeRO 1/2: with it, DeepSpeed sends each bucket as one reduce per owning rank and
+        # synchronises the device before each (stage_1_and_2.py allreduce_and_copy under overlap_comm), so the
+        # host stops queueing backward kernels while gradients travel; without it each bucket is one all-reduce
+        # on the side stream, no host sync (twice the bytes of a reduce-scatter, hidden behind the backward).
+        zero.update(contiguous_gradients=True, overlap_comm=plan.overlap, reduce_scatter=stage == 3,
+                    reduce_bucket_size=REDUCE_BUCKET_ELEMENTS, allgather_bucket_size=ALLGATHER_BUCKET_ELEMENTS)
     if stage == 3:
         # Checkpoints keep ZeRO-3 shards; consolidated weights come from zero_to_fp32 (no gather on save).
         zero.update(stage3_gather_16bit_weights_on_model_save=False,
@@ -102,9 +201,11 @@ def build_ds_config(cfg: Config, world_size: int, precision: str, optimizer_name
         "steps_per_print": 1 << 30,  # the trainer logs; DeepSpeed's own progress lines would be noise
         "wall_clock_breakdown": False,
         "dump_state": False,
+        # DeepSpeed's own default, written out: the reduction's dtype is a choice (docs/training.md, numerics)
+        "communication_data_type": plan.comm_dtype,
     }
     if precision == "bf16":
-        # bf16 always runs under ZeRO (effective_zero_stage); only DeepSpeed sees all gradient shards before the
+        # bf16 always runs under ZeRO (engine_plan); only DeepSpeed sees all gradient shards before the
         # per-group optimizer calls, so its step-wide overflow check decides whether a step is skipped.
         ds["bf16"] = {"enabled": True, "check_grad_overflow": True}
         # Accumulate micro-batch gradients in fp32: summing many bf16 gradients loses the small ones.

@@ -1,11 +1,15 @@
-"""Synchronised BatchNorm for SupMAE's classification head, on GPU and on CPU.
+"""Synchronised BatchNorm for SupMAE's classification head, the same module on GPU and on CPU.
 
 The head's BatchNorm1d sees one micro-batch per rank. With ``model.sync_batchnorm=true`` its batch statistics are
-pooled over all ranks of the same micro-step. On CUDA this is torch's ``nn.SyncBatchNorm`` (fused kernels);
-torch's version refuses CPU tensors, so on CPU the same computation runs in :class:`AllReduceBatchNorm`: the
-per-channel sums and sums of squares are all-reduced with a differentiable all-reduce (its backward all-reduces
-the gradients, which is exactly the chain rule through the shared statistics). A test checks the CPU twin
-against a single BatchNorm over the concatenated global batch: outputs, running statistics and gradients.
+pooled over all ranks of the same micro-step in :class:`AllReduceBatchNorm`: the per-channel sums, sums of squares
+and counts are all-reduced in one differentiable all-reduce (its backward all-reduces the gradients, which is
+exactly the chain rule through the shared statistics). It runs on CUDA too, rather than torch's
+``nn.SyncBatchNorm``: torch's all-gathers every rank's statistics and drops the ranks with an empty batch by
+boolean-mask indexing, whose result shape depends on the values, so every forward waits for the device
+(``torch/nn/modules/_functions.py``, "force a synchronization between CUDA and CPU"). This one never reads a
+value on the host: a rank with an empty batch adds zeros to the sums. Tests check it against a single BatchNorm
+over the concatenated global batch (outputs, running statistics, gradients, fp32 and bf16) and that a forward
+and backward reads nothing on the host.
 """
 
 from __future__ import annotations
@@ -50,10 +54,9 @@ class AllReduceBatchNorm(nn.modules.batchnorm._BatchNorm):
         return y.to(x.dtype)
 
 
-def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
-    """Replace every BatchNorm of ``module`` by its synchronised version (torch's on CUDA, the CPU twin else)."""
-    if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+def convert_sync_batchnorm(module: nn.Module, device: torch.device | None = None) -> nn.Module:
+    """Replace every BatchNorm of ``module`` by :class:`AllReduceBatchNorm` (on every device; ``device`` is kept
+    for callers that pass it)."""
     out = module
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, AllReduceBatchNorm):
         out = AllReduceBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
@@ -66,6 +69,7 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module
                 out.running_mean.copy_(module.running_mean)
                 out.running_var.copy_(module.running_var)
                 out.num_batches_tracked.copy_(module.num_batches_tracked)
+        out.to(next(module.parameters(), next(module.buffers(), torch.empty(0))).device)
         out.train(module.training)
     for name, child in module.named_children():
         out.add_module(name, convert_sync_batchnorm(child, device))

@@ -38,7 +38,7 @@ from fastsupmae.engine import metrics as mx
 from fastsupmae.engine import rng as rng_utils
 from fastsupmae.engine import time_plan as tp
 from fastsupmae.engine.best import publish_best
-from fastsupmae.engine.ds_config import build_ds_config, effective_zero_stage, grad_accum_steps, resolve_precision
+from fastsupmae.engine.ds_config import build_ds_config, engine_plan, resolve_precision
 from fastsupmae.engine.ema import WeightEMA
 from fastsupmae.errors import UserError
 
@@ -154,7 +154,9 @@ class Trainer:
         self.loss_transform = loss_transform
         self.precision = resolve_precision(cfg, self.device)
         gpus.set_tf32(self.device, t.tf32)  # fp32 matmuls on TF32 tensor cores; the MFU peak follows
-        self.grad_accum = grad_accum_steps(cfg, dist.world_size)
+        # the ZeRO stage, accumulation and gradient reduction DeepSpeed will run (engine/ds_config.py decides)
+        self.plan = engine_plan(cfg, dist.world_size, self.precision, self.device)
+        self.grad_accum = self.plan.grad_accum
         if len(loader) < self.grad_accum:
             raise UserError(f"the training loader has {len(loader)} micro-batches per epoch on this rank, fewer than "
                              f"one optimizer step ({self.grad_accum}); lower train.global_batch or add data")
@@ -170,10 +172,9 @@ class Trainer:
 
             model = convert_sync_batchnorm(model, self.device)
         model = model.to(self.device)
-        self.zero_stage = effective_zero_stage(cfg, self.precision)
-        if self.zero_stage != t.zero_stage and dist.is_main:
-            log.info("train.zero_stage 0 with bf16 runs as ZeRO stage 1 (DeepSpeed keeps fp32 master weights only "
-                     "in its ZeRO optimizers; same math on one rank)")
+        self.zero_stage = self.plan.zero_stage
+        if self.plan.why and dist.is_main:
+            log.info(self.plan.why)
         if make_optimizer is not None:
             optimizer, self.optimizer_name = make_optimizer(model, self.zero_stage > 0)
         else:
@@ -350,6 +351,13 @@ class Trainer:
         if problem is None:
             meta = ckpt.read_meta(path)
             for key, now in (("zero_stage", self.zero_stage), ("precision", self.precision)):
+                # ZeRO 1 <-> 2 (e.g. a bf16 checkpoint of DeepSpeed's bf16 optimizer, which multi-rank bf16 ran
+                # before it moved to stage 2): the optimizer state is re-sharded exactly (CheckpointManager.load)
+                if key == "zero_stage" and {meta.get(key), now} <= {1, 2}:
+                    if meta[key] != now and self.dist.is_main:
+                        log.info("checkpoint %s was written at ZeRO stage %s, this run uses %s: fp32 masters, "
+                                 "moments and step counts are re-sharded into it exactly", path, meta[key], now)
+                    continue
                 if key in meta and meta[key] != now:
                     raise UserError(
                         f"checkpoint {path} was written with {key} {meta[key]!r} but this run uses {now!r}; "
