@@ -33,7 +33,7 @@ setup(
     description="Fast, dependable trainer for Supervised Masked Autoencoders (SupMAE) and MAE-family ViTs",
     python_requires=">=3.10",
     packages=["fastsupmae", "fastsupmae.models", "fastsupmae.engine", "fastsupmae.tasks", "fastsupmae.bench",
-              "fastsupmae.tasks.gpu_check", "fastsupmae.kernels", "fastsupmae.pipelines", "fastsupmae.data"],
+              "fastsupmae.bench.gpu_check", "fastsupmae.kernels", "fastsupmae.pipelines", "fastsupmae.data"],
     package_dir={"fastsupmae.kernels": "kernels", "fastsupmae.pipelines": "pipelines"},
     package_data={"fastsupmae.data": ["*.json", "*.txt"]},
     install_requires=["torch>=2.11,<2.15", "numpy>=2,<3", "pyyaml>=6", "tqdm>=4.60", "pillow>=10"],

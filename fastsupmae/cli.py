@@ -32,11 +32,11 @@ TASKS: dict[str, tuple[str, str]] = {
     "export": ("fastsupmae.tasks.export", "export weights to timm / plain PyTorch / torch.export"),
     "visualize": ("fastsupmae.tasks.visualize", "reconstruction pictures and loss curves"),
     "prepare": ("fastsupmae.tasks.prepare", "decode once: any source -> verified, pre-resized tar shards + manifest"),
-    "gpu-check": ("fastsupmae.tasks.gpu_check", "GPU self-test: env, kernels, attention, model, trainer, ... (--cpu)"),
+    "gpu-check": ("fastsupmae.bench.gpu_check", "GPU self-test: env, kernels, attention, model, trainer, ... (--cpu)"),
 }
 BENCHES: dict[str, tuple[str, str]] = {
-    "kernels": ("fastsupmae.kernels.bench", "fused kernels vs unfused MAE-style references"),
-    "data": ("fastsupmae.pipelines.bench", "input pipelines vs the torchvision baseline"),
+    "kernels": ("fastsupmae.bench.kernels", "fused kernels vs unfused MAE-style references"),
+    "data": ("fastsupmae.bench.data", "input pipelines vs the torchvision baseline"),
     "model": ("fastsupmae.bench.perf_model", "PREDICTED step time / MFU / scaling on a named device"),
     "train": ("fastsupmae.bench.train", "training-step throughput vs the unfused reference path"),
 }

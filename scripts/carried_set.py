@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 # The verified versions (requirements.txt's stack). The list is the requirement closure of the packages the
-# stages import (fastsupmae.tasks.gpu_check.preflight.STAGE_IMPORTS): deepspeed and its requirements, timm
+# stages import (fastsupmae.bench.gpu_check.preflight.STAGE_IMPORTS): deepspeed and its requirements, timm
 # (bench's reference path) with huggingface_hub's, the project's own (pyyaml, pillow, tqdm, simplejpeg,
 # safetensors, psutil), minus torch / triton / numpy / torchvision and torch's own requirements (filelock,
 # fsspec, typing-extensions, sympy, networkx, jinja2, setuptools), which a node with torch has.

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-from fastsupmae.tasks.gpu_check.preflight import OPTIONAL_IMPORTS, all_imports
+from fastsupmae.bench.gpu_check.preflight import OPTIONAL_IMPORTS, all_imports
 
 REPO = Path(__file__).resolve().parents[1]
 NODE_HAS = ("torch", "triton", "numpy", "torchvision")  # and torch's own requirements
@@ -143,7 +143,7 @@ def test_carried_set_installs_and_imports_every_stage_module(tmp_path):
     subprocess.run([*pip, "--no-build-isolation", "--target", str(proj), str(REPO)], check=True,
                    capture_output=True)
     node = _torch_dir(tmp_path / "node")
-    mods = [m for m in all_imports()] + [f"fastsupmae.tasks.gpu_check.{m}" for m in ("preflight", "stage")]
+    mods = [m for m in all_imports()] + [f"fastsupmae.bench.gpu_check.{m}" for m in ("preflight", "stage")]
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env["PYTHONPATH"] = os.pathsep.join(map(str, (target, proj, node)))
     # -s -S: no user site, no site-packages at all: only the stdlib and PYTHONPATH

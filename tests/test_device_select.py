@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from fastsupmae.engine import distributed as d
+from fastsupmae.engine.distributed import resolve_device
 from fastsupmae.errors import UserError
-from fastsupmae.tasks.common import resolve_device
 
 
 @pytest.fixture

@@ -13,9 +13,9 @@ import pytest
 import torch
 from fastsupmae.kernels import dispatch
 
+from fastsupmae.bench.gpu_check import HOOK_ENV, STAGE_ORDER, format_table, stage_registry
+from fastsupmae.bench.gpu_check import stages_compute as sc
 from fastsupmae.cli import main
-from fastsupmae.tasks.gpu_check import HOOK_ENV, STAGE_ORDER, format_table, stage_registry
-from fastsupmae.tasks.gpu_check import stages_compute as sc
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from fastsupmae.bench import gpu_check as gc
+from fastsupmae.bench.gpu_check import nodes
+from fastsupmae.bench.gpu_check import stages_train as st
 from fastsupmae.cli import main
-from fastsupmae.tasks import gpu_check as gc
-from fastsupmae.tasks.gpu_check import nodes
-from fastsupmae.tasks.gpu_check import stages_train as st
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM_TASK_1 = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "SLURM_NNODES": "2",
@@ -90,9 +90,9 @@ DRIVER = """
 import json, os, sys
 from pathlib import Path
 import torch
-from fastsupmae.tasks.gpu_check import nodes, stages_train as st
-from fastsupmae.tasks.gpu_check.context import StageContext
-from fastsupmae.tasks.gpu_check import stage_environment
+from fastsupmae.bench.gpu_check import nodes, stages_train as st
+from fastsupmae.bench.gpu_check.context import StageContext
+from fastsupmae.bench.gpu_check import stage_environment
 os.environ.clear(); os.environ.update(stage_environment("trainer", json.loads(sys.argv[1])))
 n = st._nodes()
 ctx = StageContext(cpu=True, device=torch.device("cpu"), gpus=0, workdir=Path(sys.argv[2]), log=print)

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastsupmae.bench import gpu_check as gc
+from fastsupmae.bench.gpu_check import preflight
+from fastsupmae.bench.gpu_check.context import Problems, StageContext
 from fastsupmae.cli import main
-from fastsupmae.tasks import gpu_check as gc
-from fastsupmae.tasks.gpu_check import preflight
-from fastsupmae.tasks.gpu_check.context import Problems, StageContext
 
 REPO = Path(__file__).resolve().parents[1]
 MIB = 2**20

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastsupmae.tasks.gpu_check import stages_train as st
-from fastsupmae.tasks.gpu_check.context import Skip, StageContext
+from fastsupmae.bench.gpu_check import stages_train as st
+from fastsupmae.bench.gpu_check.context import Skip, StageContext
 
 
 def _ctx(tmp_path: Path) -> StageContext:

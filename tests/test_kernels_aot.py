@@ -14,8 +14,8 @@ import sys
 
 def test_kernels_compile_for_sm90_and_sm80():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("import sys; from fastsupmae.kernels import bench; "
-            "sys.exit(bench.aot_compile([90]) + bench.aot_compile([80], only='patch_embed'))")
+    code = ("import sys; from fastsupmae.kernels import checks; "
+            "sys.exit(checks.aot_compile([90]) + checks.aot_compile([80], only='patch_embed'))")
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stdout.count("0 failure(s)") == 2

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from fastsupmae.kernels import bench
+from fastsupmae.kernels import checks
+
+from fastsupmae.bench import kernels as bench
 
 
 def test_floor_bytes_vit_b16():
-    s = bench.Shapes(b=256, c=3, img=224, p=16, n=196, k=49, d=768, act_bytes=2)
-    fl = bench.floor_bytes(s)
+    s = checks.Shapes(b=256, c=3, img=224, p=16, n=196, k=49, d=768, act_bytes=2)
+    fl = checks.floor_bytes(s)
     kept_px = 256 * 49 * 768
     assert fl["patchify_gather"] == (kept_px * 3, 0)  # 1 byte in, 2 bytes out per kept pixel
     assert fl["norm_pix_targets"][0] == 256 * 147 * 768 * 5 + 256 * 147 * 4

@@ -1,4 +1,4 @@
-"""Imports go one way: cli -> tasks -> engine -> models / pipelines -> kernels -> foundation.
+"""Imports go one way: cli -> tasks -> bench -> engine -> models / pipelines -> kernels -> foundation.
 
 An AST walk over every module of the package (kernels/ and pipelines/ install as fastsupmae.kernels and
 fastsupmae.pipelines) finds each ``import`` of a fastsupmae module, including imports inside functions, and
@@ -9,6 +9,7 @@ the CLI) fails with the importing file, line and both layers.
 from __future__ import annotations
 
 import ast
+import shutil
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -18,7 +19,10 @@ PACKAGES = {"fastsupmae": ROOT / "fastsupmae", "fastsupmae.kernels": ROOT / "ker
 # Highest first; a module may import its own layer and any layer below it. Matched by the longest prefix.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("cli", ("fastsupmae.cli", "fastsupmae.__main__")),
-    ("tasks", ("fastsupmae.tasks", "fastsupmae.bench")),
+    ("tasks", ("fastsupmae.tasks",)),
+    # the measuring code (benchmarks, the GPU self-test): it runs the engine, models, pipelines and kernels and
+    # imports no task; nothing below it imports it
+    ("bench", ("fastsupmae.bench",)),
     # the engine trains whatever model and loader a task hands it; weights (and the API over them) read our runs
     # through the engine's checkpoint code and load into models
     ("engine", ("fastsupmae.engine", "fastsupmae.weights", "fastsupmae.api")),
@@ -108,3 +112,46 @@ def test_a_planted_back_edge_is_found(tmp_path: Path, monkeypatch) -> None:
     (fake / "planted.py").write_text("def f():\n    from fastsupmae.engine.trainer import Trainer\n")
     bad = violations()
     assert any("planted.py:2" in b and "fastsupmae.engine.trainer" in b for b in bad), bad
+
+
+def folder_of(module: str) -> str:
+    """The package folder a module lives in (``fastsupmae.engine.trainer`` -> ``fastsupmae.engine``)."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if len(parts) > 2 else parts[0]
+
+
+def folder_cycles() -> list[str]:
+    """Pairs of folders that import each other (also within one layer, e.g. models <-> pipelines)."""
+    mods = modules()
+    edges: dict[str, set[str]] = {}
+    for mod, path in mods.items():
+        for _, target in imports(mod, path, set(mods)):
+            a, b = folder_of(mod), folder_of(target)
+            if a != b and a != "fastsupmae" and b != "fastsupmae":
+                edges.setdefault(a, set()).add(b)
+    return sorted(f"{a} <-> {b}" for a in edges for b in edges[a] if a < b and a in edges.get(b, set()))
+
+
+def test_no_two_folders_import_each_other() -> None:
+    cycles = folder_cycles()
+    assert not cycles, "folders that import each other: " + ", ".join(cycles)
+
+
+def test_the_foundation_cpu_module_imports_nothing_of_the_project() -> None:
+    mods = modules()
+    assert not imports("fastsupmae.cpu", mods["fastsupmae.cpu"], set(mods))
+
+
+def test_measuring_code_is_reported_when_imported_from_below_or_importing_a_task(tmp_path: Path, monkeypatch) -> None:
+    """A planted pipeline module importing a benchmark, and a planted bench module importing a task: both found."""
+    fake = tmp_path / "pipelines"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("")
+    (fake / "planted.py").write_text("from fastsupmae.bench import data\n")
+    monkeypatch.setitem(PACKAGES, "fastsupmae.pipelines", fake)
+    assert any("planted.py:1" in b and "fastsupmae.bench" in b for b in violations())
+    fake_pkg = tmp_path / "pkg"
+    shutil.copytree(ROOT / "fastsupmae", fake_pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    (fake_pkg / "bench" / "planted.py").write_text("from fastsupmae.tasks import pretrain\n")
+    monkeypatch.setitem(PACKAGES, "fastsupmae", fake_pkg)
+    assert any("planted.py:1" in b and "(bench) imports fastsupmae.tasks.pretrain (tasks)" in b for b in violations())

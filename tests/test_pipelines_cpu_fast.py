@@ -98,7 +98,7 @@ def test_cpu_loader_batches_cross_pinned_and_non_blocking(tmp_path, fake_cuda, w
 
 
 def test_bench_counts_jpegs_case_insensitively(tmp_path):
-    from fastsupmae.pipelines.bench import count_images
+    from fastsupmae.bench.data import count_images
 
     for name in ("a.JPEG", "b.jpeg", "c.jpg", "d.JPG", "e.png", "f.txt"):
         (tmp_path / "x").mkdir(exist_ok=True)

@@ -339,7 +339,7 @@ def test_bench_data_rows_for_prepared_shards(tmp_path: Path, capsys) -> None:
     prints the per-stage breakdown and the crop-and-resize ceiling."""
     import argparse
 
-    from fastsupmae.pipelines import bench
+    from fastsupmae.bench import data as bench
 
     rng = np.random.default_rng()
     for i in range(16):

@@ -85,8 +85,8 @@ def prepared_dir(root: str | Path, fmt: str) -> Path:
 def ensure_prepared(root: str | Path, fmt: str, workers: int) -> Path:
     """``root`` (an image folder) as prepared shards (``fastsupmae prepare``, S = 256, q = 90); a finished set is
     reused (the writer keeps finished shards)."""
-    from .imagefolder import ImageFolderSource
-    from .prepare import PrepareOptions, prepare_split
+    from fastsupmae.pipelines.imagefolder import ImageFolderSource
+    from fastsupmae.pipelines.prepare import PrepareOptions, prepare_split
 
     out = prepared_dir(root, fmt)
     if not (out / "train.manifest.json").exists():
@@ -98,10 +98,10 @@ def ensure_prepared(root: str | Path, fmt: str, workers: int) -> Path:
 
 def _source(data: str, root: str, a: argparse.Namespace) -> Any:
     if data == "folder":
-        from .imagefolder import ImageFolderSource
+        from fastsupmae.pipelines.imagefolder import ImageFolderSource
 
         return ImageFolderSource(root)
-    from .webdataset import WebDatasetSource
+    from fastsupmae.pipelines.webdataset import WebDatasetSource
 
     return WebDatasetSource(str(ensure_prepared(root, "jpeg" if data == "shards" else "raw", a.workers) /
                                 "train-*.tar"))
@@ -128,10 +128,10 @@ def _make(name: str, root: str, a: argparse.Namespace) -> Iterable[Any]:
     if recipe == "finetune":
         kw["recipe"] = "finetune"
     if kind == "cpu":
-        from .cpu_loader import CpuLoader
+        from fastsupmae.pipelines.cpu_loader import CpuLoader
 
         return CpuLoader(src, num_workers=a.workers, **kw)
-    from .dali_loader import DaliLoader
+    from fastsupmae.pipelines.dali_loader import DaliLoader
 
     dev = "cuda" if a.device == "cuda" else "cpu"
     # DALI's threads do the decoding; its feeding processes only read files (one is plenty for a local disk)
@@ -205,7 +205,7 @@ def measure(make: Callable[[], Iterable[Any]], batches: int, warmup: int) -> dic
 
 def count_images(root: str | Path) -> dict[str, int]:
     """``{'jpeg': n, 'other': m}``: files under ``root`` by extension, case-insensitively (``.JPEG`` counts)."""
-    from .encoded_source import IMAGE_EXTENSIONS
+    from fastsupmae.pipelines.encoded_source import IMAGE_EXTENSIONS
 
     out = {"jpeg": 0, "other": 0}
     for p in Path(root).rglob("*"):
@@ -246,8 +246,8 @@ def stage_times(src: Any, n: int, size: int, interp: str, seed: int = 0) -> dict
     import simplejpeg
     import torch.nn.functional as F
 
-    from .crop_params import DEFAULT_RATIO, sample_crop_box
-    from .image_decode import _dct_scale, image_size, pnm_pixels
+    from fastsupmae.pipelines.crop_params import DEFAULT_RATIO, sample_crop_box
+    from fastsupmae.pipelines.image_decode import _dct_scale, image_size, pnm_pixels
 
     rng, threads = random.Random(seed), torch.get_num_threads()
     torch.set_num_threads(1)
@@ -320,7 +320,7 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         raise SystemExit("bench data --device cuda: no usable GPU here; use --device cpu")
     root = Path(args.data)
     if not root.exists():
-        from .make_imagenet_like import make_imagenet_like
+        from fastsupmae.pipelines.make_imagenet_like import make_imagenet_like
 
         log.info("making an ImageNet-like set of %d JPEGs under %s", args.make, root)
         make_imagenet_like(root, n_train=args.make, n_val=0)

@@ -656,7 +656,7 @@ def format_table(records: list[dict[str, Any]]) -> str:
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    from fastsupmae.tasks.common import resolve_device
+    from fastsupmae.engine.distributed import resolve_device
 
     device = resolve_device(args.device)
     if device.type == "cuda":

@@ -118,6 +118,12 @@ def select_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def resolve_device(name: str = "auto") -> torch.device:
+    """A command's ``--device`` value -> torch.device for this process (:func:`select_device` with the launcher's
+    LOCAL_RANK: auto is CUDA when present; a CUDA request without usable CUDA is a UserError)."""
+    return select_device(name, int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def local_rank_problem(local_rank: int, devices: int) -> str | None:
     """Why ``LOCAL_RANK`` cannot name one of the ``devices`` GPUs this process sees (None when it can, or when one
     GPU is bound to the process: :func:`bind_local_rank` maps it to 0). One line naming CUDA_VISIBLE_DEVICES."""

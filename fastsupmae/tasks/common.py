@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from fastsupmae.config import DEFAULT_CONFIG, Config, load_config
+from fastsupmae.engine.distributed import resolve_device
 from fastsupmae.weights import config_for_checkpoint, load_weights
 
 log = logging.getLogger(__name__)
@@ -30,14 +31,6 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("overrides", nargs="*", default=[], help="config overrides key.sub=value")
     return parser
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``--device`` value -> torch.device (:func:`fastsupmae.engine.distributed.select_device`: auto is CUDA when
-    present; a CUDA request without usable CUDA, or GPUs CUDA cannot use, are a UserError)."""
-    from fastsupmae.engine.distributed import select_device
-
-    return select_device(name, int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def eval_config(args: argparse.Namespace) -> Config:

@@ -1,7 +1,7 @@
 """``fastsupmae gpu-check``: the GPU self-test (docs/gpu_check.md).
 
 Stages run in a fixed order (:data:`STAGE_ORDER`; ``--quick``: :data:`QUICK_CAPS`, each stage capped and
-:data:`QUICK_TOTAL_S` in all), each in its own process (``python -m fastsupmae.tasks.gpu_check.stage NAME ...``)
+:data:`QUICK_TOTAL_S` in all), each in its own process (``python -m fastsupmae.bench.gpu_check.stage NAME ...``)
 with its own timeout, so a crash, a hang or a CUDA error that poisons the process makes that stage FAIL and the
 next one still runs. Every stage but the preflight runs without the launcher variables (SLURM_PROCID, RANK,
 MASTER_PORT, ...: :mod:`.nodes`). After each stage its record is added to the JSON file (rewritten atomically,
@@ -133,7 +133,7 @@ def stage_registry(quick: bool = False) -> tuple[dict[str, StageFn], dict[str, f
     try:
         from . import stages_train
     except ModuleNotFoundError as e:
-        why = ("not implemented (fastsupmae/tasks/gpu_check/stages_train.py is missing)"
+        why = ("not implemented (fastsupmae/bench/gpu_check/stages_train.py is missing)"
                if e.name == f"{__name__}.stages_train" else f"stages_train could not be imported: {e}")
         stages.update({n: _failing_stage(why) for n in TRAIN_STAGES})
     except Exception as e:  # a broken import must not take the other stages down
@@ -233,7 +233,7 @@ def run_stage(name: str, *, cpu: bool, device: str, gpus: int, workdir: Path, ti
     workdir.mkdir(parents=True, exist_ok=True)
     out = workdir / "result.json"
     logf = workdir / "stage.log"
-    cmd = [sys.executable, "-m", "fastsupmae.tasks.gpu_check.stage", name, "--out", str(out),
+    cmd = [sys.executable, "-m", "fastsupmae.bench.gpu_check.stage", name, "--out", str(out),
            "--workdir", str(workdir), "--device", device, "--gpus", str(gpus), "--stages", ",".join(stages)]
     cmd += (["--cpu"] if cpu else []) + (["--quick"] if quick else [])
     env = stage_environment(name, dict(os.environ))

@@ -28,12 +28,12 @@ _TRAIN = ("deepspeed", "pydantic", "hjson", "msgpack", "psutil", "cpuinfo", "ein
 _BENCH = ("timm", "huggingface_hub", "safetensors", "fastsupmae.bench.train", "fastsupmae.bench.reference")
 STAGE_IMPORTS: dict[str, tuple[str, ...]] = {
     "preflight": ("torch", "fastsupmae.pipelines.shared_memory", "fastsupmae.engine.distributed"),
-    "env": ("torch", "numpy", "fastsupmae.tasks.gpu_check.stages_compute"),
-    "trainer": (*_TRAIN, "fastsupmae.tasks.gpu_check.train_worker", "fastsupmae.tasks.gpu_check.stages_train"),
-    "kernels": ("triton", "fastsupmae.kernels.dispatch", "fastsupmae.kernels.bench"),
+    "env": ("torch", "numpy", "fastsupmae.bench.gpu_check.stages_compute"),
+    "trainer": (*_TRAIN, "fastsupmae.bench.gpu_check.train_worker", "fastsupmae.bench.gpu_check.stages_train"),
+    "kernels": ("triton", "fastsupmae.kernels.dispatch", "fastsupmae.kernels.checks", "fastsupmae.bench.kernels"),
     "attention": ("fastsupmae.models.attention",),
     "model": ("yaml", "fastsupmae.config", "fastsupmae.models"),
-    "throughput": (*_BENCH, "fastsupmae.tasks.gpu_check.stages_train"),
+    "throughput": (*_BENCH, "fastsupmae.bench.gpu_check.stages_train"),
     "compile": _BENCH,
     "syncs": _TRAIN,
     "data": ("PIL", "simplejpeg", "fastsupmae.pipelines.make_imagenet_like", "fastsupmae.pipelines.imagefolder",

@@ -1,4 +1,4 @@
-"""One stage of ``fastsupmae gpu-check`` in its own process: ``python -m fastsupmae.tasks.gpu_check.stage NAME``.
+"""One stage of ``fastsupmae gpu-check`` in its own process: ``python -m fastsupmae.bench.gpu_check.stage NAME``.
 
 Writes ``{"status": "ok" | "skipped" | "FAIL", "summary", "reason", "details", "traceback"}`` to ``--out`` and
 exits 0; the runner treats a missing file (a crash, a kill) as FAIL. Progress goes to stderr (the stage log).
@@ -24,7 +24,7 @@ def _write(path: Path, res: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fastsupmae.tasks.gpu_check.stage")
+    ap = argparse.ArgumentParser(prog="python -m fastsupmae.bench.gpu_check.stage")
     ap.add_argument("name")
     ap.add_argument("--out", required=True, help="result JSON")
     ap.add_argument("--workdir", required=True)

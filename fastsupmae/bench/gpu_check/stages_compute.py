@@ -465,7 +465,7 @@ def stage_kernels(ctx: StageContext) -> dict:
     if ctx.quick:
         summary += " (--quick: fp32, odd shapes and timings skipped)"
     elif dev.type == "cuda":
-        from fastsupmae.kernels import bench
+        from fastsupmae.bench import kernels as bench
 
         ops.POISON_OUTPUTS = False  # timing: no fills
         s = bench.Shapes(b=256, c=3, img=224, p=16, n=196, k=49, d=768, act_bytes=2)

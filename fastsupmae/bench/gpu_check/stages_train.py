@@ -45,9 +45,9 @@ from typing import Any
 
 import torch
 
+from fastsupmae.bench.gpu_check import nodes as nodes_mod
+from fastsupmae.bench.gpu_check.context import Skip, StageContext
 from fastsupmae.pipelines.encoded_source import EncodedSource
-from fastsupmae.tasks.gpu_check import nodes as nodes_mod
-from fastsupmae.tasks.gpu_check.context import Skip, StageContext
 
 PHOTOS_ENV = "FASTSUPMAE_GPU_CHECK_PHOTOS"
 NODES_ENV = nodes_mod.ENV
@@ -102,7 +102,7 @@ def trainer_spec(ctx: StageContext, world: int) -> dict[str, Any]:
 
 
 def _launch(ctx: StageContext, phase: str, runs: Path, spec: dict[str, Any], nproc: int, nodes: dict[str, Any],
-            timeout_s: float, worker: str = "fastsupmae.tasks.gpu_check.train_worker") -> tuple[int, str]:
+            timeout_s: float, worker: str = "fastsupmae.bench.gpu_check.train_worker") -> tuple[int, str]:
     """One ``torchrun`` of the worker module (``python -m worker PHASE RUNS SPEC``); returns (exit code, the tail
     of its output). Kills the whole process group on timeout so no rank outlives the stage."""
     port = nodes["master_port"] + (1 if phase.startswith("resume") else 0) if nodes["master_port"] else _free_port()
@@ -715,7 +715,7 @@ STAGES = {"trainer": stage_trainer, "throughput": stage_throughput, "compile": s
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m fastsupmae.tasks.gpu_check.stages_train STAGE [--cpu] [--workdir DIR]``: one stage, JSON out."""
+    """``python -m fastsupmae.bench.gpu_check.stages_train STAGE [--cpu] [--workdir DIR]``: one stage, JSON out."""
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("stage", choices=sorted(STAGES))
     p.add_argument("--cpu", action="store_true")
