@@ -252,6 +252,8 @@ def read_any_state_dict(src: str | os.PathLike, tag: str | None = None) -> dict[
 
     try:
         sd = consolidated_state_dict(tag_dir)
+    except UserError:
+        raise  # a file refused by the restricted unpickler: its own message
     except ImportError as e:  # pragma: no cover - deepspeed is part of the stack
         raise CheckpointError(
             f"reading DeepSpeed checkpoint '{p}' needs deepspeed (pip install deepspeed): {e}") from None
@@ -294,14 +296,44 @@ def load_weights(model: nn.Module, src: str | os.PathLike, strict: bool = True,
 # ------------------------------------------------------------------- the config a checkpoint was trained with
 
 def config_for_checkpoint(src: str | os.PathLike, paths: list[str] | None = None,
-                          overrides: list[str] | None = None) -> Config:
+                          overrides: list[str] | None = None, *, imports: bool = True) -> Config:
     """The config of a checkpoint: explicit ``paths`` first, else the one stored with it.
 
     Looked for, in order: the ``config`` entry of a .pth file (fine-tune and export checkpoints), ``meta.json``
     of a DeepSpeed checkpoint (the trainer stores the resolved config there), a config.yaml next to it.
+
+    A stored config is data, not a command: a module it names (``model.mim_tokenizer``) is imported only when the
+    user names it again in ``overrides`` (:func:`_stored_imports`). ``imports=False``: the caller builds another
+    objective (fine-tuning), so the name is dropped instead.
     """
     if paths:
         return load_config(paths, overrides, world_size=1)
+    cfg = _stored_config(src, overrides)
+    return _stored_imports(cfg, src, overrides, imports)
+
+
+def _stored_imports(cfg: Config, src: str | os.PathLike, overrides: list[str] | None, imports: bool) -> Config:
+    """Refuse a module named by a stored config unless ``overrides`` names it too (see config_for_checkpoint)."""
+    from fastsupmae.config import parse_overrides
+
+    m = cfg.model
+    spec = m.mim_tokenizer
+    named = (parse_overrides(list(overrides or [])).get("model") or {}).get("mim_tokenizer")
+    if not spec or named == spec:
+        return cfg
+    if imports and m.objective == "mim_supervised" and m.mim_target == "tokens":
+        raise UserError(
+            f"the config stored with '{src}' names model.mim_tokenizer={spec}: building this model would import "
+            f"and run module '{spec.partition(':')[0]}'. A module named in a stored config is imported only when "
+            f"you name it yourself: add model.mim_tokenizer={spec} to the command if you trust it")
+    m.mim_tokenizer = ""  # this objective never imports it: keep no name that could
+    if m.mim_target == "tokens":
+        m.mim_target = "pixels"
+    return cfg
+
+
+def _stored_config(src: str | os.PathLike, overrides: list[str] | None) -> Config:
+    """The config stored with checkpoint ``src`` (see :func:`config_for_checkpoint`), with ``overrides``."""
     p = resolve_checkpoint(src)
     embedded: dict[str, Any] | None = None
     if p.is_file() and p.suffix in (".pth", ".pt"):

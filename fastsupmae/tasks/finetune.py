@@ -90,7 +90,7 @@ def stored_run_config(checkpoint: str) -> dict[str, Any]:
     """
     from fastsupmae.weights import config_for_checkpoint
 
-    d = config_for_checkpoint(checkpoint).to_dict()
+    d = config_for_checkpoint(checkpoint, imports=False).to_dict()  # fine-tuning builds no MIM target
     run_dir = d["train"].get("output_dir") or "runs/default"
     d["train"] = {k: v for k, v in d["train"].items() if k in CARRIED_TRAIN_KEYS}
     d["train"]["output_dir"] = str(Path(run_dir) / "finetune")
@@ -464,8 +464,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     explicit = override_sets(args.overrides, "train.output_dir")
     t = cfg.train
     out = run_dir.prepare(t.output_dir, t.resume, explicit, t.overwrite, info.rank, info.world_size)
+    run_dir.refuse_finished(out, t.resume, "finetuned.pth", "fine-tune", "train.output_dir")
     t.output_dir = str(out)
-    res = finetune(cfg, opts)
+    try:
+        res = finetune(cfg, opts)
+    finally:
+        run_dir.release(out)  # the directory lock run_dir.prepare took
     if info.is_main:
         if "top1" in res:
             line = f"fine-tune top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  ({res['steps']} steps)"
