@@ -346,11 +346,11 @@ def _stored_config(src: str | os.PathLike, overrides: list[str] | None) -> Confi
     if p.is_file() and embedded is None:
         side = sidecar_of(p)  # every exported file: <name>_full / _timm .safetensors / .pth, <name>.pt2
         if side is not None:
-            embedded = json.loads(side.read_text()).get("config")
+            embedded = _json_config(side)
     elif p.is_dir():
         for meta in [p / "meta.json", *(_tag_dir(p) / "meta.json" for _ in [0] if _tag_dir(p) is not None)]:
             if meta.is_file():
-                embedded = json.loads(meta.read_text()).get("config")
+                embedded = _json_config(meta)
                 if embedded:
                     break
     if embedded:
@@ -368,6 +368,17 @@ def _stored_config(src: str | os.PathLike, overrides: list[str] | None) -> Confi
         return load_config([found], overrides, world_size=1)
     raise UserError(f"no config found for checkpoint '{src}': pass --config <the training YAML> (the model "
                     "architecture cannot be guessed reliably from the weights)")
+
+def _json_config(f: Path) -> dict[str, Any] | None:
+    """The ``config`` entry of a JSON file stored with a checkpoint (meta.json, an export's sidecar)."""
+    try:
+        obj = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"'{f}' is not readable JSON ({type(e).__name__}: {_first_line(e)}): the config stored "
+                        "with the checkpoint is lost; pass --config <the training YAML>, or restore the file") from None
+    config = obj.get("config") if isinstance(obj, dict) else None
+    return config if isinstance(config, dict) else None
+
 
 def sidecar_of(path: str | os.PathLike) -> Path | None:
     """The ``<name>.json`` sidecar that :func:`fastsupmae.tasks.export.export_model` wrote next to an exported

@@ -404,6 +404,9 @@ class CheckpointManager:
         common = (client or {}).get("fastsupmae", meta)
         rank_file = path / f"rank{self.rank}_state.pt"
         rank_state = safe_unpickle.load(rank_file) if rank_file.exists() else None
+        if rank_state is not None and not (isinstance(rank_state, dict) and {"rng", "loader"} <= set(rank_state)):
+            # damage the size check cannot see (a file of another run, or rewritten): the caller falls back
+            raise ValueError(f"{rank_file.name} holds no RNG state and loader position (not a rank-state file)")
         return common, rank_state
 
 

@@ -68,7 +68,17 @@ def device_peak_flops(device: torch.device, precision: str, tf32: bool | None = 
     warning and no MFU. On a CPU, a matmul measured now.
     """
     if os.environ.get(PEAK_ENV):
-        return float(os.environ[PEAK_ENV]) * 1e12
+        raw = os.environ[PEAK_ENV]
+        try:
+            value = float(raw)
+        except ValueError:
+            value = float("nan")
+        if not (value > 0 and value != float("inf")):
+            from fastsupmae.errors import UserError
+
+            raise UserError(f"{PEAK_ENV}={raw!r} is not a peak: give the device's peak in TFLOP/s as a number > 0 "
+                            f"(e.g. {PEAK_ENV}=989 for an H100's bf16), or unset it")
+        return value * 1e12
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         key = gpus.match_gpu(name)

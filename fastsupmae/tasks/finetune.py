@@ -464,7 +464,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     explicit = override_sets(args.overrides, "train.output_dir")
     t = cfg.train
     out = run_dir.prepare(t.output_dir, t.resume, explicit, t.overwrite, info.rank, info.world_size)
-    run_dir.refuse_finished(out, t.resume, "finetuned.pth", "fine-tune", "train.output_dir")
     t.output_dir = str(out)
     try:
         res = finetune(cfg, opts)

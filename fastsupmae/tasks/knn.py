@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
+import os
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -252,9 +253,20 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """`fastsupmae knn`: build the model from the config, load ``--checkpoint``, print top-1 / top-5."""
+    from fastsupmae.errors import UserError
     from fastsupmae.pipelines import build_eval_loader
     from fastsupmae.tasks.common import load_model_for_eval
 
+    if args.k is not None and args.k < 1:
+        raise UserError(f"--k {args.k}: the number of neighbours must be >= 1, e.g. --k 20")
+    if args.temperature is not None and not args.temperature > 0:
+        raise UserError(f"--temperature {args.temperature}: the vote temperature must be > 0, e.g. 0.07")
+    if args.output:  # checked before the whole k-NN runs: its result must have somewhere to go
+        out = Path(args.output)
+        parent = next((d for d in out.parents if d.exists()), Path("."))
+        if out.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            raise UserError(f"--output '{args.output}' cannot be written (a directory, or under a file or an "
+                            "unwritable folder); name a JSON file in a folder you can write to")
     cfg, model, device = load_model_for_eval(args, encoder_only=True)  # features only: exports load
     e = cfg.eval
     res = knn_eval(model, bank_loader(cfg, device=device), build_eval_loader(cfg, "val", device=device),
@@ -262,6 +274,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    feature=args.feature or e.feature, num_classes=cfg.model.num_classes)
     print(f"kNN top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  ({res['num_train']} train, {res['num_test']} val)")
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump(res, f, indent=2)
+        from fastsupmae.tasks.common import write_json
+
+        write_json(args.output, res)  # creates the missing folders
     return res

@@ -407,6 +407,7 @@ def linear_probe(model: nn.Module, cfg: Config, opts: LinprobeOptions, val_loade
     res["head"] = trained
     if hasattr(trainer.engine, "destroy"):
         trainer.engine.destroy()
+    run_dir.release(out)  # the probe's directory lock (held since run_dir.prepare)
     return res
 
 
@@ -449,6 +450,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # Without --checkpoint the encoder keeps its random initialisation: the same one on every rank and every run.
     torch.manual_seed(0)
     cfg, model, device = load_model_for_eval(args, encoder_only=True)  # features only: exports load
+    if not args.config:  # the pretraining run's own resume / overwrite are not the probe's
+        from fastsupmae.config import override_sets
+
+        for key, off in (("resume", ""), ("overwrite", False)):
+            if not override_sets(args.overrides, f"train.{key}"):
+                setattr(cfg.train, key, off)
     if getattr(args, "resume", None):
         cfg.train.resume = args.resume
     from fastsupmae.engine.distributed import init_distributed
