@@ -313,6 +313,28 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
             setattr(obj, k, _coerce(v, hints[k], key))
 
 
+PEAK_ENV = "FASTSUPMAE_PEAK_TFLOPS"
+
+
+def peak_tflops_env() -> float | None:
+    """The device peak the environment sets for MFU (``FASTSUPMAE_PEAK_TFLOPS``, TFLOP/s), or None when unset.
+
+    Raises:
+        ConfigError: a value that is not a finite number > 0 (checked by the CLI before any work).
+    """
+    raw = os.environ.get(PEAK_ENV, "")
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise ConfigError(f"{PEAK_ENV}={raw!r} is not a peak: give the device's peak in TFLOP/s as a number > 0 "
+                          f"(e.g. {PEAK_ENV}=989 for an H100's bf16), or unset it")
+    return value
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``['train.epochs=3', 'model.size=small']`` -> nested dict (values parsed as YAML scalars)."""
     out: dict[str, Any] = {}

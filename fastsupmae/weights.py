@@ -182,6 +182,12 @@ def load_checkpoint(model: nn.Module, src: str | Path | dict[str, Any], strict: 
             f"checkpoint lacks {len(missing_needed)} tensor(s) the model needs, e.g. {missing_needed[:3]}; it holds "
             f"a ViT with {describe_arch(sd)}; the model is {describe_arch(own)}"
         )
+    nonfinite = [k for k, v in sd.items() if k in own and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if nonfinite:
+        raise CheckpointError(
+            f"checkpoint holds NaN or Inf in {len(nonfinite)} tensor(s), e.g. {nonfinite[:3]}: the training diverged "
+            "before it was saved, and every result computed from it would be meaningless. Use an earlier checkpoint "
+            "of the run (a step_XXXXXXXX folder)")
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
     if ignored:
         log.info("checkpoint: ignored %d tensor(s) this objective does not use (%s...)", len(ignored), ignored[0])
@@ -357,6 +363,7 @@ def _stored_config(src: str | os.PathLike, overrides: list[str] | None) -> Confi
         from fastsupmae.config import _apply, validate_config
 
         cfg = config_from_dict(embedded, validate=False)
+        _warn_if_edited(cfg, src)
         if overrides:
             from fastsupmae.config import parse_overrides
 
@@ -368,6 +375,29 @@ def _stored_config(src: str | os.PathLike, overrides: list[str] | None) -> Confi
         return load_config([found], overrides, world_size=1)
     raise UserError(f"no config found for checkpoint '{src}': pass --config <the training YAML> (the model "
                     "architecture cannot be guessed reliably from the weights)")
+
+# Keys that differ between a run's config.yaml and its checkpoint's copy for reasons other than an edit.
+RUN_ONLY_KEYS = ("resume", "output_dir", "overwrite")
+
+
+def _warn_if_edited(cfg: Config, src: str | os.PathLike) -> None:
+    """Say so when the run's config.yaml (which a user may have edited) differs from the config stored in the
+    checkpoint, which is the one used: the model it describes is the one that was trained."""
+    found = find_run_config(str(src))
+    if not found:
+        return
+    try:
+        theirs = load_config([found], validate=False).to_dict()
+    except (UserError, OSError):
+        return  # an unreadable config.yaml is not used: nothing to compare
+    ours = cfg.to_dict()
+    diffs = [f"{sec}.{k}: {v!r} -> {theirs[sec][k]!r}" for sec, d in ours.items() if isinstance(d, dict)
+             for k, v in d.items() if k not in RUN_ONLY_KEYS and theirs.get(sec, {}).get(k, v) != v]
+    if diffs:
+        log.warning("config: using the one stored with the checkpoint; %s differs from it (%s%s) and is not used: "
+                    "pass --config %s to use it", found, "; ".join(diffs[:3]), "; ..." if len(diffs) > 3 else "",
+                    found)
+
 
 def _json_config(f: Path) -> dict[str, Any] | None:
     """The ``config`` entry of a JSON file stored with a checkpoint (meta.json, an export's sidecar)."""

@@ -19,6 +19,8 @@ removes the temporary directory and raises :class:`CheckpointWriteError`; the pr
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -428,6 +430,7 @@ def consolidated_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     reads too, before it does: a file naming other Python objects raises UnsafeCheckpointError, nothing of it run.
     """
     path = Path(path)
+    dep_logs.import_deepspeed()  # its files name DeepSpeed classes: imported here, what it prints held for the log
     model_file = path / "mp_rank_00_model_states.pt"
     module = safe_unpickle.load(model_file)["module"] if model_file.exists() else {}
     bf16_files = sorted(path.glob("bf16_zero_pp_rank_*optim_states.pt"))
@@ -436,7 +439,8 @@ def consolidated_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         safe_unpickle.check_checkpoint_dir(path)
-        with dep_logs.captured():  # zero_to_fp32 prints its progress: the run's DeepSpeed log, not the terminal
+        # zero_to_fp32 prints its progress and a progress bar (stderr): the run's DeepSpeed log, not the terminal
+        with dep_logs.captured(), contextlib.redirect_stderr(io.StringIO()):
             masters = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
     sd = {**module, **(masters or {})}
     return {k: v.float() if v.is_floating_point() else v for k, v in sd.items() if isinstance(v, torch.Tensor)}

@@ -350,7 +350,9 @@ class Trainer:
         problem = ckpt.verify(path)
         if problem is None:
             meta = ckpt.read_meta(path)
-            for key, now in (("zero_stage", self.zero_stage), ("precision", self.precision)):
+            # precision first: bf16 raises the effective ZeRO stage, so a precision change also shows as a stage
+            # change, and the user changed the precision
+            for key, now in (("precision", self.precision), ("zero_stage", self.zero_stage)):
                 if key in meta and meta[key] != now:
                     raise UserError(
                         f"checkpoint {path} was written with {key} {meta[key]!r} but this run uses {now!r}; "

@@ -74,6 +74,19 @@ class FinetuneOptions:
     ema_decay: float = 0.0  # EMA of the weights (e.g. 0.9999); 0 = off
     eval_every: float = 0.0  # epochs between validations (0 = only at the end); the best one is kept
 
+    def __post_init__(self) -> None:
+        """Each knob in its range, named by its command-line flag (a ConfigError: one line, exit 2)."""
+        ranges = {"layer_decay": (0.0, 1.0, "(0, 1]"), "mixup": (0.0, math.inf, ">= 0"),
+                  "cutmix": (0.0, math.inf, ">= 0"), "mixup_switch_prob": (0.0, 1.0, "[0, 1]"),
+                  "reprob": (0.0, 1.0, "[0, 1]"), "ema_decay": (0.0, 1.0, "[0, 1)"),
+                  "eval_every": (0.0, math.inf, ">= 0")}
+        for name, (lo, hi, text) in ranges.items():
+            v = getattr(self, name)
+            ok = isinstance(v, (int, float)) and lo <= v <= hi and not math.isinf(v)
+            ok = ok and not (name == "layer_decay" and v == 0) and not (name == "ema_decay" and v == 1)
+            if not ok:
+                raise ConfigError(f"--{name.replace('_', '-')} {v}: must be {text}")
+
 
 # ----------------------------------------------------------------------------------------------- config
 

@@ -12,9 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -262,11 +260,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.temperature is not None and not args.temperature > 0:
         raise UserError(f"--temperature {args.temperature}: the vote temperature must be > 0, e.g. 0.07")
     if args.output:  # checked before the whole k-NN runs: its result must have somewhere to go
-        out = Path(args.output)
-        parent = next((d for d in out.parents if d.exists()), Path("."))
-        if out.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-            raise UserError(f"--output '{args.output}' cannot be written (a directory, or under a file or an "
-                            "unwritable folder); name a JSON file in a folder you can write to")
+        from fastsupmae.tasks.common import check_output_file
+
+        check_output_file(args.output, "--output")
     cfg, model, device = load_model_for_eval(args, encoder_only=True)  # features only: exports load
     e = cfg.eval
     res = knn_eval(model, bank_loader(cfg, device=device), build_eval_loader(cfg, "val", device=device),

@@ -34,11 +34,16 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _write_run_files(cfg: Config, out: Path, loader: Any, ds_config: dict[str, Any]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
     names = list(getattr(loader, "class_names", []) or [])
-    (out / "class_map.json").write_text(json.dumps({str(i): n for i, n in enumerate(names)}, indent=1))
-    (out / "ds_config.json").write_text(json.dumps(ds_config, indent=1))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        (out / "class_map.json").write_text(json.dumps({str(i): n for i, n in enumerate(names)}, indent=1))
+        (out / "ds_config.json").write_text(json.dumps(ds_config, indent=1))
+    except OSError as e:
+        raise UserError(f"cannot write the run's files in '{out}' ({e.strerror or e}: {e.filename or ''}); free "
+                        "space or fix train.output_dir, then start again (train.resume=auto continues a resumed "
+                        "run)") from None
 
 
 def _check_class_map(out: Path, loader: Any, resume: str) -> None:
