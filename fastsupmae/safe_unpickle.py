@@ -20,6 +20,7 @@ the fp16 loss scaler and numpy's pre-2.0 module path.
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import types
@@ -107,6 +108,61 @@ def load(path: str | os.PathLike, mmap: bool = False) -> Any:
                           mmap=mmap and sniff_format(Path(path)) == "zip")
     except RefusedGlobal as e:
         raise refusal(path, *e.args) from None
+
+
+def _load_bytes(data: bytes, where: str) -> None:
+    """Unpickle ``data`` - a torch.save file (zip, or the legacy format that starts with a pickled magic number) or
+    a plain pickle - through :class:`RestrictedUnpickler`."""
+    import torch
+
+    try:
+        if data[:4] == b"PK\x03\x04" or data[:3] == b"\x80\x02\x8a":
+            torch.load(io.BytesIO(data), map_location="cpu", weights_only=False, pickle_module=PICKLE_MODULE)
+        else:
+            RestrictedUnpickler(io.BytesIO(data)).load()
+    except RefusedGlobal as e:
+        raise refusal(where, *e.args) from None
+
+
+# Members of a torch.export archive (.pt2) that torch.export.load unpickles (some with weights_only=False) or
+# runs as native code. fastsupmae's own exports hold none of the last two kinds.
+PT2_NATIVE = ("data/aotinductor/", "data/executorch/", "data/mtia/")
+PT2_SCRIPT_OBJECTS = ("custom_obj_",)  # TorchScript objects: their own unpickler, which runs their code
+
+
+def check_pt2(path: str | os.PathLike) -> None:
+    """Check every member of a .pt2 archive that :func:`torch.export.load` would unpickle, before it does.
+
+    Pickled weights and constants (``use_pickle`` in the archive's weights / constants config, the legacy
+    ``<model>.pt`` files), sample inputs and opaque objects pass the allow-list; TorchScript objects and compiled
+    (AOTInductor) code are refused outright.
+
+    Raises:
+        UnsafeCheckpointError: naming the archive, the member and what it holds.
+    """
+    import json
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+        pickled: set[str] = set()
+        for name in names:
+            inner = name.split("/", 1)[1] if "/" in name else name  # below the archive's root folder
+            base = inner.rsplit("/", 1)[-1]
+            if inner.startswith(PT2_NATIVE) or base.startswith(PT2_SCRIPT_OBJECTS):
+                raise UnsafeCheckpointError(
+                    f"refused checkpoint file '{path}': its member {name} holds compiled code or a TorchScript "
+                    "object, which fastsupmae's exports never contain and which would run when loaded; nothing of "
+                    "the file was loaded. Use a .pt2 written by `fastsupmae export`, or a .safetensors file")
+            if inner.startswith(("data/weights/", "data/constants/")) and base.endswith("_config.json"):
+                folder = name.rsplit("/", 1)[0]
+                config = json.loads(z.read(name)).get("config") or {}
+                pickled |= {f"{folder}/{v['path_name']}" for v in config.values()
+                            if isinstance(v, dict) and v.get("use_pickle") and "path_name" in v}
+            elif base.endswith((".pt", ".pkl")) or base.startswith("opaque_obj_"):
+                pickled.add(name)
+        for name in sorted(pickled & set(names)):
+            _load_bytes(z.read(name), f"{path}:{name}")
 
 
 def pickle_files(tag_dir: str | os.PathLike) -> list[Path]:

@@ -66,6 +66,9 @@ def read_checkpoint_file(src: str | os.PathLike, *, mmap: bool = False) -> Any:
     kind = check_checkpoint_file(path)
     try:
         if path.suffix == ".pt2" and kind == "zip":
+            from fastsupmae.safe_unpickle import check_pt2
+
+            check_pt2(path)  # torch.export.load unpickles some members with weights_only=False
             prog = torch.export.load(str(path))
             # the exported module wraps the model as `model` (fastsupmae.tasks.export.InferenceModule)
             return {(k[len("model."):] if k.startswith("model.") else k): v for k, v in prog.state_dict.items()}
@@ -75,6 +78,8 @@ def read_checkpoint_file(src: str | os.PathLike, *, mmap: bool = False) -> Any:
             return load_file(str(path))
         with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and kind == "zip")
+    except UserError:
+        raise  # refused by the restricted unpickler: its own message
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         if found:

@@ -149,3 +149,31 @@ def test_a_stored_tokenizer_is_imported_only_when_named_again(tmp_path: Path, mo
     # named again by the user: accepted (the model imports it when built)
     cfg = config_for_checkpoint(ckpt, None, ["model.mim_tokenizer=evil_tok:ids"])
     assert cfg.model.mim_tokenizer == "evil_tok:ids" and not (tmp_path / "ran").exists()
+
+
+def test_a_pt2_archive_is_checked_before_torch_export_loads_it(tmp_path: Path) -> None:
+    """torch.export.load unpickles sample inputs (falling back to weights_only=False) and pickled weights: a
+    crafted member of a .pt2 is refused, and so is compiled code, before anything is loaded."""
+    import io
+    import zipfile
+
+    from fastsupmae.weights import read_checkpoint_file
+
+    prog = torch.export.export(torch.nn.Linear(3, 2), (torch.randn(4, 3),))
+    torch.export.save(prog, tmp_path / "m.pt2")
+    assert set(read_checkpoint_file(tmp_path / "m.pt2")) == {"weight", "bias"}  # a genuine archive loads
+    marker = tmp_path / "ran"
+    evil = io.BytesIO()
+    torch.save((torch.zeros(1), Marker(marker)), evil)
+    with zipfile.ZipFile(tmp_path / "m.pt2") as z:
+        members = {i.filename: z.read(i.filename) for i in z.infolist()}
+    inputs = next(n for n in members if "sample_inputs/" in n)
+    for name, extra in [("inputs", {inputs: evil.getvalue()}), ("aoti", {"m/data/aotinductor/model/x.so": b"\x7fELF"})]:
+        with zipfile.ZipFile(tmp_path / f"{name}.pt2", "w") as z:
+            for n, data in {**members, **extra}.items():
+                z.writestr(n, data)
+        with pytest.raises(UnsafeCheckpointError, match="pickles io.open" if name == "inputs" else "compiled code"):
+            read_checkpoint_file(tmp_path / f"{name}.pt2")
+        assert not marker.exists()
+    torch.export.load(tmp_path / "inputs.pt2")  # the control: torch's own loader runs it
+    assert marker.exists()
