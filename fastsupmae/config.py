@@ -222,7 +222,8 @@ class Config:
     def hash(self) -> str:
         """Hash of what determines the model and its training (not paths or logging)."""
         d = self.to_dict()
-        for k in ("output_dir", "resume", "progress", "tensorboard", "profile", "log_every", "time_limit_min"):
+        for k in ("output_dir", "resume", "overwrite", "progress", "tensorboard", "profile", "log_every",
+                  "time_limit_min"):
             d["train"].pop(k, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 

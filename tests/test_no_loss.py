@@ -153,3 +153,16 @@ def test_a_probe_does_not_inherit_the_pretraining_runs_resume(tmp_path: Path,
     assert main([*argv[:-1], "lars"]) == 2
     assert re.search(r"error: train\.output_dir '.*lp' already holds a run", capsys.readouterr().err)
     assert (tmp_path / "lp" / "linprobe_head.pth").read_bytes() == head
+
+
+def test_a_run_started_with_overwrite_resumes_with_its_own_config(tmp_path: Path) -> None:
+    """overwrite is an action on the directory, done when the run starts: the run's config.yaml stores it false,
+    so the documented resume (--config <run>/config.yaml train.resume=auto) is not refused as overwrite+resume."""
+    from fastsupmae.config import load_config
+    from tests.helpers import tiny_config
+
+    cfg = tiny_config()
+    cfg.train.overwrite = True
+    run_dir.save_run_config(cfg, tmp_path / "config.yaml")
+    saved = load_config(str(tmp_path / "config.yaml"))
+    assert saved.train.overwrite is False and cfg.train.overwrite is True and saved.hash() == cfg.hash()

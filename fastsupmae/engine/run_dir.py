@@ -23,12 +23,14 @@ runs unguarded, with a warning.
 
 from __future__ import annotations
 
+import copy
 import errno
 import fcntl
 import logging
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -173,6 +175,17 @@ def choose(out: Path, resume: str, explicit: bool, overwrite: bool) -> Path:
         log.warning("%s holds an earlier run (or one running now), which is kept; this run writes to %s (name the "
                     "directory with train.output_dir=..., or continue the earlier run with train.resume=auto)", out, d)
     return d
+
+
+def save_run_config(cfg: Any, path: Path) -> None:
+    """Write the run's ``config.yaml`` as the config to resume it with: ``train.overwrite`` is stored as false (the
+    overwrite was done when the run started; kept true, the documented ``--config <run>/config.yaml
+    train.resume=auto`` would be refused as overwrite-and-resume)."""
+    from fastsupmae.config import save_config
+
+    saved = copy.deepcopy(cfg)
+    saved.train.overwrite = False
+    save_config(saved, path)
 
 
 def prepare(out: str | Path, resume: str, explicit: bool, overwrite: bool, rank: int = 0,

@@ -44,7 +44,6 @@ from fastsupmae.config import (
     config_from_dict,
     override_sets,
     parse_overrides,
-    save_config,
 )
 from fastsupmae.errors import UserError
 
@@ -413,8 +412,10 @@ def finetune(cfg: Config, opts: FinetuneOptions, device: torch.device | str | No
                       eval_every=opts.eval_every)
     trainer.maybe_resume()
     if info.is_main:  # only now: a failed resume must not rewrite the run's config
+        from fastsupmae.engine.run_dir import save_run_config
+
         Path(t.output_dir).mkdir(parents=True, exist_ok=True)
-        save_config(cfg, Path(t.output_dir) / "config.yaml")
+        save_run_config(cfg, Path(t.output_dir) / "config.yaml")
         log.info("fine-tune: %d steps, peak lr %.3g, layer decay %g, mixup %g / cutmix %g, EMA %g, %d rank(s)",
                  trainer.total_steps, trainer.peak_lr, opts.layer_decay, opts.mixup, opts.cutmix, opts.ema_decay,
                  info.world_size)

@@ -368,9 +368,7 @@ def linear_probe(model: nn.Module, cfg: Config, opts: LinprobeOptions, val_loade
                                      progress_name="linprobe", make_optimizer=make_optimizer)
     trainer.maybe_resume()
     if info.is_main:  # only now: a failed resume must not rewrite the run's config
-        from fastsupmae.config import save_config
-
-        save_config(pcfg, out / "config.yaml")
+        run_dir.save_run_config(pcfg, out / "config.yaml")
         log.info("linear probe: %s features, %d samples, batch %d over %d rank(s), %s lr %.3g, ZeRO 0 fp32 head",
                  feature, getattr(loader, "num_samples", 0) or len(loader) * t.global_batch, t.global_batch,
                  info.world_size, opts.optimizer, trainer.peak_lr)

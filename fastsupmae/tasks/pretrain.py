@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from fastsupmae.config import Config, override_sets, save_config
+from fastsupmae.config import Config, override_sets
 from fastsupmae.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -34,10 +34,12 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _write_run_files(cfg: Config, out: Path, loader: Any, ds_config: dict[str, Any]) -> None:
+    from fastsupmae.engine import run_dir
+
     names = list(getattr(loader, "class_names", []) or [])
     try:
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+        run_dir.save_run_config(cfg, out / "config.yaml")
         (out / "class_map.json").write_text(json.dumps({str(i): n for i, n in enumerate(names)}, indent=1))
         (out / "ds_config.json").write_text(json.dumps(ds_config, indent=1))
     except OSError as e:
