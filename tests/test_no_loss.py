@@ -153,6 +153,10 @@ def test_a_probe_does_not_inherit_the_pretraining_runs_resume(tmp_path: Path,
     assert main([*argv[:-1], "lars"]) == 2
     assert re.search(r"error: train\.output_dir '.*lp' already holds a run", capsys.readouterr().err)
     assert (tmp_path / "lp" / "linprobe_head.pth").read_bytes() == head
+    # resumed on purpose, but with another optimizer: its checkpoint holds SGD momenta, which LARS must not take
+    assert main([*argv[:-1], "lars", "--resume"]) == 2
+    assert "trained with other options (optimizer: 'sgd' -> 'lars')" in capsys.readouterr().err
+    assert (tmp_path / "lp" / "linprobe_head.pth").read_bytes() == head
 
 
 def test_a_run_started_with_overwrite_resumes_with_its_own_config(tmp_path: Path) -> None:
