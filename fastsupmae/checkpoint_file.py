@@ -25,6 +25,11 @@ class NotACheckpointError(CheckpointError):
     """The path exists but holds no readable checkpoint (empty, text, random bytes, truncated, a directory)."""
 
 
+class UnsafeCheckpointError(NotACheckpointError):
+    """A checkpoint file that pickles a Python object outside the allow-list (:mod:`fastsupmae.safe_unpickle`):
+    it was not loaded, nothing of it ran."""
+
+
 # What a checkpoint file may be; every "not a checkpoint" message names it.
 EXPECTED = ("expected a PyTorch checkpoint (.pth / .pt written by torch.save, holding a state dict or "
             "{'model': state_dict}), a .safetensors file, or a DeepSpeed checkpoint directory")

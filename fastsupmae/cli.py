@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from .config import add_config_args, config_from_args
+from .config import add_config_args, config_from_args, peak_tflops_env
 from .errors import UserError
 
 # Exit status of a run stopped early on request (SIGTERM / SIGINT / SIGUSR1, or the run directory's STOP file)
@@ -202,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             _validate_config_first(argv[at + 1:])
         if word in CHECKPOINT_FIRST:
             _check_checkpoint_first(argv[at + 1:])
+        peak_tflops_env()  # a bad value is one line now, not a traceback once training has started
         parser = build_parser(argv)
         args = parser.parse_args(argv)
         _setup_logging(args.log_level)

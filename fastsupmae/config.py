@@ -222,7 +222,8 @@ class Config:
     def hash(self) -> str:
         """Hash of what determines the model and its training (not paths or logging)."""
         d = self.to_dict()
-        for k in ("output_dir", "resume", "progress", "tensorboard", "profile", "log_every", "time_limit_min"):
+        for k in ("output_dir", "resume", "overwrite", "progress", "tensorboard", "profile", "log_every",
+                  "time_limit_min"):
             d["train"].pop(k, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -295,7 +296,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping (a section of keys), got {data!r}")
     hints = typing.get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
     for k, v in data.items():
@@ -313,6 +314,28 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
             setattr(obj, k, _coerce(v, hints[k], key))
 
 
+PEAK_ENV = "FASTSUPMAE_PEAK_TFLOPS"
+
+
+def peak_tflops_env() -> float | None:
+    """The device peak the environment sets for MFU (``FASTSUPMAE_PEAK_TFLOPS``, TFLOP/s), or None when unset.
+
+    Raises:
+        ConfigError: a value that is not a finite number > 0 (checked by the CLI before any work).
+    """
+    raw = os.environ.get(PEAK_ENV, "")
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise ConfigError(f"{PEAK_ENV}={raw!r} is not a peak: give the device's peak in TFLOP/s as a number > 0 "
+                          f"(e.g. {PEAK_ENV}=989 for an H100's bf16), or unset it")
+    return value
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``['train.epochs=3', 'model.size=small']`` -> nested dict (values parsed as YAML scalars)."""
     out: dict[str, Any] = {}
@@ -326,8 +349,15 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             value = raw
         node = out
         parts = key.strip().split(".")
-        for p in parts[:-1]:
+        for i, p in enumerate(parts[:-1]):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                at = ".".join(parts[: i + 1])
+                raise ConfigError(f"override '{item}' sets a key inside '{at}', which another override sets to a "
+                                  f"value ({at}={node!r}); '{at}' is a section: drop '{at}={node!r}'")
+        if isinstance(node.get(parts[-1]), dict) and not isinstance(value, dict):
+            raise ConfigError(f"override '{item}' gives a value to '{key.strip()}', which other overrides use as a "
+                              f"section; '{key.strip()}' is a section: drop '{item}'")
         node[parts[-1]] = value
     return out
 
@@ -518,6 +548,9 @@ def validate_config(cfg: Config, world_size: int | None = None) -> None:
     _choice("data.pipeline", d.pipeline, ("auto", "dali", "cpu", "memory"))
     _choice("data.dataset", d.dataset, ("fashion_mnist", "imagefolder", "filelist", "webdataset", "synthetic"))
     _choice("data.bad_files", d.bad_files, ("skip", "strict"))
+    if not str(t.output_dir).strip():
+        raise ConfigError("train.output_dir is empty: a run would write its files into the current directory; name "
+                          "a run directory, e.g. train.output_dir=runs/my_run")
     _check_dali_keys(d)
     _choice("train.precision", t.precision, ("auto", "bf16", "fp16", "fp32"))
     _choice("train.optimizer", t.optimizer, ("auto", "adamw", "fused_adam", "cpu_adam"))

@@ -66,6 +66,9 @@ def read_checkpoint_file(src: str | os.PathLike, *, mmap: bool = False) -> Any:
     kind = check_checkpoint_file(path)
     try:
         if path.suffix == ".pt2" and kind == "zip":
+            from fastsupmae.safe_unpickle import check_pt2
+
+            check_pt2(path)  # torch.export.load unpickles some members with weights_only=False
             prog = torch.export.load(str(path))
             # the exported module wraps the model as `model` (fastsupmae.tasks.export.InferenceModule)
             return {(k[len("model."):] if k.startswith("model.") else k): v for k, v in prog.state_dict.items()}
@@ -75,6 +78,8 @@ def read_checkpoint_file(src: str | os.PathLike, *, mmap: bool = False) -> Any:
             return load_file(str(path))
         with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and kind == "zip")
+    except UserError:
+        raise  # refused by the restricted unpickler: its own message
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         if found:
@@ -182,6 +187,12 @@ def load_checkpoint(model: nn.Module, src: str | Path | dict[str, Any], strict: 
             f"checkpoint lacks {len(missing_needed)} tensor(s) the model needs, e.g. {missing_needed[:3]}; it holds "
             f"a ViT with {describe_arch(sd)}; the model is {describe_arch(own)}"
         )
+    nonfinite = [k for k, v in sd.items() if k in own and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if nonfinite:
+        raise CheckpointError(
+            f"checkpoint holds NaN or Inf in {len(nonfinite)} tensor(s), e.g. {nonfinite[:3]}: the training diverged "
+            "before it was saved, and every result computed from it would be meaningless. Use an earlier checkpoint "
+            "of the run (a step_XXXXXXXX folder)")
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
     if ignored:
         log.info("checkpoint: ignored %d tensor(s) this objective does not use (%s...)", len(ignored), ignored[0])
@@ -252,6 +263,8 @@ def read_any_state_dict(src: str | os.PathLike, tag: str | None = None) -> dict[
 
     try:
         sd = consolidated_state_dict(tag_dir)
+    except UserError:
+        raise  # a file refused by the restricted unpickler: its own message
     except ImportError as e:  # pragma: no cover - deepspeed is part of the stack
         raise CheckpointError(
             f"reading DeepSpeed checkpoint '{p}' needs deepspeed (pip install deepspeed): {e}") from None
@@ -294,14 +307,44 @@ def load_weights(model: nn.Module, src: str | os.PathLike, strict: bool = True,
 # ------------------------------------------------------------------- the config a checkpoint was trained with
 
 def config_for_checkpoint(src: str | os.PathLike, paths: list[str] | None = None,
-                          overrides: list[str] | None = None) -> Config:
+                          overrides: list[str] | None = None, *, imports: bool = True) -> Config:
     """The config of a checkpoint: explicit ``paths`` first, else the one stored with it.
 
     Looked for, in order: the ``config`` entry of a .pth file (fine-tune and export checkpoints), ``meta.json``
     of a DeepSpeed checkpoint (the trainer stores the resolved config there), a config.yaml next to it.
+
+    A stored config is data, not a command: a module it names (``model.mim_tokenizer``) is imported only when the
+    user names it again in ``overrides`` (:func:`_stored_imports`). ``imports=False``: the caller builds another
+    objective (fine-tuning), so the name is dropped instead.
     """
     if paths:
         return load_config(paths, overrides, world_size=1)
+    cfg = _stored_config(src, overrides)
+    return _stored_imports(cfg, src, overrides, imports)
+
+
+def _stored_imports(cfg: Config, src: str | os.PathLike, overrides: list[str] | None, imports: bool) -> Config:
+    """Refuse a module named by a stored config unless ``overrides`` names it too (see config_for_checkpoint)."""
+    from fastsupmae.config import parse_overrides
+
+    m = cfg.model
+    spec = m.mim_tokenizer
+    named = (parse_overrides(list(overrides or [])).get("model") or {}).get("mim_tokenizer")
+    if not spec or named == spec:
+        return cfg
+    if imports and m.objective == "mim_supervised" and m.mim_target == "tokens":
+        raise UserError(
+            f"the config stored with '{src}' names model.mim_tokenizer={spec}: building this model would import "
+            f"and run module '{spec.partition(':')[0]}'. A module named in a stored config is imported only when "
+            f"you name it yourself: add model.mim_tokenizer={spec} to the command if you trust it")
+    m.mim_tokenizer = ""  # this objective never imports it: keep no name that could
+    if m.mim_target == "tokens":
+        m.mim_target = "pixels"
+    return cfg
+
+
+def _stored_config(src: str | os.PathLike, overrides: list[str] | None) -> Config:
+    """The config stored with checkpoint ``src`` (see :func:`config_for_checkpoint`), with ``overrides``."""
     p = resolve_checkpoint(src)
     embedded: dict[str, Any] | None = None
     if p.is_file() and p.suffix in (".pth", ".pt"):
@@ -314,17 +357,18 @@ def config_for_checkpoint(src: str | os.PathLike, paths: list[str] | None = None
     if p.is_file() and embedded is None:
         side = sidecar_of(p)  # every exported file: <name>_full / _timm .safetensors / .pth, <name>.pt2
         if side is not None:
-            embedded = json.loads(side.read_text()).get("config")
+            embedded = _json_config(side)
     elif p.is_dir():
         for meta in [p / "meta.json", *(_tag_dir(p) / "meta.json" for _ in [0] if _tag_dir(p) is not None)]:
             if meta.is_file():
-                embedded = json.loads(meta.read_text()).get("config")
+                embedded = _json_config(meta)
                 if embedded:
                     break
     if embedded:
         from fastsupmae.config import _apply, validate_config
 
         cfg = config_from_dict(embedded, validate=False)
+        _warn_if_edited(cfg, src)
         if overrides:
             from fastsupmae.config import parse_overrides
 
@@ -336,6 +380,40 @@ def config_for_checkpoint(src: str | os.PathLike, paths: list[str] | None = None
         return load_config([found], overrides, world_size=1)
     raise UserError(f"no config found for checkpoint '{src}': pass --config <the training YAML> (the model "
                     "architecture cannot be guessed reliably from the weights)")
+
+# Keys that differ between a run's config.yaml and its checkpoint's copy for reasons other than an edit.
+RUN_ONLY_KEYS = ("resume", "output_dir", "overwrite")
+
+
+def _warn_if_edited(cfg: Config, src: str | os.PathLike) -> None:
+    """Say so when the run's config.yaml (which a user may have edited) differs from the config stored in the
+    checkpoint, which is the one used: the model it describes is the one that was trained."""
+    found = find_run_config(str(src))
+    if not found:
+        return
+    try:
+        theirs = load_config([found], validate=False).to_dict()
+    except (UserError, OSError):
+        return  # an unreadable config.yaml is not used: nothing to compare
+    ours = cfg.to_dict()
+    diffs = [f"{sec}.{k}: {v!r} -> {theirs[sec][k]!r}" for sec, d in ours.items() if isinstance(d, dict)
+             for k, v in d.items() if k not in RUN_ONLY_KEYS and theirs.get(sec, {}).get(k, v) != v]
+    if diffs:
+        log.warning("config: using the one stored with the checkpoint; %s differs from it (%s%s) and is not used: "
+                    "pass --config %s to use it", found, "; ".join(diffs[:3]), "; ..." if len(diffs) > 3 else "",
+                    found)
+
+
+def _json_config(f: Path) -> dict[str, Any] | None:
+    """The ``config`` entry of a JSON file stored with a checkpoint (meta.json, an export's sidecar)."""
+    try:
+        obj = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"'{f}' is not readable JSON ({type(e).__name__}: {_first_line(e)}): the config stored "
+                        "with the checkpoint is lost; pass --config <the training YAML>, or restore the file") from None
+    config = obj.get("config") if isinstance(obj, dict) else None
+    return config if isinstance(config, dict) else None
+
 
 def sidecar_of(path: str | os.PathLike) -> Path | None:
     """The ``<name>.json`` sidecar that :func:`fastsupmae.tasks.export.export_model` wrote next to an exported

@@ -49,6 +49,18 @@ def load_class_map(path: str | os.PathLike) -> list[str]:
         raise DataError(f"class map '{f}' is not a valid class map ({e}); delete it to start afresh") from None
 
 
+def describe_difference(saved: list[str], now: list[str]) -> str:
+    """How class list ``now`` differs from ``saved`` (classes added / missing, or the first index that moved)."""
+    added = sorted(set(now) - set(saved))
+    removed = sorted(set(saved) - set(now))
+    if added or removed:
+        return f"added {added[:5]}, missing {removed[:5]}"
+    k = next((i for i, (a, b) in enumerate(zip(saved, now)) if a != b), min(len(saved), len(now)))
+    if k >= min(len(saved), len(now)):
+        return f"{len(saved)} saved, {len(now)} now"
+    return f"same classes in another order (index {k}: saved '{saved[k]}', now '{now[k]}')"
+
+
 def check_class_map(path: str | os.PathLike, class_names: list[str], missing_ok: bool = True) -> None:
     """Compare ``class_names`` with the saved map.
 
@@ -68,12 +80,6 @@ def check_class_map(path: str | os.PathLike, class_names: list[str], missing_ok:
     saved = load_class_map(f)
     if saved == list(class_names):
         return
-    added = sorted(set(class_names) - set(saved))
-    removed = sorted(set(saved) - set(class_names))
-    if added or removed:
-        how = f"added {added[:5]}, missing {removed[:5]}"
-    else:
-        k = next(i for i, (a, b) in enumerate(zip(saved, class_names)) if a != b)
-        how = f"same classes in another order (index {k}: saved '{saved[k]}', now '{class_names[k]}')"
+    how = describe_difference(saved, list(class_names))
     raise DataError(f"the data's classes differ from the run's class map '{f}' ({len(saved)} saved, "
                     f"{len(class_names)} now; {how}); point data.root at the data the run was trained on")

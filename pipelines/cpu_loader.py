@@ -111,7 +111,8 @@ class BatchDecoder:
                     k += 1
                     if k > _MAX_REPLACEMENTS:
                         return {"error": f"{k} bad image files in a row around '{e.path}' ({e.reason}); the data "
-                                         f"looks broken"}
+                                         f"looks broken (data.bad_files=skip found no readable image to use "
+                                         f"instead): check data.root"}
                     # a deterministic stand-in from elsewhere in the dataset keeps the batch size fixed
                     cand = int(mix_seed(self.seed, epoch, step, j, k) % len(self.source))
         m = len(keep_idx)
@@ -206,8 +207,9 @@ class CpuLoader(LoaderBase):
         steps = o.remaining_steps()
         for step, b in zip(steps, self._batches(epoch, steps)):
             if b.get("error"):
+                # the strict mode's single bad file; skip mode's 'N bad image files in a row' is its own message
                 raise DataError(b["error"] + " (data.bad_files=strict stops here; skip skips such files)"
-                                if "bad image file" in b["error"] else b["error"])
+                                if b["error"].startswith("bad image file '") else b["error"])
             for path, reason in b["bad"]:
                 self.policy.handle(BadImage(path, reason))
             x = b["images"]

@@ -83,4 +83,9 @@ def classes_from_labels(raw: Sequence[str], where: str) -> list[str]:
         if min(ints) < 0:
             raise DataError(f"{where} has a negative label {min(ints)}")
         return [str(i) for i in range(max(ints) + 1)]
+    numbers = [r for r in raw if r.lstrip("-").isdigit()]
+    if numbers:  # sorted as names, '10' would come before '2' and every index would change meaning
+        names = next(r for r in raw if not r.lstrip("-").isdigit())
+        raise DataError(f"{where} mixes class indices ({numbers[0]!r}) and class names ({names!r}) as labels; use one "
+                        "kind throughout (all indices 0..K-1, or all names)")
     return sorted(set(raw))

@@ -63,6 +63,7 @@ def _split_key(name: str) -> tuple[str, str]:
 def index_shards(shards: list[str]) -> tuple[list[tuple[int, int, int, str]], list[str]]:
     """Scan tar headers: per sample (shard id, data offset, size, member name) and its raw label string."""
     samples, raw_labels = [], []
+    unlabelled: list[str] = []
     for sid, shard in enumerate(shards):
         try:
             with tarfile.open(shard, "r:") as tf:  # "r:" = uncompressed only: compressed tars cannot be seeked
@@ -80,8 +81,10 @@ def index_shards(shards: list[str]) -> tuple[list[tuple[int, int, int, str]], li
                     g = groups[key]
                     img = next((g[e] for e in _IMAGE_EXT if e in g), None)
                     lab = next((g[e] for e in _LABEL_EXT if e in g), None)
+                    if img is not None and lab is None:
+                        unlabelled.append(img.name)  # an image without a label: not training data, but counted
                     if img is None or lab is None:
-                        continue  # other members (json metadata, ...) and unlabelled samples are not training data
+                        continue  # other members (json metadata, ...) are not training data
                     f = tf.extractfile(lab)
                     raw_labels.append(f.read().decode("utf-8", "replace").strip() if f else "")
                     samples.append((sid, img.offset_data, img.size, img.name))
@@ -91,6 +94,9 @@ def index_shards(shards: list[str]) -> tuple[list[tuple[int, int, int, str]], li
     if not samples:
         raise DataError(f"tar shards {shards[:2]}... hold no (image, label) pairs; expected members <key>.jpg + "
                         f"<key>.cls")
+    if unlabelled:
+        log.warning("tar shards: %d image member(s) without a label member (%s) skipped, e.g. %s; %d samples kept",
+                    len(unlabelled), " / ".join("." + e for e in _LABEL_EXT), unlabelled[0], len(samples))
     return samples, raw_labels
 
 

@@ -302,6 +302,177 @@ CASES += [
 ]
 
 
+# ----------------------------------------------------------------------------------------------- issue 22
+
+class _Marker:
+    """Unpickling it creates the file ``path``: the code a crafted checkpoint would run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self) -> tuple:
+        return (open, (self.path, "w"))
+
+
+def forged(rel: str) -> Callable[[Path], None]:
+    """tiny_run whose file ``rel`` (under the step folder) also pickles a :class:`_Marker` creating ``ran``."""
+    def setup(d: Path) -> None:
+        import torch
+
+        tiny_run(d)
+        f = d / "runs/demo/checkpoints/step_00000004" / rel
+        obj = torch.load(f, weights_only=True) if f.exists() else {"rng": {}, "loader": {}}
+        obj["extra"] = _Marker(d / "ran")
+        torch.save(obj, f)
+    return setup
+
+
+def stored_tokenizer(d: Path) -> None:
+    """w.pth whose stored config names a tokenizer module in the working directory (importing it creates ran)."""
+    import torch
+
+    (d / "evil_tok.py").write_text(f"open({str(d / 'ran')!r}, 'w')\ndef ids(x):\n    return x\n")
+    cfg = json.loads(json.dumps(TINY))
+    cfg["model"].update(objective="mim_supervised", mim_target="tokens", mim_tokenizer="evil_tok:ids")
+    torch.save({"model": {}, "config": cfg}, d / "w.pth")
+
+
+def edit(rel: str, text: str) -> Callable[[Path], None]:
+    def setup(d: Path) -> None:
+        (d / rel).write_text(text)
+    return setup
+
+
+def nan_weights(d: Path) -> None:
+    import torch
+
+    _, model = _tiny_model_state()
+    sd = model.state_dict()
+    sd["blocks.0.attn.qkv.weight"][0, 0] = float("nan")
+    torch.save({"model": sd, "config": json.loads(json.dumps(TINY))}, d / "nan.pth")
+
+
+def image_folder(d: Path, bad: bool = False) -> None:
+    """imgs/<class>/ with three 24x24 PNGs per class (random bytes named .jpg when ``bad``)."""
+    import numpy as np
+    from PIL import Image
+
+    for c in ("cat", "dog"):
+        (d / "imgs" / c).mkdir(parents=True)
+        for i in range(3):
+            if bad:
+                (d / "imgs" / c / f"{i}.jpg").write_bytes(os.urandom(64))
+            else:
+                pixels = np.random.randint(0, 255, (24, 24, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(d / "imgs" / c / f"{i}.png")
+
+
+def looped_images(d: Path) -> None:
+    image_folder(d)
+    os.symlink(d / "imgs" / "cat", d / "imgs" / "cat" / "loop")
+    os.mkfifo(d / "imgs" / "dog" / "pipe.jpg")
+
+
+FOLDER = ["data.dataset=imagefolder", "data.root=imgs", "data.val_root=imgs", "data.pipeline=cpu",
+          "data.num_workers=0"]
+REFUSED = r"refused checkpoint file '.*{}': it pickles io\.open"
+CASES += [
+    # 1. nothing runs that the user did not name
+    *[Case(f"issue 22: {cmd} of a run whose {rel} pickles code", [cmd, "--checkpoint", "runs/demo", *extra],
+           setup=forged(rel), expect=REFUSED.format(re.escape(rel)), unchanged=("runs",), check=absent("ran"))
+      for cmd, extra in [("knn", []), ("export", ["--out", "ex"]), ("visualize", ["--out", "g.png"])]
+      for rel in ("mp_rank_00_model_states.pt",)],
+    Case("issue 22: resume of a run whose rank-state file pickles code",
+         ["pretrain", "--config", "runs/demo/config.yaml", "train.output_dir=runs/demo", "train.resume=auto",
+          "train.zero_stage=0", "train.precision=fp32"],
+         setup=forged("rank0_state.pt"), expect=REFUSED.format("rank0_state\\.pt"), check=absent("ran")),
+    Case("issue 22: knn of a checkpoint whose stored config names a tokenizer", ["knn", "--checkpoint", "w.pth"],
+         setup=stored_tokenizer, expect=r"names model\.mim_tokenizer=evil_tok:ids.*add "
+         r"model\.mim_tokenizer=evil_tok:ids to the command", check=absent("ran")),
+    # 2. nothing lost or mixed
+    Case("issue 22: a second export into the same --out", ["export", "--checkpoint", "runs/demo", "--out", "export",
+                                                           "--formats", "timm"],
+         setup=both(tiny_run, tiny_export), expect=r"--out 'export' already holds an export named 'model' "
+         r"\(model\.json, .*mix two models", unchanged=("export", "runs")),
+    Case("issue 22: resume on other classes than class_map.json",
+         ["pretrain", "--config", "runs/demo/config.yaml", "train.output_dir=runs/demo", "train.resume=auto"],
+         setup=both(tiny_run, edit("runs/demo/class_map.json", json.dumps({str(i): f"c{i}" for i in range(5)}))),
+         expect=r"resuming 'runs/demo' on other classes than it was trained on \(added .*data\.root",
+         unchanged=("runs",)),
+    Case("issue 22: overwrite together with resume", ["pretrain", "--config", "tiny.yaml", "train.resume=auto",
+                                                      "train.overwrite=true"],
+         setup=both(TINY_YAML, prior_run), expect=r"train\.overwrite=true and train\.resume=auto contradict",
+         unchanged=("runs",)),
+    Case("issue 22: visualize --out DIR writes into DIR and says so",
+         ["visualize", "--checkpoint", "runs/demo", "--out", "pics", "--num-images", "2"],
+         setup=both(tiny_run, make_dir("pics")), code=0, stream="stdout",
+         expect=r"-> pics/reconstruction\.png$", forbid="Setting accelerator", unchanged=("runs",),
+         check=lambda d, _: None if (d / "pics/reconstruction.png").is_file() and not (d / "pics.png").exists()
+         else "no pics/reconstruction.png, or a pics.png"),
+    # 3. one line, no hang
+    Case("issue 22: a symlink loop and a FIFO named .jpg in an image folder",
+         ["knn", "--config", "tiny.yaml", *FOLDER, "model.num_classes=2"], setup=both(TINY_YAML, looped_images),
+         code=0, stream="stdout", expect=r"kNN top-1 .*\(6 train, 6 val\)", timeout=120),
+    Case("issue 22: skip mode with every image bad", ["pretrain", "--config", "tiny.yaml", *FOLDER,
+                                                      "data.bad_files=skip", "model.num_classes=2",
+                                                      "train.output_dir=runs/bad", "train.global_batch=2",
+                                                      "train.micro_batch=2"],
+         setup=both(TINY_YAML, lambda d: image_folder(d, bad=True)), expect=r"bad image|no image|bad_files",
+         forbid="strict stops here"),
+    *[Case(f"issue 22: visualize {' '.join(a)}", ["visualize", "--checkpoint", "runs/demo", *a], setup=tiny_run,
+           expect=e, unchanged=("runs",)) for a, e in [
+        (["--num-images", "100000"], r"--num-images 100000: give 1 to 64"),
+        (["--num-images", "0"], r"--num-images 0: give 1 to 64"),
+        (["--out", "grid.bmpx"], r"--out 'grid\.bmpx': '\.bmpx' is not an image format")]],
+    Case("issue 22: a broken meta.json", ["knn", "--checkpoint", "runs/demo"],
+         setup=both(tiny_run, edit("runs/demo/checkpoints/step_00000004/meta.json", "{")),
+         expect=r"meta\.json' is not readable JSON.*--config", unchanged=("runs",)),
+    Case("issue 22: a broken export sidecar", ["knn", "--checkpoint", "export/model_timm.pth"],
+         setup=both(tiny_export, edit("export/model.json", "{")), expect=r"model\.json' is not readable JSON",
+         unchanged=("export",)),
+    *[Case(f"issue 22: export {' '.join(a)}", ["export", "--checkpoint", "runs/demo", "--out", "ex", *a],
+           setup=tiny_run, expect=e, unchanged=("runs", "ex")) for a, e in [
+        (["--name", "sub/model"], r"--name 'sub/model' is not a file name stem"),
+        (["--name", ""], r"--name '' is not a file name stem"),
+        (["--formats", ","], r"--formats names no format"),
+        (["--tol", "nan"], r"--tol nan is not a tolerance")]],
+    Case("issue 22: knn --k -3", ["knn", "--config", DEMO, "--k", "-3"], expect=r"--k -3: the number of neighbours"),
+    Case("issue 22: knn --output under a file", ["knn", "--config", DEMO, "--output", "notes.txt/r.json"],
+         setup=write_bytes("notes.txt", b"mine\n"), expect=r"--output 'notes\.txt/r\.json' cannot be written: "
+         r"'notes\.txt' is a file", unchanged=("notes.txt",)),
+    Case("issue 22: knn --output into a missing folder", ["knn", "--checkpoint", "runs/demo", "--output",
+                                                          "res/new/knn.json"],
+         setup=tiny_run, code=0, stream="stdout", expect=r"kNN top-1", forbid="Setting accelerator",
+         check=exists("res/new/knn.json")),
+    Case("issue 22: bench data on an empty folder", ["bench", "data", "--data", "empty"], setup=make_dir("empty"),
+         expect=r"--data 'empty' holds no images"),
+    Case("issue 22: bench data --batch 0", ["bench", "data", "--batch", "0"], expect=r"--batch 0: must be >= 1"),
+    Case("issue 22: FASTSUPMAE_PEAK_TFLOPS=fast", ["pretrain", "--config", "tiny.yaml"], setup=TINY_YAML,
+         env={"FASTSUPMAE_PEAK_TFLOPS": "fast"}, expect=r"FASTSUPMAE_PEAK_TFLOPS='fast' is not a peak",
+         check=absent("runs")),
+    Case("issue 22: empty train.output_dir with overwrite", ["pretrain", "--config", "tiny.yaml",
+                                                             "train.output_dir=", "train.overwrite=true"],
+         setup=TINY_YAML, expect=r"train\.output_dir is empty", check=absent("runs", "config.yaml")),
+    Case("issue 22: config train=3 train.x=1", ["config", "train=3", "train.x=1"],
+         expect=r"override 'train\.x=1' sets a key inside 'train'"),
+    Case("issue 22: NaN weights", ["knn", "--checkpoint", "nan.pth"], setup=nan_weights,
+         expect=r"NaN or Inf in 1 tensor\(s\)", unchanged=("nan.pth",)),
+    *[Case(f"issue 22: finetune {flag} {v}", ["finetune", "--config", DEMO, flag, v, "train.output_dir=runs/ft"],
+           expect=rf"{flag} {v}(\.0)?: must be", check=absent("runs")) for flag, v in [
+        ("--mixup", "-1"), ("--layer-decay", "-0.5"), ("--reprob", "2"), ("--ema-decay", "2")]],
+    Case("issue 22: a file list mixing indices and names", ["knn", "--config", "tiny.yaml", "data.dataset=filelist",
+                                                            "data.root=list.txt", "data.val_root=list.txt",
+                                                            "data.pipeline=cpu"],
+         setup=both(TINY_YAML, edit("list.txt", "a.jpg 1\nb.jpg cat\n")),
+         expect=r"mixes class indices \('1'\) and class names \('cat'\)"),
+    Case("issue 22: knn says config.yaml differs from the checkpoint's config",
+         ["knn", "--checkpoint", "runs/demo", "--log-level", "WARNING"],
+         setup=lambda d: (tiny_run(d), (d / "runs/demo/config.yaml").write_text(
+             (d / "runs/demo/config.yaml").read_text().replace("knn_k: 20", "knn_k: 3"))),
+         code=0, expect=r"config\.yaml differs from it \(eval\.knn_k: 20 -> 3\) and is not used: pass --config"),
+]
+
+
 # ----------------------------------------------------------------------------------------------- runner
 
 def _digest(root: Path) -> dict[str, str]:

@@ -29,7 +29,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("models / pipelines", ("fastsupmae.models", "fastsupmae.pipelines")),
     ("kernels", ("fastsupmae.kernels",)),
     ("foundation", ("fastsupmae.config", "fastsupmae.cpu", "fastsupmae.errors", "fastsupmae.flops", "fastsupmae.gpus",
-                    "fastsupmae.data", "fastsupmae.checkpoint_file", "=fastsupmae")),
+                    "fastsupmae.data", "fastsupmae.checkpoint_file",
+                    "fastsupmae.safe_unpickle", "=fastsupmae")),
 ]
 
 

@@ -318,7 +318,21 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench data --device cuda: no usable GPU here; use --device cpu")
+    from fastsupmae.errors import UserError
+
+    for flag in ("size", "batch", "workers", "batches", "repeats"):
+        low = 0 if flag == "workers" else 1
+        if getattr(args, flag) < low:
+            raise UserError(f"bench data --{flag} {getattr(args, flag)}: must be >= {low}")
+    if args.warmup < 0 or args.ceiling_images < 0:
+        raise UserError("bench data --warmup / --ceiling-images must be >= 0")
     root = Path(args.data)
+    if root.exists():
+        sub = root / "train" if (root / "train").is_dir() else root
+        found = count_images(sub) if sub.is_dir() else {"jpeg": 0, "other": 0}
+        if not found["jpeg"] + found["other"]:
+            raise UserError(f"bench data --data '{args.data}' holds no images (expected <root>/[train/]<class>/<image>)"
+                            "; name a folder of images, or a path that does not exist to have one made there")
     if not root.exists():
         from fastsupmae.pipelines.make_imagenet_like import make_imagenet_like
 

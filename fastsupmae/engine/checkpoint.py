@@ -19,6 +19,8 @@ removes the temporary directory and raises :class:`CheckpointWriteError`; the pr
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -31,6 +33,7 @@ from typing import Any
 
 import torch
 
+from fastsupmae import safe_unpickle
 from fastsupmae.engine import dep_logs, reshard
 from fastsupmae.engine import distributed as dist_utils
 from fastsupmae.errors import UserError
@@ -158,12 +161,13 @@ def resume_candidates(resume: str, output_dir: Path) -> list[Path]:
 
 def shape_mismatch(path: Path, own: dict[str, tuple[int, ...]]) -> str | None:
     """Compare the tensor shapes checkpoint ``path`` holds with ``own`` (name -> shape of this model); a message
-    naming the first difference, or None. Reads rank 0's model-states file memory-mapped (no copy); a file that
-    cannot be read raises what torch.load raises (the caller treats it as damage)."""
+    naming the first difference, or None. Reads rank 0's model-states file memory-mapped (no copy) through the
+    restricted unpickler (a file naming other objects raises UnsafeCheckpointError); a file that cannot be read
+    raises what torch.load raises (the caller treats it as damage)."""
     f = Path(path) / "mp_rank_00_model_states.pt"
     if not f.exists():
         return None
-    states = torch.load(f, map_location="cpu", weights_only=False, mmap=True)
+    states = safe_unpickle.load(f, mmap=True)
     theirs = {k: tuple(v.shape) for k, v in (states.get("module") or {}).items()
               if isinstance(v, torch.Tensor) and v.numel() > 0}
     for group in states.get("param_shapes") or []:  # ZeRO keeps partitioned parameters' true shapes here
@@ -217,6 +221,8 @@ class CheckpointManager:
         self.keep_every = max(0, int(keep_every))
         self.rank = rank
         self.world_size = world_size
+        self.damaged: set[str] = set()  # checkpoints a resume found damaged (any load error): never "kept"
+        self.known_good: Path | None = None  # the one resumed from or last committed: never pruned
 
     # ------------------------------------------------------------------------------------------- housekeeping
     def cleanup_stale(self) -> None:
@@ -229,14 +235,25 @@ class CheckpointManager:
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
     def prune(self) -> list[Path]:
-        """Delete checkpoints outside the keep policy (last ``keep_last`` + every ``keep_every``-th step)."""
+        """Delete checkpoints outside the keep policy (the last ``keep_last`` intact ones + every
+        ``keep_every``-th step), and damaged ones.
+
+        Only intact checkpoints count towards ``keep_last`` (:func:`verify` passes and no resume found them
+        damaged), and :attr:`known_good` is always kept: a damaged newest checkpoint never pushes the last good
+        one out.
+        """
         found = list_checkpoints(self.dir)
-        keep = {s for s, _ in found[-self.keep_last:]}
+        intact = [(s, p) for s, p in found if p.name not in self.damaged and verify(p) is None]
+        keep = {s for s, _ in intact[-self.keep_last:]}
         if self.keep_every:
-            keep |= {s for s, _ in found if s % self.keep_every == 0}
+            keep |= {s for s, _ in intact if s % self.keep_every == 0}
+        if self.known_good is not None:
+            keep |= {s for s, p in found if p.name == self.known_good.name and (s, p) in intact}
         removed = []
         for s, p in found:
             if s not in keep:
+                if (s, p) not in intact:
+                    log.warning("removing damaged checkpoint %s", p)
                 # Rename first so a crash mid-delete never leaves a half checkpoint under a valid name.
                 doomed = p.with_name(f"{TMP_PREFIX}del-{p.name}")
                 os.rename(p, doomed)
@@ -296,6 +313,8 @@ class CheckpointManager:
                 os.rename(tmp, final)
             _fsync_dir(self.dir)
             atomic_write_text(self.dir / "latest", tag)
+            self.damaged.discard(tag)  # a damaged checkpoint of this step was just replaced
+            self.known_good = final
         except OSError as e:
             return f"{type(e).__name__}: {e.strerror or e}"
         try:
@@ -371,6 +390,8 @@ class CheckpointManager:
             # partitioning, nor a stage-1 bf16-optimizer checkpoint into ZeRO 2; the module alone is loaded here
             # and the optimizer state is re-sharded below.
             load_opt = False
+        # DeepSpeed unpickles its files with no restriction: each pickle of the folder passes the allow-list first
+        safe_unpickle.check_checkpoint_dir(path)
         client: dict[str, Any] | None = None
         if load_opt or engine.zero_optimization_stage() < 3:
             load_path, client = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=True,
@@ -386,7 +407,10 @@ class CheckpointManager:
             reshard.apply_full_optimizer_state(engine, reshard.read_full_optimizer_state(path))
         common = (client or {}).get("fastsupmae", meta)
         rank_file = path / f"rank{self.rank}_state.pt"
-        rank_state = torch.load(rank_file, map_location="cpu", weights_only=False) if rank_file.exists() else None
+        rank_state = safe_unpickle.load(rank_file) if rank_file.exists() else None
+        if rank_state is not None and not (isinstance(rank_state, dict) and {"rng", "loader"} <= set(rank_state)):
+            # damage the size check cannot see (a file of another run, or rewritten): the caller falls back
+            raise ValueError(f"{rank_file.name} holds no RNG state and loader position (not a rank-state file)")
         return common, rank_state
 
 
@@ -403,16 +427,22 @@ def consolidated_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
     Buffers (BatchNorm statistics) and any parameter the optimizer does not hold come from rank 0's
     model-states file, converted to fp32.
+
+    Every file is read through the restricted unpickler (:mod:`fastsupmae.safe_unpickle`), the ones zero_to_fp32
+    reads too, before it does: a file naming other Python objects raises UnsafeCheckpointError, nothing of it run.
     """
     path = Path(path)
+    dep_logs.import_deepspeed()  # its files name DeepSpeed classes: imported here, what it prints held for the log
     model_file = path / "mp_rank_00_model_states.pt"
-    module = torch.load(model_file, map_location="cpu", weights_only=False)["module"] if model_file.exists() else {}
+    module = safe_unpickle.load(model_file)["module"] if model_file.exists() else {}
     bf16_files = sorted(path.glob("bf16_zero_pp_rank_*optim_states.pt"))
     masters = _bf16_optimizer_fp32_params(bf16_files, module) if bf16_files else None
     if masters is None and (any(path.glob("zero_pp_rank_*optim_states.pt")) or bf16_files):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        with dep_logs.captured():  # zero_to_fp32 prints its progress: the run's DeepSpeed log, not the terminal
+        safe_unpickle.check_checkpoint_dir(path)
+        # zero_to_fp32 prints its progress and a progress bar (stderr): the run's DeepSpeed log, not the terminal
+        with dep_logs.captured(), contextlib.redirect_stderr(io.StringIO()):
             masters = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
     sd = {**module, **(masters or {})}
     return {k: v.float() if v.is_floating_point() else v for k, v in sd.items() if isinstance(v, torch.Tensor)}
@@ -432,11 +462,10 @@ def _bf16_optimizer_fp32_params(files: list[Path], module: dict[str, torch.Tenso
     contiguous in it, so its elements are the union of its fragments.
     """
     files = sorted(files, key=_rank_of)
-    first = torch.load(files[0], map_location="cpu", weights_only=False)["optimizer_state_dict"]
+    first = safe_unpickle.load(files[0])["optimizer_state_dict"]
     if "single_partition_of_fp32_groups" not in first or "param_slice_mappings" not in first:
         return None  # checked on rank 0's file alone: zero_to_fp32 will read them all
-    states = [first] + [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
-                        for f in files[1:]]
+    states = [first] + [safe_unpickle.load(f)["optimizer_state_dict"] for f in files[1:]]
     out: dict[str, torch.Tensor] = {}
     for g in range(len(states[0]["single_partition_of_fp32_groups"])):
         parts = [st["single_partition_of_fp32_groups"][g] for st in states]

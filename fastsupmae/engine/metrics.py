@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import resource
 import time
 from pathlib import Path
@@ -20,12 +19,11 @@ from typing import Any
 import torch
 
 from fastsupmae import gpus
-from fastsupmae.config import Config
+from fastsupmae.config import PEAK_ENV, Config, peak_tflops_env
 from fastsupmae.engine import distributed as dist_utils
 
 log = logging.getLogger(__name__)
 
-PEAK_ENV = "FASTSUPMAE_PEAK_TFLOPS"
 
 
 def measure_cpu_peak_flops(dtype: torch.dtype, seconds: float = 0.25, n: int = 768, trials: int = 3) -> float:
@@ -67,8 +65,9 @@ def device_peak_flops(device: torch.device, precision: str, tf32: bool | None = 
     which the trainer sets from ``train.tf32``) and the FP32 non-tensor rate when not. An unknown GPU gets one
     warning and no MFU. On a CPU, a matmul measured now.
     """
-    if os.environ.get(PEAK_ENV):
-        return float(os.environ[PEAK_ENV]) * 1e12
+    peak = peak_tflops_env()
+    if peak is not None:
+        return peak * 1e12
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         key = gpus.match_gpu(name)
@@ -150,7 +149,14 @@ class MetricsWriter:
     def __init__(self, output_dir: Path, enabled: bool, tensorboard: bool) -> None:
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
-        self._f = open(self.path, "a") if enabled else None  # noqa: SIM115 - kept open for the run
+        self._write_failed = False
+        try:
+            self._f = open(self.path, "a") if enabled else None  # noqa: SIM115 - kept open for the run
+        except OSError as e:
+            from fastsupmae.errors import UserError
+
+            raise UserError(f"cannot open {self.path} for the run's metrics ({e.strerror or e}); free space or fix "
+                            "train.output_dir") from None
         self._tb = None
         if enabled and tensorboard:
             try:
@@ -169,8 +175,17 @@ class MetricsWriter:
         bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
         if bad:
             clean["nonfinite"] = bad
-        self._f.write(json.dumps(clean) + "\n")
-        self._f.flush()
+        try:
+            self._f.write(json.dumps(clean) + "\n")
+            self._f.flush()
+        except OSError as e:  # disk full, quota, a vanished mount: a lost log line must not end hours of training
+            if not self._write_failed:
+                log.warning("cannot write %s (%s): this and later metrics lines until it works again are lost; the "
+                            "run goes on (a checkpoint that cannot be written stops it with a message)", self.path,
+                            e.strerror or e)
+            self._write_failed = True
+            return
+        self._write_failed = False
         if self._tb is not None and "step" in record:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step" and math.isfinite(v):

@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from fastsupmae import safe_unpickle
+
 log = logging.getLogger(__name__)
 
 _OPTIM = "optimizer_state_dict"
@@ -59,7 +61,8 @@ def _rank_of(f: Path) -> int:
 
 def _load(f: Path) -> dict[str, Any]:
     # mmap: the ranks of one node share the file pages instead of each holding a copy of every shard
-    return torch.load(f, map_location="cpu", weights_only=False, mmap=True)
+    # restricted: DeepSpeed's objects and tensors only (fastsupmae.safe_unpickle)
+    return safe_unpickle.load(f, mmap=True)
 
 
 def _split_state(state: dict[str, Any], like: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

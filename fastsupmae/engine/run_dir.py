@@ -12,14 +12,25 @@ pointer, config and final metrics and append to its metrics log. So:
 
 Rank 0 decides and every rank receives its decision (the ranks of a multi-node job see one shared filesystem,
 but not at the same instant). The chosen directory is created and checked for writing before any training.
+
+One run per directory at a time: rank 0 holds an exclusive ``flock`` on the directory itself from the moment it
+chooses it until the task ends (:func:`release`). The kernel drops the lock when the process ends, however it
+ends, so a killed run leaves nothing stuck and there is no lock file to clean up. Two runs started at the same
+moment therefore never share a directory: a named one (or a resume) that another running process holds is
+refused; a default one moves on to the next free sibling. A filesystem without ``flock`` (some network mounts)
+runs unguarded, with a warning.
 """
 
 from __future__ import annotations
 
+import copy
+import errno
+import fcntl
 import logging
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -42,16 +53,6 @@ def holds_run(d: Path) -> bool:
         if p.is_file() or (p.is_dir() and any(p.iterdir())):
             return True
     return False
-
-
-def next_free(d: Path) -> Path:
-    """``d`` itself when it holds no run, else the first ``d-2``, ``d-3``, ... that holds none."""
-    if not holds_run(d):
-        return d
-    i = 2
-    while holds_run(d.with_name(f"{d.name}-{i}")):
-        i += 1
-    return d.with_name(f"{d.name}-{i}")
 
 
 def move_aside(d: Path) -> Path:
@@ -85,24 +86,106 @@ def check_writable(d: Path) -> None:
                           f"e.g. train.output_dir=runs/my_run") from None
 
 
+# Run directories whose lock this process holds: (device, inode) -> the open directory descriptor.
+_HELD: dict[tuple[int, int], int] = {}
+
+
+def try_lock(d: Path) -> bool:
+    """Take this process's exclusive lock of existing directory ``d``: True when taken (or already held by this
+    process), False when another process holds it."""
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    st = os.fstat(fd)
+    key = (st.st_dev, st.st_ino)
+    if key in _HELD:
+        os.close(fd)
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        log.warning("%s: this filesystem refuses a lock (%s); nothing stops a second run from writing here at "
+                    "the same time", d, e.strerror or e)
+        return True
+    _HELD[key] = fd
+    return True
+
+
+def release(d: str | Path) -> None:
+    """Give up this process's lock of ``d`` (the end of a task; a process that ends releases it anyway)."""
+    try:
+        st = os.stat(d)
+    except OSError:
+        return
+    fd = _HELD.pop((st.st_dev, st.st_ino), None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor drops the flock
+
+
+def _claim(d: Path, why: str) -> Path:
+    """Create ``d`` and lock it; RunDirError when another running process holds it."""
+    check_writable(d)
+    if not try_lock(d):
+        raise RunDirError(f"train.output_dir '{d}' is in use by another run right now (a running process holds "
+                          f"its lock); {why}")
+    return d
+
+
+def _fresh_error(out: Path) -> RunDirError:
+    return RunDirError(
+        f"train.output_dir '{out}' already holds a run (config, metrics or checkpoints); a fresh run there would "
+        f"replace them. Continue it with train.resume=auto, choose another train.output_dir, or set "
+        f"train.overwrite=true to move the old run aside (to {out.name}.old-<time>) first")
+
+
 def choose(out: Path, resume: str, explicit: bool, overwrite: bool) -> Path:
-    """The directory this run writes to (see the module docstring). Runs on one rank; touches nothing but an
-    overwrite's rename."""
-    if resume or not holds_run(out):
-        return out  # continuing a run (or resuming elsewhere into a fresh directory), or an empty directory
-    if overwrite:
+    """The directory this run writes to, created and locked (see the module docstring). Runs on one rank;
+    touches nothing but an overwrite's rename and the new directory."""
+    if resume and overwrite:
+        raise RunDirError(f"train.overwrite=true and train.resume={resume} contradict each other: overwrite moves the "
+                          f"run in '{out}' aside, resume continues it. Drop one (train.overwrite=false to resume)")
+    if resume:  # continuing a run (or resuming elsewhere into a fresh directory)
+        return _claim(out, "resume it once that run has ended, or start a new run in another train.output_dir")
+    if overwrite and holds_run(out):
+        _claim(out, "an overwrite would move a live run aside: wait for it to end, or choose another directory")
+        release(out)
         old = move_aside(out)
         log.warning("train.overwrite=true: moved the earlier run in %s to %s", out, old)
-        return out
+        return _claim(out, "choose another train.output_dir")
     if explicit:
-        raise RunDirError(
-            f"train.output_dir '{out}' already holds a run (config, metrics or checkpoints); a fresh run there would "
-            f"replace them. Continue it with train.resume=auto, choose another train.output_dir, or set "
-            f"train.overwrite=true to move the old run aside (to {out.name}.old-<time>) first")
-    new = next_free(out)
-    log.warning("%s holds an earlier run, which is kept; this run writes to %s (name the directory with "
-                "train.output_dir=..., or continue the earlier run with train.resume=auto)", out, new)
-    return new
+        if holds_run(out):
+            raise _fresh_error(out)
+        _claim(out, "wait for it to end, or choose another train.output_dir")
+        if holds_run(out):  # a run that started and ended between the two looks
+            release(out)
+            raise _fresh_error(out)
+        return out
+    d, i = out, 1
+    while True:  # the first sibling that holds no run and that no running process holds
+        if not holds_run(d):
+            check_writable(d)
+            if try_lock(d):
+                if not holds_run(d):
+                    break
+                release(d)
+        i += 1
+        d = out.with_name(f"{out.name}-{i}")
+    if d != out:
+        log.warning("%s holds an earlier run (or one running now), which is kept; this run writes to %s (name the "
+                    "directory with train.output_dir=..., or continue the earlier run with train.resume=auto)", out, d)
+    return d
+
+
+def save_run_config(cfg: Any, path: Path) -> None:
+    """Write the run's ``config.yaml`` as the config to resume it with: ``train.overwrite`` is stored as false (the
+    overwrite was done when the run started; kept true, the documented ``--config <run>/config.yaml
+    train.resume=auto`` would be refused as overwrite-and-resume)."""
+    from fastsupmae.config import save_config
+
+    saved = copy.deepcopy(cfg)
+    saved.train.overwrite = False
+    save_config(saved, path)
 
 
 def prepare(out: str | Path, resume: str, explicit: bool, overwrite: bool, rank: int = 0,

@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-from fastsupmae import gpus
+from fastsupmae import gpus, safe_unpickle
+from fastsupmae.checkpoint_file import UnsafeCheckpointError
 from fastsupmae.config import Config
 from fastsupmae.engine import checkpoint as ckpt
 from fastsupmae.engine import dep_logs, optim, run_dir
@@ -332,7 +333,7 @@ class Trainer:
 
         def saved(r: int) -> dict[str, Any] | None:
             f = path / f"rank{r}_state.pt"
-            return torch.load(f, map_location="cpu", weights_only=False).get("ema") if f.exists() else None
+            return safe_unpickle.load(f).get("ema") if f.exists() else None
 
         first = saved(0)
         states = [first] + ([saved(r) for r in range(1, old_world)] if first and first.get("sharded") else [])
@@ -350,7 +351,9 @@ class Trainer:
         problem = ckpt.verify(path)
         if problem is None:
             meta = ckpt.read_meta(path)
-            for key, now in (("zero_stage", self.zero_stage), ("precision", self.precision)):
+            # precision first: bf16 raises the effective ZeRO stage, so a precision change also shows as a stage
+            # change, and the user changed the precision
+            for key, now in (("precision", self.precision), ("zero_stage", self.zero_stage)):
                 # ZeRO 1 <-> 2 (e.g. a bf16 checkpoint of DeepSpeed's bf16 optimizer, which multi-rank bf16 ran
                 # before it moved to stage 2): the optimizer state is re-sharded exactly (CheckpointManager.load)
                 if key == "zero_stage" and {meta.get(key), now} <= {1, 2}:
@@ -370,12 +373,16 @@ class Trainer:
                 mismatch = ckpt.shape_mismatch(path, self._own_shapes())
                 if mismatch is None:
                     loaded = self.ckpt.load(self.engine, path)
+            except UnsafeCheckpointError:
+                raise  # not damage: a file that could run code stops the resume (the same files on every rank)
             except Exception as e:  # noqa: BLE001 - a damaged file surfaces as any error of torch.load / DeepSpeed
                 problem = f"{type(e).__name__}: {str(e).strip()[:200]}"
         if mismatch is not None:  # the same files and model on every rank: all raise together
             raise UserError(mismatch)
         if not dist_utils.all_agree(problem is None):
             damaged.append(f"{path} ({problem or 'damaged on another rank'})")
+            if path.parent.resolve() == self.ckpt.dir.resolve():
+                self.ckpt.damaged.add(path.name)  # pruning must not count it as one of the kept
             if self.cfg.train.resume != "auto":
                 raise ckpt.CheckpointNotFoundError(
                     f"checkpoint {path} is damaged ({problem or 'on another rank'}); name an intact one in "
@@ -384,6 +391,7 @@ class Trainer:
                 log.warning("checkpoint %s is damaged (%s); trying the one before it", path,
                             problem or "on another rank")
             return None
+        self.ckpt.known_good = path
         return loaded
 
     # ------------------------------------------------------------------------------------------- checkpoints

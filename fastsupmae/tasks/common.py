@@ -65,6 +65,21 @@ def load_model_for_eval(args: argparse.Namespace, encoder_only: bool = False
     return cfg, model.to(device).eval(), device
 
 
+def check_output_file(value: str, option: str) -> None:
+    """A result file the command writes at the end must be writable before the work starts (its folders are
+    created then): not a directory, not under a file, in a folder the user can write to."""
+    from fastsupmae.errors import UserError
+
+    out = Path(value)
+    parent = next((d for d in out.parents if d.exists()), Path("."))
+    if out.is_dir():
+        raise UserError(f"{option} '{value}' is a directory; name a JSON file, e.g. {option} {out / 'result.json'}")
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{option} '{value}' cannot be written: '{parent}' is "
+                        f"{'a file' if not parent.is_dir() else 'not writable'}; name a file in a folder you can "
+                        "write to")
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     import json
 

@@ -239,8 +239,10 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from fastsupmae.pipelines import build_eval_loader
-    from fastsupmae.tasks.common import load_model_for_eval, write_json
+    from fastsupmae.tasks.common import check_output_file, load_model_for_eval, write_json
 
+    if args.output:
+        check_output_file(args.output, "--output")  # before the evaluation: its result must have somewhere to go
     cfg, model, device = load_model_for_eval(args)
     if not hasattr(model, "forward_head") or getattr(model, "objective", "") == "mae":
         raise UserError("`fastsupmae eval` needs a classifier (a fine-tuned, supervised or SupMAE model); "

@@ -29,6 +29,7 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -253,6 +254,35 @@ def _check_out_dir(out: Path) -> None:
         raise ExportError(f"--out '{out}' is not writable")
 
 
+def _check_request(name: str, formats: tuple[str, ...], tol: float) -> None:
+    """--name, --formats and --tol, before anything is read or written."""
+    if not name or name in (".", "..") or "/" in name or os.sep in name or name.startswith("."):
+        raise ExportError(f"--name {name!r} is not a file name stem: give a plain name without '/' and not starting "
+                          "with '.', e.g. --name vit_small (the folder is --out)")
+    if not formats:
+        raise ExportError(f"--formats names no format; choose one or more of {', '.join(ALL_FORMATS)}")
+    bad = [f for f in formats if f not in ALL_FORMATS]
+    if bad:
+        raise ExportError(f"unknown export format(s) {bad}; choose from {', '.join(ALL_FORMATS)}")
+    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0):
+        raise ExportError(f"--tol {tol} is not a tolerance: give a number >= 0, e.g. --tol 1e-4")
+
+
+def export_files(name: str) -> tuple[str, ...]:
+    """Every file an export named ``name`` may write (its sidecar first)."""
+    return (f"{name}.json", f"{name}_full.safetensors", f"{name}_full.pth", f"{name}_timm.safetensors",
+            f"{name}_timm.pth", f"{name}.pt2")
+
+
+def _check_name_free(out: Path, name: str) -> None:
+    """A folder holds one export per name: a second one would replace some of the first's files and leave the
+    others beside them, under one sidecar (two models mixed)."""
+    there = [f for f in export_files(name) if (out / f).exists()]
+    if there:
+        raise ExportError(f"--out '{out}' already holds an export named '{name}' ({', '.join(there)}); a second "
+                          f"export there would mix two models. Choose another --out or --name, or remove those files")
+
+
 def _save_pair(sd: dict[str, torch.Tensor], base: Path, extra: dict[str, Any]) -> list[Path]:
     from safetensors.torch import save_file
 
@@ -284,12 +314,11 @@ def export_model(src: str | os.PathLike, out_dir: str | os.PathLike, cfg: Config
         batch: images in the verification batch.
         tol: max abs difference allowed between re-loaded exports and the source, relative to max(1, |out|).
     """
-    bad = [f for f in formats if f not in ALL_FORMATS]
-    if bad:
-        raise ExportError(f"unknown export format(s) {bad}; choose from {', '.join(ALL_FORMATS)}")
+    _check_request(name, formats, tol)
     cfg = cfg if cfg is not None else config_for_checkpoint(src)
     out = Path(out_dir)
     _check_out_dir(out)
+    _check_name_free(out, name)
     model = load_source(src, cfg)  # before anything is created: a checkpoint that does not load leaves no trace
     created = next((d for d in [*reversed(out.parents), out] if not d.exists()), None)  # topmost new folder
     try:

@@ -44,7 +44,6 @@ from fastsupmae.config import (
     config_from_dict,
     override_sets,
     parse_overrides,
-    save_config,
 )
 from fastsupmae.errors import UserError
 
@@ -74,6 +73,19 @@ class FinetuneOptions:
     ema_decay: float = 0.0  # EMA of the weights (e.g. 0.9999); 0 = off
     eval_every: float = 0.0  # epochs between validations (0 = only at the end); the best one is kept
 
+    def __post_init__(self) -> None:
+        """Each knob in its range, named by its command-line flag (a ConfigError: one line, exit 2)."""
+        ranges = {"layer_decay": (0.0, 1.0, "(0, 1]"), "mixup": (0.0, math.inf, ">= 0"),
+                  "cutmix": (0.0, math.inf, ">= 0"), "mixup_switch_prob": (0.0, 1.0, "[0, 1]"),
+                  "reprob": (0.0, 1.0, "[0, 1]"), "ema_decay": (0.0, 1.0, "[0, 1)"),
+                  "eval_every": (0.0, math.inf, ">= 0")}
+        for name, (lo, hi, text) in ranges.items():
+            v = getattr(self, name)
+            ok = isinstance(v, (int, float)) and lo <= v <= hi and not math.isinf(v)
+            ok = ok and not (name == "layer_decay" and v == 0) and not (name == "ema_decay" and v == 1)
+            if not ok:
+                raise ConfigError(f"--{name.replace('_', '-')} {v}: must be {text}")
+
 
 # ----------------------------------------------------------------------------------------------- config
 
@@ -90,7 +102,7 @@ def stored_run_config(checkpoint: str) -> dict[str, Any]:
     """
     from fastsupmae.weights import config_for_checkpoint
 
-    d = config_for_checkpoint(checkpoint).to_dict()
+    d = config_for_checkpoint(checkpoint, imports=False).to_dict()  # fine-tuning builds no MIM target
     run_dir = d["train"].get("output_dir") or "runs/default"
     d["train"] = {k: v for k, v in d["train"].items() if k in CARRIED_TRAIN_KEYS}
     d["train"]["output_dir"] = str(Path(run_dir) / "finetune")
@@ -404,8 +416,10 @@ def finetune(cfg: Config, opts: FinetuneOptions, device: torch.device | str | No
                       eval_every=opts.eval_every)
     trainer.maybe_resume()
     if info.is_main:  # only now: a failed resume must not rewrite the run's config
+        from fastsupmae.engine.run_dir import save_run_config
+
         Path(t.output_dir).mkdir(parents=True, exist_ok=True)
-        save_config(cfg, Path(t.output_dir) / "config.yaml")
+        save_run_config(cfg, Path(t.output_dir) / "config.yaml")
         log.info("fine-tune: %d steps, peak lr %.3g, layer decay %g, mixup %g / cutmix %g, EMA %g, %d rank(s)",
                  trainer.total_steps, trainer.peak_lr, opts.layer_decay, opts.mixup, opts.cutmix, opts.ema_decay,
                  info.world_size)
@@ -469,7 +483,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t = cfg.train
     out = run_dir.prepare(t.output_dir, t.resume, explicit, t.overwrite, info.rank, info.world_size)
     t.output_dir = str(out)
-    res = finetune(cfg, opts)
+    try:
+        res = finetune(cfg, opts)
+    finally:
+        run_dir.release(out)  # the directory lock run_dir.prepare took
     if info.is_main:
         if "top1" in res:
             line = f"fine-tune top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  ({res['steps']} steps)"

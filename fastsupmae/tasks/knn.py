@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -252,9 +251,18 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """`fastsupmae knn`: build the model from the config, load ``--checkpoint``, print top-1 / top-5."""
+    from fastsupmae.errors import UserError
     from fastsupmae.pipelines import build_eval_loader
     from fastsupmae.tasks.common import load_model_for_eval
 
+    if args.k is not None and args.k < 1:
+        raise UserError(f"--k {args.k}: the number of neighbours must be >= 1, e.g. --k 20")
+    if args.temperature is not None and not args.temperature > 0:
+        raise UserError(f"--temperature {args.temperature}: the vote temperature must be > 0, e.g. 0.07")
+    if args.output:  # checked before the whole k-NN runs: its result must have somewhere to go
+        from fastsupmae.tasks.common import check_output_file
+
+        check_output_file(args.output, "--output")
     cfg, model, device = load_model_for_eval(args, encoder_only=True)  # features only: exports load
     e = cfg.eval
     res = knn_eval(model, bank_loader(cfg, device=device), build_eval_loader(cfg, "val", device=device),
@@ -262,6 +270,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    feature=args.feature or e.feature, num_classes=cfg.model.num_classes)
     print(f"kNN top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  ({res['num_train']} train, {res['num_test']} val)")
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump(res, f, indent=2)
+        from fastsupmae.tasks.common import write_json
+
+        write_json(args.output, res)  # creates the missing folders
     return res

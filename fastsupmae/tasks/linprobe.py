@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -53,6 +54,8 @@ log = logging.getLogger(__name__)
 
 RESULT_FILE = "linprobe.json"
 HEAD_FILE = "linprobe_head.pth"
+OPTIONS_FILE = "linprobe_options.json"  # what the head is trained with: a resume must not change it
+KEPT_ON_RESUME = ("optimizer", "feature", "augment")
 
 
 @dataclass
@@ -322,6 +325,7 @@ def linear_probe(model: nn.Module, cfg: Config, opts: LinprobeOptions, val_loade
     # the encoder runs in the run's precision; the head trains in fp32 (see the module docstring)
     feat_precision = resolve_precision(cfg, info.device)
     out = run_dir.prepare(output_dir, resume, explicit, cfg.train.overwrite, info.rank, info.world_size)
+    _check_resumed_options(out, resume, {**asdict(opts), "feature": feature})
     pcfg = probe_config(cfg, LinprobeOptions(**{**asdict(opts), "feature": feature}), info.world_size, out)
     t = pcfg.train
     t.resume = resume
@@ -368,9 +372,8 @@ def linear_probe(model: nn.Module, cfg: Config, opts: LinprobeOptions, val_loade
                                      progress_name="linprobe", make_optimizer=make_optimizer)
     trainer.maybe_resume()
     if info.is_main:  # only now: a failed resume must not rewrite the run's config
-        from fastsupmae.config import save_config
-
-        save_config(pcfg, out / "config.yaml")
+        run_dir.save_run_config(pcfg, out / "config.yaml")
+        (out / OPTIONS_FILE).write_text(json.dumps({**asdict(opts), "feature": feature}, indent=1))
         log.info("linear probe: %s features, %d samples, batch %d over %d rank(s), %s lr %.3g, ZeRO 0 fp32 head",
                  feature, getattr(loader, "num_samples", 0) or len(loader) * t.global_batch, t.global_batch,
                  info.world_size, opts.optimizer, trainer.peak_lr)
@@ -407,7 +410,28 @@ def linear_probe(model: nn.Module, cfg: Config, opts: LinprobeOptions, val_loade
     res["head"] = trained
     if hasattr(trainer.engine, "destroy"):
         trainer.engine.destroy()
+    run_dir.release(out)  # the probe's directory lock (held since run_dir.prepare)
     return res
+
+
+def _check_resumed_options(out: Path, resume: str, now: dict[str, Any]) -> None:
+    """A resumed probe keeps its optimizer, feature and mode: its checkpoint holds that optimizer's state (SGD
+    momenta loaded into LARS would silently change the method)."""
+    f = out / OPTIONS_FILE
+    if not resume or not f.is_file():
+        return
+    try:
+        saved = json.loads(f.read_text())
+    except (OSError, ValueError):
+        return  # unreadable: nothing to compare (the checkpoint still loads)
+    changed = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in KEPT_ON_RESUME if k in saved and saved[k] != now.get(k)]
+    if changed:
+        from fastsupmae.engine.run_dir import RunDirError, release
+
+        release(out)
+        raise RunDirError(f"the probe in '{out}' was trained with other options ({'; '.join(changed)}); its "
+                          "checkpoint holds that optimizer's state. Resume with the same options, or start a new "
+                          "probe with another --output")
 
 
 def _default_train_loader(pcfg: Config, info: Any) -> Any:
@@ -449,6 +473,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # Without --checkpoint the encoder keeps its random initialisation: the same one on every rank and every run.
     torch.manual_seed(0)
     cfg, model, device = load_model_for_eval(args, encoder_only=True)  # features only: exports load
+    if not args.config:  # the pretraining run's own resume / overwrite are not the probe's
+        from fastsupmae.config import override_sets
+
+        for key, off in (("resume", ""), ("overwrite", False)):
+            if not override_sets(args.overrides, f"train.{key}"):
+                setattr(cfg.train, key, off)
     if getattr(args, "resume", None):
         cfg.train.resume = args.resume
     from fastsupmae.engine.distributed import init_distributed

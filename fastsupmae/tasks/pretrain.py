@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from fastsupmae.config import Config, override_sets, save_config
+from fastsupmae.config import Config, override_sets
+from fastsupmae.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +34,38 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _write_run_files(cfg: Config, out: Path, loader: Any, ds_config: dict[str, Any]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    from fastsupmae.engine import run_dir
+
     names = list(getattr(loader, "class_names", []) or [])
-    (out / "class_map.json").write_text(json.dumps({str(i): n for i, n in enumerate(names)}, indent=1))
-    (out / "ds_config.json").write_text(json.dumps(ds_config, indent=1))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        run_dir.save_run_config(cfg, out / "config.yaml")
+        (out / "class_map.json").write_text(json.dumps({str(i): n for i, n in enumerate(names)}, indent=1))
+        (out / "ds_config.json").write_text(json.dumps(ds_config, indent=1))
+    except OSError as e:
+        raise UserError(f"cannot write the run's files in '{out}' ({e.strerror or e}: {e.filename or ''}); free "
+                        "space or fix train.output_dir, then start again (train.resume=auto continues a resumed "
+                        "run)") from None
+
+
+def _check_class_map(out: Path, loader: Any, resume: str) -> None:
+    """A resumed run keeps its classes: label k must mean what it meant when the checkpoint was trained."""
+    f = out / "class_map.json"
+    names = list(getattr(loader, "class_names", []) or [])
+    if not resume or not names or not f.is_file():
+        return
+    try:
+        saved_map = json.loads(f.read_text())
+        saved = [saved_map[str(i)] for i in range(len(saved_map))]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{f} is not a class map ({type(e).__name__}: {e}); restore it from a copy of the run, "
+                        "or delete it to accept the data's classes as they are now") from None
+    if saved != names:
+        from fastsupmae.pipelines.class_map import describe_difference
+
+        raise UserError(f"resuming '{out}' on other classes than it was trained on ({describe_difference(saved, names)}"
+                        f"; {f.name} lists the run's): label indices would change meaning. Point data.root at the "
+                        "run's data (its config.yaml), or start a new run")
 
 
 def _report_bad_files(loader: Any, out: Path, rank: int) -> dict[str, Any]:
@@ -87,10 +115,6 @@ def run(args_or_cfg: argparse.Namespace | Config) -> dict[str, Any]:
     """
     from fastsupmae.engine import run_dir
     from fastsupmae.engine.distributed import init_distributed, set_single_process_defaults
-    from fastsupmae.engine.rng import seed_everything
-    from fastsupmae.engine.trainer import Trainer
-    from fastsupmae.models import build_model
-    from fastsupmae.pipelines import build_train_loader, check_eval_split
     from fastsupmae.pipelines.factory import check_shared_memory
 
     t0 = time.time()
@@ -110,11 +134,26 @@ def run(args_or_cfg: argparse.Namespace | Config) -> dict[str, Any]:
     t = cfg.train
     out = run_dir.prepare(t.output_dir, t.resume, explicit, t.overwrite, info.rank, info.world_size)
     t.output_dir = str(out)
+    try:
+        return _train_and_probe(cfg, out, info, t0)
+    finally:
+        run_dir.release(out)  # the run directory's lock: the next run may use it
+
+
+def _train_and_probe(cfg: Config, out: Path, info: Any, t0: float) -> dict[str, Any]:
+    """The run in directory ``out`` (chosen and locked): train, write its files, probe; the final metrics."""
+    from fastsupmae.engine.rng import seed_everything
+    from fastsupmae.engine.trainer import Trainer
+    from fastsupmae.models import build_model
+    from fastsupmae.pipelines import build_train_loader, check_eval_split
+
+    t = cfg.train
     if cfg.eval.after_train != "none":
         check_eval_split(cfg)  # the probe's split must exist before hours of training, not after
     seed_everything(t.seed, info.rank)
     model = build_model(cfg, device=info.device)
     loader = build_train_loader(cfg, info.rank, info.world_size, info.device)  # checks the data's classes
+    _check_class_map(out, loader, t.resume)
     trainer = Trainer(cfg, model, loader, info)
     trainer.maybe_resume()
     if info.is_main:  # only now: a failed resume must not rewrite the run's config

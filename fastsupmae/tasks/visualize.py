@@ -213,21 +213,51 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+# Rows of a reconstruction grid: each is a row of four pictures; far more would make an unreadable, huge figure.
+MAX_IMAGES = 64
+IMAGE_FORMATS = ("png", "jpg", "jpeg", "pdf", "svg")
+
+
+def output_file(value: str, option: str, default_name: str) -> Path:
+    """Where a picture goes: ``value``, or ``value/default_name`` for a directory (an existing one, or a path
+    ending in '/'); '.png' added to a name without extension. Checked before any work: a format matplotlib does
+    not write, or a parent that is a file or not writable, is a UserError naming ``option``."""
+    p = Path(value)
+    if value.endswith(("/", os.sep)) or p.is_dir():
+        p = p / default_name
+    if not p.suffix:
+        p = p.with_name(p.name + ".png")
+    if p.suffix[1:].lower() not in IMAGE_FORMATS:
+        raise UserError(f"{option} '{value}': '{p.suffix}' is not an image format this command writes; end the "
+                        f"name with one of {', '.join('.' + f for f in IMAGE_FORMATS)}")
+    parent = next((d for d in p.parents if d.exists()), Path("."))
+    if not parent.is_dir():
+        raise UserError(f"{option} '{value}' cannot be written: '{parent}' is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{option} '{value}' cannot be written: '{parent}' is not writable")
+    return p
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     res: dict[str, Any] = {}
-    if args.metrics:
+    want_grid = bool(args.checkpoint or not args.metrics)
+    if want_grid and not 1 <= args.num_images <= MAX_IMAGES:
+        raise UserError(f"--num-images {args.num_images}: give 1 to {MAX_IMAGES} (rows of the reconstruction grid)")
+    grid_out = output_file(args.out, "--out", "reconstruction.png") if want_grid else None
+    curves_out = output_file(args.curves_out, "--curves-out", "loss_curves.png") if args.metrics else None
+    if curves_out is not None:
         keys = [k for k in args.keys.split(",") if k] or None
-        res["curves"] = plot_loss_curves(args.metrics, args.curves_out, keys)
-        print(f"loss curves ({', '.join(res['curves'])}) -> {args.curves_out}")
-    if args.checkpoint or not args.metrics:
+        res["curves"] = plot_loss_curves(args.metrics, curves_out, keys)
+        print(f"loss curves ({', '.join(res['curves'])}) -> {curves_out}")
+    if grid_out is not None:
         from fastsupmae.pipelines import build_eval_loader
         from fastsupmae.tasks.common import load_model_for_eval
 
         cfg, model, device = load_model_for_eval(args)
-        cfg.eval.batch = max(1, args.num_images)
+        cfg.eval.batch = args.num_images
         batch = next(iter(build_eval_loader(cfg, "val", device=device)))
         panels = reconstruction_panels(model, batch["images"][: args.num_images], seed=args.seed)
-        save_reconstruction_grid(panels, args.out)
-        res["grid"] = args.out
-        print(f"reconstruction grid of {panels['original'].shape[0]} image(s) -> {args.out}")
+        save_reconstruction_grid(panels, grid_out)
+        res["grid"] = str(grid_out)
+        print(f"reconstruction grid of {panels['original'].shape[0]} image(s) -> {grid_out}")
     return res
