@@ -155,7 +155,7 @@ def grad_accum_steps(cfg: Config, world_size: int) -> int:
 
 
 def build_ds_config(cfg: Config, world_size: int, precision: str, optimizer_name: str,
-                    device: torch.device) -> dict[str, Any]:
+                    device: torch.device, plan: EnginePlan | None = None) -> dict[str, Any]:
     """DeepSpeed config dict for this run.
 
     Args:
@@ -165,9 +165,11 @@ def build_ds_config(cfg: Config, world_size: int, precision: str, optimizer_name
         optimizer_name: 'adamw' (guarded torch AdamW, which does its own NaN skipping on the device) or a
             DeepSpeed optimizer (whose NaN skipping relies on DeepSpeed's bf16/fp16 overflow check).
         device: the device of this rank.
+        plan: :func:`engine_plan` of these arguments when the caller already holds it (the trainer does: it
+            reads the accumulation and stage from it); computed here otherwise.
     """
     t = cfg.train
-    plan = engine_plan(cfg, world_size, precision, device)
+    plan = plan if plan is not None else engine_plan(cfg, world_size, precision, device)
     gas, stage = plan.grad_accum, plan.zero_stage
     on_gpu = device.type == "cuda"
     zero: dict[str, Any] = {"stage": stage}

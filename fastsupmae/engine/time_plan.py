@@ -35,6 +35,7 @@ plan and does not re-plan (the budget spent before the interruption is not known
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -43,7 +44,10 @@ from typing import Any
 
 import torch
 
+from fastsupmae.engine import distributed as dist_utils
 from fastsupmae.engine.optim import lr_at
+
+log = logging.getLogger(__name__)
 
 # Steps left out of the measurement: the first ones pay for compilation, lazy initialisation and the first
 # batches, and would make the rate look slower than the run is.
@@ -258,3 +262,153 @@ def replan_due(step: int, elapsed_s: float, sec_per_step: float, limit_s: float,
 def default_clock() -> float:
     """The clock the budget is measured with: monotonic (a wall-clock change does not move it)."""
     return time.monotonic()
+
+
+class LengthPlanner:
+    """The planned length of one run: the measurement, the plan, the re-plans and the agreement between ranks.
+
+    The trainer keeps the step count and the schedule's total; it asks the planner at each control point in two
+    phases around that control point's one synchronising reduction, because every rank must take the same
+    decision: :meth:`votes` (before: is a plan or a re-plan due on this rank?) and :meth:`decide` (after, with the
+    votes reduced over the ranks: fix or re-plan, one all-reduce for the agreed total). :meth:`resume` ends the
+    control point (its evaluation and checkpoint are not step time).
+
+    Args:
+        limit_min: ``train.time_limit_min`` (0: no planned length; every method is then a no-op).
+        clock: the trainer's clock (seconds).
+        device: the training device (the meter synchronises a GPU once).
+        warmup_steps: the configured warmup in optimizer steps.
+        steps_per_epoch: optimizer steps per epoch (for the events' epoch counts).
+        is_main: this rank logs.
+    """
+
+    def __init__(self, limit_min: float, clock: Callable[[], float], device: torch.device, warmup_steps: int,
+                 steps_per_epoch: float, is_main: bool) -> None:
+        self.limit_min, self.limit_s = limit_min, limit_min * 60
+        self.clock, self.device, self.is_main = clock, device, is_main
+        self.warmup_steps, self.steps_per_epoch = warmup_steps, steps_per_epoch
+        self.plan: TimePlan | None = None
+        self.meter: RateMeter | None = None  # measuring the step rate until the plan is fixed
+        self.window: StepWindow | None = None  # timing the steps after the plan, for a re-plan
+        self.t_start = 0.0
+
+    # ----------------------------------------------------------------------------------- start, resume, state
+    def restore(self, saved: dict[str, Any] | None, total_steps: int) -> int:
+        """Continue a planned run with its saved plan (same length and schedule, no new measurement); returns the
+        run's total steps."""
+        if not saved:
+            return total_steps
+        plan = TimePlan.from_state(saved)
+        if self.limit_min <= 0:
+            if self.is_main:
+                log.info("train.time_limit_min is 0: the checkpoint's time plan (%d steps) is dropped; the run "
+                         "continues to its configured %d steps", plan.total_steps, total_steps)
+            return total_steps
+        self.plan = plan
+        if plan.total_steps > total_steps:  # the config now asks for fewer steps: the plan never exceeds it
+            if self.is_main:
+                log.warning("the checkpoint's time plan has %d steps but the config now asks for %d; ending at %d "
+                            "(the planned schedule is cut there)", plan.total_steps, total_steps, total_steps)
+            return total_steps
+        if plan.limit_min != self.limit_min and self.is_main:
+            log.warning("train.time_limit_min is %g but the run was planned for %g min: the saved plan is kept "
+                        "(%d steps); start a new run to plan another length", self.limit_min, plan.limit_min,
+                        plan.total_steps)
+        return plan.total_steps
+
+    def start(self, step: int, total_steps: int, t_start: float) -> None:
+        """Before the first step of this process: start measuring unless a plan is already fixed."""
+        self.t_start = t_start
+        if self.limit_min > 0 and self.plan is None and step < total_steps:
+            self.meter = RateMeter(step, self.limit_s, self.clock, self.device)
+
+    def after_step(self, step: int) -> None:
+        if self.meter is not None:
+            self.meter.after_step(step)
+
+    def state_dict(self) -> dict[str, Any] | None:
+        return self.plan.state_dict() if self.plan is not None else None
+
+    def limit_s_now(self) -> float:
+        """The elapsed time that stops the run: the limit before a plan; a planned run ends 'done' at its planned
+        step and is stopped only if it overruns badly (``OVERRUN``)."""
+        return self.limit_s * (OVERRUN if self.plan is not None else 1.0)
+
+    # -------------------------------------------------------------------------------------- the control point
+    def votes(self, step: int, total_steps: int, is_last: bool) -> tuple[bool, bool]:
+        """(plan due, re-plan due) on this rank; the trainer reduces them over the ranks with its metrics."""
+        plan_due = self.meter is not None and not is_last and self.meter.ready(step, self.clock())
+        w = self.window
+        if w is None or is_last or self.plan is None or not w.full(step):
+            return plan_due, False
+        return plan_due, replan_due(step, self.clock() - self.t_start, w.sec_per_step(step), self.limit_s,
+                                    total_steps, self.plan.configured_steps)
+
+    def decide(self, step: int, total_steps: int, plan_due: bool, replan: bool,
+               stopping: bool) -> dict[str, Any] | None:
+        """After the control point's reduction (``plan_due`` / ``replan``: some rank voted so): fix the plan or
+        re-plan, unless the run is stopping. Returns the metrics event of a new total (its ``total_steps`` is the
+        run's new length), or None."""
+        event = None
+        if self.window is not None:
+            self.window.pause(step)  # after the reduction's sync: the window covers the device work
+        if not stopping and plan_due:
+            event = self._fix(step, total_steps, self.clock())
+        elif not stopping and replan:
+            event = self._replan(step, total_steps, self.clock())
+        if self.window is not None and self.window.full(step):
+            self.window.next_window(step)
+        return event
+
+    def resume(self, step: int) -> None:
+        """The control point is over: step time runs again."""
+        if self.window is not None:
+            self.window.resume(step)
+
+    def _fix(self, step: int, configured: int, now: float) -> dict[str, Any]:
+        """Fix the length from the measured rate (collective: every rank keeps the smallest total any rank computed,
+        i.e. the plan every rank can finish in time)."""
+        assert self.meter is not None
+        elapsed, sec = now - self.t_start, self.meter.sec_per_step(step, now)
+        total, slowest = self._agree(plan_total(step, elapsed, sec, self.limit_s, configured), sec)
+        self.plan = TimePlan(
+            total_steps=total, warmup_steps=planned_warmup(self.warmup_steps, configured, step, total),
+            fixed_at=step, configured_steps=configured, configured_warmup=self.warmup_steps,
+            steps_per_s=1.0 / slowest, measured_steps=self.meter.measured(step), limit_min=self.limit_min)
+        self.meter = None
+        self.window = StepWindow(self.limit_s, self.clock, step)
+        end_min = (elapsed + (total - step) * slowest) / 60
+        if self.is_main:
+            fits = "the configured length fits" if total == configured else f"configured {configured}"
+            log.info("time plan: %.3g steps/s measured over %d steps -> %d total steps (%.2f epochs; %s) to end at "
+                     "%.1f min (train.time_limit_min %g)", self.plan.steps_per_s, self.plan.measured_steps, total,
+                     total / self.steps_per_epoch, fits, end_min, self.limit_min)
+            if total <= step:
+                log.warning("the time limit leaves no steps after the measurement: the run ends at step %d", step)
+        return {"event": "time_plan", "step": step, "elapsed_s": elapsed, "planned_end_min": end_min,
+                "total_epochs": total / self.steps_per_epoch, **self.plan.state_dict()}
+
+    def _replan(self, step: int, before: int, now: float) -> dict[str, Any] | None:
+        """Lay the rest of the schedule over the total that the rate since the plan fits in the budget
+        (collective, as the plan: the smallest total of any rank); None when that is the same total."""
+        assert self.plan is not None and self.window is not None
+        elapsed, sec = now - self.t_start, self.window.sec_per_step(step)
+        total, slowest = self._agree(plan_total(step, elapsed, sec, self.limit_s, self.plan.configured_steps), sec)
+        if total == before:
+            return None
+        self.plan = self.plan.replanned(step, total)
+        end_min = (elapsed + (total - step) * slowest) / 60
+        if self.is_main:
+            log.info("time re-plan at step %d: %.3g steps/s since the plan -> %d total steps instead of %d, to end "
+                     "at %.1f min (train.time_limit_min %g)", step, 1.0 / slowest, total, before, end_min,
+                     self.limit_min)
+        return {"event": "time_replan", "step": step, "elapsed_s": elapsed, "sec_per_step": slowest,
+                "previous_total": before, "total_steps": total, "planned_end_min": end_min,
+                "total_epochs": total / self.steps_per_epoch}
+
+    @staticmethod
+    def _agree(mine: int, sec_per_step: float) -> tuple[int, float]:
+        """(smallest total, slowest seconds per step) over the ranks: one all-reduce (MAX of -total, s/step)."""
+        agreed = torch.tensor([-float(mine), sec_per_step], dtype=torch.float64, device=dist_utils.comm_device())
+        neg_total, slowest = dist_utils.all_reduce_max(agreed).tolist()
+        return int(-neg_total), slowest

@@ -9,7 +9,8 @@ Where to look: :meth:`Trainer.maybe_resume` (which checkpoint, and restoring it)
 of one ``fit``), :meth:`Trainer._optimizer_step` (accumulation, backward, the step) with
 :meth:`Trainer._bookkeeping` (NaN/Inf skipping and the on-device sums), :meth:`Trainer._control_point` (the log
 step: one reduction over ranks, the metrics record, divergence, the checkpoint, the agreed stop),
-:meth:`Trainer._fix_plan` (``train.time_limit_min``: the planned length, :mod:`fastsupmae.engine.time_plan`) and
+:class:`fastsupmae.engine.time_plan.LengthPlanner` (``train.time_limit_min``: the planned length, asked at each
+control point) and
 :meth:`Trainer._finish`; the profiler is a context around the loop. A task supplies its model, its data loader
 and, when it does not pretrain, its ``forward_loss``; everything else here serves every task.
 """
@@ -102,8 +103,6 @@ class _Loop:
     has_grad_norm: bool = False
     window_t0: float = 0.0
     window_steps: int = 0
-    meter: tp.RateMeter | None = None  # measuring the step rate until the time plan is fixed
-    window: tp.StepWindow | None = None  # timing the steps after the plan, for a re-plan
     timers: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("data", "fwd", "bwd", "opt"), 0.0))
     last_record: dict[str, Any] = field(default_factory=dict)
 
@@ -156,8 +155,8 @@ class Trainer:
         self.precision = resolve_precision(cfg, self.device)
         gpus.set_tf32(self.device, t.tf32)  # fp32 matmuls on TF32 tensor cores; the MFU peak follows
         # the ZeRO stage, accumulation and gradient reduction DeepSpeed will run (engine/ds_config.py decides)
-        self.plan = engine_plan(cfg, dist.world_size, self.precision, self.device)
-        self.grad_accum = self.plan.grad_accum
+        self.ds_plan = engine_plan(cfg, dist.world_size, self.precision, self.device)
+        self.grad_accum = self.ds_plan.grad_accum
         if len(loader) < self.grad_accum:
             raise UserError(f"the training loader has {len(loader)} micro-batches per epoch on this rank, fewer than "
                              f"one optimizer step ({self.grad_accum}); lower train.global_batch or add data")
@@ -173,9 +172,9 @@ class Trainer:
 
             model = convert_sync_batchnorm(model, self.device)
         model = model.to(self.device)
-        self.zero_stage = self.plan.zero_stage
-        if self.plan.why and dist.is_main:
-            log.info(self.plan.why)
+        self.zero_stage = self.ds_plan.zero_stage
+        if self.ds_plan.why and dist.is_main:
+            log.info(self.ds_plan.why)
         if make_optimizer is not None:
             optimizer, self.optimizer_name = make_optimizer(model, self.zero_stage > 0)
         else:
@@ -185,7 +184,8 @@ class Trainer:
         # fp16 keeps DeepSpeed's loss-scaler overflow check, which skips before the client optimizer runs.
         # A guarded optimizer (GuardedAdamW, the probe's LARS) skips non-finite steps itself and reports them.
         self.guarded = getattr(optimizer, "guards_steps", False) and self.precision != "fp16"
-        self.ds_config = build_ds_config(cfg, dist.world_size, self.precision, self.optimizer_name, self.device)
+        self.ds_config = build_ds_config(cfg, dist.world_size, self.precision, self.optimizer_name, self.device,
+                                         plan=self.ds_plan)
         with dep_logs.captured():  # its optimizer memory reports go to the run's DeepSpeed log, not the terminal
             self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                      config=self.ds_config)
@@ -224,7 +224,8 @@ class Trainer:
         self.skipped_total = 0
         self.last_checkpoint: str | None = None
         # train.time_limit_min > 0: the planned length, fixed after measuring the step rate (or restored)
-        self.plan: tp.TimePlan | None = None
+        self.planner = tp.LengthPlanner(t.time_limit_min, lambda: self._clock(), self.device, self.warmup_steps,
+                                        self.steps_per_epoch, dist.is_main)
         self._stop_signal = False
         self._bar: Any = None
 
@@ -236,7 +237,7 @@ class Trainer:
                 "grad_accum": self.grad_accum, "precision": self.precision, "zero_stage": self.zero_stage,
                 "config_hash": c.hash(), "config": c.to_dict(), "skipped_total": self.skipped_total,
                 "loader": self.loader.state_dict(), "time": time.time(), "best": self.best,
-                "total_steps": self.total_steps, "time_plan": self.plan.state_dict() if self.plan else None}
+                "total_steps": self.total_steps, "time_plan": self.planner.state_dict()}
 
     def _rank_state(self) -> dict[str, Any]:
         return {"rank": self.dist.rank, "world_size": self.dist.world_size, "rng": rng_utils.get_rng_state(),
@@ -293,35 +294,11 @@ class Trainer:
             self.loader.load_state_dict(rank_state["loader"])
         if self.ema is not None:
             self._restore_ema(path, rank_state, old_world)
-        self._restore_plan(common.get("time_plan"))
+        self.total_steps = self.planner.restore(common.get("time_plan"), self.total_steps)
         self.last_checkpoint = str(path)
         if self.dist.is_main:
             log.info("resumed from %s at step %d (epoch %d)", path, self.step, self.epoch)
         return path
-
-    def _restore_plan(self, saved: dict[str, Any] | None) -> None:
-        """Continue a planned run with its saved plan (the same length and schedule, no new measurement)."""
-        t = self.cfg.train
-        if not saved:
-            return
-        plan = tp.TimePlan.from_state(saved)
-        if t.time_limit_min <= 0:
-            if self.dist.is_main:
-                log.info("train.time_limit_min is 0: the checkpoint's time plan (%d steps) is dropped; the run "
-                         "continues to its configured %d steps", plan.total_steps, self.total_steps)
-            return
-        self.plan = plan
-        if plan.total_steps > self.total_steps:  # the config now asks for fewer steps: the plan never exceeds it
-            if self.dist.is_main:
-                log.warning("the checkpoint's time plan has %d steps but the config now asks for %d; ending at %d "
-                            "(the planned schedule is cut there)", plan.total_steps, self.total_steps,
-                            self.total_steps)
-            return
-        if plan.limit_min != t.time_limit_min and self.dist.is_main:
-            log.warning("train.time_limit_min is %g but the run was planned for %g min: the saved plan is kept "
-                        "(%d steps); start a new run to plan another length", t.time_limit_min, plan.limit_min,
-                        plan.total_steps)
-        self.total_steps = plan.total_steps
 
     def _restore_ema(self, path: Path, rank_state: dict[str, Any] | None, old_world: int) -> None:
         """This rank's saved EMA; after a world-size change, reassembled from the old ranks' files (every old
@@ -519,7 +496,7 @@ class Trainer:
                                "device": str(self.device),
                                "peak_tflops_per_device": loop.peak / 1e12 if loop.peak else None,
                                "time_limit_min": t.time_limit_min,
-                               "time_plan": self.plan.state_dict() if self.plan else None})
+                               "time_plan": self.planner.state_dict()})
             log.info("training %s params, steps %d -> %d, %d rank(s) x micro %d x accum %d = batch %d, %s, ZeRO %d",
                      f"{self.n_params:,}", self.step, self.total_steps, self.dist.world_size, t.micro_batch,
                      self.grad_accum, t.global_batch, self.precision, self.zero_stage)
@@ -533,8 +510,7 @@ class Trainer:
         loop.it = iter(self.loader)
         loop.t_start = self._clock()
         loop.window_t0 = time.perf_counter()
-        if t.time_limit_min > 0 and self.plan is None and self.step < self.total_steps:
-            loop.meter = tp.RateMeter(self.step, t.time_limit_min * 60, self._clock, self.device)
+        self.planner.start(self.step, self.total_steps, loop.t_start)
         return loop
 
     def _clock(self) -> float:
@@ -544,8 +520,8 @@ class Trainer:
     def _lr(self, step: int) -> float:
         """The learning rate of optimizer step ``step``: the configured schedule, or the time plan's."""
         t = self.cfg.train
-        if self.plan is not None:
-            return self.plan.lr(step, self.peak_lr, t.min_lr)
+        if self.planner.plan is not None:
+            return self.planner.plan.lr(step, self.peak_lr, t.min_lr)
         return optim.lr_at(step, self.total_steps, self.warmup_steps, self.peak_lr, t.min_lr)
 
     def _finish(self, loop: _Loop, stopped: str) -> TrainResult:
@@ -558,7 +534,7 @@ class Trainer:
         loop.writer.close()
         return TrainResult(step=self.step, epoch=self.step / self.steps_per_epoch, stopped=stopped,
                            last_checkpoint=self.last_checkpoint, skipped_steps=self.skipped_total,
-                           metrics=loop.last_record, time_plan=self.plan.state_dict() if self.plan else None)
+                           metrics=loop.last_record, time_plan=self.planner.state_dict())
 
     # ----------------------------------------------------------------------------------- one optimizer step
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -606,8 +582,7 @@ class Trainer:
         self._bookkeeping(loop, step_loss)
         self.step += 1
         loop.window_steps += 1
-        if loop.meter is not None:
-            loop.meter.after_step(self.step)
+        self.planner.after_step(self.step)
         if self._bar is not None:
             self._bar.update(1)
 
@@ -651,36 +626,31 @@ class Trainer:
         if self.step % t.log_every and not want_ckpt and not is_last and not want_eval:
             return None
         elapsed = self._clock() - loop.t_start
-        # Without a plan (yet) the limit itself stops the run; a planned run ends 'done' at its planned step and
-        # is stopped only if it overruns badly. A run at its last step has completed its schedule: 'done'.
-        limit_s = t.time_limit_min * 60 * (tp.OVERRUN if self.plan is not None else 1.0)
-        over_time = t.time_limit_min > 0 and elapsed >= limit_s and not is_last
+        # A run at its last step has completed its schedule: 'done', whatever the clock says.
+        over_time = t.time_limit_min > 0 and elapsed >= self.planner.limit_s_now() and not is_last
         world = self.dist.world_size
         names = [*self.loss_keys, "good", "skipped", "grad_norm", "max_consec", "consec"]
         loop.sums.add("max_consec", loop.max_consec / world)  # identical on every rank: /world so the SUM is it
         loop.sums.add("consec", loop.consec / world)
         stop_file = self.dist.is_main and (self.out_dir / STOP_FILE).exists()
-        # The measurement is long enough on some rank (its step count is the same on every rank, only the time
-        # differs): the plan is fixed at this control point, on every rank.
-        plan_due = loop.meter is not None and not is_last and loop.meter.ready(self.step, self._clock())
-        replan_due = self._replan_due(loop, elapsed, is_last)
+        # A plan or re-plan due on some rank (the step count is the same on every rank, only the time differs) is
+        # taken at this control point on every rank.
+        plan_due, replan_due = self.planner.votes(self.step, self.total_steps, is_last)
         vals, flags = loop.sums.collect(names, [float(over_time), float(self._stop_signal), float(stop_file),
                                                 float(plan_due), float(replan_due)])
         loop.max_consec = loop.zero.clone()
         self._log_window(loop, vals, elapsed)
         if vals["max_consec"] >= t.max_bad_steps:
             self._diverged(loop, int(vals["max_consec"]))
-        if loop.window is not None:
-            loop.window.pause(self.step)  # after the reduction's sync: the window covers the device work
-        if flags[0] == 0 and (flags[3] > 0 or flags[4] > 0):
-            if flags[3] > 0:
-                self._fix_plan(loop, self._clock())  # after the sync, as the window
-            else:
-                self._replan(loop, self._clock())
+        event = self.planner.decide(self.step, self.total_steps, flags[3] > 0, flags[4] > 0, stopping=flags[0] > 0)
+        if event is not None:
+            self.total_steps = event["total_steps"]
+            loop.writer.write(event)
+            if self._bar is not None:
+                self._bar.total = self.total_steps
+                self._bar.refresh()
             is_last = self.step >= self.total_steps  # a plan that ends here still evaluates and checkpoints
             want_eval = self.evaluate is not None and (is_last or self._eval_due())
-        if loop.window is not None and loop.window.full(self.step):
-            loop.window.next_window(self.step)
         stop_now = flags[0] > 0 or flags[1] > 0 or flags[2] > 0
         improved = want_eval and self._run_evaluation(loop)
         if (want_ckpt or is_last or stop_now or improved) and self.step != loop.saved_at:
@@ -693,8 +663,7 @@ class Trainer:
                 if improved and self.dist.is_main:
                     publish_best(path, self.best)
                 dist_utils.barrier()
-        if loop.window is not None:
-            loop.window.resume(self.step)  # the evaluation and the checkpoint above are not step time
+        self.planner.resume(self.step)  # the evaluation and the checkpoint above are not step time
         if not stop_now:
             return None
         stopped = "time_limit" if flags[0] > 0 else "signal" if flags[1] > 0 else "stop_file"
@@ -703,77 +672,6 @@ class Trainer:
                 (self.out_dir / STOP_FILE).unlink(missing_ok=True)
             log.warning("stopping at step %d (%s); resume with train.resume=auto", self.step, stopped)
         return stopped
-
-    def _fix_plan(self, loop: _Loop, now: float) -> None:
-        """Fix the run's length from the measured rate (collective: every rank keeps the smallest total any rank
-        computed, i.e. the plan every rank can finish in time)."""
-        t = self.cfg.train
-        meter, step = loop.meter, self.step
-        elapsed, sec = now - loop.t_start, meter.sec_per_step(step, now)
-        mine = tp.plan_total(step, elapsed, sec, t.time_limit_min * 60, self.total_steps)
-        total, slowest = self._agree_total(mine, sec)
-        self.plan = tp.TimePlan(
-            total_steps=total, warmup_steps=tp.planned_warmup(self.warmup_steps, self.total_steps, step, total),
-            fixed_at=step, configured_steps=self.total_steps, configured_warmup=self.warmup_steps,
-            steps_per_s=1.0 / slowest, measured_steps=meter.measured(step), limit_min=t.time_limit_min)
-        self.total_steps = total
-        loop.meter = None
-        loop.window = tp.StepWindow(t.time_limit_min * 60, self._clock, step)
-        end_min = (elapsed + (total - step) * slowest) / 60
-        self._plan_changed(loop, {"event": "time_plan", "step": step, "elapsed_s": elapsed,
-                                  "planned_end_min": end_min, "total_epochs": total / self.steps_per_epoch,
-                                  **self.plan.state_dict()})
-        if self.dist.is_main:
-            fits = "the configured length fits" if total == self.plan.configured_steps else \
-                f"configured {self.plan.configured_steps}"
-            log.info("time plan: %.3g steps/s measured over %d steps -> %d total steps (%.2f epochs; %s) to end at "
-                     "%.1f min (train.time_limit_min %g)", self.plan.steps_per_s, self.plan.measured_steps, total,
-                     total / self.steps_per_epoch, fits, end_min, t.time_limit_min)
-            if total <= step:
-                log.warning("the time limit leaves no steps after the measurement: the run ends at step %d", step)
-
-    def _replan_due(self, loop: _Loop, elapsed: float, is_last: bool) -> bool:
-        """Another window has passed on this rank, and its rate since the plan would end the run far from the
-        planned end."""
-        w = loop.window
-        if w is None or is_last or self.plan is None or not w.full(self.step):
-            return False
-        return tp.replan_due(self.step, elapsed, w.sec_per_step(self.step), self.cfg.train.time_limit_min * 60,
-                             self.total_steps, self.plan.configured_steps)
-
-    def _replan(self, loop: _Loop, now: float) -> None:
-        """Lay the rest of the schedule over the total that the rate since the plan fits in the budget
-        (collective, as the plan: the smallest total of any rank); nothing changes when that is the same total."""
-        assert self.plan is not None and loop.window is not None
-        t, step = self.cfg.train, self.step
-        elapsed, sec = now - loop.t_start, loop.window.sec_per_step(step)
-        mine = tp.plan_total(step, elapsed, sec, t.time_limit_min * 60, self.plan.configured_steps)
-        total, slowest = self._agree_total(mine, sec)
-        if total == self.total_steps:
-            return
-        before = self.total_steps
-        self.plan = self.plan.replanned(step, total)
-        self.total_steps = total
-        end_min = (elapsed + (total - step) * slowest) / 60
-        self._plan_changed(loop, {"event": "time_replan", "step": step, "elapsed_s": elapsed,
-                                  "sec_per_step": slowest, "previous_total": before, "total_steps": total,
-                                  "planned_end_min": end_min, "total_epochs": total / self.steps_per_epoch})
-        if self.dist.is_main:
-            log.info("time re-plan at step %d: %.3g steps/s since the plan -> %d total steps instead of %d, to end "
-                     "at %.1f min (train.time_limit_min %g)", step, 1.0 / slowest, total, before, end_min,
-                     t.time_limit_min)
-
-    def _agree_total(self, mine: int, sec_per_step: float) -> tuple[int, float]:
-        """(smallest total, slowest seconds per step) over the ranks: one all-reduce (MAX of -total, s/step)."""
-        agreed = torch.tensor([-float(mine), sec_per_step], dtype=torch.float64, device=dist_utils.comm_device())
-        neg_total, slowest = dist_utils.all_reduce_max(agreed).tolist()
-        return int(-neg_total), slowest
-
-    def _plan_changed(self, loop: _Loop, event: dict[str, Any]) -> None:
-        loop.writer.write(event)
-        if self._bar is not None:
-            self._bar.total = self.total_steps
-            self._bar.refresh()
 
     def _log_window(self, loop: _Loop, vals: dict[str, float], elapsed: float) -> None:
         """One metrics record for the steps since the last control point (rank 0 writes it)."""
