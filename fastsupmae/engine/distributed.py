@@ -227,6 +227,20 @@ def comm_device(group: Any = None) -> torch.device:
     return torch.device(kind)
 
 
+# Substrings of the errors gloo / NCCL / c10d raise when a peer is gone or a collective timed out.
+_COMM_ERRORS = ("gloo", "NCCL", "Connection reset", "Connection closed", "Broken pipe", "timed out", "Timeout",
+                "ProcessGroup")
+
+
+class PeerFailureError(UserError, RuntimeError):
+    """A collective failed because another rank died or hung (bounded by the process-group timeout)."""
+
+
+def is_peer_failure(error: BaseException, world_size: int) -> bool:
+    """Whether ``error``, raised on one of ``world_size`` ranks, is a collective that failed with its peers."""
+    return world_size > 1 and isinstance(error, RuntimeError) and any(k in str(error) for k in _COMM_ERRORS)
+
+
 def barrier() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
