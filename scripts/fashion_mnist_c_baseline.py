@@ -43,17 +43,19 @@ class PixelLogReg(nn.Module):
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
-        return self.linear(imgs.flatten(1).float() / 255.0)
+        return self.linear(imgs.flatten(1).to(self.linear.weight.dtype) / 255.0)
 
 
-def train_logreg(images: torch.Tensor, labels: torch.Tensor, iters: int = 100, l2: float = 1e-4) -> PixelLogReg:
+def train_logreg(images: torch.Tensor, labels: torch.Tensor, iters: int = 100, l2: float = 1e-4,
+                 dtype: torch.dtype = torch.float32) -> PixelLogReg:
     """Fit :class:`PixelLogReg` by full-batch L-BFGS from zero weights (deterministic on one thread).
 
     Args:
         images: uint8 [N, 1, 28, 28]; labels: int64 [N].
+        dtype: of the weights and the arithmetic (float64: the same model on any CPU's BLAS, for the tests).
     """
-    model = PixelLogReg(images[0].numel())
-    x = images.flatten(1).float() / 255.0
+    model = PixelLogReg(images[0].numel()).to(dtype)
+    x = images.flatten(1).to(dtype) / 255.0
     opt = torch.optim.LBFGS(model.parameters(), max_iter=iters, history_size=20, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
