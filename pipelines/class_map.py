@@ -16,6 +16,12 @@ from fastsupmae.errors import DataError
 CLASS_MAP_FILE = "classes.json"
 
 
+def class_folder_name(name: str) -> str:
+    """The folder name of class ``name`` in an image-folder layout: path separators become '_' (Fashion-MNIST's
+    'T-shirt/top' -> 'T-shirt_top'); every other name is its own folder name."""
+    return name.replace("/", "_").replace("\\", "_")
+
+
 def _file(path: str | os.PathLike) -> Path:
     p = Path(path)
     return p / CLASS_MAP_FILE if p.is_dir() or p.suffix != ".json" else p

@@ -267,6 +267,20 @@ def build_folder_loader(cfg: Any, root: str | os.PathLike, device: str | torch.d
     return CpuLoader(source, num_workers=d.num_workers, **common)
 
 
+def training_class_names(cfg: Any) -> list[str]:
+    """The names of the classifier's outputs in order: the training data's classes (Fashion-MNIST's names,
+    synthetic ``class_<k>``, the training folder's sorted class folders or file list's classes)."""
+    if cfg.data.dataset == "fashion_mnist":
+        from .fashion_mnist import CLASS_NAMES
+
+        return list(CLASS_NAMES)
+    if cfg.data.dataset == "synthetic":
+        return [f"class_{i}" for i in range(max(1, cfg.model.num_classes))]
+    from .sources import train_classes
+
+    return list(train_classes(cfg))
+
+
 def check_eval_split(cfg: Any) -> int:
     """Open the evaluation split now (Fashion-MNIST's test files are read and cached for the probe; a file-backed
     split is listed), so a missing ``data.val_root`` fails before training rather than after it.

@@ -262,8 +262,9 @@ def knn_retrieval(model: nn.Module, bank: Subset, queries: Subset, k: int, tempe
 
 
 def short_finetune(state: dict[str, torch.Tensor], model_cfg: dict, train: Subset, test: Subset, steps: int,
-                   batch: int, blr: float, out_dir: Path, seed: int) -> dict[str, float]:
-    """``fastsupmae.tasks.finetune.finetune`` for ``steps`` steps from ``state`` (no mixing / RandAugment)."""
+                   batch: int, blr: float, out_dir: Path, seed: int, keep_model: bool = False) -> dict[str, Any]:
+    """``fastsupmae.tasks.finetune.finetune`` for ``steps`` steps from ``state`` (no mixing / RandAugment);
+    ``keep_model`` adds the fine-tuned classifier as 'model' (scripts/robustness_study.py evaluates it)."""
     from fastsupmae.tasks.finetune import FinetuneOptions, finetune, finetune_config
 
     dropped = ("mask_ratio", "cls_hidden_dim")  # pretraining-only keys
@@ -279,7 +280,10 @@ def short_finetune(state: dict[str, torch.Tensor], model_cfg: dict, train: Subse
     opts = FinetuneOptions(layer_decay=0.75, mixup=0.0, cutmix=0.0, reprob=0.0, randaug="none")
     train.shuffle = True
     res = finetune(cfg, opts, "cpu", train_loader=train, val_loader=test, init_state=state)
-    return {"finetune_top1": res["top1"], "finetune_steps": res["steps"], "finetune_s": res["seconds"]}
+    out = {"finetune_top1": res["top1"], "finetune_steps": res["steps"], "finetune_s": res["seconds"]}
+    if keep_model:
+        out["model"] = res["model"]
+    return out
 
 
 def run_one(method: str, budget: float, seed: int, args: argparse.Namespace, data: dict[str, Any]) -> dict[str, Any]:

@@ -9,6 +9,11 @@ Robustness sets (each given as its folder; the model is a 1000-class ImageNet cl
 - ImageNet-C: ``<root>/<corruption>/<severity 1-5>/<wnid>/``. The corruption error of corruption c is
   ``sum_s err(c, s) / sum_s err_AlexNet(c, s)``; mCE is their mean over the 15 benchmark corruptions (lower is
   better; SupMAE reports 48.1). Extra corruptions present in the folder are reported but not averaged.
+- The same layout for another dataset (Fashion-MNIST-C, written by ``fastsupmae.pipelines.make_fashion_mnist_c``):
+  class folders named after the training classes (:func:`fastsupmae.pipelines.class_folder_name`), and the errors
+  are normalised by a baseline-errors file (``--imagenet-c-baseline``; for Fashion-MNIST by default the committed
+  logistic-regression baseline ``fastsupmae/data/fashion_mnist_c_logreg.json``); every corruption in the folder
+  must have a baseline entry, and the mCE averages all of them.
 
 The class lists and AlexNet's errors ship in ``fastsupmae/data`` with their sources named in the files.
 Images are decoded by the pipeline the pipelines' factory picks (DALI on GPU, else the CPU fallback): resize the
@@ -128,13 +133,25 @@ def alexnet_errors() -> dict[str, float]:
 
 # ----------------------------------------------------------------------------------------------- folders
 
-def folder_label_map(folders: list[str], naming: str) -> list[int]:
-    """The 1000-class index of each class folder (in the sorted order the loader assigns labels).
+def folder_label_map(folders: list[str], naming: str, classes: list[str] | None = None) -> list[int]:
+    """The model's class index of each class folder (in the sorted order the loader assigns labels).
 
     Args:
         folders: sorted folder names.
-        naming: 'wnid' (ImageNet-A/-R/-Sketch/-C) or 'index' (ImageNetV2: '0' ... '999').
+        naming: 'wnid' (ImageNet-A/-R/-Sketch/-C), 'index' (ImageNetV2: '0' ... '999') or 'classes' (folders
+            named after ``classes``, the training classes, as :func:`fastsupmae.pipelines.class_folder_name`
+            writes them).
     """
+    if naming == "classes":
+        from fastsupmae.pipelines import class_folder_name
+
+        pos = {class_folder_name(c): i for i, c in enumerate(classes or [])}
+        bad = [f for f in folders if f not in pos]
+        if bad:
+            raise UserError(f"class folders {bad[:3]} are neither ImageNet WordNet ids nor the model's training "
+                            f"classes ({', '.join(list(pos)[:4])}, ...); name the class folders after the training "
+                            "classes")
+        return [pos[f] for f in folders]
     if naming == "index":
         bad = [f for f in folders if not f.isdigit() or not 0 <= int(f) < 1000]
         if bad:
@@ -154,16 +171,21 @@ def _remapped(loader: Any, table: torch.Tensor) -> Iterable[dict[str, torch.Tens
 
 
 def evaluate_folder(model: nn.Module, cfg: Any, root: str | os.PathLike, kind: str, device: torch.device,
-                    crop_ratio: float = 0.875) -> dict[str, float]:
+                    crop_ratio: float = 0.875, classes: list[str] | None = None) -> dict[str, float]:
     """Top-1 / top-5 of a 1000-class ``model`` on one robustness folder.
 
     Args:
         kind: 'imagenet_a' | 'imagenet_r' (200-class subsets), 'imagenet_sketch' | 'imagenet_c' (wnid folders),
             'imagenet_v2' (index folders).
+        classes: the model's training classes: the folders are named after them instead of ImageNet's
+            (kind 'imagenet_c' only).
     """
     from fastsupmae.pipelines import build_folder_loader
 
     loader = build_folder_loader(cfg, root, device, crop_ratio)
+    if classes is not None:
+        table = folder_label_map(list(loader.class_names), "classes", classes)
+        return evaluate_classifier(model, _remapped(loader, torch.tensor(table)))
     idx1k = folder_label_map(list(loader.class_names), "index" if kind == "imagenet_v2" else "wnid")
     if kind in ("imagenet_a", "imagenet_r"):
         subset = subset_indices(kind)
@@ -176,44 +198,179 @@ def evaluate_folder(model: nn.Module, cfg: Any, root: str | os.PathLike, kind: s
     return evaluate_classifier(model, _remapped(loader, torch.tensor(idx1k)))
 
 
-def corruption_errors(errors: dict[str, list[float]]) -> dict[str, Any]:
+FASHION_MNIST_C_BASELINE = "fashion_mnist_c_logreg.json"
+_BASELINE_KEYS = ("baseline_error", "alexnet_error")  # this project's baseline files; the shipped AlexNet file
+
+
+def load_corruption_baseline(path: str | os.PathLike) -> dict[str, float]:
+    """A baseline model's error per corruption (fraction, mean over severities 1-5) from a JSON file holding
+    ``{"baseline_error": {corruption: error}}`` (as :func:`save_corruption_baseline` writes; the shipped AlexNet
+    file's ``alexnet_error`` is read too).
+
+    Raises:
+        UserError: missing or unreadable file, no such object, an entry that is not an error in (0, 1].
+    """
+    p = Path(path)
+    what = f"--imagenet-c-baseline '{p}'"
+    if not p.is_file():
+        raise UserError(f"{what} does not exist; give a baseline-errors JSON such as fastsupmae/data/"
+                        f"{FASHION_MNIST_C_BASELINE} (scripts/fashion_mnist_c_baseline.py writes one)")
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{what} is not readable JSON ({e})") from None
+    errs = next((data[k] for k in _BASELINE_KEYS if isinstance(data, dict) and k in data), None)
+    if not isinstance(errs, dict) or not errs:
+        raise UserError(f"{what} has no 'baseline_error' object {{corruption: mean error over the severities}}")
+    bad = [c for c, v in errs.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1]
+    if bad:
+        raise UserError(f"{what}: the entry for '{bad[0]}' is {errs[bad[0]]!r}, not an error rate in (0, 1]")
+    return {c: float(v) for c, v in errs.items()}
+
+
+def save_corruption_baseline(path: str | os.PathLike, errors: dict[str, list[float]], **meta: Any) -> Path:
+    """Write a baseline-errors file: ``baseline_error`` (each corruption's mean error over its severities, the
+    CE denominator), ``errors`` (every severity's error) and ``meta``. Written to a temporary name and renamed.
+
+    Args:
+        errors: {corruption: [error at severity 1, ..., 5]} (fractions), as :func:`imagenet_c_errors` returns.
+    """
+    p = Path(path)
+    body = {**meta, "baseline_error": {c: sum(e) / len(e) for c, e in errors.items()},
+            "errors": {c: list(e) for c, e in errors.items()}}
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(body, indent=1) + "\n")
+    os.replace(tmp, p)
+    return p
+
+
+def corruption_errors(errors: dict[str, list[float]], baseline: dict[str, float] | None = None) -> dict[str, Any]:
     """ImageNet-C summary from top-1 errors (fractions) per corruption and severity.
 
+    Args:
+        baseline: {corruption: the baseline model's mean error}; default AlexNet's on the 15 ImageNet-C
+            benchmark corruptions.
+
     Returns:
-        {'ce': {corruption: CE in %}, 'mce': mean CE over the benchmark corruptions present (%),
-        'complete': all 15 benchmark corruptions with 5 severities present, 'mean_error': mean error (%)}.
+        {'ce': {corruption: CE in %}, 'mce': mean CE over the baseline's corruptions present (%),
+        'complete': every baseline corruption with 5 severities present, 'mean_error': mean error (%)}.
     """
-    alex = alexnet_errors()
+    base = alexnet_errors() if baseline is None else baseline
     ce = {}
     for c, errs in errors.items():
-        if c in alex and errs:
-            # sum_s err / sum_s err_alex with the AlexNet sum = 5 x its mean over the 5 severities
-            ce[c] = 100.0 * (sum(errs) / len(errs)) / alex[c]
-    complete = all(c in errors and len(errors[c]) == 5 for c in alex)
+        if c in base and errs:
+            # sum_s err / sum_s err_base with the baseline's sum = 5 x its mean over the 5 severities
+            ce[c] = 100.0 * (sum(errs) / len(errs)) / base[c]
+    complete = all(c in errors and len(errors[c]) == 5 for c in base)
     all_errs = [e for v in errors.values() for e in v]
     return {"ce": ce, "mce": sum(ce.values()) / len(ce) if ce else float("nan"), "complete": complete,
             "mean_error": 100.0 * sum(all_errs) / max(1, len(all_errs))}
 
 
-def evaluate_imagenet_c(model: nn.Module, cfg: Any, root: str | os.PathLike, device: torch.device
-                        ) -> dict[str, Any]:
-    """Evaluate every ``<root>/<corruption>/<severity>`` folder; returns per-severity errors and mCE."""
+_LAYOUT = "the layout is <root>/<corruption>/<severity 1-5>/<class>/<image>"
+
+
+def _visible_dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def imagenet_c_layout(root: str | os.PathLike) -> dict[str, list[tuple[int, Path]]]:
+    """{corruption: [(severity, folder), ...] in severity order} of an ImageNet-C style tree (hidden folders,
+    such as a generator's ``.<name>.partial``, are skipped).
+
+    Raises:
+        UserError: no such folder, no corruption folders, a severity folder not named 1-5, a corruption without
+            severity folders, a severity folder without class folders.
+    """
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"ImageNet-C folder '{root}' does not exist")
-    errors: dict[str, list[float]] = {}
-    for cdir in sorted(p for p in root.iterdir() if p.is_dir()):
-        sev = sorted((p for p in cdir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+    tree: dict[str, list[tuple[int, Path]]] = {}
+    for cdir in _visible_dirs(root):
+        sev = _visible_dirs(cdir)
+        bad = [p.name for p in sev if p.name not in ("1", "2", "3", "4", "5")]
+        if bad:
+            raise UserError(f"'{cdir / bad[0]}' is not a severity folder (1-5); {_LAYOUT}")
+        if not sev:
+            raise UserError(f"'{cdir}' holds no severity folders 1-5; {_LAYOUT}")
         for sdir in sev:
-            r = evaluate_folder(model, cfg, sdir, "imagenet_c", device, crop_ratio=1.0)
-            errors.setdefault(cdir.name, []).append(1.0 - r["top1"] / 100.0)
-            log.info("ImageNet-C %s/%s: top-1 %.2f%%", cdir.name, sdir.name, r["top1"])
-    if not errors:
+            if not _visible_dirs(sdir):
+                raise UserError(f"'{sdir}' holds no class folders; {_LAYOUT}")
+        tree[cdir.name] = sorted(((int(p.name), p) for p in sev), key=lambda t: t[0])
+    if not tree:
         raise UserError(f"'{root}' holds no <corruption>/<severity>/ folders (the ImageNet-C layout)")
-    out = corruption_errors(errors)
+    return tree
+
+
+def _class_naming(tree: dict[str, list[tuple[int, Path]]], cfg: Any) -> list[str] | None:
+    """None when the class folders are ImageNet WordNet ids, else the training classes they are named after."""
+    from fastsupmae.pipelines import training_class_names
+
+    wnids = set(imagenet_synsets())
+    names = {p.name for sevs in tree.values() for _, s in sevs for p in _visible_dirs(s)}
+    return None if names <= wnids else training_class_names(cfg)
+
+
+def _pick_baseline(tree: dict[str, Any], cfg: Any, imagenet: bool, path: str | None
+                   ) -> tuple[dict[str, float] | None, str]:
+    """The CE denominators and where they come from; refuses a baseline that lacks a corruption of the tree
+    (AlexNet's own 15 excepted: ImageNet-C's extra corruptions are reported, not averaged)."""
+    if path:
+        base, src = load_corruption_baseline(path), str(path)
+    elif imagenet:
+        return None, "AlexNet (Hendrycks & Dietterich 2019)"
+    elif cfg.data.dataset == "fashion_mnist":
+        src = f"fastsupmae/data/{FASHION_MNIST_C_BASELINE}"
+        base = json.loads(resources.files("fastsupmae.data").joinpath(FASHION_MNIST_C_BASELINE).read_text())
+        base = dict(base["baseline_error"])
+    else:
+        raise UserError("the ImageNet-C folder's classes are not ImageNet's: give --imagenet-c-baseline FILE, the "
+                        "errors of a baseline model per corruption (docs/evaluation.md)")
+    missing = [c for c in tree if c not in base]
+    if missing:
+        raise UserError(f"baseline {src} has no entry for corruption(s) {', '.join(missing)}; give a baseline "
+                        "with every corruption of the folder or remove those folders")
+    return base, src
+
+
+def imagenet_c_errors(model: nn.Module, cfg: Any, tree: dict[str, list[tuple[int, Path]]], device: torch.device,
+                      classes: list[str] | None = None) -> dict[str, list[float]]:
+    """{corruption: [top-1 error (fraction) per severity folder, in severity order]} of ``model``."""
+    errors: dict[str, list[float]] = {}
+    for name, sevs in tree.items():
+        for sev, sdir in sevs:
+            r = evaluate_folder(model, cfg, sdir, "imagenet_c", device, crop_ratio=1.0, classes=classes)
+            errors.setdefault(name, []).append(1.0 - r["top1"] / 100.0)
+            log.info("ImageNet-C %s/%d: top-1 %.2f%%", name, sev, r["top1"])
+    return errors
+
+
+def evaluate_imagenet_c(model: nn.Module, cfg: Any, root: str | os.PathLike, device: torch.device,
+                        baseline: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Evaluate every ``<root>/<corruption>/<severity>`` folder; returns per-severity errors and mCE.
+
+    Class folders are ImageNet WordNet ids (normalised by AlexNet unless ``baseline`` is given) or the model's
+    training classes (normalised by ``baseline``, a file :func:`load_corruption_baseline` reads; for
+    Fashion-MNIST by default the committed logistic-regression baseline).
+
+    Returns:
+        :func:`corruption_errors`'s summary plus 'errors' {corruption: [error per severity]}, 'severity_error'
+        {severity: mean error over the corruptions (%)} and 'baseline' (where the denominators come from).
+    """
+    tree = imagenet_c_layout(root)
+    classes = _class_naming(tree, cfg)
+    base, src = _pick_baseline(tree, cfg, classes is None, str(baseline) if baseline else None)
+    errors = imagenet_c_errors(model, cfg, tree, device, classes)
+    out = corruption_errors(errors, base)
     out["errors"] = errors
+    by_sev: dict[int, list[float]] = {}
+    for name, sevs in tree.items():
+        for (sev, _), e in zip(sevs, errors[name]):
+            by_sev.setdefault(sev, []).append(e)
+    out["severity_error"] = {str(s): 100.0 * sum(v) / len(v) for s, v in sorted(by_sev.items())}
+    out["baseline"] = src
     if not out["complete"]:
-        log.warning("ImageNet-C: not all 15 benchmark corruptions x 5 severities are present; the mCE covers "
+        log.warning("ImageNet-C: not all of the baseline's corruptions x 5 severities are present; the mCE covers "
                     "only %s", ", ".join(out["ce"]) or "none")
     return out
 
@@ -231,6 +388,9 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     for name in ROBUSTNESS:
         flag = name.replace("_", "-")
         parser.add_argument(f"--{flag}", dest=name, default="", help=f"{flag} folder")
+    parser.add_argument("--imagenet-c-baseline", default="", metavar="FILE",
+                        help="baseline errors per corruption (JSON) for the mCE of --imagenet-c (default: AlexNet's "
+                        "for ImageNet wnid folders, the committed logistic regression's for Fashion-MNIST)")
     parser.add_argument("--no-val", dest="val", action="store_false",
                         help="skip the config's validation split (only the robustness folders)")
     parser.add_argument("--output", default="", help="write all results as JSON here")
@@ -243,6 +403,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.output:
         check_output_file(args.output, "--output")  # before the evaluation: its result must have somewhere to go
+    if args.imagenet_c_baseline and not args.imagenet_c:
+        raise UserError("--imagenet-c-baseline needs --imagenet-c DIR (the corrupted folder it normalises)")
     cfg, model, device = load_model_for_eval(args)
     if not hasattr(model, "forward_head") or getattr(model, "objective", "") == "mae":
         raise UserError("`fastsupmae eval` needs a classifier (a fine-tuned, supervised or SupMAE model); "
@@ -255,7 +417,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if not root:
             continue
         if name == "imagenet_c":
-            results[name] = evaluate_imagenet_c(model, cfg, root, device)
+            results[name] = evaluate_imagenet_c(model, cfg, root, device, args.imagenet_c_baseline or None)
         else:
             results[name] = evaluate_folder(model, cfg, root, name, device)
     if not results:
@@ -264,7 +426,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for k, r in results.items():
         if k == "imagenet_c":
             tag = "" if r["complete"] else " (incomplete)"
-            print(f"{k:18s} mCE {r['mce']:.2f}{tag}  mean error {r['mean_error']:.2f}%")
+            print(f"{k:18s} mCE {r['mce']:.2f}{tag}  mean error {r['mean_error']:.2f}%  (baseline: {r['baseline']})")
+            print(f"{'':18s} mean error by severity: "
+                  + "  ".join(f"{s} {e:.2f}%" for s, e in r["severity_error"].items()))
         else:
             print(f"{k:18s} {r['top1']:8.2f} {r['top5']:8.2f} {r['num']:8d}")
     if args.output:
