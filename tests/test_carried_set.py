@@ -94,7 +94,9 @@ def _torch_dir(dest: Path) -> Path:
                 continue
             top = site / parts[0]
             # a namespace directory (nvidia/) is shared with packages the node may lack (DALI): link one level down
-            if top.is_dir() and not (top / "__init__.py").exists() and len(parts) > 2:
+            # (a .dist-info folder is linked whole: importlib.metadata reads its METADATA beside its licenses/)
+            if top.is_dir() and not (top / "__init__.py").exists() and len(parts) > 2 \
+                    and not parts[0].endswith((".dist-info", ".data")):
                 tops.add(Path(parts[0]) / parts[1])
             else:
                 tops.add(Path(parts[0]))
