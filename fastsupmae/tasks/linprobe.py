@@ -310,10 +310,7 @@ def linear_probe(model: nn.Module, cfg: Config, opts: LinprobeOptions, val_loade
     pcfg.train.resume = resume
     seed_everything(pcfg.train.seed, info.rank)
     if opts.augment:
-        if train_loader is None:
-            make = make_train_loader or (lambda c: _default_train_loader(c, info))
-            train_loader = make(pcfg)
-        loader, forward_loss = _augmented_feed(train_loader, net, feature, precision, pcfg, info.device)
+        loader, forward_loss = _augmented_feed(train_loader, make_train_loader, net, feature, precision, pcfg, info)
     else:
         loader, forward_loss = _cached_feed(train_eval_loader, net, feature, precision, pcfg, info)
     trainer = _probe_trainer(pcfg, opts, loader, forward_loss, info, net.embed_dim)
@@ -362,12 +359,18 @@ def _check_options(opts: LinprobeOptions, feature: str) -> None:
 ForwardLoss = Callable[[Any, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
-def _augmented_feed(loader: Any, net: nn.Module, feature: str, precision: str, pcfg: Config,
-                    device: torch.device) -> tuple[Any, ForwardLoss]:
-    """``opts.augment``: every training batch goes through the frozen encoder (in ``precision``) at each step."""
+def _augmented_feed(loader: Any, make_loader: Callable[[Config], Any] | None, net: nn.Module, feature: str,
+                    precision: str, pcfg: Config, info: Any) -> tuple[Any, ForwardLoss]:
+    """``opts.augment``: every training batch goes through the frozen encoder (in ``precision``) at each step.
+
+    The batches come from ``loader``, else ``make_loader(pcfg)``, else the training pipeline of ``pcfg``.
+    """
     from fastsupmae.pipelines import check_num_classes
     from fastsupmae.tasks.knn import full_params
 
+    if loader is None:
+        loader = make_loader(pcfg) if make_loader is not None else _default_train_loader(pcfg, info)
+    device = info.device
     # The head classifies into model.num_classes whatever the pretraining objective was (MAE's included).
     check_num_classes(getattr(loader, "class_names", None), pcfg.model.num_classes)
 
