@@ -365,7 +365,8 @@ def _stored_config(src: str | os.PathLike, overrides: list[str] | None) -> Confi
                 if embedded:
                     break
     if embedded:
-        from fastsupmae.config import _apply, validate_config
+        from fastsupmae.config import _apply
+        from fastsupmae.config_checks import validate_config
 
         cfg = config_from_dict(embedded, validate=False)
         _warn_if_edited(cfg, src)

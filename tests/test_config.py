@@ -11,15 +11,14 @@ import typing
 import pytest
 
 from fastsupmae.config import (
-    BOUNDS,
     CONFIG_DIR,
     Config,
     ConfigError,
-    check_bounds,
     load_config,
     parse_overrides,
     save_config,
 )
+from fastsupmae.config_checks import BOUNDS, check_bounds
 
 
 def test_overlays_and_overrides_compose(tmp_path):

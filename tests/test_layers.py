@@ -28,8 +28,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("engine", ("fastsupmae.engine", "fastsupmae.weights", "fastsupmae.api")),
     ("models / pipelines", ("fastsupmae.models", "fastsupmae.pipelines")),
     ("kernels", ("fastsupmae.kernels",)),
-    ("foundation", ("fastsupmae.config", "fastsupmae.cpu", "fastsupmae.errors", "fastsupmae.flops", "fastsupmae.gpus",
-                    "fastsupmae.data", "fastsupmae.checkpoint_file",
+    ("foundation", ("fastsupmae.config", "fastsupmae.config_checks", "fastsupmae.cpu", "fastsupmae.errors",
+                    "fastsupmae.flops", "fastsupmae.gpus", "fastsupmae.data", "fastsupmae.checkpoint_file",
                     "fastsupmae.safe_unpickle", "=fastsupmae")),
 ]
 

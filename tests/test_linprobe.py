@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from fastsupmae.pipelines.loader_base import LoaderBase
 from fastsupmae.pipelines.memory_loader import InMemoryLoader
 
 from fastsupmae.models import build_model
@@ -215,8 +216,9 @@ def test_linear_probe_obeys_train_max_steps_and_resumes(tmp_path):
 def test_cached_feature_loader_order_and_state():
     feats = torch.arange(40, dtype=torch.float32).view(20, 2)
     labels = torch.arange(20) % 3
-    ld = CachedFeatureLoader(feats, labels, batch_size=4, seed=3)
-    assert len(ld) == 5
+    ld = CachedFeatureLoader(feats, labels, batch_size=4, seed=3, class_names=["a", "b", "c"])
+    assert isinstance(ld, LoaderBase)  # the trainer's loader interface, from the base
+    assert len(ld) == 5 and ld.num_samples == 20 and ld.batch_size == 4 and ld.state_dict()["num_classes"] == 3
     first = [b for b in ld]
     seen = torch.cat([b["images"][:, 0] / 2 for b in first]).long()
     assert sorted(seen.tolist()) == list(range(20))  # every sample once per epoch, features with their labels

@@ -347,74 +347,16 @@ def _export_into(model: nn.Module, src: str | os.PathLike, stage: Path, out: Pat
     m = cfg.model
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, m.in_chans, *m.img_size, generator=g)  # normalised-image scale inputs
-    with torch.no_grad():
-        ref = InferenceModule(model)(x)
-        ref_feat = model.forward_features(x)
     files: list[Path] = []
     checks: dict[str, float] = {}
-    ecfg = _export_config(cfg)
-    spec = timm_spec(cfg)
-
     if "full" in formats:
-        sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-        pair = _save_pair(sd, stage / f"{name}_full", {"config": ecfg.to_dict()})
-        files += pair
-        from fastsupmae.models import build_model
-        from fastsupmae.weights import load_checkpoint
-
-        for f, back in zip(pair, _reload_pair(pair)):
-            if back.keys() != sd.keys() or any(not torch.equal(back[k], sd[k]) for k in sd):
-                raise ExportError(f"{f}: re-read tensors differ from the model's state dict")
-            fresh = build_model(ecfg, device="cpu").eval()
-            load_checkpoint(fresh, back, strict=True)
-            with torch.no_grad():
-                checks[f"full:{f.suffix}"] = _check(f"full model ({f.name})", InferenceModule(fresh)(x), ref, tol)
-
+        _write_full(model, cfg, stage / f"{name}_full", x, tol, files, checks)
     if "timm" in formats:
-        tsd = timm_state_dict(model, cfg)
-        pair = _save_pair(tsd, stage / f"{name}_timm", {"timm": spec})
-        files += pair
-        for f, back in zip(pair, _reload_pair(pair)):
-            tm = build_timm(spec).eval()
-            try:
-                tm.load_state_dict(back, strict=True)
-            except RuntimeError as e:
-                raise ExportError(f"timm does not accept {f.name} with strict=True: {e}") from None
-            with torch.no_grad():
-                got = tm(x)
-            want = ref if spec["kind"] == "classifier" else ref_feat
-            checks[f"timm:{f.suffix}"] = _check(f"timm {spec['arch']} ({f.name})", got, want, tol)
-
+        _write_timm(model, cfg, stage / f"{name}_timm", x, tol, files, checks)
     if "pt2" in formats:
-        pt2 = stage / f"{name}.pt2"
-        try:
-            export_program(model, x, pt2)
-        except Exception as e:  # a tracing failure is a bug to report, with the cause
-            raise ExportError(f"torch.export failed: {type(e).__name__}: {e}") from e
-        files.append(pt2)
         xb = torch.randn(batch + 3, m.in_chans, *m.img_size, generator=g)  # another batch size: dynamic dim
-        with torch.no_grad():
-            refb = InferenceModule(model)(xb)
-        y, yb = run_program_isolated(pt2, [x, xb])
-        checks["pt2"] = _check(f"torch.export program ({pt2.name})", y, ref, tol)
-        checks["pt2:batch"] = _check(f"torch.export program ({pt2.name}, batch {batch + 3})", yb, refb, tol)
-
-    import fastsupmae
-
-    side = {
-        "format_version": FORMAT_VERSION,
-        "fastsupmae_version": getattr(fastsupmae, "__version__", "unknown"),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "source": str(src),
-        "objective": m.objective,
-        "config": ecfg.to_dict(),
-        "timm": spec if "timm" in formats else None,
-        "input": {"shape": ["B", m.in_chans, *m.img_size], "dtype": "float32", "mean": list(cfg.data.mean),
-                  "std": list(cfg.data.std), "note": "images scaled to [0, 1], then (x - mean) / std per channel"},
-        "program_output": "logits" if InferenceModule(model).has_head else "pooled features",
-        "files": {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in files},
-        "verification": {"max_abs_diff": checks, "tolerance": tol, "batch": batch},
-    }
+        _write_program(model, stage / f"{name}.pt2", x, xb, tol, files, checks)
+    side = _sidecar(model, src, cfg, formats, files, checks, tol, batch)
     staged_side = stage / f"{name}.json"
     staged_side.write_text(json.dumps(side, indent=2))
     verify_checksums(staged_side)
@@ -423,6 +365,88 @@ def _export_into(model: nn.Module, src: str | os.PathLike, stage: Path, out: Pat
     log.info("export: wrote %s; all re-loaded exports match (max abs diff %s)", ", ".join(side["files"]),
              ", ".join(f"{k} {v:.2g}" for k, v in checks.items()))
     return side
+
+
+def _write_full(model: nn.Module, cfg: Config, base: Path, x: torch.Tensor, tol: float, files: list[Path],
+                checks: dict[str, float]) -> None:
+    """(b): every tensor of the model; each file re-read, loaded into a fresh model and run on ``x``.
+
+    Appends the written files to ``files`` and each file's max abs difference to ``checks``.
+    """
+    from fastsupmae.models import build_model
+    from fastsupmae.weights import load_checkpoint
+
+    ecfg = _export_config(cfg)
+    sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    pair = _save_pair(sd, base, {"config": ecfg.to_dict()})
+    files += pair
+    with torch.no_grad():
+        ref = InferenceModule(model)(x)
+    for f, back in zip(pair, _reload_pair(pair)):
+        if back.keys() != sd.keys() or any(not torch.equal(back[k], sd[k]) for k in sd):
+            raise ExportError(f"{f}: re-read tensors differ from the model's state dict")
+        fresh = build_model(ecfg, device="cpu").eval()
+        load_checkpoint(fresh, back, strict=True)
+        with torch.no_grad():
+            checks[f"full:{f.suffix}"] = _check(f"full model ({f.name})", InferenceModule(fresh)(x), ref, tol)
+
+
+def _write_timm(model: nn.Module, cfg: Config, base: Path, x: torch.Tensor, tol: float, files: list[Path],
+                checks: dict[str, float]) -> None:
+    """(a): the timm state dict; each file loaded into timm with ``strict=True`` and run on ``x`` (the logits of a
+    classifier, the pooled feature of an encoder). Appends to ``files`` and ``checks`` as :func:`_write_full`."""
+    spec = timm_spec(cfg)
+    pair = _save_pair(timm_state_dict(model, cfg), base, {"timm": spec})
+    files += pair
+    with torch.no_grad():
+        want = InferenceModule(model)(x) if spec["kind"] == "classifier" else model.forward_features(x)
+    for f, back in zip(pair, _reload_pair(pair)):
+        tm = build_timm(spec).eval()
+        try:
+            tm.load_state_dict(back, strict=True)
+        except RuntimeError as e:
+            raise ExportError(f"timm does not accept {f.name} with strict=True: {e}") from None
+        with torch.no_grad():
+            got = tm(x)
+        checks[f"timm:{f.suffix}"] = _check(f"timm {spec['arch']} ({f.name})", got, want, tol)
+
+
+def _write_program(model: nn.Module, pt2: Path, x: torch.Tensor, xb: torch.Tensor, tol: float, files: list[Path],
+                   checks: dict[str, float]) -> None:
+    """(c): the torch.export program, traced on ``x`` and run, in a process without fastsupmae, on ``x`` and on
+    ``xb`` (another batch size: the batch dimension is dynamic). Appends to ``files`` and ``checks``."""
+    try:
+        export_program(model, x, pt2)
+    except Exception as e:  # a tracing failure is a bug to report, with the cause
+        raise ExportError(f"torch.export failed: {type(e).__name__}: {e}") from e
+    files.append(pt2)
+    with torch.no_grad():
+        ref, refb = InferenceModule(model)(x), InferenceModule(model)(xb)
+    y, yb = run_program_isolated(pt2, [x, xb])
+    checks["pt2"] = _check(f"torch.export program ({pt2.name})", y, ref, tol)
+    checks["pt2:batch"] = _check(f"torch.export program ({pt2.name}, batch {xb.shape[0]})", yb, refb, tol)
+
+
+def _sidecar(model: nn.Module, src: str | os.PathLike, cfg: Config, formats: tuple[str, ...], files: list[Path],
+             checks: dict[str, float], tol: float, batch: int) -> dict[str, Any]:
+    """(d): the sidecar's content: config, timm spec, input normalisation, file checksums, measured differences."""
+    import fastsupmae
+
+    m = cfg.model
+    return {
+        "format_version": FORMAT_VERSION,
+        "fastsupmae_version": getattr(fastsupmae, "__version__", "unknown"),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": str(src),
+        "objective": m.objective,
+        "config": _export_config(cfg).to_dict(),
+        "timm": timm_spec(cfg) if "timm" in formats else None,
+        "input": {"shape": ["B", m.in_chans, *m.img_size], "dtype": "float32", "mean": list(cfg.data.mean),
+                  "std": list(cfg.data.std), "note": "images scaled to [0, 1], then (x - mean) / std per channel"},
+        "program_output": "logits" if InferenceModule(model).has_head else "pooled features",
+        "files": {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in files},
+        "verification": {"max_abs_diff": checks, "tolerance": tol, "batch": batch},
+    }
 
 
 def verify_checksums(sidecar: str | os.PathLike) -> None:

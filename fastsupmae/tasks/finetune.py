@@ -371,14 +371,8 @@ def finetune(cfg: Config, opts: FinetuneOptions, device: torch.device | str | No
         module), ('ema_top1', 'ema_top5')}.
     """
     from fastsupmae.engine.distributed import init_distributed, set_single_process_defaults
-    from fastsupmae.engine.layer_decay import param_groups_lrd
-    from fastsupmae.engine.mixing import BatchMixer
-    from fastsupmae.engine.optim import build_optimizer
     from fastsupmae.engine.rng import seed_everything
-    from fastsupmae.engine.trainer import Trainer
     from fastsupmae.models import build_model
-    from fastsupmae.pipelines import build_eval_loader, build_train_loader
-    from fastsupmae.pipelines.memory_loader import InMemoryLoader
 
     t0 = time.time()
     set_single_process_defaults()
@@ -389,31 +383,12 @@ def finetune(cfg: Config, opts: FinetuneOptions, device: torch.device | str | No
         from fastsupmae.pipelines.factory import check_shared_memory
 
         check_shared_memory(cfg, info.device)  # /dev/shm for the loader: one clear error before any work
-    t, m = cfg.train, cfg.model
+    t = cfg.train
     seed_everything(t.seed, info.rank)
     model = build_model(cfg, device=info.device)
     _init_weights(model, opts, init_state)
-    if train_loader is None:
-        # file-backed pipelines apply RandAugment + random erasing themselves under the 'finetune' recipe
-        train_loader = build_train_loader(cfg, info.rank, info.world_size, info.device, recipe="finetune")
-    if val_loader is None:
-        val_loader = build_eval_loader(cfg, "val", info.rank, info.world_size, info.device)
-    in_memory = isinstance(train_loader, InMemoryLoader)
-    if not hasattr(train_loader, "state_dict"):
-        train_loader = _Resumable(train_loader)
-    aug = (InMemoryFinetuneAug(opts.randaug, opts.reprob, cfg.data.mean, cfg.data.std, t.seed + 2)
-           if in_memory and (opts.randaug or opts.reprob > 0) else None)
-    mixer = BatchMixer(m.num_classes, opts.mixup, opts.cutmix, opts.mixup_switch_prob,
-                       label_smoothing=m.label_smoothing, seed=t.seed + 1)
-
-    def make_optimizer(mod: nn.Module, sharded: bool) -> tuple[Any, str]:
-        groups = param_groups_lrd(mod, t.weight_decay, opts.layer_decay)
-        return build_optimizer(mod, cfg, info.device, sharded, groups=groups)
-
-    trainer = Trainer(cfg, model, train_loader, info, forward_loss=make_forward_loss(mixer, aug, t.seed + 3),
-                      loss_keys=("loss",), progress_name="finetune", make_optimizer=make_optimizer,
-                      ema_decay=opts.ema_decay, evaluate=lambda mod: evaluate_over_ranks(mod, val_loader),
-                      eval_every=opts.eval_every)
+    train_loader, val_loader, aug = _data(cfg, opts, info, train_loader, val_loader)
+    trainer = _trainer(cfg, opts, model, train_loader, val_loader, aug, info)
     trainer.maybe_resume()
     if info.is_main:  # only now: a failed resume must not rewrite the run's config
         from fastsupmae.engine.run_dir import save_run_config
@@ -424,19 +399,64 @@ def finetune(cfg: Config, opts: FinetuneOptions, device: torch.device | str | No
                  trainer.total_steps, trainer.peak_lr, opts.layer_decay, opts.mixup, opts.cutmix, opts.ema_decay,
                  info.world_size)
     result = trainer.fit()
-    history = [json.loads(x) for x in (Path(t.output_dir) / "metrics.jsonl").read_text().splitlines()
-               if '"event": "eval"' in x] if info.is_main else []
     ev = {k: v for k, v in trainer.last_eval.items() if k not in ("event", "best")} if result.stopped == "done" else {}
     res: dict[str, Any] = {"steps": result.step, "stopped": result.stopped, "seconds": time.time() - t0,
                            "loss": result.metrics.get("loss"), "best": trainer.best, **ev}
     ckpt = _export(trainer, cfg, opts, res)
-    res["history"] = history
+    res["history"] = _eval_history(Path(t.output_dir)) if info.is_main else []
     res["checkpoint"] = str(ckpt) if ckpt else None
     res["model"] = trainer.module
     if info.is_main and "top1" in res:
         log.info("fine-tune done: top-1 %.2f%% top-5 %.2f%% after %d steps (%.0f s); saved %s", res["top1"],
                  res["top5"], result.step, res["seconds"], ckpt)
     return res
+
+
+def _data(cfg: Config, opts: FinetuneOptions, info: Any, train_loader: Any,
+          val_loader: Any) -> tuple[Any, Any, InMemoryFinetuneAug | None]:
+    """This rank's training and validation loaders (defaults: the pipelines under the 'finetune' recipe), and the
+    RandAugment / erasing the training batches still need (in-memory loaders only; None otherwise)."""
+    from fastsupmae.pipelines import build_eval_loader, build_train_loader
+    from fastsupmae.pipelines.memory_loader import InMemoryLoader
+
+    if train_loader is None:
+        # file-backed pipelines apply RandAugment + random erasing themselves under the 'finetune' recipe
+        train_loader = build_train_loader(cfg, info.rank, info.world_size, info.device, recipe="finetune")
+    if val_loader is None:
+        val_loader = build_eval_loader(cfg, "val", info.rank, info.world_size, info.device)
+    in_memory = isinstance(train_loader, InMemoryLoader)
+    if not hasattr(train_loader, "state_dict"):
+        train_loader = _Resumable(train_loader)
+    aug = (InMemoryFinetuneAug(opts.randaug, opts.reprob, cfg.data.mean, cfg.data.std, cfg.train.seed + 2)
+           if in_memory and (opts.randaug or opts.reprob > 0) else None)
+    return train_loader, val_loader, aug
+
+
+def _trainer(cfg: Config, opts: FinetuneOptions, model: nn.Module, train_loader: Any, val_loader: Any,
+             aug: InMemoryFinetuneAug | None, info: Any) -> Any:
+    """The DeepSpeed trainer with what fine-tuning switches on: layer decay, mixing, EMA, periodic evaluation."""
+    from fastsupmae.engine.layer_decay import param_groups_lrd
+    from fastsupmae.engine.mixing import BatchMixer
+    from fastsupmae.engine.optim import build_optimizer
+    from fastsupmae.engine.trainer import Trainer
+
+    t, m = cfg.train, cfg.model
+    mixer = BatchMixer(m.num_classes, opts.mixup, opts.cutmix, opts.mixup_switch_prob,
+                       label_smoothing=m.label_smoothing, seed=t.seed + 1)
+
+    def make_optimizer(mod: nn.Module, sharded: bool) -> tuple[Any, str]:
+        groups = param_groups_lrd(mod, t.weight_decay, opts.layer_decay)
+        return build_optimizer(mod, cfg, info.device, sharded, groups=groups)
+
+    return Trainer(cfg, model, train_loader, info, forward_loss=make_forward_loss(mixer, aug, t.seed + 3),
+                   loss_keys=("loss",), progress_name="finetune", make_optimizer=make_optimizer,
+                   ema_decay=opts.ema_decay, evaluate=lambda mod: evaluate_over_ranks(mod, val_loader),
+                   eval_every=opts.eval_every)
+
+
+def _eval_history(run: Path) -> list[dict[str, Any]]:
+    """Every evaluation record of the run's metrics.jsonl, in order."""
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"event": "eval"' in x]
 
 
 # ----------------------------------------------------------------------------------------------- CLI

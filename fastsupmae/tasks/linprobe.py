@@ -49,6 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastsupmae.config import Config, ConfigError, config_from_dict
+from fastsupmae.pipelines.loader_base import LoaderBase
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ class ProbeHead(nn.Module):
         return self.fc(self.bn(x))
 
 
-class CachedFeatureLoader:
+class CachedFeatureLoader(LoaderBase):
     """Training loader over features cached on the device, each rank holding a contiguous shard of them.
 
     Rank ``r`` holds rows ``[lo_r, lo_r + n_r)`` of the dataset (the shard an evaluation loader gave it, in rank
@@ -152,23 +153,25 @@ class CachedFeatureLoader:
     reduce-scatter under NCCL, an all-reduce on gloo) hands each rank its ``B`` rows. Exactly one rank owns each
     row, so the sum is exact. No host sync per batch; the epoch's order crosses to the device once.
 
-    Yields ``{'images': float32 [B, D] (the features: the key the trainer moves), 'labels': int64 [B]}``; has
-    ``len``, ``set_epoch``, ``state_dict`` / ``load_state_dict`` as the trainer's loaders do.
+    Yields ``{'images': float32 [B, D] (the features: the key the trainer moves), 'labels': int64 [B]}``; the
+    length, epoch, resume state and the other loader properties are :class:`LoaderBase`'s, over ``self.order``.
 
     Args:
         feats: float32 ``[n_r, D]`` this rank's features, on the device the head trains on.
         labels: int64 ``[n_r]``.
         batch_size: samples per batch on this rank (B).
         rank, world_size, seed: as the training loaders' (the order depends on seed and epoch only).
+        class_names: the classes of the data the features came from (``[]``: not known).
     """
 
     def __init__(self, feats: torch.Tensor, labels: torch.Tensor, batch_size: int, rank: int = 0,
-                 world_size: int = 1, seed: int = 0) -> None:
+                 world_size: int = 1, seed: int = 0, class_names: list[str] | None = None) -> None:
         from fastsupmae.engine.distributed import comm_device
         from fastsupmae.pipelines.sampler import ShardedOrder
 
         self.feats, self.labels = feats.float(), labels.long().to(feats.device)
         self.rank, self.world_size = rank, world_size
+        self.class_names = list(class_names or [])
         counts = [int(feats.shape[0])]
         if world_size > 1:
             mine = torch.tensor([feats.shape[0]], dtype=torch.int64, device=comm_device())
@@ -176,25 +179,8 @@ class CachedFeatureLoader:
             torch.distributed.all_gather(parts, mine)
             counts = [int(p.item()) for p in parts]  # once, at set-up
         self.lo = sum(counts[:rank])
-        self.num_samples = sum(counts)
-        self.order = ShardedOrder(self.num_samples, batch_size, rank, world_size, seed, train=True)
+        self.order = ShardedOrder(sum(counts), batch_size, rank, world_size, seed, train=True)
         self._nccl = world_size > 1 and "nccl" in str(torch.distributed.get_backend())
-
-    @property
-    def batch_size(self) -> int:
-        return self.order.batch_size
-
-    def __len__(self) -> int:
-        return len(self.order)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.order.set_epoch(epoch)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.order.state_dict()
-
-    def load_state_dict(self, sd: dict[str, Any]) -> None:
-        self.order.load_state_dict(sd)
 
     def _rows(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Features [B, D] and labels [B] of this rank's part of the global batch ``idx`` (int64 [B*W])."""
@@ -305,61 +291,124 @@ def linear_probe(model: nn.Module, cfg: Config, opts: LinprobeOptions, val_loade
         (signal, STOP file, time limit), to be resumed.
     """
     from fastsupmae.engine import run_dir
-    from fastsupmae.engine.distributed import all_reduce_sum, init_distributed
+    from fastsupmae.engine.distributed import init_distributed
     from fastsupmae.engine.ds_config import resolve_precision
     from fastsupmae.engine.rng import seed_everything
-    from fastsupmae.tasks.knn import extract_features, full_params, unwrap
 
     t0 = time.time()
     info = info or init_distributed(cfg.train.device)
     resume = cfg.train.resume if resume is None else resume
+    net = _frozen_encoder(model, info.device)
+    feature = opts.feature or cfg.eval.feature
+    _check_options(opts, feature)
+    # the encoder runs in the run's precision; the head trains in fp32 (see the module docstring)
+    precision = resolve_precision(cfg, info.device)
+    resolved = LinprobeOptions(**{**asdict(opts), "feature": feature})
+    out = run_dir.prepare(output_dir, resume, explicit, cfg.train.overwrite, info.rank, info.world_size)
+    _check_resumed_options(out, resume, asdict(resolved))
+    pcfg = probe_config(cfg, resolved, info.world_size, out)
+    pcfg.train.resume = resume
+    seed_everything(pcfg.train.seed, info.rank)
+    if opts.augment:
+        loader, forward_loss = _augmented_feed(train_loader, make_train_loader, net, feature, precision, pcfg, info)
+    else:
+        loader, forward_loss = _cached_feed(train_eval_loader, net, feature, precision, pcfg, info)
+    trainer = _probe_trainer(pcfg, opts, loader, forward_loss, info, net.embed_dim)
+    trainer.maybe_resume()
+    if info.is_main:  # only now: a failed resume must not rewrite the run's config
+        run_dir.save_run_config(pcfg, out / "config.yaml")
+        (out / OPTIONS_FILE).write_text(json.dumps(asdict(resolved), indent=1))
+        log.info("linear probe: %s features, %d samples, batch %d over %d rank(s), %s lr %.3g, ZeRO 0 fp32 head",
+                 feature, getattr(loader, "num_samples", 0) or len(loader) * pcfg.train.global_batch,
+                 pcfg.train.global_batch, info.world_size, opts.optimizer, trainer.peak_lr)
+    result = trainer.fit()
+    res: dict[str, Any] = {"steps": result.step, "stopped": result.stopped,
+                           "final_loss": result.metrics.get("loss", float("nan")), "feature": feature,
+                           "world_size": info.world_size, "run_dir": str(out)}
+    trained = trainer.engine.module.eval()
+    if result.stopped == "done":
+        res.update(evaluate_head(trained, net, val_loader, feature, info.device))
+    res["seconds"] = time.time() - t0
+    if info.is_main:
+        _write_result(out, res, trained, opts, feature)
+    res["head"] = trained
+    if hasattr(trainer.engine, "destroy"):
+        trainer.engine.destroy()
+    run_dir.release(out)  # the probe's directory lock (held since run_dir.prepare)
+    return res
+
+
+def _frozen_encoder(model: nn.Module, device: torch.device) -> nn.Module:
+    """The bare encoder of ``model`` on ``device``, in eval mode, with no parameter requiring a gradient."""
+    from fastsupmae.tasks.knn import unwrap
+
     net = unwrap(model).eval()
     for p in net.parameters():
         p.requires_grad_(False)
-    net.to(info.device)
-    feature = opts.feature or cfg.eval.feature
+    return net.to(device)
+
+
+def _check_options(opts: LinprobeOptions, feature: str) -> None:
+    """The feature and optimizer names (one line naming the fix; the CLI's choices already hold them)."""
     if feature not in ("avg", "cls"):
         raise ConfigError(f"linear-probe feature '{feature}' is unknown; use avg or cls")
     if opts.optimizer not in ("lars", "sgd"):
         raise ConfigError(f"linear-probe optimizer '{opts.optimizer}' is unknown; use lars or sgd")
-    # the encoder runs in the run's precision; the head trains in fp32 (see the module docstring)
-    feat_precision = resolve_precision(cfg, info.device)
-    out = run_dir.prepare(output_dir, resume, explicit, cfg.train.overwrite, info.rank, info.world_size)
-    _check_resumed_options(out, resume, {**asdict(opts), "feature": feature})
-    pcfg = probe_config(cfg, LinprobeOptions(**{**asdict(opts), "feature": feature}), info.world_size, out)
-    t = pcfg.train
-    t.resume = resume
-    seed_everything(t.seed, info.rank)
 
-    def features(batch_imgs: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), full_params(net), _autocast(info.device, feat_precision):
-            return net.forward_features(batch_imgs, pool=feature).float()
 
-    # The head classifies into model.num_classes whatever the pretraining objective was (MAE's included).
+ForwardLoss = Callable[[Any, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+def _augmented_feed(loader: Any, make_loader: Callable[[Config], Any] | None, net: nn.Module, feature: str,
+                    precision: str, pcfg: Config, info: Any) -> tuple[Any, ForwardLoss]:
+    """``opts.augment``: every training batch goes through the frozen encoder (in ``precision``) at each step.
+
+    The batches come from ``loader``, else ``make_loader(pcfg)``, else the training pipeline of ``pcfg``.
+    """
     from fastsupmae.pipelines import check_num_classes
+    from fastsupmae.tasks.knn import full_params
 
-    if opts.augment:
-        loader = train_loader
-        if loader is None:
-            loader = make_train_loader(pcfg) if make_train_loader is not None else _default_train_loader(pcfg, info)
-        check_num_classes(getattr(loader, "class_names", None), pcfg.model.num_classes)
+    if loader is None:
+        loader = make_loader(pcfg) if make_loader is not None else _default_train_loader(pcfg, info)
+    device = info.device
+    # The head classifies into model.num_classes whatever the pretraining objective was (MAE's included).
+    check_num_classes(getattr(loader, "class_names", None), pcfg.model.num_classes)
 
-        def forward_loss(engine: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            return {"loss": F.cross_entropy(engine(features(batch["images"])), batch["labels"])}
-    else:
-        if train_eval_loader is None:
-            raise ValueError("linear_probe: cached-feature mode needs train_eval_loader (this rank's shard of the "
-                             "un-augmented training images)")
-        check_num_classes(getattr(train_eval_loader, "class_names", None), pcfg.model.num_classes)
-        with _autocast(info.device, feat_precision):
-            tf, tl = extract_features(net, train_eval_loader, feature, normalize=False, gather=False, on_device=True)
-        loader = CachedFeatureLoader(tf.to(info.device), tl.to(info.device), t.micro_batch, info.rank,
-                                     info.world_size, t.seed)
+    def forward_loss(engine: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        with torch.no_grad(), full_params(net), _autocast(device, precision):
+            x = net.forward_features(batch["images"], pool=feature).float()  # [B, D]
+        return {"loss": F.cross_entropy(engine(x), batch["labels"])}
 
-        def forward_loss(engine: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            return {"loss": F.cross_entropy(engine(batch["images"]), batch["labels"])}
+    return loader, forward_loss
 
-    head = ProbeHead(net.embed_dim, pcfg.model.num_classes, torch.Generator().manual_seed(t.seed))
+
+def _cached_feed(train_eval_loader: Any, net: nn.Module, feature: str, precision: str, pcfg: Config,
+                 info: Any) -> tuple[CachedFeatureLoader, ForwardLoss]:
+    """Cached-feature mode: this rank's shard of the un-augmented training images through the encoder, once."""
+    from fastsupmae.pipelines import check_num_classes
+    from fastsupmae.tasks.knn import extract_features
+
+    if train_eval_loader is None:
+        raise ValueError("linear_probe: cached-feature mode needs train_eval_loader (this rank's shard of the "
+                         "un-augmented training images)")
+    names = getattr(train_eval_loader, "class_names", None)
+    check_num_classes(names, pcfg.model.num_classes)  # the head's classes, whatever the pretraining objective
+    with _autocast(info.device, precision):
+        tf, tl = extract_features(net, train_eval_loader, feature, normalize=False, gather=False, on_device=True)
+    t = pcfg.train
+    loader = CachedFeatureLoader(tf.to(info.device), tl.to(info.device), t.micro_batch, info.rank,
+                                 info.world_size, t.seed, class_names=names)
+
+    def forward_loss(engine: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"loss": F.cross_entropy(engine(batch["images"]), batch["labels"])}
+
+    return loader, forward_loss
+
+
+def _probe_trainer(pcfg: Config, opts: LinprobeOptions, loader: Any, forward_loss: ForwardLoss, info: Any,
+                   dim: int) -> Any:
+    """The trainer of a fresh :class:`ProbeHead` (``dim`` -> the model's classes) with LARS / SGD."""
+    head = ProbeHead(dim, pcfg.model.num_classes, torch.Generator().manual_seed(pcfg.train.seed))
 
     def make_optimizer(module: nn.Module, sharded: bool) -> tuple[torch.optim.Optimizer, str]:
         assert not sharded, "the linear probe runs at ZeRO stage 0 (LARS needs whole tensors)"
@@ -368,50 +417,43 @@ def linear_probe(model: nn.Module, cfg: Config, opts: LinprobeOptions, val_loade
         return LARS(module.parameters(), lr=peak_lr(pcfg), weight_decay=opts.weight_decay,
                     adaptive=opts.optimizer == "lars"), opts.optimizer
 
-    trainer = _probe_trainer_class()(pcfg, head, loader, info, forward_loss=forward_loss, loss_keys=("loss",),
-                                     progress_name="linprobe", make_optimizer=make_optimizer)
-    trainer.maybe_resume()
-    if info.is_main:  # only now: a failed resume must not rewrite the run's config
-        run_dir.save_run_config(pcfg, out / "config.yaml")
-        (out / OPTIONS_FILE).write_text(json.dumps({**asdict(opts), "feature": feature}, indent=1))
-        log.info("linear probe: %s features, %d samples, batch %d over %d rank(s), %s lr %.3g, ZeRO 0 fp32 head",
-                 feature, getattr(loader, "num_samples", 0) or len(loader) * t.global_batch, t.global_batch,
-                 info.world_size, opts.optimizer, trainer.peak_lr)
-    result = trainer.fit()
-    res: dict[str, Any] = {"steps": result.step, "stopped": result.stopped,
-                           "final_loss": result.metrics.get("loss", float("nan")), "feature": feature,
-                           "world_size": info.world_size, "run_dir": str(out)}
-    trained = trainer.engine.module.eval()
-    if result.stopped == "done":
-        vf, vl = extract_features(net, val_loader, feature, normalize=False, gather=False, on_device=True)
-        c = pcfg.model.num_classes
-        hits = torch.zeros(3, dtype=torch.float64, device=info.device)
-        if vf.shape[0]:  # an evaluation shard may be empty on some ranks
-            with torch.no_grad():
-                logits = trained(vf.to(info.device))
-            top = logits.topk(min(5, c), dim=1).indices
-            hit = top == vl.to(info.device)[:, None]
-            hits[0], hits[1], hits[2] = hit[:, 0].sum(), hit.any(1).sum(), float(logits.shape[0])
-        from fastsupmae.engine.distributed import comm_device
+    return _probe_trainer_class()(pcfg, head, loader, info, forward_loss=forward_loss, loss_keys=("loss",),
+                                  progress_name="linprobe", make_optimizer=make_optimizer)
 
-        hits = all_reduce_sum(hits.to(comm_device())).cpu()
-        n = max(float(hits[2]), 1.0)
-        res.update(top1=100.0 * float(hits[0]) / n, top5=100.0 * float(hits[1]) / n, num_val=int(hits[2]))
-    res["seconds"] = time.time() - t0
-    if info.is_main:
-        from fastsupmae.tasks.common import write_json
 
-        write_json(out / RESULT_FILE, res)
-        if result.stopped == "done":
-            torch.save({"head": {k: v.detach().cpu() for k, v in trained.state_dict().items()},
-                        "options": asdict(opts), "feature": feature}, out / HEAD_FILE)
-            log.info("linear probe: top-1 %.2f%% top-5 %.2f%% (%d steps, %.0f s); %s", res["top1"], res["top5"],
-                     result.step, res["seconds"], out / RESULT_FILE)
-    res["head"] = trained
-    if hasattr(trainer.engine, "destroy"):
-        trainer.engine.destroy()
-    run_dir.release(out)  # the probe's directory lock (held since run_dir.prepare)
-    return res
+def evaluate_head(head: nn.Module, net: nn.Module, val_loader: Any, feature: str,
+                  device: torch.device) -> dict[str, Any]:
+    """Top-1 / top-5 (percent) of ``head`` on the frozen features of every rank's evaluation shard (collective).
+
+    Returns:
+        {'top1', 'top5', 'num_val'}, the same on every rank.
+    """
+    from fastsupmae.engine.distributed import all_reduce_sum, comm_device
+    from fastsupmae.tasks.knn import extract_features
+
+    vf, vl = extract_features(net, val_loader, feature, normalize=False, gather=False, on_device=True)
+    hits = torch.zeros(3, dtype=torch.float64, device=device)
+    if vf.shape[0]:  # an evaluation shard may be empty on some ranks
+        with torch.no_grad():
+            logits = head(vf.to(device))
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hit = top == vl.to(device)[:, None]
+        hits[0], hits[1], hits[2] = hit[:, 0].sum(), hit.any(1).sum(), float(logits.shape[0])
+    hits = all_reduce_sum(hits.to(comm_device())).cpu()
+    n = max(float(hits[2]), 1.0)
+    return {"top1": 100.0 * float(hits[0]) / n, "top5": 100.0 * float(hits[1]) / n, "num_val": int(hits[2])}
+
+
+def _write_result(out: Path, res: dict[str, Any], head: nn.Module, opts: LinprobeOptions, feature: str) -> None:
+    """Rank 0: the result file, and the trained head's file when the run completed."""
+    from fastsupmae.tasks.common import write_json
+
+    write_json(out / RESULT_FILE, res)
+    if res["stopped"] == "done":
+        torch.save({"head": {k: v.detach().cpu() for k, v in head.state_dict().items()},
+                    "options": asdict(opts), "feature": feature}, out / HEAD_FILE)
+        log.info("linear probe: top-1 %.2f%% top-5 %.2f%% (%d steps, %.0f s); %s", res["top1"], res["top5"],
+                 res["steps"], res["seconds"], out / RESULT_FILE)
 
 
 def _check_resumed_options(out: Path, resume: str, now: dict[str, Any]) -> None:
