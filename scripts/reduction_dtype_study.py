@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,14 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fastsupmae.engine.distributed import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "configs" / "demo" / "fashion_mnist_supmae.yaml"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def worker(comm: str, seed: int, steps: int, window: int, out: Path) -> None:

@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,14 +32,10 @@ from typing import Any
 
 import torch
 
+from fastsupmae.engine.distributed import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "configs" / "demo" / "fashion_mnist_supmae.yaml"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def launch(task: str, args: list[str], nproc: int, log: Path) -> subprocess.Popen:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,12 +19,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+from fastsupmae.engine.distributed import free_port
 
 # How long a rank waits in a collective for its peers. Sized for a loaded machine: on 2 shared cores one rank's
 # start-up (imports, DeepSpeed's set-up) can take minutes while its peer already waits at the first barrier.

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,16 +17,11 @@ from fastsupmae.bench import gpu_check as gc
 from fastsupmae.bench.gpu_check import nodes
 from fastsupmae.bench.gpu_check import stages_train as st
 from fastsupmae.cli import main
+from fastsupmae.engine.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM_TASK_1 = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "SLURM_NNODES": "2",
                 "SLURM_NODEID": "1", "SLURM_NTASKS_PER_NODE": "1"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_single_process_stage_ignores_slurm_rank_variables(tmp_path, monkeypatch):
@@ -106,7 +100,7 @@ sys.exit(0 if code == 0 else 1)
 def test_two_nodes_on_localhost_rendezvous_with_slurm_variables(tmp_path):
     """Each "node" is a trainer-stage launcher with its own SLURM task variables and the job's MASTER_ADDR /
     MASTER_PORT, as srun gives them; one rank per node; the rendezvous forms (world 2, both ranks summed)."""
-    port = _free_port()
+    port = free_port()
     procs = []
     for node in (0, 1):
         env = {k: v for k, v in os.environ.items() if k not in nodes.LAUNCHER_VARS}

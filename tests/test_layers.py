@@ -101,13 +101,19 @@ def test_imports_go_one_way() -> None:
     assert not bad, "imports against the layer order:\n" + "\n".join(bad)
 
 
-def test_a_planted_back_edge_is_found(tmp_path: Path, monkeypatch) -> None:
-    """The check itself: a pipeline module that imports the trainer is reported."""
+def plant_pipeline(tmp_path: Path, monkeypatch, source: str) -> Path:
+    """A stand-in pipelines package holding ``planted.py`` with ``source``, in place of the real one."""
     fake = tmp_path / "pipelines"
     fake.mkdir()
     (fake / "__init__.py").write_text("")
-    (fake / "planted.py").write_text("from fastsupmae.models import build_model\n")
+    (fake / "planted.py").write_text(source)
     monkeypatch.setitem(PACKAGES, "fastsupmae.pipelines", fake)
+    return fake
+
+
+def test_a_planted_back_edge_is_found(tmp_path: Path, monkeypatch) -> None:
+    """The check itself: a pipeline module that imports the trainer is reported."""
+    fake = plant_pipeline(tmp_path, monkeypatch, "from fastsupmae.models import build_model\n")
     bad = violations()
     assert not any("planted.py" in b for b in bad), bad  # the same layer: allowed
     (fake / "planted.py").write_text("def f():\n    from fastsupmae.engine.trainer import Trainer\n")
@@ -145,11 +151,7 @@ def test_the_foundation_cpu_module_imports_nothing_of_the_project() -> None:
 
 def test_measuring_code_is_reported_when_imported_from_below_or_importing_a_task(tmp_path: Path, monkeypatch) -> None:
     """A planted pipeline module importing a benchmark, and a planted bench module importing a task: both found."""
-    fake = tmp_path / "pipelines"
-    fake.mkdir()
-    (fake / "__init__.py").write_text("")
-    (fake / "planted.py").write_text("from fastsupmae.bench import data\n")
-    monkeypatch.setitem(PACKAGES, "fastsupmae.pipelines", fake)
+    plant_pipeline(tmp_path, monkeypatch, "from fastsupmae.bench import data\n")
     assert any("planted.py:1" in b and "fastsupmae.bench" in b for b in violations())
     fake_pkg = tmp_path / "pkg"
     shutil.copytree(ROOT / "fastsupmae", fake_pkg, ignore=shutil.ignore_patterns("__pycache__"))

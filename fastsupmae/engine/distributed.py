@@ -42,7 +42,8 @@ class DistInfo:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a rendezvous that this machine starts)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -67,7 +68,7 @@ def set_single_process_defaults() -> None:
         if os.environ["WORLD_SIZE"] != "1":
             raise UserError("MASTER_PORT is not set for a multi-process run; export it or use a launcher "
                                "(deepspeed / torchrun) that sets it")
-        os.environ["MASTER_PORT"] = str(_free_port())
+        os.environ["MASTER_PORT"] = str(free_port())
 
 
 def gpus_visible() -> bool:
