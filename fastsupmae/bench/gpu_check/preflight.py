@@ -28,7 +28,7 @@ _TRAIN = ("deepspeed", "pydantic", "hjson", "msgpack", "psutil", "cpuinfo", "ein
 _BENCH = ("timm", "huggingface_hub", "safetensors", "fastsupmae.bench.train", "fastsupmae.bench.reference")
 STAGE_IMPORTS: dict[str, tuple[str, ...]] = {
     "preflight": ("torch", "fastsupmae.pipelines.shared_memory", "fastsupmae.engine.distributed"),
-    "env": ("torch", "numpy", "fastsupmae.bench.gpu_check.stages_compute"),
+    "env": ("torch", "numpy", "fastsupmae.bench.gpu_check.env_stage", "fastsupmae.bench.gpu_check.stages_compute"),
     "trainer": (*_TRAIN, "fastsupmae.bench.gpu_check.train_worker", "fastsupmae.bench.gpu_check.trainer_stage",
                 "fastsupmae.bench.gpu_check.stages_train"),
     "kernels": ("triton", "fastsupmae.kernels.dispatch", "fastsupmae.kernels.checks", "fastsupmae.bench.kernels"),
