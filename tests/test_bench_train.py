@@ -10,6 +10,7 @@ import torch
 
 from fastsupmae.bench import train as bench_train
 from fastsupmae.bench.reference import ReferenceStep, build_reference, reference_optimizer
+from fastsupmae.bench.train_measure import FastStep
 from fastsupmae.errors import UserError
 from fastsupmae.models import build_model
 
@@ -74,7 +75,7 @@ def test_one_training_step_matches(dtype: str) -> None:
     cfg, fast, ref = _pair("supmae")
     imgs, labels, noise = _batch(cfg)
     cfg.train.clip_grad = 0.0  # the reference (official pretraining) does not clip
-    fs = bench_train.FastStep(fast, cfg, dtype, lr=1e-3)
+    fs = FastStep(fast, cfg, dtype, lr=1e-3)
     rs = ReferenceStep(ref, reference_optimizer(ref, cfg, lr=1e-3), dtype)
     for s in (fs, rs):
         s.backward(s.forward(imgs, labels, noise))

@@ -14,14 +14,22 @@ from pathlib import Path
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "compute_budget_study.py"
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
 
-def _study():
-    spec = importlib.util.spec_from_file_location("compute_budget_study", SCRIPT)
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _study():
+    return _load("compute_budget_study")
+
+
+def _results():
+    return _load("compute_budget_results")
 
 
 def _record(method: str, budget: float, seed: int, rng: random.Random) -> dict:
@@ -40,9 +48,9 @@ def _result(records: list[dict], seeds: str, settings: dict | None = None, commi
 
 
 def test_summary_is_mean_min_max_over_seeds() -> None:
-    study, rng = _study(), random.Random()
+    results, rng = _results(), random.Random()
     recs = [_record(m, b, s, rng) for s in (0, 1, 2) for b in (1.5, 4.5) for m in ("supmae", "mae")]
-    out = study._by_method_budget(recs)
+    out = results._by_method_budget(recs)
     assert list(out) == ["supmae", "mae"]
     for method, pts in out.items():
         assert [p["budget_tflop"] for p in pts] == [1.5, 4.5]
@@ -52,7 +60,7 @@ def test_summary_is_mean_min_max_over_seeds() -> None:
             assert p["seeds"] == [0, 1, 2]
             assert p["linprobe_top1"]["mean"] == pytest.approx(sum(vals) / 3)
             assert p["linprobe_top1"]["min"] == min(vals) and p["linprobe_top1"]["max"] == max(vals)
-    assert "supmae" in study.summary(recs)
+    assert "supmae" in results.summary(recs)
 
 
 def test_merge_combines_seeds_and_refuses_other_settings(tmp_path: Path) -> None:
@@ -93,23 +101,23 @@ def test_merge_refuses_other_commits_and_duplicate_cells(tmp_path: Path) -> None
 
 
 def test_paired_differences_same_sign_and_std() -> None:
-    study = _study()
+    results = _results()
     recs = []
     for seed, (sup, mim) in enumerate(((60.0, 61.0), (62.0, 62.5), (58.0, 60.0))):
         for method, v in (("supervised", sup), ("mim_supervised", mim), ("mims-hog", sup - 1 + 2 * (seed == 1))):
             r = _record(method, 1.5, seed, random.Random(seed))
             r.update(linprobe_top1=v, finetune_top1=v, knn_top1=v)
             recs.append(r)
-    diffs = study.paired_differences(recs, "mim_supervised", "supervised")
+    diffs = results.paired_differences(recs, "mim_supervised", "supervised")
     assert {d["eval"] for d in diffs} == {"linear probe", "short fine-tune", "kNN"}
     lp = next(d for d in diffs if d["key"] == "linprobe_top1")
     assert lp["diff"] == pytest.approx([1.0, 0.5, 2.0]) and lp["same_sign"] and lp["seeds"] == [0, 1, 2]
-    hog = study.paired_differences(recs, "mims-hog", "supervised")
+    hog = results.paired_differences(recs, "mims-hog", "supervised")
     assert all(not d["same_sign"] for d in hog)  # -1, +1, -1
-    assert ("mims-hog", "mim_supervised") in study._pairs(recs) and ("mims-hog", "supervised") in study._pairs(recs)
-    pt = study._by_method_budget(recs)["mim_supervised"][0]["knn_top1"]
+    assert ("mims-hog", "mim_supervised") in results._pairs(recs) and ("mims-hog", "supervised") in results._pairs(recs)
+    pt = results._by_method_budget(recs)["mim_supervised"][0]["knn_top1"]
     assert pt["each"] == [61.0, 62.5, 60.0] and pt["std"] == pytest.approx(statistics.stdev([61.0, 62.5, 60.0]))
-    text = study.summary(recs)
+    text = results.summary(recs)
     assert "mim_supervised - supervised" in text and "kNN" in text
 
 

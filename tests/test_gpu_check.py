@@ -14,7 +14,10 @@ import torch
 from fastsupmae.kernels import dispatch
 
 from fastsupmae.bench.gpu_check import HOOK_ENV, STAGE_ORDER, format_table, stage_registry
-from fastsupmae.bench.gpu_check import stages_compute as sc
+from fastsupmae.bench.gpu_check import attention_stage as ats
+from fastsupmae.bench.gpu_check import env_stage as es
+from fastsupmae.bench.gpu_check import kernels_stage as ks
+from fastsupmae.bench.gpu_check import model_stage as ms
 from fastsupmae.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,32 +122,32 @@ def test_registry_order_and_missing_train_stages():
 
 def test_every_dispatched_op_has_cases():
     g = torch.Generator().manual_seed(0)
-    for s in sc.kernel_shapes(cpu=True) + sc.kernel_shapes(cpu=False)[2:]:
+    for s in ks.kernel_shapes(cpu=True) + ks.kernel_shapes(cpu=False)[2:]:
         for name in dispatch.KERNEL_OPS:
-            cases = sc._op_cases(name, s, torch.bfloat16, torch.device("cpu"), g)
+            cases = ks._op_cases(name, s, torch.bfloat16, torch.device("cpu"), g)
             assert cases, name
-    assert sc._op_cases("not_an_op", sc.kernel_shapes(True)[0], torch.float32, torch.device("cpu"), g) is None
+    assert ks._op_cases("not_an_op", ks.kernel_shapes(True)[0], torch.float32, torch.device("cpu"), g) is None
 
 
 def test_grad_error_ratios_floor_and_zero_gradient():
     ref = {"w": torch.ones(100), "zero_bias": torch.zeros(10)}
     t16 = {"w": ref["w"] * 1.01, "zero_bias": torch.full((10,), 1e-4)}
     k16 = {"w": ref["w"] * 1.02, "zero_bias": torch.full((10,), 2e-4)}
-    rows = {r["param"]: r for r in sc.grad_error_ratios(ref, t16, k16, floor=0.01)}
+    rows = {r["param"]: r for r in ms.grad_error_ratios(ref, t16, k16, floor=0.01)}
     assert rows["w"]["err_torch_bf16"] == pytest.approx(0.01, rel=1e-4)
     assert rows["w"]["ratio"] == pytest.approx(0.02 / 0.015, rel=1e-4)
     # a zero exact gradient is judged against 0.1 x the typical gradient size, not divided by ~0
     assert rows["zero_bias"]["ratio"] < 2
     k16["w"] = ref["w"] * 1.05
-    assert sc.grad_error_ratios(ref, t16, k16)[0]["ratio"] > 2
+    assert ms.grad_error_ratios(ref, t16, k16)[0]["ratio"] > 2
 
 
 def test_attention_kernel_detection_on_cpu():
     q = torch.randn(1, 2, 8, 16)
-    assert sc.attention_kernel_used(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q)) in (
+    assert ats.attention_kernel_used(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q)) in (
         "flash (CPU)", "math")
     with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
-        assert sc.attention_kernel_used(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q)) == "math"
+        assert ats.attention_kernel_used(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q)) == "math"
 
 
 def test_table_format():
@@ -156,7 +159,7 @@ def test_table_format():
 
 
 def test_no_gpu_without_cpu_flag_is_a_user_error(tmp_path, capsys):
-    if torch.cuda.is_available() or sc.visible_gpus()["visible"]:
+    if torch.cuda.is_available() or es.visible_gpus()["visible"]:
         pytest.skip("this machine shows a GPU")
     assert main(["gpu-check", "--json", str(tmp_path / "c.json")]) == 2
     assert "--cpu" in capsys.readouterr().err

@@ -15,7 +15,7 @@ import pytest
 
 from fastsupmae.bench import gpu_check as gc
 from fastsupmae.bench.gpu_check import nodes
-from fastsupmae.bench.gpu_check import stages_train as st
+from fastsupmae.bench.gpu_check import trainer_stage as tr
 from fastsupmae.cli import main
 from fastsupmae.engine.distributed import free_port
 
@@ -66,31 +66,31 @@ def test_trainer_refuses_several_nodes_without_address_or_port(tmp_path, monkeyp
     monkeypatch.setenv(nodes.ENV["node_rank"], "1")
     monkeypatch.setenv(nodes.SHARED_DIR_ENV, str(tmp_path))
     with pytest.raises(RuntimeError, match="no rendezvous address: export MASTER_ADDR") as e:
-        st._nodes()
+        tr._nodes()
     assert "no rendezvous port: export MASTER_PORT" in str(e.value)
     # from the environment, or from the options (the runner turns them into the same variables)
     monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
     monkeypatch.setenv("MASTER_PORT", "29400")
-    assert st._nodes() == {"nnodes": 2, "node_rank": 1, "master_addr": "10.0.0.1", "master_port": 29400}
+    assert tr._nodes() == {"nnodes": 2, "node_rank": 1, "master_addr": "10.0.0.1", "master_port": 29400}
     ns = type("A", (), {"nnodes": "2", "node_rank": "0", "master_addr": "10.0.0.2", "master_port": "29500"})()
     gc._node_options(ns)
-    assert st._nodes() == {"nnodes": 2, "node_rank": 0, "master_addr": "10.0.0.2", "master_port": 29500}
+    assert tr._nodes() == {"nnodes": 2, "node_rank": 0, "master_addr": "10.0.0.2", "master_port": 29500}
     monkeypatch.setenv("SLURM_NNODES", "4")
     with pytest.raises(RuntimeError, match="SLURM_NNODES=4"):
-        st._nodes()
+        tr._nodes()
 
 
 DRIVER = """
 import json, os, sys
 from pathlib import Path
 import torch
-from fastsupmae.bench.gpu_check import nodes, stages_train as st
+from fastsupmae.bench.gpu_check import nodes, trainer_stage as tr
 from fastsupmae.bench.gpu_check.context import StageContext
 from fastsupmae.bench.gpu_check import stage_environment
 os.environ.clear(); os.environ.update(stage_environment("trainer", json.loads(sys.argv[1])))
-n = st._nodes()
+n = tr._nodes()
 ctx = StageContext(cpu=True, device=torch.device("cpu"), gpus=0, workdir=Path(sys.argv[2]), log=print)
-code, tail = st._launch(ctx, "rdzv", Path(sys.argv[2]), {}, 1, n, 120, worker="tests.rendezvous_worker")
+code, tail = tr._launch(ctx, "rdzv", Path(sys.argv[2]), {}, 1, n, 120, worker="tests.rendezvous_worker")
 print(json.dumps({"code": code, "nodes": n}))
 sys.exit(0 if code == 0 else 1)
 """

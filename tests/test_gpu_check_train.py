@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastsupmae.bench.gpu_check import stages_train as st
+from fastsupmae.bench.gpu_check import data_stage as ds
+from fastsupmae.bench.gpu_check import syncs_stage as sy
+from fastsupmae.bench.gpu_check import throughput_stage as thr
+from fastsupmae.bench.gpu_check import trainer_stage as tr
 from fastsupmae.bench.gpu_check.context import Skip, StageContext
 
 
@@ -21,7 +24,7 @@ def _ctx(tmp_path: Path) -> StageContext:
 @pytest.mark.dist
 def test_trainer_stage_cpu_twin(tmp_path: Path) -> None:
     """2 ranks: ZeRO 1 and 3 (partitioned) train, checkpoint, resume at the saved step, consolidated weights."""
-    res = st.stage_trainer(_ctx(tmp_path))
+    res = tr.stage_trainer(_ctx(tmp_path))
     assert res["world_size"] == 2 and res["sync_batchnorm"] and res["backend"] == "gloo"
     for stage in (1, 3):
         r = res[f"z{stage}"]
@@ -42,7 +45,7 @@ def test_trainer_stage_cpu_twin(tmp_path: Path) -> None:
 
 def test_throughput_stage_cpu_smoke(tmp_path: Path) -> None:
     threads = torch.get_num_threads()
-    res = st.stage_throughput(_ctx(tmp_path))
+    res = thr.stage_throughput(_ctx(tmp_path))
     assert torch.get_num_threads() == threads  # restored for the caller
     for path in ("fastsupmae", "reference"):
         r = res[path]
@@ -55,7 +58,7 @@ def test_throughput_stage_cpu_smoke(tmp_path: Path) -> None:
 
 def test_syncs_stage_skips_without_cuda(tmp_path: Path) -> None:
     with pytest.raises(Skip, match="sync debug mode needs a GPU"):
-        st.stage_syncs(_ctx(tmp_path))
+        sy.stage_syncs(_ctx(tmp_path))
 
 
 def _fake_sync(what: str) -> None:
@@ -67,7 +70,7 @@ def test_sync_recorder_attributes_by_stack_and_step() -> None:
     code root, and counts per step window; other warnings are ignored."""
     here = str(Path(__file__).resolve().parent)
     roots = {"fastsupmae": [here], "deepspeed": ["/nonexistent/deepspeed"]}
-    rec = st.SyncRecorder(roots, debug_mode=False)
+    rec = sy.SyncRecorder(roots, debug_mode=False)
     with rec:
         for step in range(4):
             rec.step = step
@@ -86,37 +89,37 @@ def test_attribute_innermost_owner_wins() -> None:
     roots = {"fastsupmae": ["/r/fastsupmae"], "deepspeed": ["/r/deepspeed"]}
     stack = [fs("/r/fastsupmae/engine/trainer.py", 10, "fit"), fs("/r/deepspeed/runtime/engine.py", 20, "step"),
              fs("/usr/lib/torch/_tensor.py", 30, "item")]
-    assert st.attribute(stack, roots) == ("deepspeed", "/r/deepspeed/runtime/engine.py:20")
+    assert sy.attribute(stack, roots) == ("deepspeed", "/r/deepspeed/runtime/engine.py:20")
     stack = [fs("/r/deepspeed/runtime/engine.py", 20, "forward"), fs("/r/fastsupmae/models/vit.py", 5, "forward"),
              fs("/usr/lib/torch/_tensor.py", 30, "item")]
-    assert st.attribute(stack, roots) == ("fastsupmae", "/r/fastsupmae/models/vit.py:5")
-    assert st.attribute([fs("/usr/lib/torch/x.py", 1, "f")], roots)[0] == "other"
+    assert sy.attribute(stack, roots) == ("fastsupmae", "/r/fastsupmae/models/vit.py:5")
+    assert sy.attribute([fs("/usr/lib/torch/x.py", 1, "f")], roots)[0] == "other"
 
 
 def test_compare_batches_accepts_decoder_noise_and_rejects_other_images() -> None:
     g = torch.Generator().manual_seed(0)
     a = torch.randint(0, 256, (4, 3, 32, 32), generator=g, dtype=torch.uint8)
     noisy = (a.float() + torch.randint(-2, 3, a.shape, generator=g)).clamp(0, 255).to(torch.uint8)
-    assert st.compare_batches(a, noisy)["ok"]
+    assert ds.compare_batches(a, noisy)["ok"]
     other = torch.randint(0, 256, a.shape, generator=g, dtype=torch.uint8)
-    bad = st.compare_batches(a, other)
+    bad = ds.compare_batches(a, other)
     assert not bad["ok"] and "pixels" in bad["why"]
-    assert not st.compare_batches(a, a[:, :, :16])["ok"]
+    assert not ds.compare_batches(a, a[:, :, :16])["ok"]
 
 
 def test_weight_check_rejects_a_wrong_checkpoint() -> None:
     ok = {"missing": [], "rounded": 0.0, "rounded_rel": 0.0, "dtype": "torch.bfloat16"}
-    st._weights_ok(ok, "x")
+    tr._weights_ok(ok, "x")
     with pytest.raises(RuntimeError, match="differ"):
-        st._weights_ok({**ok, "rounded": 0.1, "rounded_rel": 0.05}, "x")
+        tr._weights_ok({**ok, "rounded": 0.1, "rounded_rel": 0.05}, "x")
     with pytest.raises(RuntimeError, match="missing"):
-        st._weights_ok({**ok, "missing": ["w"]}, "x")
+        tr._weights_ok({**ok, "missing": ["w"]}, "x")
 
 
 def test_data_stage_cpu_twin(tmp_path: Path) -> None:
     from fastsupmae.pipelines.dali_support import dali_available
 
-    res = st.stage_data(_ctx(tmp_path))
+    res = ds.stage_data(_ctx(tmp_path))
     assert res["images_per_s"] > 0 and res["cpu_loader_images_per_s"] > 0 and res["files"] == 16
     if dali_available():  # part of the pinned stack here: the DALI CPU operators against the CPU loader
         c = res["dali_vs_cpu"]
@@ -127,13 +130,13 @@ def test_data_stage_cpu_twin(tmp_path: Path) -> None:
 
 
 def test_data_stage_synthesises_jpegs_without_photos(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(st, "PHOTO_DIRS", (str(tmp_path / "none"),))
-    monkeypatch.delenv(st.PHOTOS_ENV, raising=False)
-    photos, where = st.find_photos()
+    monkeypatch.setattr(ds, "PHOTO_DIRS", (str(tmp_path / "none"),))
+    monkeypatch.delenv(ds.PHOTOS_ENV, raising=False)
+    photos, where = ds.find_photos()
     assert photos == [] and where == ""
-    made = st.synth_photos(tmp_path / "p", n=2)
-    monkeypatch.setenv(st.PHOTOS_ENV, str(tmp_path / "p"))
-    assert st.find_photos() == (made, str(tmp_path / "p"))
-    monkeypatch.setenv(st.PHOTOS_ENV, str(tmp_path / "none"))
+    made = ds.synth_photos(tmp_path / "p", n=2)
+    monkeypatch.setenv(ds.PHOTOS_ENV, str(tmp_path / "p"))
+    assert ds.find_photos() == (made, str(tmp_path / "p"))
+    monkeypatch.setenv(ds.PHOTOS_ENV, str(tmp_path / "none"))
     with pytest.raises(RuntimeError, match="no \\*.jpg"):
-        st.find_photos()
+        ds.find_photos()

@@ -9,7 +9,9 @@ so a killed run keeps what it did); at the end a table goes to the terminal, the
 that reported several (the preflight), and the exit status is 1 when a stage FAILed.
 
 The stage functions come from :mod:`.preflight`, :mod:`.stages_compute` (env, kernels, attention, model) and
-:mod:`.stages_train` (trainer, throughput, compile, syncs, data); the contract they follow is in :mod:`.context`.
+:mod:`.stages_train` (trainer, throughput, compile, syncs, data), which name them by stage; each stage lives in a
+module of its own (``<stage>_stage.py``; throughput and compile share one); the contract they follow is in
+:mod:`.context`.
 
 Tests reach into the stage processes through one environment variable, :data:`HOOK_ENV`: it names a module with
 two optional functions: ``patch_stages(stages, timeouts)`` (runner and stage processes) may add or replace stages
@@ -171,10 +173,10 @@ def stage_timeout(cap: float, deadline: float | None, now: float) -> float:
 
 # ------------------------------------------------------------------------------------------------------- device
 def _gpus() -> tuple[int, dict]:
-    """(GPUs torch can use, :func:`.stages_compute.visible_gpus`), without creating a CUDA context."""
+    """(GPUs torch can use, :func:`.env_stage.visible_gpus`), without creating a CUDA context."""
     import torch
 
-    from .stages_compute import visible_gpus
+    from .env_stage import visible_gpus
 
     return (torch.cuda.device_count() if torch.cuda.is_available() else 0), visible_gpus()
 

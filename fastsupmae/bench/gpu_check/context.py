@@ -49,3 +49,9 @@ class StageContext:
     log: Callable[[str], None] = field(default=print)
     stages: tuple[str, ...] = ()
     quick: bool = False
+
+
+def need_gpu(ctx: StageContext) -> None:
+    """Skip the stage on a machine without a GPU, unless it runs its CPU twin (``--cpu``)."""
+    if not ctx.cpu and ctx.gpus < 1:
+        raise Skip("no GPU visible (run with --cpu for the CPU twin)")

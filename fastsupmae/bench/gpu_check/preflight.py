@@ -28,12 +28,13 @@ _TRAIN = ("deepspeed", "pydantic", "hjson", "msgpack", "psutil", "cpuinfo", "ein
 _BENCH = ("timm", "huggingface_hub", "safetensors", "fastsupmae.bench.train", "fastsupmae.bench.reference")
 STAGE_IMPORTS: dict[str, tuple[str, ...]] = {
     "preflight": ("torch", "fastsupmae.pipelines.shared_memory", "fastsupmae.engine.distributed"),
-    "env": ("torch", "numpy", "fastsupmae.bench.gpu_check.stages_compute"),
-    "trainer": (*_TRAIN, "fastsupmae.bench.gpu_check.train_worker", "fastsupmae.bench.gpu_check.stages_train"),
+    "env": ("torch", "numpy", "fastsupmae.bench.gpu_check.env_stage", "fastsupmae.bench.gpu_check.stages_compute"),
+    "trainer": (*_TRAIN, "fastsupmae.bench.gpu_check.train_worker", "fastsupmae.bench.gpu_check.trainer_stage",
+                "fastsupmae.bench.gpu_check.stages_train"),
     "kernels": ("triton", "fastsupmae.kernels.dispatch", "fastsupmae.kernels.checks", "fastsupmae.bench.kernels"),
     "attention": ("fastsupmae.models.attention",),
     "model": ("yaml", "fastsupmae.config", "fastsupmae.models"),
-    "throughput": (*_BENCH, "fastsupmae.bench.gpu_check.stages_train"),
+    "throughput": (*_BENCH, "fastsupmae.bench.gpu_check.throughput_stage", "fastsupmae.bench.gpu_check.stages_train"),
     "compile": _BENCH,
     "syncs": _TRAIN,
     "data": ("PIL", "simplejpeg", "fastsupmae.pipelines.make_imagenet_like", "fastsupmae.pipelines.imagefolder",
@@ -79,7 +80,7 @@ def import_problems(modules: list[str], log: Any = print) -> tuple[list[str], di
 def shm_needs(stages: tuple[str, ...] | list[str], cpu: bool, gpus: int) -> list[tuple[str, int]]:
     """(what, bytes per process) each stage of this run puts in /dev/shm (the stages run one at a time, so the
     largest one counts); the trainer stage trains on synthetic data held in memory, which takes none."""
-    from .stages_train import data_stage_shm_bytes
+    from .data_stage import data_stage_shm_bytes
 
     needs = []
     if "data" in stages:

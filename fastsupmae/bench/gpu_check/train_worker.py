@@ -1,7 +1,7 @@
 """One rank of the GPU self-test's trainer stage: ``torchrun ... -m fastsupmae.bench.gpu_check.train_worker``.
 
 ``python -m fastsupmae.bench.gpu_check.train_worker PHASE RUNS_DIR SPEC_JSON`` with the rendezvous variables
-(RANK / LOCAL_RANK / WORLD_SIZE / MASTER_*) set by torchrun. The stage (:mod:`.stages_train`) launches it twice
+(RANK / LOCAL_RANK / WORLD_SIZE / MASTER_*) set by torchrun. The stage (:mod:`.trainer_stage`) launches it twice
 (with ``--quick`` once, as PHASE ``train+resume``: both phases in the same processes):
 
 - ``train``: for each ZeRO stage of the spec, a fresh run in ``RUNS_DIR/z<stage>``: build the model, loader and
