@@ -22,7 +22,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from typing import Any
 
 from fastsupmae.bench.gpu_check import nodes as nodes_mod
 from fastsupmae.bench.gpu_check.context import StageContext, need_gpu
+from fastsupmae.engine.distributed import free_port
 
 SHARED_DIR_ENV = nodes_mod.SHARED_DIR_ENV
 
@@ -40,12 +40,6 @@ TINY_MODEL = {"objective": "supmae", "size": "micro", "embed_dim": 32, "depth": 
               "decoder_num_heads": 2, "cls_hidden_dim": 32, "mask_ratio": 0.75, "kernels": "torch",
               "attn_backend": "sdpa"}
 VIT_B = {"objective": "supmae", "size": "base", "img_size": [224, 224], "patch_size": 16, "num_classes": 1000}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _nodes() -> dict[str, Any]:
@@ -78,7 +72,7 @@ def _launch(ctx: StageContext, phase: str, runs: Path, spec: dict[str, Any], npr
             timeout_s: float, worker: str = "fastsupmae.bench.gpu_check.train_worker") -> tuple[int, str]:
     """One ``torchrun`` of the worker module (``python -m worker PHASE RUNS SPEC``); returns (exit code, the tail
     of its output). Kills the whole process group on timeout so no rank outlives the stage."""
-    port = nodes["master_port"] + (1 if phase.startswith("resume") else 0) if nodes["master_port"] else _free_port()
+    port = nodes["master_port"] + (1 if phase.startswith("resume") else 0) if nodes["master_port"] else free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--nnodes={nodes['nnodes']}",
            f"--node_rank={nodes['node_rank']}", f"--master_addr={nodes['master_addr']}", f"--master_port={port}",
            "-m", worker, phase, str(runs), json.dumps(spec)]
