@@ -238,21 +238,21 @@ def stage_times(src: Any, n: int, size: int, interp: str, seed: int = 0) -> dict
     The stages of :func:`.image_decode.decode_crop_resize` done one by one on ``n`` samples, with the
     training crop rule (RandomResizedCrop 0.2-1, every image flipped so the flip is timed): read (the source's
     ``read``), decode (header + the reduced-size decode the fallback asks for; raw PPM: none), crop + resize
-    (torch's uint8 antialiased kernel on a view of the decode), flip, copy into the batch slot.
+    (torch's uint8 antialiased kernel from a view of the decode straight into a channels-last batch slot, as
+    :func:`.image_decode.resize_into`), flip (of the slot, in place).
     """
     import math
     import random
 
     import simplejpeg
-    import torch.nn.functional as F
 
     from .crop_params import DEFAULT_RATIO, sample_crop_box
-    from .image_decode import _dct_scale, image_size, pnm_pixels
+    from .image_decode import _dct_scale, batch_tensor, image_size, pnm_pixels, resize_into
 
     rng, threads = random.Random(seed), torch.get_num_threads()
     torch.set_num_threads(1)
-    t = dict.fromkeys(("read", "decode", "crop+resize", "flip", "copy"), 0.0)
-    slot = torch.empty(3, size, size, dtype=torch.uint8)
+    t = dict.fromkeys(("read", "decode", "crop+resize", "flip"), 0.0)
+    slot = batch_tensor(1, (size, size))[0]
     m = min(n, len(src))
     try:
         for i in range(m):
@@ -274,13 +274,11 @@ def stage_times(src: Any, n: int, size: int, interp: str, seed: int = 0) -> dict
                 warnings.filterwarnings("ignore", "The given NumPy array is not writable")
                 x = torch.from_numpy(arr).permute(2, 0, 1)[None][:, :, y0:y1, x0:x1]
             c3 = time.process_time()
-            y = F.interpolate(x, size=(size, size), mode=interp, antialias=True, align_corners=False)[0]
+            resize_into(x, slot, interp)
             c4 = time.process_time()
-            y = y.flip(-1)
+            slot.copy_(slot.flip(-1))
             c5 = time.process_time()
-            slot.copy_(y)
-            c6 = time.process_time()
-            for key, dt in zip(t, (c1 - c0, c2 - c1, c4 - c3, c5 - c4, c6 - c5)):
+            for key, dt in zip(t, (c1 - c0, c2 - c1, c4 - c3, c5 - c4)):
                 t[key] += dt
     finally:
         torch.set_num_threads(threads)
@@ -290,13 +288,13 @@ def stage_times(src: Any, n: int, size: int, interp: str, seed: int = 0) -> dict
 def _breakdown(names: list[str], med: dict[str, dict[str, float]], root: str, a: argparse.Namespace) -> None:
     """Print :func:`stage_times` for each kind of data the run read, beside the pipelines' measured CPU ms per
     image (the difference: hand-over to the main process, worker and loader overhead), and the
-    crop-and-resize-only ceiling (the pixels already decoded in memory: crop + resize + flip + copy)."""
+    crop-and-resize-only ceiling (the pixels already decoded in memory: crop + resize into the batch + flip)."""
     datas = sorted({parse_name(n)[1] for n in names if n != "torchvision"}, key=DATA.index)
     if not datas or a.breakdown_images <= 0:
         return
     print(f"CPU ms per image by stage (one process, one thread, {a.breakdown_images} images, the same crop rule; "
           f"'pipeline' = 1000 / its images per CPU-second above; 'rest' = pipeline - stages: hand-over, workers)")
-    print(f"{'data':<8} {'read':>6} {'decode':>7} {'crop+resize':>12} {'flip':>6} {'copy':>6} {'stages':>7}  "
+    print(f"{'data':<8} {'read':>6} {'decode':>7} {'crop+resize':>12} {'flip':>6} {'stages':>7}  "
           f"{'pipeline':<11}{'ms':>7} {'rest':>7}")
     for d in datas:
         st = stage_times(_source(d, root, a), a.breakdown_images, a.size, a.interp)
@@ -304,11 +302,11 @@ def _breakdown(names: list[str], med: dict[str, dict[str, float]], root: str, a:
         cpu = f"cpu{'' if d == 'folder' else '-' + d}"
         pipe = 1000 / med[cpu]["cpu"] if cpu in med else float("nan")
         print(f"{d:<8} {st['read']:>6.3f} {st['decode']:>7.3f} {st['crop+resize']:>12.3f} {st['flip']:>6.3f} "
-              f"{st['copy']:>6.3f} {total:>7.3f}  {cpu:<11}{pipe:>7.3f} {pipe - total:>7.3f}")
+              f"{total:>7.3f}  {cpu:<11}{pipe:>7.3f} {pipe - total:>7.3f}")
         if d == "raw":
-            ceil = 1000 / (st["crop+resize"] + st["flip"] + st["copy"])
-            print(f"crop-and-resize ceiling (raw pixels in memory: crop + resize + flip + copy): {ceil:.0f} images "
-                  f"per CPU-second" + (f"; cpu-raw reaches {med['cpu-raw']['cpu'] / ceil:.0%} of it"
+            ceil = 1000 / (st["crop+resize"] + st["flip"])
+            print(f"crop-and-resize ceiling (raw pixels in memory: crop + resize into the batch + flip): {ceil:.0f} "
+                  f"images per CPU-second" + (f"; cpu-raw reaches {med['cpu-raw']['cpu'] / ceil:.0%} of it"
                                        if "cpu-raw" in med else ""))
 
 
