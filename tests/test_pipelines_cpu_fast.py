@@ -152,3 +152,28 @@ def test_ring_slot_copied_to_pinned_memory_is_freed_at_once(fake_cuda):  # noqa:
     assert x.is_pinned() and torch.equal(x, buf[:2]) and ring.busy.tolist() == [0, 0]
     slot2, buf2, new2 = ring.take(0)  # the freed slot is the one used again, not a new one
     assert slot2 == 0 and buf2 is buf and not new2
+
+
+def test_crop_decoding_gives_the_whole_decodes_pixels(tmp_path):
+    """Verified JPEGs are decoded only where the crop is (pipelines/jpeg_crop.py): the batch equals the whole-image
+    decode's, pixel for pixel, at every DCT scale, both filters, with and without the flip; a CMYK JPEG (which it
+    refuses) still decodes through simplejpeg / Pillow."""
+    from fastsupmae.pipelines import jpeg_crop
+
+    if not jpeg_crop.available():
+        pytest.skip("no C compiler or libjpeg headers here: crop decoding is off and the fallback decodes whole")
+    rng = random.Random()
+    datas = _photos(tmp_path, 12)
+    for i, data in enumerate(datas):
+        im = Image.open(io.BytesIO(data))
+        w, h = im.size
+        box = sample_crop_box(h, w, (0.02, 1.0), (3 / 4, 4 / 3), rng)
+        out_hw = rng.choice([(224, 224), (64, 64), (40, 56)])  # small outputs reach the 1/2, 1/4 and 1/8 scales
+        kw = dict(interp=rng.choice(["bicubic", "bilinear"]), flip=bool(i % 2))
+        whole = decode_crop_resize(data, "x", lambda hh, ww, b=box: b, out_hw, strict=True, **kw)
+        crop = decode_crop_resize(data, "x", lambda hh, ww, b=box: b, out_hw, strict=False, **kw)
+        assert torch.equal(whole, crop), (i, box, out_hw, kw)
+    b = io.BytesIO()
+    Image.open(io.BytesIO(datas[0])).convert("CMYK").save(b, "JPEG")
+    assert decode_crop_resize(b.getvalue(), "x", lambda hh, ww: (0, 0, hh, ww), (16, 16), strict=False).shape == (
+        3, 16, 16)
