@@ -304,13 +304,19 @@ class CpuLoader(LoaderBase):
         held: list[int] = []  # ring slots handed out, not yet seen released
         _RINGS[ring.key] = ring
         try:
-            for b in dl:
+            batches = iter(dl)
+            while True:
+                # the consumer has asked for the next batch: what it dropped can be written again while we wait
                 held = ring.release_unused(held)
+                b = next(batches, None)
+                if b is None:
+                    break
                 h = b.get("images")
                 if isinstance(h, _Handed):  # not copied to pinned memory by DataLoader's pin thread
                     held.append(h.slot)
                     b["images"] = h.images(ring)
                 yield b
+                b = h = None  # only the consumer holds the batch now
         except RuntimeError as e:
             if "timed out" in str(e):
                 raise DataError(f"a data worker produced nothing for {self.timeout_s:.0f} s (stuck reading a file?); "

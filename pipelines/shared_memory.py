@@ -9,7 +9,8 @@ loader settings and compared with the mount before a loader starts.
 Estimates (bytes per rank; every rank of a node shares the mount):
 
 - CPU loader: ``workers x (PREFETCH_FACTOR + 2) x batch x C x H x W`` (uint8 batches; each worker reuses up to
-  that many batch slots: ``prefetch_factor`` in flight, the one the trainer holds and the one it just dropped);
+  that many batch slots: ``prefetch_factor`` in flight, the one the trainer holds, one spare for a trainer that
+  keeps the previous batch a step longer);
   nothing with 0 workers.
 - DALI feeding: ``(prefetch + 1) x batch x JPEG_BYTES`` (the encoded files of the batches in flight; about 85 MB
   at batch 256, prefetch 2); nothing without feeding processes.
