@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import statistics
 import time
@@ -325,6 +326,44 @@ def _breakdown(names: list[str], med: dict[str, dict[str, float]], root: str, a:
                                        if "cpu-raw" in med else ""))
 
 
+def feeder_times(src: Any, n: int) -> tuple[float, float]:
+    """CPU ms per image of DALI's feeding (:class:`.dali_loader.FeedSource`), one thread: (first epoch: read +
+    screening + the 1/8-scale check, where the data are not verified; later epochs: read only, the verdicts being
+    shared for the run)."""
+    from .dali_loader import FeedSource, Screened
+    from .sampler import ShardedOrder
+
+    m = min(n, len(src))
+    feed = FeedSource(src, ShardedOrder(len(src), 1, 0, 1, 0, train=False), (0, 0), {}, set(),
+                      screened=None if src.verified else Screened(len(src)))
+    out = []
+    for _ in range(2):
+        c0 = time.process_time()
+        for i in range(m):
+            feed.encoded(i)
+        out.append(1000 * (time.process_time() - c0) / max(1, m))
+    return out[0], out[1]
+
+
+def _feeders_or_decoders(names: list[str], med: dict[str, dict[str, float]], root: str, a: argparse.Namespace) -> None:
+    """For each DALI row: its feeding cost per image (measured alone) against the rest of its CPU time (DALI's
+    threads: decoding and resizing on CPU operators, the host side of hybrid decoding on a GPU), which side limits
+    with the bench's 1 feeding process and ``--workers`` threads, and the feeders : threads split those costs imply
+    for 8, 12 and 16 cores per GPU (one core left to the training process)."""
+    for n in names:
+        if n == "torchvision" or parse_name(n)[0] != "dali" or n not in med or a.breakdown_images <= 0:
+            continue
+        first, later = feeder_times(_source(parse_name(n)[1], root, a), a.breakdown_images)
+        total = 1000 / med[n]["cpu"]
+        dec = max(total - later, 1e-6)
+        side = "feeders" if later / 1 > dec / max(1, a.workers) else "decoders"
+        split = ", ".join(f"{c} cores: {w} feeders + {c - 1 - w} threads" for c in (8, 12, 16)
+                          for w in [max(1, min(c - 2, math.ceil((c - 1) * later / (later + dec))))])
+        print(f"{n}: feeding {first:.3f} ms per image in the first epoch, {later:.3f} later (read only); the rest "
+              f"{dec:.3f} ms (DALI's threads): the {side} limit here (1 feeding process, {a.workers} threads); "
+              f"split by those costs: {split}")
+
+
 def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     """Run the benchmark and print the table; returns {pipeline: medians of images_s, cpu, wait, ...}."""
     if args.device == "auto":
@@ -377,6 +416,7 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             if n.startswith("cpu-") and parse_name(n)[2] == "pretrain":
                 print(f"{n} / cpu images per CPU-second: {med[n]['cpu'] / base_cpu:.2f}x")
     _breakdown(names, med, str(train), args)
+    _feeders_or_decoders(names, med, str(train), args)
     if "torchvision" in results and "cpu" in results:
         ratios = [c["images_s"] / t["images_s"] for c, t in zip(results["cpu"], results["torchvision"])]
         print(f"cpu / torchvision images/s per round: {', '.join(f'{x:.2f}' for x in ratios)}; median "

@@ -373,3 +373,22 @@ def test_unprepared_data_screened_once_per_run_whichever_worker_meets_it(tmp_pat
     del a, b, screened
     gc.collect()
     assert not os.path.exists(path)
+
+
+def test_bench_data_says_whether_feeders_or_decoders_limit(tmp_path, capsys):
+    import argparse
+
+    from fastsupmae.pipelines import bench
+
+    _folder(tmp_path / "data", 12)
+    p = argparse.ArgumentParser()
+    bench.add_args(p)
+    a = p.parse_args(["--data", str(tmp_path / "data"), "--pipelines", "dali", "--batch", "4", "--workers", "1",
+                      "--batches", "1", "--warmup", "1", "--repeats", "1", "--size", "32", "--device", "cpu",
+                      "--ceiling-images", "0", "--breakdown-images", "6"])
+    bench.run(a)
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("dali: feeding"))
+    assert ("the feeders limit" in line) != ("the decoders limit" in line), line
+    for c in (8, 12, 16):
+        assert f"{c} cores: " in line, line
