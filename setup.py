@@ -35,7 +35,7 @@ setup(
     packages=["fastsupmae", "fastsupmae.models", "fastsupmae.engine", "fastsupmae.tasks", "fastsupmae.bench",
               "fastsupmae.bench.gpu_check", "fastsupmae.kernels", "fastsupmae.pipelines", "fastsupmae.data"],
     package_dir={"fastsupmae.kernels": "kernels", "fastsupmae.pipelines": "pipelines"},
-    package_data={"fastsupmae.data": ["*.json", "*.txt"]},
+    package_data={"fastsupmae.data": ["*.json", "*.txt"], "fastsupmae.pipelines": ["csrc/*.c"]},
     install_requires=["torch>=2.11,<2.15", "numpy>=2,<3", "pyyaml>=6", "tqdm>=4.60", "pillow>=10"],
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["fastsupmae=fastsupmae.cli:main"]},

@@ -3,9 +3,10 @@
 Where the time goes (per-image costs: docs/data.md): JPEG decoding, then Pillow's resize, then float conversion
 and normalisation. So each worker builds a *whole batch* per call (one task per batch instead of per sample),
 decodes each file only as large as its crop needs, and crops + resizes it with torch's uint8 antialiased
-kernel (faster than Pillow's resize) straight into one
-preallocated uint8 ``[B, 3, H, W]`` batch. No float conversion and no normalisation on the CPU: the trainer
-gets uint8 and normalises on the device.
+kernel (faster than Pillow's resize) straight into one preallocated uint8 ``[B, 3, H, W]`` batch, stored
+channels-last (``[B, H, W, 3]`` in memory: the layout that kernel writes fastest; every consumer reads it by
+strides). The workers hand batches over through a ring of reused shared-memory slots (:class:`_Ring`). No float
+conversion and no normalisation on the CPU: the trainer gets uint8 and normalises on the device.
 
 Semantics match the DALI pipelines: RandomResizedCrop boxes from :mod:`.crop_params` (torchvision's rule),
 flip with probability 0.5; evaluation = shorter-side resize + centre crop (:func:`.crop_params.center_crop_box`).
@@ -26,9 +27,10 @@ from fastsupmae.errors import DataError
 from .bad_files import BadFilePolicy, BadImage
 from .crop_params import DEFAULT_RATIO, center_crop_box, sample_crop_box
 from .encoded_source import EncodedSource
-from .image_decode import decode_crop_resize
+from .image_decode import batch_tensor, decode_crop_resize
 from .loader_base import LoaderBase, to_gray
 from .sampler import ShardedOrder, mix_seed
+from .shared_memory import PREFETCH_FACTOR
 from .transfer import to_device
 
 log = logging.getLogger(__name__)
@@ -78,13 +80,18 @@ class BatchDecoder:
         rand_augment_batch(x, seed, self.mean)
         random_erase_uint8(x, self.mean, self.std, torch.Generator().manual_seed(seed + 1))
 
-    def __call__(self, epoch: int, step: int, indices: list[int]) -> dict[str, Any]:
-        """Returns ``{'images': uint8 [B, 3, H, W], 'labels': int64 [B], 'bad': [(path, reason)], 'error': str}``."""
+    def __call__(self, epoch: int, step: int, indices: list[int], out: torch.Tensor | None = None) -> dict[str, Any]:
+        """Returns ``{'images': uint8 [B, 3, H, W], 'labels': int64 [B], 'bad': [(path, reason)], 'error': str}``.
+
+        ``out``: an uint8 ``[>= B, 3, H, W]`` tensor to write the batch into (a slot of :class:`_Ring`); the
+        returned images are then ``out[:m]``.
+        """
         n = len(indices)
         g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, step, self.rank))
         u = torch.rand(n, generator=g)  # flips; drawn first so they do not depend on image sizes
         sub_seeds = torch.randint(0, 2**62, (n,), generator=g).tolist()
-        out = _batch_tensor((n, 3, *self.out_hw))
+        if out is None:
+            out = _batch_tensor((n, 3, *self.out_hw))
         labels = self.source.labels
         keep_idx: list[int] = []
         bad: list[tuple[str, str]] = []
@@ -126,16 +133,104 @@ def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
     """An uninitialised uint8 batch; in a DataLoader worker it is allocated in shared memory straight away, so
     handing it to the main process copies nothing (torch would otherwise move it there with a copy)."""
     if torch.utils.data.get_worker_info() is None:
-        return torch.empty(shape, dtype=torch.uint8)
+        return batch_tensor(shape[0], shape[2:])
+    return _shared_tensor(shape)
+
+
+class _Ring:
+    """Shared-memory batch slots that one DataLoader's workers write into and hand over by number.
+
+    A batch allocated afresh in shared memory costs a worker ~0.14 ms of CPU per 224 x 224 image (torch
+    reserves the whole segment up front, zero-filled, then each 4 KiB page faults in as it is first written:
+    about half of it system time), and the main process maps and unmaps each one again. Here each worker keeps
+    up to ``per_worker`` slots: made the first time it needs one (handed over once as a tensor, which maps it in
+    the main process), then reused and handed over as their number. A slot is written again only after the main
+    process has seen that nothing but the ring still uses its memory (the consumer dropped the batch, or it was
+    copied to pinned memory for the GPU); when all of a worker's slots are in use it falls back to a fresh
+    segment, so a consumer that keeps batches never sees them overwritten. Shared memory in use stays what the
+    batches in flight need, as before.
+    """
+
+    def __init__(self, workers: int, per_worker: int, shape: tuple[int, ...]) -> None:
+        self.per_worker, self.shape, self.key = per_worker, shape, id(self)
+        self.busy = torch.zeros(workers * per_worker, dtype=torch.uint8).share_memory_()  # 1: written, in use
+        self.slots: dict[int, torch.Tensor] = {}  # this process's mapped slots (a worker's own; all in the main)
+        self._idle: dict[int, int] = {}  # main process: the reference count of a slot nobody else uses
+
+    def take(self, worker: int) -> tuple[int, torch.Tensor | None, bool]:
+        """Worker: ``(slot, tensor, new)`` of a free slot of ``worker`` now marked busy (the lowest, so the same
+        few stay warm), or ``(-1, None, False)`` when all are in use."""
+        lo = worker * self.per_worker
+        free = (self.busy[lo:lo + self.per_worker] == 0).nonzero()
+        if free.numel() == 0:
+            return -1, None, False
+        s = lo + int(free[0])
+        self.busy[s] = 1
+        new = s not in self.slots
+        if new:
+            self.slots[s] = _shared_tensor(self.shape)
+        return s, self.slots[s], new
+
+    def receive(self, s: int, tensor: torch.Tensor | None) -> torch.Tensor:
+        """Main process: the slot's tensor (``tensor``: the slot itself, sent the first time it is used)."""
+        if tensor is not None:
+            self.slots[s] = tensor
+            self._idle[s] = _use_count(tensor)  # the caller's references are to this same tensor: none extra
+        return self.slots[s]
+
+    def release_unused(self, held: list[int]) -> list[int]:
+        """Main process: frees the slots of ``held`` that nothing but the ring uses any more; returns the rest."""
+        still = []
+        for s in held:
+            if _use_count(self.slots[s]) <= self._idle[s]:
+                self.busy[s] = 0
+            else:
+                still.append(s)
+        return still
+
+
+_RINGS: dict[int, _Ring] = {}  # main process: the rings of live DataLoaders, for DataLoader's pin thread
+
+
+class _Handed:
+    """A batch in a ring slot on its way from a worker: the slot number, the image count, and the slot's tensor
+    the first time it is used. DataLoader's pin thread (CUDA) calls :meth:`pin_memory`, which copies the batch
+    out of the slot into pinned memory and frees the slot at once."""
+
+    def __init__(self, key: int, slot: int, n: int, tensor: torch.Tensor | None) -> None:
+        self.key, self.slot, self.n, self.tensor = key, slot, n, tensor
+
+    def images(self, ring: _Ring) -> torch.Tensor:
+        """Main process: the batch, a view of the slot."""
+        return ring.receive(self.slot, self.tensor)[: self.n]
+
+    def pin_memory(self, *_: Any) -> torch.Tensor:
+        ring = _RINGS.get(self.key)
+        if ring is None:  # the loader was closed while this batch waited: nobody reads it
+            return self
+        x = self.images(ring).pin_memory()
+        ring.busy[self.slot] = 0
+        return x
+
+
+def _shared_tensor(shape: tuple[int, ...]) -> torch.Tensor:
+    """:func:`.image_decode.batch_tensor` (channels-last ``[B, 3, H, W]``) in shared memory."""
+    n, c, h, w = shape
     storage = torch.UntypedStorage._new_shared(math.prod(shape))
-    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+    return torch.empty(0, dtype=torch.uint8).set_(storage).view(n, h, w, c).permute(0, 3, 1, 2)
+
+
+def _use_count(t: torch.Tensor) -> int:
+    """Tensors (views included) that share ``t``'s memory, counted by its storage's reference count."""
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
 
 
 class _Steps(torch.utils.data.Dataset):
     """The remaining steps of one epoch as a map-style dataset: item k = batch of step ``steps[k]``."""
 
-    def __init__(self, decoder: BatchDecoder, order: ShardedOrder, epoch: int, steps: range) -> None:
-        self.decoder, self.order, self.epoch, self.steps = decoder, order, epoch, steps
+    def __init__(self, decoder: BatchDecoder, order: ShardedOrder, epoch: int, steps: range,
+                 ring: _Ring | None = None) -> None:
+        self.decoder, self.order, self.epoch, self.steps, self.ring = decoder, order, epoch, steps, ring
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -143,9 +238,20 @@ class _Steps(torch.utils.data.Dataset):
     def __getitem__(self, k: int) -> dict[str, Any]:
         step = self.steps[k]
         idx = self.order.batch_indices(self.epoch, step).tolist()
+        info = torch.utils.data.get_worker_info()
+        slot, buf, new = self.ring.take(info.id) if self.ring is not None and info is not None else (-1, None, False)
         try:
-            return self.decoder(self.epoch, step, idx)
+            if slot < 0:
+                return self.decoder(self.epoch, step, idx)
+            b = self.decoder(self.epoch, step, idx, out=buf)
+            if "images" in b:  # the batch travels as its slot's number (and the slot itself the first time)
+                b["images"] = _Handed(self.ring.key, slot, len(b["images"]), buf if new else None)
+            else:
+                self.ring.busy[slot] = 0  # an error: nothing written to hand over
+            return b
         except Exception as e:  # anything unexpected still reaches the user with the batch's first file named
+            if slot >= 0:
+                self.ring.busy[slot] = 0
             first = self.decoder.source.path(idx[0]) if idx else "?"
             return {"error": f"data worker failed on the batch starting at '{first}' ({type(e).__name__}: {e})"}
 
@@ -183,23 +289,42 @@ class CpuLoader(LoaderBase):
         self.timeout_s = timeout_s
 
     def _batches(self, epoch: int, steps: range) -> Iterator[dict[str, Any]]:
-        ds = _Steps(self.decoder, self.order, epoch, steps)
         if self.num_workers == 0:
+            ds = _Steps(self.decoder, self.order, epoch, steps)
             yield from (ds[k] for k in range(len(ds)))
             return
+        # a ring per DataLoader: workers of an abandoned iterator can never write into this one's slots
+        ring = _Ring(self.num_workers, PREFETCH_FACTOR + 2, (self.order.batch_size, 3, *self.decoder.out_hw))
+        ds = _Steps(self.decoder, self.order, epoch, steps, ring)
         dl = torch.utils.data.DataLoader(
             ds, batch_size=None, shuffle=False, num_workers=self.num_workers, worker_init_fn=_worker_init,
-            prefetch_factor=4, pin_memory=self.device.type == "cuda",
+            prefetch_factor=PREFETCH_FACTOR, pin_memory=self.device.type == "cuda",
             # a worker stuck on a file (network mount, ...) becomes an error instead of a silent hang
             timeout=self.timeout_s,
         )
+        held: list[int] = []  # ring slots handed out, not yet seen released
+        _RINGS[ring.key] = ring
         try:
-            yield from dl
+            batches = iter(dl)
+            while True:
+                # the consumer has asked for the next batch: what it dropped can be written again while we wait
+                held = ring.release_unused(held)
+                b = next(batches, None)
+                if b is None:
+                    break
+                h = b.get("images")
+                if isinstance(h, _Handed):  # not copied to pinned memory by DataLoader's pin thread
+                    held.append(h.slot)
+                    b["images"] = h.images(ring)
+                yield b
+                b = h = None  # only the consumer holds the batch now
         except RuntimeError as e:
             if "timed out" in str(e):
                 raise DataError(f"a data worker produced nothing for {self.timeout_s:.0f} s (stuck reading a file?); "
                                 f"check the storage under '{self.source.path(0)}'") from None
             raise
+        finally:
+            _RINGS.pop(ring.key, None)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         o = self.order
@@ -222,4 +347,5 @@ class CpuLoader(LoaderBase):
             # global positions in the epoch's order (host): keys for per-sample augmentation after the loader
             pos = torch.arange(len(b["labels"])) + step * o.batch_size * o.world_size + o.rank * o.batch_size
             yield {"images": x, "labels": y, "index": pos, "epoch": torch.tensor(epoch)}
+            b = x = None  # while the next batch is fetched, only the consumer keeps this one's ring slot in use
         o.finish_epoch()

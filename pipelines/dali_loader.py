@@ -16,8 +16,10 @@ rebuild and continues at the same position. Under ``data.bad_files=skip`` that n
 Screening in the workers (none for data ``fastsupmae prepare`` verified: its manifest says every image was
 decoded once when written), so that every path agrees on what is bad: empty, unreadable header, JPEG without its
 end marker, and (``verify``, default on) a 1/8-scale decode with the CPU fallback's own decoder, which rejects
-a JPEG corrupt in mid-stream that libjpeg / nvJPEG would otherwise decode into garbage. Formats DALI cannot
-decode (GIF, ...) are decoded on the CPU in the worker and handed over as raw pixels (PNM).
+a JPEG corrupt in mid-stream that libjpeg / nvJPEG would otherwise decode into garbage. Each sample is screened
+once per run, by whichever worker meets it first: the verdicts (passed / bad) are shared by every feeding process
+through one byte per sample (:class:`Screened`), so later epochs read the file and skip the checks. Formats DALI
+cannot decode (GIF, ...) are decoded on the CPU in the worker and handed over as raw pixels (PNM).
 """
 
 from __future__ import annotations
@@ -48,6 +50,52 @@ _PLACEHOLDER = b"P6\n1 1\n255\n\x00\x00\x00"
 # magic numbers of the formats DALI's decoders read (JPEG, PNG, BMP, TIFF, PNM, WebP, JPEG 2000)
 _DALI_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"BM", b"II*\x00", b"MM\x00*", b"P1", b"P2", b"P3", b"P4", b"P5",
                b"P6", b"\x00\x00\x00\x0cjP", b"\xff\x4f\xff\x51")
+
+
+class Screened:
+    """What the feeding processes of one run learnt about each sample, shared by all of them: one byte per
+    sample (0 not screened yet, 1 passed, 2 bad) in a file under /dev/shm (the temp directory where there is
+    none), so the screening and the 1/8-scale check of unprepared data run once per run, not once per epoch.
+
+    Picklable by path (DALI's spawned workers open it themselves); the file is removed when the loader that made
+    it is gone.
+    """
+
+    def __init__(self, n: int) -> None:
+        import os
+        import tempfile
+        import weakref
+
+        where = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        fd, self.path = tempfile.mkstemp(prefix="fastsupmae-screened-", dir=where)
+        with os.fdopen(fd, "wb") as f:
+            f.truncate(max(1, n))
+        self.n, self._arr = n, None
+        weakref.finalize(self, _remove, self.path)
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "n": self.n, "_arr": None}  # the workers map it, nobody removes it there
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    def state(self, i: int) -> int:
+        if self._arr is None:
+            self._arr = np.memmap(self.path, np.uint8, "r+", shape=(max(1, self.n),))
+        return int(self._arr[i])
+
+    def mark(self, i: int, value: int) -> None:
+        self.state(i)
+        self._arr[i] = value
+
+
+def _remove(path: str) -> None:
+    import os
+
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def screen(data: bytes, path: str) -> None:
@@ -95,8 +143,8 @@ class FeedSource:
 
     def __init__(self, source: EncodedSource, order: ShardedOrder, start: tuple[int, int],
                  known_bad: dict[int, str], transcode: set[int], verify: bool = True, strict: bool = False,
-                 prefetch: int = 2) -> None:
-        self.source, self.order, self.start = source, order, start
+                 prefetch: int = 2, screened: Screened | None = None) -> None:
+        self.source, self.order, self.start, self.screened = source, order, start, screened
         self.known_bad, self.transcode = dict(known_bad), set(transcode)
         self.verify, self.strict, self.prefetch = verify, strict, prefetch
         self.steps = len(order)
@@ -115,19 +163,33 @@ class FeedSource:
         path = src.path(i)
         if i in self.known_bad:
             raise BadImage(path, self.known_bad[i])
+        seen = self.screened.state(i) if self.screened is not None else 0
+        if seen == 2:  # another feeding process (or an earlier epoch) found it bad and reported why
+            raise BadImage(path, "found bad earlier in this run")
         try:
             data = src.read(i)
         except OSError as e:
             raise BadImage(path, f"cannot read ({type(e).__name__}: {e})") from None
         if src.verified:  # decoded once when written (fastsupmae prepare): no screening, DALI reads it as is
             return to_pnm(data, path) if i in self.transcode or not dali_reads(data) else data
+        if seen == 0:
+            try:
+                self._screen(data, path)
+            except BadImage:
+                if self.screened is not None:
+                    self.screened.mark(i, 2)
+                raise
+            if self.screened is not None:
+                self.screened.mark(i, 1)
+        if i in self.transcode or not dali_reads(data):
+            return to_pnm(data, path)
+        return data
+
+    def _screen(self, data: bytes, path: str) -> None:
         screen(data, path)
         if self.verify and data[:3] == b"\xff\xd8\xff":
             # the CPU fallback's own decoder at 1/8 scale: the same files are bad on every path
             decode_crop_resize(data, path, lambda h, w: (0, 0, h, w), (8, 8))
-        if i in self.transcode or not dali_reads(data):
-            return to_pnm(data, path)
-        return data
 
     def sample(self, epoch: int, step: int, j: int) -> tuple[bytes, int, int, list[tuple[int, str]]]:
         """Sample ``j`` of batch ``step``: (bytes, sample index, ok, bad files met as (index, reason))."""
@@ -230,6 +292,8 @@ class DaliLoader(LoaderBase):
         self._feed: FeedSource | None = None
         self._k = 0  # batches taken from the current pipeline
         self._next: tuple[int, int] | None = None  # (epoch, step) of the pipeline's next batch
+        # unprepared data are screened once per run, by whichever feeding process meets a sample first
+        self._screened = None if source.verified else Screened(len(source))
 
     # ---------------------------------------------------------------- internals
     def _decoder_hints(self, load: float, preallocate: tuple[int, int] | str) -> dict[str, Any]:
@@ -259,7 +323,7 @@ class DaliLoader(LoaderBase):
         self._close()
         o = self.order
         self._feed = FeedSource(self.source, o, (epoch, step), self.known_bad, self.transcode, verify=self.verify,
-                                strict=self.policy.mode == "strict", prefetch=self.prefetch)
+                                strict=self.policy.mode == "strict", prefetch=self.prefetch, screened=self._screened)
         self._feed.parallel = self.py_workers > 0
         self._pipe = self._build(self._feed, mix_seed(o.seed, epoch, step, o.rank, self._rebuilds))
         self._rebuilds += 1

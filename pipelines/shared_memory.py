@@ -8,8 +8,10 @@ loader settings and compared with the mount before a loader starts.
 
 Estimates (bytes per rank; every rank of a node shares the mount):
 
-- CPU loader: ``(workers x PREFETCH_FACTOR + 1) x batch x C x H x W`` (uint8 batches; each worker keeps
-  ``prefetch_factor`` batches in flight, plus the one handed out); nothing with 0 workers.
+- CPU loader: ``workers x (PREFETCH_FACTOR + 2) x batch x C x H x W`` (uint8 batches; each worker reuses up to
+  that many batch slots: ``prefetch_factor`` in flight, the one the trainer holds, one spare for a trainer that
+  keeps the previous batch a step longer);
+  nothing with 0 workers.
 - DALI feeding: ``(prefetch + 1) x batch x JPEG_BYTES`` (the encoded files of the batches in flight; about 85 MB
   at batch 256, prefetch 2); nothing without feeding processes.
 """
@@ -30,7 +32,7 @@ def cpu_loader_bytes(batch: int, out_hw: tuple[int, int], in_chans: int, workers
     """Shared memory the CPU loader's workers hold at most (bytes, one rank)."""
     if workers <= 0:
         return 0
-    return (workers * PREFETCH_FACTOR + 1) * batch * in_chans * out_hw[0] * out_hw[1]
+    return workers * (PREFETCH_FACTOR + 2) * batch * in_chans * out_hw[0] * out_hw[1]
 
 
 def dali_feed_bytes(batch: int, py_workers: int, prefetch: int) -> int:

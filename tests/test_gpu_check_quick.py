@@ -100,7 +100,7 @@ def test_shm_estimates():
     from fastsupmae.pipelines import shared_memory as sm
 
     b = sm.cpu_loader_bytes(256, (224, 224), 3, 2)
-    assert b == 9 * 256 * 3 * 224 * 224 and sm.cpu_loader_bytes(256, (224, 224), 3, 0) == 0
+    assert b == 2 * 6 * 256 * 3 * 224 * 224 and sm.cpu_loader_bytes(256, (224, 224), 3, 0) == 0
     assert 80 * MIB < sm.dali_feed_bytes(256, 1, 2) < 90 * MIB and sm.dali_feed_bytes(256, 0, 2) == 0
     assert sm.shm_problem(100 * MIB, 4, "x", (8192 * MIB, 8000 * MIB)) is None
     assert "x 4 ranks" in sm.shm_problem(100 * MIB, 4, "x", (300 * MIB, 300 * MIB))

@@ -104,3 +104,76 @@ def test_bench_counts_jpegs_case_insensitively(tmp_path):
         (tmp_path / "x").mkdir(exist_ok=True)
         (tmp_path / "x" / name).write_bytes(b"")
     assert count_images(tmp_path) == {"jpeg": 4, "other": 1}
+
+
+def _tiny_folder(root: Path, n: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        h, w = (int(v) for v in rng.integers(20, 60, 2))
+        b = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(b, "JPEG")
+        (root / f"c{i % 2}" / f"{i}.jpg").write_bytes(b.getvalue())
+    return root
+
+
+def test_ring_hand_over_reuses_slots_and_never_overwrites_a_kept_batch(tmp_path, monkeypatch):
+    """Workers hand batches over in reused shared-memory slots; a consumer that keeps every batch still gets
+    them all intact (a slot is written again only once nothing but the ring uses it)."""
+    from fastsupmae.pipelines import cpu_loader as cl
+    from fastsupmae.pipelines.imagefolder import ImageFolderSource
+
+    src = ImageFolderSource(_tiny_folder(tmp_path, 40, int(np.random.default_rng().integers(1 << 30))))
+    ref = [b["images"].clone() for b in cl.CpuLoader(src, 1, (16, 16), True, num_workers=0, seed=5)]
+    received: list[bool] = []  # per batch handed over in a slot: was it the slot's first use
+    receive = cl._Ring.receive
+    monkeypatch.setattr(cl._Ring, "receive", lambda self, s, t: received.append(t is not None) or receive(self, s, t))
+    dropped = [b["images"].clone() for b in cl.CpuLoader(src, 1, (16, 16), True, num_workers=2, seed=5)]
+    slots = 2 * (cl.PREFETCH_FACTOR + 2)
+    assert len(received) == 40 and sum(received) <= slots, received  # the slots were written again
+    kept = list(cl.CpuLoader(src, 1, (16, 16), True, num_workers=2, seed=5))
+    assert len(ref) == len(dropped) == len(kept) == 40
+    assert all(torch.equal(a, b) for a, b in zip(ref, dropped))
+    assert all(torch.equal(a, b["images"]) for a, b in zip(ref, kept))
+
+
+def test_ring_slot_copied_to_pinned_memory_is_freed_at_once(fake_cuda):  # noqa: F811
+    from fastsupmae.pipelines import cpu_loader as cl
+
+    ring = cl._Ring(1, 2, (3, 3, 8, 8))
+    slot, buf, new = ring.take(0)
+    assert (slot, new) == (0, True) and ring.busy.tolist() == [1, 0]
+    buf.copy_(torch.randint(0, 256, buf.shape, dtype=torch.uint8))
+    cl._RINGS[ring.key] = ring
+    try:
+        x = cl._Handed(ring.key, slot, 2, buf).pin_memory()
+    finally:
+        cl._RINGS.pop(ring.key)
+    assert x.is_pinned() and torch.equal(x, buf[:2]) and ring.busy.tolist() == [0, 0]
+    slot2, buf2, new2 = ring.take(0)  # the freed slot is the one used again, not a new one
+    assert slot2 == 0 and buf2 is buf and not new2
+
+
+def test_crop_decoding_gives_the_whole_decodes_pixels(tmp_path):
+    """Verified JPEGs are decoded only where the crop is (pipelines/jpeg_crop.py): the batch equals the whole-image
+    decode's, pixel for pixel, at every DCT scale, both filters, with and without the flip; a CMYK JPEG (which it
+    refuses) still decodes through simplejpeg / Pillow."""
+    from fastsupmae.pipelines import jpeg_crop
+
+    if not jpeg_crop.available():
+        pytest.skip("no C compiler or libjpeg headers here: crop decoding is off and the fallback decodes whole")
+    rng = random.Random()
+    datas = _photos(tmp_path, 12)
+    for i, data in enumerate(datas):
+        im = Image.open(io.BytesIO(data))
+        w, h = im.size
+        box = sample_crop_box(h, w, (0.02, 1.0), (3 / 4, 4 / 3), rng)
+        out_hw = rng.choice([(224, 224), (64, 64), (40, 56)])  # small outputs reach the 1/2, 1/4 and 1/8 scales
+        kw = dict(interp=rng.choice(["bicubic", "bilinear"]), flip=bool(i % 2))
+        whole = decode_crop_resize(data, "x", lambda hh, ww, b=box: b, out_hw, strict=True, **kw)
+        crop = decode_crop_resize(data, "x", lambda hh, ww, b=box: b, out_hw, strict=False, **kw)
+        assert torch.equal(whole, crop), (i, box, out_hw, kw)
+    b = io.BytesIO()
+    Image.open(io.BytesIO(datas[0])).convert("CMYK").save(b, "JPEG")
+    assert decode_crop_resize(b.getvalue(), "x", lambda hh, ww: (0, 0, hh, ww), (16, 16), strict=False).shape == (
+        3, 16, 16)

@@ -332,3 +332,63 @@ def test_batches_carry_each_samples_global_position(tmp_path):
 
 def src_labels(src, idx):
     return torch.from_numpy(src.labels[idx.numpy()])
+
+
+def test_unprepared_data_screened_once_per_run_whichever_worker_meets_it(tmp_path, monkeypatch):
+    """Two feeding processes (a pickled copy, as DALI's spawned workers get) over three epochs: every file gets
+    the 1/8-scale check exactly once; a bad one is reported with its reason, then skipped unread."""
+    import collections
+    import gc
+    import pickle
+
+    from fastsupmae.pipelines.sampler import ShardedOrder
+
+    rng = np.random.default_rng()
+    root = _folder(tmp_path / "d", 9)
+    bad = sorted(root.rglob("*.jpg"))[int(rng.integers(9))]
+    good = bad.read_bytes()
+    bad.write_bytes(good[:200] + bytes(rng.integers(0, 256, 400, dtype=np.uint8)) + good[600:])
+    src = ImageFolderSource(root)
+    checked: list[str] = []
+    real = dl.decode_crop_resize
+    monkeypatch.setattr(dl, "decode_crop_resize", lambda data, path, *a, **k: checked.append(path) or
+                        real(data, path, *a, **k))
+    screened = dl.Screened(len(src))
+    a = dl.FeedSource(src, ShardedOrder(len(src), 3, 0, 1, 0, train=True), (0, 0), {}, set(), screened=screened)
+    b = pickle.loads(pickle.dumps(a))  # what another feeding process works with
+    reads = collections.Counter()
+    for f in (a, b):
+        monkeypatch.setattr(f.source, "read", lambda i, read=f.source.read: reads.update([i]) or read(i))
+    reasons = []
+    for epoch in range(3):
+        for step in range(3):
+            for j in range(3):
+                reasons += [r for _, r in (a if (epoch + step + j) % 2 else b).sample(epoch, step, j)[3]]
+    files = {str(p) for p in root.rglob("*.jpg")}
+    assert set(collections.Counter(checked).values()) == {1} and files - {str(bad)} <= set(checked) <= files
+    assert reasons and "earlier in this run" not in reasons[0] and all("earlier" in r for r in reasons[1:])
+    bad_i = [i for i in range(len(src)) if src.path(i) == str(bad)][0]
+    assert reads[bad_i] == 1  # read once, when it was screened
+    path = screened.path
+    del a, b, screened
+    gc.collect()
+    assert not os.path.exists(path)
+
+
+def test_bench_data_says_whether_feeders_or_decoders_limit(tmp_path, capsys):
+    import argparse
+
+    from fastsupmae.bench import data as bench
+
+    _folder(tmp_path / "data", 12)
+    p = argparse.ArgumentParser()
+    bench.add_args(p)
+    a = p.parse_args(["--data", str(tmp_path / "data"), "--pipelines", "dali", "--batch", "4", "--workers", "1",
+                      "--batches", "1", "--warmup", "1", "--repeats", "1", "--size", "32", "--device", "cpu",
+                      "--ceiling-images", "0", "--breakdown-images", "6"])
+    bench.run(a)
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("dali: feeding"))
+    assert ("the feeders limit" in line) != ("the decoders limit" in line), line
+    for c in (8, 12, 16):
+        assert f"{c} cores: " in line, line

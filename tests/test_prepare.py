@@ -194,8 +194,13 @@ def test_screening_skipped_for_verified_data(prepared, monkeypatch) -> None:
     """DALI's feeding calls neither the screen nor the 1/8-scale check on prepared data, the CPU fallback decodes
     without libjpeg-turbo's strict mode; an unverified source (the same shards) gets both."""
     w, _, _ = prepared
-    calls = {"screen": 0, "verify": 0, "strict": []}
+    calls = {"screen": 0, "verify": 0, "strict": [], "crop": 0}
     real_screen, real_decode = dl.screen, image_decode.simplejpeg.decode_jpeg
+    real_crop = image_decode.jpeg_crop.decode_crop
+
+    def crop(*a, **k):
+        calls["crop"] += 1
+        return real_crop(*a, **k)
 
     def screen(*a, **k):
         calls["screen"] += 1
@@ -212,6 +217,7 @@ def test_screening_skipped_for_verified_data(prepared, monkeypatch) -> None:
     monkeypatch.setattr(dl, "screen", screen)
     monkeypatch.setattr(dl, "decode_crop_resize", verify)
     monkeypatch.setattr(image_decode.simplejpeg, "decode_jpeg", decode)
+    monkeypatch.setattr(image_decode.jpeg_crop, "decode_crop", crop)
     wd = WebDatasetSource(str(w / "ref" / "train-*.tar"))
     assert wd.verified
     from fastsupmae.pipelines.sampler import ShardedOrder
@@ -223,9 +229,12 @@ def test_screening_skipped_for_verified_data(prepared, monkeypatch) -> None:
             data, i, ok, bad = feed.sample(0, 1, j)
             assert ok and data == wd.read(i) and not bad
         list(CpuLoader(wd, 4, (32, 32), True, num_workers=0))
-        expect = (0, 0, False) if verified else (4, 4, True)
-        assert (calls["screen"], calls["verify"], set(calls["strict"])) == (expect[0], expect[1], {expect[2]})
-        calls.update(screen=0, verify=0, strict=[])
+        # verified JPEGs: decoded only where the crop is (jpeg_crop, no strict check there) where it is built
+        crop = verified and image_decode.jpeg_crop.available()
+        expect = (0, 0, set() if crop else {False}) if verified else (4, 4, {True})
+        assert (calls["screen"], calls["verify"], set(calls["strict"])) == expect
+        assert calls["crop"] == (len(wd) // 4 * 4 if crop else 0)
+        calls.update(screen=0, verify=0, strict=[], crop=0)
 
 
 # ------------------------------------------------------------------------------------------ kill -9, resume

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import statistics
 import time
@@ -238,21 +239,32 @@ def stage_times(src: Any, n: int, size: int, interp: str, seed: int = 0) -> dict
     The stages of :func:`.image_decode.decode_crop_resize` done one by one on ``n`` samples, with the
     training crop rule (RandomResizedCrop 0.2-1, every image flipped so the flip is timed): read (the source's
     ``read``), decode (header + the reduced-size decode the fallback asks for; raw PPM: none), crop + resize
-    (torch's uint8 antialiased kernel on a view of the decode), flip, copy into the batch slot.
+    (torch's uint8 antialiased kernel from a view of the decode straight into a channels-last batch slot, as
+    :func:`.image_decode.resize_into`), flip (of the slot, in place).
     """
     import math
     import random
 
     import simplejpeg
-    import torch.nn.functional as F
 
+    from fastsupmae.pipelines import jpeg_crop
     from fastsupmae.pipelines.crop_params import DEFAULT_RATIO, sample_crop_box
-    from fastsupmae.pipelines.image_decode import _dct_scale, image_size, pnm_pixels
+    from fastsupmae.pipelines.image_decode import (
+        _dct_scale,
+        _scaled_box,
+        batch_tensor,
+        image_size,
+        pnm_pixels,
+        resize_into,
+    )
 
     rng, threads = random.Random(seed), torch.get_num_threads()
     torch.set_num_threads(1)
-    t = dict.fromkeys(("read", "decode", "crop+resize", "flip", "copy"), 0.0)
-    slot = torch.empty(3, size, size, dtype=torch.uint8)
+    # verified JPEGs (prepared shards) are crop-decoded (.jpeg_crop); 'whole decode' times today's decode beside
+    crop_decoding = bool(getattr(src, "verified", False)) and jpeg_crop.available()
+    t = dict.fromkeys(("read", "decode", "crop+resize", "flip", "whole decode"), 0.0)
+    region = None
+    slot = batch_tensor(1, (size, size))[0]
     m = min(n, len(src))
     try:
         for i in range(m):
@@ -261,26 +273,31 @@ def stage_times(src: Any, n: int, size: int, interp: str, seed: int = 0) -> dict
             c1 = time.process_time()
             h, w = image_size(data, "")
             top, left, bh, bw = sample_crop_box(h, w, (0.2, 1.0), DEFAULT_RATIO, rng)
-            arr = pnm_pixels(data)
+            arr, whole = pnm_pixels(data), 0.0
             if arr is None:
                 k = _dct_scale(h, w, math.ceil(h * size / bh), math.ceil(w * size / bw))
-                arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=math.ceil(h * k / 8),
-                                             min_width=math.ceil(w * k / 8))
+                sc = (math.ceil(h * k / 8), math.ceil(w * k / 8))
+                c1h = time.process_time()
+                arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=sc[0], min_width=sc[1])
+                if crop_decoding:  # what the fallback does on verified data: decode the crop's rows and columns
+                    cd0 = time.process_time()
+                    region = jpeg_crop.decode_crop(data, k, sc, _scaled_box((top, left, bh, bw), (h, w), sc))
+                    whole = cd0 - c1h  # today's decode, timed beside it (header + box in both)
+                    t["whole decode"] += cd0 - c1
             c2 = time.process_time()
-            sy, sx = arr.shape[0] / h, arr.shape[1] / w
-            y0, x0 = int(top * sy), int(left * sx)
-            y1, x1 = max(y0 + 1, math.ceil((top + bh) * sy)), max(x0 + 1, math.ceil((left + bw) * sx))
+            if region is None:
+                y0, x0, y1, x1 = _scaled_box((top, left, bh, bw), (h, w), arr.shape[:2])
+                region = arr[y0:y1, x0:x1]
             with warnings.catch_warnings():  # raw pixels: a read-only view of the file's bytes, never written
                 warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-                x = torch.from_numpy(arr).permute(2, 0, 1)[None][:, :, y0:y1, x0:x1]
+                x = torch.from_numpy(region).permute(2, 0, 1)[None]
+            region = None
             c3 = time.process_time()
-            y = F.interpolate(x, size=(size, size), mode=interp, antialias=True, align_corners=False)[0]
+            resize_into(x, slot, interp)
             c4 = time.process_time()
-            y = y.flip(-1)
+            slot.copy_(slot.flip(-1))
             c5 = time.process_time()
-            slot.copy_(y)
-            c6 = time.process_time()
-            for key, dt in zip(t, (c1 - c0, c2 - c1, c4 - c3, c5 - c4, c6 - c5)):
+            for key, dt in zip(t, (c1 - c0, c2 - c1 - whole, c4 - c3, c5 - c4)):
                 t[key] += dt
     finally:
         torch.set_num_threads(threads)
@@ -290,26 +307,68 @@ def stage_times(src: Any, n: int, size: int, interp: str, seed: int = 0) -> dict
 def _breakdown(names: list[str], med: dict[str, dict[str, float]], root: str, a: argparse.Namespace) -> None:
     """Print :func:`stage_times` for each kind of data the run read, beside the pipelines' measured CPU ms per
     image (the difference: hand-over to the main process, worker and loader overhead), and the
-    crop-and-resize-only ceiling (the pixels already decoded in memory: crop + resize + flip + copy)."""
+    crop-and-resize-only ceiling (the pixels already decoded in memory: crop + resize into the batch + flip)."""
     datas = sorted({parse_name(n)[1] for n in names if n != "torchvision"}, key=DATA.index)
     if not datas or a.breakdown_images <= 0:
         return
     print(f"CPU ms per image by stage (one process, one thread, {a.breakdown_images} images, the same crop rule; "
           f"'pipeline' = 1000 / its images per CPU-second above; 'rest' = pipeline - stages: hand-over, workers)")
-    print(f"{'data':<8} {'read':>6} {'decode':>7} {'crop+resize':>12} {'flip':>6} {'copy':>6} {'stages':>7}  "
+    print(f"{'data':<8} {'read':>6} {'decode':>7} {'crop+resize':>12} {'flip':>6} {'stages':>7}  "
           f"{'pipeline':<11}{'ms':>7} {'rest':>7}")
     for d in datas:
         st = stage_times(_source(d, root, a), a.breakdown_images, a.size, a.interp)
+        whole = st.pop("whole decode")
         total = sum(st.values())
         cpu = f"cpu{'' if d == 'folder' else '-' + d}"
         pipe = 1000 / med[cpu]["cpu"] if cpu in med else float("nan")
         print(f"{d:<8} {st['read']:>6.3f} {st['decode']:>7.3f} {st['crop+resize']:>12.3f} {st['flip']:>6.3f} "
-              f"{st['copy']:>6.3f} {total:>7.3f}  {cpu:<11}{pipe:>7.3f} {pipe - total:>7.3f}")
+              f"{total:>7.3f}  {cpu:<11}{pipe:>7.3f} {pipe - total:>7.3f}")
+        if whole > 0:
+            print(f"{'':<8} crop decoding (verified JPEGs): decode {st['decode']:.3f} ms per image vs {whole:.3f} ms "
+                  f"decoding the whole image at the same DCT scale ({whole / max(st['decode'], 1e-9):.2f}x)")
         if d == "raw":
-            ceil = 1000 / (st["crop+resize"] + st["flip"] + st["copy"])
-            print(f"crop-and-resize ceiling (raw pixels in memory: crop + resize + flip + copy): {ceil:.0f} images "
-                  f"per CPU-second" + (f"; cpu-raw reaches {med['cpu-raw']['cpu'] / ceil:.0%} of it"
+            ceil = 1000 / (st["crop+resize"] + st["flip"])
+            print(f"crop-and-resize ceiling (raw pixels in memory: crop + resize into the batch + flip): {ceil:.0f} "
+                  f"images per CPU-second" + (f"; cpu-raw reaches {med['cpu-raw']['cpu'] / ceil:.0%} of it"
                                        if "cpu-raw" in med else ""))
+
+
+def feeder_times(src: Any, n: int) -> tuple[float, float]:
+    """CPU ms per image of DALI's feeding (:class:`.dali_loader.FeedSource`), one thread: (first epoch: read +
+    screening + the 1/8-scale check, where the data are not verified; later epochs: read only, the verdicts being
+    shared for the run)."""
+    from fastsupmae.pipelines.dali_loader import FeedSource, Screened
+    from fastsupmae.pipelines.sampler import ShardedOrder
+
+    m = min(n, len(src))
+    feed = FeedSource(src, ShardedOrder(len(src), 1, 0, 1, 0, train=False), (0, 0), {}, set(),
+                      screened=None if src.verified else Screened(len(src)))
+    out = []
+    for _ in range(2):
+        c0 = time.process_time()
+        for i in range(m):
+            feed.encoded(i)
+        out.append(1000 * (time.process_time() - c0) / max(1, m))
+    return out[0], out[1]
+
+
+def _feeders_or_decoders(names: list[str], med: dict[str, dict[str, float]], root: str, a: argparse.Namespace) -> None:
+    """For each DALI row: its feeding cost per image (measured alone) against the rest of its CPU time (DALI's
+    threads: decoding and resizing on CPU operators, the host side of hybrid decoding on a GPU), which side limits
+    with the bench's 1 feeding process and ``--workers`` threads, and the feeders : threads split those costs imply
+    for 8, 12 and 16 cores per GPU (one core left to the training process)."""
+    for n in names:
+        if n == "torchvision" or parse_name(n)[0] != "dali" or n not in med or a.breakdown_images <= 0:
+            continue
+        first, later = feeder_times(_source(parse_name(n)[1], root, a), a.breakdown_images)
+        total = 1000 / med[n]["cpu"]
+        dec = max(total - later, 1e-6)
+        side = "feeders" if later / 1 > dec / max(1, a.workers) else "decoders"
+        split = ", ".join(f"{c} cores: {w} feeders + {c - 1 - w} threads" for c in (8, 12, 16)
+                          for w in [max(1, min(c - 2, math.ceil((c - 1) * later / (later + dec))))])
+        print(f"{n}: feeding {first:.3f} ms per image in the first epoch, {later:.3f} later (read only); the rest "
+              f"{dec:.3f} ms (DALI's threads): the {side} limit here (1 feeding process, {a.workers} threads); "
+              f"split by those costs: {split}")
 
 
 def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
@@ -378,6 +437,7 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             if n.startswith("cpu-") and parse_name(n)[2] == "pretrain":
                 print(f"{n} / cpu images per CPU-second: {med[n]['cpu'] / base_cpu:.2f}x")
     _breakdown(names, med, str(train), args)
+    _feeders_or_decoders(names, med, str(train), args)
     if "torchvision" in results and "cpu" in results:
         ratios = [c["images_s"] / t["images_s"] for c, t in zip(results["cpu"], results["torchvision"])]
         print(f"cpu / torchvision images/s per round: {', '.join(f'{x:.2f}' for x in ratios)}; median "
