@@ -238,10 +238,28 @@ def test_screening_skipped_for_verified_data(prepared, monkeypatch) -> None:
 
 
 # ------------------------------------------------------------------------------------------ kill -9, resume
-def _cli(args: list[str], **kw) -> subprocess.Popen:
+# `fastsupmae prepare` with the image folder's listing keeping what it would skip as not a regular file: the test's
+# FIFO stands in for a file whose read blocks (the folder listing leaves FIFOs out, so that a user's never hangs a
+# run), and the class folders are flat, so the sorted listing is the one the file would have had.
+_LIST_SPECIAL_TOO = """
+import sys
+import fastsupmae.pipelines.imagefolder as m
+real = m._image_files
+def listing(top, seen, skipped):
+    out = sorted(real(top, seen, skipped) + skipped["special"])
+    skipped["special"].clear()
+    return out
+m._image_files = listing
+from fastsupmae.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _cli(args: list[str], list_fifos: bool = False, **kw) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return subprocess.Popen([sys.executable, "-m", "fastsupmae", "--log-level", "WARNING", "prepare", "--no-progress",
-                             *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
+    cmd = ["-c", _LIST_SPECIAL_TOO] if list_fifos else ["-m", "fastsupmae"]
+    return subprocess.Popen([sys.executable, *cmd, "--log-level", "WARNING", "prepare", "--no-progress", *args],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
 
 
 def test_kill9_then_rerun_keeps_finished_shards_and_matches(prepared, tmp_path: Path) -> None:
@@ -261,7 +279,7 @@ def test_kill9_then_rerun_keeps_finished_shards_and_matches(prepared, tmp_path: 
     os.mkfifo(fifo)
     args = ["--root", str(src_dir), "--splits", "train", "--size", str(SIZE), "--shard-size", "4", "--seed", "3"]
     out = tmp_path / "out"
-    p = _cli([*args, "--out", str(out), "--workers", "2"])
+    p = _cli([*args, "--out", str(out), "--workers", "2"], list_fifos=True)
     n_shards = 7
     deadline = time.time() + 120
     while len(list((out / "parts").glob("*.json"))) < n_shards - 1:
