@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -115,3 +116,21 @@ def run_worker(scenarios: Mapping[str, Callable[..., Any]], device: str = "auto"
     stem = result_stem(name, kwargs) if result_stem is not None else name
     (w / f"{stem}_rank{info.rank}.json").write_text(json.dumps(out, indent=1, default=str))
     return 0 if out["ok"] else 1
+
+
+def kill_last_rank_after(procs: list[Any], ready: Path) -> int:
+    """Wait until ``ready`` exists (every rank still running), SIGKILL the last rank, and return the exit code of
+    the first one, which must notice its dead peer by itself.
+
+    The waits are bounds against hangs, not speed checks: the dead-peer tests start their ranks with a short
+    collective timeout (30 s), and the rest is slack for a loaded machine.
+    """
+    deadline = time.time() + 600
+    while not ready.exists():
+        assert time.time() < deadline, f"{ready} did not appear\n{log_tails(procs)}"
+        assert all(p.poll() is None for p in procs), log_tails(procs)
+        time.sleep(0.2)
+    procs[-1].send_signal(signal.SIGKILL)
+    code = procs[0].wait(timeout=300)
+    procs[-1].wait()
+    return code
