@@ -229,6 +229,7 @@ class _Source:
     """A two-sample encoded source (never read: the DALI pipeline is not run here)."""
 
     class_names = ["a", "b"]
+    verified = False  # as an EncodedSource that was not written by `fastsupmae prepare`
 
     def __init__(self) -> None:
         import numpy as np
