@@ -116,7 +116,7 @@ def test_dali_rejected_file_costs_one_logged_rebuild(tmp_path, monkeypatch, capl
 class _SlowSource(ImageFolderSource):
     """A source on slow storage: every read sleeps."""
 
-    delay = 0.04
+    delay = 0.12
 
     def read(self, i: int) -> bytes:
         time.sleep(self.delay)
@@ -125,7 +125,9 @@ class _SlowSource(ImageFolderSource):
 
 def test_slow_reads_hide_behind_the_step(tmp_path):
     src = _SlowSource(_folder(tmp_path, 24))
-    step_s = 0.2  # a simulated trainer step; the 4 reads of a batch take 0.16 s one after another
+    # A simulated trainer step; the 4 reads of a batch take 0.48 s one after another. Sleeps dominate both, so the
+    # margin below (0.2 s per step) is left to the decoding and hand-over, which a loaded machine stretches.
+    step_s = 0.5
     loader = DaliLoader(src, batch_size=4, out_hw=(16, 16), train=True, py_workers=4, prefetch=2)
     walls = []
     for epoch in range(2):
@@ -138,8 +140,8 @@ def test_slow_reads_hide_behind_the_step(tmp_path):
                 walls.append(now - t)
             t = now
     assert len(walls) == 6
-    # feeding on the training thread would make every step step + reads (~1.8x); the workers hide the reads
-    assert float(np.median(walls)) <= 1.2 * step_s, walls
+    # feeding on the training thread would make every step step + reads (~1.96x); the workers hide the reads
+    assert float(np.median(walls)) <= 1.4 * step_s, walls
 
 
 _CHILD = """
