@@ -331,8 +331,10 @@ def _run_shards(job: dict[str, Any], todo: list[int], n_img: int, workers: int, 
             return
         import multiprocessing as mp
 
-        # fork: workers inherit the source and the job instead of unpickling them; their torch runs 1 thread
-        ctx = mp.get_context("fork")
+        # spawn, not fork: the calling process may run threads (torch's, DALI's, a trainer's), and a forked child
+        # inherits their locks held; one such worker deadlocked inside the pool (seen in the test suite). The job
+        # and the source are pickled once per worker; their torch runs 1 thread (_init).
+        ctx = mp.get_context("spawn")
         counter = ctx.Value("q", 0)
         with ctx.Pool(min(workers, len(todo)), _init, (job, counter)) as pool:
             results = pool.imap_unordered(write_shard, todo)
