@@ -41,9 +41,11 @@ def test_failed_launch_reported_once_with_every_rank_log(tmp_path: Path) -> None
     (tmp_path / "conftest.py").write_text((ROOT / "tests" / "conftest.py").read_text())
     (tmp_path / "worker.py").write_text(WORKER)
     (tmp_path / "test_planted.py").write_text(TESTS)
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
-                        str(tmp_path / "test_planted.py")], cwd=ROOT, capture_output=True, text=True, timeout=900,
-                       env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    # -rN: no short summary, whose lines pytest does not shorten under CI (CI=true), so the counts below read the
+    # ERRORS section alone
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rN", "-p", "no:cacheprovider", "--rootdir",
+                        str(tmp_path), str(tmp_path / "test_planted.py")], cwd=ROOT, capture_output=True, text=True,
+                       timeout=900, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
     out = r.stdout + r.stderr
     assert r.returncode == 1 and "4 errors" in out, out
     # the full report, once: both ranks' logs with their exit codes, the real cause included
