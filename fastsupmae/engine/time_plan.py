@@ -335,14 +335,15 @@ class LengthPlanner:
         return self.limit_s * (OVERRUN if self.plan is not None else 1.0)
 
     # -------------------------------------------------------------------------------------- the control point
-    def votes(self, step: int, total_steps: int, is_last: bool) -> tuple[bool, bool]:
-        """(plan due, re-plan due) on this rank; the trainer reduces them over the ranks with its metrics."""
-        plan_due = self.meter is not None and not is_last and self.meter.ready(step, self.clock())
+    def votes(self, step: int, total_steps: int, is_last: bool, elapsed: float) -> tuple[bool, bool]:
+        """(plan due, re-plan due) on this rank, ``elapsed`` seconds into the run (the control point's one reading of
+        the clock); the trainer reduces the votes over the ranks with its metrics."""
+        plan_due = self.meter is not None and not is_last and self.meter.ready(step, self.t_start + elapsed)
         w = self.window
         if w is None or is_last or self.plan is None or not w.full(step):
             return plan_due, False
-        return plan_due, replan_due(step, self.clock() - self.t_start, w.sec_per_step(step), self.limit_s,
-                                    total_steps, self.plan.configured_steps)
+        return plan_due, replan_due(step, elapsed, w.sec_per_step(step), self.limit_s, total_steps,
+                                    self.plan.configured_steps)
 
     def decide(self, step: int, total_steps: int, plan_due: bool, replan: bool,
                stopping: bool) -> dict[str, Any] | None:

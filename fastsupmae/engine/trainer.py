@@ -475,7 +475,7 @@ class Trainer(CheckpointingMixin):
         stop_file = self.dist.is_main and (self.out_dir / STOP_FILE).exists()
         # A plan or re-plan due on some rank (the step count is the same on every rank, only the time differs) is
         # taken at this control point on every rank.
-        plan_due, replan_due = self.planner.votes(self.step, self.total_steps, is_last)
+        plan_due, replan_due = self.planner.votes(self.step, self.total_steps, is_last, elapsed)
         vals, flags = loop.sums.collect(names, [float(over_time), float(self._stop_signal), float(stop_file),
                                                 float(plan_due), float(replan_due)])
         loop.max_consec = loop.zero.clone()
