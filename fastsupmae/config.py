@@ -136,14 +136,17 @@ class DataConfig:
     root: str = _f("/usr/share/datasets/fashion-mnist", "dataset location (folder, list file or shard pattern)")
     val_root: str = _f("", "evaluation split location (default: derived from root where the source knows how)")
     pipeline: str = _f("auto", "auto | dali | cpu | memory (auto: DALI on GPU, else the CPU pipeline)")
-    num_workers: int = _f(2, "CPU pipeline: decode worker processes (DALI has its own data.dali_* keys)")
+    num_workers: int | str = _f(2, "CPU pipeline: decode worker processes (DALI has its own data.dali_* keys); auto: "
+                                   "from the measured CPU cost per image and the cores per local rank")
     dali_threads: int | str = _f("auto", "DALI CPU threads per rank (host part of decoding, CPU operators); auto: "
-                                         "cores per local rank - dali_workers - 1, at most 16")
+                                         "the cores per local rank - 1 that the feeding processes leave")
     dali_workers: int | str = _f("auto", "DALI feeding processes per rank (read, screen, replace files off the "
-                                         "training thread; 0: in DALI's thread); auto: cores per local rank / 4, 1-8")
-    dali_prefetch: int | str = _f("auto", "batches DALI prepares ahead; auto: 2 below 8 cores per local rank, else 3")
+                                         "training thread; 0: in DALI's thread); auto: from the measured CPU cost "
+                                         "per image (docs/data.md, Sizing)")
+    dali_prefetch: int | str = _f("auto", "batches DALI prepares ahead; auto: 3 with feeding processes, else 2")
     dali_hw_decoder_load: float | str = _f("auto", "share of JPEGs for the GPU's hardware decoder (A100/H100/H200) in "
-                                                   "[0, 1]; auto: 0.9 below 8 cores per local rank, else 0.75")
+                                                   "[0, 1]; auto: its cited rate / the target rate, more when the "
+                                                   "threads are short (docs/data.md, Sizing)")
     dali_preallocate: str = _f("auto", "nvJPEG buffer size hint: auto (largest of a few files) | off | WIDTHxHEIGHT")
     dali_verify: bool = _f(True, "DALI feeding checks every JPEG with a 1/8-scale CPU decode, so a file corrupt in "
                                  "mid-stream is bad on every path (costs ~0.2 ms of a worker per JPEG)")

@@ -34,7 +34,7 @@ BOUNDS: dict[str, str] = {
     "model.cls_hidden_dim": "[1, inf)", "model.mask_ratio": "[0, 1)", "model.cls_loss_ratio": "[0, inf)",
     "model.cls_temperature": "(0, inf)", "model.drop_path": "[0, 1)", "model.mim_vocab_size": "[1, inf)",
     "model.mim_loss_weight": "[0, inf)", "model.label_smoothing": "[0, 1)",
-    "data.num_workers": "[0, inf)", "data.eval_crop_ratio": "(0, 1]", "data.std": "(0, inf)",
+    "data.eval_crop_ratio": "(0, 1]", "data.std": "(0, inf)",
     "data.synthetic_size": "[1, inf)", "data.limit": "[0, inf)",
     "train.epochs": "[0, inf)", "train.max_steps": "[0, inf)", "train.time_limit_min": "[0, inf)",
     "train.global_batch": "[1, inf)", "train.micro_batch": "[1, inf)", "train.blr": "(0, inf)",
@@ -54,7 +54,6 @@ BOUND_HINTS: dict[str, str] = {
     "train.clip_grad": "0 = no clipping",
     "train.ckpt_every": "0 = only at the end",
     "data.limit": "0 = every sample",
-    "data.num_workers": "0 = decode in the main process",
     "train.betas": "AdamW's (beta1, beta2), e.g. [0.9, 0.95]",
     "train.seed": "numpy seeds are non-negative",
 }
@@ -98,8 +97,12 @@ def _choice(key: str, value: str, options: tuple[str, ...] | list[str]) -> None:
 
 
 def _check_dali_keys(d: DataConfig) -> None:
-    """data.dali_*: 'auto' or a value in range; the message names the key."""
-    for key, lo in (("dali_threads", 1), ("dali_workers", 0), ("dali_prefetch", 1)):
+    """data.num_workers, data.dali_*: 'auto' or a value in range; the message names the key."""
+    w = d.num_workers
+    if w != "auto" and not isinstance(w, str) and w < 0:  # worded as the numeric keys' bounds are
+        raise ConfigError(f"data.num_workers: {w!r} is out of range; it must be >= 0 (0 = decode in the main "
+                          f"process, or auto)")
+    for key, lo in (("num_workers", 0), ("dali_threads", 1), ("dali_workers", 0), ("dali_prefetch", 1)):
         v = getattr(d, key)
         if v != "auto" and (isinstance(v, str) or v < lo):
             raise ConfigError(f"data.{key}: {v!r} is neither auto nor an integer >= {lo}")

@@ -108,6 +108,18 @@ def _log_choice(kind: str, choice: str, why: str) -> None:
         log.info("data pipeline (%s): %s (%s)", kind, choice, why)
 
 
+def cpu_num_workers(d: Any) -> int:
+    """``data.num_workers`` with ``auto`` resolved: :func:`.feed_costs.cpu_workers` for the cores per local rank."""
+    if d.num_workers != "auto":
+        return int(d.num_workers)
+    from .dali_support import cores_per_local_rank
+    from .feed_costs import cpu_workers
+
+    n = cpu_workers(cores_per_local_rank())
+    _log_choice("cpu workers", str(n), "data.num_workers=auto")
+    return n
+
+
 def _dali_kw(d: Any) -> dict[str, Any]:
     """DaliLoader options from the data.dali_* keys (``auto`` resolved from the cores per local rank)."""
     from .dali_support import dali_settings
@@ -131,7 +143,7 @@ def _check_shared_memory(d: Any, batch: int, out_hw: tuple[int, int], in_chans: 
         check_shm(dali_feed_bytes(batch, dali["py_workers"], dali["prefetch"]),
                   f"DALI's feeders ({dali['py_workers']} of them, prefetch {dali['prefetch']}, batch {batch})")
     else:
-        check_shm(cpu_loader_bytes(batch, out_hw, in_chans, d.num_workers),
+        check_shm(cpu_loader_bytes(batch, out_hw, in_chans, cpu_num_workers(d)),
                   f"the CPU loader (data.num_workers={d.num_workers}, batch {batch} at {out_hw[0]}x{out_hw[1]})")
 
 
@@ -192,8 +204,8 @@ def build_train_loader(cfg: Any, rank: int = 0, world_size: int = 1, device: str
         return DaliLoader(source, recipe=recipe, mean=tuple(d.mean), std=tuple(d.std), **dali, **common, **aug)
     from .cpu_loader import CpuLoader
 
-    return CpuLoader(source, num_workers=d.num_workers, recipe=recipe, mean=tuple(d.mean), std=tuple(d.std), **common,
-                     **aug)
+    return CpuLoader(source, num_workers=cpu_num_workers(d), recipe=recipe, mean=tuple(d.mean), std=tuple(d.std),
+                     **common, **aug)
 
 
 def build_eval_loader(cfg: Any, split: str = "val", rank: int = 0, world_size: int = 1,
@@ -230,7 +242,7 @@ def build_eval_loader(cfg: Any, split: str = "val", rank: int = 0, world_size: i
         return DaliLoader(source, recipe="eval", mean=tuple(d.mean), std=tuple(d.std), **dali, **common)
     from .cpu_loader import CpuLoader
 
-    return CpuLoader(source, num_workers=d.num_workers, **common)
+    return CpuLoader(source, num_workers=cpu_num_workers(d), **common)
 
 
 def build_folder_loader(cfg: Any, root: str | os.PathLike, device: str | torch.device = "cpu",
@@ -264,7 +276,7 @@ def build_folder_loader(cfg: Any, root: str | os.PathLike, device: str | torch.d
         return DaliLoader(source, recipe="eval", mean=tuple(d.mean), std=tuple(d.std), **dali, **common)
     from .cpu_loader import CpuLoader
 
-    return CpuLoader(source, num_workers=d.num_workers, **common)
+    return CpuLoader(source, num_workers=cpu_num_workers(d), **common)
 
 
 def training_class_names(cfg: Any) -> list[str]:

@@ -430,6 +430,7 @@ def model_report(args: argparse.Namespace) -> dict:
         "configs": CONFIGS,
         "scaling": scaling,
         "_preds": (fast, ref),
+        "_roofline": (rf, kernels),
     }
 
 
@@ -464,11 +465,46 @@ def run(args: argparse.Namespace) -> int:
               f"{s['mfu'] * 100:5.1f}% {s['matmul_time_share'] * 100:7.1f}%")
     print(f"{P} speedup of fastsupmae over the reference: {rep['speedup']:.2f}x")
     _print_scaling(rep, args)
+    rep["node_feed"] = _print_node_feed(args, *rep.pop("_roofline"))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rep, indent=1, default=float))
         log.info("wrote %s", args.json)
     return 0
+
+
+# the models the per-node feeding table is set against: ViT-B/16 at 224, the two pretraining recipes
+NODE_FEED_MODELS = {"SupMAE ViT-B/16": "recipes/supmae_vit_base_400ep.yaml",
+                    "MAE ViT-B/16": "recipes/mae_vit_base_1600ep.yaml"}
+
+
+def predicted_rates(args: argparse.Namespace, rf: Roofline, kernels: str = "triton",
+                    models: dict[str, str] = NODE_FEED_MODELS) -> dict[str, float]:
+    """PREDICTED images/s per GPU of fastsupmae's path for each recipe in ``models`` on roofline ``rf``, at the
+    batch, dtype and efficiencies of ``args`` (the command line's own config and overrides are not applied)."""
+    from fastsupmae.config import CONFIG_DIR, load_config
+
+    out = {}
+    for name, path in models.items():
+        cfg = load_config([str(CONFIG_DIR / path)], [], world_size=1)
+        pred = predict_step(cfg, args.batch, rf, DTYPE_BYTES[args.dtype], True, None,
+                            rf.matmul_flops / args.matmul_efficiency, kernels)
+        out[name] = pred.images_per_s
+    return out
+
+
+def _print_node_feed(args: argparse.Namespace, rf: Roofline, kernels: str) -> list[dict]:
+    """The PREDICTED per-node feeding table (:mod:`.node_feed`) against ViT-B/16 SupMAE and MAE on this device
+    (GPU devices only: it is about 8-GPU nodes)."""
+    from fastsupmae.bench.node_feed import format_node_table, node_table
+
+    if args.device == "cpu":
+        return []
+    rates = predicted_rates(args, rf, kernels)
+    rows = node_table(rates)
+    print()
+    print("\n".join(format_node_table(rows, rates)))
+    return rows
 
 
 def _print_scaling(rep: dict, args: argparse.Namespace) -> None:
