@@ -115,6 +115,10 @@ def format_node_table(rows: list[dict], model_rates: dict[str, float], costs: Fe
             cells.append(f" | {r['feed']:7.0f} {r['side']:<10s} {lim:<11s}")
         lines.append((f"{p.label:32s}" + "".join(cells)).rstrip())
     lines.append("   'data': the pipeline feeds less than the model's PREDICTED images/s; 'model': it keeps up")
+    first = costs.feed["folder"].read + costs.feed["folder"].screen
+    lines.append("   later epochs; the first epoch of unverified JPEGs (screening, once per run) has DALI's feeders at "
+                 + ", ".join(f"{_rate(auto_sizes(n // gpus, costs=costs)['workers'], first):.0f}" for n in nodes)
+                 + " images/s per GPU")
     return lines
 
 

@@ -504,7 +504,7 @@ def _print_node_feed(args: argparse.Namespace, rf: Roofline, kernels: str) -> li
     rows = node_table(rates)
     print()
     print("\n".join(format_node_table(rows, rates)))
-    return rows
+    return [{k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in r.items()} for r in rows]
 
 
 def _print_scaling(rep: dict, args: argparse.Namespace) -> None:
