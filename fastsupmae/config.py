@@ -142,11 +142,11 @@ class DataConfig:
                                          "the cores per local rank - 1 that the feeding processes leave")
     dali_workers: int | str = _f("auto", "DALI feeding processes per rank (read, screen, replace files off the "
                                          "training thread; 0: in DALI's thread); auto: from the measured CPU cost "
-                                         "per image (docs/data.md, Sizing)")
+                                         "per image (docs/data.md, Sizing by the node)")
     dali_prefetch: int | str = _f("auto", "batches DALI prepares ahead; auto: 3 with feeding processes, else 2")
     dali_hw_decoder_load: float | str = _f("auto", "share of JPEGs for the GPU's hardware decoder (A100/H100/H200) in "
                                                    "[0, 1]; auto: its cited rate / the target rate, more when the "
-                                                   "threads are short (docs/data.md, Sizing)")
+                                                   "threads are short (docs/data.md, Sizing by the node)")
     dali_preallocate: str = _f("auto", "nvJPEG buffer size hint: auto (largest of a few files) | off | WIDTHxHEIGHT")
     dali_verify: bool = _f(True, "DALI feeding checks every JPEG with a 1/8-scale CPU decode, so a file corrupt in "
                                  "mid-stream is bad on every path (costs ~0.2 ms of a worker per JPEG)")

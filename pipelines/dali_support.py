@@ -49,10 +49,10 @@ def auto_sizes(cores: int, workers: int | None = None, threads: int | None = Non
     """The ``auto`` DALI sizes for ``cores`` per rank, derived from the measured per-image costs (:mod:`.feed_costs`).
 
     ``workers`` / ``threads``: explicit values the rest is sized around (None: auto). The rule (docs/data.md,
-    "Sizing"), with R = the per-GPU target rate (:data:`.feed_costs.TARGET_IMAGES_S`), H = the hardware decoder's
-    cited rate (UNMEASURED here), r = a feeding process's CPU ms per image in later epochs (reading), s = the same
-    in the first epoch of unverified JPEGs (reading + screening, once per run) and u = the host side of one hybrid
-    decode (entropy decoding):
+    "Sizing by the node"), with R = the per-GPU target rate (:data:`.feed_costs.TARGET_IMAGES_S`), H = the
+    hardware decoder's cited rate (UNMEASURED here), r = a feeding process's CPU ms per image in later epochs
+    (reading), s = the same in the first epoch of unverified JPEGs (reading + screening, once per run) and u = the
+    host side of one hybrid decode (entropy decoding):
 
     * budget b = cores - 1 (one core left to the training process; all of them below 3 cores);
     * ``hw_decoder_load`` h0 = min(1, H / R): the hardware decoder runs at its rate, the hybrid path takes the rest;

@@ -2,7 +2,8 @@
 
 Everything that sizes the input path by the node reads these figures: the ``auto`` sizes of the DALI loader
 and of the CPU fallback (:func:`.dali_support.dali_settings`, :func:`cpu_workers`) and the PREDICTED per-node
-table of ``fastsupmae bench model`` (:mod:`fastsupmae.bench.node_feed`). docs/data.md ("Sizing") states the rules.
+table of ``fastsupmae bench model`` (:mod:`fastsupmae.bench.node_feed`). docs/data.md ("Sizing by the node")
+states the rules.
 
 Where the figures come from: ``fastsupmae bench data`` on the development VM, one process and one thread per
 stage (``time.process_time``), the same 2,000 ImageNet-like JPEGs (``make_imagenet_like``: median 500 x 375,
@@ -10,8 +11,10 @@ quality 90) read three ways (the folder, JPEG shards and raw shards of ``fastsup
 command prints a ``feed costs`` block in the form below; to re-measure on another host (or after the fallback
 gets cheaper), run it and paste the block over :data:`MEASURED`::
 
-    fastsupmae bench data --data /tmp/i24/inl --pipelines cpu,cpu-shards,cpu-raw,dali,dali-shards,dali-raw \\
-        --repeats 5 --batches 15 --ceiling-images 0
+    fastsupmae bench data --data /tmp/inl2000 --make 2000 \\
+        --pipelines cpu,cpu-shards,cpu-raw,dali,dali-shards,dali-raw --repeats 5 --batches 15 --ceiling-images 0
+
+(``--make 2000`` makes the 2,000 JPEGs where ``--data`` does not exist; the shards are prepared beside them.)
 
 All costs are CPU milliseconds per image on one core of the host named in :data:`MEASURED`; a server core may
 be faster or slower, so the sizes they give are as good as that host is like yours.
