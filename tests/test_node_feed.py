@@ -100,6 +100,11 @@ def test_target_is_the_predicted_supmae_rate() -> None:
     rates = pm.predicted_rates(args, rf)
     assert rates["SupMAE ViT-B/16"] == pytest.approx(fc.TARGET_IMAGES_S, rel=0.01)
     assert rates["MAE ViT-B/16"] < rates["SupMAE ViT-B/16"]  # 8-block decoder on every token
+    from fastsupmae.config import CONFIG_DIR, load_config  # the models are the recipes' ViT-B/16
+
+    for name, recipe in (("SupMAE ViT-B/16", "supmae_vit_base_400ep"), ("MAE ViT-B/16", "mae_vit_base_1600ep")):
+        cfg = load_config([str(CONFIG_DIR / "recipes" / f"{recipe}.yaml")], [], world_size=1)
+        assert pm.predict_step(cfg, 256, rf, 2, True, None, None, "triton").images_per_s == pytest.approx(rates[name])
 
 
 def test_node_table_arithmetic_by_hand() -> None:

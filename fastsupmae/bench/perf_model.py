@@ -476,20 +476,25 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-# the models the per-node feeding table is set against: ViT-B/16 at 224, the two pretraining recipes
-NODE_FEED_MODELS = {"SupMAE ViT-B/16": "recipes/supmae_vit_base_400ep.yaml",
-                    "MAE ViT-B/16": "recipes/mae_vit_base_1600ep.yaml"}
+# the models the per-node feeding table is set against: ViT-B/16 at 224 as the two pretraining recipes have it
+# (configs/recipes/supmae_vit_base_400ep.yaml, mae_vit_base_1600ep.yaml), as overrides: no file needed
+_VIT_B16 = ["model.size=base", "model.img_size=[224,224]", "model.patch_size=16", "model.in_chans=3",
+            "model.num_classes=1000", "model.decoder_embed_dim=512", "model.decoder_num_heads=16",
+            "model.cls_hidden_dim=3072", "model.mask_ratio=0.75"]
+NODE_FEED_MODELS = {"SupMAE ViT-B/16": [*_VIT_B16, "model.objective=supmae", "model.decoder_depth=1"],
+                    "MAE ViT-B/16": [*_VIT_B16, "model.objective=mae", "model.decoder_depth=8"]}
 
 
 def predicted_rates(args: argparse.Namespace, rf: Roofline, kernels: str = "triton",
-                    models: dict[str, str] = NODE_FEED_MODELS) -> dict[str, float]:
-    """PREDICTED images/s per GPU of fastsupmae's path for each recipe in ``models`` on roofline ``rf``, at the
-    batch, dtype and efficiencies of ``args`` (the command line's own config and overrides are not applied)."""
-    from fastsupmae.config import CONFIG_DIR, load_config
+                    models: dict[str, list[str]] = NODE_FEED_MODELS) -> dict[str, float]:
+    """PREDICTED images/s per GPU of fastsupmae's path for each model in ``models`` (name -> config overrides) on
+    roofline ``rf``, at the batch, dtype and efficiencies of ``args`` (the command line's own config and overrides
+    are not applied)."""
+    from fastsupmae.config import load_config
 
     out = {}
-    for name, path in models.items():
-        cfg = load_config([str(CONFIG_DIR / path)], [], world_size=1)
+    for name, overrides in models.items():
+        cfg = load_config([], overrides, world_size=1)
         pred = predict_step(cfg, args.batch, rf, DTYPE_BYTES[args.dtype], True, None,
                             rf.matmul_flops / args.matmul_efficiency, kernels)
         out[name] = pred.images_per_s
