@@ -108,15 +108,17 @@ def _log_choice(kind: str, choice: str, why: str) -> None:
         log.info("data pipeline (%s): %s (%s)", kind, choice, why)
 
 
-def cpu_num_workers(d: Any) -> int:
-    """``data.num_workers`` with ``auto`` resolved: :func:`.feed_costs.cpu_workers` for the cores per local rank."""
+def cpu_num_workers(d: Any, kind: str = "cpu") -> int:
+    """``data.num_workers`` with ``auto`` resolved by :func:`.feed_costs.cpu_workers` for the cores per local rank:
+    decoding workers for the CPU fallback (``kind`` 'cpu'), reading workers for a pipeline that decodes on the GPU
+    (any other kind)."""
     if d.num_workers != "auto":
         return int(d.num_workers)
     from .dali_support import cores_per_local_rank
     from .feed_costs import cpu_workers
 
-    n = cpu_workers(cores_per_local_rank())
-    _log_choice("cpu workers", str(n), "data.num_workers=auto")
+    n = cpu_workers(cores_per_local_rank(), decode=kind == "cpu")
+    _log_choice(f"{kind} workers", str(n), "data.num_workers=auto")
     return n
 
 

@@ -122,12 +122,15 @@ def cpu_budget(cores: int) -> int:
     return cores - 1 if cores >= 3 else max(1, cores)
 
 
-def cpu_workers(cores: int, costs: FeedCosts = MEASURED, target: float = TARGET_IMAGES_S) -> int:
-    """``auto`` worker processes of the CPU fallback for ``cores`` per rank.
+def cpu_workers(cores: int, costs: FeedCosts = MEASURED, target: float = TARGET_IMAGES_S, decode: bool = True) -> int:
+    """``auto`` worker processes of a DataLoader-based pipeline for ``cores`` per rank.
 
-    Rule: as many as the target rate needs on the original JPEGs (the fallback's dearest data), target x the
-    worker CPU time per image (``costs.cpu['folder'].total``), rounded up, within the budget
-    (:func:`cpu_budget`); more workers than the GPU consumes only hold memory.
+    Rule: as many as the target rate needs, target x the worker CPU time per image rounded up, within the budget
+    (:func:`cpu_budget`); more workers than the GPU consumes only hold memory. ``decode``: the CPU fallback's
+    workers, costed on the original JPEGs (its dearest data: ``costs.cpu['folder'].total``); else workers that
+    only read and screen files for a GPU decoder (torchvision's GPU decoding), costed as DALI's feeding in the
+    first epoch (``costs.feed['folder']`` read + screen).
     """
-    need = math.ceil(target * costs.cpu["folder"].total / 1000.0)
+    per = costs.cpu["folder"].total if decode else costs.feed["folder"].read + costs.feed["folder"].screen
+    need = math.ceil(target * per / 1000.0)
     return max(1, min(cpu_budget(cores), need))

@@ -89,6 +89,8 @@ def test_explicit_values_win() -> None:
 def test_cpu_fallback_workers() -> None:
     costs = _costs(cpu=2.0)  # 2 ms per image: 10,000 images/s need 20 workers
     assert [fc.cpu_workers(c, costs, 10_000) for c in (1, 2, 3, 8, 21, 22, 64)] == [1, 2, 2, 7, 20, 20, 20]
+    costs = _costs(read=0.1, screen=0.3)  # reading workers for a GPU decoder: 0.4 ms per image, 4 at 10,000/s
+    assert [fc.cpu_workers(c, costs, 10_000, decode=False) for c in (1, 3, 4, 5, 6, 64)] == [1, 2, 3, 4, 4, 4]
 
 
 def test_target_is_the_predicted_supmae_rate() -> None:
@@ -196,4 +198,5 @@ def test_cpu_fallback_auto_workers_from_the_config(monkeypatch) -> None:
     monkeypatch.setattr(dali_support, "cores_per_local_rank", lambda: 12)
     auto = load_config([], ["data.num_workers=auto"], world_size=1).data
     assert factory.cpu_num_workers(auto) == fc.cpu_workers(12) and 1 <= fc.cpu_workers(12) <= 11
+    assert factory.cpu_num_workers(auto, "torchvision_gpu") == fc.cpu_workers(12, decode=False)
     assert factory.cpu_num_workers(load_config([], ["data.num_workers=3"], world_size=1).data) == 3

@@ -133,7 +133,8 @@ def auto_sizes_lines(cores=(8, 12, 16), costs: FeedCosts = MEASURED) -> list[str
         a = auto_sizes(c, costs=costs)
         out.append(f"  {c:>2d} cores: DALI {a['workers']} feeding processes + {a['threads']} threads, prefetch "
                    f"{a['prefetch']}, hw_decoder_load {a['hw_decoder_load']:.2f}; CPU fallback "
-                   f"{cpu_workers(c, costs)} workers")
+                   f"{cpu_workers(c, costs)} workers; GPU decoding (torchvision) {cpu_workers(c, costs, decode=False)} "
+                   f"reading workers")
     return out
 
 
