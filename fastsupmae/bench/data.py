@@ -304,21 +304,19 @@ def stage_times(src: Any, n: int, size: int, interp: str, seed: int = 0) -> dict
     return {k: 1000 * v / max(1, m) for k, v in t.items()}
 
 
-def _breakdown(names: list[str], med: dict[str, dict[str, float]], root: str,
-               a: argparse.Namespace) -> dict[str, dict[str, float]]:
+def _breakdown(names: list[str], med: dict[str, dict[str, float]], root: str, a: argparse.Namespace) -> None:
     """Print :func:`stage_times` for each kind of data the run read, beside the pipelines' measured CPU ms per
     image (the difference: hand-over to the main process, worker and loader overhead), and the
     crop-and-resize-only ceiling (the pixels already decoded in memory: crop + resize into the batch + flip)."""
     datas = sorted({parse_name(n)[1] for n in names if n != "torchvision"}, key=DATA.index)
-    out: dict[str, dict[str, float]] = {}
     if not datas or a.breakdown_images <= 0:
-        return out
+        return
     print(f"CPU ms per image by stage (one process, one thread, {a.breakdown_images} images, the same crop rule; "
           f"'pipeline' = 1000 / its images per CPU-second above; 'rest' = pipeline - stages: hand-over, workers)")
     print(f"{'data':<8} {'read':>6} {'decode':>7} {'crop+resize':>12} {'flip':>6} {'stages':>7}  "
           f"{'pipeline':<11}{'ms':>7} {'rest':>7}")
     for d in datas:
-        st = out[d] = stage_times(_source(d, root, a), a.breakdown_images, a.size, a.interp)
+        st = stage_times(_source(d, root, a), a.breakdown_images, a.size, a.interp)
         whole = st.pop("whole decode")
         total = sum(st.values())
         cpu = f"cpu{'' if d == 'folder' else '-' + d}"
@@ -333,7 +331,6 @@ def _breakdown(names: list[str], med: dict[str, dict[str, float]], root: str,
             print(f"crop-and-resize ceiling (raw pixels in memory: crop + resize into the batch + flip): {ceil:.0f} "
                   f"images per CPU-second" + (f"; cpu-raw reaches {med['cpu-raw']['cpu'] / ceil:.0%} of it"
                                        if "cpu-raw" in med else ""))
-    return out
 
 
 def feeder_times(src: Any, n: int) -> tuple[float, float]:
@@ -355,44 +352,50 @@ def feeder_times(src: Any, n: int) -> tuple[float, float]:
     return out[0], out[1]
 
 
-def _feeders_or_decoders(names: list[str], med: dict[str, dict[str, float]], root: str,
-                         a: argparse.Namespace) -> dict[str, tuple[float, float, float]]:
+def _feeders_or_decoders(names: list[str], med: dict[str, dict[str, float]], root: str, a: argparse.Namespace) -> None:
     """For each DALI row: its feeding cost per image (measured alone) against the rest of its CPU time (DALI's
     threads: decoding and resizing on CPU operators, the host side of hybrid decoding on a GPU), which side limits
     with the bench's 1 feeding process and ``--workers`` threads, and the feeders : threads split those costs imply
-    for 8, 12 and 16 cores per GPU (one core left to the training process). Returns {data kind: (feeding ms per
-    image in the first epoch, later, DALI threads' ms)}."""
-    out = {}
+    for 8, 12 and 16 cores per GPU (one core left to the training process)."""
     for n in names:
         if n == "torchvision" or parse_name(n)[0] != "dali" or n not in med or a.breakdown_images <= 0:
             continue
         first, later = feeder_times(_source(parse_name(n)[1], root, a), a.breakdown_images)
         total = 1000 / med[n]["cpu"]
         dec = max(total - later, 1e-6)
-        if parse_name(n)[2] == "pretrain":
-            out[parse_name(n)[1]] = (first, later, dec)
         side = "feeders" if later / 1 > dec / max(1, a.workers) else "decoders"
         split = ", ".join(f"{c} cores: {w} feeders + {c - 1 - w} threads" for c in (8, 12, 16)
                           for w in [max(1, min(c - 2, math.ceil((c - 1) * later / (later + dec))))])
         print(f"{n}: feeding {first:.3f} ms per image in the first epoch, {later:.3f} later (read only); the rest "
               f"{dec:.3f} ms (DALI's threads): the {side} limit here (1 feeding process, {a.workers} threads); "
               f"split by those costs: {split}")
-    return out
 
 
-def _print_costs(stages: dict[str, dict[str, float]], feeds: dict[str, tuple[float, float, float]],
-                 med: dict[str, dict[str, float]], loads: list[float]) -> None:
+def _print_costs(names: list[str], med: dict[str, dict[str, float]], root: str, a: argparse.Namespace,
+                 loads: list[float]) -> None:
     """The per-stage costs as pipelines/feed_costs.py's MEASURED (the one table the ``auto`` sizes and ``bench
-    model``'s per-node table read: paste it there to re-base them on this host), then the sizes ``auto`` picks."""
+    model``'s per-node table read: paste it there to re-base them on this host), then the sizes ``auto`` picks.
+
+    Needs a CPU-fallback and a DALI row on the same kind of data: the stages (:func:`stage_times`) and the feeding
+    (:func:`feeder_times`) are timed again here, one thread, beside the rows' CPU ms per image."""
     import subprocess
 
     from fastsupmae.bench.node_feed import auto_sizes_lines, costs_block
     from fastsupmae.cpu import cpu_facts
 
-    if not stages or not feeds:
+    rows = {parse_name(n)[:2] for n in names if n != "torchvision" and parse_name(n)[2] == "pretrain"}
+    kinds = [d for d in ("folder", "shards", "raw") if {("cpu", d), ("dali", d)} <= rows]
+    if not kinds or a.breakdown_images <= 0:
         return
-    pipe = {d: 1000 / med[f"cpu{'' if d == 'folder' else '-' + d}"]["cpu"] for d in stages
-            if f"cpu{'' if d == 'folder' else '-' + d}" in med}
+    stages, feeds, pipe = {}, {}, {}
+    for d in kinds:
+        src, suffix = _source(d, root, a), "" if d == "folder" else f"-{d}"
+        cpu, dali = f"cpu{suffix}", f"dali{suffix}"
+        st = stage_times(src, a.breakdown_images, a.size, a.interp)
+        stages[d] = {k: st[k] for k in ("read", "decode", "crop+resize", "flip")}
+        first, later = feeder_times(src, a.breakdown_images)
+        feeds[d] = (first, later, max(1000 / med[dali]["cpu"] - later, 0.0))
+        pipe[d] = 1000 / med[cpu]["cpu"]
     try:
         code = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"
@@ -402,8 +405,9 @@ def _print_costs(stages: dict[str, dict[str, float]], feeds: dict[str, tuple[flo
     meta = {"host": f"{facts.cores}-core {facts.model}", "isa": facts.isa_text(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "load": f"{min(loads):.1f}-{max(loads):.1f}", "code": code}
-    print("feed costs, CPU ms per image by stage (read, screen, decode, resize, hand-over); to re-base the auto sizes "
-          "and bench model's per-node table on this host, paste over MEASURED in pipelines/feed_costs.py:")
+    print("feed costs, CPU ms per image by stage (read, screen, decode, resize, hand-over; stages timed again, one "
+          "thread); to re-base the auto sizes and bench model's per-node table on this host, paste over MEASURED in "
+          "pipelines/feed_costs.py:")
     print("\n".join(costs_block(stages, feeds, pipe, meta)))
     print("\n".join(auto_sizes_lines()))
 
@@ -473,9 +477,9 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         for n in names:
             if n.startswith("cpu-") and parse_name(n)[2] == "pretrain":
                 print(f"{n} / cpu images per CPU-second: {med[n]['cpu'] / base_cpu:.2f}x")
-    stages = _breakdown(names, med, str(train), args)
-    feeds = _feeders_or_decoders(names, med, str(train), args)
-    _print_costs(stages, feeds, med, loads)
+    _breakdown(names, med, str(train), args)
+    _feeders_or_decoders(names, med, str(train), args)
+    _print_costs(names, med, str(train), args, loads)
     if "torchvision" in results and "cpu" in results:
         ratios = [c["images_s"] / t["images_s"] for c, t in zip(results["cpu"], results["torchvision"])]
         print(f"cpu / torchvision images/s per round: {', '.join(f'{x:.2f}' for x in ratios)}; median "
