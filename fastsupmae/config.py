@@ -177,6 +177,8 @@ class TrainConfig:
     clip_grad: float = _f(1.0, "max global grad norm (0: off)")
     precision: str = _f("auto", "auto | bf16 | fp16 | fp32 (auto: bf16 where the device supports it)")
     zero_stage: int = _f(1, "DeepSpeed ZeRO stage 0-3")
+    reduce_dtype: str = _f("auto", "gradient all-reduce dtype of bf16 training: auto (bf16 up to 256 ranks, fp32 "
+                                   "above, where a bf16 ring rounds ranks' deviations away) | bf16 | fp32")
     optimizer: str = _f("auto", "auto | adamw (torch) | fused_adam (DeepSpeed, GPU) | cpu_adam (offload)")
     offload_optimizer: bool = _f(False, "ZeRO offload of optimizer state to CPU (uses DeepSpeed CPU Adam)")
     zero3_persistence_threshold: int = _f(100_000, "ZeRO-3: parameters with fewer elements stay whole on every "

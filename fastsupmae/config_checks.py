@@ -134,6 +134,7 @@ def validate_config(cfg: Config, world_size: int | None = None) -> None:
                           "a run directory, e.g. train.output_dir=runs/my_run")
     _check_dali_keys(d)
     _choice("train.precision", t.precision, ("auto", "bf16", "fp16", "fp32"))
+    _choice("train.reduce_dtype", t.reduce_dtype, ("auto", "bf16", "fp32"))
     _choice("train.optimizer", t.optimizer, ("auto", "adamw", "fused_adam", "cpu_adam"))
     _choice("train.device", t.device, ("auto", "cuda", "cpu"))
     _choice("eval.after_train", e.after_train, ("knn", "linprobe", "none"))
