@@ -57,7 +57,7 @@ class BatchReader:
 
     def __init__(self, source: EncodedSource, out_hw: tuple[int, int], train: bool,
                  scale: tuple[float, float] = (0.2, 1.0), ratio: tuple[float, float] = DEFAULT_RATIO,
-                 hflip: bool = True, crop_ratio: float = 0.875, interp: str = "bicubic", seed: int = 0,
+                 hflip: bool = True, crop_ratio: float = 0.875, interp: str = "bilinear", seed: int = 0,
                  rank: int = 0, strict: bool = False, screened: Screened | None = None,
                  cpu_only: frozenset[int] = frozenset()) -> None:
         self.source, self.out_hw, self.train = source, tuple(out_hw), train
@@ -232,7 +232,7 @@ class TorchvisionLoader(LoaderBase):
         """Decode the batch's device JPEGs, crop and resize them: ``(uint8 [k, 3, H, W] or None, their rows,
         rows dropped)``. A file the device decoder rejects is decoded by the CPU fallback (and by the workers from
         then on) or, if that fails too, handled as a bad file and its row dropped."""
-        interp = self._aug.get("interp", "bicubic")
+        interp = self._aug.get("interp", "bilinear")
         parts = torch.split(b["data"][:sum(b["sizes"])], b["sizes"]) if b["sizes"] else ()
         imgs, boxes, flips, rows, dropped = [], [], [], [], []
         for k, d in enumerate(decode_jpegs(parts, self.device)):
