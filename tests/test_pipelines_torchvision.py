@@ -15,7 +15,6 @@ from PIL import Image
 
 pytest.importorskip("torchvision")
 
-from fastsupmae.errors import DataError  # noqa: E402
 from fastsupmae.pipelines import factory  # noqa: E402
 from fastsupmae.pipelines.bad_files import BadImage  # noqa: E402
 from fastsupmae.pipelines.cpu_loader import CpuLoader  # noqa: E402
@@ -23,6 +22,8 @@ from fastsupmae.pipelines.image_decode import decode_crop_resize  # noqa: E402
 from fastsupmae.pipelines.imagefolder import ImageFolderSource  # noqa: E402
 from fastsupmae.pipelines.torchvision_decode import device_decodable, jpeg_frame  # noqa: E402
 from fastsupmae.pipelines.torchvision_loader import BatchReader, TorchvisionLoader  # noqa: E402
+
+from fastsupmae.errors import DataError  # noqa: E402
 
 # dB against the fallback on the same boxes, both decoding at full size: float vs uint8 antialiased resize
 # (measured 55-56 dB, at most 1 level apart). Outputs are kept larger than half of every image (at most 128 px), so
@@ -294,6 +295,7 @@ def test_gray_models_get_luma(tmp_path):
 def test_auto_and_explicit_selection(tmp_path, monkeypatch):
     import fastsupmae.pipelines.dali_support as dsup
     import fastsupmae.pipelines.torchvision_decode as tvd
+
     from fastsupmae.config_checks import validate_config
     from tests.helpers import tiny_config
 
@@ -322,6 +324,7 @@ def test_auto_and_explicit_selection(tmp_path, monkeypatch):
 
 def test_build_train_loader_picks_it_on_a_gpu_without_dali(tmp_path, monkeypatch):
     import fastsupmae.pipelines.dali_support as dsup
+
     from tests.helpers import tiny_config
 
     _folder(tmp_path / "train", 6, np.random.default_rng())
