@@ -337,3 +337,22 @@ def test_build_train_loader_picks_it_on_a_gpu_without_dali(tmp_path, monkeypatch
     monkeypatch.setattr(dsup, "dali_available", lambda: True)
     monkeypatch.setattr(dsup, "require_dali", lambda: None)
     assert factory.resolve_pipeline(cfg, "cuda:0") == "dali"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_decoding_agrees_with_its_cpu_twin(bad_root):
+    """On a GPU: nvJPEG through torchvision against the CPU twin on the same files, boxes and flips (grey,
+    progressive and the CPU-decoded kinds included); the data stage's statistical criteria, as for DALI."""
+    from fastsupmae.bench.gpu_check.data_stage import compare_batches
+
+    src = ImageFolderSource(bad_root)
+    kw = dict(batch_size=6, out_hw=(72, 60), train=True, seed=int(np.random.randint(1 << 30)), num_workers=2)
+    gpu = list(TorchvisionLoader(src, device="cuda", **kw))
+    cpu = list(TorchvisionLoader(src, device="cpu", **kw))
+    assert len(gpu) == len(cpu)
+    for a, b in zip(gpu, cpu):
+        assert a["images"].is_cuda and a["images"].dtype == torch.uint8
+        assert torch.equal(a["labels"].cpu(), b["labels"])
+        c = compare_batches(a["images"].cpu(), b["images"], "torchvision")
+        assert c["ok"], c
