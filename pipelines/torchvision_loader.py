@@ -228,10 +228,11 @@ class TorchvisionLoader(LoaderBase):
                                 f"check the storage under '{self.source.path(0)}'") from None
             raise
 
-    def _device_images(self, b: dict[str, Any]) -> tuple[torch.Tensor | None, list[int], list[int]]:
+    def _device_images(self, b: dict[str, Any], bad: list[BadImage]) -> tuple[torch.Tensor | None, list[int],
+                                                                               list[int]]:
         """Decode the batch's device JPEGs, crop and resize them: ``(uint8 [k, 3, H, W] or None, their rows,
         rows dropped)``. A file the device decoder rejects is decoded by the CPU fallback (and by the workers from
-        then on) or, if that fails too, handled as a bad file and its row dropped."""
+        then on) or, if that fails too, appended to ``bad`` and its row dropped."""
         interp = self._aug.get("interp", "bilinear")
         parts = torch.split(b["data"][:sum(b["sizes"])], b["sizes"]) if b["sizes"] else ()
         imgs, boxes, flips, rows, dropped = [], [], [], [], []
@@ -244,7 +245,7 @@ class TorchvisionLoader(LoaderBase):
                     d = decode_crop_resize(bytes(parts[k].numpy()), self.source.path(i), lambda h, w, box=box: box,
                                            self.out_hw, interp, flip=flip)
                 except BadImage as e:
-                    self.policy.handle(e)  # raises in strict mode
+                    bad.append(e)
                     dropped.append(row)
                     continue
                 d, box, flip = to_device(d, self.device), (0, 0, *self.out_hw), False  # cropped, resized, mirrored
@@ -255,17 +256,17 @@ class TorchvisionLoader(LoaderBase):
         return (crop_resize(imgs, boxes, flips, self.out_hw, interp) if imgs else None), rows, dropped
 
     def _assemble(self, b: dict[str, Any], epoch: int, step: int) -> dict[str, Any]:
-        """One reader result -> the batch on the device (runs in the decoding thread)."""
+        """One reader result -> the batch on the device (runs in the decoding thread, a batch ahead). Its bad files
+        travel with it (``'_bad'``): the policy counts them, or stops the run, when the batch is handed out."""
         if b.get("error"):
             raise DataError(b["error"] + " (data.bad_files=strict stops here; skip skips such files)"
                             if b["error"].startswith("bad image file '") else b["error"])
-        for path, reason in b["bad"]:
-            self.policy.handle(BadImage(path, reason))
+        bad = [BadImage(path, reason) for path, reason in b["bad"]]
         m = len(b["labels"])
         x = torch.empty((m, 3, *self.out_hw), dtype=torch.uint8, device=self.device)
         if b["cpu"] is not None:
             x[torch.tensor(b["cpu_slots"], device=self.device)] = to_device(b["cpu"], self.device)
-        resized, rows, dropped = self._device_images(b)
+        resized, rows, dropped = self._device_images(b, bad)
         if resized is not None:
             x[torch.tensor(rows, device=self.device)] = resized
         y = b["labels"]
@@ -278,7 +279,8 @@ class TorchvisionLoader(LoaderBase):
             x = to_gray(x)
         o = self.order
         pos = torch.arange(len(y)) + step * o.batch_size * o.world_size + o.rank * o.batch_size
-        return {"images": x, "labels": to_device(y, self.device), "index": pos, "epoch": torch.tensor(epoch)}
+        return {"images": x, "labels": to_device(y, self.device), "index": pos, "epoch": torch.tensor(epoch),
+                "_bad": bad}
 
     def _finetune(self, x: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
         """The CPU fallback's RandAugment + erasing with its seeds (on the host: its functions are PIL-based)."""
@@ -295,6 +297,8 @@ class TorchvisionLoader(LoaderBase):
         o = self.order
         epoch, steps = o.epoch, o.remaining_steps()
         for batch in _ahead(lambda: self._batches(epoch, steps), self.device):
+            for e in batch.pop("_bad"):
+                self.policy.handle(e)  # raises in strict mode
             o.advance()
             yield batch
         o.finish_epoch()
