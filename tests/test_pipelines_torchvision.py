@@ -88,6 +88,20 @@ def test_cpu_twin_matches_the_fallback_on_the_same_boxes(tmp_path, train):
         assert _psnr(other, mine) < 30
 
 
+def test_finetune_recipe_applies_the_fallbacks_augmentation(tmp_path):
+    """RandAugment + erasing with the fallback's seeds: thresholds (solarize, posterize) can turn a one-level
+    difference into a larger one at some pixels, so the bound is looser (measured >= 41 dB per batch)."""
+    src = ImageFolderSource(_folder(tmp_path, 8, np.random.default_rng()))
+    kw = dict(batch_size=4, out_hw=(72, 60), train=True, seed=int(np.random.randint(1 << 30)), num_workers=0,
+              interp="bicubic", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    tv = list(TorchvisionLoader(src, recipe="finetune", **kw))
+    for x, y in zip(tv, CpuLoader(src, recipe="finetune", **kw)):
+        assert torch.equal(x["labels"], y["labels"]) and _psnr(x["images"], y["images"]) >= 35
+        assert float((x["images"].float() - y["images"].float()).abs().mean()) <= 0.5
+    plain = next(iter(TorchvisionLoader(src, recipe="pretrain", **kw)))["images"]
+    assert _psnr(tv[0]["images"], plain) < 25  # the augmentation was applied
+
+
 def test_resume_mid_epoch_continues_with_the_next_batch(tmp_path):
     src = ImageFolderSource(_folder(tmp_path, 12, np.random.default_rng()))
     kw = dict(batch_size=3, out_hw=(32, 32), train=True, seed=int(np.random.randint(1 << 30)), num_workers=0)
