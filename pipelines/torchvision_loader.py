@@ -213,15 +213,19 @@ class TorchvisionLoader(LoaderBase):
                            cpu_only=frozenset(self.cpu_only), **self._aug)
 
     def _read(self, epoch: int, steps: range) -> Iterator[dict[str, Any]]:
+        """The reader's results for ``steps``, in order. The worker processes start here, in the caller's thread:
+        a process forked while the decoding thread runs could inherit a lock that thread holds."""
         ds = _Steps(self._reader(), self.order, epoch, steps)
         if self.num_workers == 0:
-            yield from (ds[k] for k in range(len(ds)))
-            return
+            return (ds[k] for k in range(len(ds)))
         dl = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=self.num_workers,
                                          worker_init_fn=_worker_init, prefetch_factor=PREFETCH_FACTOR,
                                          timeout=self.timeout_s)
+        return self._timeouts_named(iter(dl))
+
+    def _timeouts_named(self, it: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         try:
-            yield from dl
+            yield from it
         except RuntimeError as e:
             if "timed out" in str(e):
                 raise DataError(f"a data worker produced nothing for {self.timeout_s:.0f} s (stuck reading a file?); "
@@ -296,15 +300,16 @@ class TorchvisionLoader(LoaderBase):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         o = self.order
         epoch, steps = o.epoch, o.remaining_steps()
-        for batch in _ahead(lambda: self._batches(epoch, steps), self.device):
+        reads = self._read(epoch, steps)
+        for batch in _ahead(lambda: self._batches(epoch, steps, reads), self.device):
             for e in batch.pop("_bad"):
                 self.policy.handle(e)  # raises in strict mode
             o.advance()
             yield batch
         o.finish_epoch()
 
-    def _batches(self, epoch: int, steps: range) -> Iterator[dict[str, Any]]:
-        for step, b in zip(steps, self._read(epoch, steps)):
+    def _batches(self, epoch: int, steps: range, reads: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for step, b in zip(steps, reads):
             yield self._assemble(b, epoch, step)
 
 
