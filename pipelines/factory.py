@@ -95,7 +95,7 @@ def _file_pipeline(requested: str, device: str | torch.device) -> str:
     """'dali', 'torchvision_gpu' or 'cpu' for encoded image files: an explicit choice (checked), else on a CUDA
     device DALI when installed, then torchvision's GPU decoding; the CPU fallback without a GPU."""
     from .dali_support import dali_available
-    from .torchvision_decode import require_torchvision, torchvision_decode_available
+    from .torchvision_decode import require_torchvision, torchvision_gpu_problem
 
     on_gpu = torch.device(device).type == "cuda"
     if requested == "dali":
@@ -107,11 +107,20 @@ def _file_pipeline(requested: str, device: str | torch.device) -> str:
         if not on_gpu:
             raise DataError(f"data.pipeline=torchvision_gpu decodes on a CUDA device but this run's device is "
                             f"{device}; use data.pipeline=cpu (or auto)")
+        why = torchvision_gpu_problem(device)
+        if why:
+            raise DataError(f"data.pipeline=torchvision_gpu but torchvision cannot decode a JPEG on {device} ({why}); "
+                            f"use data.pipeline=cpu, or a torchvision built with nvJPEG")
     if requested in FILE_PIPELINES:
         return requested
-    if on_gpu and dali_available():
+    if not on_gpu:
+        return "cpu"
+    if dali_available():
         return "dali"
-    return "torchvision_gpu" if on_gpu and torchvision_decode_available() else "cpu"
+    why = torchvision_gpu_problem(device)
+    if why:
+        _log_choice("gpu decoding", "unavailable", f"no DALI, and torchvision cannot decode on {device}: {why}")
+    return "cpu" if why else "torchvision_gpu"
 
 
 def _worker_loader(kind: str, source: Any, **kw: Any) -> Any:

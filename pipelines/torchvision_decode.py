@@ -43,6 +43,28 @@ def torchvision_decode_available() -> bool:
     return True
 
 
+def torchvision_gpu_problem(device: str | torch.device) -> str:
+    """'' when torchvision decodes a JPEG on ``device``, else why not, in one line (a torchvision built without
+    nvJPEG, a driver problem, ...). Tried once per device and process with an 8 x 8 JPEG."""
+    if not torchvision_decode_available():
+        return "torchvision.io.decode_jpeg cannot be imported"
+    return _probe(str(torch.device(device)))
+
+
+@functools.cache
+def _probe(device: str) -> str:
+    from torchvision.io import encode_jpeg
+
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", _DEPRECATION, DeprecationWarning)
+            tiny = encode_jpeg(torch.full((3, 8, 8), 128, dtype=torch.uint8))
+        got = decode_jpegs([tiny], torch.device(device))[0]
+    except Exception as e:  # noqa: BLE001 - whatever fails, the answer is "not here", with the reason
+        got = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+    return got if isinstance(got, str) else ""
+
+
 def require_torchvision() -> None:
     """Raise a DataError with the install command when torchvision's decoder cannot be imported."""
     if not torchvision_decode_available():

@@ -315,9 +315,10 @@ def test_auto_and_explicit_selection(tmp_path, monkeypatch):
     from fastsupmae.config_checks import validate_config
     from tests.helpers import tiny_config
 
-    def pick(requested, device, dali, tv):
+    def pick(requested, device, dali, tv, problem=""):
         monkeypatch.setattr(dsup, "dali_available", lambda: dali)
         monkeypatch.setattr(tvd, "torchvision_decode_available", lambda: tv)
+        monkeypatch.setattr(tvd, "_probe", lambda dev: problem)  # the one-JPEG decode on the device
         return factory._file_pipeline(requested, device)
 
     assert pick("auto", "cuda:0", True, True) == "dali"  # DALI first on a GPU
@@ -330,12 +331,27 @@ def test_auto_and_explicit_selection(tmp_path, monkeypatch):
         pick("torchvision_gpu", "cpu", False, True)
     with pytest.raises(DataError, match="pip install torchvision"):
         pick("torchvision_gpu", "cuda:0", False, False)
+    # torchvision imports but cannot decode on this GPU (built without nvJPEG, ...): auto falls back, explicit fails
+    assert pick("auto", "cuda:0", False, True, problem="not compiled with nvJPEG support") == "cpu"
+    with pytest.raises(DataError, match="cannot decode a JPEG on cuda:0 .not compiled with nvJPEG"):
+        pick("torchvision_gpu", "cuda:0", False, True, problem="not compiled with nvJPEG support")
     cfg = tiny_config()
     cfg.data.pipeline = "torchvision_gpu"
     validate_config(cfg)  # a known value
     cfg.data.pipeline = "torchvision"
     with pytest.raises(Exception, match="data.pipeline"):
         validate_config(cfg)
+
+
+def test_the_decode_probe_runs_the_real_decoder(monkeypatch):
+    import fastsupmae.pipelines.torchvision_decode as tvd
+
+    monkeypatch.setattr(tvd, "_probe", tvd._probe.__wrapped__)  # no answer cached from another test
+    assert tvd.torchvision_gpu_problem("cpu") == ""  # the CPU twin of the probe: encode + decode 8 x 8
+    monkeypatch.setattr(tvd, "decode_jpegs", lambda parts, dev: ["decode_jpegs_cuda: torchvision not compiled"])
+    assert "not compiled" in tvd.torchvision_gpu_problem("cpu")
+    monkeypatch.setattr(tvd, "torchvision_decode_available", lambda: False)
+    assert "cannot be imported" in tvd.torchvision_gpu_problem("cpu")
 
 
 def test_build_train_loader_picks_it_on_a_gpu_without_dali(tmp_path, monkeypatch):
@@ -347,7 +363,10 @@ def test_build_train_loader_picks_it_on_a_gpu_without_dali(tmp_path, monkeypatch
     cfg = tiny_config()
     cfg.data.dataset, cfg.data.root, cfg.data.pipeline = "imagefolder", str(tmp_path / "train"), "auto"
     cfg.model.num_classes, cfg.train.micro_batch = 3, 2
+    import fastsupmae.pipelines.torchvision_decode as tvd
+
     monkeypatch.setattr(dsup, "dali_available", lambda: False)
+    monkeypatch.setattr(tvd, "_probe", lambda dev: "")  # no GPU here to decode the probe on
     assert isinstance(factory.build_train_loader(cfg, device="cuda:0"), TorchvisionLoader)
     assert isinstance(factory.build_train_loader(cfg, device="cpu"), CpuLoader)
     monkeypatch.setattr(dsup, "dali_available", lambda: True)

@@ -217,6 +217,8 @@ def _summary(res: dict[str, Any], batch: int, origin: str, cpu_rate: float) -> s
         line += f"; from prepared shards {res['torchvision_images_per_s']['shards']:.0f} img/s"
     if "dali_skipped" in res:
         line += ("" if "torchvision_vs_cpu" in res else ")") + f"; DALI skipped: {res['dali_skipped']}"
+    if "torchvision_skipped" in res:
+        line += f"; torchvision's GPU decoding skipped: {res['torchvision_skipped']}"
     return line
 
 
@@ -227,7 +229,7 @@ def stage_data(ctx: StageContext) -> dict[str, Any]:
     from fastsupmae.pipelines.dali_support import dali_available
     from fastsupmae.pipelines.imagefolder import ImageFolderSource
     from fastsupmae.pipelines.make_imagenet_like import make_imagenet_like
-    from fastsupmae.pipelines.torchvision_decode import torchvision_decode_available
+    from fastsupmae.pipelines.torchvision_decode import torchvision_gpu_problem
 
     device = torch.device("cpu") if ctx.cpu else ctx.device
     if device.type == "cuda":
@@ -253,10 +255,11 @@ def stage_data(ctx: StageContext) -> dict[str, Any]:
                    images_per_s=rate, images_timed=n)
     else:
         res["dali_skipped"] = "nvidia.dali is not importable (pip install nvidia-dali-cuda130, or bring its wheel)"
-        if torchvision_decode_available():
+        why = torchvision_gpu_problem(device)  # one 8 x 8 JPEG decoded on the device
+        if not why:
             _torchvision_rows(ctx, src, res, device, batch, workers, timed)
         else:
-            res["torchvision_skipped"] = "torchvision.io.decode_jpeg is not importable"
+            res["torchvision_skipped"] = why
     cpu_rate, n = _rate(lambda: _loader("cpu", many, batch, True, device, workers), device, timed)
     res["cpu_loader_images_per_s"] = cpu_rate
     if "pipeline" not in res:
