@@ -1,6 +1,7 @@
 """GPU decoding without DALI: files read on the CPU, JPEG batches decoded, cropped and resized on the device.
 
-``data.pipeline=torchvision_gpu`` (and ``auto`` on a GPU where DALI is not installed; docs/data.md). Per batch:
+``data.pipeline=torchvision_gpu`` (and ``auto`` on a GPU without DALI where torchvision decodes; docs/data.md).
+Per batch:
 
 * **reading workers** (DataLoader processes, ``data.num_workers``): the batch's sample indices come from
   :class:`.sampler.ShardedOrder` (same order, sharding and mid-epoch resume as every loader); each file is read,
@@ -194,6 +195,8 @@ class TorchvisionLoader(LoaderBase):
         require_torchvision()
         if recipe not in ("pretrain", "finetune", "eval"):
             raise DataError(f"augmentation recipe '{recipe}' is not one of pretrain, finetune, eval")
+        if in_chans not in (1, 3):
+            raise DataError(f"in_chans {in_chans} is not supported; use 1 or 3")
         self.source, self.class_names = source, list(source.class_names)
         self.order = ShardedOrder(len(source), batch_size, rank, world_size, seed, train=train)
         self.policy = BadFilePolicy(policy)
