@@ -135,8 +135,10 @@ class DataConfig:
     dataset: str = _f("fashion_mnist", "fashion_mnist | imagefolder | filelist | webdataset | synthetic")
     root: str = _f("/usr/share/datasets/fashion-mnist", "dataset location (folder, list file or shard pattern)")
     val_root: str = _f("", "evaluation split location (default: derived from root where the source knows how)")
-    pipeline: str = _f("auto", "auto | dali | cpu | memory (auto: DALI on GPU, else the CPU pipeline)")
-    num_workers: int = _f(2, "CPU pipeline: decode worker processes (DALI has its own data.dali_* keys)")
+    pipeline: str = _f("auto", "auto | dali | torchvision_gpu | cpu | memory (auto: DALI on a GPU, else torchvision's "
+                               "GPU decoding on a GPU, else the CPU pipeline)")
+    num_workers: int = _f(2, "CPU pipeline: decode worker processes; torchvision_gpu: reading worker processes (DALI "
+                             "has its own data.dali_* keys)")
     dali_threads: int | str = _f("auto", "DALI CPU threads per rank (host part of decoding, CPU operators); auto: "
                                          "cores per local rank - dali_workers - 1, at most 16")
     dali_workers: int | str = _f("auto", "DALI feeding processes per rank (read, screen, replace files off the "

@@ -126,7 +126,7 @@ def validate_config(cfg: Config, world_size: int | None = None) -> None:
     _choice("model.mim_encoder_input", m.mim_encoder_input, ("visible", "full"))
     _choice("model.mim_cls_view", m.mim_cls_view, ("masked", "unmasked"))
     _choice("model.mim_target", m.mim_target, ("pixels", "hog", "tokens"))
-    _choice("data.pipeline", d.pipeline, ("auto", "dali", "cpu", "memory"))
+    _choice("data.pipeline", d.pipeline, ("auto", "dali", "torchvision_gpu", "cpu", "memory"))
     _choice("data.dataset", d.dataset, ("fashion_mnist", "imagefolder", "filelist", "webdataset", "synthetic"))
     _choice("data.bad_files", d.bad_files, ("skip", "strict"))
     if not str(t.output_dir).strip():
