@@ -135,9 +135,11 @@ class DataConfig:
     dataset: str = _f("fashion_mnist", "fashion_mnist | imagefolder | filelist | webdataset | synthetic")
     root: str = _f("/usr/share/datasets/fashion-mnist", "dataset location (folder, list file or shard pattern)")
     val_root: str = _f("", "evaluation split location (default: derived from root where the source knows how)")
-    pipeline: str = _f("auto", "auto | dali | cpu | memory (auto: DALI on GPU, else the CPU pipeline)")
-    num_workers: int | str = _f(2, "CPU pipeline: decode worker processes (DALI has its own data.dali_* keys); auto: "
-                                   "from the measured CPU cost per image and the cores per local rank")
+    pipeline: str = _f("auto", "auto | dali | torchvision_gpu | cpu | memory (auto: DALI on a GPU, else torchvision's "
+                               "GPU decoding on a GPU, else the CPU pipeline)")
+    num_workers: int | str = _f(2, "CPU pipeline: decode worker processes; torchvision_gpu: reading worker processes "
+                                   "(DALI has its own data.dali_* keys); auto: from the measured CPU cost per image "
+                                   "and the cores per local rank")
     dali_threads: int | str = _f("auto", "DALI CPU threads per rank (host part of decoding, CPU operators); auto: "
                                          "the cores per local rank - 1 that the feeding processes leave")
     dali_workers: int | str = _f("auto", "DALI feeding processes per rank (read, screen, replace files off the "
@@ -180,6 +182,8 @@ class TrainConfig:
     clip_grad: float = _f(1.0, "max global grad norm (0: off)")
     precision: str = _f("auto", "auto | bf16 | fp16 | fp32 (auto: bf16 where the device supports it)")
     zero_stage: int = _f(1, "DeepSpeed ZeRO stage 0-3")
+    reduce_dtype: str = _f("auto", "gradient all-reduce dtype of bf16 training: auto (bf16 up to 256 ranks, fp32 "
+                                   "above, where a bf16 ring rounds ranks' deviations away) | bf16 | fp32")
     optimizer: str = _f("auto", "auto | adamw (torch) | fused_adam (DeepSpeed, GPU) | cpu_adam (offload)")
     offload_optimizer: bool = _f(False, "ZeRO offload of optimizer state to CPU (uses DeepSpeed CPU Adam)")
     zero3_persistence_threshold: int = _f(100_000, "ZeRO-3: parameters with fewer elements stay whole on every "

@@ -129,7 +129,7 @@ def validate_config(cfg: Config, world_size: int | None = None) -> None:
     _choice("model.mim_encoder_input", m.mim_encoder_input, ("visible", "full"))
     _choice("model.mim_cls_view", m.mim_cls_view, ("masked", "unmasked"))
     _choice("model.mim_target", m.mim_target, ("pixels", "hog", "tokens"))
-    _choice("data.pipeline", d.pipeline, ("auto", "dali", "cpu", "memory"))
+    _choice("data.pipeline", d.pipeline, ("auto", "dali", "torchvision_gpu", "cpu", "memory"))
     _choice("data.dataset", d.dataset, ("fashion_mnist", "imagefolder", "filelist", "webdataset", "synthetic"))
     _choice("data.bad_files", d.bad_files, ("skip", "strict"))
     if not str(t.output_dir).strip():
@@ -137,6 +137,7 @@ def validate_config(cfg: Config, world_size: int | None = None) -> None:
                           "a run directory, e.g. train.output_dir=runs/my_run")
     _check_dali_keys(d)
     _choice("train.precision", t.precision, ("auto", "bf16", "fp16", "fp32"))
+    _choice("train.reduce_dtype", t.reduce_dtype, ("auto", "bf16", "fp32"))
     _choice("train.optimizer", t.optimizer, ("auto", "adamw", "fused_adam", "cpu_adam"))
     _choice("train.device", t.device, ("auto", "cuda", "cpu"))
     _choice("eval.after_train", e.after_train, ("knn", "linprobe", "none"))

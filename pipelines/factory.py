@@ -1,9 +1,10 @@
 """Build the loader a config asks for (dataset x pipeline), for one rank.
 
 Choice (logged once): in-memory datasets (fashion_mnist, synthetic) use the batched torch loader; file-backed
-sources (imagefolder, filelist, webdataset) use DALI when ``data.pipeline`` is ``dali``, or ``auto`` on a CUDA
-device with DALI installed, and the CPU fallback otherwise. An explicit choice that cannot be met fails with
-the reason and the fix.
+sources (imagefolder, filelist, webdataset) use what ``data.pipeline`` names (``dali``, ``torchvision_gpu``,
+``cpu``), or with ``auto``: DALI on a CUDA device with DALI installed, else torchvision's GPU decoding on a CUDA
+device (:mod:`.torchvision_loader`), else the CPU fallback. An explicit choice that cannot be met fails with the
+reason and the fix.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def _limit(images: torch.Tensor, labels: torch.Tensor, limit: int) -> tuple[torc
 
 
 def resolve_pipeline(cfg: Any, device: str | torch.device) -> str:
-    """'memory', 'dali' or 'cpu' for this config and device (see the module docstring)."""
+    """'memory', 'dali', 'torchvision_gpu' or 'cpu' for this config and device (see the module docstring)."""
     d = cfg.data
     if d.dataset in MEMORY_DATASETS:
         if d.pipeline not in ("auto", "memory"):
@@ -83,23 +84,54 @@ def resolve_pipeline(cfg: Any, device: str | torch.device) -> str:
         raise DataError(f"data.dataset '{d.dataset}' is unknown")
     if d.pipeline == "memory":
         raise DataError(f"data.pipeline=memory is only for fashion_mnist / synthetic; data.dataset={d.dataset} "
-                        f"needs data.pipeline=auto, dali or cpu")
+                        f"needs data.pipeline=auto, dali, torchvision_gpu or cpu")
     return _file_pipeline(d.pipeline, device)
 
 
-def _file_pipeline(requested: str, device: str | torch.device) -> str:
-    """'dali' or 'cpu' for encoded image files: an explicit choice (DALI checked), else DALI on a CUDA device
-    with DALI installed."""
-    if requested in ("dali", "cpu"):
-        if requested == "dali":
-            from .dali_support import require_dali
+FILE_PIPELINES = ("dali", "torchvision_gpu", "cpu")
 
-            require_dali()
-        return requested
+
+def _file_pipeline(requested: str, device: str | torch.device) -> str:
+    """'dali', 'torchvision_gpu' or 'cpu' for encoded image files: an explicit choice (checked), else on a CUDA
+    device DALI when installed, then torchvision's GPU decoding; the CPU fallback without a GPU."""
     from .dali_support import dali_available
+    from .torchvision_decode import require_torchvision, torchvision_gpu_problem
 
     on_gpu = torch.device(device).type == "cuda"
-    return "dali" if on_gpu and dali_available() else "cpu"
+    if requested == "dali":
+        from .dali_support import require_dali
+
+        require_dali()
+    elif requested == "torchvision_gpu":
+        require_torchvision()
+        if not on_gpu:
+            raise DataError(f"data.pipeline=torchvision_gpu decodes on a CUDA device but this run's device is "
+                            f"{device}; use data.pipeline=cpu (or auto)")
+        why = torchvision_gpu_problem(device)
+        if why:
+            raise DataError(f"data.pipeline=torchvision_gpu but torchvision cannot decode a JPEG on {device} ({why}); "
+                            f"use data.pipeline=cpu, or a torchvision built with nvJPEG")
+    if requested in FILE_PIPELINES:
+        return requested
+    if not on_gpu:
+        return "cpu"
+    if dali_available():
+        return "dali"
+    why = torchvision_gpu_problem(device)
+    if why:
+        _log_choice("gpu decoding", "unavailable", f"no DALI, and torchvision cannot decode on {device}: {why}")
+    return "cpu" if why else "torchvision_gpu"
+
+
+def _worker_loader(kind: str, source: Any, **kw: Any) -> Any:
+    """The loaders whose reading (and, for 'cpu', decoding) runs in DataLoader worker processes."""
+    if kind == "torchvision_gpu":
+        from .torchvision_loader import TorchvisionLoader
+
+        return TorchvisionLoader(source, **kw)
+    from .cpu_loader import CpuLoader
+
+    return CpuLoader(source, **kw)
 
 
 def _log_choice(kind: str, choice: str, why: str) -> None:
@@ -204,10 +236,8 @@ def build_train_loader(cfg: Any, rank: int = 0, world_size: int = 1, device: str
         from .dali_loader import DaliLoader
 
         return DaliLoader(source, recipe=recipe, mean=tuple(d.mean), std=tuple(d.std), **dali, **common, **aug)
-    from .cpu_loader import CpuLoader
-
-    return CpuLoader(source, num_workers=cpu_num_workers(d), recipe=recipe, mean=tuple(d.mean), std=tuple(d.std),
-                     **common, **aug)
+    return _worker_loader(kind, source, num_workers=cpu_num_workers(d, kind), recipe=recipe, mean=tuple(d.mean),
+                          std=tuple(d.std), **common, **aug)
 
 
 def build_eval_loader(cfg: Any, split: str = "val", rank: int = 0, world_size: int = 1,
@@ -242,9 +272,7 @@ def build_eval_loader(cfg: Any, split: str = "val", rank: int = 0, world_size: i
         from .dali_loader import DaliLoader
 
         return DaliLoader(source, recipe="eval", mean=tuple(d.mean), std=tuple(d.std), **dali, **common)
-    from .cpu_loader import CpuLoader
-
-    return CpuLoader(source, num_workers=cpu_num_workers(d), **common)
+    return _worker_loader(kind, source, num_workers=cpu_num_workers(d, kind), **common)
 
 
 def build_folder_loader(cfg: Any, root: str | os.PathLike, device: str | torch.device = "cpu",
@@ -252,9 +280,9 @@ def build_folder_loader(cfg: Any, root: str | os.PathLike, device: str | torch.d
     """Evaluation loader over an image folder that is not the config's dataset (``root/<class>/<image>``, e.g. a
     robustness set such as ImageNet-R or one ImageNet-C severity), for one process, in order.
 
-    The pipeline is chosen as for the config's own files: ``data.pipeline`` dali or cpu if the config names one,
-    else (auto, or memory for an in-memory training set) DALI on a CUDA device with DALI installed, else the CPU
-    pipeline. Batch size, workers, bad-file policy and normalisation come from ``cfg``.
+    The pipeline is chosen as for the config's own files: ``data.pipeline`` dali, torchvision_gpu or cpu if the
+    config names one, else (auto, or memory for an in-memory training set) as ``auto`` chooses (module docstring).
+    Batch size, workers, bad-file policy and normalisation come from ``cfg``.
 
     Args:
         root: the folder (class folders sorted by name give the labels).
@@ -264,7 +292,7 @@ def build_folder_loader(cfg: Any, root: str | os.PathLike, device: str | torch.d
     from .imagefolder import ImageFolderSource
 
     d = cfg.data
-    kind = _file_pipeline(d.pipeline if d.pipeline in ("dali", "cpu") else "auto", device)
+    kind = _file_pipeline(d.pipeline if d.pipeline in FILE_PIPELINES else "auto", device)
     _log_choice("folder", kind, f"data.pipeline={d.pipeline}, device={device}")
     source = ImageFolderSource(root)
     common = dict(batch_size=cfg.eval.batch, out_hw=(int(cfg.model.img_size[0]), int(cfg.model.img_size[1])),
@@ -276,9 +304,7 @@ def build_folder_loader(cfg: Any, root: str | os.PathLike, device: str | torch.d
         from .dali_loader import DaliLoader
 
         return DaliLoader(source, recipe="eval", mean=tuple(d.mean), std=tuple(d.std), **dali, **common)
-    from .cpu_loader import CpuLoader
-
-    return CpuLoader(source, num_workers=cpu_num_workers(d), **common)
+    return _worker_loader(kind, source, num_workers=cpu_num_workers(d, kind), **common)
 
 
 def training_class_names(cfg: Any) -> list[str]:

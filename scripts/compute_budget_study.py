@@ -98,6 +98,7 @@ MIM_VARIANTS: dict[str, dict[str, Any]] = {
     "hog": {"mim_target": "hog"},  # HOG histograms of the masked patches instead of normalised pixels
     "d2": {"decoder_depth": 2},  # a 2-block decoder (the ViT-B recipe's)
     "unmasked": {"mim_cls_view": "unmasked"},  # classifier on a second, unmasked encoder pass
+    "r50": {"mask_ratio": 0.5},  # half the patches masked (the paper's ViT-B/14 recipe) instead of 0.75
     "w05": {"mim_loss_weight": 0.5},
     "w2": {"mim_loss_weight": 2.0},
 }
@@ -128,8 +129,9 @@ def method_overrides(method: str) -> dict[str, Any]:
 
 
 def pretrain_config(method: str, budget_flops: float, batch: int, blr: float, out_dir: Path, model: dict,
-                    seed: int, warmup_frac: float, train_limit: int = 0):
-    """The pretraining config of ``method`` whose step count spends ``budget_flops`` (analytic training FLOPs).
+                    seed: int, warmup_frac: float, train_limit: int = 0, epochs: float | None = None):
+    """The pretraining config of ``method`` whose step count spends ``budget_flops`` (analytic training FLOPs),
+    or, with ``epochs``, trains that many epochs whatever it costs (equal schedule; ``budget_flops`` unused).
 
     ``train_limit`` > 0 pretrains on the first ``train_limit`` training images only (``data.limit``).
     """
@@ -147,7 +149,10 @@ def pretrain_config(method: str, budget_flops: float, batch: int, blr: float, ou
     # The method's compute: FLOPs of the official algorithm (fused=False), so that fastsupmae's own savings
     # (which differ between the methods) do not buy one method extra steps.
     per_step = train_flops(cfg, batch, fused=False)
-    steps = max(1, round(budget_flops / per_step))
+    if epochs is not None:
+        steps = max(1, round(epochs * (train_limit or N_TRAIN) / batch))
+    else:
+        steps = max(1, round(budget_flops / per_step))
     cfg.train.max_steps = steps
     # warmup as a fraction of the run, in epochs (the trainer counts warmup in epochs of the training set)
     cfg.train.warmup_epochs = warmup_frac * steps * batch / (train_limit or N_TRAIN)
@@ -289,18 +294,23 @@ def short_finetune(state: dict[str, torch.Tensor], model_cfg: dict, train: Subse
     return out
 
 
-def run_one(method: str, budget: float, seed: int, args: argparse.Namespace, data: dict[str, Any]) -> dict[str, Any]:
+def run_one(method: str, cell: tuple[str, float], seed: int, args: argparse.Namespace, data: dict[str, Any]
+            ) -> dict[str, Any]:
+    """Pretrain ``method`` in ``cell`` (('TFLOP', budget in FLOPs) or ('epochs', E)) with ``seed``, evaluate it,
+    and return its record."""
     from fastsupmae.engine.checkpoint import consolidated_state_dict
     from fastsupmae.flops import train_flops
     from fastsupmae.models import build_model
     from fastsupmae.tasks import pretrain
     from fastsupmae.weights import load_checkpoint
 
-    out = Path(args.work_dir) / f"{method}_{budget / 1e12:g}T_seed{seed}_{args.eval_split}"
+    kind, value = cell
+    budget, epochs = (value, None) if kind == "TFLOP" else (0.0, value)
+    tag = f"{budget / 1e12:g}T" if epochs is None else f"{epochs:g}ep"
+    out = Path(args.work_dir) / f"{method}_{tag}_seed{seed}_{args.eval_split}"
     cfg, steps, per_step = pretrain_config(method, budget, args.batch, args.blr, out, args.model, seed,
-                                           args.warmup_frac, data["train_limit"])
-    log.info("%s @ %.3g TFLOP: %d steps x %d images (%.3f GFLOP per step)", method, budget / 1e12, steps,
-             args.batch, per_step / 1e9)
+                                           args.warmup_frac, data["train_limit"], epochs)
+    log.info("%s @ %s: %d steps x %d images (%.3f GFLOP per step)", method, tag, steps, args.batch, per_step / 1e9)
     t0 = time.time()
     final = pretrain.run(cfg)
     pre_s = time.time() - t0
@@ -313,7 +323,8 @@ def run_one(method: str, budget: float, seed: int, args: argparse.Namespace, dat
     rec: dict[str, Any] = {"method": method, "seed": seed, "objective": mc.objective, "eval_split": args.eval_split,
                            "model_overrides": method_overrides(method),
                            "decoder_depth": mc.decoder_depth if mc.objective != "supervised" else None,
-                           "budget_tflop": budget / 1e12, "steps": final["step"],
+                           "budget_tflop": budget / 1e12 if epochs is None else None, "schedule_epochs": epochs,
+                           "steps": final["step"],
                            "images_seen": final["step"] * args.batch, "epochs": final["step"] * args.batch / n_pre,
                            "gflop_per_image": per_step / args.batch / 1e9,
                            "fastsupmae_gflop_per_image": train_flops(cfg, args.batch) / args.batch / 1e9,
@@ -326,8 +337,8 @@ def run_one(method: str, budget: float, seed: int, args: argparse.Namespace, dat
     rec["knn_s"] = time.time() - t2
     rec.update(short_finetune(state, args.model, data["ft_train"], data["probe_test"], args.ft_steps, args.ft_batch,
                               args.ft_blr, out / "finetune", seed))
-    log.info("seed %d, %s @ %.3g TFLOP: linear probe %.2f%%, fine-tune %.2f%%, kNN %.2f%% (pretrain %.0f s)", seed,
-             method, budget / 1e12, rec["linprobe_top1"], rec["finetune_top1"], rec["knn_top1"], pre_s)
+    log.info("seed %d, %s @ %s: linear probe %.2f%%, fine-tune %.2f%%, kNN %.2f%% (pretrain %.0f s)", seed,
+             method, tag, rec["linprobe_top1"], rec["finetune_top1"], rec["knn_top1"], pre_s)
     return rec
 
 
@@ -349,6 +360,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--budgets-tflop", default=None,
                    help="pretraining budgets, analytic training TFLOP of the official algorithm (default 1.5,4.5; "
                    "with --tiny 0.001)")
+    p.add_argument("--epochs", type=float, default=None,
+                   help="equal schedule instead of equal compute: every method trains this many epochs of its "
+                   "pretraining images (same steps, batch, lr, augmentation, seed) whatever it costs; excludes "
+                   "--budgets-tflop")
+    p.add_argument("--reference", default="mim_supervised",
+                   help="the starting recipe each other mim_supervised method is also compared with, seed by seed")
     p.add_argument("--methods", default="supmae,mae,supervised",
                    help=f"comma-separated, of {', '.join(METHODS)} and {MIM_PREFIX}<variant>[+<variant>...]")
     p.add_argument("--mim-variants", default="",
@@ -387,7 +404,11 @@ def _parser() -> argparse.ArgumentParser:
 def _settle(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
     """The model, the --tiny sizes and the method list (each method checked: a wrong name is a usage error)."""
     args.model = dict(MODEL)
-    if args.budgets_tflop is None:
+    if args.epochs is not None and args.budgets_tflop is not None:
+        p.error("--epochs (equal schedule) and --budgets-tflop (equal compute) exclude each other; give one")
+    if args.epochs is not None and not args.epochs > 0:
+        p.error(f"--epochs {args.epochs}: give a positive number of epochs")
+    if args.budgets_tflop is None and args.epochs is None:
         args.budgets_tflop = "0.001" if args.tiny else "1.5,4.5"
     if args.tiny:
         args.model.update(embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=16, decoder_num_heads=2,
@@ -418,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     _settle(args, p)
     if args.merge:
         return merge(args)
-    budgets = sorted(float(b) * 1e12 for b in args.budgets_tflop.split(","))
+    cells = ([("epochs", args.epochs)] if args.epochs is not None
+             else [("TFLOP", float(b) * 1e12) for b in sorted(float(x) for x in args.budgets_tflop.split(","))])
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     methods = args.methods.split(",")
     git = git_state()
@@ -432,16 +454,18 @@ def main(argv: list[str] | None = None) -> int:
     log.info("images: %s", data["describe"])
     records = []
     for seed in seeds:
-        for budget in budgets:
+        for cell in cells:
             for method in methods:
-                records.append(run_one(method, budget, seed, args, data))
+                records.append(run_one(method, cell, seed, args, data))
                 print(table(records[-1:]).splitlines()[-1], flush=True)
     total_s = time.time() - t0
     machine = {"cpu": cpu_facts().model, "cpu_isa": cpu_facts().isa_text(),
                "cores": os.cpu_count(), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "gpu": None, "loadavg_end": os.getloadavg()}
-    result = {"what": "SupMAE vs MAE vs supervised vs supervised + MIM at equal pretraining compute (analytic "
-                      "training FLOPs), Fashion-MNIST", "date_utc": start.isoformat(timespec="seconds"),
+    axis = (f"an equal schedule ({args.epochs:g} epochs)" if args.epochs is not None
+            else "equal pretraining compute (analytic training FLOPs)")
+    result = {"what": f"SupMAE vs MAE vs supervised vs supervised + MIM at {axis}, Fashion-MNIST",
+              "date_utc": start.isoformat(timespec="seconds"),
               "wall_s": total_s, "git": git, "images": data["describe"], "machine": machine,
               "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
               "settings": {k: v for k, v in vars(args).items()}, "records": records}

@@ -187,3 +187,34 @@ def test_tiny_run_mim_supervised_knn_on_val(tmp_path: Path) -> None:
         # an encoder barely trained still retrieves far above chance (10 %) on Fashion-MNIST
         assert 20.0 < r["knn_top1"] <= r["knn_top5"] <= 100.0
     assert {d["method"] for d in res["paired_differences"]} == {"mim_supervised"}
+
+
+def test_equal_schedule_same_steps_for_every_method_and_epoch_costs() -> None:
+    study, results = _study(), _results()
+    steps = {}
+    for m in ("supervised", "mims-hog", "mims-hog+full", "mims-hog+r50", "mims-hog+d2", "mims-hog+unmasked"):
+        cfg, steps[m], _ = study.pretrain_config(m, 0.0, 128, 1.5e-3, Path("/tmp/x"), study.MODEL, 0, 0.05, 50000,
+                                                 epochs=0.5)
+        if m == "mims-hog+r50":
+            assert cfg.model.mask_ratio == 0.5
+    assert set(steps.values()) == {round(0.5 * 50000 / 128)}
+    with pytest.raises(SystemExit):  # equal schedule and equal compute at once: a usage error
+        study.main(["--epochs", "1", "--budgets-tflop", "1", "--merge", "x.json"])
+    rng = random.Random()
+    recs = []
+    for seed, (sup, mim) in enumerate(((60.0, 61.0), (62.0, 62.5), (58.0, 60.0))):
+        for method, v, tf, wall in (("supervised", sup, 8.0, 300.0), ("mims-hog", mim, 3.0, 120.0)):
+            r = _record(method, 0.0, seed, rng)
+            r.update(budget_tflop=None, schedule_epochs=0.5, epochs=0.5, spent_tflop=tf / 2, pretrain_s=wall / 2,
+                     linprobe_top1=v, finetune_top1=v - (seed == 1 and method != "supervised") * 3, knn_top1=v)
+            recs.append(r)
+    costs = {c["method"]: c for c in results.epoch_costs(recs)}
+    assert costs["mims-hog"]["tflop_per_epoch"] == pytest.approx(3.0)
+    assert costs["mims-hog"]["flops_vs_supervised"] == pytest.approx(3 / 8)
+    assert costs["mims-hog"]["wall_vs_supervised"] == pytest.approx(0.4)
+    diffs = {d["key"]: d for d in results.paired_differences(recs, "mims-hog", "supervised")}
+    assert diffs["linprobe_top1"]["gain"] and diffs["linprobe_top1"]["cell"] == ["epochs", 0.5]
+    assert not diffs["finetune_top1"]["gain"]  # seed 1: -2.5 (the mean is still positive)
+    assert diffs["finetune_top1"]["mean"] > 0
+    text = results.summary(recs, reference="mims-hog")
+    assert "0.5 ep" in text and "cost of one pretraining epoch" in text

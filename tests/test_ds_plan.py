@@ -110,6 +110,13 @@ def test_gpu_plan_overlaps_without_per_bucket_host_sync() -> None:
     assert engine_plan(_cfg(precision="fp32", zero_stage=1), 2, "fp32", cpu).reduction == AFTER
     one = engine_plan(_cfg(global_batch=8), 1, "bf16", gpu)  # one rank: nothing to overlap, bf16 optimizer
     assert (one.zero_stage, one.optimizer, one.overlap) == (1, "BF16_Optimizer", False)
+    # hundreds of ranks: bf16 gradients reduced in fp32 (a bf16 ring swamps the ranks' deviations at 512)
+    big = {n: engine_plan(_cfg(global_batch=8 * n), n, "bf16", gpu) for n in (256, 257, 512)}
+    assert [big[n].comm_dtype for n in (256, 257, 512)] == ["bf16", "fp32", "fp32"]
+    assert build_ds_config(_cfg(global_batch=8 * 512), 512, "bf16", "adamw", gpu)["communication_data_type"] == "fp32"
+    assert engine_plan(_cfg(global_batch=8 * 512, reduce_dtype="bf16"), 512, "bf16", gpu).comm_dtype == "bf16"
+    assert engine_plan(_cfg(global_batch=16, reduce_dtype="fp32"), 2, "bf16", gpu).comm_dtype == "fp32"
+    assert engine_plan(_cfg(precision="fp32", reduce_dtype="bf16"), 2, "fp32", gpu).comm_dtype == "fp32"
     z3 = build_ds_config(_cfg(zero_stage=3), 2, "bf16", "adamw", gpu)
     assert z3["zero_optimization"]["stage"] == 3 and z3["communication_data_type"] == "bf16"
     assert build_ds_config(_cfg(precision="fp32", zero_stage=0), 2, "fp32", "adamw", gpu)[

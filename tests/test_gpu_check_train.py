@@ -126,7 +126,23 @@ def test_data_stage_cpu_twin(tmp_path: Path) -> None:
         assert c["ok"] and c["shape_dali"] == c["shape_cpu"] == [8, 3, 224, 224]
         assert 0 < c["mean_abs_diff"] < 6 and res["pipeline"] == "dali CPU operators"
     else:
-        assert "dali_skipped" in res and res["pipeline"] == "cpu loader"
+        assert "dali_skipped" in res and res["pipeline"].startswith("torchvision_gpu")
+
+
+def test_data_stage_uses_torchvision_without_dali(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DALI absent: torchvision's decoding (its CPU twin here) against the CPU loader, timed from the folder and
+    from prepared shards of the same files; no GPU figure is claimed from a CPU run."""
+    import fastsupmae.pipelines.dali_support as dsup
+
+    monkeypatch.setattr(dsup, "dali_available", lambda: False)
+    res = ds.stage_data(_ctx(tmp_path))
+    c = res["torchvision_vs_cpu"]
+    assert c["ok"] and c["shape_torchvision"] == c["shape_cpu"] == [8, 3, 224, 224] and c["mean_abs_diff"] < 1
+    rates = res["torchvision_images_per_s"]
+    assert rates["folder"] > 0 and rates["shards"] > 0 and res["images_per_s"] == rates["folder"]
+    assert res["pipeline"] == "torchvision_gpu CPU twin (torchvision's CPU decoder)" and res["device"] == "cpu"
+    assert "DALI skipped" in res["summary"] and "prepared shards" in res["summary"]
+    assert len(list((tmp_path / "prepared").glob("train-*.tar"))) == 2  # 16 files in shards of batch 8
 
 
 def test_data_stage_synthesises_jpegs_without_photos(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

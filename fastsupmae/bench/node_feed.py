@@ -10,7 +10,8 @@ c = node cores / GPUs per node cores per GPU and b = c - 1 of them for the pipel
     DALI mixed (nvJPEG: hardware decoder + hybrid)     CPU: min(w / read, t / ((1 - h) u)) x 1000, with the
                                                        auto split w + t and share h (:func:`.auto_sizes`);
                                                        GPU: H / h (the hardware decoder at its cited rate)
-    torchvision GPU decoding (batched decode_jpeg)     CPU: b x 1000 / feeding read; GPU: its cited rate
+    torchvision_gpu (batched decode_jpeg on the GPU)   CPU: b x 1000 / feeding read (its reading workers read and
+                                                       screen as DALI's feeders do); GPU: its cited rate
 
 The pipeline feeds min(CPU side, GPU side); against a model's PREDICTED images/s per GPU (``bench model``) the
 smaller of the two limits training. Later epochs of unverified data (the screening is paid once per run), data
@@ -41,7 +42,7 @@ PIPES = (
     Pipe("cpu-raw", "CPU fallback, raw shards"),
     Pipe("dali-cpu", "DALI, CPU operators"),
     Pipe("dali-mixed", "DALI mixed: nvJPEG hw + hybrid"),
-    Pipe("tv-gpu", "torchvision GPU decode (tvgpu)"),
+    Pipe("tv-gpu", "torchvision_gpu: batched decode"),
 )
 
 

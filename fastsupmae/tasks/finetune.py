@@ -182,18 +182,20 @@ def prepare_init_state(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[st
     return out
 
 
-def init_from_checkpoint(model: nn.Module, src: str) -> dict[str, list[str]]:
-    """Load pretrained weights into the fine-tuning classifier; the head (and fc_norm) may start fresh."""
+def init_from_checkpoint(model: nn.Module, src: str | dict[str, torch.Tensor], name: str = "") -> dict[str, list[str]]:
+    """Load pretrained weights (a checkpoint path, or its state dict already read) into the fine-tuning
+    classifier; the head (and fc_norm) may start fresh."""
     from fastsupmae.weights import load_checkpoint, read_any_state_dict
 
-    sd = prepare_init_state(read_any_state_dict(src), model)
+    name = name or (src if isinstance(src, str) else "the given state dict")
+    sd = prepare_init_state(read_any_state_dict(src) if isinstance(src, str) else src, model)
     res = load_checkpoint(model, sd, strict=False)
     missing = [k for k in res["missing"] if not k.endswith("pos_embed") and "num_batches_tracked" not in k]
     unexpected = [k for k in missing if not k.startswith(("head.", "fc_norm."))]
     if unexpected:
-        raise UserError(f"init checkpoint '{src}' lacks encoder weights {unexpected[:3]} (and {len(unexpected)} in "
+        raise UserError(f"init checkpoint '{name}' lacks encoder weights {unexpected[:3]} (and {len(unexpected)} in "
                         "all): it is not a ViT checkpoint of this architecture")
-    log.info("init: loaded %s (fresh: %s)", src, ", ".join(sorted({k.split('.')[0] for k in missing})) or "none")
+    log.info("init: loaded %s (fresh: %s)", name, ", ".join(sorted({k.split('.')[0] for k in missing})) or "none")
     return res
 
 
@@ -316,7 +318,9 @@ def evaluate_over_ranks(module: nn.Module, loader: Any) -> dict[str, float]:
 
 
 def _init_weights(model: nn.Module, opts: FinetuneOptions, init_state: dict[str, torch.Tensor] | None) -> None:
-    if init_state is not None:
+    if init_state is not None and opts.init:  # the CLI read opts.init before making the run directory
+        init_from_checkpoint(model, init_state, opts.init)
+    elif init_state is not None:
         from fastsupmae.weights import load_checkpoint
 
         load_checkpoint(model, prepare_init_state(init_state, model), strict=False)
@@ -501,10 +505,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     info = init_distributed(cfg.train.device)
     explicit = override_sets(args.overrides, "train.output_dir")
     t = cfg.train
+    # read (and so check) the init checkpoint before the run directory exists: a refused or damaged file leaves
+    # no empty run behind
+    init_state = None
+    if args.init:
+        from fastsupmae.weights import read_any_state_dict
+
+        init_state = read_any_state_dict(args.init)
     out = run_dir.prepare(t.output_dir, t.resume, explicit, t.overwrite, info.rank, info.world_size)
     t.output_dir = str(out)
     try:
-        res = finetune(cfg, opts)
+        res = finetune(cfg, opts, init_state=init_state)
     finally:
         run_dir.release(out)  # the directory lock run_dir.prepare took
     if info.is_main:

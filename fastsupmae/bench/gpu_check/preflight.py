@@ -38,10 +38,13 @@ STAGE_IMPORTS: dict[str, tuple[str, ...]] = {
     "compile": _BENCH,
     "syncs": _TRAIN,
     "data": ("PIL", "simplejpeg", "fastsupmae.pipelines.make_imagenet_like", "fastsupmae.pipelines.imagefolder",
-             "fastsupmae.pipelines.cpu_loader"),
+             "fastsupmae.pipelines.cpu_loader", "fastsupmae.pipelines.torchvision_loader",
+             "fastsupmae.pipelines.prepare", "fastsupmae.pipelines.webdataset"),
 }
 OPTIONAL_IMPORTS: dict[str, str] = {
-    "nvidia.dali": "the data stage decodes with the CPU loader instead of DALI (DALI is not carried: ~200 MB)",
+    "nvidia.dali": "the data stage decodes with torchvision on the GPU (torchvision_gpu) instead of DALI (DALI is not "
+                   "carried: ~200 MB)",
+    "torchvision.io": "without DALI too, the data stage feeds the GPU from the CPU loader",
     "xformers": "the attention stage checks SDPA only",
 }
 
