@@ -24,12 +24,14 @@ import torch
 
 from fastsupmae.errors import DataError
 
+from . import jpeg_crop
 from .bad_files import BadFilePolicy, BadImage
 from .crop_params import DEFAULT_RATIO, center_crop_box, sample_crop_box
 from .encoded_source import EncodedSource
 from .image_decode import batch_tensor, decode_crop_resize
 from .loader_base import LoaderBase, to_gray
 from .sampler import ShardedOrder, mix_seed
+from .screened import PASSED, Screened
 from .shared_memory import PREFETCH_FACTOR
 from .transfer import to_device
 
@@ -49,29 +51,37 @@ class BatchDecoder:
         interp: 'bilinear' or 'bicubic'.
         seed, rank: seed the per-batch random draws.
         strict: bad files stop the run (the error names the file) instead of being replaced / dropped.
+        screened: the run's verdicts on unprepared data (:class:`.screened.Screened`, shared by the workers): a
+            JPEG whose whole decode has passed once in this run is crop-decoded from then on. None: crop decoding
+            for verified data only.
     """
 
     def __init__(self, source: EncodedSource, out_hw: tuple[int, int], train: bool,
                  scale: tuple[float, float] = (0.2, 1.0), ratio: tuple[float, float] = DEFAULT_RATIO,
                  hflip: bool = True, crop_ratio: float = 0.875, interp: str = "bilinear", seed: int = 0,
                  rank: int = 0, strict: bool = False, recipe: str = "pretrain", mean: tuple[float, ...] = (0.5,),
-                 std: tuple[float, ...] = (0.5,)) -> None:
+                 std: tuple[float, ...] = (0.5,), screened: Screened | None = None) -> None:
         if recipe not in ("pretrain", "finetune", "eval"):
             raise DataError(f"augmentation recipe '{recipe}' is not one of pretrain, finetune, eval")
         self.source, self.out_hw, self.train = source, out_hw, train
         self.recipe, self.mean, self.std = recipe, mean, std
         self.scale, self.ratio, self.hflip, self.crop_ratio = scale, ratio, hflip, crop_ratio
         self.interp, self.seed, self.rank, self.strict = interp, seed, rank, strict
+        self.screened = None if source.verified else screened
 
     def _load(self, i: int, box_of: Any, flip: bool, out: torch.Tensor) -> None:
-        path = self.source.path(i)
+        src, screened = self.source, self.screened
         try:
-            data = self.source.read(i)
+            data = src.view(i)  # a memory-mapped shard: a view, nothing copied
         except OSError as e:
-            raise BadImage(path, f"cannot read ({type(e).__name__}: {e})") from None
-        # prepared (verified) data were screened when written: libjpeg-turbo's corrupt-data check is not repeated
-        decode_crop_resize(data, path, box_of, self.out_hw, self.interp, out=out, flip=flip,
-                           strict=not self.source.verified)
+            raise BadImage(src.path(i), f"cannot read ({type(e).__name__}: {e})") from None
+        # prepared (verified) data were screened when written: libjpeg-turbo's corrupt-data check is not repeated,
+        # and JPEGs are crop-decoded; unprepared JPEGs are crop-decoded once a whole decode passed in this run
+        crop = None if screened is None else screened.state(i) == PASSED
+        decode_crop_resize(data, src.path(i), box_of, self.out_hw, self.interp, out=out,
+                           flip=flip, strict=not src.verified, crop=crop)
+        if screened is not None and not crop:
+            screened.mark(i, PASSED)
 
     def _finetune_aug(self, x: torch.Tensor, seed: int) -> None:
         """RandAugment(n=2, m=9) + random erasing (p=0.25) in place on a uint8 [B, 3, H, W] batch."""
@@ -81,7 +91,8 @@ class BatchDecoder:
         random_erase_uint8(x, self.mean, self.std, torch.Generator().manual_seed(seed + 1))
 
     def __call__(self, epoch: int, step: int, indices: list[int], out: torch.Tensor | None = None) -> dict[str, Any]:
-        """Returns ``{'images': uint8 [B, 3, H, W], 'labels': int64 [B], 'bad': [(path, reason)], 'error': str}``.
+        """Returns ``{'images': uint8 [B, 3, H, W], 'labels': int64 numpy [B], 'bad': [(path, reason)],
+        'error': str}``.
 
         ``out``: an uint8 ``[>= B, 3, H, W]`` tensor to write the batch into (a slot of :class:`_Ring`); the
         returned images are then ``out[:m]``.
@@ -90,23 +101,23 @@ class BatchDecoder:
         g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, step, self.rank))
         u = torch.rand(n, generator=g)  # flips; drawn first so they do not depend on image sizes
         sub_seeds = torch.randint(0, 2**62, (n,), generator=g).tolist()
+        flips = (u < 0.5).tolist() if self.train and self.hflip else [False] * n
         if out is None:
             out = _batch_tensor((n, 3, *self.out_hw))
-        labels = self.source.labels
         keep_idx: list[int] = []
         bad: list[tuple[str, str]] = []
+        rng = random.Random()  # re-seeded per sample: the box depends on the image size, read with the header
+        if self.train:
+            scale, ratio = self.scale, self.ratio
+            box_of = lambda h, w: sample_crop_box(h, w, scale, ratio, rng)  # noqa: E731
+        else:
+            box_of = lambda h, w: center_crop_box(h, w, self.crop_ratio, *self.out_hw)  # noqa: E731
         for j, i in enumerate(indices):
             cand, k = i, 0
             while True:
-                flip = bool(self.train and self.hflip and u[j] < 0.5)
-                if self.train:
-                    # the box depends on the image size, so it is drawn after the header is read
-                    rng = random.Random(sub_seeds[j] + k)
-                    box_of = lambda h, w, rng=rng: sample_crop_box(h, w, self.scale, self.ratio, rng)
-                else:
-                    box_of = lambda h, w: center_crop_box(h, w, self.crop_ratio, *self.out_hw)
+                rng.seed(sub_seeds[j] + k)  # = random.Random(seed): the same boxes as before
                 try:
-                    self._load(cand, box_of, flip, out[len(keep_idx)])
+                    self._load(cand, box_of, flips[j], out[len(keep_idx)])
                     keep_idx.append(cand)
                     break
                 except BadImage as e:
@@ -125,8 +136,9 @@ class BatchDecoder:
         m = len(keep_idx)
         if self.train and self.recipe == "finetune":
             self._finetune_aug(out[:m], mix_seed(self.seed, epoch, step, self.rank, 0xF7))
-        return {"images": out[:m], "labels": torch.from_numpy(labels[keep_idx]), "bad": bad,
-                "error": ""}
+        # labels as numpy: pickled inline with the message (a tensor would travel through a shared-memory segment
+        # of its own, made and mapped for every batch)
+        return {"images": out[:m], "labels": self.source.labels[keep_idx], "bad": bad, "error": ""}
 
 
 def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
@@ -256,6 +268,12 @@ class _Steps(torch.utils.data.Dataset):
             return {"error": f"data worker failed on the batch starting at '{first}' ({type(e).__name__}: {e})"}
 
 
+def _as_is(item: dict[str, Any]) -> dict[str, Any]:
+    """DataLoader's collate for ready batches (its default would turn the numpy labels into a tensor in the worker,
+    which then travels through a shared-memory segment made for it)."""
+    return item
+
+
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # the workers are the parallelism; intra-op threads would oversubscribe the cores
 
@@ -273,18 +291,24 @@ class CpuLoader(LoaderBase):
         num_workers: decode processes (0: decode in the calling thread).
         policy: ``skip`` or ``strict`` for bad files.
         device: batches are pinned and moved there when it is a CUDA device.
+        screened: verdicts to share (:class:`.screened.Screened` over ``source``); default: this loader's own,
+            for unprepared data where crop decoding works (each JPEG is decoded whole the first time this run
+            meets it, so the bad-file policy sees damage anywhere in the file; crop-decoded afterwards).
         **aug: BatchDecoder options (scale, ratio, hflip, crop_ratio, interp).
     """
 
     def __init__(self, source: EncodedSource, batch_size: int, out_hw: tuple[int, int], train: bool,
                  rank: int = 0, world_size: int = 1, seed: int = 0, num_workers: int = 2, policy: str = "skip",
                  device: str | torch.device = "cpu", in_chans: int = 3, timeout_s: float = 600.0,
-                 **aug: Any) -> None:
+                 screened: Screened | None = None, **aug: Any) -> None:
         self.source = source
         self.class_names = list(source.class_names)
         self.order = ShardedOrder(len(source), batch_size, rank, world_size, seed, train=train)
         self.policy = BadFilePolicy(policy)
-        self.decoder = BatchDecoder(source, out_hw, train, seed=seed, rank=rank, strict=policy == "strict", **aug)
+        if screened is None and not source.verified and jpeg_crop.available():
+            screened = Screened(len(source))
+        self.decoder = BatchDecoder(source, out_hw, train, seed=seed, rank=rank, strict=policy == "strict",
+                                    screened=screened, **aug)
         self.num_workers, self.device, self.in_chans = num_workers, torch.device(device), in_chans
         self.timeout_s = timeout_s
 
@@ -298,6 +322,7 @@ class CpuLoader(LoaderBase):
         ds = _Steps(self.decoder, self.order, epoch, steps, ring)
         dl = torch.utils.data.DataLoader(
             ds, batch_size=None, shuffle=False, num_workers=self.num_workers, worker_init_fn=_worker_init,
+            collate_fn=_as_is,
             prefetch_factor=PREFETCH_FACTOR, pin_memory=self.device.type == "cuda",
             # a worker stuck on a file (network mount, ...) becomes an error instead of a silent hang
             timeout=self.timeout_s,
@@ -340,7 +365,7 @@ class CpuLoader(LoaderBase):
             x = b["images"]
             if self.in_chans == 1:
                 x = to_gray(x)
-            y = b["labels"]
+            y = torch.from_numpy(b["labels"])
             # pinned + non-blocking on CUDA, also for num_workers=0 and the 1-channel path (unpinned there)
             x, y = to_device(x, self.device), to_device(y, self.device)
             o.advance()

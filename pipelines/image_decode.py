@@ -154,7 +154,12 @@ def _resize(region: np.ndarray, out_hw: tuple[int, int], interp: str, out: torch
     level. A horizontal flip is applied to the output, not the input: mirroring the small output is cheap, while a
     mirrored copy of the crop costs more than the resize itself.
     """
-    x = torch.from_numpy(region).permute(2, 0, 1)[None]  # [1, 3, h, w] view, channels-last
+    if region.flags.writeable:
+        x = torch.from_numpy(region).permute(2, 0, 1)[None]  # [1, 3, h, w] view, channels-last
+    else:  # raw pixels in the file's bytes: a read-only view, never written
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+            x = torch.from_numpy(region).permute(2, 0, 1)[None]
     if out is None:
         out = torch.empty((3, *out_hw), dtype=torch.uint8)  # planar: what a caller without a batch expects
     if tuple(region.shape[:2]) == tuple(out_hw):
@@ -166,13 +171,14 @@ def _resize(region: np.ndarray, out_hw: tuple[int, int], interp: str, out: torch
     return out
 
 
-def decode_crop_resize(data: bytes, path: str, box_for: Callable[[int, int], Box], out_hw: tuple[int, int],
-                       interp: str = "bilinear", out: torch.Tensor | None = None, flip: bool = False,
-                       reduced: bool = True, strict: bool = True) -> torch.Tensor:
+def decode_crop_resize(data: bytes | memoryview, path: str, box_for: Callable[[int, int], Box],
+                       out_hw: tuple[int, int], interp: str = "bilinear", out: torch.Tensor | None = None,
+                       flip: bool = False, reduced: bool = True, strict: bool = True,
+                       crop: bool | None = None) -> torch.Tensor:
     """Decode ``data``, crop the box ``box_for(h, w)`` picks, resize to ``out_hw``.
 
     Args:
-        data: the encoded file.
+        data: the encoded file (any buffer: :meth:`.encoded_source.EncodedSource.view`).
         path: for messages.
         box_for: given the full (h, w), returns (top, left, h, w) of the crop.
         out_hw: (H, W) of the output.
@@ -183,6 +189,10 @@ def decode_crop_resize(data: bytes, path: str, box_for: Callable[[int, int], Box
             decodes at full size (what ``fastsupmae prepare`` may ask for, when quality matters more than speed).
         strict: JPEG data libjpeg-turbo reports as corrupt is a :class:`BadImage`; False (data that ``fastsupmae
             prepare`` verified) skips that screening.
+        crop: decode only the rows and columns of a JPEG the box needs (:mod:`.jpeg_crop`, where it builds).
+            None: where nothing is screened (``strict`` False); True: also with ``strict`` (for a file this run
+            already decoded whole without complaint): any libjpeg warning then sends the file through the whole
+            decode below, whose verdict counts; False: never.
 
     Returns:
         uint8 ``[3, H, W]`` (``out`` when given).
@@ -190,6 +200,13 @@ def decode_crop_resize(data: bytes, path: str, box_for: Callable[[int, int], Box
     Raises:
         BadImage: anything that prevents decoding (the message says what).
     """
+    if data[:1] == b"P":
+        raw = pnm_pixels(data)
+        if raw is not None:  # raw pixels: the crop is a view of the file's bytes (never written to)
+            h, w = raw.shape[:2]
+            return _crop_resize(raw, box_for(h, w), (h, w), out_hw, interp, out, flip)
+    if not isinstance(data, bytes):
+        data = bytes(data)  # the decoders below want bytes (a JPEG is small: one copy, as a read would make)
     h, w = image_size(data, path)
     box = box_for(h, w)
     # the decoded image must keep at least out/box pixels per original pixel for the crop to cover the output
@@ -200,19 +217,16 @@ def decode_crop_resize(data: bytes, path: str, box_for: Callable[[int, int], Box
     # ask for the largest of those power-of-two scales that still covers the crop.
     k = _dct_scale(h, w, min_h, min_w) if reduced else 8
     min_h, min_w = math.ceil(h * k / 8), math.ceil(w * k / 8)
-    raw = pnm_pixels(data) if data[:1] == b"P" else None
-    if raw is not None:  # raw pixels: the crop is a view of the file's bytes (never written to)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-            return _crop_resize(raw, box, (h, w), out_hw, interp, out, flip)
     if simplejpeg is not None and _is_jpeg(data):
-        if not strict and jpeg_crop.available():
-            # verified data only: rows below the crop are never read, so damage there would go unnoticed
+        if (not strict if crop is None else crop) and jpeg_crop.available():
+            # rows below the crop are never read, so damage there would go unnoticed: only for data verified when
+            # prepared, or decoded whole earlier in this run; in strict mode any warning means the whole decode
             try:
-                region = jpeg_crop.decode_crop(data, k, (min_h, min_w), _scaled_box(box, (h, w), (min_h, min_w)))
+                region = jpeg_crop.decode_crop(data, k, (min_h, min_w), _scaled_box(box, (h, w), (min_h, min_w)),
+                                               strict=strict)
                 return _resize(region, out_hw, interp, out, flip)
             except ValueError:
-                pass  # CMYK and other conversions it refuses: simplejpeg / Pillow below say what is wrong
+                pass  # CMYK and other conversions it refuses, damaged data: simplejpeg / Pillow below say what
         try:
             arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=min_h, min_width=min_w, strict=strict,
                                          buffer=_decode_buffer(min_h * min_w * 3))
