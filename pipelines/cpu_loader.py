@@ -161,6 +161,11 @@ class _Ring:
     copied to pinned memory for the GPU); when all of a worker's slots are in use it falls back to a fresh
     segment, so a consumer that keeps batches never sees them overwritten. Shared memory in use stays what the
     batches in flight need, as before.
+
+    Each worker makes all its slots when it starts (:meth:`fill`: their page faults are start-up work, not
+    spread over the first batches), and a :class:`CpuLoader` keeps its ring from one epoch to the next when the
+    previous epoch's workers have finished: the next epoch's workers, forked from the main process, inherit every
+    slot it has mapped, so no slot is made twice in a run.
     """
 
     def __init__(self, workers: int, per_worker: int, shape: tuple[int, ...]) -> None:
@@ -168,6 +173,16 @@ class _Ring:
         self.busy = torch.zeros(workers * per_worker, dtype=torch.uint8).share_memory_()  # 1: written, in use
         self.slots: dict[int, torch.Tensor] = {}  # this process's mapped slots (a worker's own; all in the main)
         self._idle: dict[int, int] = {}  # main process: the reference count of a slot nobody else uses
+        self._unsent: set[int] = set()  # worker: slots made here and not yet handed over
+        self.held: list[int] = []  # main process: slots handed out, not yet seen released
+        self.reusable = False  # main process: the DataLoader that used it last has finished (its workers are gone)
+
+    def fill(self, worker: int) -> None:
+        """Worker, at its start: make (and fault in) every slot of ``worker`` this process has not mapped yet."""
+        for s in range(worker * self.per_worker, (worker + 1) * self.per_worker):
+            if s not in self.slots:
+                self.slots[s] = _shared_tensor(self.shape).zero_()
+                self._unsent.add(s)
 
     def take(self, worker: int) -> tuple[int, torch.Tensor | None, bool]:
         """Worker: ``(slot, tensor, new)`` of a free slot of ``worker`` now marked busy (the lowest, so the same
@@ -178,9 +193,11 @@ class _Ring:
             return -1, None, False
         s = lo + int(free[0])
         self.busy[s] = 1
-        new = s not in self.slots
-        if new:
+        if s not in self.slots:
             self.slots[s] = _shared_tensor(self.shape)
+            self._unsent.add(s)
+        new = s in self._unsent
+        self._unsent.discard(s)
         return s, self.slots[s], new
 
     def receive(self, s: int, tensor: torch.Tensor | None) -> torch.Tensor:
@@ -274,8 +291,11 @@ def _as_is(item: dict[str, Any]) -> dict[str, Any]:
     return item
 
 
-def _worker_init(_: int) -> None:
+def _worker_init(worker: int) -> None:
     torch.set_num_threads(1)  # the workers are the parallelism; intra-op threads would oversubscribe the cores
+    ring = getattr(torch.utils.data.get_worker_info().dataset, "ring", None)
+    if ring is not None:
+        ring.fill(worker)
 
 
 class CpuLoader(LoaderBase):
@@ -311,14 +331,20 @@ class CpuLoader(LoaderBase):
                                     screened=screened, **aug)
         self.num_workers, self.device, self.in_chans = num_workers, torch.device(device), in_chans
         self.timeout_s = timeout_s
+        self._ring: _Ring | None = None
 
     def _batches(self, epoch: int, steps: range) -> Iterator[dict[str, Any]]:
         if self.num_workers == 0:
             ds = _Steps(self.decoder, self.order, epoch, steps)
             yield from (ds[k] for k in range(len(ds)))
             return
-        # a ring per DataLoader: workers of an abandoned iterator can never write into this one's slots
-        ring = _Ring(self.num_workers, PREFETCH_FACTOR + 2, (self.order.batch_size, 3, *self.decoder.out_hw))
+        # the previous epoch's ring once its workers are gone; else a new one: workers of an abandoned iterator
+        # (which may still run) can never write into this one's slots
+        ring = self._ring
+        if ring is None or not ring.reusable:
+            ring = self._ring = _Ring(self.num_workers, PREFETCH_FACTOR + 2,
+                                      (self.order.batch_size, 3, *self.decoder.out_hw))
+        ring.reusable = False
         ds = _Steps(self.decoder, self.order, epoch, steps, ring)
         dl = torch.utils.data.DataLoader(
             ds, batch_size=None, shuffle=False, num_workers=self.num_workers, worker_init_fn=_worker_init,
@@ -327,19 +353,19 @@ class CpuLoader(LoaderBase):
             # a worker stuck on a file (network mount, ...) becomes an error instead of a silent hang
             timeout=self.timeout_s,
         )
-        held: list[int] = []  # ring slots handed out, not yet seen released
         _RINGS[ring.key] = ring
         try:
             batches = iter(dl)
             while True:
                 # the consumer has asked for the next batch: what it dropped can be written again while we wait
-                held = ring.release_unused(held)
+                ring.held = ring.release_unused(ring.held)
                 b = next(batches, None)
                 if b is None:
+                    ring.reusable = True  # exhausted: DataLoader has joined its workers
                     break
                 h = b.get("images")
                 if isinstance(h, _Handed):  # not copied to pinned memory by DataLoader's pin thread
-                    held.append(h.slot)
+                    ring.held.append(h.slot)
                     b["images"] = h.images(ring)
                 yield b
                 b = h = None  # only the consumer holds the batch now
@@ -355,7 +381,8 @@ class CpuLoader(LoaderBase):
         o = self.order
         epoch = o.epoch
         steps = o.remaining_steps()
-        for step, b in zip(steps, self._batches(epoch, steps)):
+        # the batches first: after the last one the generator runs to its end, which marks the ring reusable
+        for b, step in zip(self._batches(epoch, steps), steps):
             if b.get("error"):
                 # the strict mode's single bad file; skip mode's 'N bad image files in a row' is its own message
                 raise DataError(b["error"] + " (data.bad_files=strict stops here; skip skips such files)"

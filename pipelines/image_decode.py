@@ -119,12 +119,16 @@ def resize_into(x: torch.Tensor, out: torch.Tensor, interp: str) -> None:
     torch's uint8 kernel works on interleaved pixels: written straight into a channels-last ``out`` it costs
     0.12-0.13 ms per 224 x 224 output, against 0.19-0.20 ms into a planar one and 0.21-0.23 ms for
     ``F.interpolate`` + a copy into the batch (300 crops of 256 x 341 pixels, one thread); the pixels are
-    identical in all three.
+    identical in all three. Called through torch's own binding (``torch._C._nn``), not the ``torch.ops`` operator
+    object: ~8 us less per call (0.123 vs 0.132 ms per image), the same kernel.
     """
-    if interp not in ("bicubic", "bilinear"):
+    op = _RESIZE.get(interp)
+    if op is None:
         raise ValueError(f"interp must be 'bicubic' or 'bilinear', not '{interp}'")
-    op = torch.ops.aten._upsample_bicubic2d_aa if interp == "bicubic" else torch.ops.aten._upsample_bilinear2d_aa
-    op.out(x, list(out.shape[1:]), False, None, None, out=out[None])
+    op(x, out.shape[1:], False, out=out[None])
+
+
+_RESIZE = {"bicubic": torch._C._nn._upsample_bicubic2d_aa, "bilinear": torch._C._nn._upsample_bilinear2d_aa}
 
 
 def _scaled_box(box: Box, full: tuple[int, int], scaled: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -203,8 +207,8 @@ def decode_crop_resize(data: bytes | memoryview, path: str, box_for: Callable[[i
     if data[:1] == b"P":
         raw = pnm_pixels(data)
         if raw is not None:  # raw pixels: the crop is a view of the file's bytes (never written to)
-            h, w = raw.shape[:2]
-            return _crop_resize(raw, box_for(h, w), (h, w), out_hw, interp, out, flip)
+            top, left, bh, bw = box_for(*raw.shape[:2])
+            return _resize(raw[top: top + bh, left: left + bw], out_hw, interp, out, flip)
     if not isinstance(data, bytes):
         data = bytes(data)  # the decoders below want bytes (a JPEG is small: one copy, as a read would make)
     h, w = image_size(data, path)

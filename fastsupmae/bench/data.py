@@ -304,10 +304,40 @@ def stage_times(src: Any, n: int, size: int, interp: str, seed: int = 0) -> dict
     return {k: 1000 * v / max(1, m) for k, v in t.items()}
 
 
+def crop_resize_ceiling(src: Any, n: int, size: int, interp: str, seed: int = 0) -> float:
+    """Images per CPU-second of crop + resize alone: ``n`` raw images already decoded in memory (writable arrays,
+    together larger than the CPU's caches, as a dataset is), the training crop rule, torch's uint8 antialiased
+    resize straight into one slot of a channels-last batch and the flip with probability 0.5, as the fallback does;
+    one process, one thread. Measured in every round beside the pipelines (machine load hits both alike)."""
+    import random
+
+    import numpy as np
+
+    from fastsupmae.pipelines.crop_params import DEFAULT_RATIO, sample_crop_box
+    from fastsupmae.pipelines.image_decode import batch_tensor, pnm_pixels, resize_into
+
+    rng, threads = random.Random(seed), torch.get_num_threads()
+    pixels = [np.array(pnm_pixels(src.read(i))) for i in range(min(n, len(src)))]
+    work = [(a, sample_crop_box(a.shape[0], a.shape[1], (0.2, 1.0), DEFAULT_RATIO, rng), rng.random() < 0.5)
+            for a in pixels]
+    slot = batch_tensor(1, (size, size))[0]
+    torch.set_num_threads(1)
+    try:
+        c0 = time.process_time()
+        for a, (top, left, h, w), flip in work:
+            resize_into(torch.from_numpy(a[top:top + h, left:left + w]).permute(2, 0, 1)[None], slot, interp)
+            if flip:
+                slot.copy_(slot.flip(-1))
+        dt = time.process_time() - c0
+    finally:
+        torch.set_num_threads(threads)
+    return len(work) / max(dt, 1e-9)
+
+
 def _breakdown(names: list[str], med: dict[str, dict[str, float]], root: str, a: argparse.Namespace) -> None:
     """Print :func:`stage_times` for each kind of data the run read, beside the pipelines' measured CPU ms per
-    image (the difference: hand-over to the main process, worker and loader overhead), and the
-    crop-and-resize-only ceiling (the pixels already decoded in memory: crop + resize into the batch + flip)."""
+    image (the difference: hand-over to the main process, worker and loader overhead); the crop-and-resize-only
+    ceiling is :func:`crop_resize_ceiling`, measured in every round."""
     datas = sorted({parse_name(n)[1] for n in names if n != "torchvision"}, key=DATA.index)
     if not datas or a.breakdown_images <= 0:
         return
@@ -326,11 +356,6 @@ def _breakdown(names: list[str], med: dict[str, dict[str, float]], root: str, a:
         if whole > 0:
             print(f"{'':<8} crop decoding (verified JPEGs): decode {st['decode']:.3f} ms per image vs {whole:.3f} ms "
                   f"decoding the whole image at the same DCT scale ({whole / max(st['decode'], 1e-9):.2f}x)")
-        if d == "raw":
-            ceil = 1000 / (st["crop+resize"] + st["flip"])
-            print(f"crop-and-resize ceiling (raw pixels in memory: crop + resize into the batch + flip): {ceil:.0f} "
-                  f"images per CPU-second" + (f"; cpu-raw reaches {med['cpu-raw']['cpu'] / ceil:.0%} of it"
-                                       if "cpu-raw" in med else ""))
 
 
 def feeder_times(src: Any, n: int) -> tuple[float, float]:
@@ -401,7 +426,9 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     names = [n.strip() for n in args.pipelines.split(",") if n.strip()]
     keys = ("images_s", "cpu", "wait", "step_ms", "gpu_mib")
     results: dict[str, list[dict[str, float]]] = {n: [] for n in names}
-    loads = []
+    loads, ceilings = [], []
+    raw = [n for n in names if n != "torchvision" and parse_name(n)[1] == "raw"]
+    raw_src = _source("raw", str(train), args) if raw and args.breakdown_images > 0 else None
     for r in range(args.repeats):
         for n in names:
             res = measure(lambda n=n: _make(n, str(train), args), args.batches, args.warmup)
@@ -409,6 +436,8 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             loads.append(os.getloadavg()[0])
             log.info("round %d %-12s %8.1f images/s %8.1f images/CPU-s  data-wait %5.1f %% @ %.0f ms", r, n,
                      res["images_s"], res["cpu"], 100 * res["wait"], res["step_ms"])
+        if raw_src is not None:
+            ceilings.append(crop_resize_ceiling(raw_src, args.breakdown_images, args.size, args.interp, seed=r))
     med = {n: {k: statistics.median(x[k] for x in v) for k in keys} for n, v in results.items()}
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     ceiling = decode_ceiling(train, args.ceiling_images) if args.ceiling_images > 0 else 0.0
@@ -437,6 +466,14 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             if n.startswith("cpu-") and parse_name(n)[2] == "pretrain":
                 print(f"{n} / cpu images per CPU-second: {med[n]['cpu'] / base_cpu:.2f}x")
     _breakdown(names, med, str(train), args)
+    if ceilings:
+        print(f"crop-and-resize ceiling (raw pixels in memory: crop + resize into the batch + flip with p 0.5, one "
+              f"thread), per round: {' '.join(f'{c:.0f}' for c in ceilings)}; median {statistics.median(ceilings):.0f} "
+              f"images per CPU-second")
+        for n in raw:
+            pct = [x["cpu"] / c for x, c in zip(results[n], ceilings)]
+            print(f"{n} / the ceiling of its round: {' '.join(f'{p:.0%}' for p in pct)}; median "
+                  f"{statistics.median(pct):.0%}")
     _feeders_or_decoders(names, med, str(train), args)
     if "torchvision" in results and "cpu" in results:
         ratios = [c["images_s"] / t["images_s"] for c, t in zip(results["cpu"], results["torchvision"])]
