@@ -177,3 +177,97 @@ def test_crop_decoding_gives_the_whole_decodes_pixels(tmp_path):
     Image.open(io.BytesIO(datas[0])).convert("CMYK").save(b, "JPEG")
     assert decode_crop_resize(b.getvalue(), "x", lambda hh, ww: (0, 0, hh, ww), (16, 16), strict=False).shape == (
         3, 16, 16)
+
+
+def _jpeg_folder(root: Path, n: int, rng: np.random.Generator) -> list[Path]:
+    """``n`` textured 120 x 160 JPEGs (4:2:0, as most photos) in two class folders."""
+    paths = []
+    for i in range(n):
+        (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        small = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((160, 120), Image.BICUBIC)
+        arr = np.asarray(small).astype(np.int16) + rng.integers(-20, 20, (120, 160, 3))
+        b = io.BytesIO()
+        Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(b, "JPEG", quality=90)
+        paths.append(root / f"c{i % 2}" / f"{i}.jpg")
+        paths[-1].write_bytes(b.getvalue())
+    return paths
+
+
+def test_unprepared_jpegs_are_crop_decoded_only_after_a_whole_decode_passed(tmp_path, monkeypatch):
+    """Image folders (not verified): a JPEG is decoded whole the first time the run meets it and crop-decoded
+    afterwards (the verdicts shared by the workers); a truncated and a corrupt JPEG are reported by the bad-file
+    policy in every epoch, although a crop decode of the truncated one's top rows reads fine; the batches equal
+    those of the whole decode, pixel for pixel, with and without workers."""
+    from fastsupmae.pipelines import cpu_loader as cl
+    from fastsupmae.pipelines import jpeg_crop
+    from fastsupmae.pipelines.imagefolder import ImageFolderSource
+    from fastsupmae.pipelines.screened import Screened
+
+    if not jpeg_crop.available():
+        pytest.skip("no C compiler or libjpeg headers here: crop decoding is off and the fallback decodes whole")
+    rng = np.random.default_rng()
+    paths = _jpeg_folder(tmp_path / "d", 14, rng)
+    trunc, corrupt = (paths[int(i)] for i in rng.choice(len(paths), 2, replace=False))
+    data = trunc.read_bytes()
+    trunc.write_bytes(data[: len(data) * 2 // 3])
+    data = corrupt.read_bytes()
+    corrupt.write_bytes(data[:700] + bytes(rng.integers(0, 256, 300, dtype=np.uint8)) + data[1000:])
+    # what makes the screening necessary: the crop decode of rows above the cut sees nothing wrong
+    assert jpeg_crop.decode_crop(trunc.read_bytes(), 8, (120, 160), (0, 8, 24, 40), strict=True).shape == (24, 32, 3)
+    src = ImageFolderSource(tmp_path / "d")
+    name = {p.read_bytes(): str(p) for p in paths}
+    cropped: list[str] = []
+    real = jpeg_crop.decode_crop
+    monkeypatch.setattr(jpeg_crop, "decode_crop", lambda d, *a, **k: cropped.append(name[d]) or real(d, *a, **k))
+    mark = Screened.mark
+    monkeypatch.setattr(Screened, "mark", lambda sc, i, v: cropped.append(("passed", src.path(i))) or mark(sc, i, v))
+    aug = dict(scale=(0.02, 0.1), interp=rng.choice(["bicubic", "bilinear"]))
+    seed = int(rng.integers(1 << 30))
+
+    def run(workers: int, crop: bool) -> tuple[list[torch.Tensor], list[set[str]], list[list[str]]]:
+        loader = cl.CpuLoader(src, 2, (32, 32), True, num_workers=workers, seed=seed, **aug)  # 7 steps: every file
+        if not crop:
+            loader.decoder.screened = None  # crop decoding for verified data only: none here
+        met: list[set[str]] = []
+        monkeypatch.setattr(loader.policy, "handle", lambda e: met[-1].add(e.path))
+        images, crops = [], []
+        for _ in range(4):
+            met.append(set())
+            n0 = len(cropped)
+            images += [b["images"].clone() for b in loader]
+            crops.append(cropped[n0:])
+        return images, met, crops  # crops: per epoch, the files crop-decoded and ('passed', file) in their order
+
+    ref, ref_met, ref_crops = run(0, crop=False)
+    assert not any(ref_crops) and all(m == {str(trunc), str(corrupt)} for m in ref_met), ref_met  # nothing marked
+    good = {str(p) for p in paths} - {str(trunc), str(corrupt)}
+    for workers in (0, 2):
+        images, met, crops = run(workers, crop=True)
+        assert met == ref_met  # every epoch, whatever the crop
+        assert len(images) == len(ref) == 28 and all(torch.equal(a, b) for a, b in zip(images, ref))
+        if workers == 0:  # the workers' calls are not seen here
+            passed = [e[1] for e in crops[0] if isinstance(e, tuple)]
+            assert sorted(passed) == sorted(good)  # each good file decoded whole once, the bad ones never pass
+            for k, e in enumerate(crops[0]):  # in the first epoch, a file is crop-decoded only once it has passed
+                assert isinstance(e, tuple) or ("passed", e) in crops[0][:k], (e, crops[0])
+            assert all(set(c) == good for c in crops[1:]), crops  # later: every file met is crop-decoded
+
+
+def test_ring_is_kept_from_one_epoch_to_the_next(tmp_path, monkeypatch):
+    """The workers of the second epoch write into the slots the first epoch's workers made (none is made or
+    handed over as new again), and the batches are the same as without workers."""
+    from fastsupmae.pipelines import cpu_loader as cl
+    from fastsupmae.pipelines.imagefolder import ImageFolderSource
+
+    src = ImageFolderSource(_tiny_folder(tmp_path, 24, int(np.random.default_rng().integers(1 << 30))))
+    ref = cl.CpuLoader(src, 2, (16, 16), True, num_workers=0, seed=3)
+    new: list[bool] = []
+    receive = cl._Ring.receive
+    monkeypatch.setattr(cl._Ring, "receive", lambda self, s, t: new.append(t is not None) or receive(self, s, t))
+    loader = cl.CpuLoader(src, 2, (16, 16), True, num_workers=2, seed=3)
+    for epoch in range(2):
+        new.clear()
+        got = [b["images"].clone() for b in loader]
+        want = [b["images"] for b in ref]
+        assert len(got) == len(want) == 12 and all(torch.equal(a, b) for a, b in zip(got, want))
+        assert (sum(new) > 0) if epoch == 0 else (len(new) == 12 and sum(new) == 0), (epoch, new)

@@ -36,9 +36,12 @@ import torch
 log = logging.getLogger(__name__)
 DEFAULT_DATA = "/tmp/fastsupmae_imagenet_like"
 PIPELINES = ("torchvision", "cpu", "dali")
-# other recipes, and the same pipelines reading prepared shards (fastsupmae prepare: JPEG or raw pixels)
-EXTRA = ("cpu-finetune", "dali-finetune", "cpu-eval", "dali-eval", "cpu-shards", "cpu-raw", "dali-shards", "dali-raw")
-DATA = ("folder", "shards", "raw")
+# other recipes, the same pipelines reading prepared shards (fastsupmae prepare: JPEG or raw pixels), and the CPU
+# fallback on the folder as in the later epochs of a run (cpu-screened: every file decoded whole once already, so
+# JPEGs are crop-decoded; the plain cpu row is a run's first epoch)
+EXTRA = ("cpu-finetune", "dali-finetune", "cpu-eval", "dali-eval", "cpu-shards", "cpu-raw", "dali-shards", "dali-raw",
+         "cpu-screened")
+DATA = ("folder", "shards", "raw", "screened")
 PREPARED_SIZE = 256
 
 
@@ -98,7 +101,7 @@ def ensure_prepared(root: str | Path, fmt: str, workers: int) -> Path:
 
 
 def _source(data: str, root: str, a: argparse.Namespace) -> Any:
-    if data == "folder":
+    if data in ("folder", "screened"):
         from fastsupmae.pipelines.imagefolder import ImageFolderSource
 
         return ImageFolderSource(root)
@@ -114,7 +117,8 @@ def parse_name(name: str) -> tuple[str, str, str]:
     kind, *rest = name.split("-")
     data = rest.pop(0) if rest and rest[0] in DATA else "folder"
     recipe = rest.pop(0) if rest else "pretrain"
-    if kind not in ("cpu", "dali") or recipe not in ("pretrain", "finetune", "eval") or rest:
+    if kind not in ("cpu", "dali") or recipe not in ("pretrain", "finetune", "eval") or rest or (
+            kind, data) == ("dali", "screened"):
         raise SystemExit(f"unknown pipeline '{name}'; choose from {', '.join(PIPELINES + EXTRA)}")
     return kind, data, recipe
 
@@ -131,12 +135,31 @@ def _make(name: str, root: str, a: argparse.Namespace) -> Iterable[Any]:
     if kind == "cpu":
         from fastsupmae.pipelines.cpu_loader import CpuLoader
 
+        if data == "screened":
+            kw["screened"] = screened_once(src, root, a)
         return CpuLoader(src, num_workers=a.workers, **kw)
     from fastsupmae.pipelines.dali_loader import DaliLoader
 
     dev = "cuda" if a.device == "cuda" else "cpu"
     # DALI's threads do the decoding; its feeding processes only read files (one is plenty for a local disk)
     return DaliLoader(src, num_threads=a.workers, py_workers=1, device=dev, **kw)
+
+
+_SCREENED: dict[str, Any] = {}
+
+
+def screened_once(src: Any, root: str, a: argparse.Namespace) -> Any:
+    """The verdicts of one real pass over the folder (an untimed evaluation epoch of the fallback: every file decoded
+    whole once), made the first time a cpu-screened row needs them and shared by its rounds, as by a run's epochs."""
+    from fastsupmae.pipelines.cpu_loader import CpuLoader
+    from fastsupmae.pipelines.screened import Screened
+
+    if root not in _SCREENED:
+        sc = Screened(len(src))
+        for _ in CpuLoader(src, a.batch, (a.size, a.size), False, num_workers=a.workers, screened=sc):
+            pass
+        _SCREENED[root] = sc
+    return _SCREENED[root]
 
 
 def _cycle(make: Callable[[], Iterable[Any]]) -> Iterator[Any]:
@@ -233,13 +256,14 @@ def decode_ceiling(root: Path, n: int) -> float:
     return len(datas) / (time.process_time() - t0)
 
 
-def stage_times(src: Any, n: int, size: int, interp: str, seed: int = 0) -> dict[str, float]:
+def stage_times(src: Any, n: int, size: int, interp: str, seed: int = 0, crop: bool = False) -> dict[str, float]:
     """CPU milliseconds per image of each stage of the CPU fallback, one process, one thread.
 
     The stages of :func:`.image_decode.decode_crop_resize` done one by one on ``n`` samples, with the
     training crop rule (RandomResizedCrop 0.2-1, every image flipped so the flip is timed): read (the source's
-    ``read``), decode (header + the reduced-size decode the fallback asks for; raw PPM: none), crop + resize
-    (torch's uint8 antialiased kernel from a view of the decode straight into a channels-last batch slot, as
+    ``view``, as the fallback reads: for raw pixels in a mapped shard the pages are touched in crop + resize),
+    decode (header + the reduced-size decode the fallback asks for; raw PPM: none), crop + resize (torch's uint8
+    antialiased kernel from a view of the decode straight into a channels-last batch slot, as
     :func:`.image_decode.resize_into`), flip (of the slot, in place).
     """
     import math
@@ -260,8 +284,9 @@ def stage_times(src: Any, n: int, size: int, interp: str, seed: int = 0) -> dict
 
     rng, threads = random.Random(seed), torch.get_num_threads()
     torch.set_num_threads(1)
-    # verified JPEGs (prepared shards) are crop-decoded (.jpeg_crop); 'whole decode' times today's decode beside
-    crop_decoding = bool(getattr(src, "verified", False)) and jpeg_crop.available()
+    # verified JPEGs (prepared shards) and, with ``crop``, JPEGs decoded whole once already in this run (a screened
+    # folder) are crop-decoded (.jpeg_crop); 'whole decode' times today's decode beside it
+    crop_decoding = (crop or bool(getattr(src, "verified", False))) and jpeg_crop.available()
     t = dict.fromkeys(("read", "decode", "crop+resize", "flip", "whole decode"), 0.0)
     region = None
     slot = batch_tensor(1, (size, size))[0]
@@ -269,7 +294,8 @@ def stage_times(src: Any, n: int, size: int, interp: str, seed: int = 0) -> dict
     try:
         for i in range(m):
             c0 = time.process_time()
-            data = src.read(i)
+            data = src.view(i)  # as the fallback reads: raw pixels stay a view (a mapped shard), a JPEG is copied
+            data = data if data[:1] == b"P" else bytes(data)
             c1 = time.process_time()
             h, w = image_size(data, "")
             top, left, bh, bw = sample_crop_box(h, w, (0.2, 1.0), DEFAULT_RATIO, rng)
@@ -346,7 +372,7 @@ def _breakdown(names: list[str], med: dict[str, dict[str, float]], root: str, a:
     print(f"{'data':<8} {'read':>6} {'decode':>7} {'crop+resize':>12} {'flip':>6} {'stages':>7}  "
           f"{'pipeline':<11}{'ms':>7} {'rest':>7}")
     for d in datas:
-        st = stage_times(_source(d, root, a), a.breakdown_images, a.size, a.interp)
+        st = stage_times(_source(d, root, a), a.breakdown_images, a.size, a.interp, crop=d == "screened")
         whole = st.pop("whole decode")
         total = sum(st.values())
         cpu = f"cpu{'' if d == 'folder' else '-' + d}"
@@ -354,7 +380,8 @@ def _breakdown(names: list[str], med: dict[str, dict[str, float]], root: str, a:
         print(f"{d:<8} {st['read']:>6.3f} {st['decode']:>7.3f} {st['crop+resize']:>12.3f} {st['flip']:>6.3f} "
               f"{total:>7.3f}  {cpu:<11}{pipe:>7.3f} {pipe - total:>7.3f}")
         if whole > 0:
-            print(f"{'':<8} crop decoding (verified JPEGs): decode {st['decode']:.3f} ms per image vs {whole:.3f} ms "
+            what = "JPEGs decoded whole once before" if d == "screened" else "verified JPEGs"
+            print(f"{'':<8} crop decoding ({what}): decode {st['decode']:.3f} ms per image vs {whole:.3f} ms "
                   f"decoding the whole image at the same DCT scale ({whole / max(st['decode'], 1e-9):.2f}x)")
 
 
