@@ -245,17 +245,21 @@ def decode_crop_resize(data: bytes | memoryview, path: str, box_for: Callable[[i
             first_error = f"simplejpeg: {e}"
     else:
         first_error = ""
+    return _crop_resize(_pillow_decode(data, path, (min_h, min_w), first_error), box, (h, w), out_hw, interp, out,
+                        flip)
+
+
+def _pillow_decode(data: bytes, path: str, min_hw: tuple[int, int], first_error: str) -> np.ndarray:
+    """Pillow's RGB decode (at a reduced DCT scale for a JPEG), for what simplejpeg does not read: a writable
+    ``[h, w, 3]`` array. ``first_error``: why simplejpeg refused it, added to the message if Pillow fails too."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:
                 if im.format == "JPEG":
-                    im.draft("RGB", (min_w, min_h))  # DCT-domain downscale, like simplejpeg's min_* above
+                    im.draft("RGB", (min_hw[1], min_hw[0]))  # DCT-domain downscale, like simplejpeg's min_*
                 # writable copy; handles CMYK (Adobe-inverted too), palette, alpha, 16-bit grey...
-                arr = np.array(im.convert("RGB"))
-            return _crop_resize(arr, box, (h, w), out_hw, interp, out, flip)
-    except BadImage:
-        raise
+                return np.array(im.convert("RGB"))
     except Exception as e:  # truncated streams raise OSError, bad headers UnidentifiedImageError, ...
         why = f"{type(e).__name__}: {e}" + (f"; {first_error}" if first_error else "")
         raise BadImage(path, f"cannot decode, corrupt or truncated? ({why})") from None

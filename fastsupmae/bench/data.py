@@ -385,6 +385,19 @@ def _breakdown(names: list[str], med: dict[str, dict[str, float]], root: str, a:
                   f"decoding the whole image at the same DCT scale ({whole / max(st['decode'], 1e-9):.2f}x)")
 
 
+def _print_ceilings(ceilings: list[float], raw: dict[str, list[dict[str, float]]]) -> None:
+    """The crop-and-resize ceiling of each round, and each raw-pixel row against its own round's ceiling."""
+    if not ceilings:
+        return
+    print(f"crop-and-resize ceiling (raw pixels in memory: crop + resize into the batch + flip with p 0.5, one "
+          f"thread), per round: {' '.join(f'{c:.0f}' for c in ceilings)}; median {statistics.median(ceilings):.0f} "
+          f"images per CPU-second")
+    for n, rounds in raw.items():
+        pct = [x["cpu"] / c for x, c in zip(rounds, ceilings)]
+        print(f"{n} / the ceiling of its round: {' '.join(f'{p:.0%}' for p in pct)}; median "
+              f"{statistics.median(pct):.0%}")
+
+
 def feeder_times(src: Any, n: int) -> tuple[float, float]:
     """CPU ms per image of DALI's feeding (:class:`.dali_loader.FeedSource`), one thread: (first epoch: read +
     screening + the 1/8-scale check, where the data are not verified; later epochs: read only, the verdicts being
@@ -493,14 +506,7 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             if n.startswith("cpu-") and parse_name(n)[2] == "pretrain":
                 print(f"{n} / cpu images per CPU-second: {med[n]['cpu'] / base_cpu:.2f}x")
     _breakdown(names, med, str(train), args)
-    if ceilings:
-        print(f"crop-and-resize ceiling (raw pixels in memory: crop + resize into the batch + flip with p 0.5, one "
-              f"thread), per round: {' '.join(f'{c:.0f}' for c in ceilings)}; median {statistics.median(ceilings):.0f} "
-              f"images per CPU-second")
-        for n in raw:
-            pct = [x["cpu"] / c for x, c in zip(results[n], ceilings)]
-            print(f"{n} / the ceiling of its round: {' '.join(f'{p:.0%}' for p in pct)}; median "
-                  f"{statistics.median(pct):.0%}")
+    _print_ceilings(ceilings, {n: results[n] for n in raw})
     _feeders_or_decoders(names, med, str(train), args)
     if "torchvision" in results and "cpu" in results:
         ratios = [c["images_s"] / t["images_s"] for c, t in zip(results["cpu"], results["torchvision"])]
