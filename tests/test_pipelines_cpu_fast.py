@@ -271,3 +271,37 @@ def test_ring_is_kept_from_one_epoch_to_the_next(tmp_path, monkeypatch):
         want = [b["images"] for b in ref]
         assert len(got) == len(want) == 12 and all(torch.equal(a, b) for a, b in zip(got, want))
         assert (sum(new) > 0) if epoch == 0 else (len(new) == 12 and sum(new) == 0), (epoch, new)
+
+
+def test_shard_views_equal_reads_and_a_shard_cut_shorter_is_a_bad_file(tmp_path):
+    """Tar samples read as views of the mapped shard hold the bytes ``read`` gives; a shard cut shorter after it
+    was mapped makes the samples past the cut bad files for the policy (not a SIGBUS), the rest still load."""
+    import tarfile
+
+    from fastsupmae.pipelines import cpu_loader as cl
+    from fastsupmae.pipelines.webdataset import WebDatasetSource
+
+    paths = _jpeg_folder(tmp_path / "d", 8, np.random.default_rng())
+    shard = tmp_path / "train-000000.tar"
+    with tarfile.open(shard, "w") as tf:
+        for i, p in enumerate(paths):
+            for name, data in ((f"s{i}.jpg", p.read_bytes()), (f"s{i}.cls", str(i % 2).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    src = WebDatasetSource(str(shard))
+    assert all(bytes(src.view(i)) == src.read(i) == paths[i].read_bytes() for i in range(8))
+    _, off, size, _ = src.samples[5]
+    with open(shard, "r+b") as f:
+        f.truncate(off + size // 2)  # samples 5 (cut in its middle), 6 and 7 (gone) are past the end now
+    for i in range(8):
+        if i < 5:
+            assert bytes(src.view(i)) == paths[i].read_bytes()
+        else:
+            with pytest.raises(OSError, match="shorter than indexed"):
+                src.view(i)
+    loader = cl.CpuLoader(src, 8, (16, 16), False, num_workers=0)
+    bad = []
+    loader.policy.handle = lambda e: bad.append(e.path)
+    assert [b["images"].shape[0] for b in loader] == [5]
+    assert sorted(bad) == [f"{shard}:s{i}.jpg" for i in (5, 6, 7)]
