@@ -150,62 +150,38 @@ def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
 
 
 class _Ring:
-    """Shared-memory batch slots that one DataLoader's workers write into and hand over by number.
+    """Shared-memory batch slots that one loader's workers write into and hand over by number.
 
     A batch allocated afresh in shared memory costs a worker ~0.14 ms of CPU per 224 x 224 image (torch
     reserves the whole segment up front, zero-filled, then each 4 KiB page faults in as it is first written:
-    about half of it system time), and the main process maps and unmaps each one again. Here each worker keeps
-    up to ``per_worker`` slots: made the first time it needs one (handed over once as a tensor, which maps it in
-    the main process), then reused and handed over as their number. A slot is written again only after the main
-    process has seen that nothing but the ring still uses its memory (the consumer dropped the batch, or it was
-    copied to pinned memory for the GPU); when all of a worker's slots are in use it falls back to a fresh
-    segment, so a consumer that keeps batches never sees them overwritten. Shared memory in use stays what the
-    batches in flight need, as before.
-
-    Each worker makes all its slots when it starts (:meth:`fill`: their page faults are start-up work, not
-    spread over the first batches), and a :class:`CpuLoader` keeps its ring from one epoch to the next when the
-    previous epoch's workers have finished: the next epoch's workers, forked from the main process, inherit every
-    slot it has mapped, so no slot is made twice in a run.
+    about half of it system time), and the main process maps and unmaps each one again. Here the main process
+    makes ``per_worker`` slots per worker once, when the loader first iterates (their pages faulted in then:
+    start-up work), and the workers, forked from it, inherit them: a batch is handed over as its slot's number.
+    A slot is written again only after the main process has seen that nothing but the ring still uses its memory
+    (the consumer dropped the batch, or it was copied to pinned memory for the GPU); when all of a worker's slots
+    are in use it falls back to a fresh segment, so a consumer that keeps batches never sees them overwritten.
+    A :class:`CpuLoader` keeps its ring from one epoch to the next when the previous epoch's workers have
+    finished; else (an epoch left half-way, whose workers may still write) it makes a new one.
     """
 
     def __init__(self, workers: int, per_worker: int, shape: tuple[int, ...]) -> None:
         self.per_worker, self.shape, self.key = per_worker, shape, id(self)
         self.busy = torch.zeros(workers * per_worker, dtype=torch.uint8).share_memory_()  # 1: written, in use
-        self.slots: dict[int, torch.Tensor] = {}  # this process's mapped slots (a worker's own; all in the main)
-        self._idle: dict[int, int] = {}  # main process: the reference count of a slot nobody else uses
-        self._unsent: set[int] = set()  # worker: slots made here and not yet handed over
+        self.slots = [_shared_tensor(shape).zero_() for _ in range(workers * per_worker)]
+        self._idle = [_use_count(t) for t in self.slots]  # the reference count of a slot nobody else uses
         self.held: list[int] = []  # main process: slots handed out, not yet seen released
         self.reusable = False  # main process: the DataLoader that used it last has finished (its workers are gone)
 
-    def fill(self, worker: int) -> None:
-        """Worker, at its start: make (and fault in) every slot of ``worker`` this process has not mapped yet."""
-        for s in range(worker * self.per_worker, (worker + 1) * self.per_worker):
-            if s not in self.slots:
-                self.slots[s] = _shared_tensor(self.shape).zero_()
-                self._unsent.add(s)
-
-    def take(self, worker: int) -> tuple[int, torch.Tensor | None, bool]:
-        """Worker: ``(slot, tensor, new)`` of a free slot of ``worker`` now marked busy (the lowest, so the same
-        few stay warm), or ``(-1, None, False)`` when all are in use."""
+    def take(self, worker: int) -> tuple[int, torch.Tensor | None]:
+        """Worker: ``(slot, tensor)`` of a free slot of ``worker`` now marked busy (the lowest, so the same few
+        stay warm), or ``(-1, None)`` when all are in use."""
         lo = worker * self.per_worker
         free = (self.busy[lo:lo + self.per_worker] == 0).nonzero()
         if free.numel() == 0:
-            return -1, None, False
+            return -1, None
         s = lo + int(free[0])
         self.busy[s] = 1
-        if s not in self.slots:
-            self.slots[s] = _shared_tensor(self.shape)
-            self._unsent.add(s)
-        new = s in self._unsent
-        self._unsent.discard(s)
-        return s, self.slots[s], new
-
-    def receive(self, s: int, tensor: torch.Tensor | None) -> torch.Tensor:
-        """Main process: the slot's tensor (``tensor``: the slot itself, sent the first time it is used)."""
-        if tensor is not None:
-            self.slots[s] = tensor
-            self._idle[s] = _use_count(tensor)  # the caller's references are to this same tensor: none extra
-        return self.slots[s]
+        return s, self.slots[s]
 
     def release_unused(self, held: list[int]) -> list[int]:
         """Main process: frees the slots of ``held`` that nothing but the ring uses any more; returns the rest."""
@@ -222,16 +198,16 @@ _RINGS: dict[int, _Ring] = {}  # main process: the rings of live DataLoaders, fo
 
 
 class _Handed:
-    """A batch in a ring slot on its way from a worker: the slot number, the image count, and the slot's tensor
-    the first time it is used. DataLoader's pin thread (CUDA) calls :meth:`pin_memory`, which copies the batch
-    out of the slot into pinned memory and frees the slot at once."""
+    """A batch in a ring slot on its way from a worker: the slot number and the image count. DataLoader's pin
+    thread (CUDA) calls :meth:`pin_memory`, which copies the batch out of the slot into pinned memory and frees
+    the slot at once."""
 
-    def __init__(self, key: int, slot: int, n: int, tensor: torch.Tensor | None) -> None:
-        self.key, self.slot, self.n, self.tensor = key, slot, n, tensor
+    def __init__(self, key: int, slot: int, n: int) -> None:
+        self.key, self.slot, self.n = key, slot, n
 
     def images(self, ring: _Ring) -> torch.Tensor:
         """Main process: the batch, a view of the slot."""
-        return ring.receive(self.slot, self.tensor)[: self.n]
+        return ring.slots[self.slot][: self.n]
 
     def pin_memory(self, *_: Any) -> torch.Tensor:
         ring = _RINGS.get(self.key)
@@ -268,13 +244,13 @@ class _Steps(torch.utils.data.Dataset):
         step = self.steps[k]
         idx = self.order.batch_indices(self.epoch, step).tolist()
         info = torch.utils.data.get_worker_info()
-        slot, buf, new = self.ring.take(info.id) if self.ring is not None and info is not None else (-1, None, False)
+        slot, buf = self.ring.take(info.id) if self.ring is not None and info is not None else (-1, None)
         try:
             if slot < 0:
                 return self.decoder(self.epoch, step, idx)
             b = self.decoder(self.epoch, step, idx, out=buf)
-            if "images" in b:  # the batch travels as its slot's number (and the slot itself the first time)
-                b["images"] = _Handed(self.ring.key, slot, len(b["images"]), buf if new else None)
+            if "images" in b:  # the batch travels as its slot's number
+                b["images"] = _Handed(self.ring.key, slot, len(b["images"]))
             else:
                 self.ring.busy[slot] = 0  # an error: nothing written to hand over
             return b
@@ -291,11 +267,8 @@ def _as_is(item: dict[str, Any]) -> dict[str, Any]:
     return item
 
 
-def _worker_init(worker: int) -> None:
+def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # the workers are the parallelism; intra-op threads would oversubscribe the cores
-    ring = getattr(torch.utils.data.get_worker_info().dataset, "ring", None)
-    if ring is not None:
-        ring.fill(worker)
 
 
 class CpuLoader(LoaderBase):
