@@ -24,12 +24,14 @@ import torch
 
 from fastsupmae.errors import DataError
 
+from . import jpeg_crop
 from .bad_files import BadFilePolicy, BadImage
 from .crop_params import DEFAULT_RATIO, center_crop_box, sample_crop_box
 from .encoded_source import EncodedSource
 from .image_decode import batch_tensor, decode_crop_resize
 from .loader_base import LoaderBase, to_gray
 from .sampler import ShardedOrder, mix_seed
+from .screened import PASSED, Screened
 from .shared_memory import PREFETCH_FACTOR
 from .transfer import to_device
 
@@ -49,29 +51,37 @@ class BatchDecoder:
         interp: 'bilinear' or 'bicubic'.
         seed, rank: seed the per-batch random draws.
         strict: bad files stop the run (the error names the file) instead of being replaced / dropped.
+        screened: the run's verdicts on unprepared data (:class:`.screened.Screened`, shared by the workers): a
+            JPEG whose whole decode has passed once in this run is crop-decoded from then on. None: crop decoding
+            for verified data only.
     """
 
     def __init__(self, source: EncodedSource, out_hw: tuple[int, int], train: bool,
                  scale: tuple[float, float] = (0.2, 1.0), ratio: tuple[float, float] = DEFAULT_RATIO,
                  hflip: bool = True, crop_ratio: float = 0.875, interp: str = "bilinear", seed: int = 0,
                  rank: int = 0, strict: bool = False, recipe: str = "pretrain", mean: tuple[float, ...] = (0.5,),
-                 std: tuple[float, ...] = (0.5,)) -> None:
+                 std: tuple[float, ...] = (0.5,), screened: Screened | None = None) -> None:
         if recipe not in ("pretrain", "finetune", "eval"):
             raise DataError(f"augmentation recipe '{recipe}' is not one of pretrain, finetune, eval")
         self.source, self.out_hw, self.train = source, out_hw, train
         self.recipe, self.mean, self.std = recipe, mean, std
         self.scale, self.ratio, self.hflip, self.crop_ratio = scale, ratio, hflip, crop_ratio
         self.interp, self.seed, self.rank, self.strict = interp, seed, rank, strict
+        self.screened = None if source.verified else screened
 
     def _load(self, i: int, box_of: Any, flip: bool, out: torch.Tensor) -> None:
-        path = self.source.path(i)
+        src, screened = self.source, self.screened
         try:
-            data = self.source.read(i)
+            data = src.view(i)  # a memory-mapped shard: a view, nothing copied
         except OSError as e:
-            raise BadImage(path, f"cannot read ({type(e).__name__}: {e})") from None
-        # prepared (verified) data were screened when written: libjpeg-turbo's corrupt-data check is not repeated
-        decode_crop_resize(data, path, box_of, self.out_hw, self.interp, out=out, flip=flip,
-                           strict=not self.source.verified)
+            raise BadImage(src.path(i), f"cannot read ({type(e).__name__}: {e})") from None
+        # prepared (verified) data were screened when written: libjpeg-turbo's corrupt-data check is not repeated,
+        # and JPEGs are crop-decoded; unprepared JPEGs are crop-decoded once a whole decode passed in this run
+        crop = None if screened is None else screened.state(i) == PASSED
+        decode_crop_resize(data, src.path(i), box_of, self.out_hw, self.interp, out=out,
+                           flip=flip, strict=not src.verified, crop=crop)
+        if screened is not None and not crop:
+            screened.mark(i, PASSED)
 
     def _finetune_aug(self, x: torch.Tensor, seed: int) -> None:
         """RandAugment(n=2, m=9) + random erasing (p=0.25) in place on a uint8 [B, 3, H, W] batch."""
@@ -81,7 +91,8 @@ class BatchDecoder:
         random_erase_uint8(x, self.mean, self.std, torch.Generator().manual_seed(seed + 1))
 
     def __call__(self, epoch: int, step: int, indices: list[int], out: torch.Tensor | None = None) -> dict[str, Any]:
-        """Returns ``{'images': uint8 [B, 3, H, W], 'labels': int64 [B], 'bad': [(path, reason)], 'error': str}``.
+        """Returns ``{'images': uint8 [B, 3, H, W], 'labels': int64 numpy [B], 'bad': [(path, reason)],
+        'error': str}``.
 
         ``out``: an uint8 ``[>= B, 3, H, W]`` tensor to write the batch into (a slot of :class:`_Ring`); the
         returned images are then ``out[:m]``.
@@ -90,23 +101,23 @@ class BatchDecoder:
         g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, step, self.rank))
         u = torch.rand(n, generator=g)  # flips; drawn first so they do not depend on image sizes
         sub_seeds = torch.randint(0, 2**62, (n,), generator=g).tolist()
+        flips = (u < 0.5).tolist() if self.train and self.hflip else [False] * n
         if out is None:
             out = _batch_tensor((n, 3, *self.out_hw))
-        labels = self.source.labels
         keep_idx: list[int] = []
         bad: list[tuple[str, str]] = []
+        rng = random.Random()  # re-seeded per sample: the box depends on the image size, read with the header
+        if self.train:
+            scale, ratio = self.scale, self.ratio
+            box_of = lambda h, w: sample_crop_box(h, w, scale, ratio, rng)  # noqa: E731
+        else:
+            box_of = lambda h, w: center_crop_box(h, w, self.crop_ratio, *self.out_hw)  # noqa: E731
         for j, i in enumerate(indices):
             cand, k = i, 0
             while True:
-                flip = bool(self.train and self.hflip and u[j] < 0.5)
-                if self.train:
-                    # the box depends on the image size, so it is drawn after the header is read
-                    rng = random.Random(sub_seeds[j] + k)
-                    box_of = lambda h, w, rng=rng: sample_crop_box(h, w, self.scale, self.ratio, rng)
-                else:
-                    box_of = lambda h, w: center_crop_box(h, w, self.crop_ratio, *self.out_hw)
+                rng.seed(sub_seeds[j] + k)  # = random.Random(seed): the same boxes as before
                 try:
-                    self._load(cand, box_of, flip, out[len(keep_idx)])
+                    self._load(cand, box_of, flips[j], out[len(keep_idx)])
                     keep_idx.append(cand)
                     break
                 except BadImage as e:
@@ -125,8 +136,9 @@ class BatchDecoder:
         m = len(keep_idx)
         if self.train and self.recipe == "finetune":
             self._finetune_aug(out[:m], mix_seed(self.seed, epoch, step, self.rank, 0xF7))
-        return {"images": out[:m], "labels": torch.from_numpy(labels[keep_idx]), "bad": bad,
-                "error": ""}
+        # labels as numpy: pickled inline with the message (a tensor would travel through a shared-memory segment
+        # of its own, made and mapped for every batch)
+        return {"images": out[:m], "labels": self.source.labels[keep_idx], "bad": bad, "error": ""}
 
 
 def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
@@ -138,45 +150,38 @@ def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
 
 
 class _Ring:
-    """Shared-memory batch slots that one DataLoader's workers write into and hand over by number.
+    """Shared-memory batch slots that one loader's workers write into and hand over by number.
 
     A batch allocated afresh in shared memory costs a worker ~0.14 ms of CPU per 224 x 224 image (torch
     reserves the whole segment up front, zero-filled, then each 4 KiB page faults in as it is first written:
-    about half of it system time), and the main process maps and unmaps each one again. Here each worker keeps
-    up to ``per_worker`` slots: made the first time it needs one (handed over once as a tensor, which maps it in
-    the main process), then reused and handed over as their number. A slot is written again only after the main
-    process has seen that nothing but the ring still uses its memory (the consumer dropped the batch, or it was
-    copied to pinned memory for the GPU); when all of a worker's slots are in use it falls back to a fresh
-    segment, so a consumer that keeps batches never sees them overwritten. Shared memory in use stays what the
-    batches in flight need, as before.
+    about half of it system time), and the main process maps and unmaps each one again. Here the main process
+    makes ``per_worker`` slots per worker once, when the loader first iterates (their pages faulted in then:
+    start-up work), and the workers, forked from it, inherit them: a batch is handed over as its slot's number.
+    A slot is written again only after the main process has seen that nothing but the ring still uses its memory
+    (the consumer dropped the batch, or it was copied to pinned memory for the GPU); when all of a worker's slots
+    are in use it falls back to a fresh segment, so a consumer that keeps batches never sees them overwritten.
+    A :class:`CpuLoader` keeps its ring from one epoch to the next when the previous epoch's workers have
+    finished; else (an epoch left half-way, whose workers may still write) it makes a new one.
     """
 
     def __init__(self, workers: int, per_worker: int, shape: tuple[int, ...]) -> None:
         self.per_worker, self.shape, self.key = per_worker, shape, id(self)
         self.busy = torch.zeros(workers * per_worker, dtype=torch.uint8).share_memory_()  # 1: written, in use
-        self.slots: dict[int, torch.Tensor] = {}  # this process's mapped slots (a worker's own; all in the main)
-        self._idle: dict[int, int] = {}  # main process: the reference count of a slot nobody else uses
+        self.slots = [_shared_tensor(shape).zero_() for _ in range(workers * per_worker)]
+        self._idle = [_use_count(t) for t in self.slots]  # the reference count of a slot nobody else uses
+        self.held: list[int] = []  # main process: slots handed out, not yet seen released
+        self.reusable = False  # main process: the DataLoader that used it last has finished (its workers are gone)
 
-    def take(self, worker: int) -> tuple[int, torch.Tensor | None, bool]:
-        """Worker: ``(slot, tensor, new)`` of a free slot of ``worker`` now marked busy (the lowest, so the same
-        few stay warm), or ``(-1, None, False)`` when all are in use."""
+    def take(self, worker: int) -> tuple[int, torch.Tensor | None]:
+        """Worker: ``(slot, tensor)`` of a free slot of ``worker`` now marked busy (the lowest, so the same few
+        stay warm), or ``(-1, None)`` when all are in use."""
         lo = worker * self.per_worker
         free = (self.busy[lo:lo + self.per_worker] == 0).nonzero()
         if free.numel() == 0:
-            return -1, None, False
+            return -1, None
         s = lo + int(free[0])
         self.busy[s] = 1
-        new = s not in self.slots
-        if new:
-            self.slots[s] = _shared_tensor(self.shape)
-        return s, self.slots[s], new
-
-    def receive(self, s: int, tensor: torch.Tensor | None) -> torch.Tensor:
-        """Main process: the slot's tensor (``tensor``: the slot itself, sent the first time it is used)."""
-        if tensor is not None:
-            self.slots[s] = tensor
-            self._idle[s] = _use_count(tensor)  # the caller's references are to this same tensor: none extra
-        return self.slots[s]
+        return s, self.slots[s]
 
     def release_unused(self, held: list[int]) -> list[int]:
         """Main process: frees the slots of ``held`` that nothing but the ring uses any more; returns the rest."""
@@ -193,16 +198,16 @@ _RINGS: dict[int, _Ring] = {}  # main process: the rings of live DataLoaders, fo
 
 
 class _Handed:
-    """A batch in a ring slot on its way from a worker: the slot number, the image count, and the slot's tensor
-    the first time it is used. DataLoader's pin thread (CUDA) calls :meth:`pin_memory`, which copies the batch
-    out of the slot into pinned memory and frees the slot at once."""
+    """A batch in a ring slot on its way from a worker: the slot number and the image count. DataLoader's pin
+    thread (CUDA) calls :meth:`pin_memory`, which copies the batch out of the slot into pinned memory and frees
+    the slot at once."""
 
-    def __init__(self, key: int, slot: int, n: int, tensor: torch.Tensor | None) -> None:
-        self.key, self.slot, self.n, self.tensor = key, slot, n, tensor
+    def __init__(self, key: int, slot: int, n: int) -> None:
+        self.key, self.slot, self.n = key, slot, n
 
     def images(self, ring: _Ring) -> torch.Tensor:
         """Main process: the batch, a view of the slot."""
-        return ring.receive(self.slot, self.tensor)[: self.n]
+        return ring.slots[self.slot][: self.n]
 
     def pin_memory(self, *_: Any) -> torch.Tensor:
         ring = _RINGS.get(self.key)
@@ -239,13 +244,13 @@ class _Steps(torch.utils.data.Dataset):
         step = self.steps[k]
         idx = self.order.batch_indices(self.epoch, step).tolist()
         info = torch.utils.data.get_worker_info()
-        slot, buf, new = self.ring.take(info.id) if self.ring is not None and info is not None else (-1, None, False)
+        slot, buf = self.ring.take(info.id) if self.ring is not None and info is not None else (-1, None)
         try:
             if slot < 0:
                 return self.decoder(self.epoch, step, idx)
             b = self.decoder(self.epoch, step, idx, out=buf)
-            if "images" in b:  # the batch travels as its slot's number (and the slot itself the first time)
-                b["images"] = _Handed(self.ring.key, slot, len(b["images"]), buf if new else None)
+            if "images" in b:  # the batch travels as its slot's number
+                b["images"] = _Handed(self.ring.key, slot, len(b["images"]))
             else:
                 self.ring.busy[slot] = 0  # an error: nothing written to hand over
             return b
@@ -254,6 +259,12 @@ class _Steps(torch.utils.data.Dataset):
                 self.ring.busy[slot] = 0
             first = self.decoder.source.path(idx[0]) if idx else "?"
             return {"error": f"data worker failed on the batch starting at '{first}' ({type(e).__name__}: {e})"}
+
+
+def _as_is(item: dict[str, Any]) -> dict[str, Any]:
+    """DataLoader's collate for ready batches (its default would turn the numpy labels into a tensor in the worker,
+    which then travels through a shared-memory segment made for it)."""
+    return item
 
 
 def _worker_init(_: int) -> None:
@@ -273,48 +284,61 @@ class CpuLoader(LoaderBase):
         num_workers: decode processes (0: decode in the calling thread).
         policy: ``skip`` or ``strict`` for bad files.
         device: batches are pinned and moved there when it is a CUDA device.
+        screened: verdicts to share (:class:`.screened.Screened` over ``source``); default: this loader's own,
+            for unprepared data where crop decoding works (each JPEG is decoded whole the first time this run
+            meets it, so the bad-file policy sees damage anywhere in the file; crop-decoded afterwards).
         **aug: BatchDecoder options (scale, ratio, hflip, crop_ratio, interp).
     """
 
     def __init__(self, source: EncodedSource, batch_size: int, out_hw: tuple[int, int], train: bool,
                  rank: int = 0, world_size: int = 1, seed: int = 0, num_workers: int = 2, policy: str = "skip",
                  device: str | torch.device = "cpu", in_chans: int = 3, timeout_s: float = 600.0,
-                 **aug: Any) -> None:
+                 screened: Screened | None = None, **aug: Any) -> None:
         self.source = source
         self.class_names = list(source.class_names)
         self.order = ShardedOrder(len(source), batch_size, rank, world_size, seed, train=train)
         self.policy = BadFilePolicy(policy)
-        self.decoder = BatchDecoder(source, out_hw, train, seed=seed, rank=rank, strict=policy == "strict", **aug)
+        if screened is None and not source.verified and jpeg_crop.available():
+            screened = Screened(len(source))
+        self.decoder = BatchDecoder(source, out_hw, train, seed=seed, rank=rank, strict=policy == "strict",
+                                    screened=screened, **aug)
         self.num_workers, self.device, self.in_chans = num_workers, torch.device(device), in_chans
         self.timeout_s = timeout_s
+        self._ring: _Ring | None = None
 
     def _batches(self, epoch: int, steps: range) -> Iterator[dict[str, Any]]:
         if self.num_workers == 0:
             ds = _Steps(self.decoder, self.order, epoch, steps)
             yield from (ds[k] for k in range(len(ds)))
             return
-        # a ring per DataLoader: workers of an abandoned iterator can never write into this one's slots
-        ring = _Ring(self.num_workers, PREFETCH_FACTOR + 2, (self.order.batch_size, 3, *self.decoder.out_hw))
+        # the previous epoch's ring once its workers are gone; else a new one: workers of an abandoned iterator
+        # (which may still run) can never write into this one's slots
+        ring = self._ring
+        if ring is None or not ring.reusable:
+            ring = self._ring = _Ring(self.num_workers, PREFETCH_FACTOR + 2,
+                                      (self.order.batch_size, 3, *self.decoder.out_hw))
+        ring.reusable = False
         ds = _Steps(self.decoder, self.order, epoch, steps, ring)
         dl = torch.utils.data.DataLoader(
             ds, batch_size=None, shuffle=False, num_workers=self.num_workers, worker_init_fn=_worker_init,
+            collate_fn=_as_is,
             prefetch_factor=PREFETCH_FACTOR, pin_memory=self.device.type == "cuda",
             # a worker stuck on a file (network mount, ...) becomes an error instead of a silent hang
             timeout=self.timeout_s,
         )
-        held: list[int] = []  # ring slots handed out, not yet seen released
         _RINGS[ring.key] = ring
         try:
             batches = iter(dl)
             while True:
                 # the consumer has asked for the next batch: what it dropped can be written again while we wait
-                held = ring.release_unused(held)
+                ring.held = ring.release_unused(ring.held)
                 b = next(batches, None)
                 if b is None:
+                    ring.reusable = True  # exhausted: DataLoader has joined its workers
                     break
                 h = b.get("images")
                 if isinstance(h, _Handed):  # not copied to pinned memory by DataLoader's pin thread
-                    held.append(h.slot)
+                    ring.held.append(h.slot)
                     b["images"] = h.images(ring)
                 yield b
                 b = h = None  # only the consumer holds the batch now
@@ -330,7 +354,8 @@ class CpuLoader(LoaderBase):
         o = self.order
         epoch = o.epoch
         steps = o.remaining_steps()
-        for step, b in zip(steps, self._batches(epoch, steps)):
+        # the batches first: after the last one the generator runs to its end, which marks the ring reusable
+        for b, step in zip(self._batches(epoch, steps), steps):
             if b.get("error"):
                 # the strict mode's single bad file; skip mode's 'N bad image files in a row' is its own message
                 raise DataError(b["error"] + " (data.bad_files=strict stops here; skip skips such files)"
@@ -340,7 +365,7 @@ class CpuLoader(LoaderBase):
             x = b["images"]
             if self.in_chans == 1:
                 x = to_gray(x)
-            y = b["labels"]
+            y = torch.from_numpy(b["labels"])
             # pinned + non-blocking on CUDA, also for num_workers=0 and the 1-channel path (unpinned there)
             x, y = to_device(x, self.device), to_device(y, self.device)
             o.advance()

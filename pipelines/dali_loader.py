@@ -41,6 +41,7 @@ from .encoded_source import EncodedSource
 from .image_decode import decode_crop_resize, image_size
 from .loader_base import LoaderBase
 from .sampler import ShardedOrder, mix_seed
+from .screened import Screened
 from .transfer import to_device
 
 log = logging.getLogger(__name__)
@@ -50,52 +51,6 @@ _PLACEHOLDER = b"P6\n1 1\n255\n\x00\x00\x00"
 # magic numbers of the formats DALI's decoders read (JPEG, PNG, BMP, TIFF, PNM, WebP, JPEG 2000)
 _DALI_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"BM", b"II*\x00", b"MM\x00*", b"P1", b"P2", b"P3", b"P4", b"P5",
                b"P6", b"\x00\x00\x00\x0cjP", b"\xff\x4f\xff\x51")
-
-
-class Screened:
-    """What the feeding processes of one run learnt about each sample, shared by all of them: one byte per
-    sample (0 not screened yet, 1 passed, 2 bad) in a file under /dev/shm (the temp directory where there is
-    none), so the screening and the 1/8-scale check of unprepared data run once per run, not once per epoch.
-
-    Picklable by path (DALI's spawned workers open it themselves); the file is removed when the loader that made
-    it is gone.
-    """
-
-    def __init__(self, n: int) -> None:
-        import os
-        import tempfile
-        import weakref
-
-        where = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        fd, self.path = tempfile.mkstemp(prefix="fastsupmae-screened-", dir=where)
-        with os.fdopen(fd, "wb") as f:
-            f.truncate(max(1, n))
-        self.n, self._arr = n, None
-        weakref.finalize(self, _remove, self.path)
-
-    def __getstate__(self) -> dict:
-        return {"path": self.path, "n": self.n, "_arr": None}  # the workers map it, nobody removes it there
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-
-    def state(self, i: int) -> int:
-        if self._arr is None:
-            self._arr = np.memmap(self.path, np.uint8, "r+", shape=(max(1, self.n),))
-        return int(self._arr[i])
-
-    def mark(self, i: int, value: int) -> None:
-        self.state(i)
-        self._arr[i] = value
-
-
-def _remove(path: str) -> None:
-    import os
-
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 def screen(data: bytes, path: str) -> None:

@@ -29,6 +29,12 @@ class EncodedSource:
         """The encoded bytes of sample ``i`` (raises OSError if the file cannot be read)."""
         raise NotImplementedError
 
+    def view(self, i: int) -> bytes | memoryview:
+        """The encoded bytes of sample ``i`` as any buffer (raises OSError like :meth:`read`). Sources that can
+        hand out a view of data already in memory (a memory-mapped shard) do so: nothing is copied or allocated,
+        and the decoder reads only the pages it needs. The buffer may be writable; it is never written."""
+        return self.read(i)
+
     def path(self, i: int) -> str:
         """A human-readable location of sample ``i`` for messages (file path or ``shard.tar:member``)."""
         raise NotImplementedError
@@ -45,6 +51,9 @@ class _Subset(EncodedSource):
 
     def read(self, i: int) -> bytes:
         return self.base.read(i)
+
+    def view(self, i: int) -> bytes | memoryview:
+        return self.base.view(i)
 
     def path(self, i: int) -> str:
         return self.base.path(i)

@@ -82,13 +82,15 @@ def available() -> bool:
     return _lib is not None
 
 
-def decode_crop(data: bytes, k: int, scaled_hw: tuple[int, int], box: tuple[int, int, int, int]) -> np.ndarray:
+def decode_crop(data: bytes, k: int, scaled_hw: tuple[int, int], box: tuple[int, int, int, int],
+                strict: bool = False) -> np.ndarray:
     """Rows ``y0:y1`` and columns ``x0:x1`` (``box`` = (y0, x0, y1, x1), in pixels of the image decoded at scale
     ``k``/8, whose size is ``scaled_hw``) as an RGB ``[y1 - y0, x1 - x0, 3]`` view of this thread's buffer (valid
-    until its next call).
+    until its next call). ``strict``: libjpeg's warnings about damaged data in the part it reads are errors too.
 
     Raises:
-        ValueError: libjpeg's message (damaged data is not checked: use it on data that were verified).
+        ValueError: libjpeg's message. Damage outside the rows and columns decoded goes unnoticed (rows below the
+            crop are never read): use it on data that were verified, or decoded whole once before.
     """
     if not available():
         raise RuntimeError("CPU crop decoding is not available here")
@@ -101,7 +103,7 @@ def decode_crop(data: bytes, k: int, scaled_hw: tuple[int, int], box: tuple[int,
         buf = _local.buf = np.empty(max(need, 1 << 20), np.uint8)
         _local.msg, _local.xo, _local.cw = ctypes.create_string_buffer(_MSG), ctypes.c_int(), ctypes.c_int()
     rc = _lib.fsm_decode_crop(data, len(data), k, a0, y0, w, h, buf.ctypes.data, ctypes.byref(_local.xo),
-                              ctypes.byref(_local.cw), 0, _local.msg, _MSG)
+                              ctypes.byref(_local.cw), int(strict), _local.msg, _MSG)
     if rc != 0:
         raise ValueError(_local.msg.value.decode("utf-8", "replace"))
     cw, off = _local.cw.value, x0 - _local.xo.value

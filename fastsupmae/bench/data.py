@@ -14,8 +14,9 @@ rounds), so machine load from other processes hits all of them alike. Per pipeli
 
 Also printed: the machine's decode-only ceiling (the fastest full-size JPEG decode, simplejpeg on one core,
 no resize, times the cores), batch size, rounds, the load average, and the median over rounds of the CPU
-fallback's images/s over torchvision's (each round's ratio). Wire-up (the CLI owns the sub-command):
-``add_args(subparser)`` then ``run(args)``.
+fallback's images/s over torchvision's (each round's ratio); with a ``-raw`` row, the crop-and-resize ceiling of
+every round (:func:`crop_resize_ceiling`) and each raw row against its own round's. Wire-up (the CLI owns the
+sub-command): ``add_args(subparser)`` then ``run(args)``.
 """
 
 from __future__ import annotations
@@ -36,9 +37,12 @@ import torch
 log = logging.getLogger(__name__)
 DEFAULT_DATA = "/tmp/fastsupmae_imagenet_like"
 PIPELINES = ("torchvision", "cpu", "dali")
-# other recipes, and the same pipelines reading prepared shards (fastsupmae prepare: JPEG or raw pixels)
-EXTRA = ("cpu-finetune", "dali-finetune", "cpu-eval", "dali-eval", "cpu-shards", "cpu-raw", "dali-shards", "dali-raw")
-DATA = ("folder", "shards", "raw")
+# other recipes, the same pipelines reading prepared shards (fastsupmae prepare: JPEG or raw pixels), and the CPU
+# fallback on the folder as in the later epochs of a run (cpu-screened: every file decoded whole once already, so
+# JPEGs are crop-decoded; the plain cpu row is a run's first epoch)
+EXTRA = ("cpu-finetune", "dali-finetune", "cpu-eval", "dali-eval", "cpu-shards", "cpu-raw", "dali-shards", "dali-raw",
+         "cpu-screened")
+DATA = ("folder", "shards", "raw", "screened")
 PREPARED_SIZE = 256
 
 
@@ -98,7 +102,7 @@ def ensure_prepared(root: str | Path, fmt: str, workers: int) -> Path:
 
 
 def _source(data: str, root: str, a: argparse.Namespace) -> Any:
-    if data == "folder":
+    if data in ("folder", "screened"):
         from fastsupmae.pipelines.imagefolder import ImageFolderSource
 
         return ImageFolderSource(root)
@@ -114,7 +118,8 @@ def parse_name(name: str) -> tuple[str, str, str]:
     kind, *rest = name.split("-")
     data = rest.pop(0) if rest and rest[0] in DATA else "folder"
     recipe = rest.pop(0) if rest else "pretrain"
-    if kind not in ("cpu", "dali") or recipe not in ("pretrain", "finetune", "eval") or rest:
+    if kind not in ("cpu", "dali") or recipe not in ("pretrain", "finetune", "eval") or rest or (
+            kind, data) == ("dali", "screened"):
         raise SystemExit(f"unknown pipeline '{name}'; choose from {', '.join(PIPELINES + EXTRA)}")
     return kind, data, recipe
 
@@ -131,12 +136,31 @@ def _make(name: str, root: str, a: argparse.Namespace) -> Iterable[Any]:
     if kind == "cpu":
         from fastsupmae.pipelines.cpu_loader import CpuLoader
 
+        if data == "screened":
+            kw["screened"] = screened_once(src, root, a)
         return CpuLoader(src, num_workers=a.workers, **kw)
     from fastsupmae.pipelines.dali_loader import DaliLoader
 
     dev = "cuda" if a.device == "cuda" else "cpu"
     # DALI's threads do the decoding; its feeding processes only read files (one is plenty for a local disk)
     return DaliLoader(src, num_threads=a.workers, py_workers=1, device=dev, **kw)
+
+
+_SCREENED: dict[str, Any] = {}
+
+
+def screened_once(src: Any, root: str, a: argparse.Namespace) -> Any:
+    """The verdicts of one real pass over the folder (an untimed evaluation epoch of the fallback: every file decoded
+    whole once), made the first time a cpu-screened row needs them and shared by its rounds, as by a run's epochs."""
+    from fastsupmae.pipelines.cpu_loader import CpuLoader
+    from fastsupmae.pipelines.screened import Screened
+
+    if root not in _SCREENED:
+        sc = Screened(len(src))
+        for _ in CpuLoader(src, a.batch, (a.size, a.size), False, num_workers=a.workers, screened=sc):
+            pass
+        _SCREENED[root] = sc
+    return _SCREENED[root]
 
 
 def _cycle(make: Callable[[], Iterable[Any]]) -> Iterator[Any]:
@@ -233,13 +257,14 @@ def decode_ceiling(root: Path, n: int) -> float:
     return len(datas) / (time.process_time() - t0)
 
 
-def stage_times(src: Any, n: int, size: int, interp: str, seed: int = 0) -> dict[str, float]:
+def stage_times(src: Any, n: int, size: int, interp: str, seed: int = 0, crop: bool = False) -> dict[str, float]:
     """CPU milliseconds per image of each stage of the CPU fallback, one process, one thread.
 
     The stages of :func:`.image_decode.decode_crop_resize` done one by one on ``n`` samples, with the
     training crop rule (RandomResizedCrop 0.2-1, every image flipped so the flip is timed): read (the source's
-    ``read``), decode (header + the reduced-size decode the fallback asks for; raw PPM: none), crop + resize
-    (torch's uint8 antialiased kernel from a view of the decode straight into a channels-last batch slot, as
+    ``view``, as the fallback reads: for raw pixels in a mapped shard the pages are touched in crop + resize),
+    decode (header + the reduced-size decode the fallback asks for; raw PPM: none), crop + resize (torch's uint8
+    antialiased kernel from a view of the decode straight into a channels-last batch slot, as
     :func:`.image_decode.resize_into`), flip (of the slot, in place).
     """
     import math
@@ -260,8 +285,9 @@ def stage_times(src: Any, n: int, size: int, interp: str, seed: int = 0) -> dict
 
     rng, threads = random.Random(seed), torch.get_num_threads()
     torch.set_num_threads(1)
-    # verified JPEGs (prepared shards) are crop-decoded (.jpeg_crop); 'whole decode' times today's decode beside
-    crop_decoding = bool(getattr(src, "verified", False)) and jpeg_crop.available()
+    # verified JPEGs (prepared shards) and, with ``crop``, JPEGs decoded whole once already in this run (a screened
+    # folder) are crop-decoded (.jpeg_crop); 'whole decode' times today's decode beside it
+    crop_decoding = (crop or bool(getattr(src, "verified", False))) and jpeg_crop.available()
     t = dict.fromkeys(("read", "decode", "crop+resize", "flip", "whole decode"), 0.0)
     region = None
     slot = batch_tensor(1, (size, size))[0]
@@ -269,7 +295,8 @@ def stage_times(src: Any, n: int, size: int, interp: str, seed: int = 0) -> dict
     try:
         for i in range(m):
             c0 = time.process_time()
-            data = src.read(i)
+            data = src.view(i)  # as the fallback reads: raw pixels stay a view (a mapped shard), a JPEG is copied
+            data = data if data[:1] == b"P" else bytes(data)
             c1 = time.process_time()
             h, w = image_size(data, "")
             top, left, bh, bw = sample_crop_box(h, w, (0.2, 1.0), DEFAULT_RATIO, rng)
@@ -304,10 +331,40 @@ def stage_times(src: Any, n: int, size: int, interp: str, seed: int = 0) -> dict
     return {k: 1000 * v / max(1, m) for k, v in t.items()}
 
 
+def crop_resize_ceiling(src: Any, n: int, size: int, interp: str, seed: int = 0) -> float:
+    """Images per CPU-second of crop + resize alone: ``n`` raw images already decoded in memory (writable arrays,
+    together larger than the CPU's caches, as a dataset is), the training crop rule, torch's uint8 antialiased
+    resize straight into one slot of a channels-last batch and the flip with probability 0.5, as the fallback does;
+    one process, one thread. Measured in every round beside the pipelines (machine load hits both alike)."""
+    import random
+
+    import numpy as np
+
+    from fastsupmae.pipelines.crop_params import DEFAULT_RATIO, sample_crop_box
+    from fastsupmae.pipelines.image_decode import batch_tensor, pnm_pixels, resize_into
+
+    rng, threads = random.Random(seed), torch.get_num_threads()
+    pixels = [np.array(pnm_pixels(src.read(i))) for i in range(min(n, len(src)))]
+    work = [(a, sample_crop_box(a.shape[0], a.shape[1], (0.2, 1.0), DEFAULT_RATIO, rng), rng.random() < 0.5)
+            for a in pixels]
+    slot = batch_tensor(1, (size, size))[0]
+    torch.set_num_threads(1)
+    try:
+        c0 = time.process_time()
+        for a, (top, left, h, w), flip in work:
+            resize_into(torch.from_numpy(a[top:top + h, left:left + w]).permute(2, 0, 1)[None], slot, interp)
+            if flip:
+                slot.copy_(slot.flip(-1))
+        dt = time.process_time() - c0
+    finally:
+        torch.set_num_threads(threads)
+    return len(work) / max(dt, 1e-9)
+
+
 def _breakdown(names: list[str], med: dict[str, dict[str, float]], root: str, a: argparse.Namespace) -> None:
     """Print :func:`stage_times` for each kind of data the run read, beside the pipelines' measured CPU ms per
-    image (the difference: hand-over to the main process, worker and loader overhead), and the
-    crop-and-resize-only ceiling (the pixels already decoded in memory: crop + resize into the batch + flip)."""
+    image (the difference: hand-over to the main process, worker and loader overhead); the crop-and-resize-only
+    ceiling is :func:`crop_resize_ceiling`, measured in every round."""
     datas = sorted({parse_name(n)[1] for n in names if n != "torchvision"}, key=DATA.index)
     if not datas or a.breakdown_images <= 0:
         return
@@ -316,7 +373,7 @@ def _breakdown(names: list[str], med: dict[str, dict[str, float]], root: str, a:
     print(f"{'data':<8} {'read':>6} {'decode':>7} {'crop+resize':>12} {'flip':>6} {'stages':>7}  "
           f"{'pipeline':<11}{'ms':>7} {'rest':>7}")
     for d in datas:
-        st = stage_times(_source(d, root, a), a.breakdown_images, a.size, a.interp)
+        st = stage_times(_source(d, root, a), a.breakdown_images, a.size, a.interp, crop=d == "screened")
         whole = st.pop("whole decode")
         total = sum(st.values())
         cpu = f"cpu{'' if d == 'folder' else '-' + d}"
@@ -324,13 +381,22 @@ def _breakdown(names: list[str], med: dict[str, dict[str, float]], root: str, a:
         print(f"{d:<8} {st['read']:>6.3f} {st['decode']:>7.3f} {st['crop+resize']:>12.3f} {st['flip']:>6.3f} "
               f"{total:>7.3f}  {cpu:<11}{pipe:>7.3f} {pipe - total:>7.3f}")
         if whole > 0:
-            print(f"{'':<8} crop decoding (verified JPEGs): decode {st['decode']:.3f} ms per image vs {whole:.3f} ms "
+            what = "JPEGs decoded whole once before" if d == "screened" else "verified JPEGs"
+            print(f"{'':<8} crop decoding ({what}): decode {st['decode']:.3f} ms per image vs {whole:.3f} ms "
                   f"decoding the whole image at the same DCT scale ({whole / max(st['decode'], 1e-9):.2f}x)")
-        if d == "raw":
-            ceil = 1000 / (st["crop+resize"] + st["flip"])
-            print(f"crop-and-resize ceiling (raw pixels in memory: crop + resize into the batch + flip): {ceil:.0f} "
-                  f"images per CPU-second" + (f"; cpu-raw reaches {med['cpu-raw']['cpu'] / ceil:.0%} of it"
-                                       if "cpu-raw" in med else ""))
+
+
+def _print_ceilings(ceilings: list[float], raw: dict[str, list[dict[str, float]]]) -> None:
+    """The crop-and-resize ceiling of each round, and each raw-pixel row against its own round's ceiling."""
+    if not ceilings:
+        return
+    print(f"crop-and-resize ceiling (raw pixels in memory: crop + resize into the batch + flip with p 0.5, one "
+          f"thread), per round: {' '.join(f'{c:.0f}' for c in ceilings)}; median {statistics.median(ceilings):.0f} "
+          f"images per CPU-second")
+    for n, rounds in raw.items():
+        pct = [x["cpu"] / c for x, c in zip(rounds, ceilings)]
+        print(f"{n} / the ceiling of its round: {' '.join(f'{p:.0%}' for p in pct)}; median "
+              f"{statistics.median(pct):.0%}")
 
 
 def feeder_times(src: Any, n: int) -> tuple[float, float]:
@@ -442,7 +508,9 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     names = [n.strip() for n in args.pipelines.split(",") if n.strip()]
     keys = ("images_s", "cpu", "wait", "step_ms", "gpu_mib")
     results: dict[str, list[dict[str, float]]] = {n: [] for n in names}
-    loads = []
+    loads, ceilings = [], []
+    raw = [n for n in names if n != "torchvision" and parse_name(n)[1] == "raw"]
+    raw_src = _source("raw", str(train), args) if raw and args.breakdown_images > 0 else None
     for r in range(args.repeats):
         for n in names:
             res = measure(lambda n=n: _make(n, str(train), args), args.batches, args.warmup)
@@ -450,6 +518,8 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             loads.append(os.getloadavg()[0])
             log.info("round %d %-12s %8.1f images/s %8.1f images/CPU-s  data-wait %5.1f %% @ %.0f ms", r, n,
                      res["images_s"], res["cpu"], 100 * res["wait"], res["step_ms"])
+        if raw_src is not None:
+            ceilings.append(crop_resize_ceiling(raw_src, args.breakdown_images, args.size, args.interp, seed=r))
     med = {n: {k: statistics.median(x[k] for x in v) for k in keys} for n, v in results.items()}
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     ceiling = decode_ceiling(train, args.ceiling_images) if args.ceiling_images > 0 else 0.0
@@ -478,6 +548,7 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             if n.startswith("cpu-") and parse_name(n)[2] == "pretrain":
                 print(f"{n} / cpu images per CPU-second: {med[n]['cpu'] / base_cpu:.2f}x")
     _breakdown(names, med, str(train), args)
+    _print_ceilings(ceilings, {n: results[n] for n in raw})
     _feeders_or_decoders(names, med, str(train), args)
     _print_costs(names, med, str(train), args, loads)
     if "torchvision" in results and "cpu" in results:
