@@ -25,7 +25,7 @@ import torch
 from fastsupmae.errors import DataError
 
 from . import jpeg_crop
-from .bad_files import BadFilePolicy, BadImage
+from .bad_files import BadFilePolicy, BadImage, replace_bad
 from .crop_params import DEFAULT_RATIO, center_crop_box, sample_crop_box
 from .encoded_source import EncodedSource
 from .image_decode import batch_tensor, decode_crop_resize
@@ -36,7 +36,6 @@ from .shared_memory import PREFETCH_FACTOR
 from .transfer import to_device
 
 log = logging.getLogger(__name__)
-_MAX_REPLACEMENTS = 32  # a batch whose bad samples cannot be replaced within this many tries stops the run
 
 
 class BatchDecoder:
@@ -121,18 +120,16 @@ class BatchDecoder:
                     keep_idx.append(cand)
                     break
                 except BadImage as e:
-                    if self.strict:
-                        return {"error": f"bad image file '{e.path}': {e.reason}"}
-                    bad.append((e.path, e.reason))
-                    if not self.train:
-                        break  # evaluation drops the sample rather than counting another image twice
+                    if not self.strict:
+                        bad.append((e.path, e.reason))
                     k += 1
-                    if k > _MAX_REPLACEMENTS:
-                        return {"error": f"{k} bad image files in a row around '{e.path}' ({e.reason}); the data "
-                                         f"looks broken (data.bad_files=skip found no readable image to use "
-                                         f"instead): check data.root"}
-                    # a deterministic stand-in from elsewhere in the dataset keeps the batch size fixed
-                    cand = int(mix_seed(self.seed, epoch, step, j, k) % len(self.source))
+                    nxt, err = replace_bad(e, k, strict=self.strict, train=self.train, seed=self.seed, epoch=epoch,
+                                           step=step, slot=j, n=len(self.source))
+                    if err is not None:
+                        return {"error": err}
+                    if nxt is None:
+                        break
+                    cand = nxt
         m = len(keep_idx)
         if self.train and self.recipe == "finetune":
             self._finetune_aug(out[:m], mix_seed(self.seed, epoch, step, self.rank, 0xF7))

@@ -35,7 +35,7 @@ import torch
 
 from fastsupmae.errors import DataError
 
-from .bad_files import BadFilePolicy, BadImage
+from .bad_files import MAX_REPLACEMENTS, BadFilePolicy, BadImage, stand_in
 from .crop_params import DEFAULT_RATIO
 from .encoded_source import EncodedSource
 from .image_decode import decode_crop_resize, image_size
@@ -45,7 +45,6 @@ from .screened import Screened
 from .transfer import to_device
 
 log = logging.getLogger(__name__)
-_MAX_REPLACEMENTS = 32
 # a 1x1 black PNM: the slot of a sample that is dropped (evaluation, strict) so batches keep DALI's fixed size
 _PLACEHOLDER = b"P6\n1 1\n255\n\x00\x00\x00"
 # magic numbers of the formats DALI's decoders read (JPEG, PNG, BMP, TIFF, PNM, WebP, JPEG 2000)
@@ -157,12 +156,10 @@ class FeedSource:
                 return self.encoded(cand), cand, 1, bad
             except BadImage as e:
                 bad.append((cand, e.reason))
-                if self.strict or not self.order.train or k >= _MAX_REPLACEMENTS:
+                if self.strict or not self.order.train or k >= MAX_REPLACEMENTS:
                     return _PLACEHOLDER, cand, 0, bad
                 k += 1
-                # a deterministic stand-in from elsewhere in the dataset keeps the batch size fixed (the CPU
-                # fallback uses the very same rule)
-                cand = int(mix_seed(self.order.seed, epoch, step, j, k) % len(self.source))
+                cand = stand_in(self.order.seed, epoch, step, j, k, len(self.source))  # the CPU fallback's rule
 
     def __call__(self, info: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """DALI's per-sample callback: ``info.iteration`` is the batch, ``info.idx_in_batch`` the slot."""

@@ -33,7 +33,7 @@ import torch
 
 from fastsupmae.errors import DataError
 
-from .bad_files import BadFilePolicy, BadImage
+from .bad_files import BadFilePolicy, BadImage, replace_bad
 from .crop_params import DEFAULT_RATIO, center_crop_box, sample_crop_box
 from .dali_loader import Screened, screen
 from .encoded_source import EncodedSource
@@ -45,7 +45,6 @@ from .torchvision_decode import Box, crop_resize, decode_jpegs, device_decodable
 from .transfer import to_device
 
 log = logging.getLogger(__name__)
-_MAX_REPLACEMENTS = 32  # as the CPU fallback: a batch that finds no readable stand-in stops the run
 
 
 class BatchReader:
@@ -120,17 +119,16 @@ class BatchReader:
                 try:
                     got = self._load(cand, self._box_of(sub_seeds[j] + k), flip)
                 except BadImage as e:
-                    if self.strict:
-                        return {"error": f"bad image file '{e.path}': {e.reason}"}
-                    out["bad"].append((e.path, e.reason))
-                    if not self.train:
-                        break  # evaluation drops the sample
+                    if not self.strict:
+                        out["bad"].append((e.path, e.reason))
                     k += 1
-                    if k > _MAX_REPLACEMENTS:
-                        return {"error": f"{k} bad image files in a row around '{e.path}' ({e.reason}); the data "
-                                         f"looks broken (data.bad_files=skip found no readable image to use "
-                                         f"instead): check data.root"}
-                    cand = int(mix_seed(self.seed, epoch, step, j, k) % len(self.source))
+                    nxt, err = replace_bad(e, k, strict=self.strict, train=self.train, seed=self.seed, epoch=epoch,
+                                           step=step, slot=j, n=len(self.source))
+                    if err is not None:
+                        return {"error": err}
+                    if nxt is None:
+                        break
+                    cand = nxt
                     continue
                 _place(out, got, len(keep), cand, flip)
                 keep.append(cand)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import statistics
 import time
@@ -421,8 +420,8 @@ def feeder_times(src: Any, n: int) -> tuple[float, float]:
 def _feeders_or_decoders(names: list[str], med: dict[str, dict[str, float]], root: str, a: argparse.Namespace) -> None:
     """For each DALI row: its feeding cost per image (measured alone) against the rest of its CPU time (DALI's
     threads: decoding and resizing on CPU operators, the host side of hybrid decoding on a GPU), which side limits
-    with the bench's 1 feeding process and ``--workers`` threads, and the feeders : threads split those costs imply
-    for 8, 12 and 16 cores per GPU (one core left to the training process)."""
+    with the bench's 1 feeding process and ``--workers`` threads. The sizes ``auto`` picks per node come from
+    :mod:`fastsupmae.pipelines.feed_costs` alone (printed at the end), so no second rule is printed here."""
     for n in names:
         if n == "torchvision" or parse_name(n)[0] != "dali" or n not in med or a.breakdown_images <= 0:
             continue
@@ -430,11 +429,8 @@ def _feeders_or_decoders(names: list[str], med: dict[str, dict[str, float]], roo
         total = 1000 / med[n]["cpu"]
         dec = max(total - later, 1e-6)
         side = "feeders" if later / 1 > dec / max(1, a.workers) else "decoders"
-        split = ", ".join(f"{c} cores: {w} feeders + {c - 1 - w} threads" for c in (8, 12, 16)
-                          for w in [max(1, min(c - 2, math.ceil((c - 1) * later / (later + dec))))])
         print(f"{n}: feeding {first:.3f} ms per image in the first epoch, {later:.3f} later (read only); the rest "
-              f"{dec:.3f} ms (DALI's threads): the {side} limit here (1 feeding process, {a.workers} threads); "
-              f"split by those costs: {split}")
+              f"{dec:.3f} ms (DALI's threads): the {side} limit here (1 feeding process, {a.workers} threads)")
 
 
 def _print_costs(names: list[str], med: dict[str, dict[str, float]], root: str, a: argparse.Namespace,
