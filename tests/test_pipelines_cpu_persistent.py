@@ -126,3 +126,25 @@ def test_program_end_leaves_no_workers_and_no_shared_memory(tmp_path, strategy):
     assert not _alive(pids[1:])
     left = [f for f in os.listdir("/dev/shm") if any(f"_{p}_" in f or f.endswith(f"_{p}") for p in pids)]
     assert not left, left
+
+
+def test_bench_data_times_a_later_epoch_of_the_same_loader(tmp_path):
+    """``bench data``'s ``NAME@K`` rows: the loader comes back with its first K-1 epochs read (so the timed batches
+    are of epoch K, through the workers kept from them); a bad epoch number is one clear message."""
+    import argparse
+
+    from fastsupmae.bench import data as bench
+
+    make_folder(tmp_path / "train", per_class=4)
+    assert bench.parse_name("cpu-raw@2") == ("cpu", "raw", "pretrain") and bench.split_epoch("cpu") == ("cpu", 1)
+    for bad in ("cpu-raw@0", "cpu-raw@x", "cpu@"):
+        with pytest.raises(SystemExit, match="whole number"):
+            bench.split_epoch(bad)
+    p = argparse.ArgumentParser()
+    bench.add_args(p)
+    a = p.parse_args(["--batch", "2", "--workers", "2", "--size", "16"])
+    k = int(np.random.default_rng().integers(1, 4))
+    loader = bench._make(f"cpu@{k}", str(tmp_path / "train"), a)
+    assert loader.order.epoch == k - 1 and loader.order.consumed == 0
+    assert (loader._idle is not None) == (k > 1)  # the workers of the epochs read are kept for the timed one
+    loader.close()
