@@ -326,7 +326,9 @@ class CpuLoader(LoaderBase):
         source: encoded samples.
         batch_size, rank, world_size, seed, train: see :class:`.sampler.ShardedOrder`.
         out_hw: output size.
-        num_workers: decode processes (0: decode in the calling thread).
+        num_workers: decode processes (0: decode in the calling thread), started when the loader first iterates and
+            kept from one epoch to the next (with their shard mappings) until :meth:`close`, the loader's end or an
+            epoch left half-way (:class:`_Workers`).
         policy: ``skip`` or ``strict`` for bad files.
         device: batches are pinned and moved there when it is a CUDA device.
         screened: verdicts to share (:class:`.screened.Screened` over ``source``); default: this loader's own,
