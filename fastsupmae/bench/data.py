@@ -15,7 +15,8 @@ rounds), so machine load from other processes hits all of them alike. Per pipeli
 Also printed: the machine's decode-only ceiling (the fastest full-size JPEG decode, simplejpeg on one core,
 no resize, times the cores), batch size, rounds, the load average, and the median over rounds of the CPU
 fallback's images/s over torchvision's (each round's ratio); with a ``-raw`` row, the crop-and-resize ceiling of
-every round (:func:`crop_resize_ceiling`) and each raw row against its own round's. Wire-up (the CLI owns the
+every round (:func:`crop_resize_ceiling`) and each raw row against its own round's. ``NAME@K`` times a row's K-th
+epoch (the loader's first K-1 read through untimed, as in a run's later epochs). Wire-up (the CLI owns the
 sub-command): ``add_args(subparser)`` then ``run(args)``.
 """
 
