@@ -157,8 +157,7 @@ class _Ring:
     A slot is written again only after the main process has seen that nothing but the ring still uses its memory
     (the consumer dropped the batch, or it was copied to pinned memory for the GPU); when all of a worker's slots
     are in use it falls back to a fresh segment, so a consumer that keeps batches never sees them overwritten.
-    A :class:`CpuLoader` keeps its ring from one epoch to the next when the previous epoch's workers have
-    finished; else (an epoch left half-way, whose workers may still write) it makes a new one.
+    A ring belongs to one set of workers (:class:`_Workers`), kept from one epoch to the next with them.
     """
 
     def __init__(self, workers: int, per_worker: int, shape: tuple[int, ...]) -> None:
@@ -167,7 +166,6 @@ class _Ring:
         self.slots = [_shared_tensor(shape).zero_() for _ in range(workers * per_worker)]
         self._idle = [_use_count(t) for t in self.slots]  # the reference count of a slot nobody else uses
         self.held: list[int] = []  # main process: slots handed out, not yet seen released
-        self.reusable = False  # main process: the DataLoader that used it last has finished (its workers are gone)
 
     def take(self, worker: int) -> tuple[int, torch.Tensor | None]:
         """Worker: ``(slot, tensor)`` of a free slot of ``worker`` now marked busy (the lowest, so the same few
@@ -228,24 +226,21 @@ def _use_count(t: torch.Tensor) -> int:
 
 
 class _Steps(torch.utils.data.Dataset):
-    """The remaining steps of one epoch as a map-style dataset: item k = batch of step ``steps[k]``."""
+    """Batches by key: item ``(epoch, step)`` = the batch of ``step`` in ``epoch`` (the keys come from the main
+    process's :class:`_Keys`, so long-lived workers build whatever epoch the loader is in)."""
 
-    def __init__(self, decoder: BatchDecoder, order: ShardedOrder, epoch: int, steps: range,
-                 ring: _Ring | None = None) -> None:
-        self.decoder, self.order, self.epoch, self.steps, self.ring = decoder, order, epoch, steps, ring
+    def __init__(self, decoder: BatchDecoder, order: ShardedOrder, ring: _Ring | None = None) -> None:
+        self.decoder, self.order, self.ring = decoder, order, ring
 
-    def __len__(self) -> int:
-        return len(self.steps)
-
-    def __getitem__(self, k: int) -> dict[str, Any]:
-        step = self.steps[k]
-        idx = self.order.batch_indices(self.epoch, step).tolist()
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        epoch, step = key
+        idx = self.order.batch_indices(epoch, step).tolist()
         info = torch.utils.data.get_worker_info()
         slot, buf = self.ring.take(info.id) if self.ring is not None and info is not None else (-1, None)
         try:
             if slot < 0:
-                return self.decoder(self.epoch, step, idx)
-            b = self.decoder(self.epoch, step, idx, out=buf)
+                return self.decoder(epoch, step, idx)
+            b = self.decoder(epoch, step, idx, out=buf)
             if "images" in b:  # the batch travels as its slot's number
                 b["images"] = _Handed(self.ring.key, slot, len(b["images"]))
             else:
@@ -256,6 +251,59 @@ class _Steps(torch.utils.data.Dataset):
                 self.ring.busy[slot] = 0
             first = self.decoder.source.path(idx[0]) if idx else "?"
             return {"error": f"data worker failed on the batch starting at '{first}' ({type(e).__name__}: {e})"}
+
+
+class _Keys(torch.utils.data.Sampler):
+    """The DataLoader's sampler: the ``(epoch, step)`` keys of the epoch being read, set by the main process before
+    each pass (DataLoader reads its sampler afresh at every ``iter``)."""
+
+    def __init__(self) -> None:
+        self.keys: list[tuple[int, int]] = []
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+class _Workers:
+    """One loader's decode processes, their ring and the DataLoader that drives them, kept for the whole run.
+
+    The workers are forked once (at the first :meth:`batches`) and stay: each keeps the shard mappings it made and
+    the pages it mapped, which a fresh process would map again every epoch (~24 us per 256 KiB image, as much as
+    a tenth of a raw image's whole cost). DataLoader's ``persistent_workers``: every ``iter`` after the first only
+    hands the workers new keys. A :class:`CpuLoader` reuses its workers only when their last pass ran to its end
+    (nothing left in flight: every batch was received, every worker idle); an epoch left half-way, or one that
+    failed, closes its workers, and the next one starts new ones with a new ring, as a fresh DataLoader would.
+    """
+
+    def __init__(self, decoder: BatchDecoder, order: ShardedOrder, workers: int, pin: bool, timeout_s: float) -> None:
+        self.ring = _Ring(workers, PREFETCH_FACTOR + 2, (order.batch_size, 3, *decoder.out_hw))
+        self.keys = _Keys()
+        self.dl = torch.utils.data.DataLoader(
+            _Steps(decoder, order, self.ring), batch_size=None, sampler=self.keys, num_workers=workers,
+            worker_init_fn=_worker_init, collate_fn=_as_is, prefetch_factor=PREFETCH_FACTOR, pin_memory=pin,
+            persistent_workers=True,
+            # a worker stuck on a file (network mount, ...) becomes an error instead of a silent hang
+            timeout=timeout_s,
+        )
+
+    def batches(self, epoch: int, steps: range) -> Iterator[Any]:
+        """DataLoader's iterator over the batches ``steps`` of ``epoch`` (starts the workers the first time)."""
+        self.keys.keys = [(epoch, s) for s in steps]
+        return iter(self.dl)
+
+    def pids(self) -> list[int]:
+        """The worker processes' ids (empty before the first pass and after :meth:`close`)."""
+        it = self.dl._iterator
+        return [] if it is None else [w.pid for w in getattr(it, "_workers", [])]
+
+    def close(self) -> None:
+        """Stop the workers now (joined; the ring's memory goes with the last reference to it)."""
+        it, self.dl._iterator = self.dl._iterator, None
+        if it is not None:
+            it._shutdown_workers()
 
 
 def _as_is(item: dict[str, Any]) -> dict[str, Any]:
@@ -278,7 +326,9 @@ class CpuLoader(LoaderBase):
         source: encoded samples.
         batch_size, rank, world_size, seed, train: see :class:`.sampler.ShardedOrder`.
         out_hw: output size.
-        num_workers: decode processes (0: decode in the calling thread).
+        num_workers: decode processes (0: decode in the calling thread), started when the loader first iterates and
+            kept from one epoch to the next (with their shard mappings) until :meth:`close`, the loader's end or an
+            epoch left half-way (:class:`_Workers`).
         policy: ``skip`` or ``strict`` for bad files.
         device: batches are pinned and moved there when it is a CUDA device.
         screened: verdicts to share (:class:`.screened.Screened` over ``source``); default: this loader's own,
@@ -301,37 +351,40 @@ class CpuLoader(LoaderBase):
                                     screened=screened, **aug)
         self.num_workers, self.device, self.in_chans = num_workers, torch.device(device), in_chans
         self.timeout_s = timeout_s
-        self._ring: _Ring | None = None
+        self._idle: _Workers | None = None  # the workers of the last pass that ran to its end, kept for the next
+
+    def close(self) -> None:
+        """Stop the idle decode processes now (also done when the loader is garbage-collected or the run ends)."""
+        idle, self._idle = self._idle, None
+        if idle is not None:
+            idle.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the multiprocessing machinery may already be gone
+            pass
 
     def _batches(self, epoch: int, steps: range) -> Iterator[dict[str, Any]]:
         if self.num_workers == 0:
-            ds = _Steps(self.decoder, self.order, epoch, steps)
-            yield from (ds[k] for k in range(len(ds)))
+            ds = _Steps(self.decoder, self.order)
+            yield from (ds[epoch, s] for s in steps)
             return
-        # the previous epoch's ring once its workers are gone; else a new one: workers of an abandoned iterator
-        # (which may still run) can never write into this one's slots
-        ring = self._ring
-        if ring is None or not ring.reusable:
-            ring = self._ring = _Ring(self.num_workers, PREFETCH_FACTOR + 2,
-                                      (self.order.batch_size, 3, *self.decoder.out_hw))
-        ring.reusable = False
-        ds = _Steps(self.decoder, self.order, epoch, steps, ring)
-        dl = torch.utils.data.DataLoader(
-            ds, batch_size=None, shuffle=False, num_workers=self.num_workers, worker_init_fn=_worker_init,
-            collate_fn=_as_is,
-            prefetch_factor=PREFETCH_FACTOR, pin_memory=self.device.type == "cuda",
-            # a worker stuck on a file (network mount, ...) becomes an error instead of a silent hang
-            timeout=self.timeout_s,
-        )
+        # the workers (and ring) of the last pass that ran to its end; else new ones: workers of an abandoned pass
+        # (which may still run) can never write into this pass's slots
+        pool, self._idle = self._idle, None
+        if pool is None:
+            pool = _Workers(self.decoder, self.order, self.num_workers, self.device.type == "cuda", self.timeout_s)
+        ring, done = pool.ring, False
         _RINGS[ring.key] = ring
         try:
-            batches = iter(dl)
+            batches = pool.batches(epoch, steps)
             while True:
                 # the consumer has asked for the next batch: what it dropped can be written again while we wait
                 ring.held = ring.release_unused(ring.held)
                 b = next(batches, None)
                 if b is None:
-                    ring.reusable = True  # exhausted: DataLoader has joined its workers
+                    done = True  # every batch received: the workers are idle, nothing of theirs is in flight
                     break
                 h = b.get("images")
                 if isinstance(h, _Handed):  # not copied to pinned memory by DataLoader's pin thread
@@ -346,12 +399,16 @@ class CpuLoader(LoaderBase):
             raise
         finally:
             _RINGS.pop(ring.key, None)
+            if done and self._idle is None:
+                self._idle = pool  # kept, with the workers' mappings, for the next epoch
+            else:
+                pool.close()
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         o = self.order
         epoch = o.epoch
         steps = o.remaining_steps()
-        # the batches first: after the last one the generator runs to its end, which marks the ring reusable
+        # the batches first: after the last one the generator runs to its end, which keeps the workers for the next
         for b, step in zip(self._batches(epoch, steps), steps):
             if b.get("error"):
                 # the strict mode's single bad file; skip mode's 'N bad image files in a row' is its own message

@@ -15,7 +15,8 @@ rounds), so machine load from other processes hits all of them alike. Per pipeli
 Also printed: the machine's decode-only ceiling (the fastest full-size JPEG decode, simplejpeg on one core,
 no resize, times the cores), batch size, rounds, the load average, and the median over rounds of the CPU
 fallback's images/s over torchvision's (each round's ratio); with a ``-raw`` row, the crop-and-resize ceiling of
-every round (:func:`crop_resize_ceiling`) and each raw row against its own round's. Wire-up (the CLI owns the
+every round (:func:`crop_resize_ceiling`) and each raw row against its own round's. ``NAME@K`` times a row's K-th
+epoch (the loader's first K-1 read through untimed, as in a run's later epochs). Wire-up (the CLI owns the
 sub-command): ``add_args(subparser)`` then ``run(args)``.
 """
 
@@ -52,7 +53,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--make", type=int, default=3000, help="images to make when --data does not exist")
     p.add_argument("--pipelines", default=",".join(PIPELINES),
                    help=f"comma list of {', '.join(PIPELINES + EXTRA)} (dali = DALI CPU operators here, crop-only "
-                        f"decode; the default compares the pretraining pipelines)")
+                        f"decode; the default compares the pretraining pipelines); NAME@K times the loader's K-th "
+                        f"epoch, the epochs before read through untimed (cpu-raw@2: the second epoch, the CPU "
+                        f"fallback's workers and their shard mappings kept from the first)")
     p.add_argument("--size", type=int, default=224, help="output side")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers / DALI threads for every pipeline")
@@ -111,10 +114,18 @@ def _source(data: str, root: str, a: argparse.Namespace) -> Any:
                                 "train-*.tar"))
 
 
+def split_epoch(name: str) -> tuple[str, int]:
+    """``'cpu-raw@2'`` -> ('cpu-raw', 2): the row times its loader's 2nd epoch; a plain name: its 1st."""
+    base, at, k = name.partition("@")
+    if at and not (k.isdigit() and int(k) >= 1):
+        raise SystemExit(f"pipeline '{name}': the epoch after '@' must be a whole number >= 1 (cpu-raw@2)")
+    return base, int(k) if at else 1
+
+
 def parse_name(name: str) -> tuple[str, str, str]:
     """``'cpu-shards'`` -> ('cpu', 'shards', 'pretrain'); kinds cpu / dali, data folder / shards / raw, recipes
-    pretrain / finetune / eval (``'dali-eval'``, ``'cpu-raw-finetune'``, ...)."""
-    kind, *rest = name.split("-")
+    pretrain / finetune / eval (``'dali-eval'``, ``'cpu-raw-finetune'``, ...); an ``@K`` epoch is ignored."""
+    kind, *rest = split_epoch(name)[0].split("-")
     data = rest.pop(0) if rest and rest[0] in DATA else "folder"
     recipe = rest.pop(0) if rest else "pretrain"
     if kind not in ("cpu", "dali") or recipe not in ("pretrain", "finetune", "eval") or rest or (
@@ -124,6 +135,17 @@ def parse_name(name: str) -> tuple[str, str, str]:
 
 
 def _make(name: str, root: str, a: argparse.Namespace) -> Iterable[Any]:
+    """The row's loader, its epochs before the timed one read through (called inside :func:`measure`'s untimed
+    warm-up)."""
+    base, epoch = split_epoch(name)
+    loader = _make_first(base, root, a)
+    for _ in range(epoch - 1):
+        for _ in loader:
+            pass
+    return loader
+
+
+def _make_first(name: str, root: str, a: argparse.Namespace) -> Iterable[Any]:
     if name == "torchvision":
         return _torchvision_loader(root, a)
     kind, data, recipe = parse_name(name)
@@ -396,6 +418,12 @@ def _print_ceilings(ceilings: list[float], raw: dict[str, list[dict[str, float]]
         pct = [x["cpu"] / c for x, c in zip(rounds, ceilings)]
         print(f"{n} / the ceiling of its round: {' '.join(f'{p:.0%}' for p in pct)}; median "
               f"{statistics.median(pct):.0%}")
+    for n, rounds in raw.items():  # a later epoch against the first, round by round
+        first = raw.get(split_epoch(n)[0]) if split_epoch(n)[1] > 1 else None
+        if first:
+            r = [x["cpu"] / y["cpu"] for x, y in zip(rounds, first)]
+            print(f"{n} / {split_epoch(n)[0]} (epoch {split_epoch(n)[1]} / epoch 1) images per CPU-second, per round: "
+                  f"{' '.join(f'{x:.2f}' for x in r)}; median {statistics.median(r):.2f}x")
 
 
 def feeder_times(src: Any, n: int) -> tuple[float, float]:
