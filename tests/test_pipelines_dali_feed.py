@@ -392,5 +392,5 @@ def test_bench_data_says_whether_feeders_or_decoders_limit(tmp_path, capsys):
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if x.startswith("dali: feeding"))
     assert ("the feeders limit" in line) != ("the decoders limit" in line), line
-    for c in (8, 12, 16):
-        assert f"{c} cores: " in line, line
+    # the sizes per node come from one rule, the auto sizes (tests/test_node_feed.py), not from this line
+    assert "cores:" not in line, line
