@@ -34,6 +34,13 @@ variants ``mims-<v>[+<v>...]`` with ``<v>`` from :data:`MIM_VARIANTS` (``mims-fu
 its own (``full`` encoder input costs a full encoder pass, ``d2`` a second decoder block), so at equal budget it
 takes fewer steps.
 
+Equal schedule instead of equal compute (``--epochs E``, the supervised + MIM paper's own axis): every method
+trains E epochs of its pretraining images, the same steps, batch, lr, augmentation and seed, whatever it costs;
+the tables add what one epoch of each method costs (analytic TFLOP and wall seconds), and ``--reference`` names
+the starting recipe each mim_supervised variant is also compared with (e.g. ``--reference mims-hog``, the
+project's defaults). ``--mim-variants`` includes ``r50`` (mask ratio 0.5) and ``unmasked`` (the classifier on a
+second, unmasked pass).
+
 Writes a JSON with every run (budget, steps, images seen, the FLOPs actually spent, wall time, losses, top-1s)
 and the commit it ran on, tables on screen (mean +- sample std over seeds and every seed's value; paired
 per-seed differences of mim_supervised against supervised and of each variant against mim_supervised), and a
