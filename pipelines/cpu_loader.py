@@ -28,7 +28,7 @@ from . import jpeg_crop
 from .bad_files import BadFilePolicy, BadImage, replace_bad
 from .crop_params import DEFAULT_RATIO, center_crop_box, sample_crop_box
 from .encoded_source import EncodedSource
-from .image_decode import batch_tensor, decode_crop_resize
+from .image_decode import batch_tensor, decode_crop_resize, raw_crop, resize_flip
 from .loader_base import LoaderBase, to_gray
 from .sampler import ShardedOrder, mix_seed
 from .screened import PASSED, Screened
@@ -70,8 +70,17 @@ class BatchDecoder:
 
     def _load(self, i: int, box_of: Any, flip: bool, out: torch.Tensor) -> None:
         src, screened = self.source, self.screened
+        span = getattr(src, "span", None)
         try:
-            data = src.view(i)  # a memory-mapped shard: a view, nothing copied
+            if span is not None:  # a memory-mapped shard: raw pixels are cropped as one view of it
+                buf, pixels, off, size = span(i)
+                x = raw_crop(buf, pixels, off, size, box_of)
+                if x is not None:
+                    resize_flip(x, self.out_hw, self.interp, out, flip)
+                    return
+                data = buf[off: off + size]  # not raw RGB: the general way below reads or reports it
+            else:
+                data = src.view(i)  # a memory-mapped shard: a view, nothing copied
         except OSError as e:
             raise BadImage(src.path(i), f"cannot read ({type(e).__name__}: {e})") from None
         # prepared (verified) data were screened when written: libjpeg-turbo's corrupt-data check is not repeated,

@@ -164,15 +164,40 @@ def _resize(region: np.ndarray, out_hw: tuple[int, int], interp: str, out: torch
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "The given NumPy array is not writable")
             x = torch.from_numpy(region).permute(2, 0, 1)[None]
+    return resize_flip(x, out_hw, interp, out, flip)
+
+
+def resize_flip(x: torch.Tensor, out_hw: tuple[int, int], interp: str, out: torch.Tensor | None = None,
+                flip: bool = False) -> torch.Tensor:
+    """:func:`_resize` of a crop that is already a tensor: ``x`` uint8 ``[1, 3, h, w]`` (any strides) to
+    ``out_hw``, into ``out`` (``[3, H, W]``) when given, mirrored when ``flip``."""
     if out is None:
         out = torch.empty((3, *out_hw), dtype=torch.uint8)  # planar: what a caller without a batch expects
-    if tuple(region.shape[:2]) == tuple(out_hw):
+    if x.shape[2] == out_hw[0] and x.shape[3] == out_hw[1]:
         out.copy_(x[0].flip(-1) if flip else x[0])  # a copy in every case: ``x`` views a reused decode buffer
         return out
     resize_into(x, out, interp)
     if flip:  # the resize's taps are mirror-symmetric, so flipping its small output equals resizing a flipped crop
         out.copy_(out.flip(-1))
     return out
+
+
+def raw_crop(buf: memoryview, pixels: torch.Tensor, off: int, size: int,
+             box_for: Callable[[int, int], Box]) -> torch.Tensor | None:
+    """The box ``box_for(h, w)`` of the binary RGB PPM (``P6``, 8-bit) stored at ``buf[off: off + size]``, as a
+    uint8 ``[1, 3, bh, bw]`` view of ``pixels`` (a tensor over the same bytes as ``buf``): nothing copied, one
+    strided view instead of :func:`pnm_pixels`' numpy views and the tensor made of them (~5 us less per image).
+    None for anything :func:`pnm_pixels` would not read as RGB (grey, comments, 16-bit, truncated): the caller
+    goes the general way, which reads or reports it."""
+    m = _PNM.match(buf, off, off + min(size, 64))
+    if m is None or m.group(1) != b"6":
+        return None
+    w, h = int(m.group(2)), int(m.group(3))
+    if w <= 0 or h <= 0 or size < m.end() - off + h * w * 3:
+        return None
+    top, left, bh, bw = box_for(h, w)
+    bh, bw = min(bh, h - top), min(bw, w - left)  # as slicing the [h, w, 3] array would clip
+    return pixels.as_strided((1, 3, bh, bw), (h * w * 3, 1, w * 3, 3), m.end() + (top * w + left) * 3)
 
 
 def decode_crop_resize(data: bytes | memoryview, path: str, box_for: Callable[[int, int], Box],

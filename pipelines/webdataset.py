@@ -23,6 +23,7 @@ import re
 import tarfile
 
 import numpy as np
+import torch
 
 from fastsupmae.errors import DataError
 
@@ -161,18 +162,19 @@ class WebDatasetSource(EncodedSource):
         self.labels = np.asarray([idx[r] for r in raw], dtype=np.int64)
         self._files: dict[int, object] = {}
         self._maps: dict[int, memoryview] = {}
+        self._tensors: dict[int, torch.Tensor] = {}  # per shard: its mapping as one uint8 tensor (:meth:`span`)
         self._pid = os.getpid()
 
     def __getstate__(self) -> dict:
         # open file handles and mappings do not travel to worker processes; each process opens its own
         state = dict(self.__dict__)
-        state["_files"], state["_maps"] = {}, {}
+        state["_files"], state["_maps"], state["_tensors"] = {}, {}, {}
         return state
 
     def read(self, i: int) -> bytes:
         sid, off, size, _ = self.samples[i]
         if self._pid != os.getpid():  # forked: the parent's handles share a file offset with ours
-            self._files, self._maps, self._pid = {}, {}, os.getpid()
+            self._files, self._maps, self._tensors, self._pid = {}, {}, {}, os.getpid()
         f = self._files.get(sid)
         if f is None:
             f = self._files[sid] = open(self.shards[sid], "rb")  # noqa: SIM115 - kept open for later reads
@@ -188,17 +190,32 @@ class WebDatasetSource(EncodedSource):
         at each read (~2 us), so a shard cut shorter before the read is a bad file, not a dead process.
         """
         sid, off, size, _ = self.samples[i]
+        return self._mapped(sid, off + size)[off: off + size]
+
+    def span(self, i: int) -> tuple[memoryview, torch.Tensor, int, int]:
+        """Sample ``i`` where it lies in its mapped shard: ``(mapping, the same bytes as one uint8 tensor, offset,
+        size)``, checked as :meth:`view` is. For raw pixels (:func:`.image_decode.raw_crop`): the crop becomes one
+        strided view of the shard's tensor, without the per-sample memoryview / numpy / tensor views in between."""
+        sid, off, size, _ = self.samples[i]
+        m = self._mapped(sid, off + size)
+        t = self._tensors.get(sid)
+        if t is None:
+            t = self._tensors[sid] = torch.frombuffer(m, dtype=torch.uint8)  # writable: the map is copy-on-write
+        return m, t, off, size
+
+    def _mapped(self, sid: int, end: int) -> memoryview:
+        """Shard ``sid`` mapped into this process (once); raises OSError when it is shorter than ``end`` bytes."""
         if self._pid != os.getpid():  # forked: the parent's handles share a file offset with ours
-            self._files, self._maps, self._pid = {}, {}, os.getpid()
+            self._files, self._maps, self._tensors, self._pid = {}, {}, {}, os.getpid()
         m = self._maps.get(sid)
         if m is None:
             f = self._files.get(sid)
             if f is None:
                 f = self._files[sid] = open(self.shards[sid], "rb")  # noqa: SIM115 - kept open for later reads
             m = self._maps[sid] = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY))
-        if off + size > len(m) or off + size > os.fstat(self._files[sid].fileno()).st_size:
-            raise OSError(f"the shard is shorter than indexed ({off + size} bytes needed): changed since it was read")
-        return m[off: off + size]
+        if end > len(m) or end > os.fstat(self._files[sid].fileno()).st_size:
+            raise OSError(f"the shard is shorter than indexed ({end} bytes needed): changed since it was read")
+        return m
 
     def path(self, i: int) -> str:
         sid, _, _, name = self.samples[i]

@@ -308,3 +308,64 @@ def test_shard_views_equal_reads_and_a_shard_cut_shorter_is_a_bad_file(tmp_path)
     loader.policy.handle = lambda e: bad.append(e.path)
     assert [b["images"].shape[0] for b in loader] == [5]
     assert sorted(bad) == [f"{shard}:s{i}.jpg" for i in (5, 6, 7)]
+
+
+def test_raw_shard_crops_as_one_view_give_the_general_paths_batches(tmp_path, monkeypatch):
+    """Raw RGB pixels in a shard are cropped as one strided view of the mapped shard (``raw_crop``); the batches,
+    boxes, flips, labels and bad files equal those of the general way (``pnm_pixels`` on the sample's view), in
+    training and evaluation; grey, commented and truncated PNMs go the general way and are read or reported the
+    same."""
+    import tarfile
+
+    from fastsupmae.pipelines import cpu_loader as cl
+    from fastsupmae.pipelines import image_decode
+    from fastsupmae.pipelines.webdataset import WebDatasetSource
+
+    rng = np.random.default_rng()
+    members = []
+    for i in range(14):
+        h, w = int(rng.integers(20, 90)), int(rng.integers(20, 90))
+        px = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        data = b"P6\n%d %d\n255\n" % (w, h) + px.tobytes()
+        if i == 3:  # grey
+            data = b"P5 %d %d 255\n" % (w, h) + px[..., 0].tobytes()
+        elif i == 6:  # a comment in the header: Pillow reads it
+            data = b"P6\n# c\n%d %d\n255\n" % (w, h) + px.tobytes()
+        elif i == 9:  # truncated: a bad file
+            data = data[: len(data) // 2]
+        members.append((f"s{i:02d}.ppm", data))
+    shard = tmp_path / "train-000000.tar"
+    with tarfile.open(shard, "w") as tf:
+        for i, (name, data) in enumerate(members):
+            for n, d in ((name, data), (name[:-4] + ".cls", str(i % 3).encode())):
+                info = tarfile.TarInfo(n)
+                info.size = len(d)
+                tf.addfile(info, io.BytesIO(d))
+
+    class General(WebDatasetSource):
+        span = None  # the loader then reads every sample through ``view`` and ``decode_crop_resize``
+
+    fast_hits = []
+    real = image_decode.raw_crop
+
+    def counting(*a, **k):
+        x = real(*a, **k)
+        fast_hits.append(x is not None)
+        return x
+
+    monkeypatch.setattr(cl, "raw_crop", counting)
+    seed = int(rng.integers(0, 2**31))
+    for train in (True, False):
+        runs = []
+        for cls in (WebDatasetSource, General):
+            fast_hits.clear()
+            loader = cl.CpuLoader(cls(str(shard)), 5, (24, 24), train, seed=seed, num_workers=0, interp="bicubic")
+            bad = []
+            loader.policy.handle = lambda e, bad=bad: bad.append(e.path)
+            runs.append(([(b["images"].clone(), b["labels"]) for b in loader], bad, list(fast_hits)))
+        (fast, fast_bad, hits), (gen, gen_bad, gen_hits) = runs
+        assert len(fast) == len(gen) > 0 and fast_bad == gen_bad and gen_hits == []
+        for (xf, yf), (xg, yg) in zip(fast, gen):
+            assert torch.equal(xf, xg) and torch.equal(yf, yg)
+    # evaluation reads every sample once: the 11 RGB ones as views, the grey, commented and truncated ones not
+    assert fast_bad == [f"{shard}:s09.ppm"] and hits.count(True) == 11 and hits.count(False) == 3
