@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from fastsupmae.errors import DataError
 
@@ -53,23 +54,40 @@ def stand_in(seed: int, epoch: int, step: int, slot: int, tries: int, n: int) ->
     return int(mix_seed(seed, epoch, step, slot, tries) % n)
 
 
-def replace_bad(e: BadImage, tries: int, *, strict: bool, train: bool, seed: int, epoch: int, step: int,
-                slot: int, n: int) -> tuple[int | None, str | None]:
-    """What a worker that builds whole batches does after slot ``slot``'s ``tries``-th bad file ``e``.
+def fill_batch(indices: list[int], load: Callable[[int, int, int, int], None], *, strict: bool, train: bool,
+               seed: int, epoch: int, step: int, n: int, bad: list[tuple[str, str]]) -> tuple[list[int], str]:
+    """Load every slot of a batch under the bad-file policy (the CPU fallback's and torchvision's workers).
+
+    ``load(pos, slot, sample, tries)`` puts ``sample`` (the slot's own, or its ``tries``-th stand-in) at output
+    position ``pos`` or raises :class:`BadImage`. A bad file is listed in ``bad`` (unless ``strict``); training
+    then tries a :func:`stand_in`, evaluation drops the slot (rather than counting another image twice).
 
     Returns:
-        (None, message): stop the run (``strict``, or no readable stand-in within :data:`MAX_REPLACEMENTS`);
-        (None, None): drop the slot (evaluation drops a sample rather than counting another image twice);
-        (sample, None): try that sample instead (:func:`stand_in`).
+        (the samples loaded, in output order; '' or the message that stops the run: ``strict``, or no readable
+        stand-in within :data:`MAX_REPLACEMENTS` tries).
     """
-    if strict:
-        return None, f"bad image file '{e.path}': {e.reason}"
-    if not train:
-        return None, None
-    if tries > MAX_REPLACEMENTS:
-        return None, (f"{tries} bad image files in a row around '{e.path}' ({e.reason}); the data looks broken "
-                      f"(data.bad_files=skip found no readable image to use instead): check data.root")
-    return stand_in(seed, epoch, step, slot, tries, n), None
+    kept: list[int] = []
+    for j, i in enumerate(indices):
+        cand, k = i, 0
+        while True:
+            try:
+                load(len(kept), j, cand, k)
+            except BadImage as e:
+                if strict:
+                    return kept, f"bad image file '{e.path}': {e.reason}"
+                bad.append((e.path, e.reason))
+                if not train:
+                    break
+                k += 1
+                if k > MAX_REPLACEMENTS:
+                    return kept, (f"{k} bad image files in a row around '{e.path}' ({e.reason}); the data looks "
+                                  f"broken (data.bad_files=skip found no readable image to use instead): check "
+                                  f"data.root")
+                cand = stand_in(seed, epoch, step, j, k, n)
+                continue
+            kept.append(cand)
+            break
+    return kept, ""
 
 
 def seen_paths() -> list[str]:

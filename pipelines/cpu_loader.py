@@ -25,7 +25,7 @@ import torch
 from fastsupmae.errors import DataError
 
 from . import jpeg_crop
-from .bad_files import BadFilePolicy, BadImage, replace_bad
+from .bad_files import BadFilePolicy, BadImage, fill_batch
 from .crop_params import DEFAULT_RATIO, center_crop_box, sample_crop_box
 from .encoded_source import EncodedSource
 from .image_decode import batch_tensor, decode_crop_resize, raw_crop, resize_flip
@@ -112,7 +112,6 @@ class BatchDecoder:
         flips = (u < 0.5).tolist() if self.train and self.hflip else [False] * n
         if out is None:
             out = _batch_tensor((n, 3, *self.out_hw))
-        keep_idx: list[int] = []
         bad: list[tuple[str, str]] = []
         rng = random.Random()  # re-seeded per sample: the box depends on the image size, read with the header
         if self.train:
@@ -120,25 +119,15 @@ class BatchDecoder:
             box_of = lambda h, w: sample_crop_box(h, w, scale, ratio, rng)  # noqa: E731
         else:
             box_of = lambda h, w: center_crop_box(h, w, self.crop_ratio, *self.out_hw)  # noqa: E731
-        for j, i in enumerate(indices):
-            cand, k = i, 0
-            while True:
-                rng.seed(sub_seeds[j] + k)  # = random.Random(seed): the same boxes as before
-                try:
-                    self._load(cand, box_of, flips[j], out[len(keep_idx)])
-                    keep_idx.append(cand)
-                    break
-                except BadImage as e:
-                    if not self.strict:
-                        bad.append((e.path, e.reason))
-                    k += 1
-                    nxt, err = replace_bad(e, k, strict=self.strict, train=self.train, seed=self.seed, epoch=epoch,
-                                           step=step, slot=j, n=len(self.source))
-                    if err is not None:
-                        return {"error": err}
-                    if nxt is None:
-                        break
-                    cand = nxt
+
+        def load(pos: int, slot: int, sample: int, tries: int) -> None:
+            rng.seed(sub_seeds[slot] + tries)  # = random.Random(seed): the same boxes as before
+            self._load(sample, box_of, flips[slot], out[pos])
+
+        keep_idx, err = fill_batch(indices, load, strict=self.strict, train=self.train, seed=self.seed, epoch=epoch,
+                                   step=step, n=len(self.source), bad=bad)
+        if err:
+            return {"error": err}
         m = len(keep_idx)
         if self.train and self.recipe == "finetune":
             self._finetune_aug(out[:m], mix_seed(self.seed, epoch, step, self.rank, 0xF7))

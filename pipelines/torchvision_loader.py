@@ -33,7 +33,7 @@ import torch
 
 from fastsupmae.errors import DataError
 
-from .bad_files import BadFilePolicy, BadImage, replace_bad
+from .bad_files import BadFilePolicy, BadImage, fill_batch
 from .crop_params import DEFAULT_RATIO, center_crop_box, sample_crop_box
 from .dali_loader import Screened, screen
 from .encoded_source import EncodedSource
@@ -111,28 +111,16 @@ class BatchReader:
         sub_seeds = torch.randint(0, 2**62, (n,), generator=g).tolist()
         out: dict[str, Any] = {"data": [], "sizes": [], "boxes": [], "flips": [], "dev_slots": [], "dev_index": [],
                                "cpu": [], "cpu_slots": [], "bad": [], "error": ""}
-        keep: list[int] = []
-        for j, i in enumerate(indices):
-            cand, k = i, 0
-            flip = bool(self.train and self.hflip and u[j] < 0.5)
-            while True:
-                try:
-                    got = self._load(cand, self._box_of(sub_seeds[j] + k), flip)
-                except BadImage as e:
-                    if not self.strict:
-                        out["bad"].append((e.path, e.reason))
-                    k += 1
-                    nxt, err = replace_bad(e, k, strict=self.strict, train=self.train, seed=self.seed, epoch=epoch,
-                                           step=step, slot=j, n=len(self.source))
-                    if err is not None:
-                        return {"error": err}
-                    if nxt is None:
-                        break
-                    cand = nxt
-                    continue
-                _place(out, got, len(keep), cand, flip)
-                keep.append(cand)
-                break
+        flips = [bool(self.train and self.hflip and u[j] < 0.5) for j in range(n)]
+
+        def load(pos: int, slot: int, sample: int, tries: int) -> None:
+            _place(out, self._load(sample, self._box_of(sub_seeds[slot] + tries), flips[slot]), pos, sample,
+                   flips[slot])
+
+        keep, err = fill_batch(indices, load, strict=self.strict, train=self.train, seed=self.seed, epoch=epoch,
+                               step=step, n=len(self.source), bad=out["bad"])
+        if err:
+            return {"error": err}
         out["data"] = torch.frombuffer(bytearray(b"".join(out["data"])) or bytearray(1), dtype=torch.uint8)
         out["cpu"] = torch.stack(out["cpu"]) if out["cpu"] else None
         out["labels"] = torch.from_numpy(np.asarray(self.source.labels[keep], dtype=np.int64))
