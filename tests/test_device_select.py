@@ -91,3 +91,18 @@ def test_local_rank_beyond_the_visible_gpus_is_one_error_naming_cuda_visible_dev
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert d.rank_info().local_rank == 1  # a consistent layout is left alone
     assert d.rank_info("cpu").device == torch.device("cpu")
+
+
+def test_free_port_is_below_the_ephemeral_range_and_bindable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rendezvous port outside the range the kernel hands to outgoing connections (which another process's
+    connection could take before the rendezvous binds it); with no room below the range, the kernel's pick."""
+    import socket
+
+    lo, _ = d._ephemeral_ports()
+    for _ in range(10):
+        port = d.free_port()
+        assert 10000 <= port < lo
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", port))  # still free
+    monkeypatch.setattr(d, "_ephemeral_ports", lambda: (1024, 65535))
+    assert 1024 <= d.free_port() <= 65535

@@ -42,8 +42,34 @@ class DistInfo:
         return self.rank == 0
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range for the local ports of outgoing connections (Linux; 32768-60999 by default)."""
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now (for a rendezvous that this machine starts)."""
+    """A TCP port on 127.0.0.1 that is free now (for a rendezvous that this machine starts).
+
+    Drawn below the kernel's ephemeral range where it can: a port from that range (what binding port 0 gives) can
+    be handed to any outgoing connection of another process (gloo opens many) between this check and the
+    rendezvous binding it; a port below the range is only ever taken by an explicit bind.
+    """
+    import random
+
+    lo, _ = _ephemeral_ports()
+    rng = random.SystemRandom()
+    for _ in range(64 if lo > 11000 else 0):
+        port = rng.randrange(10000, lo)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
