@@ -1,11 +1,12 @@
-"""CPU pipeline without DALI: simplejpeg / Pillow reduced-size decoding in torch DataLoader workers.
+"""CPU pipeline without DALI: simplejpeg / Pillow reduced-size decoding in worker processes.
 
 Where the time goes (per-image costs: docs/data.md): JPEG decoding, then Pillow's resize, then float conversion
 and normalisation. So each worker builds a *whole batch* per call (one task per batch instead of per sample),
 decodes each file only as large as its crop needs, and crops + resizes it with torch's uint8 antialiased
 kernel (faster than Pillow's resize) straight into one preallocated uint8 ``[B, 3, H, W]`` batch, stored
 channels-last (``[B, H, W, 3]`` in memory: the layout that kernel writes fastest; every consumer reads it by
-strides). The workers hand batches over through a ring of reused shared-memory slots (:class:`_Ring`). No float
+strides). The worker processes (:mod:`.decode_pool`) hand batches over through a ring of reused shared-memory
+slots (:class:`_Ring`). No float
 conversion and no normalisation on the CPU: the trainer gets uint8 and normalises on the device.
 
 Semantics match the DALI pipelines: RandomResizedCrop boxes from :mod:`.crop_params` (torchvision's rule),
@@ -27,12 +28,13 @@ from fastsupmae.errors import DataError
 from . import jpeg_crop
 from .bad_files import BadFilePolicy, BadImage, fill_batch
 from .crop_params import DEFAULT_RATIO, center_crop_box, sample_crop_box
+from .decode_pool import DecodePool, WorkerTimeout
 from .encoded_source import EncodedSource
 from .image_decode import batch_tensor, decode_crop_resize, raw_crop, resize_flip
 from .loader_base import LoaderBase, to_gray
 from .sampler import ShardedOrder, mix_seed
 from .screened import PASSED, Screened
-from .shared_memory import PREFETCH_FACTOR
+from .shared_memory import PREFETCH_FACTOR, populate_writable
 from .transfer import to_device
 
 log = logging.getLogger(__name__)
@@ -111,7 +113,7 @@ class BatchDecoder:
         sub_seeds = torch.randint(0, 2**62, (n,), generator=g).tolist()
         flips = (u < 0.5).tolist() if self.train and self.hflip else [False] * n
         if out is None:
-            out = _batch_tensor((n, 3, *self.out_hw))
+            out = batch_tensor(n, self.out_hw)
         bad: list[tuple[str, str]] = []
         rng = random.Random()  # re-seeded per sample: the box depends on the image size, read with the header
         if self.train:
@@ -136,22 +138,17 @@ class BatchDecoder:
         return {"images": out[:m], "labels": self.source.labels[keep_idx], "bad": bad, "error": ""}
 
 
-def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
-    """An uninitialised uint8 batch; in a DataLoader worker it is allocated in shared memory straight away, so
-    handing it to the main process copies nothing (torch would otherwise move it there with a copy)."""
-    if torch.utils.data.get_worker_info() is None:
-        return batch_tensor(shape[0], shape[2:])
-    return _shared_tensor(shape)
-
-
 class _Ring:
     """Shared-memory batch slots that one loader's workers write into and hand over by number.
 
     A batch allocated afresh in shared memory costs a worker ~0.14 ms of CPU per 224 x 224 image (torch
     reserves the whole segment up front, zero-filled, then each 4 KiB page faults in as it is first written:
     about half of it system time), and the main process maps and unmaps each one again. Here the main process
-    makes ``per_worker`` slots per worker once, when the loader first iterates (their pages faulted in then:
-    start-up work), and the workers, forked from it, inherit them: a batch is handed over as its slot's number.
+    makes ``per_worker`` slots per worker once, when the loader first iterates (start-up work), and the workers,
+    forked from it, inherit them: a batch is handed over as its slot's number. A forked process does not inherit
+    the page-table entries of shared memory, so each worker maps its own slots in at its start (:meth:`populate`)
+    instead of faulting each page in at its first write (~2 us per 4 KiB page, ~80 us per image of a batch, in
+    the first pass through each slot).
     A slot is written again only after the main process has seen that nothing but the ring still uses its memory
     (the consumer dropped the batch, or it was copied to pinned memory for the GPU); when all of a worker's slots
     are in use it falls back to a fresh segment, so a consumer that keeps batches never sees them overwritten.
@@ -159,11 +156,16 @@ class _Ring:
     """
 
     def __init__(self, workers: int, per_worker: int, shape: tuple[int, ...]) -> None:
-        self.per_worker, self.shape, self.key = per_worker, shape, id(self)
+        self.per_worker, self.shape = per_worker, shape
         self.busy = torch.zeros(workers * per_worker, dtype=torch.uint8).share_memory_()  # 1: written, in use
         self.slots = [_shared_tensor(shape).zero_() for _ in range(workers * per_worker)]
         self._idle = [_use_count(t) for t in self.slots]  # the reference count of a slot nobody else uses
         self.held: list[int] = []  # main process: slots handed out, not yet seen released
+
+    def populate(self, worker: int) -> None:
+        """Worker: map ``worker``'s slots into this process now (their contents are not changed)."""
+        for s in self.slots[worker * self.per_worker: (worker + 1) * self.per_worker]:
+            populate_writable(s.untyped_storage())
 
     def take(self, worker: int) -> tuple[int, torch.Tensor | None]:
         """Worker: ``(slot, tensor)`` of a free slot of ``worker`` now marked busy (the lowest, so the same few
@@ -187,25 +189,18 @@ class _Ring:
         return still
 
 
-_RINGS: dict[int, _Ring] = {}  # main process: the rings of live DataLoaders, for DataLoader's pin thread
-
-
 class _Handed:
-    """A batch in a ring slot on its way from a worker: the slot number and the image count. DataLoader's pin
-    thread (CUDA) calls :meth:`pin_memory`, which copies the batch out of the slot into pinned memory and frees
-    the slot at once."""
+    """A batch in a ring slot on its way from a worker: the slot number and the image count."""
 
-    def __init__(self, key: int, slot: int, n: int) -> None:
-        self.key, self.slot, self.n = key, slot, n
+    def __init__(self, slot: int, n: int) -> None:
+        self.slot, self.n = slot, n
 
     def images(self, ring: _Ring) -> torch.Tensor:
         """Main process: the batch, a view of the slot."""
         return ring.slots[self.slot][: self.n]
 
-    def pin_memory(self, *_: Any) -> torch.Tensor:
-        ring = _RINGS.get(self.key)
-        if ring is None:  # the loader was closed while this batch waited: nobody reads it
-            return self
+    def pinned(self, ring: _Ring) -> torch.Tensor:
+        """Main process (the staging thread, CUDA): the batch copied to pinned memory; the slot is free at once."""
         x = self.images(ring).pin_memory()
         ring.busy[self.slot] = 0
         return x
@@ -223,24 +218,29 @@ def _use_count(t: torch.Tensor) -> int:
     return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
 
 
-class _Steps(torch.utils.data.Dataset):
-    """Batches by key: item ``(epoch, step)`` = the batch of ``step`` in ``epoch`` (the keys come from the main
-    process's :class:`_Keys`, so long-lived workers build whatever epoch the loader is in)."""
+class _Steps:
+    """Batches by key: ``(epoch, step)`` -> the batch of ``step`` in ``epoch`` (the keys come from the main
+    process, so long-lived workers build whatever epoch the loader is in)."""
 
     def __init__(self, decoder: BatchDecoder, order: ShardedOrder, ring: _Ring | None = None) -> None:
         self.decoder, self.order, self.ring = decoder, order, ring
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        """In the calling process (no workers)."""
+        return self.build(-1, key)
+
+    def build(self, worker: int, key: tuple[int, int]) -> dict[str, Any]:
+        """The batch of ``key``; in worker ``worker`` (>= 0) written into one of its ring slots."""
         epoch, step = key
         idx = self.order.batch_indices(epoch, step).tolist()
-        info = torch.utils.data.get_worker_info()
-        slot, buf = self.ring.take(info.id) if self.ring is not None and info is not None else (-1, None)
+        slot, buf = self.ring.take(worker) if self.ring is not None and worker >= 0 else (-1, None)
         try:
-            if slot < 0:
-                return self.decoder(epoch, step, idx)
+            if slot < 0:  # in a worker whose slots are all in use: a fresh shared segment (travels without a copy)
+                out = _shared_tensor((len(idx), 3, *self.decoder.out_hw)) if worker >= 0 else None
+                return self.decoder(epoch, step, idx, out=out)
             b = self.decoder(epoch, step, idx, out=buf)
             if "images" in b:  # the batch travels as its slot's number
-                b["images"] = _Handed(self.ring.key, slot, len(b["images"]))
+                b["images"] = _Handed(slot, len(b["images"]))
             else:
                 self.ring.busy[slot] = 0  # an error: nothing written to hand over
             return b
@@ -251,67 +251,47 @@ class _Steps(torch.utils.data.Dataset):
             return {"error": f"data worker failed on the batch starting at '{first}' ({type(e).__name__}: {e})"}
 
 
-class _Keys(torch.utils.data.Sampler):
-    """The DataLoader's sampler: the ``(epoch, step)`` keys of the epoch being read, set by the main process before
-    each pass (DataLoader reads its sampler afresh at every ``iter``)."""
-
-    def __init__(self) -> None:
-        self.keys: list[tuple[int, int]] = []
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        return iter(self.keys)
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-
 class _Workers:
-    """One loader's decode processes, their ring and the DataLoader that drives them, kept for the whole run.
+    """One loader's decode processes (:class:`.decode_pool.DecodePool`) and their ring, kept for the whole run.
 
     The workers are forked once (at the first :meth:`batches`) and stay: each keeps the shard mappings it made and
-    the pages it mapped, which a fresh process would map again every epoch (~24 us per 256 KiB image, as much as
-    a tenth of a raw image's whole cost). DataLoader's ``persistent_workers``: every ``iter`` after the first only
-    hands the workers new keys. A :class:`CpuLoader` reuses its workers only when their last pass ran to its end
+    the pages it mapped, which a fresh process would map again every epoch (~20 us per 256 x 341 raw image, a
+    tenth of its whole cost). A :class:`CpuLoader` reuses its workers only when their last pass ran to its end
     (nothing left in flight: every batch was received, every worker idle); an epoch left half-way, or one that
-    failed, closes its workers, and the next one starts new ones with a new ring, as a fresh DataLoader would.
+    failed, closes its workers, and the next one starts new ones with a new ring.
     """
 
     def __init__(self, decoder: BatchDecoder, order: ShardedOrder, workers: int, pin: bool, timeout_s: float) -> None:
-        self.ring = _Ring(workers, PREFETCH_FACTOR + 2, (order.batch_size, 3, *decoder.out_hw))
-        self.keys = _Keys()
-        self.dl = torch.utils.data.DataLoader(
-            _Steps(decoder, order, self.ring), batch_size=None, sampler=self.keys, num_workers=workers,
-            worker_init_fn=_worker_init, collate_fn=_as_is, prefetch_factor=PREFETCH_FACTOR, pin_memory=pin,
-            persistent_workers=True,
-            # a worker stuck on a file (network mount, ...) becomes an error instead of a silent hang
-            timeout=timeout_s,
-        )
+        self.ring = ring = _Ring(workers, PREFETCH_FACTOR + 2, (order.batch_size, 3, *decoder.out_hw))
+        self.pin = pin
+        steps = _Steps(decoder, order, ring)
 
-    def batches(self, epoch: int, steps: range) -> Iterator[Any]:
-        """DataLoader's iterator over the batches ``steps`` of ``epoch`` (starts the workers the first time)."""
-        self.keys.keys = [(epoch, s) for s in steps]
-        return iter(self.dl)
+        def init(worker: int) -> None:
+            torch.set_num_threads(1)  # the workers are the parallelism; intra-op threads would oversubscribe
+            ring.populate(worker)
+
+        self.pool = DecodePool(steps.build, workers, PREFETCH_FACTOR, timeout_s, init=init)
+
+    def batches(self, epoch: int, steps: range) -> Iterator[dict[str, Any]]:
+        """The batches ``steps`` of ``epoch`` in order (starts the workers the first time); on CUDA each is copied
+        to pinned memory in a thread of its own, which frees its slot at once."""
+        ring = self.ring
+
+        def pin(b: dict[str, Any]) -> dict[str, Any]:
+            h = b.get("images")
+            if isinstance(h, _Handed):
+                b["images"] = h.pinned(ring)
+            return b
+
+        return self.pool.run([(epoch, s) for s in steps], stage=pin if self.pin else None)
 
     def pids(self) -> list[int]:
         """The worker processes' ids (empty before the first pass and after :meth:`close`)."""
-        it = self.dl._iterator
-        return [] if it is None else [w.pid for w in getattr(it, "_workers", [])]
+        return self.pool.pids()
 
     def close(self) -> None:
         """Stop the workers now (joined; the ring's memory goes with the last reference to it)."""
-        it, self.dl._iterator = self.dl._iterator, None
-        if it is not None:
-            it._shutdown_workers()
-
-
-def _as_is(item: dict[str, Any]) -> dict[str, Any]:
-    """DataLoader's collate for ready batches (its default would turn the numpy labels into a tensor in the worker,
-    which then travels through a shared-memory segment made for it)."""
-    return item
-
-
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)  # the workers are the parallelism; intra-op threads would oversubscribe the cores
+        self.pool.close()
 
 
 class CpuLoader(LoaderBase):
@@ -374,7 +354,6 @@ class CpuLoader(LoaderBase):
         if pool is None:
             pool = _Workers(self.decoder, self.order, self.num_workers, self.device.type == "cuda", self.timeout_s)
         ring, done = pool.ring, False
-        _RINGS[ring.key] = ring
         try:
             batches = pool.batches(epoch, steps)
             while True:
@@ -385,18 +364,14 @@ class CpuLoader(LoaderBase):
                     done = True  # every batch received: the workers are idle, nothing of theirs is in flight
                     break
                 h = b.get("images")
-                if isinstance(h, _Handed):  # not copied to pinned memory by DataLoader's pin thread
+                if isinstance(h, _Handed):  # not copied to pinned memory by the staging thread
                     ring.held.append(h.slot)
                     b["images"] = h.images(ring)
                 yield b
                 b = h = None  # only the consumer holds the batch now
-        except RuntimeError as e:
-            if "timed out" in str(e):
-                raise DataError(f"a data worker produced nothing for {self.timeout_s:.0f} s (stuck reading a file?); "
-                                f"check the storage under '{self.source.path(0)}'") from None
-            raise
+        except WorkerTimeout as e:
+            raise DataError(f"{e} (stuck reading a file?); check the storage under '{self.source.path(0)}'") from None
         finally:
-            _RINGS.pop(ring.key, None)
             if done and self._idle is None:
                 self._idle = pool  # kept, with the workers' mappings, for the next epoch
             else:

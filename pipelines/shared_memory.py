@@ -18,8 +18,11 @@ Estimates (bytes per rank; every rank of a node shares the mount):
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import os
+
+import torch
 
 from fastsupmae.errors import DataError
 
@@ -92,3 +95,29 @@ def check_shm(per_rank: int, what: str, local_ranks: int | None = None, path: st
     why = shm_problem(per_rank, local_ranks, what, shm_space(path))
     if why:
         raise DataError(why)
+
+
+_MADV_POPULATE_WRITE = 23  # Linux 5.14+: map a range in (writable) without touching it
+
+
+def populate_writable(storage: torch.UntypedStorage) -> None:
+    """Map every page of ``storage`` (shared memory inherited over fork) into this process's page tables now.
+
+    One ``madvise(MADV_POPULATE_WRITE)`` instead of a page fault at each page's first write (~1.3 against
+    ~2.2 us per 4 KiB page, measured in a forked process on a 9.6 MB slot); the contents are unchanged. Where the
+    kernel lacks it (before 5.14), each page is read once instead (a read fault maps up to 16 pages at a time).
+    """
+    n = storage.nbytes()
+    if n == 0:
+        return
+    addr = storage.data_ptr()
+    page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+    start = addr - addr % page
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(addr + n - start), _MADV_POPULATE_WRITE) == 0:
+            return
+    except (OSError, AttributeError):
+        pass
+    flat = torch.empty(0, dtype=torch.uint8).set_(storage)
+    flat[::page].sum()
