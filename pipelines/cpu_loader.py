@@ -289,9 +289,10 @@ class _Workers:
         """The worker processes' ids (empty before the first pass and after :meth:`close`)."""
         return self.pool.pids()
 
-    def close(self) -> None:
-        """Stop the workers now (joined; the ring's memory goes with the last reference to it)."""
-        self.pool.close()
+    def close(self, wait_s: float = 5.0) -> None:
+        """Stop the workers now (:meth:`.decode_pool.DecodePool.close`; the ring's memory goes with the last
+        reference to it)."""
+        self.pool.close(wait_s)
 
 
 class CpuLoader(LoaderBase):
@@ -374,7 +375,9 @@ class CpuLoader(LoaderBase):
         finally:
             if done and self._idle is None:
                 self._idle = pool  # kept, with the workers' mappings, for the next epoch
-            else:
+            elif not done:  # a pass left half-way: its results may still be in flight, and nobody will read them
+                pool.close(wait_s=0.0)
+            else:  # another pass's workers are kept already
                 pool.close()
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:

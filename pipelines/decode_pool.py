@@ -169,8 +169,9 @@ class DecodePool:
         proc.join(1.0)
         raise DataError(f"data worker {w} (pid {proc.pid}) {_death(proc)} while building a batch")
 
-    def close(self) -> None:
-        """Stop the workers now (joined; killed if they do not stop within a few seconds)."""
+    def close(self, wait_s: float = 5.0) -> None:
+        """Stop the workers: asked to, then killed if they have not stopped within ``wait_s`` in all (0 for
+        workers whose results nobody will read: a pass left half-way), and joined."""
         procs, conns = self._procs, self._conns
         self._procs, self._conns = [], []
         for c in conns:
@@ -178,11 +179,13 @@ class DecodePool:
                 c.send(_STOP)
             except OSError:
                 pass
+        deadline = time.monotonic() + wait_s
         for p in procs:
-            p.join(5.0)
+            p.join(max(0.0, deadline - time.monotonic()))
+        for p in procs:
             if p.exitcode is None:
                 p.kill()
-                p.join(5.0)
+                p.join()
         for c in conns:
             c.close()
 
