@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,7 +26,7 @@ from fastsupmae.errors import DataError
 
 from . import jpeg_crop
 from .bad_files import BadFilePolicy, BadImage, fill_batch
-from .crop_params import DEFAULT_RATIO, center_crop_box, sample_crop_box
+from .crop_params import DEFAULT_RATIO, batch_draws, center_crop_box, slot_box_rule
 from .decode_pool import DecodePool, WorkerTimeout
 from .encoded_source import EncodedSource
 from .image_decode import batch_tensor, decode_crop_resize, raw_crop, resize_flip
@@ -110,20 +109,18 @@ class BatchDecoder:
         n = len(indices)
         g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, step, self.rank))
         u = torch.rand(n, generator=g)  # flips; drawn first so they do not depend on image sizes
-        sub_seeds = torch.randint(0, 2**62, (n,), generator=g).tolist()
+        sub_seeds = torch.randint(0, 2**62, (n,), generator=g).tolist()  # the boxes of stand-ins for bad files
         flips = (u < 0.5).tolist() if self.train and self.hflip else [False] * n
         if out is None:
             out = batch_tensor(n, self.out_hw)
         bad: list[tuple[str, str]] = []
-        rng = random.Random()  # re-seeded per sample: the box depends on the image size, read with the header
-        if self.train:
-            scale, ratio = self.scale, self.ratio
-            box_of = lambda h, w: sample_crop_box(h, w, scale, ratio, rng)  # noqa: E731
+        if self.train:  # the box depends on the image size, read with the header: a rule of (h, w) per slot
+            draws, scale, ratio = batch_draws(g, n), self.scale, self.ratio
         else:
-            box_of = lambda h, w: center_crop_box(h, w, self.crop_ratio, *self.out_hw)  # noqa: E731
+            center = lambda h, w: center_crop_box(h, w, self.crop_ratio, *self.out_hw)  # noqa: E731
 
         def load(pos: int, slot: int, sample: int, tries: int) -> None:
-            rng.seed(sub_seeds[slot] + tries)  # = random.Random(seed): the same boxes as before
+            box_of = slot_box_rule(draws[slot], sub_seeds[slot], tries, scale, ratio) if self.train else center
             self._load(sample, box_of, flips[slot], out[pos])
 
         keep_idx, err = fill_batch(indices, load, strict=self.strict, train=self.train, seed=self.seed, epoch=epoch,

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
-import random
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -34,7 +33,7 @@ import torch
 from fastsupmae.errors import DataError
 
 from .bad_files import BadFilePolicy, BadImage, fill_batch
-from .crop_params import DEFAULT_RATIO, center_crop_box, sample_crop_box
+from .crop_params import DEFAULT_RATIO, batch_draws, center_crop_box, slot_box_rule
 from .dali_loader import Screened, screen
 from .encoded_source import EncodedSource
 from .image_decode import decode_crop_resize, image_size
@@ -94,10 +93,9 @@ class BatchReader:
             self._checked(i, data, path)
         return data, box_of(*image_size(data, path))
 
-    def _box_of(self, seed: int) -> Any:
+    def _box_of(self, draws: list[float], seed: int, tries: int) -> Any:
         if self.train:  # the box depends on the image size: drawn once the header is read, as the fallback does
-            rng = random.Random(seed)
-            return lambda h, w: sample_crop_box(h, w, self.scale, self.ratio, rng)
+            return slot_box_rule(draws, seed, tries, self.scale, self.ratio)
         return lambda h, w: center_crop_box(h, w, self.crop_ratio, *self.out_hw)
 
     def __call__(self, epoch: int, step: int, indices: list[int]) -> dict[str, Any]:
@@ -105,16 +103,17 @@ class BatchReader:
         'dev_index', 'cpu': uint8 [k, 3, H, W], 'cpu_slots', 'labels': int64 [m], 'bad': [(path, reason)],
         'error': str}``; slot s is row s of the batch, m the samples kept."""
         n = len(indices)
-        # the CPU fallback's draws, in its order: flips first, then one seed per sample for its boxes
+        # the CPU fallback's draws, in its order: flips, one seed per sample for stand-ins' boxes, the boxes' draws
         g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, step, self.rank))
         u = torch.rand(n, generator=g)
         sub_seeds = torch.randint(0, 2**62, (n,), generator=g).tolist()
+        draws = batch_draws(g, n) if self.train else [[]] * n
         out: dict[str, Any] = {"data": [], "sizes": [], "boxes": [], "flips": [], "dev_slots": [], "dev_index": [],
                                "cpu": [], "cpu_slots": [], "bad": [], "error": ""}
         flips = [bool(self.train and self.hflip and u[j] < 0.5) for j in range(n)]
 
         def load(pos: int, slot: int, sample: int, tries: int) -> None:
-            _place(out, self._load(sample, self._box_of(sub_seeds[slot] + tries), flips[slot]), pos, sample,
+            _place(out, self._load(sample, self._box_of(draws[slot], sub_seeds[slot], tries), flips[slot]), pos, sample,
                    flips[slot])
 
         keep, err = fill_batch(indices, load, strict=self.strict, train=self.train, seed=self.seed, epoch=epoch,

@@ -6,6 +6,7 @@ import gzip
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from fastsupmae.pipelines import DataError, build_eval_loader, build_train_loader
@@ -224,3 +225,24 @@ def test_crop_boxes_from_per_sample_draws_equal_sample_crop_boxes():
             torch.rand(1, CROP_TRIES, 4, generator=torch.Generator().manual_seed(s), dtype=torch.float64,
                        out=u[j:j + 1])
         assert torch.equal(crop_boxes_from_uniforms(h, w, u, scale), torch.cat(ref)), (h, w, scale)
+
+
+def test_one_box_from_its_draws_equals_the_batched_rule():
+    """The CPU workers' per-sample box (plain Python, from the slot's draws) equals the vectorised rule's on the same
+    draws: random image sizes (thin ones, so the centre fallback is taken too) and random scale ranges."""
+    from fastsupmae.pipelines.crop_params import CROP_TRIES, crop_box_from_uniforms, crop_boxes_from_uniforms
+
+    rng = np.random.default_rng()
+    fallbacks = 0
+    for _ in range(60):
+        h, w = (int(v) for v in rng.integers(1, 700, 2))
+        if rng.random() < 0.3:
+            w = int(rng.integers(1, 4))  # far outside the aspect range: few tries fit
+        lo = float(rng.uniform(0.01, 1.0))
+        scale = (lo, float(rng.uniform(lo, 1.0)))
+        u = torch.rand(32, CROP_TRIES, 4, dtype=torch.float64)
+        want = crop_boxes_from_uniforms(h, w, u, scale).tolist()
+        got = [list(crop_box_from_uniforms(h, w, u[j].flatten().tolist(), scale)) for j in range(32)]
+        assert got == want, (h, w, scale)
+        fallbacks += sum(b == [(h - b[2]) // 2, (w - b[3]) // 2, b[2], b[3]] for b in want)
+    assert fallbacks > 0  # the centre fallback was compared as well
