@@ -18,12 +18,14 @@ that stages each result (copies it to pinned memory, freeing its slot) while the
 from __future__ import annotations
 
 import multiprocessing as mp
+import pickle
 import queue
+import select
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from typing import Any
 
 from fastsupmae.errors import DataError
@@ -37,7 +39,7 @@ class _Stopped(Exception):
     """The consumer left the pass: the staging thread stops reading."""
 
 
-_STOP = None  # the message that ends a worker
+_STOP = b""  # the message that ends a worker (a key is never pickled to zero bytes)
 
 
 def _worker_main(wid: int, conn: Connection, others: list[Connection], work: Callable[[int, Any], Any],
@@ -50,13 +52,13 @@ def _worker_main(wid: int, conn: Connection, others: list[Connection], work: Cal
         init(wid)
     while True:
         try:
-            key = conn.recv()
+            msg = conn.recv_bytes()
         except (EOFError, OSError):  # the main process is gone
             return
-        if key is _STOP:
+        if msg == _STOP:
             return
         try:
-            out = work(wid, key)
+            out = work(wid, pickle.loads(msg))
         except BaseException as e:  # noqa: BLE001 - anything the work did not turn into a result is reported
             out = e
         try:
@@ -102,6 +104,7 @@ class DecodePool:
         self.work, self.workers, self.prefetch, self.timeout_s, self.init = work, workers, prefetch, timeout_s, init
         self._procs: list[mp.process.BaseProcess] = []
         self._conns: list[Connection] = []
+        self._polls: list[select.poll] = []  # per worker: its pipe and its process sentinel, made once
 
     def _start(self) -> None:
         ctx = mp.get_context("fork")  # the work (decoder, sources, ring) is inherited, not pickled
@@ -111,8 +114,12 @@ class DecodePool:
                             daemon=True, name=f"fastsupmae-decode-{w}")
             p.start()
             theirs.close()
+            poll = select.poll()  # one registered poll per worker: a selector per wait costs ~50 us of Python
+            poll.register(mine.fileno(), select.POLLIN)
+            poll.register(p.sentinel, select.POLLIN)
             self._procs.append(p)
             self._conns.append(mine)
+            self._polls.append(poll)
 
     def pids(self) -> list[int]:
         """The worker processes' ids (empty before the first :meth:`run` and after :meth:`close`)."""
@@ -137,11 +144,11 @@ class DecodePool:
         w, n = self.workers, len(keys)
         sent = min(n, w * self.prefetch)
         for j in range(sent):
-            self._conns[j % w].send(keys[j])
+            self._conns[j % w].send_bytes(pickle.dumps(keys[j], pickle.HIGHEST_PROTOCOL))
         for j in range(n):
             out = self._receive(j % w, stop)
             if sent < n:
-                self._conns[sent % w].send(keys[sent])
+                self._conns[sent % w].send_bytes(pickle.dumps(keys[sent], pickle.HIGHEST_PROTOCOL))
                 sent += 1
             if isinstance(out, BaseException):
                 raise out
@@ -150,18 +157,18 @@ class DecodePool:
     def _receive(self, w: int, stop: threading.Event | None) -> Any:
         """Worker ``w``'s next result; with ``stop``, waits in short slices and gives up (:class:`_Stopped`) once
         it is set (the staging thread of a pass the consumer left)."""
-        conn, proc = self._conns[w], self._procs[w]
+        conn, proc, poll = self._conns[w], self._procs[w], self._polls[w]
         deadline = time.monotonic() + self.timeout_s
         while True:
-            left = deadline - time.monotonic()
-            ready = wait([conn, proc.sentinel], max(0.0, left) if stop is None else min(max(0.0, left), 0.1))
+            left = max(0.0, deadline - time.monotonic())
+            ready = poll.poll(1000 * (left if stop is None else min(left, 0.1)))
             if ready:
                 break
             if stop is not None and stop.is_set():
                 raise _Stopped
             if time.monotonic() >= deadline:
                 raise WorkerTimeout(f"data worker {w} (pid {proc.pid}) produced nothing for {self.timeout_s:.0f} s")
-        if conn in ready:
+        if any(fd == conn.fileno() for fd, _ in ready):
             try:
                 return conn.recv()
             except (EOFError, OSError):
@@ -173,10 +180,10 @@ class DecodePool:
         """Stop the workers: asked to, then killed if they have not stopped within ``wait_s`` in all (0 for
         workers whose results nobody will read: a pass left half-way), and joined."""
         procs, conns = self._procs, self._conns
-        self._procs, self._conns = [], []
+        self._procs, self._conns, self._polls = [], [], []
         for c in conns:
             try:
-                c.send(_STOP)
+                c.send_bytes(_STOP)
             except OSError:
                 pass
         deadline = time.monotonic() + wait_s
