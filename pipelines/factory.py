@@ -124,7 +124,7 @@ def _file_pipeline(requested: str, device: str | torch.device) -> str:
 
 
 def _worker_loader(kind: str, source: Any, **kw: Any) -> Any:
-    """The loaders whose reading (and, for 'cpu', decoding) runs in DataLoader worker processes."""
+    """The loaders whose reading (and, for 'cpu', decoding) runs in worker processes."""
     if kind == "torchvision_gpu":
         from .torchvision_loader import TorchvisionLoader
 

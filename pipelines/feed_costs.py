@@ -123,7 +123,7 @@ def cpu_budget(cores: int) -> int:
 
 
 def cpu_workers(cores: int, costs: FeedCosts = MEASURED, target: float = TARGET_IMAGES_S, decode: bool = True) -> int:
-    """``auto`` worker processes of a DataLoader-based pipeline for ``cores`` per rank.
+    """``auto`` worker processes of the CPU fallback or of torchvision's GPU decoding for ``cores`` per rank.
 
     Rule: as many as the target rate needs, target x the worker CPU time per image rounded up, within the budget
     (:func:`cpu_budget`); more workers than the GPU consumes only hold memory. ``decode``: the CPU fallback's

@@ -1,6 +1,6 @@
 """What the loaders put in /dev/shm, and a check of it before any work.
 
-The CPU loader's DataLoader workers allocate every batch they build in shared memory (:mod:`.cpu_loader`); DALI's
+The CPU loader's decode processes write every batch they build into shared memory (:mod:`.cpu_loader`); DALI's
 parallel external source gives each feeding process shared-memory chunks for the encoded files it hands over
 (:mod:`.dali_loader`). Docker and Kubernetes mount a 64 MB /dev/shm unless told otherwise, and running out there
 is a SIGBUS in a worker or "No space left on device", with no hint at the cause. So the need is estimated from the

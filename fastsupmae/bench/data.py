@@ -58,7 +58,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         f"fallback's workers and their shard mappings kept from the first)")
     p.add_argument("--size", type=int, default=224, help="output side")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers / DALI threads for every pipeline")
+    p.add_argument("--workers", type=int, default=2, help="worker processes / DALI threads for every pipeline")
     p.add_argument("--batches", type=int, default=25, help="timed batches per measurement")
     p.add_argument("--warmup", type=int, default=3, help="untimed batches first (worker start-up)")
     p.add_argument("--repeats", type=int, default=5, help="interleaved rounds; the table shows the median")
