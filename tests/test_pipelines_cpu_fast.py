@@ -390,3 +390,39 @@ def test_raw_shard_crops_as_one_view_give_the_general_paths_batches(tmp_path, mo
             assert torch.equal(xf, xg) and torch.equal(yf, yg)
     # evaluation reads every sample once: the 11 RGB ones as views, the grey, commented and truncated ones not
     assert fast_bad == [f"{shard}:s09.ppm"] and hits.count(True) == 11 and hits.count(False) == 3
+
+
+def _faults_of_writes(storage: torch.UntypedStorage, populate: bool, q) -> None:  # noqa: ANN001 - a mp.Queue
+    """In a forked child: minor faults while writing one byte per page of ``storage`` (after mapping it in first
+    when ``populate``)."""
+    import resource
+
+    from fastsupmae.pipelines.shared_memory import populate_writable
+
+    if populate:
+        populate_writable(storage)
+    flat = torch.empty(0, dtype=torch.uint8).set_(storage)
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    flat[::4096] = 7
+    q.put(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+
+
+def test_a_worker_maps_its_shared_slots_in_before_writing_them():
+    """Shared memory made before a fork is not mapped in the child: each page's first write faults (what a decode
+    worker paid in its first pass through each ring slot); after ``populate_writable`` the writes fault no more."""
+    import multiprocessing as mp
+
+    from fastsupmae.pipelines.cpu_loader import _shared_tensor
+
+    pages = int(np.random.default_rng().integers(2048, 4096))
+    ctx = mp.get_context("fork")
+    faults = {}
+    for populate in (False, True):
+        slot = _shared_tensor((1, 3, 1, pages * 4096 // 3 + 1)).zero_()  # the parent maps it in, as the ring does
+        q = ctx.Queue()
+        p = ctx.Process(target=_faults_of_writes, args=(slot.untyped_storage(), populate, q))
+        p.start()
+        faults[populate] = q.get(timeout=300)
+        p.join()
+    # ~80 faults of the child's own first steps either way
+    assert faults[False] >= pages and faults[True] < pages // 8, faults
