@@ -15,6 +15,7 @@ from fastsupmae.bench.gpu_check import syncs_stage as sy
 from fastsupmae.bench.gpu_check import throughput_stage as thr
 from fastsupmae.bench.gpu_check import trainer_stage as tr
 from fastsupmae.bench.gpu_check.context import Skip, StageContext
+from tests.test_gpu_paths import fake_cuda  # noqa: F401 - the fixture
 
 
 def _ctx(tmp_path: Path) -> StageContext:
@@ -156,3 +157,21 @@ def test_data_stage_synthesises_jpegs_without_photos(tmp_path: Path, monkeypatch
     monkeypatch.setenv(ds.PHOTOS_ENV, str(tmp_path / "none"))
     with pytest.raises(RuntimeError, match="no \\*.jpg"):
         ds.find_photos()
+
+
+def test_data_stage_checks_the_staged_cpu_loader_against_its_cpu_batches(tmp_path: Path, fake_cuda,  # noqa: F811
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU self-test's check of the CPU loader's staging thread (ring slot -> pinned memory -> device), run here
+    on a faked CUDA device: equal batches pass; a staging copy that loses the slot's pixels is caught."""
+    from fastsupmae.pipelines import cpu_loader as cl
+    from fastsupmae.pipelines.imagefolder import ImageFolderSource
+    from fastsupmae.pipelines.make_imagenet_like import make_imagenet_like
+
+    photos = ds.synth_photos(tmp_path / "p", n=2)
+    src = ImageFolderSource(make_imagenet_like(tmp_path / "j", n_train=12, n_val=0, photos=photos) / "train")
+    cuda = torch.device("cuda:0")
+    assert ds._staged_equals_unstaged(src, 4, cuda, 2) == 12
+    assert len(fake_cuda) == 2 * 3 and all(p and nb for p, nb in fake_cuda)  # images and labels, pinned, async
+    monkeypatch.setattr(cl._Handed, "pinned", lambda self, ring: torch.zeros_like(self.images(ring)).pin_memory())
+    with pytest.raises(RuntimeError, match="differ from its batches on the CPU"):
+        ds._staged_equals_unstaged(src, 4, cuda, 2)

@@ -179,6 +179,18 @@ def _gpu_vs_cpu(kind: str, src: Any, batch: int, device: torch.device, workers: 
     return cmp
 
 
+def _staged_equals_unstaged(src: Any, batch: int, device: torch.device, workers: int) -> int:
+    """The CPU loader's batches on ``device`` (on CUDA through its staging thread: copied out of the workers' ring
+    slots into pinned memory, then non-blocking) equal those of the same loader on the CPU without workers; raises
+    otherwise. Returns the images compared."""
+    got = [(b["images"].cpu(), b["labels"].cpu()) for b in _loader("cpu", src, batch, False, device, workers)]
+    want = [(b["images"], b["labels"]) for b in _loader("cpu", src, batch, False, torch.device("cpu"), 0)]
+    if len(got) != len(want) or not all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(got, want)):
+        raise RuntimeError(f"the CPU loader's batches on {device} (staged through pinned memory) differ from its "
+                           "batches on the CPU")
+    return sum(int(x[0].shape[0]) for x in got)
+
+
 def _shards(ctx: StageContext, src: Any, batch: int, workers: int) -> Any:
     """The stage's files as prepared shards (``fastsupmae prepare``'s defaults: shorter side 256, JPEG q90 4:4:4)."""
     from fastsupmae.pipelines.prepare import PrepareOptions, prepare_split
@@ -260,6 +272,7 @@ def stage_data(ctx: StageContext) -> dict[str, Any]:
             _torchvision_rows(ctx, src, res, device, batch, workers, timed)
         else:
             res["torchvision_skipped"] = why
+    res["cpu_loader_staged_equal"] = _staged_equals_unstaged(src, batch, device, workers)
     cpu_rate, n = _rate(lambda: _loader("cpu", many, batch, True, device, workers), device, timed)
     res["cpu_loader_images_per_s"] = cpu_rate
     if "pipeline" not in res:
