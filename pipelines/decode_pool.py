@@ -144,15 +144,22 @@ class DecodePool:
         w, n = self.workers, len(keys)
         sent = min(n, w * self.prefetch)
         for j in range(sent):
-            self._conns[j % w].send_bytes(pickle.dumps(keys[j], pickle.HIGHEST_PROTOCOL))
+            self._send(j % w, keys[j])
         for j in range(n):
             out = self._receive(j % w, stop)
             if sent < n:
-                self._conns[sent % w].send_bytes(pickle.dumps(keys[sent], pickle.HIGHEST_PROTOCOL))
+                self._send(sent % w, keys[sent])
                 sent += 1
             if isinstance(out, BaseException):
                 raise out
             yield out
+
+    def _send(self, w: int, key: Any) -> None:
+        try:
+            self._conns[w].send_bytes(pickle.dumps(key, pickle.HIGHEST_PROTOCOL))
+        except OSError:  # its end of the pipe is closed: the worker is gone
+            self._procs[w].join(1.0)
+            raise DataError(f"data worker {w} (pid {self._procs[w].pid}) {_death(self._procs[w])}") from None
 
     def _receive(self, w: int, stop: threading.Event | None) -> Any:
         """Worker ``w``'s next result; with ``stop``, waits in short slices and gives up (:class:`_Stopped`) once

@@ -138,3 +138,21 @@ def test_workers_ignore_ctrl_c_and_exit_when_their_pipe_closes():
 def test_bad_sizes_are_refused():
     with pytest.raises(ValueError, match="needs >= 1 worker"):
         DecodePool(_square_slowly, 0, prefetch=1, timeout_s=1)
+
+
+def test_a_worker_that_died_between_passes_is_named_when_the_next_pass_starts():
+    """A kept worker killed while idle (the OOM killer picks any process): the next pass fails at once with its
+    signal named, whether the death shows at the key's send or at the wait for its result."""
+    pool = DecodePool(_square_slowly, 2, prefetch=1, timeout_s=120)
+    try:
+        assert [r[:2] for r in pool.run([(1, 0.0), (2, 0.0)])] == [(1, 1), (2, 4)]
+        victim = pool.pids()[1]
+        os.kill(victim, signal.SIGKILL)
+        for _ in range(600):  # dead (a zombie until the pool reaps it): not reaped here, so its signal stays known
+            if not _alive([victim]):
+                break
+            time.sleep(0.1)
+        with pytest.raises(DataError, match=rf"data worker 1 \(pid {victim}\) was killed by SIGKILL"):
+            list(pool.run([(3, 0.0), (4, 0.0), (5, 0.0)]))
+    finally:
+        pool.close()
