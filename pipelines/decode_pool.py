@@ -158,8 +158,7 @@ class DecodePool:
         try:
             self._conns[w].send_bytes(pickle.dumps(key, pickle.HIGHEST_PROTOCOL))
         except OSError:  # its end of the pipe is closed: the worker is gone
-            self._procs[w].join(1.0)
-            raise DataError(f"data worker {w} (pid {self._procs[w].pid}) {_death(self._procs[w])}") from None
+            raise self._dead(w) from None
 
     def _receive(self, w: int, stop: threading.Event | None) -> Any:
         """Worker ``w``'s next result; with ``stop``, waits in short slices and gives up (:class:`_Stopped`) once
@@ -180,8 +179,13 @@ class DecodePool:
                 return conn.recv()
             except (EOFError, OSError):
                 pass
+        raise self._dead(w)
+
+    def _dead(self, w: int) -> DataError:
+        """The error for worker ``w`` found gone (reaped first, so its signal or exit code is known)."""
+        proc = self._procs[w]
         proc.join(1.0)
-        raise DataError(f"data worker {w} (pid {proc.pid}) {_death(proc)} while building a batch")
+        return DataError(f"data worker {w} (pid {proc.pid}) {_death(proc)}")
 
     def close(self, wait_s: float = 5.0) -> None:
         """Stop the workers: asked to, then killed if they have not stopped within ``wait_s`` in all (0 for

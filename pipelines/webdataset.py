@@ -21,6 +21,7 @@ import mmap
 import os
 import re
 import tarfile
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -173,13 +174,18 @@ class WebDatasetSource(EncodedSource):
 
     def read(self, i: int) -> bytes:
         sid, off, size, _ = self.samples[i]
+        f = self._file(sid)
+        f.seek(off)
+        return f.read(size)
+
+    def _file(self, sid: int) -> BinaryIO:
+        """Shard ``sid`` opened in this process (once; kept open for later reads)."""
         if self._pid != os.getpid():  # forked: the parent's handles share a file offset with ours
             self._files, self._maps, self._tensors, self._pid = {}, {}, {}, os.getpid()
         f = self._files.get(sid)
         if f is None:
             f = self._files[sid] = open(self.shards[sid], "rb")  # noqa: SIM115 - kept open for later reads
-        f.seek(off)
-        return f.read(size)
+        return f
 
     def view(self, i: int) -> memoryview:
         """Sample ``i`` as a view of its shard mapped into memory (copy-on-write, never written): no read copy, no
@@ -205,15 +211,11 @@ class WebDatasetSource(EncodedSource):
 
     def _mapped(self, sid: int, end: int) -> memoryview:
         """Shard ``sid`` mapped into this process (once); raises OSError when it is shorter than ``end`` bytes."""
-        if self._pid != os.getpid():  # forked: the parent's handles share a file offset with ours
-            self._files, self._maps, self._tensors, self._pid = {}, {}, {}, os.getpid()
+        f = self._file(sid)
         m = self._maps.get(sid)
         if m is None:
-            f = self._files.get(sid)
-            if f is None:
-                f = self._files[sid] = open(self.shards[sid], "rb")  # noqa: SIM115 - kept open for later reads
             m = self._maps[sid] = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY))
-        if end > len(m) or end > os.fstat(self._files[sid].fileno()).st_size:
+        if end > len(m) or end > os.fstat(f.fileno()).st_size:
             raise OSError(f"the shard is shorter than indexed ({end} bytes needed): changed since it was read")
         return m
 
