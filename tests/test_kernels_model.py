@@ -52,20 +52,27 @@ def test_model_triton_kernels_equal_torch(objective, input_dtype):
         torch.testing.assert_close(g_k[name], g_t[name], rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
+# Gradients that are small differences of large terms, so bf16 noise is large beside them on either path: the
+# linear before BatchNorm (BN projects its gradient onto what the batch statistics leave: relative errors up to
+# 0.3 between two correct paths) and BN's bias (a batch sum of softmax minus one-hot that nearly cancels).
+_CANCELLING = ("cls_head.0.weight", "cls_head.1.bias")
+
+
 @pytest.mark.precision
 def test_model_triton_kernels_equal_torch_bf16():
     """bf16 weights and activations (DeepSpeed's bf16 mode): the kernels' bf16 paths inside the model.
 
     bf16 results of two correct implementations differ by rounding noise amplified through the network (~1% per
     gradient tensor here), so both are compared with the fp32 model: the Triton path must be about as close to it
-    as the torch path (measured over several draws: within 0.5x-2x of the torch path's error).
+    as the torch path. Batch 16: at batch 4, BatchNorm's statistics over 4 samples amplified the noise without
+    bound (the summed error of one correct path reached 3.6x the other's, 3 draws in 2,000).
     """
     fp32_model, _ = _pair("supmae")
     torch_model, triton_model = _pair("supmae")
     for m in (torch_model, triton_model):
         m.load_state_dict(fp32_model.state_dict())
         m.to(torch.bfloat16)
-    b = 4
+    b = 16
     imgs = torch.randint(0, 256, (b, 3, 16, 16), dtype=torch.uint8)
     labels, noise = torch.randint(0, 5, (b,)), torch.rand(b, 16)
     res = []
@@ -79,19 +86,19 @@ def test_model_triton_kernels_equal_torch_bf16():
     sum_t = sum_k = 0.0
     for name in g_f:
         if name == "cls_head.0.bias":
-            # The linear before BatchNorm: BN removes its bias, so the exact gradient is zero and every side holds
+            # BN removes the bias of the linear before it, so the exact gradient is zero and every side holds
             # rounding noise (measured ~1e-5); check it stays noise instead of comparing noises.
             assert g_k[name].norm() < 1e-3 and g_t[name].norm() < 1e-3
             continue
         scale = g_f[name].norm().clamp_min(1e-12)
         err_t = float((g_t[name] - g_f[name]).norm() / scale)
         err_k = float((g_k[name] - g_f[name]).norm() / scale)
-        sum_t, sum_k = sum_t + err_t, sum_k + err_k
-        if name.startswith("cls_head"):
-            # BatchNorm over 4 samples amplifies the bf16 noise of its input without bound when a channel's batch
-            # variance is small (seen: 0.13 vs 0.02 between two correct paths, 1 draw in 6): only the sum below.
+        if name in _CANCELLING:
+            # 1,000 draws: err_k - 2 * err_t <= 0.25; a wrong gradient here is 1.0 or more
+            assert err_k <= 2 * err_t + 0.5, f"{name}: triton bf16 error {err_k:.3g} vs torch bf16 error {err_t:.3g}"
             continue
-        # 60 draws of the other tensors: err_k - 2 * err_t <= 0.003, so 0.01 leaves room for noise, not for a bug
+        sum_t, sum_k = sum_t + err_t, sum_k + err_k
+        # 1,000 draws: err_k - 2 * err_t <= 0.0024, so 0.01 leaves room for noise, not for a bug
         assert err_k <= 2 * err_t + 0.01, f"{name}: triton bf16 error {err_k:.3g} vs torch bf16 error {err_t:.3g}"
-    # seen <= 1.41x over 30 draws
-    assert sum_k <= 2 * sum_t, f"summed relative gradient error: triton {sum_k:.3g} vs torch {sum_t:.3g}"
+    # 1,000 draws: at most 1.31x (99.9th percentile 1.26x)
+    assert sum_k <= 1.6 * sum_t, f"summed relative gradient error: triton {sum_k:.3g} vs torch {sum_t:.3g}"
