@@ -7,6 +7,7 @@ defaults so DeepSpeed never falls back to MPI discovery (mpi4py is not part of t
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
 import os
@@ -232,7 +233,36 @@ def init_distributed(device: str = "auto") -> DistInfo:
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timeout,
                                    rank=info.rank, world_size=info.world_size)
         log.debug("process group up: backend %s rank %d/%d timeout %s", backend, info.rank, info.world_size, timeout)
+        _destroy_at_exit()
     return info
+
+
+_EXIT_HOOK_PID: int | None = None
+
+
+def _destroy_at_exit() -> None:
+    """Destroy the process group when this process exits, while the interpreter is still whole.
+
+    Left to interpreter finalisation, gloo's worker threads are torn down with the C++ runtime and a rank that
+    finished its work can die of SIGABRT ("terminate called without an active exception", pytorch/pytorch issue
+    190489): exit status -6, which the launcher reports as a failed run (seen in 2-rank CPU tests). NCCL asks
+    for the same call at exit. Registered once per process; a forked child (a decode worker) inherits the
+    handler and must not run it, hence the pid: the child has none of the group's threads, and its
+    destroy_process_group hung (tried: a forked child of a 1-rank gloo group, > 10 minutes).
+    """
+    global _EXIT_HOOK_PID
+    if _EXIT_HOOK_PID != os.getpid():
+        _EXIT_HOOK_PID = os.getpid()
+        atexit.register(_destroy_if_owner, _EXIT_HOOK_PID)
+
+
+def _destroy_if_owner(pid: int) -> None:
+    if os.getpid() != pid:
+        return
+    try:
+        destroy()
+    except Exception as e:  # noqa: BLE001 - at exit, a failed clean-up must not replace the run's exit status
+        log.debug("destroy_process_group at exit: %s", e)
 
 
 def comm_device(group: Any = None) -> torch.device:

@@ -1,0 +1,43 @@
+"""A process that started the process group destroys it at exit (gloo's threads otherwise die with the C++
+runtime at interpreter finalisation: SIGABRT, exit -6, on a rank whose work was done); a forked child leaves its
+parent's group alone."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent("""
+    import atexit, os, sys
+    import torch
+
+    PARENT = os.getpid()
+
+    def report():
+        who = "parent" if os.getpid() == PARENT else "child"
+        print(f"{who} at exit: group up {torch.distributed.is_initialized()}", flush=True)
+
+    # atexit runs the last registered first: registered before the process group, this reports after its hook
+    # (in the parent and in the child, which inherits both)
+    atexit.register(report)
+    from fastsupmae.engine.distributed import init_distributed
+    init_distributed("cpu")
+    init_distributed("cpu")  # idempotent: one hook, not two
+    t = torch.ones(1)
+    torch.distributed.all_reduce(t)
+    pid = os.fork()
+    if pid == 0:
+        sys.exit(0)  # a normal interpreter exit in the child: inherited atexit handlers run
+    os.waitpid(pid, 0)
+    print(f"parent after child: group up {torch.distributed.is_initialized()}", flush=True)
+""")
+
+
+def test_process_group_destroyed_at_exit_and_not_by_a_forked_child(tmp_path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HOME": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = [ln for ln in r.stdout.splitlines() if "group up" in ln]
+    assert lines == ["child at exit: group up True", "parent after child: group up True",
+                     "parent at exit: group up False"], r.stdout + r.stderr
