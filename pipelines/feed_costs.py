@@ -85,18 +85,18 @@ class FeedCosts:
 
 
 # fastsupmae bench data --data /tmp/i24/inl --pipelines cpu,cpu-shards,cpu-raw,dali,dali-shards,dali-raw
-#   --repeats 5 --batches 15 --ceiling-images 0      (2026-12-06 03:18-03:20 UTC, code 3e3d620, load 1.5-2.8)
+#   --repeats 5 --batches 15 --ceiling-images 0      (2026-12-06 08:23-08:24 UTC, code 63d9867, load 1.1-2.0)
 MEASURED = FeedCosts(
     host="2-core AMD EPYC VM (development machine)", isa="avx2 fma avx512f avx512_bf16",
-    date="2026-12-06 03:18-03:20 UTC", load="1.5-2.8", code="3e3d620",
-    cpu={"folder": StageCosts(read=0.028, decode=0.463, resize=0.211, handover=0.194),
-         "shards": StageCosts(read=0.016, decode=0.321, resize=0.170, handover=0.077),
-         "raw": StageCosts(read=0.048, decode=0.015, resize=0.147, handover=0.124)},
-    feed={"folder": StageCosts(read=0.015, screen=0.311),
-          "shards": StageCosts(read=0.008, screen=0.001),
-          "raw": StageCosts(read=0.043, screen=0.001)},
-    dali_cpu={"folder": StageCosts(handover=2.912), "shards": StageCosts(handover=1.773),
-              "raw": StageCosts(handover=1.655)},
+    date="2026-12-06 08:23-08:24 UTC", load="1.1-2.0", code="63d9867",
+    cpu={"folder": StageCosts(read=0.034, decode=0.511, resize=0.259, handover=0.035),
+         "shards": StageCosts(read=0.020, decode=0.345, resize=0.186, handover=0.028),
+         "raw": StageCosts(read=0.011, decode=0.016, resize=0.183, handover=0.032)},
+    feed={"folder": StageCosts(read=0.017, screen=0.307),
+          "shards": StageCosts(read=0.010, screen=0.000),
+          "raw": StageCosts(read=0.047, screen=0.000)},
+    dali_cpu={"folder": StageCosts(handover=3.160), "shards": StageCosts(handover=1.966),
+              "raw": StageCosts(handover=1.852)},
 )
 
 # GPU JPEG decoding, cited and UNMEASURED here. nvJPEG's batched decode (the hardware decoder where the GPU has
