@@ -41,3 +41,27 @@ def test_process_group_destroyed_at_exit_and_not_by_a_forked_child(tmp_path) -> 
     lines = [ln for ln in r.stdout.splitlines() if "group up" in ln]
     assert lines == ["child at exit: group up True", "parent after child: group up True",
                      "parent at exit: group up False"], r.stdout + r.stderr
+
+
+def test_no_exit_hook_under_nccl(monkeypatch) -> None:
+    """NCCL's destroy waits for every peer: a rank leaving after a failed collective would hang in the hook, so
+    only a gloo group gets it (the start of an NCCL group faked: no GPU here)."""
+    import types
+
+    import torch
+
+    from fastsupmae.engine import dep_logs, distributed
+
+    hooks: list[str] = []
+    backends: list[str] = []
+    monkeypatch.setattr(distributed, "_destroy_at_exit", lambda: hooks.append("registered"))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    fake_ds = types.SimpleNamespace(ops=types.SimpleNamespace(__compatible_ops__={}),
+                                    init_distributed=lambda dist_backend, **kw: backends.append(dist_backend))
+    monkeypatch.setattr(dep_logs, "import_deepspeed", lambda: fake_ds)
+    for device in ("cuda", "cpu"):
+        monkeypatch.setattr(distributed, "rank_info", lambda d, dev=device: distributed.DistInfo(
+            rank=0, local_rank=0, world_size=1, device=torch.device(dev)))
+        distributed.init_distributed(device)
+    assert backends == ["nccl", "gloo"] and hooks == ["registered"]

@@ -233,7 +233,8 @@ def init_distributed(device: str = "auto") -> DistInfo:
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timeout,
                                    rank=info.rank, world_size=info.world_size)
         log.debug("process group up: backend %s rank %d/%d timeout %s", backend, info.rank, info.world_size, timeout)
-        _destroy_at_exit()
+        if backend == "gloo":
+            _destroy_at_exit()
     return info
 
 
@@ -241,13 +242,15 @@ _EXIT_HOOK_PID: int | None = None
 
 
 def _destroy_at_exit() -> None:
-    """Destroy the process group when this process exits, while the interpreter is still whole.
+    """Destroy the gloo process group when this process exits, while the interpreter is still whole.
 
     Left to interpreter finalisation, gloo's worker threads are torn down with the C++ runtime and a rank that
     finished its work can die of SIGABRT ("terminate called without an active exception", pytorch/pytorch issue
-    190489): exit status -6, which the launcher reports as a failed run (seen in 2-rank CPU tests). NCCL asks
-    for the same call at exit. Registered once per process; a forked child (a decode worker) inherits the
-    handler and must not run it, hence the pid: the child has none of the group's threads, and its
+    190489): exit status -6, which the launcher reports as a failed run (seen in 2-rank CPU tests). Gloo only:
+    NCCL's destroy_process_group flushes the pending collectives and waits for the peers (pytorch/pytorch pull
+    request 141510), so a rank leaving after a failed collective would hang at exit instead of leaving; torch's
+    own clean-up aborts NCCL's communicators. Registered once per process; a forked child (a decode worker)
+    inherits the handler and must not run it, hence the pid: the child has none of the group's threads, and its
     destroy_process_group hung (tried: a forked child of a 1-rank gloo group, > 10 minutes).
     """
     global _EXIT_HOOK_PID
