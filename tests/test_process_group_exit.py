@@ -57,6 +57,7 @@ def test_no_exit_hook_under_nccl(monkeypatch) -> None:
     monkeypatch.setattr(distributed, "_destroy_at_exit", lambda: hooks.append("registered"))
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # the gloo start sets it when unset: restored after the test
     fake_ds = types.SimpleNamespace(ops=types.SimpleNamespace(__compatible_ops__={}),
                                     init_distributed=lambda dist_backend, **kw: backends.append(dist_backend))
     monkeypatch.setattr(dep_logs, "import_deepspeed", lambda: fake_ds)
