@@ -195,6 +195,15 @@ def _setup_logging(level: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _run(argv)
+    if "torch.distributed" in sys.modules:  # a rank of a multi-rank CPU (gloo) run leaves here, not at finalisation
+        from .engine.distributed import leave_process
+
+        code = leave_process(code)
+    return code
+
+
+def _run(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         word, at = _command_word(argv)

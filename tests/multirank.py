@@ -1,9 +1,10 @@
 """Launching the ranks of a multi-process CPU test ourselves, as torchrun would (so a test can kill one).
 
 Each rank is ``python WORKER SCENARIO WORKDIR [args...]`` with RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR /
-MASTER_PORT in its environment, gloo through DeepSpeed's CPU accelerator, one thread, and a bounded collective
-timeout; its output goes to a log file in WORKDIR that the tests quote when a rank fails. The test side is
-:func:`start` and :func:`wait`; the worker side, every worker's ``main()``, is :func:`run_worker`.
+MASTER_PORT in its environment, gloo through DeepSpeed's CPU accelerator, one thread, a bounded collective
+timeout, and Python's fault handler (a rank killed by a signal, SIGABRT included, logs every thread's stack);
+its output goes to a log file in WORKDIR that the tests quote when a rank fails. The test side is :func:`start`
+and :func:`wait`; the worker side, every worker's ``main()``, is :func:`run_worker`.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def start(worker: Path, scenario: str, w: Path, world: int = 2, args: tuple[str,
     for r in range(world):
         env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
-                   FASTSUPMAE_DIST_TIMEOUT_S=str(timeout_s))
+                   FASTSUPMAE_DIST_TIMEOUT_S=str(timeout_s), PYTHONFAULTHANDLER="1")
         env.pop("TRITON_INTERPRET", None)
         log = open(w / f"{log_stem or scenario}.r{r}.log", "w")  # noqa: SIM115 - closed with the process
         p = subprocess.Popen([sys.executable, str(worker), scenario, str(w), *args], env=env, stdout=log,
@@ -99,9 +100,10 @@ def run_worker(scenarios: Mapping[str, Callable[..., Any]], device: str = "auto"
     its traceback there, not only an exit code.
 
     Returns:
-        the process exit status: 0 when the scenario finished, 1 when it raised.
+        the process exit status: 0 when the scenario finished, 1 when it raised (on 2 or more ranks the process
+        leaves with it at once: :func:`~fastsupmae.engine.distributed.leave_process`).
     """
-    from fastsupmae.engine.distributed import init_distributed
+    from fastsupmae.engine.distributed import init_distributed, leave_process
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s [r%(process)d] %(levelname)s %(name)s: %(message)s")
     name, w = sys.argv[1], Path(sys.argv[2])
@@ -115,7 +117,7 @@ def run_worker(scenarios: Mapping[str, Callable[..., Any]], device: str = "auto"
         out.update(ok=False, error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
     stem = result_stem(name, kwargs) if result_stem is not None else name
     (w / f"{stem}_rank{info.rank}.json").write_text(json.dumps(out, indent=1, default=str))
-    return 0 if out["ok"] else 1
+    return leave_process(0 if out["ok"] else 1)
 
 
 def kill_last_rank_after(procs: list[Any], ready: Path) -> int:

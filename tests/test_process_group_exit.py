@@ -24,6 +24,8 @@ SCRIPT = textwrap.dedent("""
     from fastsupmae.engine.distributed import init_distributed
     init_distributed("cpu")
     init_distributed("cpu")  # idempotent: one hook, not two
+    from fastsupmae.engine.distributed import leave_process
+    assert leave_process(5) == 5  # one rank: a normal exit follows
     t = torch.ones(1)
     torch.distributed.all_reduce(t)
     pid = os.fork()
@@ -66,3 +68,34 @@ def test_no_exit_hook_under_nccl(monkeypatch) -> None:
             rank=0, local_rank=0, world_size=1, device=torch.device(dev)))
         distributed.init_distributed(device)
     assert backends == ["nccl", "gloo"] and hooks == ["registered"]
+
+
+LEAVE = textwrap.dedent("""
+    import atexit, sys
+    import torch
+    from fastsupmae.engine.distributed import init_distributed, leave_process
+
+    atexit.register(lambda: print("exit handler ran", flush=True))
+    init_distributed("cpu")
+    t = torch.ones(1)
+    torch.distributed.all_reduce(t)
+    print(f"sum {float(t)}", flush=True)
+    leave_process(3)
+    print("after leave_process", flush=True)
+""")
+
+
+def test_a_rank_of_a_multi_rank_gloo_group_leaves_with_its_code_after_the_exit_handlers(tmp_path) -> None:
+    from fastsupmae.engine.distributed import free_port
+
+    port = str(free_port())
+    procs = []
+    for r in range(2):
+        env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HOME": str(tmp_path), "RANK": str(r),
+               "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        procs.append(subprocess.Popen([sys.executable, "-c", LEAVE], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True, env=env))
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 3, out
+        assert "sum 2.0" in out and "exit handler ran" in out and "after leave_process" not in out, out

@@ -12,6 +12,7 @@ import datetime
 import logging
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -266,6 +267,29 @@ def _destroy_if_owner(pid: int) -> None:
         destroy()
     except Exception as e:  # noqa: BLE001 - at exit, a failed clean-up must not replace the run's exit status
         log.debug("destroy_process_group at exit: %s", e)
+
+
+def leave_process(code: int) -> int:
+    """End a rank of a multi-rank gloo group: its exit handlers now, then out without interpreter finalisation.
+
+    Destroying the group at exit (:func:`_destroy_at_exit`) is not always enough: objects that still hold the
+    group (DeepSpeed's engine keeps its data-parallel group) keep gloo's threads alive into finalisation, where a
+    rank that finished its work still died of SIGABRT ("terminate called without an active exception", one rank in
+    one CI run with the hook in place). So such a rank runs the exit handlers itself (the hook, logging's flush,
+    any library's own) while the interpreter is whole, flushes its streams and leaves with ``code``
+    (``os._exit``). Anything else (one process, NCCL, no group) returns ``code`` for a normal exit.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return code
+    if torch.distributed.get_world_size() < 2 or torch.distributed.get_backend() != "gloo":
+        return code
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken stream: nothing left to save
+            pass
+    os._exit(code)
 
 
 def comm_device(group: Any = None) -> torch.device:
