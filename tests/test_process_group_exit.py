@@ -86,16 +86,12 @@ LEAVE = textwrap.dedent("""
 
 
 def test_a_rank_of_a_multi_rank_gloo_group_leaves_with_its_code_after_the_exit_handlers(tmp_path) -> None:
-    from fastsupmae.engine.distributed import free_port
+    from tests import multirank
 
-    port = str(free_port())
-    procs = []
-    for r in range(2):
-        env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HOME": str(tmp_path), "RANK": str(r),
-               "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-        procs.append(subprocess.Popen([sys.executable, "-c", LEAVE], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True, env=env))
-    outs = [p.communicate(timeout=600)[0] for p in procs]
-    for p, out in zip(procs, outs):
-        assert p.returncode == 3, out
+    worker = tmp_path / "leave_worker.py"
+    worker.write_text(LEAVE)
+    codes = multirank.wait(multirank.start(worker, "leave", tmp_path), timeout=600)
+    for r, code in enumerate(codes):
+        out = (tmp_path / f"leave.r{r}.log").read_text()
+        assert code == 3, out
         assert "sum 2.0" in out and "exit handler ran" in out and "after leave_process" not in out, out
